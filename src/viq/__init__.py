@@ -1,0 +1,63 @@
+"""viq: ViQ text-aligned visual quantized representations at any resolution.
+
+Public API::
+
+    model = viq.load(path, device="cpu", dtype=torch.float32)   # official or viq directory
+    codes = model.encode(images)          # list[viq.Codes], native resolution
+    feats = model.embed(codes)            # list of (h*w, C) features for an LLM
+    latents = model.draw(codes)           # list of (16, 2h, 2w) Qwen-Image VAE latents
+    images = model.reconstruct(codes)     # list of PIL images
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from viq.codes import Codes, CodesFormatError
+from viq.config import PRESETS, ViQConfig, get_preset
+from viq.model import ViQModel
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "Codes", "CodesFormatError", "ViQModel", "ViQConfig", "get_preset", "PRESETS", "__version__"]
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    components: Iterable[str] | None = None,
+    **official_kwargs,
+) -> ViQModel:
+    """Load a ViQ model from a local directory.
+
+    Args:
+        path: a viq directory (``config.json`` + ``model.safetensors``, written by
+            :meth:`ViQModel.save_pretrained` or ``viq convert``) or an official release directory
+            (``model_viq_fsq_<size>.pth`` [+ ``embedder.pth``, ``index_drawer.pth``]).
+        device: where to put the weights.
+        dtype: float dtype of the weights and activations (FSQ arithmetic is always float32).
+        components: subset of ``viq.model.COMPONENTS`` to load (default: all stored).
+        **official_kwargs: for official directories only: ``num_heads``, ``levels``, ``config``
+            (see :func:`viq.official.load_official`).
+    """
+    from viq.official import is_official_dir, load_official
+
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        if official_kwargs:
+            raise TypeError(f"{sorted(official_kwargs)} only apply to official directories")
+        return ViQModel.from_pretrained(path, device=device, dtype=dtype, components=components)
+    if is_official_dir(path):
+        return load_official(path, device=device, dtype=dtype, components=components, **official_kwargs)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory")
+    raise FileNotFoundError(
+        f"{path}: neither a viq model directory (config.json + model.safetensors) nor an official ViQ "
+        f"directory (model_viq_fsq_<size>.pth)"
+    )

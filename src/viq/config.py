@@ -1,0 +1,301 @@
+"""Model configuration: plain dataclasses, serialised to JSON, with named presets.
+
+A :class:`ViQConfig` fully describes a ViQ model (encoder, code head, decoders and the pixel VAE), so
+``config.json`` + ``model.safetensors`` is a complete, self-describing checkpoint. Every number whose
+official value is a hard-coded constant in the authors' code (FSQ width, FusionBlock heads, the
+attention width of the FSQ blocks, ...) is a field here, with the official value as default.
+
+Presets (``PRESETS`` / :func:`get_preset`):
+
+==================  ==========================================================================
+name                what
+==================  ==========================================================================
+viq-g-2k ... 64k    the five released sizes: SigLIP2-g/16 (1536 wide, 40 deep) + FSQ levels
+viq-so400m-16k      the same head on a SigLIP2-so400m/16 trunk (1152 wide, 27 deep)
+viq-tiny            the official golden-fixture config "viq-tiny-a" (64 wide, 2 deep, 16k levels)
+viq-test            an even smaller config for fast unit tests (4k levels)
+==================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "EncoderConfig",
+    "HeadConfig",
+    "DecoderConfig",
+    "VAEConfig",
+    "ViQConfig",
+    "FSQ_LEVELS",
+    "PRESETS",
+    "get_preset",
+]
+
+#: FSQ level sets of the released sizes (the index of a code is sum_k level_idx_k * prod(levels[:k])).
+FSQ_LEVELS: dict[str, tuple[int, ...]] = {
+    "2k": (8, 8, 4, 3, 3),
+    "4k": (8, 8, 4, 4, 4),
+    "8k": (8, 8, 8, 4, 4),
+    "16k": (8, 8, 8, 6, 5),
+    "64k": (8, 8, 8, 5, 5, 5),
+}
+
+
+@dataclass
+class EncoderConfig:
+    """Any-resolution ViT trunk (timm ``VisionTransformer`` layout, no class token).
+
+    ``pos_grid`` is the side of the stored learned position table, (1, pos_grid**2, width), which is
+    bilinearly resized to each image's patch grid.
+    """
+
+    patch_size: int = 16
+    width: int = 1536
+    depth: int = 40
+    num_heads: int = 16
+    mlp_hidden: int = 6144
+    pos_grid: int = 128
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    #: whether the final LayerNorm + MAP attention-pool head (used for self-distillation) exists.
+    pool_head: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "patch_size", "width", "depth", "num_heads", "mlp_hidden", "pos_grid")
+        if self.width % self.num_heads:
+            raise ValueError(f"encoder width {self.width} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclass
+class HeadConfig:
+    """The code head ("FusionBlock" + position-aware head-wise FSQ in the official code).
+
+    Quantize path: LayerNorm (no affine) -> ``num_blocks`` ViT blocks -> expand each patch token into
+    ``codes_per_patch`` sub-tokens (MLP) -> ``code_blocks`` RoPE attention blocks in which the
+    sub-tokens act as heads -> Linear to ``len(levels)`` -> FSQ.
+    Dequantize path: Linear back -> merge the sub-tokens (MLP) -> MLP + ``res_blocks`` residual MLPs
+    -> per-channel affine.
+    """
+
+    levels: tuple[int, ...] = FSQ_LEVELS["16k"]
+    num_blocks: int = 3
+    num_heads: int = 16  # official FusionBlock default, independent of the encoder's head count
+    mlp_ratio: float = 4.0
+    codes_per_patch: int = 4
+    code_blocks: int = 3
+    #: attention width of the code blocks ("max_head_dim"); the block projects width -> attn_dim
+    #: only when width > attn_dim.
+    attn_dim: int = 256
+    rope: bool = True
+    rope_min_freq: float = 0.2
+    rope_max_freq: float = 20.0
+    rope_zero_fraction: float = 0.25
+    #: "compute": cast RoPE angles to the activation dtype before cos/sin, as the official code does
+    #: (bf16 angles in bf16 inference). "float32": keep angles in float32 (more accurate, but codes of
+    #: released weights in bf16 then differ slightly from the official ones).
+    rope_angle_dtype: str = "compute"
+    fsq_eps: float = 1e-3
+    res_blocks: int = 3
+    res_mlp_ratio: float = 2.0
+    pre_norm_eps: float = 1e-5
+    res_norm_eps: float = 1e-5
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(int(v) for v in self.levels)
+        if not self.levels or any(not 2 <= v <= 255 for v in self.levels):
+            raise ValueError(f"FSQ levels must be 1+ integers in [2, 255], got {self.levels}")
+        _check_positive(self, "num_heads", "codes_per_patch", "attn_dim")
+        if self.attn_dim % 2:
+            raise ValueError(f"attn_dim must be even for RoPE, got {self.attn_dim}")
+        if self.rope_angle_dtype not in ("compute", "float32"):
+            raise ValueError(f"rope_angle_dtype must be 'compute' or 'float32', got {self.rope_angle_dtype!r}")
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+    @property
+    def code_dim(self) -> int:
+        return len(self.levels)
+
+
+@dataclass
+class DecoderConfig:
+    """Codes -> features (embedder) and codes -> VAE latent (drawer)."""
+
+    latent_blocks: int = 3
+    #: heads of the drawer's ViT blocks; the official model uses the encoder's head count.
+    latent_heads: int = 16
+    latent_mlp_ratio: float = 4.0
+    latent_channels: int = 16
+    #: each patch becomes an upscale x upscale block of latent pixels (16 px patch / VAE factor 8 = 2).
+    latent_upscale: int = 2
+    groupnorm_groups: int = 32
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class VAEConfig:
+    """diffusers ``AutoencoderKLQwenImage`` constructor arguments (the pixel decoder)."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    #: spatial down-sampling factor of the VAE (pixels per latent pixel).
+    scale_factor: int = 8
+
+    def __post_init__(self) -> None:
+        self.dim_mult = tuple(int(v) for v in self.dim_mult)
+        self.attn_scales = tuple(float(v) for v in self.attn_scales)
+        self.temperal_downsample = tuple(bool(v) for v in self.temperal_downsample)
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        return {
+            "base_dim": self.base_dim,
+            "z_dim": self.z_dim,
+            "dim_mult": list(self.dim_mult),
+            "num_res_blocks": self.num_res_blocks,
+            "attn_scales": list(self.attn_scales),
+            "temperal_downsample": list(self.temperal_downsample),
+        }
+
+
+@dataclass
+class ViQConfig:
+    """Everything needed to build a :class:`viq.model.ViQModel`."""
+
+    name: str = "viq-g-16k"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("encoder", EncoderConfig), ("head", HeadConfig), ("decoder", DecoderConfig), ("vae", VAEConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(cls, value, f"config.{name}"))
+        if self.encoder.patch_size != self.decoder.latent_upscale * self.vae.scale_factor:
+            raise ValueError(
+                f"patch_size {self.encoder.patch_size} must equal latent_upscale {self.decoder.latent_upscale} "
+                f"x VAE scale factor {self.vae.scale_factor}"
+            )
+
+    @property
+    def width(self) -> int:
+        """Feature width shared by the trunk, the code head and the decoders."""
+        return self.encoder.width
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ViQConfig":
+        return _from_dict(cls, data, "config")
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "viq", "format_version": 1, **self.to_dict()}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<config>") -> "ViQConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: invalid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object")
+        data = dict(data)
+        data.pop("format", None)
+        version = data.pop("format_version", 1)
+        if version != 1:
+            raise ValueError(f"{source}: unsupported viq config format_version {version}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ViQConfig":
+        return cls.from_json(Path(path).read_text(), source=str(path))
+
+    def replace(self, **changes: Any) -> "ViQConfig":
+        """A copy with top-level fields replaced (sub-configs are deep-copied)."""
+        return ViQConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}")
+    return cls(**data)
+
+
+def _giant(size: str) -> ViQConfig:
+    return ViQConfig(name=f"viq-g-{size}", head=HeadConfig(levels=FSQ_LEVELS[size]))
+
+
+def _so400m(size: str) -> ViQConfig:
+    # SigLIP2-so400m/16: width 1152, depth 27, 16 heads, MLP 4304 (ratio 3.7362).
+    return ViQConfig(
+        name=f"viq-so400m-{size}",
+        encoder=EncoderConfig(width=1152, depth=27, num_heads=16, mlp_hidden=4304),
+        head=HeadConfig(levels=FSQ_LEVELS[size]),
+    )
+
+
+def _tiny() -> ViQConfig:
+    # Exactly the official golden-fixture config "viq-tiny-a" (shared/fixtures/official-viq).
+    return ViQConfig(
+        name="viq-tiny",
+        encoder=EncoderConfig(width=64, depth=2, num_heads=4, mlp_hidden=256, pos_grid=32),
+        head=HeadConfig(levels=FSQ_LEVELS["16k"], attn_dim=32),
+        decoder=DecoderConfig(latent_heads=4),
+        vae=VAEConfig(base_dim=4),
+    )
+
+
+def _test() -> ViQConfig:
+    return ViQConfig(
+        name="viq-test",
+        encoder=EncoderConfig(width=32, depth=2, num_heads=2, mlp_hidden=64, pos_grid=16),
+        head=HeadConfig(levels=FSQ_LEVELS["4k"], num_heads=4, attn_dim=16, code_blocks=2, num_blocks=1, res_blocks=1),
+        decoder=DecoderConfig(latent_blocks=1, latent_heads=2, groupnorm_groups=8),
+        vae=VAEConfig(base_dim=4),
+    )
+
+
+PRESETS: dict[str, Any] = {
+    **{f"viq-g-{size}": (lambda s=size: _giant(s)) for size in FSQ_LEVELS},
+    "viq-so400m-16k": lambda: _so400m("16k"),
+    "viq-tiny": _tiny,
+    "viq-test": _test,
+}
+
+
+def get_preset(name: str) -> ViQConfig:
+    """A fresh copy of a named preset config."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,146 @@
+"""From codes back to features and pixels.
+
+* :class:`CodeEmbedder` (official ``IndexEmbeder``): codes -> continuous features, one vector per
+  patch (the "LLM features" that an MM projector consumes). The same module is the dequantize path of
+  the code head during training.
+* :class:`LatentDecoder`: features -> Qwen-Image VAE latent, 2x2 latent pixels per patch.
+* :class:`CodeDrawer` (official ``IndexDrawer``): CodeEmbedder + LatentDecoder.
+* :func:`build_vae`: the diffusers ``AutoencoderKLQwenImage`` that turns latents into pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from viq.attention import Segments
+from viq.config import DecoderConfig, HeadConfig, VAEConfig
+from viq.layers import Block, Mlp, ResidualMlp
+from viq.quantizer import FSQ
+
+__all__ = ["CodeEmbedder", "LatentDecoder", "CodeDrawer", "build_vae", "decode_latents"]
+
+
+class CodeEmbedder(nn.Module):
+    """Codes -> per-patch features.
+
+    codes (e*N, d) -> Linear d->C -> concatenate the e codes of each patch (N, e*C) ->
+    Mlp(eC -> eC -> C) -> Mlp(C -> C -> C) -> ``res_blocks`` x ResidualMlp -> x * out_weight + out_bias.
+
+    ``codebook`` (K, d) is a stored buffer rather than recomputed: the released embedder carries a
+    bf16-rounded copy of the implicit codebook (the 16k level-6 thirds are rounded), and using the
+    stored table is what reproduces the official features.
+    """
+
+    def __init__(self, width: int, cfg: HeadConfig) -> None:
+        super().__init__()
+        e = cfg.codes_per_patch
+        self.codes_per_patch = e
+        self.register_buffer("codebook", FSQ(cfg.levels).implicit_codebook())
+        self.project_out = nn.Linear(cfg.code_dim, width)
+        self.merge = Mlp(e * width, e * width, width)
+        self.post_mlp = Mlp(width, width, width)
+        self.res_blocks = nn.ModuleList(
+            ResidualMlp(width, int(width * cfg.res_mlp_ratio), cfg.res_norm_eps) for _ in range(cfg.res_blocks)
+        )
+        self.out_weight = nn.Parameter(torch.ones(width))
+        self.out_bias = nn.Parameter(torch.zeros(width))
+
+    def from_code_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """(e*N, d) code values (any float dtype) -> (N, C) features in the module's dtype."""
+        x = self.project_out(codes.to(self.project_out.weight.dtype))
+        x = x.view(-1, self.codes_per_patch * x.shape[-1])
+        x = self.post_mlp(self.merge(x))
+        for block in self.res_blocks:
+            x = block(x)
+        return x * self.out_weight + self.out_bias
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """(e*N,) int indices in official order -> (N, C) features."""
+        k = self.codebook.shape[0]
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+            raise ValueError(f"code indices out of range [0, {k})")
+        return self.from_code_values(self.codebook[indices.long()])
+
+
+class LatentDecoder(nn.Module):
+    """Per-patch features -> raw (unnormalised) Qwen-Image VAE latents.
+
+    Mlp(C->C->C) -> LayerNorm -> ``latent_blocks`` ViT blocks (attention within each image) ->
+    (C, h, w) -> GroupNorm -> SiLU -> Conv3x3 C -> channels*u*u -> pixel shuffle u: (channels, u*h, u*w).
+    """
+
+    def __init__(self, width: int, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mlp = Mlp(width, width, width)
+        self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(width, cfg.latent_heads, int(width * cfg.latent_mlp_ratio), cfg.norm_eps)
+            for _ in range(cfg.latent_blocks)
+        )
+        self.norm_out = nn.GroupNorm(cfg.groupnorm_groups, width, eps=cfg.norm_eps)
+        u = cfg.latent_upscale
+        self.conv_out = nn.Conv2d(width, cfg.latent_channels * u * u, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, features: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """features: per image (h*w, C), row-major; grids: per image (h, w).
+
+        Returns: per image (latent_channels, u*h, u*w) latents.
+        """
+        for f, (h, w) in zip(features, grids, strict=True):
+            if f.shape[0] != h * w:
+                raise ValueError(f"{f.shape[0]} feature vectors do not fill a {h}x{w} grid")
+        segments = Segments(tuple(h * w for h, w in grids))
+        x = self.norm(self.mlp(torch.cat(features)))
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, segments, use_reentrant=False)
+            else:
+                x = block(x, segments)
+        out = []
+        for f, (h, w) in zip(x.split(list(segments.lengths)), grids):
+            grid = f.T.reshape(1, -1, h, w)
+            y = self.conv_out(F.silu(self.norm_out(grid)))
+            out.append(F.pixel_shuffle(y, self.cfg.latent_upscale)[0])
+        return out
+
+
+class CodeDrawer(nn.Module):
+    """Codes -> VAE latents: a :class:`CodeEmbedder` followed by a :class:`LatentDecoder`."""
+
+    def __init__(self, width: int, head_cfg: HeadConfig, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.features = CodeEmbedder(width, head_cfg)
+        self.latent = LatentDecoder(width, cfg)
+
+    def forward(
+        self, indices: list[torch.Tensor], grids: list[tuple[int, int]]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """indices: per image (e*h*w,) official order; returns (features (h*w, C), latents) per image."""
+        sizes = [i.numel() // self.features.codes_per_patch for i in indices]
+        features = list(self.features(torch.cat(indices)).split(sizes))
+        return features, self.latent(features, grids)
+
+
+def build_vae(cfg: VAEConfig):
+    """An untrained diffusers ``AutoencoderKLQwenImage`` with the given architecture."""
+    try:
+        from diffusers import AutoencoderKLQwenImage
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "decoding codes to pixels needs diffusers with AutoencoderKLQwenImage: pip install 'viq[vae]'"
+        ) from e
+    return AutoencoderKLQwenImage(**cfg.diffusers_kwargs())
+
+
+def decode_latents(vae: nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    """One raw latent (channels, h, w) -> pixels (3, 8h, 8w) in [-1, 1], in the VAE's dtype.
+
+    The Qwen-Image VAE is a video VAE: the latent is decoded as a single frame.
+    """
+    param = next(vae.parameters())
+    z = latent.to(device=param.device, dtype=param.dtype)[None, :, None]  # (1, C, 1, h, w)
+    return vae.decode(z, return_dict=False)[0][0, :, 0]

@@ -1,0 +1,166 @@
+"""Any-resolution ViT trunk: per-image patch embedding + resized position table, packed blocks.
+
+Images of different sizes are patchified one by one, their token sequences concatenated (NaViT-style
+packing) and run through the transformer blocks together; attention stays within each image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from viq.attention import Segments
+from viq.config import EncoderConfig
+from viq.layers import Block, Mlp
+
+__all__ = ["Packed", "ViTEncoder", "AttentionPool", "pad_to_patches", "resize_pos_embed"]
+
+#: Packs shorter than this get a filler segment. CPU GEMM kernels take a different code path for
+#: very few rows (results differ in the last bits); padding every pack to at least this many rows
+#: keeps each image's numbers identical whether it is encoded alone or with others.
+MIN_PACK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Layout of a pack: the patch grid (h, w) of each image, in order. A trailing filler segment
+    (``filler`` tokens, not an image) may follow the images."""
+
+    grids: tuple[tuple[int, int], ...]
+    filler: int = 0
+
+    @property
+    def lengths(self) -> list[int]:
+        return [h * w for h, w in self.grids]
+
+    @property
+    def segments(self) -> Segments:
+        return Segments(tuple(self.lengths) + ((self.filler,) if self.filler else ()))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths) + self.filler
+
+    def split(self, x: torch.Tensor, per_token: int = 1) -> list[torch.Tensor]:
+        """Split a packed (T * per_token, ...) tensor into per-image tensors (filler dropped)."""
+        sizes = [n * per_token for n in self.lengths]
+        return list(x[: sum(sizes)].split(sizes))
+
+
+def pad_to_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Zero-pad (C, H, W) on the right and bottom to multiples of ``patch_size``.
+
+    Zero in normalised [-1, 1] space is mid-grey: this is the official behaviour.
+    """
+    h, w = pixels.shape[-2:]
+    pad_h, pad_w = (-h) % patch_size, (-w) % patch_size
+    if pad_h or pad_w:
+        pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
+    return pixels
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1, G*G, C) row-major position table to an (h, w) grid: (h*w, C).
+
+    Bilinear, align_corners=False, no antialiasing, in the table's dtype (the official rule). The
+    table is used unchanged when (h, w) == (G, G).
+    """
+    n, c = pos_embed.shape[1:]
+    g = int(n**0.5)
+    if grid == (g, g):
+        return pos_embed[0]
+    table = pos_embed[0].T.reshape(1, c, g, g)
+    table = F.interpolate(table, size=grid, mode="bilinear", align_corners=False)
+    return table.reshape(c, -1).T
+
+
+class ViTEncoder(nn.Module):
+    """SigLIP2-style ViT without class token; returns packed last-block tokens (no final norm).
+
+    Parameter names follow timm (``patch_embed.proj``, ``pos_embed``, ``blocks.i``, ``norm``,
+    ``attn_pool``) so official and timm/open_clip state dicts load with a plain prefix map.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.pos_grid**2, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.qkv_bias) for _ in range(cfg.depth)
+        )
+        self.pool = AttentionPool(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps) if cfg.pool_head else None
+        self.gradient_checkpointing = False
+
+    def embed(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packed]:
+        """Patchify and add positions.
+
+        Args:
+            images: list of (3, H, W) normalised pixels; H and W multiples of the patch size.
+
+        Returns:
+            tokens: (T, C) packed, T = sum of h*w (+ filler); layout: the :class:`Packed` pack.
+        """
+        p = self.cfg.patch_size
+        weight = self.patch_embed.proj.weight
+        tokens, grids = [], []
+        for img in images:
+            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % p or img.shape[2] % p:
+                raise ValueError(f"expected (3, H, W) pixels padded to multiples of {p}, got {tuple(img.shape)}")
+            grid = (img.shape[1] // p, img.shape[2] // p)
+            x = self.patch_embed.proj(img[None].to(weight.dtype))  # (1, C, h, w)
+            x = x.flatten(2)[0].T  # (h*w, C), row-major (y, x)
+            tokens.append(x + resize_pos_embed(self.pos_embed, grid))
+            grids.append(grid)
+        total = sum(t.shape[0] for t in tokens)
+        filler = max(0, MIN_PACK_TOKENS - total)
+        if filler:
+            tokens.append(tokens[0].new_zeros(filler, tokens[0].shape[1]))
+        return torch.cat(tokens), Packed(tuple(grids), filler)
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packed]:
+        """list of (3, H, W) -> packed (T, C) last-block tokens (no final norm), and the layout."""
+        x, packed = self.embed(images)
+        segments = packed.segments
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, segments, use_reentrant=False)
+            else:
+                x = block(x, segments)
+        return x, packed
+
+
+class AttentionPool(nn.Module):
+    """Final LayerNorm + MAP head (timm ``AttentionPoolLatent``, one latent query): one vector per image.
+
+    Used by the self-distillation loss; not on the code path.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_in = nn.LayerNorm(dim, eps=eps)  # the trunk's final `norm`
+        self.latent = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_hidden)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """list of (N_i, C) per-image features -> (B, C) pooled embeddings."""
+        out = []
+        c = self.latent.shape[-1]
+        dh = c // self.num_heads
+        q = self.q(self.latent[0]).view(1, self.num_heads, dh).transpose(0, 1)  # (H, 1, dh)
+        for f in features:
+            x = self.norm_in(f)
+            k, v = self.kv(x).view(-1, 2, self.num_heads, dh).permute(1, 2, 0, 3)  # (H, N, dh) each
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]  # (H, 1, dh)
+            o = self.proj(o.transpose(0, 1).reshape(1, c))
+            out.append(o + self.mlp(self.norm(o)))
+        return torch.cat(out)

@@ -1,0 +1,441 @@
+"""The ViQ model and its user-facing API: images -> :class:`~viq.codes.Codes` -> features / latents / pixels.
+
+>>> model = viq.load("weights/converted_16k")          # official directory or viq directory
+>>> codes = model.encode(["a.jpg", "b.png"])           # native resolution, packed
+>>> feats = model.embed(codes)                         # [(h*w, 1536), ...] features for an LLM
+>>> images = model.reconstruct(codes)                  # [PIL.Image, ...] at the encoded size
+
+A model is made of components, each optional: ``encoder`` (ViT trunk + code head: pixels -> codes),
+``dequant`` and ``recon`` (the encoder's own continuous features and latent decoder, used in
+training), ``embedder`` (codes -> features), ``drawer`` (codes -> VAE latents) and ``vae`` (latents ->
+pixels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from viq.codes import Codes
+from viq.config import ViQConfig, get_preset
+from viq.decoders import CodeDrawer, CodeEmbedder, LatentDecoder, build_vae, decode_latents
+from viq.encoder import ViTEncoder, pad_to_patches
+from viq.head import CodeHead
+from viq.layers import set_attention_backend
+from viq.quantizer import FSQ
+from viq.rope import GoldenGateRoPE2d
+
+__all__ = ["ViQModel", "COMPONENTS", "pack_by_budget"]
+
+COMPONENTS = ("encoder", "dequant", "recon", "embedder", "drawer", "vae")
+#: Default packing budget (patch tokens per forward pass) for :meth:`ViQModel.encode`.
+DEFAULT_BATCH_TOKENS = 8192
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def pack_by_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group item indices, in order, into packs of at most ``budget`` tokens (an item longer than the
+    budget gets a pack of its own). Packing never changes an image's codes; it only sets how much
+    work one forward pass does."""
+    packs: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if current and used + n > budget:
+            packs.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        packs.append(current)
+    return packs
+
+
+class ViQModel(nn.Module):
+    """ViQ: any-resolution ViT -> position-aware head-wise FSQ codes -> features / VAE latents / pixels."""
+
+    def __init__(self, config: ViQConfig, components: Iterable[str] = COMPONENTS) -> None:
+        super().__init__()
+        components = tuple(components)
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
+        self.config = config
+        width = config.width
+        self.encoder = ViTEncoder(config.encoder) if "encoder" in components else None
+        self.head = CodeHead(width, config.head) if "encoder" in components else None
+        self.dequant = CodeEmbedder(width, config.head) if "dequant" in components else None
+        self.recon = LatentDecoder(width, config.decoder) if "recon" in components else None
+        self.embedder = CodeEmbedder(width, config.head) if "embedder" in components else None
+        self.drawer = CodeDrawer(width, config.head, config.decoder) if "drawer" in components else None
+        self.vae = build_vae(config.vae) if "vae" in components else None
+        self.attention_backend = "auto"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(c for c in COMPONENTS if getattr(self, "head" if c == "encoder" else c) is not None)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return self.config.head.levels
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.encoder.patch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """A short id of the quantizer (config + code projection weights, bf16-rounded so that the
+        same weights loaded in any dtype give the same id). Written into ``.viq`` metadata."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        source = self.head if self.head is not None else self.embedder or (self.drawer and self.drawer.features)
+        if source is not None:
+            for name, t in sorted(source.state_dict().items()):
+                if name.startswith(("project_in", "project_out")):
+                    h.update(name.encode())
+                    h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def set_attention_backend(self, backend: str) -> None:
+        """"auto" | "sdpa" | "flex" | "flash": the kernel used by every attention layer."""
+        self.attention_backend = backend
+        set_attention_backend(self, backend)
+
+    def _require(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, "head" if name == "encoder" else name) is None:
+                raise RuntimeError(
+                    f"this model was loaded without the {name!r} component (has: {', '.join(self.components)})"
+                )
+
+    # ------------------------------------------------------------------ encoding
+    @torch.inference_mode()
+    def encode(
+        self,
+        images: Any,
+        *,
+        preprocess: "Any | None" = None,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        progress: bool = False,
+    ) -> list[Codes]:
+        """Encode images at their native resolution.
+
+        Args:
+            images: a list of image paths, encoded bytes, PIL images or uint8 (H, W, 3) arrays
+                (a single image is accepted too and gives a list of one).
+            preprocess: a :class:`viq.image.PreprocessConfig` (resolution policy); default: native
+                resolution capped to [256, 1024*1024] pixels, zero-padded to multiples of 16.
+            batch_tokens: packing budget, patch tokens per forward pass.
+            progress: show a progress bar.
+
+        Returns:
+            one :class:`Codes` per image, in order; ``codes.image_size`` is the (height, width) of the
+            pixels that were encoded (after resizing, before padding).
+
+        Raises:
+            viq.image.ImageError: an image cannot be read (the message names it).
+        """
+        from viq.image import PreprocessConfig, preprocess as prepare
+
+        cfg = preprocess or PreprocessConfig(patch_size=self.patch_size)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        pixels = [prepare(img, cfg).pixels for img in images]
+        return self._encode(pixels, batch_tokens=batch_tokens, progress=progress)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: Sequence[torch.Tensor], *, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Codes]:
+        """Encode already-normalised pixels without resizing (like the official ``forward_indices``).
+
+        Args:
+            pixels: list of float tensors (3, H, W) or (1, 3, H, W), values in [-1, 1] (``x/255``
+                then ``(v - 0.5) / 0.5``). Each is zero-padded right/bottom to multiples of 16.
+
+        Returns:
+            one :class:`Codes` per tensor.
+        """
+        if isinstance(pixels, torch.Tensor):
+            raise TypeError("encode_pixels takes a list of (3, H, W) tensors, not one tensor")
+        out = []
+        for i, p in enumerate(pixels):
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                raise TypeError(f"pixels[{i}]: expected a float tensor, got {type(p).__name__}")
+            if p.ndim == 4 and p.shape[0] == 1:
+                p = p[0]
+            if p.ndim != 3 or p.shape[0] != 3 or p.shape[1] < 1 or p.shape[2] < 1:
+                raise ValueError(f"pixels[{i}]: expected shape (3, H, W) or (1, 3, H, W), got {tuple(p.shape)}")
+            out.append(p)
+        return self._encode(out, batch_tokens=batch_tokens, progress=False)
+
+    def _encode(self, pixels: list[torch.Tensor], *, batch_tokens: int, progress: bool) -> list[Codes]:
+        self._require("encoder")
+        p = self.patch_size
+        grids = [(-(-x.shape[1] // p), -(-x.shape[2] // p)) for x in pixels]
+        packs = pack_by_budget([h * w for h, w in grids], batch_tokens)
+        results: list[Codes | None] = [None] * len(pixels)
+        bar = _progress(len(pixels), progress, "encode")
+        for pack in packs:
+            indices = self.indices_packed([pixels[i] for i in pack])
+            for i, idx in zip(pack, indices):
+                h, w = grids[i]
+                results[i] = Codes(
+                    idx.view(h, w, -1).cpu(),
+                    self.levels,
+                    image_size=tuple(pixels[i].shape[1:]),
+                    patch_size=p,
+                )
+            bar.update(len(pack))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def indices_packed(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One packed forward pass: list of (3, H, W) normalised pixels (any H, W) -> list of
+        (4*h*w,) int32 indices in official order (on the model's device)."""
+        self._require("encoder")
+        device, dtype = self.device, self.dtype
+        padded = [pad_to_patches(x.to(device=device, dtype=dtype), self.patch_size) for x in pixels]
+        with _exact_float32(device, dtype):
+            tokens, packed = self.encoder(padded)
+            _, indices = self.head(tokens, packed)
+        return packed.split(indices, self.config.head.codes_per_patch)
+
+    # ------------------------------------------------------------------ decoding
+    def _codes_list(self, codes: Codes | Sequence[Codes]) -> list[Codes]:
+        codes = [codes] if isinstance(codes, Codes) else list(codes)
+        for i, c in enumerate(codes):
+            if not isinstance(c, Codes):
+                raise TypeError(f"codes[{i}]: expected viq.Codes, got {type(c).__name__}")
+            if c.levels != self.levels:
+                raise ValueError(f"codes[{i}] use FSQ levels {c.levels}, this model uses {self.levels}")
+            if c.codes_per_patch != self.config.head.codes_per_patch:
+                raise ValueError(f"codes[{i}] have {c.codes_per_patch} codes per patch, the model expects "
+                                 f"{self.config.head.codes_per_patch}")
+        return codes
+
+    @torch.inference_mode()
+    def embed(self, codes: Codes | Sequence[Codes]) -> list[torch.Tensor]:
+        """Codes -> features for an LLM: one (h*w, C) tensor per image, rows in row-major patch order."""
+        self._require("embedder")
+        codes = self._codes_list(codes)
+        if not codes:
+            return []
+        flat = torch.cat([c.flat() for c in codes]).to(self.device)
+        feats = self.embedder(flat)
+        return list(feats.split([c.grid[0] * c.grid[1] for c in codes]))
+
+    @torch.inference_mode()
+    def draw(self, codes: Codes | Sequence[Codes]) -> list[torch.Tensor]:
+        """Codes -> raw Qwen-Image VAE latents: one (16, 2h, 2w) tensor per image."""
+        self._require("drawer")
+        codes = self._codes_list(codes)
+        if not codes:
+            return []
+        _, latents = self.drawer([c.flat().to(self.device) for c in codes], [c.grid for c in codes])
+        return latents
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """VAE latents (16, h, w) -> pixels (3, 8h, 8w) float in [-1, 1] (the VAE's dtype)."""
+        self._require("vae")
+        return [decode_latents(self.vae, z) for z in latents]
+
+    @torch.inference_mode()
+    def reconstruct(self, codes: Codes | Sequence[Codes], *, crop: bool = True) -> list["Any"]:
+        """Codes -> PIL RGB images.
+
+        Pixels are rounded to the nearest uint8 level (the official code truncates, which darkens by
+        half a level on average). With ``crop`` (default) each image is cut back to
+        ``codes.image_size`` — the official code returns the zero-padded canvas instead.
+        """
+        from PIL import Image
+
+        codes = self._codes_list(codes)
+        images = []
+        for c, latent in zip(codes, self.draw(codes)):
+            x = self.decode_latents([latent])[0].float()
+            arr = ((x * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            if crop and c.image_size is not None:
+                arr = arr[: c.image_size[0], : c.image_size[1]]
+            images.append(Image.fromarray(np.ascontiguousarray(arr)))
+        return images
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (all loaded components) to ``directory``.
+
+        Both files are written to temporary names and renamed into place, so an interrupted save never
+        leaves a half-written checkpoint under the final names.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"format": "viq", "components": ",".join(self.components)}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
+        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json() + "\n"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        components: Iterable[str] | None = None,
+    ) -> "ViQModel":
+        """Load a viq-format directory (``config.json`` + ``model.safetensors``)."""
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing (a viq model directory has {CONFIG_NAME} and {WEIGHTS_NAME})")
+        config = ViQConfig.load(config_path)
+        try:
+            with safe_open(str(weights_path), framework="pt") as f:
+                keys = list(f.keys())
+                stored = tuple(c for c in COMPONENTS if any(k.startswith(_prefixes(c)) for k in keys))
+                wanted = stored if components is None else tuple(components)
+                missing_components = set(wanted) - set(stored)
+                if missing_components:
+                    raise ValueError(f"{weights_path}: has no weights for {sorted(missing_components)} (has {stored})")
+                prefixes = tuple(p for c in wanted for p in _prefixes(c))
+                state = {k: f.get_tensor(k) for k in keys if k.startswith(prefixes)}
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{weights_path}: cannot read safetensors file ({e})") from None
+        return cls.from_state_dict(config, state, components=wanted, device=device, dtype=dtype, source=str(weights_path))
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ViQConfig,
+        state: dict[str, torch.Tensor],
+        *,
+        components: Iterable[str],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        source: str = "<state dict>",
+    ) -> "ViQModel":
+        """Build a model whose weights are exactly ``state`` (viq key names), checking every key.
+
+        Modules are created on the meta device and the tensors assigned, so no memory or time is spent
+        on a random initialisation that would be overwritten.
+        """
+        components = tuple(components)
+        with torch.device("meta"):
+            model = cls(config, [c for c in components if c != "vae"])
+        if "vae" in components:
+            model.vae = build_vae(config.vae)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: weights do not match the config"
+                + (f"; missing {len(missing)} keys: {_preview(missing)}" if missing else "")
+                + (f"; unexpected {len(unexpected)} keys: {_preview(unexpected)}" if unexpected else "")
+            )
+        for k, v in expected.items():
+            if tuple(v.shape) != tuple(state[k].shape):
+                raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
+        model.load_state_dict(state, strict=True, assign=True)
+        model._rebuild_constants()
+        model.to(device=device, dtype=dtype)
+        model.eval()
+        return model
+
+    def _rebuild_constants(self) -> None:
+        """Recreate the non-persistent tensors (FSQ tables, RoPE frequencies) on the CPU."""
+        for module in self.modules():
+            if isinstance(module, FSQ):
+                fresh = FSQ(module.levels, module.eps)
+                module._levels, module._basis = fresh._levels, fresh._basis
+            if isinstance(module, CodeHead) and module.rope is not None:
+                r = module.rope
+                module.rope = GoldenGateRoPE2d(
+                    r.head_dim, r.num_heads, module.cfg.rope_min_freq, module.cfg.rope_max_freq, module.cfg.rope_zero_fraction
+                )
+
+    @classmethod
+    def from_config(cls, config: ViQConfig | str, *, seed: int | None = None, components: Iterable[str] = COMPONENTS) -> "ViQModel":
+        """A randomly initialised model (tests, benchmarks, training from scratch)."""
+        if isinstance(config, str):
+            config = get_preset(config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls(config, components).eval()
+
+
+def _prefixes(component: str) -> tuple[str, ...]:
+    """State-dict key prefixes of a component (the "encoder" component is trunk + code head)."""
+    return ("encoder.", "head.") if component == "encoder" else (f"{component}.",)
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _exact_float32(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Disable TF32 for float32 work on CUDA: TF32 matmuls/convs move values by ~1e-3, enough to flip
+    codes whose rounding margin is small. No effect elsewhere."""
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img")
