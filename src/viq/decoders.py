@@ -16,7 +16,7 @@ from torch import nn
 
 from viq.attention import Segments
 from viq.config import DecoderConfig, HeadConfig, VAEConfig
-from viq.layers import Block, Mlp, ResidualMlp
+from viq.layers import MIN_ROWS, Block, Mlp, ResidualMlp, pad_rows
 from viq.quantizer import FSQ
 
 __all__ = ["CodeEmbedder", "LatentDecoder", "CodeDrawer", "build_vae", "decode_latents"]
@@ -48,13 +48,18 @@ class CodeEmbedder(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(width))
 
     def from_code_values(self, codes: torch.Tensor) -> torch.Tensor:
-        """(e*N, d) code values (any float dtype) -> (N, C) features in the module's dtype."""
-        x = self.project_out(codes.to(self.project_out.weight.dtype))
+        """(e*N, d) code values (any float dtype) -> (N, C) features in the module's dtype.
+
+        Every operation is per patch, so features do not depend on what else is in the batch.
+        """
+        n = codes.shape[0] // self.codes_per_patch
+        codes = pad_rows(codes.to(self.project_out.weight.dtype), MIN_ROWS * self.codes_per_patch)
+        x = self.project_out(codes)
         x = x.view(-1, self.codes_per_patch * x.shape[-1])
         x = self.post_mlp(self.merge(x))
         for block in self.res_blocks:
             x = block(x)
-        return x * self.out_weight + self.out_bias
+        return (x * self.out_weight + self.out_bias)[:n]
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """(e*N,) int indices in official order -> (N, C) features."""
@@ -93,15 +98,18 @@ class LatentDecoder(nn.Module):
         for f, (h, w) in zip(features, grids, strict=True):
             if f.shape[0] != h * w:
                 raise ValueError(f"{f.shape[0]} feature vectors do not fill a {h}x{w} grid")
-        segments = Segments(tuple(h * w for h, w in grids))
-        x = self.norm(self.mlp(torch.cat(features)))
+        lengths = tuple(h * w for h, w in grids)
+        total = sum(lengths)
+        # A filler segment keeps tiny packs on the same GEMM path (see viq.layers.MIN_ROWS).
+        segments = Segments(lengths + ((MIN_ROWS - total,) if total < MIN_ROWS else ()))
+        x = self.norm(self.mlp(pad_rows(torch.cat(features))))
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, segments, use_reentrant=False)
             else:
                 x = block(x, segments)
         out = []
-        for f, (h, w) in zip(x.split(list(segments.lengths)), grids):
+        for f, (h, w) in zip(x[:total].split(list(lengths)), grids):
             grid = f.T.reshape(1, -1, h, w)
             y = self.conv_out(F.silu(self.norm_out(grid)))
             out.append(F.pixel_shuffle(y, self.cfg.latent_upscale)[0])

@@ -14,15 +14,9 @@ from torch import nn
 
 from viq.attention import Segments
 from viq.config import EncoderConfig
-from viq.layers import Block, Mlp
+from viq.layers import MIN_ROWS, Block, Mlp
 
 __all__ = ["Packed", "ViTEncoder", "AttentionPool", "pad_to_patches", "resize_pos_embed"]
-
-#: Packs shorter than this get a filler segment. CPU GEMM kernels take a different code path for
-#: very few rows (results differ in the last bits); padding every pack to at least this many rows
-#: keeps each image's numbers identical whether it is encoded alone or with others.
-MIN_PACK_TOKENS = 16
-
 
 @dataclass(frozen=True)
 class Packed:
@@ -117,7 +111,9 @@ class ViTEncoder(nn.Module):
             tokens.append(x + resize_pos_embed(self.pos_embed, grid))
             grids.append(grid)
         total = sum(t.shape[0] for t in tokens)
-        filler = max(0, MIN_PACK_TOKENS - total)
+        # A pack shorter than MIN_ROWS gets a filler segment (its own attention segment, so it
+        # touches no image), keeping every GEMM on the same kernel path (see viq.layers.MIN_ROWS).
+        filler = max(0, MIN_ROWS - total)
         if filler:
             tokens.append(tokens[0].new_zeros(filler, tokens[0].shape[1]))
         return torch.cat(tokens), Packed(tuple(grids), filler)

@@ -14,7 +14,20 @@ from torch import nn
 
 from viq.attention import Segments, attention
 
-__all__ = ["Mlp", "Attention", "Block", "ResidualMlp"]
+__all__ = ["Mlp", "Attention", "Block", "ResidualMlp", "MIN_ROWS", "pad_rows"]
+
+#: Smallest number of rows given to a matrix multiply. CPU GEMM kernels take a different code path
+#: for a handful of rows (results differ in the last bits), so a 1-patch image would get slightly
+#: different numbers alone than packed with others. Padding every packed input to at least this many
+#: rows keeps each image's numbers identical, whoever shares its batch.
+MIN_ROWS = 16
+
+
+def pad_rows(x: torch.Tensor, rows: int = MIN_ROWS) -> torch.Tensor:
+    """Append zero rows to (N, ...) so it has at least ``rows`` rows."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
 
 
 class Mlp(nn.Module):

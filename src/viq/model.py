@@ -322,8 +322,10 @@ class ViQModel(nn.Module):
                     raise ValueError(f"{weights_path}: has no weights for {sorted(missing_components)} (has {stored})")
                 prefixes = tuple(p for c in wanted for p in _prefixes(c))
                 state = {k: f.get_tensor(k) for k in keys if k.startswith(prefixes)}
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{weights_path}: cannot read safetensors file ({e})") from None
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
+            raise ValueError(f"{weights_path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
         return cls.from_state_dict(config, state, components=wanted, device=device, dtype=dtype, source=str(weights_path))
 
     @classmethod

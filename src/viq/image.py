@@ -1,0 +1,770 @@
+"""Image loading and preprocessing for ViQ: any input -> exact official pixels at native resolution.
+
+ViQ tokenises an image at (close to) its native resolution with a ViT of patch size ``p = 16``.
+This module turns a file path, encoded bytes, a PIL image or a numpy array into the float32
+``(3, H, W)`` tensor the encoder expects, with the *official* normalisation, and reports the patch
+grid the model will see.
+
+Pipeline (:func:`preprocess`)
+-----------------------------
+1. :func:`load_image`: decode (bomb guard first, then a full decode so truncation is detected
+   now), first frame only for multi-frame files (GIF/TIFF/APNG/WebP), EXIF orientation applied,
+   any mode -> 8-bit RGB, alpha composited over ``background`` (white by default).
+2. Resize the content according to THE rule below (:func:`target_size`); if the size does not
+   change, the pixels are not resampled at all (bit-exact native pixels).
+3. :func:`to_pixels`: ``v = torch.tensor(x).float() / 255; pixel = (v - 0.5) / 0.5`` in float32,
+   exactly as the authors' code (bit-for-bit), values in [-1, 1].
+4. The model later zero-pads right/bottom to a multiple of ``p``; :func:`padded_grid` reports the
+   resulting ``(ceil(H/p), ceil(W/p))`` grid. That padding is *not* done here.
+
+THE resize rule (``target_size``)
+---------------------------------
+Let ``W, H`` be the (EXIF-upright) source size, ``A = W*H``, ``p = patch_size``,
+``max = max_pixels``, ``min = min_pixels``. All floors/ceils below are evaluated *exactly* on the
+real numbers (integer square roots, no floating point), so e.g. a 2000x2000 image with
+``max = 1024**2`` gives exactly 1024x1024 and never 1023 (a naive ``floor(W * sqrt(max / A))`` in
+float64 gets ``W*s = 1023.9999999999999`` for many sizes).
+
+``multiple="pad"`` (default; the official policy: keep the area-scaled size, the model pads)::
+
+    if A > max:  s = sqrt(max / A);  W' = max(1, floor(W*s)),  H' = max(1, floor(H*s))
+    elif A < min: s = sqrt(min / A); W' = ceil(W*s),            H' = ceil(H*s)
+    else:         W', H' = W, H      (no resampling)
+    tokens = ceil(H'/p) * ceil(W'/p)
+
+Guarantees: downscaled content has ``W'*H' <= max`` and neither side grows; upscaled content has
+``W'*H' >= min`` and neither side shrinks; the aspect ratio is preserved to within one pixel (each
+side is the exactly scaled side ``W*s``, ``H*s`` rounded down, resp. up).
+Only for absurd aspect ratios, where a side would round to 0 and is clamped to 1, is the other
+side additionally capped to ``max // 1`` so that the area bound still holds (the aspect ratio
+cannot be kept there anyway).
+
+``multiple="resize"`` (Qwen2-VL "smart resize" style; both sides become multiples of ``p``, no
+padding needed)::
+
+    rhu(n) = floor(n/p + 1/2)                       # round half UP (Qwen2-VL uses half-even)
+    Hb = max(p, rhu(H)*p);  Wb = max(p, rhu(W)*p)
+    if Hb*Wb > max:  b = sqrt(A / max);  Hb = max(p, floor(H/b/p)*p);  Wb = max(p, floor(W/b/p)*p)
+    elif Hb*Wb < min: b = sqrt(min / A); Hb = ceil(H*b/p)*p;           Wb = ceil(W*b/p)*p
+
+Guarantees: ``Hb, Wb`` are multiples of ``p`` and ``Hb*Wb <= max`` (``max >= p*p`` is enforced
+for this mode; if the ``max(p, ...)`` clamp fires on one side the other side is capped), and
+``Hb*Wb >= min`` after the upscale branch (when the downscale branch fires, ``min`` is not
+re-checked; it can only be violated if ``min`` is within a few patch rows of ``max``).
+
+``square=T`` (the official *demo* path, ``resize_and_center_crop``): shorter side -> ``T`` with
+``int((T/w)*h)`` float arithmetic (truncating), resize, then ``crop(((w-T)/2, (h-T)/2, (w+T)/2,
+(h+T)/2))`` with Pillow's own (round-half-to-even) box rounding -> ``T x T``. No other rule
+applies. Reproduced bit-for-bit, quirks included: for some square sources (e.g. 49x49 with
+T = 1024) ``(T/h)*w`` evaluates to ``T - 1e-13`` and truncates to ``T - 1``, so the crop box
+reaches one pixel past the resized image and Pillow fills that column with black. ``T`` must be
+even (for odd ``T`` Pillow's half-to-even rounding can produce a ``T + 1`` wide crop).
+
+Worked example (defaults: p = 16, min = 256, max = 1024*1024 = 1048576), a 4032x3024 photo:
+
+* ``A = 12192768 > max``, ``s = sqrt(1048576/12192768) = 0.29325...``;
+  ``W' = floor(4032*s) = floor(1182.4) = 1182``, ``H' = floor(3024*s) = floor(886.8) = 886``;
+  area ``1047252 <= 1048576``; grid ``(ceil(886/16), ceil(1182/16)) = (56, 74)`` = 4144 tokens
+  (the model zero-pads the 886x1182 content to 896x1184).
+* ``multiple="resize"``: ``Hb*Wb = 3024*4032 > max`` -> ``Hb = floor(886.8/16)*16 = 880``,
+  ``Wb = floor(1182.4/16)*16 = 1168``; grid (55, 73) = 4015 tokens, no padding.
+* A 10x10 icon: ``A = 100 < 256`` -> ``s = 1.6`` -> 16x16, grid (1, 1).
+* A 20000x8 strip: ``A = 160000`` is within [256, 1048576] -> kept native, grid (1, 1250).
+
+Loading policy (:func:`load_image`)
+-----------------------------------
+* Errors: every failure (missing file, directory, empty file, unknown format, truncated or corrupt
+  data, decompression bomb, unsupported array dtype/shape, ...) raises :class:`ImageError`, whose
+  message starts with the source (the file path, ``<bytes>``, ``<PIL image>`` or ``<array>``) and
+  states the problem. Pillow's global state (``Image.MAX_IMAGE_PIXELS``,
+  ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters) is never modified. If the *caller* has set
+  ``ImageFile.LOAD_TRUNCATED_IMAGES = True``, Pillow silently accepts truncated files; that is
+  their choice and is respected.
+* Decompression bombs: ``width*height`` from the header is checked against ``max_image_pixels``
+  before any pixel is decoded. Pillow runs its own check inside ``Image.open`` (error above
+  ``2 * Image.MAX_IMAGE_PIXELS`` = 178956970 by default, the same as our default); that error is
+  turned into an :class:`ImageError` too, so the effective limit is the smaller of the two (raise
+  ``PIL.Image.MAX_IMAGE_PIXELS`` yourself to go beyond Pillow's). Pillow's
+  ``DecompressionBombWarning`` (above ``Image.MAX_IMAGE_PIXELS``) is left alone (our check is
+  authoritative); if the caller's warning filters escalate it to an exception it becomes an
+  :class:`ImageError`.
+* Colour: no ICC colour management (stored values are used as they are, like the official
+  ``convert("RGB")``). Mode conversions to 8-bit RGB:
+
+  ======================  ========================================================================
+  mode                    conversion
+  ======================  ========================================================================
+  RGB, L, 1, P, CMYK,     Pillow ``convert("RGB")`` (CMYK: Pillow's naive formula; YCbCr/LAB/HSV:
+  YCbCr, LAB, HSV, RGBX   Pillow's converters; 1: 0/255)
+  RGBA, LA, PA, P or any  straight alpha, composited over ``background``:
+  mode with transparency  ``out = (c*a + bg*(255-a) + 127) // 255`` (exact for a = 0 and a = 255)
+  RGBa, La                premultiplied alpha: ``out = c + (bg*(255-a) + 127) // 255``
+  I;16, I;16L/B/N         16-bit grey: ``round(v*255/65535) = (v + 128) // 257`` (65535 -> 255,
+                          32896 -> 128; scaled, never clipped)
+  I (int32)               treated as 16-bit grey (Pillow's historic mode for 16-bit PNG/TIFF);
+                          values outside [0, 65535] are an error
+  F (float32)             Pillow's 0..255 float convention: clipped to [0, 255], rounded to nearest
+                          (Pillow's own ``convert("L")`` truncates); NaN/inf is an error
+  ======================  ========================================================================
+
+  16-bit-per-channel colour PNGs (RGB/RGBA, and 16-bit grey+alpha) are reduced to 8 bits *by
+  Pillow's decoder* (Pillow 13 opens them as mode RGB/RGBA keeping the most significant byte,
+  ``v >> 8``, which differs from ``round(v/257)`` by at most one code); the 16-bit data is not
+  reachable through Pillow, so that reduction is accepted as is. 16-bit grey PNGs open as
+  ``I;16`` and keep full precision until the scaling above.
+* Numpy arrays: ``(H, W)`` grey, ``(H, W, 1)`` grey, ``(H, W, 2)`` grey+alpha, ``(H, W, 3)`` RGB,
+  ``(H, W, 4)`` RGBA (straight alpha). dtypes: ``uint8`` (as is), ``bool`` (0/255), ``uint16``
+  (``(v + 128) // 257``), ``float16/32/64`` with all values in [0, 1] (``floor(v*255 + 0.5)``;
+  values outside [0, 1] or non-finite are an error). Anything else (int64, channels-first
+  ``(3, H, W)``, 4-D batches, empty arrays, ...) is an error that says what to do. Arrays carry no
+  EXIF and are not subject to the bomb guard (they are already decoded).
+* PIL images passed in are not modified (apart from Pillow's lazy ``load()``); their EXIF
+  orientation is applied like for files, so a path, its bytes and the opened image give the same
+  result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ImageError",
+    "PreprocessConfig",
+    "PreparedImage",
+    "ImageSource",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "load_image",
+    "target_size",
+    "padded_grid",
+    "to_pixels",
+    "resize_and_center_crop",
+    "preprocess",
+]
+
+#: Same as Pillow's own hard limit (``2 * Image.MAX_IMAGE_PIXELS`` with Pillow's default).
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
+#: Anything :func:`load_image` / :func:`preprocess` accept.
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+_RESAMPLE: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_MULTIPLE = ("pad", "resize")
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_STRAIGHT_ALPHA_MODES = ("RGBA", "LA", "PA")
+_PREMULTIPLIED_MODES = ("RGBa", "La")
+
+
+class ImageError(ValueError):
+    """An image could not be loaded or converted.
+
+    The message always starts with the source (file path, ``<bytes>``, ``<PIL image>`` or
+    ``<array>``) followed by the problem.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_int(owner: str, name: str, value: Any) -> int:
+    # bool is an int subclass; True as a patch size is a bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _check_background(value: Any, owner: str = "background") -> tuple[int, int, int]:
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = ()
+    if len(items) != 3 or any(
+        isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) <= 255 for c in items
+    ):
+        raise ValueError(f"{owner} must be 3 ints in [0, 255] (an RGB colour), got {value!r}")
+    return (int(items[0]), int(items[1]), int(items[2]))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How :func:`preprocess` sizes an image (see the module docstring for THE rule).
+
+    Attributes:
+        patch_size: ViT patch size ``p`` (16 for ViQ).
+        min_pixels: content-area lower bound; smaller images are upscaled to at least this area.
+        max_pixels: content-area upper bound; larger images are downscaled to at most this area.
+            ``1024 * 1024`` is the official demo's budget.
+        multiple: ``"pad"`` (official): keep the area-scaled size, the model zero-pads to a
+            multiple of ``patch_size``; ``"resize"``: resize so both sides are multiples of
+            ``patch_size`` (Qwen2-VL smart-resize style, requires ``max_pixels >= patch_size**2``).
+        resample: Pillow filter for resizing: ``"bicubic"`` (Pillow's default, as the official
+            demo), ``"bilinear"``, ``"lanczos"`` or ``"nearest"``. Pillow antialiases on downscale.
+        square: if set, the official demo path: shorter side -> ``square``, centre crop
+            ``square x square``; ``min_pixels``/``max_pixels``/``multiple`` are then ignored.
+            Must be a positive even int.
+        max_image_pixels: decompression-bomb guard on the decoded source size (width * height,
+            read from the header before decoding). Pillow's own limit also applies.
+        background: RGB colour that alpha is composited over.
+    """
+
+    patch_size: int = 16
+    min_pixels: int = 256
+    max_pixels: int = 1024 * 1024
+    multiple: str = "pad"
+    resample: str = "bicubic"
+    square: int | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        # Normalise numpy ints / JSON lists to plain Python values (frozen -> object.__setattr__).
+        for name in ("patch_size", "min_pixels", "max_pixels", "max_image_pixels"):
+            value = _as_int(owner, name, getattr(self, name))
+            if value < 1:
+                raise ValueError(f"{owner}.{name} must be >= 1, got {value}")
+            object.__setattr__(self, name, value)
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(
+                f"{owner}.max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})"
+            )
+        if self.multiple not in _MULTIPLE:
+            raise ValueError(f"{owner}.multiple must be one of {_MULTIPLE}, got {self.multiple!r}")
+        if self.multiple == "resize" and self.max_pixels < self.patch_size**2:
+            raise ValueError(
+                f"{owner}.max_pixels ({self.max_pixels}) must be >= patch_size**2 "
+                f"({self.patch_size**2}) with multiple='resize' (the smallest possible content is one patch)"
+            )
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"{owner}.resample must be one of {tuple(_RESAMPLE)}, got {self.resample!r}")
+        if self.square is not None:
+            square = _as_int(owner, "square", self.square)
+            if square < 2 or square % 2:
+                raise ValueError(
+                    f"{owner}.square must be a positive even int, got {square} (with an odd size the "
+                    "official centre-crop box rounds, half to even, to a (square+1)-wide crop)"
+                )
+            object.__setattr__(self, "square", square)
+        object.__setattr__(self, "background", _check_background(self.background, f"{owner}.background"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``background`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["background"] = list(self.background)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# size arithmetic (exact integer maths: no float floor/ceil pitfalls)
+# ----------------------------------------------------------------------------------------------
+
+
+def _floor_sqrt(num: int, den: int) -> int:
+    """``floor(sqrt(num / den))`` exactly, for ints ``num >= 0``, ``den > 0``."""
+    # floor(sqrt(x)) == isqrt(floor(x)) for real x >= 0: k <= sqrt(x) <=> k*k <= x <=> k*k <= floor(x).
+    return math.isqrt(num // den)
+
+
+def _ceil_sqrt(num: int, den: int) -> int:
+    """``ceil(sqrt(num / den))`` exactly, for ints ``num >= 0``, ``den > 0``."""
+    k = math.isqrt(num // den)  # floor(sqrt(num/den)); the ceiling is k or k + 1
+    if k * k * den < num:
+        k += 1
+    return k
+
+
+def _check_size(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def target_size(width: int, height: int, cfg: PreprocessConfig = PreprocessConfig()) -> tuple[int, int]:
+    """Content size ``(new_width, new_height)`` for a ``width x height`` source under ``cfg``.
+
+    Pure integer arithmetic implementing THE rule of the module docstring (``multiple="pad"`` or
+    ``"resize"``); with ``cfg.square = T`` the result is ``(T, T)``. Returns the input size when
+    no resize is needed.
+    """
+    w = _check_size("width", width)
+    h = _check_size("height", height)
+    if cfg.square is not None:
+        return (cfg.square, cfg.square)
+    lo, hi, p = cfg.min_pixels, cfg.max_pixels, cfg.patch_size
+    area = w * h
+
+    if cfg.multiple == "pad":
+        if area > hi:
+            # W*sqrt(hi/A) = sqrt(W*hi/H): exact floor via integer square root.
+            nw = max(1, _floor_sqrt(w * hi, h))
+            nh = max(1, _floor_sqrt(h * hi, w))
+            if nw * nh > hi:
+                # Only when a side was clamped from 0 to 1 (aspect > hi:1): cap the other side.
+                if nh == 1:
+                    nw = hi
+                else:
+                    nh = hi
+            return (nw, nh)
+        if area < lo:
+            return (_ceil_sqrt(w * lo, h), _ceil_sqrt(h * lo, w))
+        return (w, h)
+
+    # multiple == "resize"
+    def round_half_up(n: int) -> int:  # floor(n/p + 1/2)
+        return (2 * n + p) // (2 * p)
+
+    hb = max(p, round_half_up(h) * p)
+    wb = max(p, round_half_up(w) * p)
+    if hb * wb > hi:
+        # H / sqrt(A/hi) = sqrt(H*hi/W); floor(y/p) = floor(floor(y)/p) for integer p.
+        hb = max(p, _floor_sqrt(h * hi, w) // p * p)
+        wb = max(p, _floor_sqrt(w * hi, h) // p * p)
+        if hb * wb > hi:
+            # Only when one side was clamped up to p (extreme aspect): cap the other side.
+            if hb == p:
+                wb = max(p, hi // p // p * p)
+            else:
+                hb = max(p, hi // p // p * p)
+    elif hb * wb < lo:
+        # H * sqrt(lo/A) = sqrt(H*lo/W); ceil(y/p) = ceil(ceil(y)/p) for integer p.
+        hb = -(-_ceil_sqrt(h * lo, w) // p) * p
+        wb = -(-_ceil_sqrt(w * lo, h) // p) * p
+    return (wb, hb)
+
+
+def padded_grid(height: int, width: int, patch_size: int = 16) -> tuple[int, int]:
+    """Patch grid ``(ceil(height/p), ceil(width/p))`` the model sees after zero-padding."""
+    h = _check_size("height", height)
+    w = _check_size("width", width)
+    p = _check_size("patch_size", patch_size)
+    return (-(-h // p), -(-w // p))
+
+
+# ----------------------------------------------------------------------------------------------
+# pixels
+# ----------------------------------------------------------------------------------------------
+
+
+def to_pixels(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """Official normalisation: RGB uint8 ``(H, W, 3)`` -> float32 ``(3, H, W)`` in [-1, 1].
+
+    Computes ``v = torch.tensor(x).float() / 255; (v - 0.5) / 0.5`` exactly as the authors' code.
+    The true division by 255 is required: ``x * (1/255)`` rounds twice (the reciprocal, then the
+    product) and differs by one ulp for some values, which would break bit-exactness.
+
+    Args:
+        image: a PIL image of mode ``"RGB"`` or a ``uint8`` array of shape ``(H, W, 3)``. Use
+            :func:`load_image` to get there from anything else (it handles alpha, 16-bit, ...).
+    """
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            raise ImageError(
+                f"<PIL image>: to_pixels needs mode 'RGB', got {image.mode!r} (use load_image() to convert, "
+                "which composites alpha and scales 16-bit data)"
+            )
+        x = np.asarray(image)
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(
+                f"<array>: to_pixels needs a uint8 array of shape (H, W, 3), got {image.dtype} {image.shape} "
+                "(use load_image() to convert other arrays)"
+            )
+        x = image
+    else:
+        raise ImageError(f"<{type(image).__name__}>: to_pixels needs a PIL RGB image or a uint8 (H, W, 3) array")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ImageError(f"<array>: to_pixels got an empty image of shape {x.shape}")
+    # torch.tensor copies, so read-only arrays (np.asarray of a PIL image) are fine.
+    v = torch.tensor(x).float() / 255
+    pixel = (v - 0.5) / 0.5
+    return pixel.permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _source_name(src: Any) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(src))
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    if isinstance(src, Image.Image):
+        return "<PIL image>"
+    if isinstance(src, np.ndarray):
+        return "<array>"
+    return f"<{type(src).__name__}>"
+
+
+def _check_bomb(size: tuple[int, int], limit: int, source: str) -> None:
+    w, h = size
+    if w * h > limit:
+        raise ImageError(
+            f"{source}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={limit}, refusing to decode "
+            "(decompression bomb guard)"
+        )
+
+
+_PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _pil_bomb_error(exc: Exception, limit: int, source: str) -> ImageError:
+    """Pillow refused first (inside Image.open, before we could read the size): say so clearly."""
+    found = _PIL_BOMB_PIXELS.search(str(exc))
+    what = f"{found.group(1)} pixels" if found else "the image size"
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    hint = ""
+    if pil_limit is not None and limit > 2 * pil_limit:
+        hint = (
+            f"; Pillow's own limit (2 * PIL.Image.MAX_IMAGE_PIXELS = {2 * pil_limit}) is below "
+            f"max_image_pixels={limit}: raise PIL.Image.MAX_IMAGE_PIXELS to allow it"
+        )
+    return ImageError(
+        f"{source}: {what} exceeds Pillow's decompression-bomb limit, refusing to decode "
+        f"(decompression bomb guard, max_image_pixels={limit}; Pillow: {exc}){hint}"
+    )
+
+
+def _composite_straight(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """uint8 ``(H, W, 4)`` straight alpha over ``background`` -> uint8 ``(H, W, 3)``."""
+    alpha = rgba[..., 3:4]
+    if np.all(alpha == 255):  # opaque: skip the arithmetic (and be obviously exact)
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.uint16)
+    fg = rgba[..., :3].astype(np.uint16)
+    bg = np.asarray(background, dtype=np.uint16)
+    # Max value 255*a + 255*(255-a) + 127 = 65152 fits uint16; +127 rounds to nearest.
+    return ((fg * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _composite_premultiplied(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """uint8 ``(H, W, 4)`` premultiplied alpha over ``background`` -> uint8 ``(H, W, 3)``."""
+    a = rgba[..., 3:4].astype(np.uint16)
+    c = rgba[..., :3].astype(np.uint16)
+    bg = np.asarray(background, dtype=np.uint16)
+    # Premultiplied "over": c + bg*(1 - a). Clip guards against invalid data (c > a).
+    return np.minimum(c + (bg * (255 - a) + 127) // 255, 255).astype(np.uint8)
+
+
+def _wide_grey_to_uint8(arr: np.ndarray, mode: str, source: str) -> np.ndarray:
+    """16-bit / int32 / float32 grey ``(H, W)`` -> uint8 ``(H, W)`` (see the module table)."""
+    if mode == "F":
+        v = arr.astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise ImageError(f"{source}: mode 'F' (float) image contains NaN or infinite values")
+        return np.floor(np.clip(v, 0.0, 255.0) + 0.5).astype(np.uint8)
+    v = arr.astype(np.int64)
+    if mode == "I":
+        lo, hi = int(v.min()), int(v.max())
+        if lo < 0 or hi > 65535:
+            raise ImageError(
+                f"{source}: mode 'I' (32-bit int) image has values in [{lo}, {hi}]; it is read as 16-bit grey, "
+                "so values must lie in [0, 65535]"
+            )
+    # round(v * 255 / 65535) = round(v / 257); 257 is odd so there are no ties.
+    return ((v + 128) // 257).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int], source: str) -> Image.Image:
+    """Any Pillow mode -> a new, independent 8-bit ``RGB`` image (module table)."""
+    mode = im.mode
+    try:
+        if mode in _WIDE_GREY_MODES:
+            raw = np.asarray(im)
+            grey = _wide_grey_to_uint8(raw, mode, source)
+            rgb = np.repeat(grey[..., None], 3, axis=2)
+            transparency = im.info.get("transparency")
+            if isinstance(transparency, (int, float)) and not isinstance(transparency, bool):
+                # Grey colour key (PNG tRNS): matching samples are fully transparent.
+                alpha = np.where(raw == transparency, 0, 255).astype(np.uint8)
+                rgb = _composite_straight(np.concatenate([rgb, alpha[..., None]], axis=2), background)
+            return Image.fromarray(np.ascontiguousarray(rgb))
+        if mode in _PREMULTIPLIED_MODES:
+            arr = np.asarray(im)
+            if mode == "La":
+                arr = np.concatenate([np.repeat(arr[..., :1], 3, axis=2), arr[..., 1:2]], axis=2)
+            return Image.fromarray(_composite_premultiplied(arr, background))
+        if mode in _STRAIGHT_ALPHA_MODES or im.has_transparency_data:
+            # P/L/RGB/1 with a tRNS colour key or palette alpha also go through RGBA.
+            rgba = np.asarray(im.convert("RGBA"))
+            return Image.fromarray(_composite_straight(rgba, background))
+        return im.convert("RGB")  # RGB (copy), L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(f"{source}: cannot convert image mode {mode!r} to RGB ({type(e).__name__}: {e})") from e
+
+
+def _array_to_rgb(arr: np.ndarray, background: tuple[int, int, int], source: str = "<array>") -> Image.Image:
+    """numpy image (see module docstring for shapes/dtypes) -> 8-bit ``RGB`` PIL image."""
+    shape = arr.shape
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    elif arr.ndim == 3:
+        if shape[2] not in (1, 2, 3, 4):
+            hint = ""
+            if shape[0] in (1, 2, 3, 4):
+                hint = " (looks channels-first: use arr.transpose(1, 2, 0))"
+            raise ImageError(
+                f"{source}: unsupported array shape {shape}: expected (H, W) or (H, W, C) with C in 1..4{hint}"
+            )
+    else:
+        raise ImageError(
+            f"{source}: unsupported array shape {shape}: expected (H, W) or (H, W, C) with C in 1..4 "
+            "(one image, not a batch)"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"{source}: empty image array of shape {shape}")
+
+    dt = arr.dtype
+    if dt == np.uint8:
+        x = arr
+    elif dt == np.bool_:
+        x = arr.astype(np.uint8) * np.uint8(255)
+    elif dt == np.uint16:
+        x = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v*255/65535)
+    elif dt.kind == "f":
+        v = arr.astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise ImageError(f"{source}: float image array contains NaN or infinite values")
+        lo, hi = float(v.min()), float(v.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(
+                f"{source}: float image arrays must have values in [0, 1], got [{lo:g}, {hi:g}] "
+                "(for 0..255 data use arr.astype(np.uint8))"
+            )
+        x = np.floor(v * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise ImageError(
+            f"{source}: unsupported array dtype {dt}: use uint8 (0..255), uint16 (0..65535), bool, or float "
+            "in [0, 1] (for 0..255 integers use arr.astype(np.uint8))"
+        )
+
+    c = x.shape[2]
+    if c == 1:
+        rgb = np.repeat(x, 3, axis=2)
+    elif c == 2:
+        rgb = _composite_straight(np.concatenate([np.repeat(x[..., :1], 3, axis=2), x[..., 1:2]], axis=2), background)
+    elif c == 3:
+        rgb = x
+    else:
+        rgb = _composite_straight(x, background)
+    return Image.fromarray(np.ascontiguousarray(rgb))
+
+
+def _decode_stream(
+    fp: str | io.BytesIO, source: str, max_image_pixels: int, background: tuple[int, int, int]
+) -> Image.Image:
+    """Open, guard, fully decode, orient and convert an encoded image (path or bytes)."""
+    stage = "open"
+    try:
+        with Image.open(fp) as im:
+            # The header is parsed, nothing is decoded yet: check the size first.
+            _check_bomb(im.size, max_image_pixels, source)
+            stage = "decode"
+            # Decode everything now so truncated/corrupt data fails here, not in a later .resize().
+            im.load()
+            stage = "orient"
+            ImageOps.exif_transpose(im, in_place=True)
+            stage = "convert"
+            return _to_rgb(im, background, source)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _pil_bomb_error(e, max_image_pixels, source) from e
+    except Image.DecompressionBombWarning as e:  # only raised if the caller escalated it
+        raise _pil_bomb_error(e, max_image_pixels, source) from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{source}: not a recognised image format (Pillow cannot identify it)") from e
+    except Exception as e:
+        what = {
+            "open": "cannot open image",
+            "decode": "cannot decode image data (truncated or corrupt file)",
+            "orient": "cannot apply EXIF orientation (corrupt EXIF data)",
+            "convert": "cannot convert image",
+        }[stage]
+        raise ImageError(f"{source}: {what}: {type(e).__name__}: {e}") from e
+
+
+def load_image(
+    src: ImageSource,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Load any supported source as an upright 8-bit RGB PIL image.
+
+    Args:
+        src: a path (``str`` / ``os.PathLike``), encoded file bytes (``bytes``, ``bytearray``,
+            ``memoryview``), a PIL image, or a numpy array (shapes/dtypes in the module docstring).
+        max_image_pixels: refuse sources with more than this many pixels (width * height, read from
+            the header before decoding; Pillow's own limit also applies).
+        background: RGB colour that alpha is composited over.
+
+    Returns:
+        A new mode-``"RGB"`` image (first frame, EXIF orientation applied), independent of any
+        file; its size is the upright source size.
+
+    Raises:
+        ImageError: for any unreadable, unsupported, truncated, corrupt or oversized input.
+    """
+    limit = _as_int("load_image", "max_image_pixels", max_image_pixels)
+    if limit < 1:
+        raise ValueError(f"load_image.max_image_pixels must be >= 1, got {limit}")
+    bg = _check_background(background)
+    source = _source_name(src)
+
+    if isinstance(src, np.ndarray):
+        return _array_to_rgb(src, bg, source)
+
+    if isinstance(src, Image.Image):
+        _check_bomb(src.size, limit, source)
+        try:
+            src.load()  # a lazily opened image may still hold undecoded (possibly truncated) data
+            upright = ImageOps.exif_transpose(src)  # a copy: the caller's image is not modified
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _pil_bomb_error(e, limit, source) from e
+        except Exception as e:
+            raise ImageError(f"{source}: cannot decode image data: {type(e).__name__}: {e}") from e
+        if upright is None:  # pragma: no cover - only with in_place=True
+            upright = src
+        return _to_rgb(upright, bg, source)
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        if not data:
+            raise ImageError(f"{source}: empty data (0 bytes)")
+        return _decode_stream(io.BytesIO(data), source, limit, bg)
+
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        # Explicit checks give clearer messages than Pillow's/the OS's (e.g. "cannot identify").
+        if not os.path.exists(path):
+            raise ImageError(f"{source}: file not found")
+        if os.path.isdir(path):
+            raise ImageError(f"{source}: is a directory, not an image file")
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise ImageError(f"{source}: cannot read file: {e}") from e
+        if size == 0:
+            raise ImageError(f"{source}: file is empty (0 bytes)")
+        return _decode_stream(path, source, limit, bg)
+
+    raise ImageError(
+        f"{source}: unsupported input type {type(src).__module__}.{type(src).__qualname__}; expected a path, "
+        "encoded image bytes, a PIL image or a numpy array (for a torch tensor use .numpy())"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing
+# ----------------------------------------------------------------------------------------------
+
+
+def resize_and_center_crop(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """The official demo's ``resize_and_center_crop`` (bit-for-bit, including its quirks).
+
+    Shorter side -> ``size`` (the other side ``int((size/short)*long)``, truncating), resize with
+    ``resample`` (Pillow's default BICUBIC in the demo), then centre crop with the float box
+    ``((w-T)/2, (h-T)/2, (w+T)/2, (h+T)/2)`` that Pillow rounds half-to-even. See the module
+    docstring for the square-source quirk.
+    """
+    w, h = image.size
+    if w < h:
+        new_w = size
+        new_h = int((size / w) * h)
+    else:
+        new_h = size
+        new_w = int((size / h) * w)
+    image = image.resize((new_w, new_h), resample=resample)
+    w, h = image.size
+    return image.crop(((w - size) / 2, (h - size) / 2, (w + size) / 2, (h + size) / 2))
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """One preprocessed image.
+
+    Attributes:
+        pixels: float32 ``(3, H, W)`` in [-1, 1] (official normalisation), unpadded content.
+        source_size: ``(width, height)`` of the decoded, EXIF-upright source.
+        content_size: ``(height, width)`` of ``pixels`` (``H, W``).
+        grid: ``(ceil(H/p), ceil(W/p))``, the patch grid after the model's zero-padding.
+        source: the source name (path, ``<bytes>``, ``<PIL image>`` or ``<array>``).
+    """
+
+    pixels: torch.Tensor
+    source_size: tuple[int, int]
+    content_size: tuple[int, int]
+    grid: tuple[int, int]
+    source: str
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of patches the encoder sees: ``grid[0] * grid[1]``."""
+        return self.grid[0] * self.grid[1]
+
+
+def preprocess(src: ImageSource, cfg: PreprocessConfig = PreprocessConfig()) -> PreparedImage:
+    """Load ``src`` and turn it into model-ready pixels following ``cfg`` (module docstring).
+
+    Returns:
+        :class:`PreparedImage` with float32 ``(3, H, W)`` pixels in [-1, 1].
+
+    Raises:
+        ImageError: for any unreadable, unsupported or oversized input.
+    """
+    source = _source_name(src)
+    image = load_image(src, max_image_pixels=cfg.max_image_pixels, background=cfg.background)
+    src_w, src_h = image.size
+    resample = _RESAMPLE[cfg.resample]
+    if cfg.square is not None:
+        content = resize_and_center_crop(image, cfg.square, resample)
+    else:
+        new_w, new_h = target_size(src_w, src_h, cfg)
+        # Unchanged size: no resampling at all, so native pixels stay bit-exact.
+        content = image if (new_w, new_h) == (src_w, src_h) else image.resize((new_w, new_h), resample=resample)
+    pixels = to_pixels(content)
+    h, w = int(pixels.shape[1]), int(pixels.shape[2])
+    return PreparedImage(
+        pixels=pixels,
+        source_size=(src_w, src_h),
+        content_size=(h, w),
+        grid=padded_grid(h, w, cfg.patch_size),
+        source=source,
+    )
