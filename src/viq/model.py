@@ -207,6 +207,7 @@ class ViQModel(nn.Module):
         bar.close()
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
     def indices_packed(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
         """One packed forward pass: list of (3, H, W) normalised pixels (any H, W) -> list of
         (4*h*w,) int32 indices in official order (on the model's device)."""
