@@ -201,3 +201,22 @@ def test_gradients_flow_through_straight_through_fsq(test_model):
     model.dequant.from_code_values(values).pow(2).mean().backward()
     assert model.encoder.patch_embed.proj.weight.grad is not None
     assert model.head.project_in.weight.grad.abs().sum() > 0
+
+
+def test_fingerprint_is_the_same_for_every_component_subset(test_model, official_dir, tmp_path):
+    test_model.save_pretrained(tmp_path / "m")
+    expected = test_model.fingerprint()
+    for components in (["encoder"], ["drawer", "vae"], ["embedder"], None):
+        assert viq.load(tmp_path / "m", components=components).fingerprint() == expected
+    # A drawer-only model saved again keeps the id of the encoder that defined its codes.
+    viq.load(tmp_path / "m", components=["drawer"]).save_pretrained(tmp_path / "d")
+    assert viq.load(tmp_path / "d").fingerprint() == expected
+    # Official directory, any dtype, any components, and its viq conversion: one id.
+    official = viq.load(official_dir, num_heads=4, components=["encoder"])
+    ids = {official.fingerprint(),
+           viq.load(official_dir, num_heads=4, components=["embedder"]).fingerprint(),
+           viq.load(official_dir, num_heads=4, dtype=torch.bfloat16, components=["encoder"]).fingerprint()}
+    assert len(ids) == 1 and expected not in ids
+    bare = viq.ViQModel.from_config("viq-test", components=["embedder"])
+    with pytest.raises(RuntimeError, match="no encoder"):
+        bare.fingerprint()

@@ -14,6 +14,7 @@ pixels).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from viq.layers import set_attention_backend
 from viq.quantizer import FSQ
 from viq.rope import GoldenGateRoPE2d
 
-__all__ = ["ViQModel", "COMPONENTS", "pack_by_budget"]
+__all__ = ["ViQModel", "COMPONENTS", "pack_by_budget", "code_fingerprint"]
 
 COMPONENTS = ("encoder", "dequant", "recon", "embedder", "drawer", "vae")
 #: Default packing budget (patch tokens per forward pass) for :meth:`ViQModel.encode`.
@@ -81,6 +82,8 @@ class ViQModel(nn.Module):
         self.drawer = CodeDrawer(width, config.head, config.decoder) if "drawer" in components else None
         self.vae = build_vae(config.vae) if "vae" in components else None
         self.attention_backend = "auto"
+        # Set by the loaders when the encoder is stored but not loaded (see fingerprint()).
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -104,16 +107,17 @@ class ViQModel(nn.Module):
         return next(self.parameters()).dtype
 
     def fingerprint(self) -> str:
-        """A short id of the quantizer (config + code projection weights, bf16-rounded so that the
-        same weights loaded in any dtype give the same id). Written into ``.viq`` metadata."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        source = self.head if self.head is not None else self.embedder or (self.drawer and self.drawer.features)
-        if source is not None:
-            for name, t in sorted(source.state_dict().items()):
-                if name.startswith(("project_in", "project_out")):
-                    h.update(name.encode())
-                    h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-        return h.hexdigest()[:16]
+        """The id of the code space: equal for two models iff they give the same codes
+        (see :func:`code_fingerprint`). Written into ``.viq`` metadata by ``viq encode``.
+
+        Available whenever the encoder is loaded, and for models loaded from files that contain it
+        (viq or official directories), whatever components were loaded.
+        """
+        if self.head is not None:
+            return code_fingerprint(self.config, self.head.project_in.weight, self.head.project_in.bias)
+        if self._fingerprint is None:
+            raise RuntimeError("this model has no encoder weights, so the id of its code space is unknown")
+        return self._fingerprint
 
     def set_attention_backend(self, backend: str) -> None:
         """"auto" | "sdpa" | "flex" | "flash": the kernel used by every attention layer."""
@@ -292,6 +296,8 @@ class ViQModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": "viq", "components": ",".join(self.components)}
+        if self.head is not None or self._fingerprint is not None:
+            meta["fingerprint"] = self.fingerprint()
         _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
         _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json() + "\n"))
 
@@ -323,11 +329,17 @@ class ViQModel(nn.Module):
                     raise ValueError(f"{weights_path}: has no weights for {sorted(missing_components)} (has {stored})")
                 prefixes = tuple(p for c in wanted for p in _prefixes(c))
                 state = {k: f.get_tensor(k) for k in keys if k.startswith(prefixes)}
+                fingerprint = (f.metadata() or {}).get("fingerprint")
+                if "head.project_in.weight" in keys:
+                    fingerprint = code_fingerprint(
+                        config, f.get_tensor("head.project_in.weight"), f.get_tensor("head.project_in.bias")
+                    )
         except ValueError:
             raise
         except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
             raise ValueError(f"{weights_path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
-        return cls.from_state_dict(config, state, components=wanted, device=device, dtype=dtype, source=str(weights_path))
+        return cls.from_state_dict(config, state, components=wanted, device=device, dtype=dtype,
+                                   source=str(weights_path), fingerprint=fingerprint)
 
     @classmethod
     def from_state_dict(
@@ -339,8 +351,11 @@ class ViQModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         source: str = "<state dict>",
+        fingerprint: str | None = None,
     ) -> "ViQModel":
         """Build a model whose weights are exactly ``state`` (viq key names), checking every key.
+
+        ``fingerprint``: the code-space id, for models loaded without their encoder.
 
         Modules are created on the meta device and the tensors assigned, so no memory or time is spent
         on a random initialisation that would be overwritten.
@@ -364,6 +379,7 @@ class ViQModel(nn.Module):
                 raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
         model.load_state_dict(state, strict=True, assign=True)
         model._rebuild_constants()
+        model._fingerprint = fingerprint
         model.to(device=device, dtype=dtype)
         model.eval()
         return model
@@ -388,6 +404,20 @@ class ViQModel(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         return cls(config, components).eval()
+
+
+def code_fingerprint(config: ViQConfig, project_in_weight: torch.Tensor, project_in_bias: torch.Tensor) -> str:
+    """A short id of a code space: the encoder and head architecture plus the final code projection.
+
+    Two models with the same id produce codes that mean the same thing. The weights are rounded to
+    bf16 first, so loading the same files in any dtype gives the same id. (Not a cryptographic
+    identity of all weights: it is cheap enough to compute when a model is loaded.)
+    """
+    arch = {"encoder": dataclasses.asdict(config.encoder), "head": dataclasses.asdict(config.head)}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    for t in (project_in_weight, project_in_bias):
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _prefixes(component: str) -> tuple[str, ...]:

@@ -331,4 +331,11 @@ def load_official(
 
     prefixes = tuple(p for c in wanted for p in _prefixes(c))
     state = {k: v for k, v in state.items() if k.startswith(prefixes)}
-    return ViQModel.from_state_dict(config, state, components=wanted, device=device, dtype=dtype, source=str(directory))
+    from viq.model import code_fingerprint
+
+    enc = states["encoder"]
+    fingerprint = code_fingerprint(
+        config, enc["fusion_block.vq_low.project_in.weight"], enc["fusion_block.vq_low.project_in.bias"]
+    )
+    return ViQModel.from_state_dict(config, state, components=wanted, device=device, dtype=dtype,
+                                    source=str(directory), fingerprint=fingerprint)
