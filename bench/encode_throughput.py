@@ -21,14 +21,9 @@ are stated in. Writes a JSON record under ``bench/results/``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import random
 import sys
-import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +33,9 @@ from viq.config import EncoderConfig, HeadConfig, ViQConfig, get_preset
 from viq.encoder import pad_to_patches, resize_pos_embed
 from viq.model import pack_by_budget
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import best_time, write_record  # noqa: E402
+
 
 
 def bench_config(name: str) -> ViQConfig:
@@ -63,23 +60,6 @@ def mixed_sizes(n: int, lo: int, hi: int, seed: int) -> list[tuple[int, int]]:
         w = max(16, min(2 * hi, round(math.sqrt(area * aspect))))
         out.append((h, w))
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (kernel selection, compile caches)
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def count_flops(fn) -> int:
@@ -175,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     figures = {}
     for name, (fn, tokens) in runs.items():
-        seconds = timed(fn, device, args.repeats)
+        seconds = best_time(fn, device, args.repeats)
         flops = count_flops(fn)
         figures[name] = {
             "seconds": seconds,
@@ -195,11 +175,6 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}", file=sys.stderr)
     record = {
-        "benchmark": "encode_throughput",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "bench/encode_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
         "dtype": args.dtype,
         "attention": args.attention,
         "config": config.to_dict(),
@@ -208,10 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         "figures": figures,
         "ratios": ratios,
     }
-    out = Path(args.out) if args.out else RESULTS / f"encode_throughput-{device.type}-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    path = write_record("encode_throughput", device, record, args.out)
+    print(f"wrote {path}", file=sys.stderr)
     return record
 
 

@@ -131,12 +131,15 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments)
         by_length.setdefault(n, []).append(i)
     for n, members in by_length.items():
         starts = [offsets[i] for i in members]
-        if len(members) == 1:
-            s = starts[0]
-            out[s : s + n] = _sdpa_batch(q[None, s : s + n], k[None, s : s + n], v[None, s : s + n])[0]
+        b = len(members)
+        if starts[-1] - starts[0] == (b - 1) * n:
+            # Consecutive equal-length segments (e.g. a batch of same-size images): a view, no copy.
+            s = slice(starts[0], starts[0] + b * n)
+            shape = (b, n, *q.shape[1:])
+            out[s] = _sdpa_batch(q[s].view(shape), k[s].view(shape), v[s].view(shape)).reshape(b * n, *q.shape[1:])
             continue
         index = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
-        shape = (len(members), n, *q.shape[1:])
+        shape = (b, n, *q.shape[1:])
         o = _sdpa_batch(q[index].view(shape), k[index].view(shape), v[index].view(shape))
         out[index] = o.reshape(-1, *q.shape[1:])
     return out

@@ -89,6 +89,21 @@ class ViTEncoder(nn.Module):
         )
         self.pool = AttentionPool(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps) if cfg.pool_head else None
         self.gradient_checkpointing = False
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table resized to ``grid``: (h*w, C). Cached when no gradient is needed; the
+        cache key includes the table's version counter, so in-place weight updates invalidate it."""
+        table = self.pos_embed
+        if torch.is_grad_enabled():
+            return resize_pos_embed(table, grid)
+        key = (grid, table.dtype, table.device, table._version, table.data_ptr())
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            if len(self._pos_cache) >= 64:
+                self._pos_cache.clear()
+            cached = self._pos_cache[key] = resize_pos_embed(table, grid)
+        return cached
 
     def embed(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packed]:
         """Patchify and add positions.
@@ -108,7 +123,7 @@ class ViTEncoder(nn.Module):
             grid = (img.shape[1] // p, img.shape[2] // p)
             x = self.patch_embed.proj(img[None].to(weight.dtype))  # (1, C, h, w)
             x = x.flatten(2)[0].T  # (h*w, C), row-major (y, x)
-            tokens.append(x + resize_pos_embed(self.pos_embed, grid))
+            tokens.append(x + self.position_table(grid))
             grids.append(grid)
         total = sum(t.shape[0] for t in tokens)
         # A pack shorter than MIN_ROWS gets a filler segment (its own attention segment, so it
