@@ -63,6 +63,9 @@ class EncoderConfig:
     pos_grid: int = 128
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    #: MLP activation: "gelu" (exact erf; SigLIP2 in timm / the official ViQ) or "gelu_tanh"
+    #: (the tanh approximation used by Hugging Face SigLIP checkpoints).
+    mlp_act: str = "gelu"
     #: whether the final LayerNorm + MAP attention-pool head (used for self-distillation) exists.
     pool_head: bool = True
 
@@ -70,6 +73,8 @@ class EncoderConfig:
         _check_positive(self, "patch_size", "width", "depth", "num_heads", "mlp_hidden", "pos_grid")
         if self.width % self.num_heads:
             raise ValueError(f"encoder width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.mlp_act not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"mlp_act must be 'gelu' or 'gelu_tanh', got {self.mlp_act!r}")
 
 
 @dataclass
@@ -84,6 +89,14 @@ class HeadConfig:
     """
 
     levels: tuple[int, ...] = FSQ_LEVELS["16k"]
+    #: "fsq" (the released tokenizer); training variants: "bottleneck" (stage 2-1 proximal
+    #: representation: Linear C->bottleneck_dim, a norm limit, no rounding) and "simvq" (ablation).
+    quantizer: str = "fsq"
+    bottleneck_dim: int = 32
+    #: limit applied in the bottleneck: "none", "l2", "linf" (onto the hypercube surface), "tanh".
+    bottleneck_limit: str = "linf"
+    simvq_codebook_size: int = 32768
+    simvq_dim: int = 32
     num_blocks: int = 3
     num_heads: int = 16  # official FusionBlock default, independent of the encoder's head count
     mlp_ratio: float = 4.0
@@ -114,16 +127,24 @@ class HeadConfig:
         _check_positive(self, "num_heads", "codes_per_patch", "attn_dim")
         if self.attn_dim % 2:
             raise ValueError(f"attn_dim must be even for RoPE, got {self.attn_dim}")
+        if self.quantizer not in ("fsq", "bottleneck", "simvq"):
+            raise ValueError(f"quantizer must be 'fsq', 'bottleneck' or 'simvq', got {self.quantizer!r}")
+        if self.bottleneck_limit not in ("none", "l2", "linf", "tanh"):
+            raise ValueError(f"bottleneck_limit must be none, l2, linf or tanh, got {self.bottleneck_limit!r}")
         if self.rope_angle_dtype not in ("compute", "float32"):
             raise ValueError(f"rope_angle_dtype must be 'compute' or 'float32', got {self.rope_angle_dtype!r}")
 
     @property
     def codebook_size(self) -> int:
-        return math.prod(self.levels)
+        """Number of distinct codes (0 for the continuous bottleneck)."""
+        if self.quantizer == "bottleneck":
+            return 0
+        return self.simvq_codebook_size if self.quantizer == "simvq" else math.prod(self.levels)
 
     @property
     def code_dim(self) -> int:
-        return len(self.levels)
+        """Width of the quantized values between project_in and project_out."""
+        return {"fsq": len(self.levels), "bottleneck": self.bottleneck_dim, "simvq": self.simvq_dim}[self.quantizer]
 
 
 @dataclass

@@ -37,7 +37,9 @@ class CodeEmbedder(nn.Module):
         super().__init__()
         e = cfg.codes_per_patch
         self.codes_per_patch = e
-        self.register_buffer("codebook", FSQ(cfg.levels).implicit_codebook())
+        # Only FSQ codes can be looked up from indices; other quantizers feed values directly.
+        codebook = FSQ(cfg.levels).implicit_codebook() if cfg.quantizer == "fsq" else None
+        self.register_buffer("codebook", codebook)
         self.project_out = nn.Linear(cfg.code_dim, width)
         self.merge = Mlp(e * width, e * width, width)
         self.post_mlp = Mlp(width, width, width)
@@ -63,6 +65,8 @@ class CodeEmbedder(nn.Module):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """(e*N,) int indices in official order -> (N, C) features."""
+        if self.codebook is None:
+            raise RuntimeError("this embedder has no codebook (its head does not use FSQ)")
         k = self.codebook.shape[0]
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
             raise ValueError(f"code indices out of range [0, {k})")

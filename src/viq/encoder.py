@@ -84,10 +84,14 @@ class ViTEncoder(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.pos_grid**2, cfg.width) * 0.02)
+        approximate = "tanh" if cfg.mlp_act == "gelu_tanh" else "none"
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.qkv_bias) for _ in range(cfg.depth)
+            Block(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.qkv_bias, approximate)
+            for _ in range(cfg.depth)
         )
-        self.pool = AttentionPool(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps) if cfg.pool_head else None
+        self.pool = (
+            AttentionPool(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, approximate) if cfg.pool_head else None
+        )
         self.gradient_checkpointing = False
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
@@ -151,7 +155,7 @@ class AttentionPool(nn.Module):
     Used by the self-distillation loss; not on the code path.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6, approximate: str = "none") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm_in = nn.LayerNorm(dim, eps=eps)  # the trunk's final `norm`
@@ -160,7 +164,7 @@ class AttentionPool(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_hidden)
+        self.mlp = Mlp(dim, mlp_hidden, approximate=approximate)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """list of (N_i, C) per-image features -> (B, C) pooled embeddings."""

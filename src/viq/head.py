@@ -25,7 +25,7 @@ from viq.attention import Segments, attention
 from viq.config import HeadConfig
 from viq.encoder import Packed
 from viq.layers import Block, Mlp
-from viq.quantizer import FSQ
+from viq.quantizer import FSQ, Bottleneck, SimVQ
 from viq.rope import GoldenGateRoPE2d, apply_rotary
 
 __all__ = ["CodeHead", "RoPEAttention", "RoPEBlock"]
@@ -94,7 +94,12 @@ class CodeHead(nn.Module):
             RoPEBlock(width, cfg.attn_dim, e, int(width * cfg.mlp_ratio), cfg.norm_eps) for _ in range(cfg.code_blocks)
         )
         self.project_in = nn.Linear(width, cfg.code_dim)
-        self.fsq = FSQ(cfg.levels, cfg.fsq_eps)
+        if cfg.quantizer == "fsq":
+            self.quantizer: nn.Module = FSQ(cfg.levels, cfg.fsq_eps)
+        elif cfg.quantizer == "bottleneck":
+            self.quantizer = Bottleneck(cfg.bottleneck_limit)
+        else:
+            self.quantizer = SimVQ(cfg.simvq_codebook_size, cfg.simvq_dim)
         attn_dim = min(width, cfg.attn_dim)
         self.rope = (
             GoldenGateRoPE2d(attn_dim, e, cfg.rope_min_freq, cfg.rope_max_freq, cfg.rope_zero_fraction)
@@ -128,7 +133,24 @@ class CodeHead(nn.Module):
             x = self._run(block, x, segments, theta, angle_dtype)
         return self.project_in(x)
 
+    @property
+    def fsq(self) -> FSQ:
+        if not isinstance(self.quantizer, FSQ):
+            raise AttributeError(f"this head quantizes with {type(self.quantizer).__name__}, not FSQ")
+        return self.quantizer
+
     def forward(self, x: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed trunk tokens (T, C) -> (codes (e*T, d) float32 with straight-through gradient,
         indices (e*T,) int32). Both include the filler rows; split with ``packed.split(..., e)``."""
         return self.fsq.quantize(self.pre_quantize(x, packed))
+
+    def quantize(self, x: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Any quantizer kind: (values (e*T, d), indices (e*T,) int32 or None for the continuous
+        bottleneck, auxiliary loss (scalar; 0 except for SimVQ))."""
+        z = self.pre_quantize(x, packed)
+        if isinstance(self.quantizer, FSQ):
+            values, indices = self.quantizer.quantize(z)
+            return values, indices, z.new_zeros(())
+        if isinstance(self.quantizer, Bottleneck):
+            return self.quantizer(z), None, z.new_zeros(())
+        return self.quantizer(z)

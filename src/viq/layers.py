@@ -31,15 +31,18 @@ def pad_rows(x: torch.Tensor, rows: int = MIN_ROWS) -> torch.Tensor:
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU (exact erf) -> fc2."""
+    """fc1 -> GELU -> fc2. GELU is exact (erf) unless ``approximate="tanh"``."""
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None) -> None:
+    def __init__(
+        self, in_features: int, hidden_features: int, out_features: int | None = None, approximate: str = "none"
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Attention(nn.Module):
@@ -67,12 +70,15 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block: x + attn(LN(x)), then x + mlp(LN(x)). No layer-scale, no dropout."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6, qkv_bias: bool = True,
+        approximate: str = "none",
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_hidden)
+        self.mlp = Mlp(dim, mlp_hidden, approximate=approximate)
 
     def forward(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), segments)

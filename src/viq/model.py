@@ -294,7 +294,15 @@ class ViQModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state, seen = {}, set()
+        for k, v in self.state_dict().items():
+            v = v.detach().contiguous().cpu()
+            # safetensors refuses tensors that share storage (e.g. an embedder built from the same
+            # weights as the encoder's dequantize path): store such duplicates as copies.
+            if v.untyped_storage().data_ptr() in seen:
+                v = v.clone()
+            seen.add(v.untyped_storage().data_ptr())
+            state[k] = v
         meta = {"format": "viq", "components": ",".join(self.components)}
         if self.head is not None or self._fingerprint is not None:
             meta["fingerprint"] = self.fingerprint()

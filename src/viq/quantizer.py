@@ -15,9 +15,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FSQ"]
+__all__ = ["FSQ", "Bottleneck", "SimVQ"]
 
 
 class FSQ(nn.Module):
@@ -112,3 +113,89 @@ class FSQ(nn.Module):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, codebook_size={self.codebook_size}"
+
+
+class Bottleneck(nn.Module):
+    """Stage 2-1 "proximal representation": a continuous bottleneck with a norm limit, no rounding.
+
+    The values are the projected features mapped onto a constraint set, so that the later FSQ stage
+    starts from a compact space:
+
+    * ``"linf"``: f / max(max_i |f_i|, 1e-6): onto the surface of the unit hypercube (the paper's
+      L-infinity projection),
+    * ``"l2"``: f / max(||f||_2, 1e-6): onto the unit sphere,
+    * ``"tanh"``: elementwise tanh, into the open cube,
+    * ``"none"``: the plain linear bottleneck.
+    """
+
+    def __init__(self, limit: str = "linf", eps: float = 1e-6) -> None:
+        super().__init__()
+        if limit not in ("none", "l2", "linf", "tanh"):
+            raise ValueError(f"unknown bottleneck limit {limit!r}")
+        self.limit = limit
+        self.eps = eps
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D) limited values, same dtype."""
+        if self.limit == "linf":
+            return z / z.abs().amax(-1, keepdim=True).clamp_min(self.eps)
+        if self.limit == "l2":
+            return z / z.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        if self.limit == "tanh":
+            return z.tanh()
+        return z
+
+    def extra_repr(self) -> str:
+        return f"limit={self.limit!r}"
+
+
+class SimVQ(nn.Module):
+    """SimVQ (Zhu et al. 2024), the learned-codebook alternative in the paper's ablation.
+
+    A frozen Gaussian codebook E (K, d) ~ N(0, 1/d) is reparameterised by a learned linear map W,
+    codebook = E W^T; each vector takes its nearest code (Euclidean). Gradients reach the input through
+    the rotation trick (Fifty et al. 2024), and the loss is MSE(sg x, q) + beta MSE(x, sg q).
+    Distances and the search run in float32.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25) -> None:
+        super().__init__()
+        self.beta = beta
+        self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim) * dim**-0.5)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.frozen_codebook.shape[0]
+
+    def codebook(self) -> torch.Tensor:
+        """(K, d) float32 effective codebook."""
+        return self.proj(self.frozen_codebook.to(self.proj.weight.dtype)).float()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, d) -> (quantized (N, d) float32 with rotation-trick gradient, indices (N,) int32, loss)."""
+        x = z.float()
+        codebook = self.codebook()
+        with torch.no_grad():
+            indices = torch.cdist(x, codebook).argmin(-1)
+        q = codebook[indices]
+        loss = F.mse_loss(x.detach(), q) + self.beta * F.mse_loss(x, q.detach())
+        return _rotation_trick(x, q), indices.to(torch.int32), loss
+
+    def extra_repr(self) -> str:
+        return f"codebook_size={self.codebook_size}, dim={self.frozen_codebook.shape[1]}"
+
+
+def _rotation_trick(x: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Value q, gradient through the rotation that maps x's direction to q's, scaled by |q|/|x|.
+
+    With r = (x_hat + q_hat)/|x_hat + q_hat| the rotation is R = I - 2 r r^T + 2 q_hat x_hat^T;
+    all factors are detached, so d(out)/dx = (|q|/|x|) R.
+    """
+    x_norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    q_norm = q.norm(dim=-1, keepdim=True).clamp_min(eps)
+    x_hat, q_hat = (x / x_norm).detach(), (q / q_norm).detach()
+    r = x_hat + q_hat
+    r = (r / r.norm(dim=-1, keepdim=True).clamp_min(eps)).detach()
+    rotated = x - 2 * (x * r).sum(-1, keepdim=True) * r + 2 * (x * x_hat).sum(-1, keepdim=True) * q_hat
+    return rotated * (q_norm / x_norm).detach()

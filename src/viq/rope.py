@@ -42,10 +42,12 @@ class GoldenGateRoPE2d:
         self.num_heads = num_heads
         n_freq = head_dim // 2
         n_zero = round(zero_fraction * n_freq)
-        omega = torch.cat(
-            [torch.zeros(n_zero), min_freq * (max_freq / min_freq) ** torch.linspace(0, 1, n_freq - n_zero)]
-        )
-        phi = (torch.arange(num_heads * n_freq) * GOLDEN_ANGLE).reshape(num_heads, n_freq)
+        # Always on the CPU (also when modules are built under a meta/CUDA device context): the
+        # angles are a few KB, computed once per grid and cached.
+        cpu = torch.device("cpu")
+        linspace = torch.linspace(0, 1, n_freq - n_zero, device=cpu)
+        omega = torch.cat([torch.zeros(n_zero, device=cpu), min_freq * (max_freq / min_freq) ** linspace])
+        phi = (torch.arange(num_heads * n_freq, device=cpu) * GOLDEN_ANGLE).reshape(num_heads, n_freq)
         # (heads, F, 2): weight of x and of y in the angle of each (head, frequency).
         self.freqs = omega[None, :, None] * torch.stack([phi.cos(), phi.sin()], dim=-1)
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -54,8 +56,8 @@ class GoldenGateRoPE2d:
         """Angles for one image's patch grid (h, w): (h*w, heads, F) float32 on CPU, row-major."""
         if grid not in self._cache:
             h, w = grid
-            x = torch.linspace(-math.sqrt(w / h), math.sqrt(w / h), w)
-            y = torch.linspace(-math.sqrt(h / w), math.sqrt(h / w), h)
+            x = torch.linspace(-math.sqrt(w / h), math.sqrt(w / h), w, device="cpu")
+            y = torch.linspace(-math.sqrt(h / w), math.sqrt(h / w), h, device="cpu")
             yy, xx = torch.meshgrid(y, x, indexing="ij")
             pos = torch.stack([xx, yy], dim=-1)  # (h, w, 2), [x, y]
             theta = (self.freqs[None, None] * pos[:, :, None, None, :]).sum(-1)

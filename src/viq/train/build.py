@@ -1,0 +1,253 @@
+"""Build the model of a stage from a recipe: initial weights, hand-over between stages, LLM, VAE.
+
+Initial ViQ weights (``model.init``):
+
+* ``preset:<name>``: random init of a viq preset.
+* ``viq:<dir>``: a viq model directory, or a previous stage's ``final/`` output. Weights are matched
+  by name; what the new stage adds (e.g. the FSQ attention blocks in 2-2) starts fresh, and what no
+  longer fits (e.g. the 2-1 bottleneck projections, D wide, vs the FSQ's d) is dropped. Both lists
+  are logged: the 2-1 -> 2-2 hand-over needs no key surgery.
+* ``hf-siglip:<dir>``: a Hugging Face ``SiglipVisionModel`` / ``SiglipModel`` checkpoint (encoder
+  and MAP head).
+* ``timm-siglip:<file>``: a timm / open_clip SigLIP2 state dict (see :mod:`viq.train.init`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from viq.config import ViQConfig, get_preset
+from viq.train.config import TrainConfig
+from viq.train.model import TrainModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_model", "load_matching", "merge_config"]
+
+VIQ_CONFIG = "config.json"
+VIQ_WEIGHTS = "model.safetensors"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+LLM_DIR = "llm"
+
+
+def merge_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _init_source(spec: str) -> tuple[str, str]:
+    kind, _, value = spec.partition(":")
+    if kind not in ("preset", "viq", "hf-siglip", "timm-siglip") or not value:
+        raise ValueError(f"model.init {spec!r}: expected preset:<name>, viq:<dir>, hf-siglip:<dir> or timm-siglip:<file>")
+    return kind, value
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Load tensors whose name and shape match; report the rest (never raises on a mismatch)."""
+    own = module.state_dict()
+    loaded, mismatched, unexpected = [], [], []
+    for k, v in state.items():
+        if k not in own:
+            unexpected.append(k)
+        elif tuple(own[k].shape) != tuple(v.shape):
+            mismatched.append(f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}")
+        else:
+            loaded.append(k)
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(state[k].to(own[k].dtype))
+    fresh = sorted(set(own) - set(loaded))
+    report = {"loaded": loaded, "fresh": fresh, "mismatched": mismatched, "unexpected": unexpected}
+    log.info("%s: loaded %d tensors; %d start fresh; %d dropped (shape changed); %d not used",
+             source, len(loaded), len(fresh), len(mismatched), len(unexpected))
+    for name, keys in (("fresh", _group(fresh)), ("shape changed", mismatched), ("not used", _group(unexpected))):
+        if keys:
+            log.info("  %s: %s", name, ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
+    return report
+
+
+def _group(keys: list[str]) -> list[str]:
+    """Collapse numbered layers for readable logs: head.code_blocks.{0,1,2}.* -> head.code_blocks.*"""
+    out: list[str] = []
+    for k in keys:
+        parts = k.split(".")
+        short = ".".join(parts[:2]) + ".*" if len(parts) > 2 else k
+        if short not in out:
+            out.append(short)
+    return out
+
+
+def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    if not (path / VIQ_CONFIG).is_file() or not (path / VIQ_WEIGHTS).is_file():
+        from viq.official import is_official_dir
+
+        if is_official_dir(path):
+            import viq
+
+            model = viq.load(path)
+            return model.config, model.state_dict()
+        raise FileNotFoundError(f"{path}: not a viq model directory ({VIQ_CONFIG} + {VIQ_WEIGHTS})")
+    return ViQConfig.load(path / VIQ_CONFIG), load_file(str(path / VIQ_WEIGHTS))
+
+
+def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """The frozen VAE for latent targets: the ``vae.*`` weights that came with the init weights when
+    present, otherwise a fresh VAE of the config's architecture (random: only meaningful for tests)."""
+    if cfg.stage == "stage1":
+        return None
+    from viq.decoders import build_vae as make_vae
+
+    vae = make_vae(config.vae)
+    vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
+    if vae_state:
+        vae.load_state_dict(vae_state)
+    else:
+        log.warning("no VAE weights came with the init weights: the reconstruction target is a randomly "
+                    "initialised VAE (fine for tests and the demo, meaningless for real training)")
+    return vae
+
+
+def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
+    """The stage's TrainModel (on ``device``, float32 master weights) and its ChatTokenizer (or None)."""
+    kind, value = _init_source(cfg.model.init)
+    state: dict[str, torch.Tensor] = {}
+    init_dir: Path | None = None
+    if kind == "preset":
+        base = get_preset(value)
+    elif kind == "viq":
+        init_dir = Path(value)
+        base, state = _read_viq_dir(init_dir)
+    else:
+        from viq.train.init import load_siglip
+
+        base, state = load_siglip(kind, value, cfg.model.config)
+    config = ViQConfig.from_dict(merge_config(base.to_dict(), cfg.model.config)) if cfg.model.config else base
+
+    llm, tokenizer, projector = None, None, None
+    if cfg.llm.path and cfg.stage != "drawer":
+        from viq.llm import ChatTokenizer, load_causal_lm
+        from viq.projector import MMProjector
+
+        llm, hf_tokenizer = load_causal_lm(cfg.llm.path)
+        tokenizer = ChatTokenizer(hf_tokenizer, system_prompt=cfg.llm.system_prompt)
+        projector = MMProjector(config.width, llm.config.hidden_size)
+
+    model = TrainModel(
+        cfg.stage, config, llm=llm, projector=projector,
+        teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
+        latent_norm=cfg.loss.latent_norm, max_length=cfg.llm.max_length,
+    )
+    model.pixel_loss_weight = cfg.loss.pixel
+    if state:
+        viq_state = {k: v for k, v in state.items() if not k.startswith(("vae.", "embedder."))}
+        if cfg.stage == "drawer":
+            # A drawer starts from the encoder-side decoder when none was trained yet.
+            if not any(k.startswith("drawer.") for k in viq_state):
+                viq_state.update({"drawer.features." + k[8:]: v for k, v in state.items() if k.startswith("dequant.")})
+                viq_state.update({"drawer.latent." + k[6:]: v for k, v in state.items() if k.startswith("recon.")})
+        load_matching(model, viq_state, cfg.model.init)
+        if cfg.stage == "drawer":
+            # The drawer stage trains only the drawer; the rest of the ViQ model is carried over
+            # unchanged into its output.
+            model.carry = {k: v for k, v in state.items() if k.startswith(("dequant.", "recon.", "embedder."))}
+
+    previous = Path(cfg.model.previous) if cfg.model.previous else init_dir
+    if previous is not None and projector is not None:
+        _load_language_side(model, previous)
+    if llm is not None:
+        from viq.llm import prepare_llm
+
+        adapter = previous / LLM_DIR if previous is not None else None
+        model.llm = prepare_llm(llm, cfg.llm.mode, r=cfg.llm.lora_r, alpha=cfg.llm.lora_alpha,
+                                dropout=cfg.llm.lora_dropout)
+        if adapter is not None and adapter.is_dir() and cfg.llm.mode in ("lora", "dora"):
+            _load_adapter(model.llm, adapter)
+
+    if cfg.stage != "drawer" and cfg.loss.distill > 0 and model.encoder.pool is not None:
+        model.snapshot_teacher()
+    model.set_vae(build_vae(cfg, config, state))
+    model.to(device)
+    return model, tokenizer
+
+
+def _load_language_side(model: TrainModel, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = directory / PROJECTOR_WEIGHTS
+    if path.is_file():
+        load_matching(model.projector, load_file(str(path)), str(path))
+    full_llm = directory / LLM_DIR / "model.safetensors"
+    if full_llm.is_file() and not (directory / LLM_DIR / "adapter_config.json").is_file():
+        load_matching(model.llm, load_file(str(full_llm)), str(full_llm))
+
+
+def _load_adapter(llm: nn.Module, adapter_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(llm, load_file(str(weights)))
+    log.info("%s: loaded LoRA adapter (%d unexpected keys)", adapter_dir, len(getattr(result, "unexpected_keys", [])))
+
+
+def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> None:
+    """Write a stage's result: ``config.json`` + ``model.safetensors`` (viq key names, loadable by
+    the next stage and, once it has an FSQ head, by ``viq.load``), the projector and the LLM side."""
+    from safetensors.torch import save_file
+
+    from viq.model import COMPONENTS, ViQModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    own = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+           if not k.startswith(("projector.", "llm."))}
+    own.update(getattr(model, "carry", {}))
+    config = model.config
+    components = [c for c in ("encoder", "dequant", "recon", "embedder", "drawer") if any(k.startswith(c + ".") or
+                  (c == "encoder" and k.startswith("head.")) for k in own)]
+    state = dict(own)
+    # Inference copies: the embedder is the encoder's dequantize path, and the drawer (until trained
+    # on its own) is that path plus the encoder's latent decoder -- exactly what the official
+    # converter does.
+    if "dequant" in components and "embedder" not in components and config.head.quantizer == "fsq":
+        state.update({"embedder." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
+        components.append("embedder")
+        if "drawer" not in components and "recon" in components:
+            state.update({"drawer.features." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
+            state.update({"drawer.latent." + k[6:]: v for k, v in own.items() if k.startswith("recon.")})
+            components.append("drawer")
+    if model.vae is not None:
+        state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in model.vae.state_dict().items()})
+        components.append("vae")
+    if model.head is not None and config.head.quantizer == "fsq" and "encoder" in components:
+        # Validate against the inference model before writing (catches any naming drift).
+        ordered = [c for c in COMPONENTS if c in components]
+        ViQModel.from_state_dict(config, state, components=ordered, source=str(directory)).save_pretrained(directory)
+    else:
+        save_file(state, str(directory / VIQ_WEIGHTS), metadata={"format": "viq-train", "stage": cfg.stage})
+        config.save(directory / VIQ_CONFIG)
+    if model.projector is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
+                  str(directory / PROJECTOR_WEIGHTS))
+    if model.llm is not None and cfg.llm.mode != "frozen":
+        llm_dir = directory / LLM_DIR
+        if cfg.llm.mode in ("lora", "dora"):
+            model.llm.save_pretrained(str(llm_dir))
+        else:
+            llm_dir.mkdir(parents=True, exist_ok=True)
+            # clone: tied embeddings share storage, which safetensors refuses to write twice
+            save_file({k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
+                      str(llm_dir / "model.safetensors"))
+    (directory / "stage.json").write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict()}, indent=2))

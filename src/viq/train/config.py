@@ -1,0 +1,207 @@
+"""Training recipes: one YAML file per stage, read into dataclasses, overridable from the command line.
+
+A recipe has the sections below; every field has a default, so a recipe only states what differs.
+``viq train --config recipe.yaml optim.lr=3e-4 train.max_steps=200`` overrides fields by dotted path
+(values are parsed as YAML scalars/lists).
+
+Stages (``stage:``):
+
+=========  ===================================================================================
+stage1     text-aligned any-resolution pre-training of the continuous encoder: text CE +
+           distill * (1 - cos) against a frozen fixed-resolution teacher
+stage2_1   proximal representation learning: code head with a continuous bottleneck (+ limit),
+           + VAE-latent reconstruction loss
+stage2_2   quantisation training: position-aware head-wise FSQ (or SimVQ), same losses
+drawer     reconstruction decoder: codes -> VAE latents on a frozen ViQ (latent MSE, optional
+           pixel loss through the frozen VAE decoder)
+=========  ===================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES"]
+
+STAGES = ("stage1", "stage2_1", "stage2_2", "drawer")
+
+
+@dataclass
+class ModelSection:
+    #: where the ViQ weights start from:
+    #:   "preset:<name>"        random init of a viq preset (tests, demo)
+    #:   "viq:<dir>"            a viq model directory or a previous stage's output directory
+    #:   "hf-siglip:<dir>"      a Hugging Face SigLIP / SigLIP2 vision checkpoint (encoder only)
+    #:   "timm-siglip:<file>"   a timm / open_clip SigLIP2 state dict (.pth / .bin / .safetensors)
+    init: str = "preset:viq-test"
+    #: ViQConfig changes applied after loading, e.g. {"head": {"quantizer": "fsq", "code_blocks": 3}}
+    #: (nested dicts merge into the config).
+    config: dict[str, Any] = field(default_factory=dict)
+    #: a projector/LLM adapter from a previous stage: its output directory (default: the init dir).
+    previous: str | None = None
+
+
+@dataclass
+class LLMSection:
+    path: str | None = None  # local HF causal LM directory (None: stage runs without an LLM)
+    mode: str = "lora"  # frozen | lora | dora | full
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    max_length: int = 4096  # tokens per packed LLM row
+    system_prompt: str | None = None
+
+
+@dataclass
+class DataSection:
+    train: str | None = None  # LLaVA JSON/JSONL, or an image folder (drawer stage)
+    val: str | None = None
+    image_root: str | None = None
+    on_error: str = "raise"  # raise | skip (bad samples are counted and reported)
+    min_pixels: int = 256
+    max_pixels: int = 1024 * 1024
+    #: progressive resolution: list of [start_step, max_pixels]; max_pixels grows per phase
+    resolution_schedule: list[list[int]] = field(default_factory=list)
+    num_workers: int = 0
+
+
+@dataclass
+class LossSection:
+    text: float = 1.0
+    distill: float = 10.0
+    recon: float = 1.0
+    commit: float = 1.0
+    #: teacher input: "bilinear" = official (any image resized to teacher_size^2, aspect not kept);
+    #: "aspect" = area teacher_size^2 keeping the aspect ratio, antialiased.
+    teacher_resize: str = "bilinear"
+    teacher_size: int = 384
+    #: VAE latent target normalisation: "none" (official: raw latents) or "mean_std"
+    latent_norm: str = "none"
+    #: drawer stage: weight of an extra pixel-space MSE through the frozen VAE decoder (0 = off)
+    pixel: float = 0.0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    #: per module-group learning rates (groups: encoder, head, dequant, pool, recon, projector, llm,
+    #: drawer); missing groups use ``lr``.
+    group_lr: dict[str, float] = field(default_factory=dict)
+    #: module groups to train; the rest is frozen. Default per stage (see viq.train.model).
+    trainable: list[str] | None = None
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/viq"
+    max_steps: int = 100
+    batch_size: int = 2  # samples per micro-batch per rank
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    parallel: str = "ddp"  # ddp | fsdp (only used under torchrun with >1 process)
+    gradient_checkpointing: bool = False
+    attention: str = "auto"
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: validate only at the end
+    eval_samples: int = 64
+    log_every: int = 1
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "stage2_2"
+    model: ModelSection = field(default_factory=ModelSection)
+    llm: LLMSection = field(default_factory=LLMSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        sections = {"model": ModelSection, "llm": LLMSection, "data": DataSection, "loss": LossSection,
+                    "optim": OptimSection, "train": TrainSection}
+        for name, cls in sections.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build(cls, value, name))
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.llm.mode not in ("frozen", "lora", "dora", "full"):
+            raise ValueError(f"llm.mode must be frozen, lora, dora or full, got {self.llm.mode!r}")
+        if self.train.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.train.precision!r}")
+        if self.train.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be ddp or fsdp, got {self.train.parallel!r}")
+        if self.loss.teacher_resize not in ("bilinear", "aspect"):
+            raise ValueError(f"loss.teacher_resize must be bilinear or aspect, got {self.loss.teacher_resize!r}")
+        if self.data.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be raise or skip, got {self.data.on_error!r}")
+        self.optim.betas = tuple(self.optim.betas)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, data, "recipe")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    return cls(**data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML)."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text else None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe, apply overrides, and validate it. Relative paths inside the recipe stay
+    relative to the current directory (recipes are run from the repository root)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: recipe not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({e})") from None
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,117 @@
+"""Data plumbing for training: a deterministic sharded batch order, and collation into TrainBatch.
+
+The order of micro-batches is a pure function of (seed, epoch, rank, world size): each epoch is a
+seeded permutation, padded by wrap-around to a multiple of the world size (like
+``DistributedSampler``) and dealt out round-robin, so rank r sees ``perm[r::world]`` — disjoint
+shares whose union, step by step, is exactly what one process with ``world`` times the batch size
+sees. Any micro-batch can be reached by its global index, which is all a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from viq.train.model import TrainBatch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShardedBatchOrder", "Collator"]
+
+
+class ShardedBatchOrder:
+    """Infinite, resumable sequence of micro-batches (lists of dataset indices) for one rank.
+
+    Args:
+        size: dataset length.
+        batch_size: samples per micro-batch on this rank.
+        rank, world: this process and the number of processes.
+        seed: permutation seed (the epoch is added).
+        start: global micro-batch index to start from (resume).
+        shuffle: permute each epoch (False: dataset order).
+    """
+
+    def __init__(self, size: int, batch_size: int, *, rank: int = 0, world: int = 1, seed: int = 0,
+                 start: int = 0, shuffle: bool = True) -> None:
+        if size <= 0:
+            raise ValueError("the training set is empty")
+        self.size, self.batch_size, self.rank, self.world = size, batch_size, rank, world
+        self.seed, self.start, self.shuffle = seed, start, shuffle
+        per_rank = -(-size // world)
+        # Drop the incomplete last batch so every rank runs the same number of steps per epoch.
+        self.batches_per_epoch = max(1, per_rank // batch_size)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = -(-self.size // self.world) * self.world
+        order = (order * (total // self.size + 1))[:total]
+        shard = order[self.rank :: self.world]
+        while len(shard) < self.batch_size:  # tiny datasets: repeat to fill one batch
+            shard = shard + shard
+        return shard
+
+    def batch(self, index: int) -> list[int]:
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        shard = self.epoch_indices(epoch)
+        return shard[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        index = self.start
+        while True:
+            yield self.batch(index)
+            index += 1
+
+
+class Collator:
+    """Samples -> :class:`TrainBatch`: tokenises conversations (answer-only labels) and lists images.
+
+    ``tokenizer`` is a :class:`viq.llm.ChatTokenizer` (None for image-only stages). Items may be
+    ``viq.data.llava.Sample`` (conversations + images) or ``viq.data.folder.ImageItem`` (images).
+    ``None`` items (samples skipped with ``on_error: skip``) are dropped and counted.
+    """
+
+    def __init__(self, tokenizer=None, max_length: int = 4096, *, image_tokens=None, patch_size: int = 16) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        #: grid (h, w) -> number of LLM tokens the projector makes for it (None: not checked)
+        self.image_tokens = image_tokens
+        self.patch_size = patch_size
+
+    def _llm_length(self, text_tokens: int, images: list[torch.Tensor]) -> int:
+        if self.image_tokens is None:
+            return text_tokens
+        p = self.patch_size
+        # each image replaces its one placeholder token by the projector's tokens
+        return text_tokens + sum(self.image_tokens((-(-x.shape[1] // p), -(-x.shape[2] // p))) - 1 for x in images)
+
+    def __call__(self, items: Sequence) -> TrainBatch:
+        images: list[torch.Tensor] = []
+        conversations, per_sample, ids = [], [], []
+        for item in items:
+            if item is None:
+                continue
+            if hasattr(item, "messages"):
+                if self.tokenizer is not None:
+                    tok = self.tokenizer.encode(item.messages)
+                    input_ids, labels = tok.input_ids, tok.labels
+                    length = self._llm_length(len(input_ids), item.images)
+                    if length > self.max_length:
+                        raise ValueError(
+                            f"{item.where} (id={item.id}): {length} LLM tokens (text + image) exceed "
+                            f"llm.max_length={self.max_length}; lower data.max_pixels or raise the limit"
+                        )
+                    conversations.append((input_ids, labels))
+                images.extend(item.images)
+                per_sample.append(len(item.images))
+                ids.append(item.id)
+            else:
+                images.append(item.pixels)
+                per_sample.append(1)
+                ids.append(getattr(item, "path", str(len(ids))))
+        return TrainBatch(images=images, conversations=conversations, images_per_sample=per_sample, ids=ids)

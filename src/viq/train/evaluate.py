@@ -1,0 +1,109 @@
+"""Validation: held-out losses, answer accuracy, reconstruction quality and code usage."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from viq.train.config import TrainConfig
+from viq.train.data import Collator
+from viq.train.model import TrainModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "psnr"]
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (compared on the [0, 1] scale)."""
+    mse = float(((prediction.float().clamp(-1, 1) - target.float()) / 2).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.device) -> dict[str, float]:
+    """Validation on the first ``train.eval_samples`` samples of ``data.val``:
+
+    * ``val_<loss>``: the training losses (means over tokens / images),
+    * ``answer_accuracy``: greedy answers to the last question of each multimodal sample, scored
+      by normalised exact match (LLM stages),
+    * ``latent_mse`` and ``psnr``: reconstruction through the frozen VAE decoder (stage 2, drawer),
+    * ``code_usage`` / ``code_perplexity`` of the validation codes (quantized stages).
+    """
+    from viq.data.synthetic import score
+    from viq.decoders import decode_latents
+    from viq.train.engine import CodeUsage, build_dataset, max_pixels_at, usage_stats
+    from viq.llm import generate_answer
+
+    was_training = model.training
+    model.eval()
+    dataset = build_dataset(cfg.data.val, cfg, max_pixels_at(cfg, cfg.train.max_steps))
+    n = min(len(dataset), cfg.train.eval_samples)
+    collator = Collator(tokenizer, cfg.llm.max_length,
+                        image_tokens=model.projector.num_tokens if model.projector is not None else None,
+                        patch_size=model.config.encoder.patch_size)
+    sums = {"text": 0.0, "distill": 0.0, "recon": 0.0}
+    tokens = images = 0.0
+    correct = asked = 0
+    psnrs: list[float] = []
+    usage = CodeUsage(model.config.head.codebook_size if model.head is not None else 0, device, window=1)
+    hist = None
+    for i in range(n):
+        item = dataset[i]
+        if item is None:
+            continue
+        batch = collator([item]).to(device)
+        out = model(batch)
+        tokens += batch.num_supervised_tokens
+        images += len(batch.images)
+        for k in sums:
+            sums[k] += float(out.get(f"{k}_sum", 0.0))
+        if "indices" in out and usage.size:
+            usage.add(out["indices"])
+        # Reconstruction quality of the first image of the sample.
+        if batch.images and model.vae is not None and (model.recon is not None or model.drawer is not None):
+            x = batch.images[0]
+            feats = model.features([x])
+            from viq.encoder import pad_to_patches
+
+            padded = pad_to_patches(x, model.config.encoder.patch_size)
+            if model.drawer is not None:
+                _, latents = model.drawer([feats["indices"][0]], feats["grids"])
+            else:
+                latents = model.recon(feats["features"], feats["grids"])
+            pixels = decode_latents(model.vae, latents[0])
+            psnrs.append(psnr(pixels, padded))
+        # Answer accuracy on multimodal QA (LLM stages).
+        if model.llm is not None and tokenizer is not None and hasattr(item, "messages") and item.images:
+            messages = item.messages
+            last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = tokenizer.encode_prompt(messages[:last_answer]).to(device)
+            feats = model.features(batch.images)
+            embeds = model.projector(feats["features"], feats["grids"])
+            answer = messages[last_answer]["content"]
+            budget = len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
+            prediction = generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=budget)
+            correct += int(score(prediction, answer))
+            asked += 1
+    if usage.size:
+        hist = usage.current
+    result: dict[str, float] = {"val_samples": float(n)}
+    if tokens:
+        result["val_text"] = sums["text"] / tokens
+    if images:
+        result["val_distill"] = sums["distill"] / images
+        if model.recon is not None or model.drawer is not None:
+            result["latent_mse"] = sums["recon"] / images
+    if asked:
+        result["answer_accuracy"] = correct / asked
+    if psnrs:
+        result["psnr"] = sum(psnrs) / len(psnrs)
+    if hist is not None:
+        result.update(usage_stats(hist))
+    model.train(was_training)
+    for helper in (model.teacher, model.vae):
+        if helper is not None:
+            helper.eval()
+    return result

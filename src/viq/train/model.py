@@ -1,0 +1,287 @@
+"""The model being trained, for every stage: ViQ parts + MM projector + LLM, with frozen teacher and VAE.
+
+Parameter names match :class:`viq.model.ViQModel` (``encoder.``, ``head.``, ``dequant.``,
+``recon.``, ``drawer.``) so a stage's output loads into the next stage, and into ``viq.load`` after
+export, by name. ``projector.`` and ``llm.`` hold the language side. The teacher and the VAE are
+frozen helpers and never part of the state dict.
+
+Which parts exist per stage:
+
+=========  ==========================================================================
+stage1     encoder (+ MAP head) -> trunk features -> projector -> LLM
+stage2_1   encoder -> head (bottleneck) -> dequant -> x_low -> projector -> LLM; recon
+stage2_2   encoder -> head (FSQ / SimVQ) -> dequant -> x_low -> projector -> LLM; recon
+drawer     frozen encoder + head -> codes -> drawer -> latents
+=========  ==========================================================================
+
+Losses are returned as *sums* with their unit counts (supervised tokens, images, latent elements),
+so the engine can normalise by the global counts of a whole optimizer step: the gradient is then the
+same whatever the split over processes and micro-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from viq.config import ViQConfig
+from viq.decoders import CodeDrawer, CodeEmbedder, LatentDecoder
+from viq.encoder import ViTEncoder, pad_to_patches
+from viq.head import CodeHead
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainModel", "TrainBatch", "GROUPS", "default_trainable"]
+
+#: Module groups for learning rates and freezing: group -> state-dict prefixes.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "encoder": ("encoder.patch_embed.", "encoder.pos_embed", "encoder.blocks."),
+    "pool": ("encoder.pool.",),
+    "head": ("head.",),
+    "dequant": ("dequant.",),
+    "recon": ("recon.",),
+    "drawer": ("drawer.",),
+    "projector": ("projector.",),
+    "llm": ("llm.",),
+}
+
+
+def default_trainable(stage: str) -> list[str]:
+    """Official defaults: stage 1 trains the trunk, MAP head, projector and the LLM adapter; stage 2
+    trains everything but the frozen teacher/VAE (the released example also trains the trunk);
+    the drawer stage trains the drawer only."""
+    if stage == "stage1":
+        return ["encoder", "pool", "projector", "llm"]
+    if stage == "drawer":
+        return ["drawer"]
+    return ["encoder", "pool", "head", "dequant", "recon", "projector", "llm"]
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch on one process.
+
+    images: all images of the batch, in sample order, each (3, H, W) normalised pixels.
+    conversations: per sample (input_ids (L,), labels (L,)) with one placeholder id per image
+        (viq.llm.IMAGE_PLACEHOLDER_ID), or empty for image-only stages.
+    images_per_sample: number of images of each sample (sums to len(images)).
+    ids: sample ids (for error messages).
+    """
+
+    images: list[torch.Tensor]
+    conversations: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    images_per_sample: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        return dataclasses.replace(self, images=[x.to(device, non_blocking=True) for x in self.images])
+
+    @property
+    def num_supervised_tokens(self) -> int:
+        # Shifted labels: token t is predicted from position t-1, so the first label never counts.
+        return sum(int((labels[1:] != -100).sum()) for _, labels in self.conversations)
+
+
+class TrainModel(nn.Module):
+    def __init__(
+        self,
+        stage: str,
+        config: ViQConfig,
+        *,
+        llm: nn.Module | None = None,
+        projector: nn.Module | None = None,
+        vae: nn.Module | None = None,
+        teacher_resize: str = "bilinear",
+        teacher_size: int = 384,
+        latent_norm: str = "none",
+        max_length: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.stage = stage
+        self.config = config
+        width = config.width
+        self.encoder = ViTEncoder(config.encoder)
+        uses_head = stage in ("stage2_1", "stage2_2", "drawer")
+        self.head = CodeHead(width, config.head) if uses_head else None
+        self.dequant = CodeEmbedder(width, config.head) if stage in ("stage2_1", "stage2_2") else None
+        self.recon = LatentDecoder(width, config.decoder) if stage in ("stage2_1", "stage2_2") else None
+        self.drawer = CodeDrawer(width, config.head, config.decoder) if stage == "drawer" else None
+        self.projector = projector
+        self.llm = llm
+        self.max_length = max_length
+        # Frozen helpers, kept out of the state dict (plain attributes in a list, not submodules).
+        self._frozen: dict[str, nn.Module | None] = {"teacher": None, "vae": None}
+        self.set_vae(vae)
+        self.teacher_resize = teacher_resize
+        self.teacher_size = teacher_size
+        self.latent_norm = latent_norm
+
+    # ------------------------------------------------------------------ frozen helpers
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._frozen["teacher"]
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return self._frozen["vae"]
+
+    def set_vae(self, vae: nn.Module | None) -> None:
+        if vae is not None:
+            vae.requires_grad_(False).eval()
+        self._frozen["vae"] = vae
+
+    def snapshot_teacher(self) -> None:
+        """Freeze a copy of the current encoder (trunk + MAP head) as the distillation teacher."""
+        teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
+        teacher.gradient_checkpointing = False
+        self._frozen["teacher"] = teacher
+
+    def _apply(self, fn, recurse=True):  # keep frozen helpers on the model's device/dtype
+        super()._apply(fn, recurse)
+        for module in self._frozen.values():
+            if module is not None:
+                module._apply(fn, recurse)
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def features(self, images: list[torch.Tensor]) -> dict[str, Any]:
+        """Pixels -> per-image continuous features (x_low, or trunk output in stage 1), grids,
+        code indices and the quantizer's auxiliary loss."""
+        p = self.config.encoder.patch_size
+        padded = [pad_to_patches(x, p) for x in images]
+        tokens, packed = self.encoder(padded)
+        out: dict[str, Any] = {"padded": padded, "grids": list(packed.grids), "aux": tokens.new_zeros(())}
+        if self.head is None:
+            out["features"] = packed.split(tokens)
+            out["indices"] = None
+            return out
+        values, indices, aux = self.head.quantize(tokens, packed)
+        e = self.config.head.codes_per_patch
+        out["aux"] = aux
+        out["indices"] = None if indices is None else packed.split(indices, e)
+        if self.dequant is not None:
+            out["features"] = packed.split(self.dequant.from_code_values(values))
+        return out
+
+    def forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Loss sums and counts for one micro-batch (see the module docstring)."""
+        if self.stage == "drawer":
+            return self._drawer_forward(batch)
+        out: dict[str, torch.Tensor] = {}
+        feats = self.features(batch.images)
+        features, grids = feats["features"], feats["grids"]
+        n_images = len(batch.images)
+        out["images"] = torch.tensor(float(n_images))
+        zero = features[0].new_zeros(()) if features else torch.zeros(())
+
+        # Self-distillation: student MAP(LN(features)) vs frozen teacher on a fixed-resolution view.
+        if self.teacher is not None and self.encoder.pool is not None and n_images:
+            student = self.encoder.pool(features)
+            with torch.no_grad():
+                views = [self._teacher_view(x) for x in feats["padded"]]
+                t_tokens, t_packed = self.teacher(views)
+                target = self.teacher.pool(t_packed.split(t_tokens))
+            out["distill_sum"] = (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
+        else:
+            out["distill_sum"] = zero
+
+        # VAE-latent reconstruction (stage 2): predicted latent vs frozen VAE posterior mean.
+        if self.recon is not None and self.vae is not None and n_images:
+            latents = self.recon(features, grids)
+            errors = [F.mse_loss(z.float(), self.vae_target(x).float()) for z, x in zip(latents, feats["padded"])]
+            out["recon_sum"] = torch.stack(errors).sum()
+        else:
+            out["recon_sum"] = zero
+
+        out["commit_sum"] = feats["aux"] * n_images
+        if feats["indices"] is not None:
+            out["indices"] = torch.cat(feats["indices"]).detach()
+
+        # Text: projector tokens spliced into each conversation, packed rows, CE on answer tokens.
+        if self.llm is not None and batch.conversations:
+            ce_sum, ce_count = self._text_loss(batch, features, grids)
+            out["text_sum"], out["text_count"] = ce_sum, ce_count
+        else:
+            out["text_sum"], out["text_count"] = zero, torch.tensor(0.0)
+        return out
+
+    def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.teacher_size
+        if self.teacher_resize == "bilinear":
+            # Official: any image -> s x s, bilinear, no antialias, aspect ratio not kept, in float32.
+            return F.interpolate(x[None].float(), size=(s, s), mode="bilinear", align_corners=False)[0].to(x.dtype)
+        h, w = x.shape[-2:]
+        scale = math.sqrt(s * s / (h * w))
+        p = self.config.encoder.patch_size
+        size = (max(p, round(h * scale / p) * p), max(p, round(w * scale / p) * p))
+        return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0].to(x.dtype)
+
+    @torch.no_grad()
+    def vae_target(self, x: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) padded pixels -> (16, H/8, W/8) posterior mean of the frozen VAE encoder."""
+        vae = self.vae
+        param = next(vae.parameters())
+        posterior = vae.encode(x[None, :, None].to(param.dtype)).latent_dist
+        mean = posterior.mean[0, :, 0]
+        if self.latent_norm == "mean_std":
+            cfg = vae.config
+            mu = torch.tensor(cfg.latents_mean, device=mean.device, dtype=mean.dtype)[:, None, None]
+            sd = torch.tensor(cfg.latents_std, device=mean.device, dtype=mean.dtype)[:, None, None]
+            mean = (mean - mu) / sd
+        return mean
+
+    def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
+        from viq.llm import causal_lm_loss, pack_sequences, splice_image_features
+
+        image_embeds = self.projector(features, grids) if features else []
+        embed = self.llm.get_input_embeddings()
+        items = []
+        start = 0
+        for (input_ids, labels), k in zip(batch.conversations, batch.images_per_sample):
+            device = embed.weight.device
+            items.append(
+                splice_image_features(embed, input_ids.to(device), labels.to(device), image_embeds[start : start + k])
+            )
+            start += k
+        if features:
+            # Keep every image in the graph even when its tokens were truncated away (DDP needs
+            # every trainable parameter to receive a gradient each step).
+            anchor = sum(e.sum() for e in image_embeds) * 0
+            items[0] = (items[0][0] + anchor, items[0][1])
+        packed = pack_sequences(items, self.max_length)
+        logits = self.llm(**packed.model_inputs()).logits
+        _, ce_sum, count = causal_lm_loss(logits, packed.labels)
+        return ce_sum, count.float()
+
+    def _drawer_forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            p = self.config.encoder.patch_size
+            padded = [pad_to_patches(x, p) for x in batch.images]
+            tokens, packed = self.encoder(padded)
+            _, indices = self.head(tokens, packed)
+            indices = packed.split(indices, self.config.head.codes_per_patch)
+        _, latents = self.drawer(list(indices), list(packed.grids))
+        errors, pixel_errors = [], []
+        for z, x in zip(latents, padded):
+            errors.append(F.mse_loss(z.float(), self.vae_target(x).float()))
+            if self.pixel_loss_weight:
+                from viq.decoders import decode_latents
+
+                pixel_errors.append(F.mse_loss(decode_latents(self.vae, z).float(), x.float()))
+        zero = latents[0].new_zeros(())
+        return {
+            "images": torch.tensor(float(len(latents))),
+            "recon_sum": torch.stack(errors).sum(),
+            "pixel_sum": torch.stack(pixel_errors).sum() if pixel_errors else zero,
+            "indices": torch.cat(indices).detach(),
+        }
+
+    pixel_loss_weight: float = 0.0
