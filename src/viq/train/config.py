@@ -20,6 +20,8 @@ drawer     reconstruction decoder: codes -> VAE latents on a frozen ViQ (latent 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,8 @@ class TrainSection:
     log_every: int = 1
     tensorboard: bool = False
     progress: bool = True
+    #: write the sample ids of every step, per rank, to samples-rank<r>.jsonl (debugging data order)
+    log_samples: bool = False
 
 
 @dataclass
@@ -166,7 +170,30 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-    return cls(**data)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Numbers written as YAML 1.1 strings ("3e-4" is a string to PyYAML) become numbers."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    try:
+        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple and isinstance(value, (list, tuple)) and args and args[-1] is not Ellipsis:
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

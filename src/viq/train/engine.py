@@ -180,8 +180,11 @@ class BatchStream:
             dataset = build_dataset(self.cfg.data.train, self.cfg, pixels)
             order = ShardedBatchOrder(len(dataset), self.cfg.train.batch_size, rank=self.dist.rank,
                                       world=self.dist.world, seed=self.cfg.train.seed, start=self.index)
+            # Its own generator: creating a DataLoader iterator draws a seed, which must not consume the
+            # global RNG (that would shift dropout noise after a resume).
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=self.collator,
-                                                 num_workers=self.cfg.data.num_workers)
+                                                 num_workers=self.cfg.data.num_workers,
+                                                 generator=torch.Generator().manual_seed(self.cfg.train.seed))
             self._iter, self._pixels = iter(loader), pixels
         self.index += 1
         return next(self._iter)
@@ -374,6 +377,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     while step < min(total, last_end):
         t0 = time.perf_counter()
         micro = [stream.next(step).to(device) for _ in range(cfg.train.grad_accum)]
+        if cfg.train.log_samples:
+            with open(out_dir / f"samples-rank{dist_info.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, "rank": dist_info.rank, "ids": [i for b in micro for i in b.ids]}) + "\n")
         counts = torch.tensor([sum(b.num_supervised_tokens for b in micro), sum(len(b.images) for b in micro),
                                sum(len(b.ids) for b in micro)], dtype=torch.float64, device=device)
         dist_info.all_reduce(counts)

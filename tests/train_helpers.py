@@ -1,0 +1,63 @@
+"""Small builders shared by the training tests: a tiny QA set and a tiny LLM, made offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+
+
+def make_qa(root: Path, n: int = 4, seed: int = 0, size: tuple[int, int] = (40, 56)) -> Path:
+    """n single-image QA samples ("What color is the square?" -> colour name) as LLaVA JSONL."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = list(COLORS)
+    records = []
+    for i in range(n):
+        h, w = size
+        img = np.full((h, w, 3), 245, np.uint8)
+        color = names[i % len(names)]
+        y, x = int(rng.integers(0, h - 16)), int(rng.integers(0, w - 16))
+        img[y : y + 16, x : x + 16] = COLORS[color]
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        records.append({
+            "id": f"s{i}",
+            "image": f"images/{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is the square?"},
+                {"from": "gpt", "value": color},
+            ],
+        })
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_llm(root: Path) -> Path:
+    from viq.llm import build_tiny_llm
+
+    corpus = ["What color is the square? " + " ".join(COLORS)] * 20
+    return build_tiny_llm(root, corpus, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                          intermediate_size=64, initializer_range=0.2)
+
+
+def recipe(stage: str, out: Path, data_path: Path, llm_path: Path | None, **sections) -> dict:
+    """A minimal recipe dict for the tiny test model; ``sections`` are merged in."""
+    head = {"quantizer": "bottleneck", "code_blocks": 0} if stage == "stage2_1" else {}
+    base = {
+        "stage": stage,
+        "model": {"init": "preset:viq-test", "config": {"head": head} if head else {}},
+        "llm": {"path": str(llm_path) if llm_path else None, "mode": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                "max_length": 256},
+        "data": {"train": str(data_path), "max_pixels": 64 * 64},
+        "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
+        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 2, "save_every": 0, "progress": False,
+                  "eval_samples": 2},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return base
