@@ -147,6 +147,7 @@ __all__ = [
     "target_size",
     "padded_grid",
     "to_pixels",
+    "to_pil",
     "resize_and_center_crop",
     "preprocess",
 ]
@@ -410,6 +411,15 @@ def to_pixels(image: Image.Image | np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """The inverse of :func:`to_pixels`: (3, H, W) values in [-1, 1] -> RGB image, rounded to the
+    nearest 8-bit level (exact for pixels that came from :func:`to_pixels`)."""
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ValueError(f"expected (3, H, W) pixels, got {tuple(pixels.shape)}")
+    arr = ((pixels.detach().float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
 
 def _source_name(src: Any) -> str:

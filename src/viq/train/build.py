@@ -160,6 +160,9 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
             # The drawer stage trains only the drawer; the rest of the ViQ model is carried over
             # unchanged into its output.
             model.carry = {k: v for k, v in state.items() if k.startswith(("dequant.", "recon.", "embedder."))}
+        elif cfg.stage == "stage1":
+            # Stage 1 has no use for the VAE but its output must hand it on to stage 2.
+            model.carry = {k: v for k, v in state.items() if k.startswith("vae.")}
 
     previous = Path(cfg.model.previous) if cfg.model.previous else init_dir
     if previous is not None and projector is not None:

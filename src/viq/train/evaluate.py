@@ -23,7 +23,8 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.device) -> dict[str, float]:
+def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.device,
+             examples: list[dict] | None = None) -> dict[str, float]:
     """Validation on the first ``train.eval_samples`` samples of ``data.val``:
 
     * ``val_<loss>``: the training losses (means over tokens / images),
@@ -31,6 +32,8 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
       by normalised exact match (LLM stages),
     * ``latent_mse`` and ``psnr``: reconstruction through the frozen VAE decoder (stage 2, drawer),
     * ``code_usage`` / ``code_perplexity`` of the validation codes (quantized stages).
+
+    ``examples``: if given, each answered question is appended as {question, answer, prediction, correct}.
     """
     from viq.data.synthetic import score
     from viq.decoders import decode_latents
@@ -52,8 +55,8 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     hist = None
     for i in range(n):
         item = dataset[i]
-        if item is None:
-            continue
+        if item is None or (model.stage == "drawer" and not getattr(item, "images", [item])):
+            continue  # skipped sample, or a text-only sample for an image-only stage
         batch = collator([item]).to(device)
         out = model(batch)
         tokens += batch.num_supervised_tokens
@@ -85,8 +88,13 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
             answer = messages[last_answer]["content"]
             budget = len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
             prediction = generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=budget)
-            correct += int(score(prediction, answer))
+            ok = bool(score(prediction, answer))
+            correct += int(ok)
             asked += 1
+            if examples is not None:
+                question = next(m["content"] for m in reversed(messages[:last_answer]) if m["role"] == "user")
+                examples.append({"id": item.id, "question": question.replace("<image>", "").strip(),
+                                 "answer": answer, "prediction": prediction, "correct": ok})
     if usage.size:
         hist = usage.current
     result: dict[str, float] = {"val_samples": float(n)}

@@ -176,11 +176,19 @@ class TrainModel(nn.Module):
         if self.stage == "drawer":
             return self._drawer_forward(batch)
         out: dict[str, torch.Tensor] = {}
-        feats = self.features(batch.images)
-        features, grids = feats["features"], feats["grids"]
         n_images = len(batch.images)
+        if n_images:
+            feats = self.features(batch.images)
+            features, grids = feats["features"], feats["grids"]
+            zero = features[0].new_zeros(())
+        else:
+            # A batch of text-only samples still runs the vision side once, on a grey dummy patch,
+            # with zero weight: every process must run the same modules (DDP/FSDP collectives).
+            dummy = self.features([self.encoder.pos_embed.new_zeros(3, self.config.encoder.patch_size,
+                                                                    self.config.encoder.patch_size)])
+            zero = sum(f.sum() for f in dummy["features"]) * 0
+            feats, features, grids = {**dummy, "indices": None, "aux": zero}, [], []
         out["images"] = torch.tensor(float(n_images))
-        zero = features[0].new_zeros(()) if features else torch.zeros(())
 
         # Self-distillation: student MAP(LN(features)) vs frozen teacher on a fixed-resolution view.
         if self.teacher is not None and self.encoder.pool is not None and n_images:
@@ -208,7 +216,7 @@ class TrainModel(nn.Module):
         # Text: projector tokens spliced into each conversation, packed rows, CE on answer tokens.
         if self.llm is not None and batch.conversations:
             ce_sum, ce_count = self._text_loss(batch, features, grids)
-            out["text_sum"], out["text_count"] = ce_sum, ce_count
+            out["text_sum"], out["text_count"] = ce_sum + zero, ce_count
         else:
             out["text_sum"], out["text_count"] = zero, torch.tensor(0.0)
         return out
