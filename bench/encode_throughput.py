@@ -34,8 +34,7 @@ from viq.encoder import pad_to_patches, resize_pos_embed
 from viq.model import pack_by_budget
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import best_time, write_record  # noqa: E402
-
+from common import best_time, write_record
 
 
 def bench_config(name: str) -> ViQConfig:

@@ -845,6 +845,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("store", parents=[common], help="check or summarise a code store",
+                       description="Code stores (directories of code shards written by extraction).",
+                       formatter_class=_HelpFormatter)
+    store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    q = store_sub.add_parser("verify", help="checksums, index vs shards, code ranges, duplicates")
+    q.add_argument("path", metavar="STORE")
+    q.set_defaults(func=cmd_store_verify)
+    q = store_sub.add_parser("stats", help="images, bits per pixel, code usage, entropy, perplexity")
+    q.add_argument("path", metavar="STORE")
+    q.add_argument("--plot", metavar="PNG", help="write the code-usage histogram to this PNG")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=cmd_store_stats)
+
     p = sub.add_parser("demo", parents=[common], help="train a tiny ViQ end to end on CPU and write a report",
                        description="On a fresh machine, without downloads: make a synthetic set, train a tiny LLM "
                                    "tokenizer/model, run stage 1 -> 2-1 -> 2-2 -> drawer on a tiny ViQ, then encode "
@@ -882,6 +895,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise CLIError(str(e), EXIT_FAILED) from None
     print(json.dumps(meta.get("counts", meta), indent=1))
     return EXIT_OK
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from viq.store import verify_main
+
+    return verify_main(args.path)
+
+
+def cmd_store_stats(args: argparse.Namespace) -> int:
+    from viq.store import stats_main
+
+    return stats_main(args.path, plot=args.plot, as_json=args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -332,8 +332,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         for part in (model.encoder, model.head, model.recon):
             if part is not None:
                 part.gradient_checkpointing = True
-        if model.llm is not None and hasattr(model.llm, "gradient_checkpointing_enable"):
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if model.llm is not None:
+            # transformers >= 5 renamed gradient_checkpointing_enable (deprecated, removed in v6)
+            if hasattr(model.llm, "activation_checkpointing_enable"):
+                model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(model.llm, "gradient_checkpointing_enable"):
+                model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from viq.layers import set_attention_backend
 
     set_attention_backend(model, cfg.train.attention)

@@ -1,0 +1,391 @@
+"""Stage 2-2 training step: packed native resolution + packed LLM rows vs LLaVA-style padding.
+
+One synthetic micro-batch of ``--samples`` samples, each one image of a random native size and a
+random conversation (random token ids, one image placeholder, labels on the answer), goes through a
+full Stage 2-2 training step of :class:`viq.train.model.TrainModel`: encoder -> FSQ head -> dequant
+-> projector -> LLM (text loss), plus self-distillation against a frozen teacher snapshot and
+VAE-latent reconstruction against a frozen (random) VAE, all parts trainable, AdamW, gradient
+clipping -- the work ``viq.train.engine`` does per micro-batch. Random weights only: the figures
+measure layout and kernels, not model quality. Two variants, same samples, same model, same run:
+
+* ``packed``: TrainModel's own path. All images at native size in one packed ViT pass; the
+  conversations (text + projected image tokens) first-fit packed into rows of ``--max-length``
+  tokens with :func:`viq.llm.pack_sequences` (attention kept inside each conversation).
+* ``padded``: what a LLaVA-style trainer does. Every image zero-padded to the largest height and
+  the largest width in the batch (so it makes more patch tokens, more FSQ/recon work, a bigger VAE
+  target and more LLM image tokens: that is the cost measured), and every conversation in its own
+  row, right-padded to the longest one, with a 2-D padding ``attention_mask`` (the standard
+  Hugging Face batch). Implemented by swapping TrainModel's ``_text_loss`` for
+  :func:`padded_text_loss` on the instance for the padded runs; everything else is TrainModel's code.
+
+Timings (``bench.common.best_time``, best of ``--repeats`` after one warm-up, synchronised):
+``step`` = zero_grad + forward + backward + clip + AdamW step; ``forward`` = the forward half alone
+(graph built, then dropped), so backward + optimizer = step - forward. Rates count real work only:
+LLM tokens/s counts the spliced tokens of the native-size samples (text + native image tokens, no
+padding), patch tokens/s the native images' patches, for both variants. The work actually done
+(padding included) is recorded too. Peak memory (``torch.cuda.max_memory_allocated``) on CUDA.
+
+    python bench/train_step.py                                 # CPU, small config, float32
+    python bench/train_step.py --shape gpu                     # CUDA: SigLIP2-g 16k + Qwen2.5-0.5B, bf16
+    python bench/train_step.py --shape gpu --llm-mode lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from viq.config import (
+    DecoderConfig,
+    EncoderConfig,
+    HeadConfig,
+    VAEConfig,
+    ViQConfig,
+    get_preset,
+)
+from viq.decoders import build_vae
+from viq.layers import set_attention_backend
+from viq.llm import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER_ID,
+    causal_lm_loss,
+    prepare_llm,
+    splice_image_features,
+    trainable_parameter_count,
+)
+from viq.projector import MMProjector
+from viq.train.model import TrainBatch, TrainModel
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import best_time, write_record
+
+#: Loss weights of the default recipe (viq.train.config.LossSection).
+LOSS_WEIGHTS = {"text": 1.0, "distill": 10.0, "recon": 1.0, "commit": 1.0}
+
+
+@dataclass
+class Shape:
+    """Model sizes and workload defaults of one ``--shape``."""
+
+    config: ViQConfig
+    llm: dict[str, Any]
+    device: str
+    autocast: bool  # bf16 autocast (fp32 master weights), as the engine does on CUDA
+    checkpointing: bool
+    samples: int
+    min_side: int
+    max_side: int
+    max_length: int
+    teacher_size: int
+
+
+def make_shape(name: str) -> Shape:
+    if name == "gpu":
+        # SigLIP2-g/16 + the 16k FSQ head; Qwen2.5-0.5B's architecture (random weights).
+        llm = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+               "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
+               "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "use_sliding_window": False}
+        return Shape(get_preset("viq-g-16k"), llm, "cuda", True, True, samples=16, min_side=224, max_side=768,
+                     max_length=4096, teacher_size=384)
+    if name == "cpu":
+        # Small enough for a 2-core CPU; every part of the stage 2-2 model is present.
+        config = ViQConfig(
+            name="bench-train-cpu",
+            encoder=EncoderConfig(width=128, depth=4, num_heads=4, mlp_hidden=512, pos_grid=32),
+            head=HeadConfig(num_heads=4, attn_dim=32),
+            decoder=DecoderConfig(latent_heads=4),
+            vae=VAEConfig(base_dim=4),
+        )
+        llm = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "intermediate_size": 512, "vocab_size": 1000, "tie_word_embeddings": True, "rope_theta": 1e6,
+               "max_position_embeddings": 4096}
+        return Shape(config, llm, "cpu", False, False, samples=8, min_side=64, max_side=192,
+                     max_length=1024, teacher_size=128)
+    raise ValueError(f"unknown shape {name!r}")
+
+
+def mixed_sizes(n: int, lo: int, hi: int, seed: int) -> list[tuple[int, int]]:
+    """Random (H, W): area drawn between lo^2 and hi^2, aspect ratio between 1:3 and 3:1
+    (as in encode_throughput.py)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        area = rng.uniform(lo * lo, hi * hi)
+        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+        h = max(16, min(2 * hi, round(math.sqrt(area / aspect))))
+        w = max(16, min(2 * hi, round(math.sqrt(area * aspect))))
+        out.append((h, w))
+    return out
+
+
+def conversations(n: int, vocab: int, prompt: tuple[int, int], answer: tuple[int, int], seed: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random (input_ids, labels): a prompt with one image placeholder, then a supervised answer."""
+    rng = random.Random(seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for _ in range(n):
+        p, a = rng.randint(*prompt), rng.randint(*answer)
+        ids = torch.randint(0, vocab, (p + a,), generator=g)
+        ids[rng.randrange(p)] = IMAGE_PLACEHOLDER_ID
+        labels = ids.clone()
+        labels[:p] = IGNORE_INDEX
+        out.append((ids, labels))
+    return out
+
+
+def padded_text_loss(self: TrainModel, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
+    """TrainModel._text_loss, LLaVA style: one conversation per row, right-padded to the longest,
+    with a 2-D padding attention mask (pads are zero embeddings with IGNORE_INDEX labels)."""
+    image_embeds = self.projector(features, grids)
+    embed = self.llm.get_input_embeddings()
+    device = embed.weight.device
+    items, start = [], 0
+    for (input_ids, labels), k in zip(batch.conversations, batch.images_per_sample):
+        items.append(splice_image_features(embed, input_ids.to(device), labels.to(device),
+                                           image_embeds[start : start + k]))
+        start += k
+    T = max(emb.shape[0] for emb, _ in items)
+    embeds = torch.stack([F.pad(emb, (0, 0, 0, T - emb.shape[0])) for emb, _ in items])
+    labels = torch.stack([F.pad(lab, (0, T - lab.shape[0]), value=IGNORE_INDEX) for _, lab in items])
+    mask = torch.stack([torch.arange(T, device=device) < emb.shape[0] for emb, _ in items]).long()
+    logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    _, ce_sum, count = causal_lm_loss(logits, labels)
+    return ce_sum, count.float()
+
+
+@contextlib.contextmanager
+def padded_rows(model: TrainModel):
+    """Within the block, ``model`` puts each conversation in its own padded row."""
+    model._text_loss = types.MethodType(padded_text_loss, model)
+    try:
+        yield
+    finally:
+        del model._text_loss
+
+
+def loss_of(out: dict[str, torch.Tensor], n_tokens: float, n_images: float) -> torch.Tensor:
+    """The engine's step loss: weighted sums over their global counts."""
+    parts = {"text": out["text_sum"] / n_tokens, "distill": out["distill_sum"] / n_images,
+             "recon": out["recon_sum"] / n_images, "commit": out["commit_sum"] / n_images}
+    return sum(LOSS_WEIGHTS[k] * parts[k] for k in LOSS_WEIGHTS)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="cpu", choices=["cpu", "gpu"],
+                    help="cpu: small config, float32 (default); gpu: SigLIP2-g 16k + Qwen2.5-0.5B, bf16 autocast, "
+                         "gradient checkpointing")
+    ap.add_argument("--device", default=None, help="default: cpu for --shape cpu, cuda for --shape gpu")
+    ap.add_argument("--llm-mode", default="full", choices=["full", "lora"])
+    ap.add_argument("--samples", type=int, default=None, help="samples per micro-batch (default 8 cpu / 16 gpu)")
+    ap.add_argument("--min-side", type=int, default=None, help="smallest sqrt(area) (default 64 cpu / 224 gpu)")
+    ap.add_argument("--max-side", type=int, default=None, help="largest sqrt(area) (default 192 cpu / 768 gpu)")
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"),
+                    help="prompt text tokens (the image placeholder is one of them)")
+    ap.add_argument("--answer-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"),
+                    help="supervised answer tokens")
+    ap.add_argument("--max-length", type=int, default=None, help="packed LLM row length (default 1024 cpu / 4096 gpu)")
+    ap.add_argument("--teacher-size", type=int, default=None, help="distillation teacher view (default 128 cpu / 384 gpu)")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--attention", default="auto", help="viq attention backend")
+    ap.add_argument("--no-checkpointing", action="store_true", help="gpu shape: turn gradient checkpointing off")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step-<device>-<time>.json)")
+    args = ap.parse_args(argv)
+
+    shape = make_shape(args.shape)
+    for name in ("device", "samples", "min_side", "max_side", "max_length", "teacher_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(shape, name))
+    checkpointing = shape.checkpointing and not args.no_checkpointing
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = shape.config
+    torch.manual_seed(args.seed)
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    llm_config = Qwen2Config(**shape.llm)
+    llm_config._attn_implementation = "sdpa"
+    llm = Qwen2ForCausalLM(llm_config)
+    projector = MMProjector(config.width, llm_config.hidden_size)
+    model = TrainModel("stage2_2", config, llm=llm, projector=projector, vae=build_vae(config.vae),
+                       teacher_size=args.teacher_size, max_length=args.max_length)
+    model.llm = prepare_llm(llm, args.llm_mode)
+    model.snapshot_teacher()
+    if checkpointing:
+        for part in (model.encoder, model.head, model.recon):
+            part.gradient_checkpointing = True
+        if hasattr(model.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_attention_backend(model, args.attention)
+    model.to(device).train()
+    for helper in (model.teacher, model.vae):
+        helper.eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-4)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if shape.autocast
+                else contextlib.nullcontext())
+
+    # ---------------------------------------------------------------- the workload
+    p = config.encoder.patch_size
+    sizes = mixed_sizes(args.samples, args.min_side, args.max_side, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    images = [torch.rand(3, h, w, generator=g).mul(2).sub(1) for h, w in sizes]
+    convs = conversations(args.samples, llm_config.vocab_size, tuple(args.prompt_len), tuple(args.answer_len),
+                          args.seed)
+    max_h = max(-(-h // p) * p for h, _ in sizes)
+    max_w = max(-(-w // p) * p for _, w in sizes)
+    padded_images = [F.pad(x, (0, max_w - x.shape[2], 0, max_h - x.shape[1])) for x in images]
+    per_sample = [1] * args.samples
+    ids = [str(i) for i in range(args.samples)]
+    batches = {
+        "packed": TrainBatch(images, convs, per_sample, ids).to(device),
+        "padded": TrainBatch(padded_images, convs, per_sample, ids).to(device),
+    }
+
+    grids = [(-(-h // p), -(-w // p)) for h, w in sizes]
+    real_patches = sum(h * w for h, w in grids)
+    real_llm = [len(ids_) - 1 + projector.num_tokens(gr) for (ids_, _), gr in zip(convs, grids)]
+    if max(real_llm) > args.max_length:
+        raise SystemExit(f"a conversation has {max(real_llm)} LLM tokens > --max-length {args.max_length}")
+    pad_grid = (max_h // p, max_w // p)
+    padded_llm = [len(ids_) - 1 + projector.num_tokens(pad_grid) for ids_, _ in convs]
+    n_tokens = float(batches["packed"].num_supervised_tokens)
+    n_images = float(args.samples)
+    # Rows of the packed LLM batch, replaying pack_sequences' first fit.
+    fill: list[int] = []
+    for n in real_llm:
+        for r, used in enumerate(fill):
+            if used + n <= args.max_length:
+                fill[r] += n
+                break
+        else:
+            fill.append(n)
+    work = {
+        "packed": {"patch_tokens": real_patches, "llm_rows": len(fill), "llm_row_length": max(fill),
+                   "llm_positions": len(fill) * max(fill)},
+        "padded": {"patch_tokens": args.samples * pad_grid[0] * pad_grid[1], "llm_rows": args.samples,
+                   "llm_row_length": max(padded_llm), "llm_positions": args.samples * max(padded_llm)},
+    }
+
+    # ---------------------------------------------------------------- timing
+    def contexts(name: str):
+        return padded_rows(model) if name == "padded" else contextlib.nullcontext()
+
+    losses: dict[str, float] = {}
+
+    def forward(name: str) -> Callable[[], None]:
+        def run() -> None:
+            with contexts(name), autocast:
+                loss = loss_of(model(batches[name]), n_tokens, n_images)
+            losses[name] = float(loss.detach())
+        return run
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with contexts(name), autocast:
+                loss = loss_of(model(batches[name]), n_tokens, n_images)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+        return run
+
+    figures: dict[str, dict[str, Any]] = {}
+    for name in ("packed", "padded"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            fwd = best_time(forward(name), device, args.repeats)
+            sec = best_time(step(name), device, args.repeats)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            figures[name] = {"error": "out of memory", **work[name]}
+            print(f"{name:7s} out of memory", file=sys.stderr)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        figures[name] = {
+            "step_s": sec,
+            "forward_s": fwd,
+            "backward_and_optimizer_s": sec - fwd,
+            "samples_per_s": args.samples / sec,
+            "llm_tokens_per_s": sum(real_llm) / sec,
+            "patch_tokens_per_s": real_patches / sec,
+            "loss": losses[name],
+            **work[name],
+        }
+        if device.type == "cuda":
+            figures[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+    # ---------------------------------------------------------------- report
+    print(f"{'variant':8s} {'step s':>8s} {'fwd s':>8s} {'samples/s':>10s} {'LLM tok/s':>10s} {'patch tok/s':>11s} "
+          f"{'LLM rows x len':>15s} {'patches':>8s}" + (f" {'peak GiB':>9s}" if device.type == "cuda" else ""),
+          file=sys.stderr)
+    for name, f in figures.items():
+        rows = f"{f['llm_rows']} x {f['llm_row_length']}"
+        if "error" in f:
+            print(f"{name:8s} {f['error']:>41s} {'':10s} {'':11s} {rows:>15s} {f['patch_tokens']:8d}", file=sys.stderr)
+            continue
+        print(f"{name:8s} {f['step_s']:8.3f} {f['forward_s']:8.3f} {f['samples_per_s']:10.2f} "
+              f"{f['llm_tokens_per_s']:10.0f} {f['patch_tokens_per_s']:11.0f} {rows:>15s} {f['patch_tokens']:8d}"
+              + (f" {f['peak_memory_gib']:9.2f}" if "peak_memory_gib" in f else ""), file=sys.stderr)
+    ok = all("error" not in f for f in figures.values())
+    pk, pd = figures["packed"], figures["padded"]
+    ratios = {
+        "packed_vs_padded_step_speedup": pd["step_s"] / pk["step_s"] if ok else None,
+        "packed_vs_padded_forward_speedup": pd["forward_s"] / pk["forward_s"] if ok else None,
+        "packed_vs_padded_peak_memory": (pk["peak_memory_gib"] / pd["peak_memory_gib"]
+                                         if ok and "peak_memory_gib" in pk else None),
+        "patch_padding_waste": 1 - real_patches / pd["patch_tokens"],
+        "llm_padding_waste_padded": 1 - sum(real_llm) / pd["llm_positions"],
+        "llm_padding_waste_packed": 1 - sum(real_llm) / pk["llm_positions"],
+    }
+    for k, v in ratios.items():
+        if v is not None:
+            print(f"{k}: {v:.3f}", file=sys.stderr)
+    record = {
+        "shape": args.shape,
+        "precision": "bf16 autocast, fp32 weights" if shape.autocast else "float32",
+        "gradient_checkpointing": checkpointing,
+        "llm_mode": args.llm_mode,
+        "config": config.to_dict(),
+        "llm_config": shape.llm,
+        "trainable_parameters": trainable_parameter_count(model),
+        "args": vars(args),
+        "workload": {
+            "image_sizes": sizes,
+            "padded_image_size": [max_h, max_w],
+            "text_lengths": [len(ids_) for ids_, _ in convs],
+            "llm_lengths": real_llm,
+            "supervised_tokens": int(n_tokens),
+            "patch_tokens": real_patches,
+            "llm_tokens": sum(real_llm),
+        },
+        "figures": figures,
+        "ratios": ratios,
+    }
+    path = write_record("train_step", device, record, args.out)
+    print(f"wrote {path}", file=sys.stderr)
+    return record
+
+
+if __name__ == "__main__":
+    main()
