@@ -1,0 +1,245 @@
+"""Offline code extraction: images -> a :class:`viq.store.CodeStore`, on one or many devices, resumable.
+
+::
+
+    viq extract --model M --input photos/ --out codes.store
+    torchrun --nproc_per_node 8 -m viq extract --model M --input data.jsonl --out codes.store --dtype bfloat16
+
+* **Inputs**: a folder (recursive; id = path relative to the folder), a LLaVA JSON/JSONL file (every
+  distinct image path of its records; id = the path as written, so training can find its codes),
+  or WebDataset ``.tar`` shards (id = ``<tar name>/<member name>``).
+* **Sharding**: under ``torchrun`` rank r of W takes items r, r+W, ... of the sorted item list and
+  writes its own store shards (writer ``rank<r>``): no locks, no shared files.
+* **Pipeline**: DataLoader workers read, hash (sha256 of the file bytes) and preprocess images in
+  parallel; the main process packs them up to ``batch_tokens`` patch tokens per forward pass.
+* **Resumable**: shards are finalised atomically every ``flush_every`` images; a re-run skips every id
+  already in the store, so a run killed at any moment (even mid-shard) finishes with each image stored
+  exactly once and nothing corrupt.
+* **Deduplication**: an image whose bytes were already stored (same sha256) is not encoded again;
+  its codes are copied under the new id.
+* **Errors**: unreadable images are recorded in ``errors-rank<r>.jsonl`` beside the shards and
+  skipped; the summary counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from viq.codes import Codes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["extract", "list_items", "Item"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to extract: its id in the store and where its bytes are."""
+
+    sample_id: str
+    path: str
+    member: str | None = None  # tar member name for WebDataset shards
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_items(source: str | os.PathLike, image_root: str | None = None) -> list[Item]:
+    """All images of an input (folder, LLaVA JSON/JSONL, .tar or a folder/list of .tar), sorted by id."""
+    source = Path(source)
+    items: dict[str, Item] = {}
+    if source.is_dir() and not any(source.glob("*.tar")):
+        for p in sorted(source.rglob("*")):
+            rel = p.relative_to(source)
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(s.startswith(".") for s in rel.parts):
+                items[rel.as_posix()] = Item(rel.as_posix(), str(p))
+    elif source.suffix == ".tar" or (source.is_dir() and any(source.glob("*.tar"))):
+        tars = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar"))
+        for tar_path in tars:
+            with tarfile.open(tar_path) as tar:
+                for member in tar.getmembers():
+                    if member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
+                        sid = f"{tar_path.name}/{member.name}"
+                        items[sid] = Item(sid, str(tar_path), member.name)
+    elif source.suffix in (".json", ".jsonl"):
+        from viq.data.llava import LlavaDataset
+
+        dataset = LlavaDataset(source, image_root=image_root)
+        root = Path(image_root) if image_root else source.parent
+        for i in range(len(dataset)):
+            for path in dataset.image_paths(i):
+                # the id is the path relative to the image root (as a record writes it), so training
+                # finds an image's codes by the same string
+                rel = os.path.relpath(path, root)
+                sid = Path(rel).as_posix() if not rel.startswith("..") else str(path)
+                items.setdefault(sid, Item(sid, str(path)))
+    elif not source.exists():
+        raise FileNotFoundError(f"{source}: no such input")
+    else:
+        raise ValueError(f"{source}: expected a folder of images, a LLaVA .json/.jsonl file or WebDataset .tar shards")
+    return [items[k] for k in sorted(items)]
+
+
+class _ReadDataset(torch.utils.data.Dataset):
+    """Worker side: read bytes, hash, preprocess. Never raises: errors travel as results."""
+
+    def __init__(self, items: list[Item], preprocess) -> None:
+        self.items, self.preprocess = items, preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from viq.image import preprocess
+
+        item = self.items[i]
+        out: dict[str, Any] = {"item": item}
+        try:
+            if item.member is None:
+                data = Path(item.path).read_bytes()
+            else:
+                with tarfile.open(item.path) as tar:
+                    f = tar.extractfile(item.member)
+                    if f is None:
+                        raise ValueError("not a regular file in the tar")
+                    data = f.read()
+            out["hash"] = hashlib.sha256(data).hexdigest()
+            name = item.path if item.member is None else f"{item.path}:{item.member}"
+            try:
+                prepared = preprocess(data, self.preprocess)
+            except Exception as e:  # re-label the "<bytes>" source with the real name
+                raise type(e)(str(e).replace("<bytes>", name)) if isinstance(e, ValueError) else e
+            out["pixels"] = prepared.pixels
+            out["source_size"] = prepared.source_size
+        except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+            out["error"] = f"{type(e).__name__}: {e}"
+        return out
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def extract(
+    model_path: str | os.PathLike,
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    image_root: str | None = None,
+    device: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    batch_tokens: int = 8192,
+    num_workers: int = 2,
+    preprocess=None,
+    flush_every: int = 256,
+    entropy_coding: bool = False,
+    progress: bool = True,
+    model=None,
+) -> dict[str, int]:
+    """Extract the codes of every image of ``source`` into the store ``out`` (created if needed).
+
+    Returns counts: ``images`` (this rank's share), ``encoded``, ``existing`` (already stored),
+    ``deduplicated`` (same bytes as a stored image), ``failed``.
+    """
+    import viq
+    from viq.image import PreprocessConfig
+    from viq.store import CodeStore
+
+    rank, world = _rank_world()
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    if model is None:
+        model = viq.load(model_path, device=device, dtype=dtype, components=["encoder"])
+    pre = preprocess or PreprocessConfig(patch_size=model.patch_size)
+    store = CodeStore.create(out, levels=model.levels, codes_per_patch=model.config.head.codes_per_patch,
+                             patch_size=model.patch_size, model_fingerprint=model.fingerprint(),
+                             entropy_coding=entropy_coding, exist_ok=True)
+    items = list_items(source, image_root)[rank::world]
+    done = set(store.ids())
+    todo = [it for it in items if it.sample_id not in done]
+    counts = {"images": len(items), "encoded": 0, "existing": len(items) - len(todo), "deduplicated": 0, "failed": 0}
+    errors_path = Path(out) / f"errors-rank{rank}.jsonl"
+    loader = torch.utils.data.DataLoader(_ReadDataset(todo, pre), batch_size=None, num_workers=num_workers,
+                                         prefetch_factor=8 if num_workers else None)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="extract", unit="img")
+    pending: list[dict[str, Any]] = []
+    pending_tokens = 0
+    p = model.patch_size
+    fingerprint = model.fingerprint()
+
+    with store.writer(name=f"rank{rank}") as writer:
+        since_flush = 0
+        recent: dict[str, Codes] = {}  # content hash -> codes added since the last flush
+        waiting: dict[str, list[Item]] = {}  # content hash -> duplicates of a pending image
+
+        def add(item: Item, codes: Codes, content_hash: str) -> None:
+            nonlocal since_flush
+            codes = Codes(codes.indices, codes.levels, image_size=codes.image_size, patch_size=codes.patch_size,
+                          metadata={"model": fingerprint, "source": item.path})
+            writer.add(item.sample_id, codes, source=item.path, content_hash=content_hash)
+            recent[content_hash] = codes
+            since_flush += 1
+            if bar is not None:
+                bar.update(1)
+
+        def encode_pending() -> None:
+            nonlocal pending, pending_tokens
+            if not pending:
+                return
+            codes = model.encode_pixels([r["pixels"] for r in pending], batch_tokens=batch_tokens)
+            for r, c in zip(pending, codes):
+                add(r["item"], c, r["hash"])
+                counts["encoded"] += 1
+                for twin in waiting.pop(r["hash"], []):
+                    add(twin, c, r["hash"])
+                    counts["deduplicated"] += 1
+            pending, pending_tokens = [], 0
+
+        for result in loader:
+            item = result["item"]
+            if "error" in result:
+                counts["failed"] += 1
+                with open(errors_path, "a") as f:
+                    f.write(json.dumps({"id": item.sample_id, "source": item.path, "error": result["error"]}) + "\n")
+                log.warning("%s: %s", item.path, result["error"])
+                if bar is not None:
+                    bar.update(1)
+                continue
+            h = result["hash"]
+            # Same bytes as an image already stored, added, or waiting to be encoded: no second encode.
+            known = recent.get(h)
+            if known is None and store.has_hash(h) is not None:
+                known = store.get(store.has_hash(h))
+            if known is not None:
+                add(item, known, h)
+                counts["deduplicated"] += 1
+            elif h in waiting:
+                waiting[h].append(item)
+            else:
+                waiting[h] = []
+                pending.append(result)
+                pending_tokens += (-(-result["pixels"].shape[1] // p)) * (-(-result["pixels"].shape[2] // p))
+                if pending_tokens >= batch_tokens:
+                    encode_pending()
+            if since_flush >= flush_every and not pending:
+                writer.flush()
+                recent.clear()
+                since_flush = 0
+        encode_pending()
+    if bar is not None:
+        bar.close()
+    log.info("rank %d: %s", rank, counts)
+    return counts
