@@ -831,6 +831,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (with a checkpoint) after this many steps, keeping the schedule of the full run")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("train-mllm", parents=[common], help="train an LLM on stored codes (stage mllm)",
+                       description="Train a multimodal LLM whose images come from a code store (viq extract): "
+                                   "embedder -> projector -> LLM, no encoder in the loop. A recipe with stage: mllm "
+                                   "and data.codes: STORE.", formatter_class=_HelpFormatter)
+    p.add_argument("--config", required=True, metavar="RECIPE", help="recipe YAML (or JSON) file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest if present")
+    p.add_argument("--stop-after", type=_positive_int, metavar="STEPS")
+    p.set_defaults(func=cmd_train, require_stage="mllm")
+
     p = sub.add_parser("synth", parents=[common], help="write the synthetic multimodal QA set",
                        description="Generate the deterministic synthetic QA set (OCR, counting, locating, colours, "
                                    "bar charts, documents) as LLaVA JSONL + PNG images, with train/val/test splits.",
@@ -898,6 +908,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_recipe(args.config, args.overrides)
+        required = getattr(args, "require_stage", None)
+        if required and cfg.stage != required:
+            raise ValueError(f"{args.config}: viq train-mllm needs a recipe with stage: {required} (got {cfg.stage})")
         summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None

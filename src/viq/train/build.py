@@ -103,7 +103,7 @@ def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
 def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor]) -> nn.Module | None:
     """The frozen VAE for latent targets: the ``vae.*`` weights that came with the init weights when
     present, otherwise a fresh VAE of the config's architecture (random: only meaningful for tests)."""
-    if cfg.stage == "stage1":
+    if cfg.stage in ("stage1", "mllm"):
         return None
     from viq.decoders import build_vae as make_vae
 
@@ -149,7 +149,10 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     )
     model.pixel_loss_weight = cfg.loss.pixel
     if state:
-        viq_state = {k: v for k, v in state.items() if not k.startswith(("vae.", "embedder."))}
+        dropped = ("vae.",) if cfg.stage == "mllm" else ("vae.", "embedder.")
+        viq_state = {k: v for k, v in state.items() if not k.startswith(dropped)}
+        if cfg.stage == "mllm":
+            viq_state = {k: v for k, v in viq_state.items() if k.startswith("embedder.")}
         if cfg.stage == "drawer":
             # A drawer starts from the encoder-side decoder when none was trained yet.
             if not any(k.startswith("drawer.") for k in viq_state):
@@ -176,7 +179,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         if adapter is not None and adapter.is_dir() and cfg.llm.mode in ("lora", "dora"):
             _load_adapter(model.llm, adapter)
 
-    if cfg.stage != "drawer" and cfg.loss.distill > 0 and model.encoder.pool is not None:
+    if cfg.stage not in ("drawer", "mllm") and cfg.loss.distill > 0 and model.encoder.pool is not None:
         model.snapshot_teacher()
     model.set_vae(build_vae(cfg, config, state))
     model.to(device)

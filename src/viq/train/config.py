@@ -14,6 +14,8 @@ stage2_1   proximal representation learning: code head with a continuous bottlen
 stage2_2   quantisation training: position-aware head-wise FSQ (or SimVQ), same losses
 drawer     reconstruction decoder: codes -> VAE latents on a frozen ViQ (latent MSE, optional
            pixel loss through the frozen VAE decoder)
+mllm       an LLM trained on codes read from a code store (viq extract): embedder -> projector
+           -> LLM, no image decoding and no encoder in the loop
 =========  ===================================================================================
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES"]
 
-STAGES = ("stage1", "stage2_1", "stage2_2", "drawer")
+STAGES = ("stage1", "stage2_1", "stage2_2", "drawer", "mllm")
 
 
 @dataclass
@@ -62,6 +64,8 @@ class DataSection:
     train: str | None = None  # LLaVA JSON/JSONL, or an image folder (drawer stage)
     val: str | None = None
     image_root: str | None = None
+    #: stage mllm: the code store holding the codes of data.train / data.val's images
+    codes: str | None = None
     on_error: str = "raise"  # raise | skip (bad samples are counted and reported)
     min_pixels: int = 256
     max_pixels: int = 1024 * 1024

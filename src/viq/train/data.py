@@ -83,24 +83,27 @@ class Collator:
         self.image_tokens = image_tokens
         self.patch_size = patch_size
 
-    def _llm_length(self, text_tokens: int, images: list[torch.Tensor]) -> int:
+    def _llm_length(self, text_tokens: int, images: list[torch.Tensor], codes: list = ()) -> int:
         if self.image_tokens is None:
             return text_tokens
         p = self.patch_size
+        grids = [(-(-x.shape[1] // p), -(-x.shape[2] // p)) for x in images] + [c.grid for c in codes]
         # each image replaces its one placeholder token by the projector's tokens
-        return text_tokens + sum(self.image_tokens((-(-x.shape[1] // p), -(-x.shape[2] // p))) - 1 for x in images)
+        return text_tokens + sum(self.image_tokens(g) - 1 for g in grids)
 
     def __call__(self, items: Sequence) -> TrainBatch:
         images: list[torch.Tensor] = []
+        codes: list = []
         conversations, per_sample, ids = [], [], []
         for item in items:
             if item is None:
                 continue
             if hasattr(item, "messages"):
+                item_codes = getattr(item, "codes", None) or []
                 if self.tokenizer is not None:
                     tok = self.tokenizer.encode(item.messages)
                     input_ids, labels = tok.input_ids, tok.labels
-                    length = self._llm_length(len(input_ids), item.images)
+                    length = self._llm_length(len(input_ids), item.images, item_codes)
                     if length > self.max_length:
                         raise ValueError(
                             f"{item.where} (id={item.id}): {length} LLM tokens (text + image) exceed "
@@ -108,10 +111,11 @@ class Collator:
                         )
                     conversations.append((input_ids, labels))
                 images.extend(item.images)
-                per_sample.append(len(item.images))
+                codes.extend(item_codes)
+                per_sample.append(len(item.images) + len(item_codes))
                 ids.append(item.id)
             else:
                 images.append(item.pixels)
                 per_sample.append(1)
                 ids.append(getattr(item, "path", str(len(ids))))
-        return TrainBatch(images=images, conversations=conversations, images_per_sample=per_sample, ids=ids)
+        return TrainBatch(images=images, codes=codes, conversations=conversations, images_per_sample=per_sample, ids=ids)

@@ -149,6 +149,13 @@ def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
     from viq.data.llava import LlavaDataset
     from viq.image import PreprocessConfig
 
+    if cfg.stage == "mllm":
+        from viq.mllm import LlavaCodesDataset
+
+        if not cfg.data.codes:
+            raise ValueError("stage mllm needs data.codes: the code store made by viq extract")
+        return LlavaCodesDataset(path, cfg.data.codes, image_root=cfg.data.image_root, on_error=cfg.data.on_error)
+
     pre = PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels)
     if Path(path).is_dir():
         return ImageFolderDataset(path, preprocess=pre, on_error=cfg.data.on_error)
@@ -296,7 +303,7 @@ def wrap_parallel(model: TrainModel, cfg: TrainConfig, dist_info: Dist, device: 
 
 def transformer_blocks(model: TrainModel) -> list[nn.Module]:
     """The repeated blocks that FSDP2 shards one by one (encoder, head, decoders, LLM layers)."""
-    blocks: list[nn.Module] = list(model.encoder.blocks)
+    blocks: list[nn.Module] = list(model.encoder.blocks) if model.encoder is not None else []
     for part in (model.head, model.recon):
         if part is not None:
             blocks += [m for name, m in part.named_children() if name in ("blocks", "code_blocks") for m in m]
@@ -384,7 +391,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         if cfg.train.log_samples:
             with open(out_dir / f"samples-rank{dist_info.rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": step + 1, "rank": dist_info.rank, "ids": [i for b in micro for i in b.ids]}) + "\n")
-        counts = torch.tensor([sum(b.num_supervised_tokens for b in micro), sum(len(b.images) for b in micro),
+        counts = torch.tensor([sum(b.num_supervised_tokens for b in micro), sum(b.num_images for b in micro),
                                sum(len(b.ids) for b in micro)], dtype=torch.float64, device=device)
         dist_info.all_reduce(counts)
         n_tokens, n_images, n_samples = (max(1.0, float(c)) for c in counts)

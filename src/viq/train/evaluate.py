@@ -60,7 +60,7 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
         batch = collator([item]).to(device)
         out = model(batch)
         tokens += batch.num_supervised_tokens
-        images += len(batch.images)
+        images += batch.num_images
         for k in sums:
             sums[k] += float(out.get(f"{k}_sum", 0.0))
         if "indices" in out and usage.size:
@@ -79,12 +79,16 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
             pixels = decode_latents(model.vae, latents[0])
             psnrs.append(psnr(pixels, padded))
         # Answer accuracy on multimodal QA (LLM stages).
-        if model.llm is not None and tokenizer is not None and hasattr(item, "messages") and item.images:
+        if model.llm is not None and tokenizer is not None and hasattr(item, "messages") and batch.num_images:
             messages = item.messages
             last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = tokenizer.encode_prompt(messages[:last_answer]).to(device)
-            feats = model.features(batch.images)
-            embeds = model.projector(feats["features"], feats["grids"])
+            if batch.codes:
+                features, grids = model.code_features(batch.codes)
+            else:
+                feats = model.features(batch.images)
+                features, grids = feats["features"], feats["grids"]
+            embeds = model.projector(features, grids)
             answer = messages[last_answer]["content"]
             budget = len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
             prediction = generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=budget)

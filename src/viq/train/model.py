@@ -49,6 +49,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "dequant": ("dequant.",),
     "recon": ("recon.",),
     "drawer": ("drawer.",),
+    "embedder": ("embedder.",),
     "projector": ("projector.",),
     "llm": ("llm.",),
 }
@@ -62,6 +63,8 @@ def default_trainable(stage: str) -> list[str]:
         return ["encoder", "pool", "projector", "llm"]
     if stage == "drawer":
         return ["drawer"]
+    if stage == "mllm":
+        return ["projector", "llm"]  # the embedder stays frozen unless optim.trainable lists it
     return ["encoder", "pool", "head", "dequant", "recon", "projector", "llm"]
 
 
@@ -77,9 +80,15 @@ class TrainBatch:
     """
 
     images: list[torch.Tensor]
+    #: the "mllm" stage reads stored codes instead of pixels: one viq.Codes per image
+    codes: list = field(default_factory=list)
     conversations: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     images_per_sample: list[int] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images) + len(self.codes)
 
     def to(self, device: torch.device) -> "TrainBatch":
         return dataclasses.replace(self, images=[x.to(device, non_blocking=True) for x in self.images])
@@ -108,7 +117,10 @@ class TrainModel(nn.Module):
         self.stage = stage
         self.config = config
         width = config.width
-        self.encoder = ViTEncoder(config.encoder)
+        # "mllm": an LLM trained on stored codes -- no encoder in the loop, the embedder turns codes
+        # into features (the offline path whose speed-up the paper reports).
+        self.encoder = ViTEncoder(config.encoder) if stage != "mllm" else None
+        self.embedder = CodeEmbedder(width, config.head) if stage == "mllm" else None
         uses_head = stage in ("stage2_1", "stage2_2", "drawer")
         self.head = CodeHead(width, config.head) if uses_head else None
         self.dequant = CodeEmbedder(width, config.head) if stage in ("stage2_1", "stage2_2") else None
@@ -175,6 +187,8 @@ class TrainModel(nn.Module):
         """Loss sums and counts for one micro-batch (see the module docstring)."""
         if self.stage == "drawer":
             return self._drawer_forward(batch)
+        if self.stage == "mllm":
+            return self._codes_forward(batch)
         out: dict[str, torch.Tensor] = {}
         n_images = len(batch.images)
         if n_images:
@@ -219,6 +233,26 @@ class TrainModel(nn.Module):
             out["text_sum"], out["text_count"] = ce_sum + zero, ce_count
         else:
             out["text_sum"], out["text_count"] = zero, torch.tensor(0.0)
+        return out
+
+    def code_features(self, codes: list) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Stored codes -> per-image embedder features (h*w, C) and grids (the offline path)."""
+        device = self.embedder.project_out.weight.device
+        flat = torch.cat([c.flat() for c in codes]).to(device)
+        feats = self.embedder(flat)
+        return list(feats.split([c.grid[0] * c.grid[1] for c in codes])), [c.grid for c in codes]
+
+    def _codes_forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        if batch.codes:
+            features, grids = self.code_features(batch.codes)
+            zero = features[0].new_zeros(())
+        else:
+            features, grids = [], []
+            zero = sum(p.sum() for p in self.projector.parameters()) * 0
+        out: dict[str, torch.Tensor] = {"images": torch.tensor(float(len(batch.codes))),
+                                        "distill_sum": zero, "recon_sum": zero, "commit_sum": zero}
+        ce_sum, ce_count = self._text_loss(batch, features, grids)
+        out["text_sum"], out["text_count"] = ce_sum + zero, ce_count
         return out
 
     def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""Training an LLM on stored codes (the offline path): LLaVA conversations whose images are codes.
+
+The encoder leaves the training loop: ``viq extract`` wrote every image's codes into a code store
+once, and here each ``<image>`` of a conversation becomes ``embedder(codes) -> projector`` tokens.
+It is the ``mllm`` stage of the training engine (same loop, packing, FSDP2, checkpoints, resume):
+
+    viq extract --model viq-16k --input data.jsonl --out codes.store
+    viq train-mllm --config recipe.yaml        # stage: mllm, data.codes: codes.store
+
+The embedder (``model.init: viq:<dir>``, its ``embedder.*`` weights) is frozen by default; list
+``embedder`` in ``optim.trainable`` to train it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from viq.codes import Codes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LlavaCodesDataset", "CodesSample"]
+
+
+@dataclass
+class CodesSample:
+    """A conversation whose images are stored codes (``images`` is empty; ``codes`` has one per image)."""
+
+    id: str
+    messages: list[dict]
+    codes: list[Codes]
+    where: str
+    index: int
+    images: list[torch.Tensor] = field(default_factory=list)
+
+
+class LlavaCodesDataset(torch.utils.data.Dataset):
+    """LLaVA JSON/JSONL conversations with their images' codes read from a code store.
+
+    An image path of a record is looked up in the store by the id ``viq extract`` gave it: the path
+    relative to ``image_root`` (default: the data file's folder). A record whose image has no codes in
+    the store is an error naming the sample and the image (``on_error="skip"``: skipped, counted).
+    """
+
+    def __init__(self, path: str | os.PathLike, store: str | os.PathLike, *, image_root: str | None = None,
+                 on_error: str = "raise") -> None:
+        from viq.data.llava import DataError, LlavaDataset
+        from viq.store import CodeStore
+
+        self.records = LlavaDataset(path, image_root=image_root, on_error=on_error)
+        self.store_path = str(store)
+        self._store = CodeStore.open(store)
+        self.root = Path(image_root) if image_root else Path(path).parent
+        self.on_error = on_error
+        self.keep: list[int] = []
+        self.skipped: list[tuple[str, str]] = []
+        for i in range(len(self.records)):
+            missing = [p for p in self._ids(i) if p not in self._store]
+            if not missing:
+                self.keep.append(i)
+                continue
+            problem = f"{self.records._records[i].label}: no codes in {store} for image {missing[0]} (run viq extract)"
+            where = self.records._records[i].where
+            if on_error == "raise":
+                raise DataError(problem)
+            self.skipped.append((where, problem))
+        if self.skipped:
+            log.warning("%s: skipped %d samples whose images have no codes", path, len(self.skipped))
+
+    def _ids(self, index: int) -> list[str]:
+        out = []
+        for p in self.records.image_paths(index):
+            rel = os.path.relpath(p, self.root)
+            out.append(Path(rel).as_posix() if not rel.startswith("..") else str(p))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> CodesSample:
+        index = self.keep[i]
+        record = self.records._records[index]
+        messages = [{"role": role, "content": content} for role, content in record.messages]
+        codes = [self._store.get(sid) for sid in self._ids(index)]
+        return CodesSample(id=record.id, messages=messages, codes=codes, where=record.where, index=index)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None  # re-opened (memory maps) in each DataLoader worker
+        return state
+
+    def __setstate__(self, state):
+        from viq.store import CodeStore
+
+        self.__dict__.update(state)
+        self._store = CodeStore.open(self.store_path)
