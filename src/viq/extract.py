@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ def extract(
     entropy_coding: bool = False,
     progress: bool = True,
     model=None,
+    return_timing: bool = False,
 ) -> dict[str, int]:
     """Extract the codes of every image of ``source`` into the store ``out`` (created if needed).
 
@@ -167,6 +169,10 @@ def extract(
     done = set(store.ids())
     todo = [it for it in items if it.sample_id not in done]
     counts = {"images": len(items), "encoded": 0, "existing": len(items) - len(todo), "deduplicated": 0, "failed": 0}
+    # Wall time of the whole loop and of the model calls alone: their ratio is how busy the data path
+    # keeps the accelerator (reported by bench/extract_throughput.py).
+    timing = {"wall_s": 0.0, "encode_s": 0.0}
+    started = time.perf_counter()
     errors_path = Path(out) / f"errors-rank{rank}.jsonl"
     loader = torch.utils.data.DataLoader(_ReadDataset(todo, pre), batch_size=None, num_workers=num_workers,
                                          prefetch_factor=8 if num_workers else None)
@@ -199,7 +205,11 @@ def extract(
             nonlocal pending, pending_tokens
             if not pending:
                 return
+            t0 = time.perf_counter()
             codes = model.encode_pixels([r["pixels"] for r in pending], batch_tokens=batch_tokens)
+            if str(model.device).startswith("cuda"):
+                torch.cuda.synchronize(model.device)
+            timing["encode_s"] += time.perf_counter() - t0
             for r, c in zip(pending, codes):
                 add(r["item"], c, r["hash"])
                 counts["encoded"] += 1
@@ -241,5 +251,9 @@ def extract(
         encode_pending()
     if bar is not None:
         bar.close()
-    log.info("rank %d: %s", rank, counts)
+    timing["wall_s"] = time.perf_counter() - started
+    log.info("rank %d: %s (%.1f s, %.0f%% of it encoding)", rank, counts, timing["wall_s"],
+             100 * timing["encode_s"] / max(timing["wall_s"], 1e-9))
+    if return_timing:
+        return {**counts, **timing}
     return counts
