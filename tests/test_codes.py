@@ -24,14 +24,9 @@ from viq.codes import (
     pack_bits,
     unpack_bits,
 )
+from viq.config import FSQ_LEVELS
 
-LEVEL_SETS = [
-    (8, 8, 4, 3, 3),
-    (8, 8, 4, 4, 4),
-    (8, 8, 8, 4, 4),
-    (8, 8, 8, 6, 5),
-    (8, 8, 8, 5, 5, 5),
-]
+LEVEL_SETS = list(FSQ_LEVELS.values())  # the five released sizes
 EXPECTED_BITS = {
     (8, 8, 4, 3, 3): 12,  # K = 2304
     (8, 8, 4, 4, 4): 12,  # K = 4096

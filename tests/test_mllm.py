@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import make_llm, make_qa, recipe
 
 import viq
 from viq.extract import extract
@@ -11,8 +12,6 @@ from viq.train.build import build_model
 from viq.train.config import TrainConfig
 from viq.train.engine import train
 from viq.train.evaluate import evaluate
-
-from train_helpers import make_llm, make_qa, recipe
 
 
 @pytest.fixture(scope="module")

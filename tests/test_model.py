@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_pixels
 from PIL import Image
 
 import viq
@@ -12,8 +13,6 @@ from viq.attention import available_backends
 from viq.encoder import pad_to_patches
 from viq.image import ImageError, PreprocessConfig, padded_grid, target_size
 from viq.model import pack_by_budget
-
-from conftest import random_pixels
 
 SIZES = [(16, 16), (5, 7), (37, 100), (64, 48), (20, 530), (80, 80), (33, 17)]
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from viq.codes import Codes, bits_for_levels, pack_bits
+from viq.config import FSQ_LEVELS
 from viq.store import (
     CodeDataset,
     CodeStore,
@@ -24,13 +25,7 @@ from viq.store import (
     verify_main,
 )
 
-LEVEL_SETS = [
-    (8, 8, 4, 3, 3),
-    (8, 8, 4, 4, 4),
-    (8, 8, 8, 4, 4),
-    (8, 8, 8, 6, 5),
-    (8, 8, 8, 5, 5, 5),
-]
+LEVEL_SETS = list(FSQ_LEVELS.values())  # the five released sizes
 # Payload bits per padded pixel from the docs/formats.md table: 4 codes * B bits / (16 * 16).
 DOC_BPP = {
     (8, 8, 4, 3, 3): 0.1875,

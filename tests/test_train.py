@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import make_llm, make_qa, recipe
 
 import viq
 from viq.train.config import TrainConfig, apply_overrides, load_recipe
 from viq.train.data import ShardedBatchOrder
 from viq.train.engine import lr_multiplier, train
-
-from train_helpers import make_llm, make_qa, recipe
 
 
 @pytest.fixture(scope="module")

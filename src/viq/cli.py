@@ -522,8 +522,13 @@ def _model_info(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Describe a model directory from its config and tensor shapes, without building the model."""
     from viq.config import ViQConfig
     from viq.model import COMPONENTS, code_fingerprint
-    from viq.official import detect_config, find_official_files, is_official_dir, load_official_state_dicts, \
-        map_official_state_dicts
+    from viq.official import (
+        detect_config,
+        find_official_files,
+        is_official_dir,
+        load_official_state_dicts,
+        map_official_state_dicts,
+    )
 
     official = _official_kwargs(args)
     config_path, weights_path = path / "config.json", path / "model.safetensors"

@@ -29,7 +29,13 @@ from torch import nn
 
 from viq.codes import Codes
 from viq.config import ViQConfig, get_preset
-from viq.decoders import CodeDrawer, CodeEmbedder, LatentDecoder, build_vae, decode_latents
+from viq.decoders import (
+    CodeDrawer,
+    CodeEmbedder,
+    LatentDecoder,
+    build_vae,
+    decode_latents,
+)
 from viq.encoder import ViTEncoder, pad_to_patches
 from viq.head import CodeHead
 from viq.layers import set_attention_backend
@@ -158,7 +164,8 @@ class ViQModel(nn.Module):
         Raises:
             viq.image.ImageError: an image cannot be read (the message names it).
         """
-        from viq.image import PreprocessConfig, preprocess as prepare
+        from viq.image import PreprocessConfig
+        from viq.image import preprocess as prepare
 
         cfg = preprocess or PreprocessConfig(patch_size=self.patch_size)
         if not isinstance(images, (list, tuple)):

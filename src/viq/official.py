@@ -28,7 +28,14 @@ from pathlib import Path
 
 import torch
 
-from viq.config import FSQ_LEVELS, DecoderConfig, EncoderConfig, HeadConfig, VAEConfig, ViQConfig
+from viq.config import (
+    FSQ_LEVELS,
+    DecoderConfig,
+    EncoderConfig,
+    HeadConfig,
+    VAEConfig,
+    ViQConfig,
+)
 from viq.quantizer import FSQ
 
 __all__ = ["is_official_dir", "find_official_files", "load_official", "load_official_state_dicts", "detect_config",

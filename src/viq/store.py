@@ -142,7 +142,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from viq.codes import Codes, bits_for_levels, pack_bits, unpack_bits
+from viq.codes import Codes, _fsync_dir, bits_for_levels, pack_bits, unpack_bits
 
 __all__ = [
     "LZMA_FILTERS",
@@ -356,20 +356,6 @@ def _decode_record(data: bytes, num_codes: int, bits: int, k: int, entropy_codin
 # --------------------------------------------------------------------------------------
 # Small file helpers
 # --------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames in ``directory`` durable (POSIX); skipped where unsupported."""
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -37,8 +37,8 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     """
     from viq.data.synthetic import score
     from viq.decoders import decode_latents
-    from viq.train.engine import CodeUsage, build_dataset, max_pixels_at, usage_stats
     from viq.llm import generate_answer
+    from viq.train.engine import CodeUsage, build_dataset, max_pixels_at, usage_stats
 
     was_training = model.training
     model.eval()
