@@ -93,58 +93,62 @@ def make_batch(args, config: ViQConfig, vocab: int, tokens_per_image: int, offli
                       images_per_sample=[1] * len(conversations), ids=[str(i) for i in range(len(conversations))])
 
 
-def measure(args, llm_name: str, seq_len: int, device: torch.device) -> dict:
+def _run_variant(args, variant: str, llm_name: str, seq_len: int, config: ViQConfig, vocab: int,
+                 device: torch.device) -> dict:
+    """Build one variant's model, time it, and free it on return (one model in memory at a time)."""
     from transformers import Qwen2ForCausalLM
 
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(llm_config(llm_name, vocab))
+    projector = MMProjector(config.width, llm.config.hidden_size)
+    model = TrainModel("stage1" if variant == "online" else "mllm", config, llm=llm, projector=projector,
+                       max_length=seq_len)
+    if variant == "offline":
+        model.embedder.requires_grad_(False)  # the stored-codes path keeps the embedder frozen
+    if args.gradient_checkpointing:
+        if model.encoder is not None:
+            model.encoder.gradient_checkpointing = True
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    tokens_per_image = projector.num_tokens((args.image_size // 16, args.image_size // 16))
+    args.seq_len = seq_len
+    batch = make_batch(args, config, vocab, tokens_per_image, variant == "offline", g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else torch.autocast(
+        device.type, enabled=False)
+
+    def forward():
+        with autocast:
+            out = model(batch)
+        return out["text_sum"] / out["text_count"].clamp_min(1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        forward().backward()
+        opt.step()
+
+    def forward_only():
+        forward()
+
+    entry = {"images": len(batch.codes) + len(batch.images), "conversations": len(batch.conversations),
+             "trainable_params": sum(p.numel() for p in params)}
+    try:
+        entry["forward_s"] = best_time(forward_only, device, args.repeats)
+        entry["step_s"] = best_time(step, device, args.repeats)
+    except torch.OutOfMemoryError:
+        entry["error"] = "out of memory"
+    return entry
+
+
+def measure(args, llm_name: str, seq_len: int, device: torch.device) -> dict:
     config = vision_config(args.shape)
     vocab = 151936 if args.shape == "gpu" else 1000
-    results = {}
-    for variant in ("online", "offline"):
-        torch.manual_seed(0)
-        llm = Qwen2ForCausalLM(llm_config(llm_name, vocab))
-        projector = MMProjector(config.width, llm.config.hidden_size)
-        model = TrainModel("stage1" if variant == "online" else "mllm", config, llm=llm, projector=projector,
-                           max_length=seq_len)
-        if variant == "offline":
-            model.embedder.requires_grad_(False)  # the stored-codes path keeps the embedder frozen
-        if args.gradient_checkpointing:
-            if model.encoder is not None:
-                model.encoder.gradient_checkpointing = True
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.to(device).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        g = torch.Generator().manual_seed(1)
-        tokens_per_image = projector.num_tokens((args.image_size // 16, args.image_size // 16))
-        args.seq_len = seq_len
-        batch = make_batch(args, config, vocab, tokens_per_image, variant == "offline", g).to(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else torch.autocast(
-            device.type, enabled=False)
-
-        def forward():
-            with autocast:
-                out = model(batch)
-            return out["text_sum"] / out["text_count"].clamp_min(1)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            forward().backward()
-            opt.step()
-
-        def forward_only():
-            forward()
-
-        entry = {"images": len(batch.codes) + len(batch.images), "conversations": len(batch.conversations),
-                 "trainable_params": sum(p.numel() for p in params)}
-        try:
-            entry["forward_s"] = best_time(forward_only, device, args.repeats)
-            entry["step_s"] = best_time(step, device, args.repeats)
-        except torch.OutOfMemoryError:
-            entry["error"] = "out of memory"
-        results[variant] = entry
-        del model, llm, opt
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    results = {variant: _run_variant(args, variant, llm_name, seq_len, config, vocab, device)
+               for variant in ("online", "offline")}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if "error" not in results["online"] and "error" not in results["offline"]:
         results["forward_reduction_pct"] = 100 * (1 - results["offline"]["forward_s"] / results["online"]["forward_s"])
         results["step_reduction_pct"] = 100 * (1 - results["offline"]["step_s"] / results["online"]["step_s"])
