@@ -901,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_HelpFormatter)
     p.add_argument("-o", "--output", default="viq-demo", metavar="OUTDIR", help="output folder (default: viq-demo)")
     p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply the number of training steps and samples (default 1.0: about ten minutes on 2 CPU cores)")
+                   help="multiply the number of training steps and samples (default 1.0: about five minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
