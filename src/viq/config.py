@@ -265,12 +265,16 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls(**data)`` for a config dataclass, with unknown keys an error naming them and ``where``."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}")
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
     return cls(**data)
+
+
+_from_dict = dataclass_from_dict
 
 
 def _giant(size: str) -> ViQConfig:

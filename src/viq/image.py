@@ -273,13 +273,11 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
+        from viq.config import dataclass_from_dict
+
         if not isinstance(d, dict):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, cls.__name__)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from viq.config import dataclass_from_dict
+
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES"]
 
 STAGES = ("stage1", "stage2_1", "stage2_2", "drawer", "mllm")
@@ -170,12 +172,9 @@ class TrainConfig:
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+    coerced = {k: _coerce(v, hints[k], f"{where}.{k}") if k in hints else v for k, v in data.items()}
+    return dataclass_from_dict(cls, coerced, where)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
