@@ -340,3 +340,30 @@ def test_convert_official_then_encode_identically(capsys, tmp_path):
         a, b = Codes.load(tmp_path / "a" / name), Codes.load(tmp_path / "b" / name)
         assert a == b, name  # codes and metadata (same model fingerprint)
     assert a.metadata["model"] == info_official["fingerprint"]
+
+
+def test_synth_store_and_stage_check_commands(tmp_path, capsys):
+    """viq synth writes the QA set; viq store verify/stats read a store; train-mllm insists on stage mllm."""
+    from viq.cli import main as cli_main
+
+    assert cli_main(["synth", str(tmp_path / "qa"), "--train", "6", "--val", "2", "--test", "2", "--max-side", "128"]) == 0
+    assert (tmp_path / "qa" / "train.jsonl").is_file()
+    assert cli_main(["synth", str(tmp_path / "qa"), "--train", "6"]) == 1  # refuses a non-empty folder
+
+    import torch
+
+    from viq.codes import Codes
+    from viq.store import CodeStore
+
+    store = CodeStore.create(tmp_path / "store", levels=(8, 8, 4, 4, 4), model_fingerprint="f")
+    with store.writer(name="w") as w:
+        w.add("a", Codes(torch.zeros(2, 2, 4, dtype=torch.int32), (8, 8, 4, 4, 4), metadata={"model": "f"}))
+    assert cli_main(["store", "verify", str(tmp_path / "store")]) == 0
+    capsys.readouterr()
+    assert cli_main(["store", "stats", str(tmp_path / "store"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
+    assert cli_main(["store", "verify", str(tmp_path / "nope")]) == 2
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: stage1\n")
+    assert cli_main(["train-mllm", "--config", str(recipe)]) == 1
