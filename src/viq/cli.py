@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -303,21 +302,9 @@ def _skip_existing(jobs: list[_Job], overwrite: bool, run: _Run) -> list[_Job]:
 
 def _atomic_save_image(image: Any, path: Path) -> None:
     """Save a PIL image as PNG to ``path`` via a temporary file + rename (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        except OSError:  # pragma: no cover - cosmetic
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from viq.model import _atomic_write
+
+    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ============================================================================================ fingerprints

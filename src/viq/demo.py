@@ -132,7 +132,7 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 8, num_photos:
     import viq
     from viq.data.photos import list_photos, load_photo
     from viq.data.synthetic import load_split
-    from viq.image import PreprocessConfig
+    from viq.image import PreprocessConfig, preprocess, to_pil, to_pixels
     from viq.train.build import build_model
     from viq.train.config import load_recipe
     from viq.train.evaluate import evaluate, psnr
@@ -148,17 +148,12 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 8, num_photos:
     sources += [("photo", p.name, p) for p in list_photos()[:num_photos]]
     for kind, name, src in sources:
         image = load_photo(src) if kind == "photo" else str(src)
-        from viq.image import preprocess
-
         prepared = preprocess(image, pre)
         codes = model.encode_pixels([prepared.pixels])[0]
         recon = model.reconstruct([codes])[0]
         target = prepared.pixels
-        rec = torch.tensor(list(recon.getdata()), dtype=torch.float32).view(recon.height, recon.width, 3)
-        value = psnr(rec.permute(2, 0, 1) / 127.5 - 1, target)
+        value = psnr(to_pixels(recon), target)
         in_path, out_path = recon_dir / f"{kind}-{name}-input.png", recon_dir / f"{kind}-{name}-recon.png"
-        from viq.image import to_pil
-
         to_pil(target).save(in_path)
         recon.save(out_path)
         nbytes = len(codes.to_bytes())

@@ -231,8 +231,9 @@ def extract(
             h = result["hash"]
             # Same bytes as an image already stored, added, or waiting to be encoded: no second encode.
             known = recent.get(h)
-            if known is None and store.has_hash(h) is not None:
-                known = store.get(store.has_hash(h))
+            if known is None:
+                stored_as = store.has_hash(h)
+                known = store.get(stored_as) if stored_as is not None else None
             if known is not None:
                 add(item, known, h)
                 counts["deduplicated"] += 1

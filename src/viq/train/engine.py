@@ -495,18 +495,11 @@ def _tensorboard(cfg: TrainConfig, out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-class _NoBar:
-    def update(self, n): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
-
-
 def _bar(cfg: TrainConfig, dist_info: Dist, total: int, initial: int):
-    if not (cfg.train.progress and dist_info.main):
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"train {cfg.stage}", unit="step")
+    return tqdm(total=total, initial=initial, desc=f"train {cfg.stage}", unit="step",
+                disable=not (cfg.train.progress and dist_info.main))
 
 
 class CodeUsage:
