@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import viq
-from viq.config import EncoderConfig, HeadConfig, ViQConfig, get_preset
-from viq.encoder import pad_to_patches, resize_pos_embed
-from viq.model import pack_by_budget
+from viq.model.config import EncoderConfig, HeadConfig, ViQConfig, get_preset
+from viq.model.encoder import pad_to_patches, resize_pos_embed
+from viq.model.viq import pack_by_budget
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import best_time, write_record

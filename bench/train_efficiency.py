@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_time, write_record  # noqa: E402
 
-from viq.codes import Codes  # noqa: E402
-from viq.config import EncoderConfig, HeadConfig, ViQConfig, get_preset  # noqa: E402
-from viq.llm import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID  # noqa: E402
-from viq.projector import MMProjector  # noqa: E402
+from viq.formats.codes import Codes  # noqa: E402
+from viq.model.config import EncoderConfig, HeadConfig, ViQConfig, get_preset  # noqa: E402
+from viq.mllm.llm import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID  # noqa: E402
+from viq.mllm.projector import MMProjector  # noqa: E402
 from viq.train.model import TrainBatch, TrainModel  # noqa: E402
 
 #: Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); vocab 151936.

@@ -10,7 +10,7 @@ measure layout and kernels, not model quality. Two variants, same samples, same 
 
 * ``packed``: TrainModel's own path. All images at native size in one packed ViT pass; the
   conversations (text + projected image tokens) first-fit packed into rows of ``--max-length``
-  tokens with :func:`viq.llm.pack_sequences` (attention kept inside each conversation).
+  tokens with :func:`viq.mllm.llm.pack_sequences` (attention kept inside each conversation).
 * ``padded``: what a LLaVA-style trainer does. Every image zero-padded to the largest height and
   the largest width in the batch (so it makes more patch tokens, more FSQ/recon work, a bigger VAE
   target and more LLM image tokens: that is the cost measured), and every conversation in its own
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from viq.config import (
+from viq.model.config import (
     DecoderConfig,
     EncoderConfig,
     HeadConfig,
@@ -53,9 +53,9 @@ from viq.config import (
     ViQConfig,
     get_preset,
 )
-from viq.decoders import build_vae
-from viq.layers import set_attention_backend
-from viq.llm import (
+from viq.model.decoders import build_vae
+from viq.model.layers import set_attention_backend
+from viq.mllm.llm import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,
     causal_lm_loss,
@@ -63,7 +63,7 @@ from viq.llm import (
     splice_image_features,
     trainable_parameter_count,
 )
-from viq.projector import MMProjector
+from viq.mllm.projector import MMProjector
 from viq.train.model import TrainBatch, TrainModel
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from viq.attention import Segments, attention, available_backends
+from viq.model.attention import Segments, attention, available_backends
 
 
 def reference(q, k, v, lengths):

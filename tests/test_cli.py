@@ -1,4 +1,4 @@
-"""Tests for the ``viq`` command line (viq.cli): encode, decode, info, convert."""
+"""Tests for the ``viq`` command line (viq.cli.main): encode, decode, info, convert."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 import viq
-from viq.cli import main
-from viq.codes import Codes
+from viq.cli.main import main
+from viq.formats.codes import Codes
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-viq"
 needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"official fixture {OFFICIAL} not found")
@@ -344,7 +344,7 @@ def test_convert_official_then_encode_identically(capsys, tmp_path):
 
 def test_synth_store_and_stage_check_commands(tmp_path, capsys):
     """viq synth writes the QA set; viq store verify/stats read a store; train-mllm insists on stage mllm."""
-    from viq.cli import main as cli_main
+    from viq.cli.main import main as cli_main
 
     assert cli_main(["synth", str(tmp_path / "qa"), "--train", "6", "--val", "2", "--test", "2", "--max-side", "128"]) == 0
     assert (tmp_path / "qa" / "train.jsonl").is_file()
@@ -352,8 +352,8 @@ def test_synth_store_and_stage_check_commands(tmp_path, capsys):
 
     import torch
 
-    from viq.codes import Codes
-    from viq.store import CodeStore
+    from viq.formats.codes import Codes
+    from viq.store.codestore import CodeStore
 
     store = CodeStore.create(tmp_path / "store", levels=(8, 8, 4, 4, 4), model_fingerprint="f")
     with store.writer(name="w") as w:

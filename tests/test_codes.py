@@ -1,4 +1,4 @@
-"""Tests for viq.codes: bit packing, the Codes value class and the .viq file format."""
+"""Tests for viq.formats.codes: bit packing, the Codes value class and the .viq file format."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from viq.codes import (
+from viq.formats.codes import (
     FORMAT_VERSION,
     MAGIC,
     Codes,
@@ -24,7 +24,7 @@ from viq.codes import (
     pack_bits,
     unpack_bits,
 )
-from viq.config import FSQ_LEVELS
+from viq.model.config import FSQ_LEVELS
 
 LEVEL_SETS = list(FSQ_LEVELS.values())  # the five released sizes
 EXPECTED_BITS = {

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from viq.config import FSQ_LEVELS, PRESETS, HeadConfig, ViQConfig, get_preset
+from viq.model.config import FSQ_LEVELS, PRESETS, HeadConfig, ViQConfig, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

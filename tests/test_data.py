@@ -25,7 +25,7 @@ from viq.data.llava import (
     collate_samples,
     parse_resize,
 )
-from viq.image import PreprocessConfig, load_image, preprocess, to_pixels
+from viq.formats.image import PreprocessConfig, load_image, preprocess, to_pixels
 
 RNG = np.random.default_rng(0)
 
@@ -144,7 +144,7 @@ def test_json_list_path_forms_and_text_only(tmp_path: Path, images: dict[str, Pa
     assert len(ds) == 3
     s0, s1, s2 = ds[0], ds[1], ds[2]
     assert s0.id == "7" and len(s0.images) == 1
-    # 40x24 = 960 pixels >= min_pixels: native size kept, pixels identical to viq.image.preprocess
+    # 40x24 = 960 pixels >= min_pixels: native size kept, pixels identical to viq.formats.image.preprocess
     assert torch.equal(s0.images[0], preprocess(images["small"], PreprocessConfig()).pixels)
     assert [tuple(t.shape) for t in s1.images] == [(3, 384, 384), (3, 64, 100), (3, 24, 40)]
     assert [m["role"] for m in s1.messages] == ["user", "assistant", "user", "assistant"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import viq
-from viq.demo import run_demo
+from viq.demo.run import run_demo
 
 
 def test_demo_end_to_end(tmp_path):

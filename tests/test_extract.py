@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 import viq
-from viq.codes import bits_for_levels
+from viq.formats.codes import bits_for_levels
 from viq.extract import extract, list_items
-from viq.store import CodeStore
+from viq.store.codestore import CodeStore
 
 
 def make_images(folder: Path, n: int, seed: int = 0, bad: bool = True) -> list[Path]:

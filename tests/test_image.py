@@ -1,4 +1,4 @@
-"""Tests for viq.image: loading policy, THE resize rule, exact official normalisation.
+"""Tests for viq.formats.image: loading policy, THE resize rule, exact official normalisation.
 
 All test images are built in tmp_path with PIL/numpy (plus scikit-image's bundled photographs).
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from viq.image import (
+from viq.formats.image import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageError,
     PreparedImage,

@@ -17,7 +17,7 @@ if _missing:
         pytest.fail(f"LLM dependencies missing in CI: {_missing}", pytrace=False)
     pytest.skip(f"LLM dependencies not installed: {_missing}", allow_module_level=True)
 
-from viq.llm import (  # noqa: E402
+from viq.mllm.llm import (  # noqa: E402
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,
@@ -34,7 +34,7 @@ from viq.llm import (  # noqa: E402
     trainable_parameter_count,
     truncate,
 )
-from viq.projector import MMProjector  # noqa: E402
+from viq.mllm.projector import MMProjector  # noqa: E402
 
 # peft 0.21 calls a transformers API deprecated in 5.x; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -216,7 +216,7 @@ def test_fallback_template_warns(llm, caplog):
     saved = tok.chat_template
     try:
         tok.chat_template = None
-        with caplog.at_level(logging.WARNING, logger="viq.llm"):
+        with caplog.at_level(logging.WARNING, logger="viq.mllm.llm"):
             fb = ChatTokenizer(tok)
         assert "ChatML" in caplog.text and fb.chat_template == CHATML_TEMPLATE
     finally:

@@ -54,7 +54,7 @@ def test_offline_path_equals_online_path(setup, tmp_path):
     model.eval()
     online = viq.load(setup["root"] / "viq")
     from viq.data.llava import LlavaDataset
-    from viq.mllm import LlavaCodesDataset
+    from viq.data.codes import LlavaCodesDataset
     from viq.train.data import Collator
 
     stored = LlavaCodesDataset(setup["data"], setup["root"] / "store")
@@ -83,7 +83,7 @@ def test_missing_codes_are_named(setup, tmp_path):
     record["image"] = "images/unknown.png"
     data.write_text("\n".join(lines + [json.dumps(record)]) + "\n")
     (tmp_path / "images").mkdir()
-    from viq.mllm import LlavaCodesDataset
+    from viq.data.codes import LlavaCodesDataset
 
     with pytest.raises(ValueError, match="no codes"):
         LlavaCodesDataset(data, setup["root"] / "store", image_root=str(setup["data"].parent))

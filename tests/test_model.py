@@ -9,10 +9,10 @@ from conftest import random_pixels
 from PIL import Image
 
 import viq
-from viq.attention import available_backends
-from viq.encoder import pad_to_patches
-from viq.image import ImageError, PreprocessConfig, padded_grid, target_size
-from viq.model import pack_by_budget
+from viq.model.attention import available_backends
+from viq.model.encoder import pad_to_patches
+from viq.formats.image import ImageError, PreprocessConfig, padded_grid, target_size
+from viq.model.viq import pack_by_budget
 
 SIZES = [(16, 16), (5, 7), (37, 100), (64, 48), (20, 530), (80, 80), (33, 17)]
 

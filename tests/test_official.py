@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import viq
-from viq.encoder import pad_to_patches, resize_pos_embed
-from viq.official import detect_config, load_official_state_dicts
+from viq.model.encoder import pad_to_patches, resize_pos_embed
+from viq.model.official import detect_config, load_official_state_dicts
 
 N_IMAGES = 5
 ATOL = 1e-4
@@ -186,7 +186,7 @@ def test_unknown_width_needs_num_heads(official_dir):
 
 def test_levels_from_codebook_for_every_size(official_dir):
     states = load_official_state_dicts(official_dir)
-    for levels in viq.config.FSQ_LEVELS.values():
+    for levels in viq.model.config.FSQ_LEVELS.values():
         k, d = int(torch.tensor(levels).prod()), len(levels)
         fake = {"encoder": dict(states["encoder"]), "embedder": {"ori_codebook.weight": torch.zeros(k, d)}}
         fake["encoder"]["fusion_block.vq_low.project_in.weight"] = torch.zeros(d, 64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from viq.projector import MMProjector
+from viq.mllm.projector import MMProjector
 
 IN, D = 12, 16
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from vector_quantize_pytorch import FSQ as PeerFSQ
 
-from viq.config import FSQ_LEVELS
-from viq.quantizer import FSQ
+from viq.model.config import FSQ_LEVELS
+from viq.model.quantizer import FSQ
 
 LEVEL_SETS = list(FSQ_LEVELS.values())
 IDS = list(FSQ_LEVELS)

@@ -1,4 +1,4 @@
-"""Tests for viq.store: the sharded code store (round trips, sizes, crash safety, verify, dataset)."""
+"""Tests for viq.store.codestore: the sharded code store (round trips, sizes, crash safety, verify, dataset)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from viq.codes import Codes, bits_for_levels, pack_bits
-from viq.config import FSQ_LEVELS
-from viq.store import (
+from viq.formats.codes import Codes, bits_for_levels, pack_bits
+from viq.model.config import FSQ_LEVELS
+from viq.store.codestore import (
     CodeDataset,
     CodeStore,
     StoreError,

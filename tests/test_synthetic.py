@@ -1,4 +1,4 @@
-"""Tests for the synthetic QA generator (viq.data.synthetic) and offline photos (viq.data.photos)."""
+"""Tests for the synthetic QA generator (viq.demo.synthetic) and offline photos (viq.demo.photos)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from viq.data import photos as P
-from viq.data import synthetic as S
+from viq.demo import photos as P
+from viq.demo import synthetic as S
 
 SMALL = {"num_train": 30, "num_val": 6, "num_test": 6, "seed": 0}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from viq.config import EncoderConfig
-from viq.encoder import ViTEncoder
+from viq.model.config import EncoderConfig
+from viq.model.encoder import ViTEncoder
 from viq.train.init import load_siglip, resize_pos_table
 
 

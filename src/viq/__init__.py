@@ -17,9 +17,9 @@ from typing import Iterable
 
 import torch
 
-from viq.codes import Codes, CodesFormatError
-from viq.config import PRESETS, ViQConfig, get_preset
-from viq.model import ViQModel
+from viq.formats.codes import Codes, CodesFormatError
+from viq.model.config import PRESETS, ViQConfig, get_preset
+from viq.model.viq import ViQModel
 
 __version__ = "0.1.0"
 
@@ -42,11 +42,11 @@ def load(
             (``model_viq_fsq_<size>.pth`` [+ ``embedder.pth``, ``index_drawer.pth``]).
         device: where to put the weights.
         dtype: float dtype of the weights and activations (FSQ arithmetic is always float32).
-        components: subset of ``viq.model.COMPONENTS`` to load (default: all stored).
+        components: subset of ``viq.model.viq.COMPONENTS`` to load (default: all stored).
         **official_kwargs: for official directories only: ``num_heads``, ``levels``, ``config``
-            (see :func:`viq.official.load_official`).
+            (see :func:`viq.model.official.load_official`).
     """
-    from viq.official import is_official_dir, load_official
+    from viq.model.official import is_official_dir, load_official
 
     path = Path(path)
     if (path / "model.safetensors").is_file():

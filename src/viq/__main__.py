@@ -1,8 +1,8 @@
-"""``python -m viq``: the ``viq`` command line (see :mod:`viq.cli`)."""
+"""``python -m viq``: the ``viq`` command line (see :mod:`viq.cli.main`)."""
 
 import sys
 
-from viq.cli import main
+from viq.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Offline code extraction: images -> a :class:`viq.store.CodeStore`, on one or many devices, resumable.
+"""Offline code extraction: images -> a :class:`viq.store.codestore.CodeStore`, on one or many devices, resumable.
 
 ::
 
@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 
-from viq.codes import Codes
+from viq.formats.codes import Codes
+from viq.formats.image import IMAGE_EXTENSIONS
+from viq.store.ids import image_id, tar_member_id
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,6 @@ class Item:
     member: str | None = None  # tar member name for WebDataset shards
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
 def list_items(source: str | os.PathLike, image_root: str | None = None) -> list[Item]:
     """All images of an input (folder, LLaVA JSON/JSONL, .tar or a folder/list of .tar), sorted by id."""
     source = Path(source)
@@ -62,14 +61,15 @@ def list_items(source: str | os.PathLike, image_root: str | None = None) -> list
         for p in sorted(source.rglob("*")):
             rel = p.relative_to(source)
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(s.startswith(".") for s in rel.parts):
-                items[rel.as_posix()] = Item(rel.as_posix(), str(p))
+                sid = image_id(p, source)
+                items[sid] = Item(sid, str(p))
     elif source.suffix == ".tar" or (source.is_dir() and any(source.glob("*.tar"))):
         tars = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar"))
         for tar_path in tars:
             with tarfile.open(tar_path) as tar:
                 for member in tar.getmembers():
                     if member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
-                        sid = f"{tar_path.name}/{member.name}"
+                        sid = tar_member_id(tar_path, member.name)
                         items[sid] = Item(sid, str(tar_path), member.name)
     elif source.suffix in (".json", ".jsonl"):
         from viq.data.llava import LlavaDataset
@@ -80,8 +80,7 @@ def list_items(source: str | os.PathLike, image_root: str | None = None) -> list
             for path in dataset.image_paths(i):
                 # the id is the path relative to the image root (as a record writes it), so training
                 # finds an image's codes by the same string
-                rel = os.path.relpath(path, root)
-                sid = Path(rel).as_posix() if not rel.startswith("..") else str(path)
+                sid = image_id(path, root)
                 items.setdefault(sid, Item(sid, str(path)))
     elif not source.exists():
         raise FileNotFoundError(f"{source}: no such input")
@@ -100,7 +99,7 @@ class _ReadDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from viq.image import preprocess
+        from viq.formats.image import preprocess
 
         item = self.items[i]
         out: dict[str, Any] = {"item": item}
@@ -153,8 +152,8 @@ def extract(
     ``deduplicated`` (same bytes as a stored image), ``failed``.
     """
     import viq
-    from viq.image import PreprocessConfig
-    from viq.store import CodeStore
+    from viq.formats.image import PreprocessConfig
+    from viq.store.codestore import CodeStore
 
     rank, world = _rank_world()
     if device == "auto":

@@ -1,10 +1,7 @@
-"""Datasets for training and evaluating ViQ with an LLM.
+"""Datasets that feed training: LLaVA conversations (:mod:`~viq.data.llava`), image folders
+(:mod:`~viq.data.folder`) and conversations whose images are read from a code store
+(:mod:`~viq.data.codes`).
 
-* :mod:`viq.data.synthetic`: deterministic synthetic multimodal QA (OCR, counting, location,
-  colour, bar charts, documents) written as LLaVA-style JSON lines plus PNG images.
-* :mod:`viq.data.photos`: real photographs available offline (scikit-image, scikit-learn,
-  matplotlib sample data, Debian wallpaper packages) for reconstruction and evaluation.
-
-Submodules are imported explicitly (``from viq.data import synthetic``); this package init
-imports nothing so that importing one dataset never pulls in the dependencies of another.
+Submodules are imported explicitly; this package init imports nothing so that importing one dataset
+never pulls in the dependencies of another.
 """

@@ -4,8 +4,8 @@ Files are found recursively; only names with an image extension (:data:`IMAGE_EX
 case-insensitive) are taken, hidden files and hidden folders (names starting with ``"."``, e.g.
 ``.ipynb_checkpoints``) are skipped, and the list is sorted by relative path (folder by folder),
 so indices are reproducible across machines. Images are decoded lazily with
-:func:`viq.image.preprocess` (native-resolution policy of the given
-:class:`~viq.image.PreprocessConfig`).
+:func:`viq.formats.image.preprocess` (native-resolution policy of the given
+:class:`~viq.formats.image.PreprocessConfig`).
 
 Errors: :class:`~viq.data.llava.DataError` naming the file (``"<path> (index i): <problem>"``).
 With ``on_error="skip"``, a file that fails to load makes ``__getitem__`` return ``None`` with a
@@ -24,15 +24,12 @@ import torch
 from torch.utils.data import Dataset
 
 from viq.data.llava import DataError
-from viq.image import ImageError, PreprocessConfig
-from viq.image import preprocess as preprocess_image
+from viq.formats.image import IMAGE_EXTENSIONS, ImageError, PreprocessConfig
+from viq.formats.image import preprocess as preprocess_image
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageItem", "collate_items"]
 
 logger = logging.getLogger(__name__)
-
-#: File extensions (lower case) taken as images; matched case-insensitively.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -41,7 +38,7 @@ class ImageItem:
 
     Attributes:
         path: the file path (``root`` joined with the relative path).
-        pixels: float32 ``(3, H, W)`` in [-1, 1] (:func:`viq.image.preprocess`).
+        pixels: float32 ``(3, H, W)`` in [-1, 1] (:func:`viq.formats.image.preprocess`).
         index: the dataset index.
     """
 
@@ -87,7 +84,7 @@ class ImageFolderDataset(Dataset):
 
     Args:
         root: the folder.
-        preprocess: how images are sized (:class:`~viq.image.PreprocessConfig`).
+        preprocess: how images are sized (:class:`~viq.formats.image.PreprocessConfig`).
         on_error: ``"raise"`` (default): a bad file raises :class:`DataError` naming it;
             ``"skip"``: ``__getitem__`` returns ``None`` for it and logs a warning (use
             :func:`collate_items`).
@@ -110,7 +107,7 @@ class ImageFolderDataset(Dataset):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not isinstance(preprocess, PreprocessConfig):
-            raise TypeError(f"preprocess must be a viq.image.PreprocessConfig, got {type(preprocess).__name__}")
+            raise TypeError(f"preprocess must be a viq.formats.image.PreprocessConfig, got {type(preprocess).__name__}")
         self.root = os.fspath(root)
         self.preprocess = preprocess
         self.on_error = on_error

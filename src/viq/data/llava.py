@@ -24,12 +24,12 @@ of the data file); absolute paths are used as they are. The official packed form
 * ``"<base>x<p>"``: area-preserving toward ``base**2``, each side floored to a multiple of ``p``
   (small images are up-scaled too); ``p <= 0``: a square ``base x base`` resize.
 * ``[a, b]``: exactly ``(max(a, 64), max(b, 64))`` as PIL ``(width, height)``.
-* absent / ``null``: the dataset's :class:`~viq.image.PreprocessConfig` (viq's native-resolution
-  policy, :func:`viq.image.preprocess`).
+* absent / ``null``: the dataset's :class:`~viq.formats.image.PreprocessConfig` (viq's native-resolution
+  policy, :func:`viq.formats.image.preprocess`).
 
 Official resizes resample with PIL bilinear (as the authors' code); the image is decoded with
-:func:`viq.image.load_image` (EXIF orientation applied, alpha over ``background``, bomb guard),
-and normalised with :func:`viq.image.to_pixels` to float32 ``(3, H, W)`` in [-1, 1].
+:func:`viq.formats.image.load_image` (EXIF orientation applied, alpha over ``background``, bomb guard),
+and normalised with :func:`viq.formats.image.to_pixels` to float32 ``(3, H, W)`` in [-1, 1].
 
 Validation
 ----------
@@ -75,7 +75,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from viq.image import (
+from viq.formats.image import (
     ImageError,
     PreprocessConfig,
     load_image,
@@ -83,7 +83,7 @@ from viq.image import (
     target_size,
     to_pixels,
 )
-from viq.image import preprocess as preprocess_image
+from viq.formats.image import preprocess as preprocess_image
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -478,7 +478,7 @@ def _header_size(path: str) -> tuple[int, int] | str:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            # EXIF orientations 5..8 swap the sides (viq.image applies them when decoding).
+            # EXIF orientations 5..8 swap the sides (viq.formats.image applies them when decoding).
             # PNG's getexif() decodes the whole image when the eXIf chunk comes after the pixel
             # data, so only look at PNG EXIF that the header already contains.
             if (im.format != "PNG" or "exif" in im.info) and im.getexif().get(0x0112) in (5, 6, 7, 8):
@@ -496,7 +496,7 @@ class LlavaDataset(Dataset):
         image_root: folder that relative image paths are resolved against; default: the folder
             of ``path``.
         preprocess: how images without an official ``"resize"`` are sized
-            (:func:`viq.image.preprocess`); its ``max_image_pixels``/``background`` also apply to
+            (:func:`viq.formats.image.preprocess`); its ``max_image_pixels``/``background`` also apply to
             officially resized images, and its ``patch_size`` to :meth:`approx_lengths`.
         on_error: ``"raise"`` (default): any invalid record or image raises :class:`DataError`.
             ``"skip"``: invalid records are dropped (``self.skipped``, one warning), and a sample
@@ -525,7 +525,7 @@ class LlavaDataset(Dataset):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not isinstance(preprocess, PreprocessConfig):
-            raise TypeError(f"preprocess must be a viq.image.PreprocessConfig, got {type(preprocess).__name__}")
+            raise TypeError(f"preprocess must be a viq.formats.image.PreprocessConfig, got {type(preprocess).__name__}")
         if max_samples is not None and (
             isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
         ):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from viq.config import ViQConfig, get_preset
+from viq.model.config import ViQConfig, get_preset
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 
@@ -89,7 +89,7 @@ def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     if not (path / VIQ_CONFIG).is_file() or not (path / VIQ_WEIGHTS).is_file():
-        from viq.official import is_official_dir
+        from viq.model.official import is_official_dir
 
         if is_official_dir(path):
             import viq
@@ -105,7 +105,7 @@ def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor
     present, otherwise a fresh VAE of the config's architecture (random: only meaningful for tests)."""
     if cfg.stage in ("stage1", "mllm"):
         return None
-    from viq.decoders import build_vae as make_vae
+    from viq.model.decoders import build_vae as make_vae
 
     vae = make_vae(config.vae)
     vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
@@ -135,8 +135,8 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
 
     llm, tokenizer, projector = None, None, None
     if cfg.llm.path and cfg.stage != "drawer":
-        from viq.llm import ChatTokenizer, load_causal_lm
-        from viq.projector import MMProjector
+        from viq.mllm.llm import ChatTokenizer, load_causal_lm
+        from viq.mllm.projector import MMProjector
 
         llm, hf_tokenizer = load_causal_lm(cfg.llm.path)
         tokenizer = ChatTokenizer(hf_tokenizer, system_prompt=cfg.llm.system_prompt)
@@ -171,7 +171,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     if previous is not None and projector is not None:
         _load_language_side(model, previous)
     if llm is not None:
-        from viq.llm import prepare_llm
+        from viq.mllm.llm import prepare_llm
 
         adapter = previous / LLM_DIR if previous is not None else None
         model.llm = prepare_llm(llm, cfg.llm.mode, r=cfg.llm.lora_r, alpha=cfg.llm.lora_alpha,
@@ -214,7 +214,7 @@ def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> N
     the next stage and, once it has an FSQ head, by ``viq.load``), the projector and the LLM side."""
     from safetensors.torch import save_file
 
-    from viq.model import COMPONENTS, ViQModel
+    from viq.model.viq import COMPONENTS, ViQModel
 
     directory.mkdir(parents=True, exist_ok=True)
     own = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()

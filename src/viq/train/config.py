@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from viq.config import dataclass_from_dict
+from viq.model.config import dataclass_from_dict
 
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES"]
 

@@ -71,7 +71,7 @@ class ShardedBatchOrder:
 class Collator:
     """Samples -> :class:`TrainBatch`: tokenises conversations (answer-only labels) and lists images.
 
-    ``tokenizer`` is a :class:`viq.llm.ChatTokenizer` (None for image-only stages). Items may be
+    ``tokenizer`` is a :class:`viq.mllm.llm.ChatTokenizer` (None for image-only stages). Items may be
     ``viq.data.llava.Sample`` (conversations + images) or ``viq.data.folder.ImageItem`` (images).
     ``None`` items (samples skipped with ``on_error: skip``) are dropped and counted.
     """

@@ -147,10 +147,10 @@ def lr_multiplier(step: int, total: int, warmup_ratio: float, min_ratio: float) 
 def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
     from viq.data.folder import ImageFolderDataset
     from viq.data.llava import LlavaDataset
-    from viq.image import PreprocessConfig
+    from viq.formats.image import PreprocessConfig
 
     if cfg.stage == "mllm":
-        from viq.mllm import LlavaCodesDataset
+        from viq.data.codes import LlavaCodesDataset
 
         if not cfg.data.codes:
             raise ValueError("stage mllm needs data.codes: the code store made by viq extract")
@@ -345,7 +345,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                 model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             elif hasattr(model.llm, "gradient_checkpointing_enable"):
                 model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from viq.layers import set_attention_backend
+    from viq.model.layers import set_attention_backend
 
     set_attention_backend(model, cfg.train.attention)
     model.train()

@@ -35,9 +35,9 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
 
     ``examples``: if given, each answered question is appended as {question, answer, prediction, correct}.
     """
-    from viq.data.synthetic import score
-    from viq.decoders import decode_latents
-    from viq.llm import generate_answer
+    from viq.demo.synthetic import score
+    from viq.model.decoders import decode_latents
+    from viq.mllm.llm import generate_answer
     from viq.train.engine import CodeUsage, build_dataset, max_pixels_at, usage_stats
 
     was_training = model.training
@@ -69,7 +69,7 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
         if batch.images and model.vae is not None and (model.recon is not None or model.drawer is not None):
             x = batch.images[0]
             feats = model.features([x])
-            from viq.encoder import pad_to_patches
+            from viq.model.encoder import pad_to_patches
 
             padded = pad_to_patches(x, model.config.encoder.patch_size)
             if model.drawer is not None:

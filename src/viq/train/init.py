@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from viq.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
+from viq.model.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
 
 __all__ = ["load_siglip", "hf_siglip_state", "timm_siglip_state", "resize_pos_table"]
 

@@ -1,6 +1,6 @@
 """The model being trained, for every stage: ViQ parts + MM projector + LLM, with frozen teacher and VAE.
 
-Parameter names match :class:`viq.model.ViQModel` (``encoder.``, ``head.``, ``dequant.``,
+Parameter names match :class:`viq.model.viq.ViQModel` (``encoder.``, ``head.``, ``dequant.``,
 ``recon.``, ``drawer.``) so a stage's output loads into the next stage, and into ``viq.load`` after
 export, by name. ``projector.`` and ``llm.`` hold the language side. The teacher and the VAE are
 frozen helpers and never part of the state dict.
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viq.config import ViQConfig
-from viq.decoders import CodeDrawer, CodeEmbedder, LatentDecoder
-from viq.encoder import ViTEncoder, pad_to_patches
-from viq.head import CodeHead
+from viq.model.config import ViQConfig
+from viq.model.decoders import CodeDrawer, CodeEmbedder, LatentDecoder
+from viq.model.encoder import ViTEncoder, pad_to_patches
+from viq.model.head import CodeHead
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class TrainBatch:
 
     images: all images of the batch, in sample order, each (3, H, W) normalised pixels.
     conversations: per sample (input_ids (L,), labels (L,)) with one placeholder id per image
-        (viq.llm.IMAGE_PLACEHOLDER_ID), or empty for image-only stages.
+        (viq.mllm.llm.IMAGE_PLACEHOLDER_ID), or empty for image-only stages.
     images_per_sample: number of images of each sample (sums to len(images)).
     ids: sample ids (for error messages).
     """
@@ -281,7 +281,7 @@ class TrainModel(nn.Module):
         return mean
 
     def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
-        from viq.llm import causal_lm_loss, pack_sequences, splice_image_features
+        from viq.mllm.llm import causal_lm_loss, pack_sequences, splice_image_features
 
         image_embeds = self.projector(features, grids) if features else []
         embed = self.llm.get_input_embeddings()
@@ -315,7 +315,7 @@ class TrainModel(nn.Module):
         for z, x in zip(latents, padded):
             errors.append(F.mse_loss(z.float(), self.vae_target(x).float()))
             if self.pixel_loss_weight:
-                from viq.decoders import decode_latents
+                from viq.model.decoders import decode_latents
 
                 pixel_errors.append(F.mse_loss(decode_latents(self.vae, z).float(), x.float()))
         zero = latents[0].new_zeros(())

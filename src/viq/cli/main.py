@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from viq.formats.image import IMAGE_EXTENSIONS
+
 log = logging.getLogger("viq.cli")
 
 EXIT_OK = 0
@@ -35,7 +37,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 #: File extensions (lower case) that ``viq encode`` picks up inside folders.
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CODES_EXTENSION = ".viq"
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
@@ -159,7 +160,7 @@ def _official_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _load_model(args: argparse.Namespace, components: tuple[str, ...]):
     """``viq.load`` with the command's device/dtype/attention options; failures are usage errors."""
     import viq
-    from viq.official import is_official_dir
+    from viq.model.official import is_official_dir
 
     path = Path(args.model)
     official = _official_kwargs(args)
@@ -174,7 +175,7 @@ def _load_model(args: argparse.Namespace, components: tuple[str, ...]):
         raise CLIError(f"cannot load model {path}: {_reason(e, path)}") from None
     backend = getattr(args, "attention", "auto")
     if backend != "auto":
-        from viq.attention import available_backends
+        from viq.model.attention import available_backends
 
         available = available_backends(device)
         if backend not in available:
@@ -302,9 +303,9 @@ def _skip_existing(jobs: list[_Job], overwrite: bool, run: _Run) -> list[_Job]:
 
 def _atomic_save_image(image: Any, path: Path) -> None:
     """Save a PIL image as PNG to ``path`` via a temporary file + rename (never a half-written file)."""
-    from viq.model import _atomic_write
+    from viq._io import atomic_write
 
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ============================================================================================ fingerprints
@@ -324,8 +325,8 @@ def _model_fingerprint(model: Any) -> str | None:
 def cmd_encode(args: argparse.Namespace) -> int:
     import torch
 
-    from viq.image import PreprocessConfig, preprocess
-    from viq.model import DEFAULT_BATCH_TOKENS
+    from viq.formats.image import PreprocessConfig, preprocess
+    from viq.model.viq import DEFAULT_BATCH_TOKENS
 
     outdir = Path(args.output)
     _check_outdir(outdir)
@@ -407,7 +408,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from viq.codes import Codes, CodesFormatError
+    from viq.formats.codes import Codes, CodesFormatError
 
     outdir = Path(args.output)
     _check_outdir(outdir)
@@ -464,7 +465,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _codes_info(path: Path) -> dict[str, Any]:
-    from viq.codes import Codes, CodesFormatError
+    from viq.formats.codes import Codes, CodesFormatError
 
     try:
         codes = Codes.load(path)
@@ -507,9 +508,9 @@ def _component_of(key: str) -> str:
 
 def _model_info(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Describe a model directory from its config and tensor shapes, without building the model."""
-    from viq.config import ViQConfig
-    from viq.model import COMPONENTS, code_fingerprint
-    from viq.official import (
+    from viq.model.config import ViQConfig
+    from viq.model.viq import COMPONENTS, code_fingerprint
+    from viq.model.official import (
         detect_config,
         find_official_files,
         is_official_dir,
@@ -642,7 +643,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from viq.official import is_official_dir, load_official
+    from viq.model.official import is_official_dir, load_official
 
     src, out = Path(args.official_dir), Path(args.out_dir)
     if not is_official_dir(src):
@@ -912,7 +913,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from viq.data.synthetic import generate
+    from viq.demo.synthetic import generate
 
     try:
         meta = generate(args.out_dir, num_train=args.train, num_val=args.val, num_test=args.test, seed=args.seed,
@@ -927,7 +928,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
     from viq.extract import extract
-    from viq.image import PreprocessConfig
+    from viq.formats.image import PreprocessConfig
 
     pre_kwargs = {k: v for k, v in (("max_pixels", args.max_pixels), ("min_pixels", args.min_pixels)) if v}
     try:
@@ -944,19 +945,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
-    from viq.store import verify_main
+    from viq.store.codestore import verify_main
 
     return verify_main(args.path)
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
-    from viq.store import stats_main
+    from viq.store.codestore import stats_main
 
     return stats_main(args.path, plot=args.plot, as_json=args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from viq.demo import run_demo
+    from viq.demo.run import run_demo
 
     report = run_demo(Path(args.output), scale=args.scale, seed=args.seed)
     print(report)

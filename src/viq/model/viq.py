@@ -1,4 +1,4 @@
-"""The ViQ model and its user-facing API: images -> :class:`~viq.codes.Codes` -> features / latents / pixels.
+"""The ViQ model and its user-facing API: images -> :class:`~viq.formats.codes.Codes` -> features / latents / pixels.
 
 >>> model = viq.load("weights/converted_16k")          # official directory or viq directory
 >>> codes = model.encode(["a.jpg", "b.png"])           # native resolution, packed
@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,20 +26,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from viq.codes import Codes
-from viq.config import ViQConfig, get_preset
-from viq.decoders import (
+from viq._io import atomic_write
+from viq.formats.codes import Codes
+from viq.model.config import ViQConfig, get_preset
+from viq.model.decoders import (
     CodeDrawer,
     CodeEmbedder,
     LatentDecoder,
     build_vae,
     decode_latents,
 )
-from viq.encoder import ViTEncoder, pad_to_patches
-from viq.head import CodeHead
-from viq.layers import set_attention_backend
-from viq.quantizer import FSQ
-from viq.rope import GoldenGateRoPE2d
+from viq.model.encoder import ViTEncoder, pad_to_patches
+from viq.model.head import CodeHead
+from viq.model.layers import set_attention_backend
+from viq.model.quantizer import FSQ
+from viq.model.rope import GoldenGateRoPE2d
 
 __all__ = ["ViQModel", "COMPONENTS", "pack_by_budget", "code_fingerprint"]
 
@@ -152,7 +152,7 @@ class ViQModel(nn.Module):
         Args:
             images: a list of image paths, encoded bytes, PIL images or uint8 (H, W, 3) arrays
                 (a single image is accepted too and gives a list of one).
-            preprocess: a :class:`viq.image.PreprocessConfig` (resolution policy); default: native
+            preprocess: a :class:`viq.formats.image.PreprocessConfig` (resolution policy); default: native
                 resolution capped to [256, 1024*1024] pixels, zero-padded to multiples of 16.
             batch_tokens: packing budget, patch tokens per forward pass.
             progress: show a progress bar.
@@ -162,10 +162,10 @@ class ViQModel(nn.Module):
             pixels that were encoded (after resizing, before padding).
 
         Raises:
-            viq.image.ImageError: an image cannot be read (the message names it).
+            viq.formats.image.ImageError: an image cannot be read (the message names it).
         """
-        from viq.image import PreprocessConfig
-        from viq.image import preprocess as prepare
+        from viq.formats.image import PreprocessConfig
+        from viq.formats.image import preprocess as prepare
 
         cfg = preprocess or PreprocessConfig(patch_size=self.patch_size)
         if not isinstance(images, (list, tuple)):
@@ -313,8 +313,8 @@ class ViQModel(nn.Module):
         meta = {"format": "viq", "components": ",".join(self.components)}
         if self.head is not None or self._fingerprint is not None:
             meta["fingerprint"] = self.fingerprint()
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json() + "\n"))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json() + "\n"))
 
     @classmethod
     def from_pretrained(
@@ -442,25 +442,6 @@ def _prefixes(component: str) -> tuple[str, ...]:
 
 def _preview(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` by ``write(temporary path)`` + fsync + rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

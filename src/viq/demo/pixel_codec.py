@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from viq.config import VAEConfig
-from viq.decoders import build_vae
+from viq.model.config import VAEConfig
+from viq.model.decoders import build_vae
 
 log = logging.getLogger(__name__)
 

@@ -138,6 +138,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "ImageError",
     "PreprocessConfig",
     "PreparedImage",
@@ -151,6 +152,9 @@ __all__ = [
     "resize_and_center_crop",
     "preprocess",
 ]
+
+#: File name extensions (lower case) that viq treats as images when it lists folders and shards.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 #: Same as Pillow's own hard limit (``2 * Image.MAX_IMAGE_PIXELS`` with Pillow's default).
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -273,7 +277,7 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
-        from viq.config import dataclass_from_dict
+        from viq.model.config import dataclass_from_dict
 
         if not isinstance(d, dict):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")

@@ -1,7 +1,7 @@
 """Building blocks shared by the encoder, the code head and the decoders (timm naming and layout).
 
 All blocks work on packed tokens: x is (T, C), the tokens of several images end to end, with a
-:class:`~viq.attention.Segments` telling attention where each image starts and ends. Parameter names
+:class:`~viq.model.attention.Segments` telling attention where each image starts and ends. Parameter names
 match timm's ``VisionTransformer`` (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
 ``mlp.fc2``) so official and timm state dicts map one to one.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viq.attention import Segments, attention
+from viq.model.attention import Segments, attention
 
 __all__ = ["Mlp", "Attention", "Block", "ResidualMlp", "MIN_ROWS", "pad_rows"]
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from viq.codes import Codes
+from viq.formats.codes import Codes
+from viq.store.ids import image_id
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike, store: str | os.PathLike, *, image_root: str | None = None,
                  on_error: str = "raise") -> None:
         from viq.data.llava import DataError, LlavaDataset
-        from viq.store import CodeStore
+        from viq.store.codestore import CodeStore
 
         self.records = LlavaDataset(path, image_root=image_root, on_error=on_error)
         self.store_path = str(store)
@@ -73,11 +74,7 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
             log.warning("%s: skipped %d samples whose images have no codes", path, len(self.skipped))
 
     def _ids(self, index: int) -> list[str]:
-        out = []
-        for p in self.records.image_paths(index):
-            rel = os.path.relpath(p, self.root)
-            out.append(Path(rel).as_posix() if not rel.startswith("..") else str(p))
-        return out
+        return [image_id(p, self.root) for p in self.records.image_paths(index)]
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -95,7 +92,7 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
         return state
 
     def __setstate__(self, state):
-        from viq.store import CodeStore
+        from viq.store.codestore import CodeStore
 
         self.__dict__.update(state)
         self._store = CodeStore.open(self.store_path)

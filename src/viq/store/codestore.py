@@ -29,7 +29,7 @@ the writer's shard number, ``0, 1, 2, ...`` zero-padded to at least 6 digits.
      "entropy_coding": false, "codec": "packed", "shard_bytes": 268435456}
 
 ``codebook_size`` and ``bits_per_code`` are derived (``K = prod(levels)``,
-``B = max(1, ceil(log2 K))``, see :func:`viq.codes.bits_for_levels`) and are checked on open.
+``B = max(1, ceil(log2 K))``, see :func:`viq.formats.codes.bits_for_levels`) and are checked on open.
 ``codec`` is ``"packed"`` or ``"lzma"`` and always agrees with ``entropy_coding``.
 ``shard_bytes`` is the size at which writers roll over to a new shard.
 
@@ -37,11 +37,11 @@ Shard file ``<writer>-<seq>.bin``: an 8-byte header -- magic ``b"VIQS"``, u16 fo
 (1), u16 flags (bit 0 = entropy coded, other bits 0), little-endian -- followed by the records
 of its samples, back to back in index order with no gaps: record ``i`` starts at
 ``offset[i]`` (the first at 8) and the last ends at the end of the file. A record is the codes
-of one image in the official flat order ``C * (y * w + x) + j`` (see :mod:`viq.codes`) and
+of one image in the official flat order ``C * (y * w + x) + j`` (see :mod:`viq.formats.codes`) and
 nothing else: the grid, image size, etc. live in the index. With ``N = h * w * C`` codes:
 
 * ``entropy_coding=False``: exactly ``ceil(N * B / 8)`` bytes, the codes bit-packed at ``B``
-  bits each, LSB-first, by :func:`viq.codes.pack_bits` (unused high bits of the last byte are 0),
+  bits each, LSB-first, by :func:`viq.formats.codes.pack_bits` (unused high bits of the last byte are 0),
   i.e. the payload of a ``.viq`` file. 64k levels (B = 16) with 4 codes per 16x16 patch cost
   ``4 * 16 / 256 = 0.25`` bits per (padded) pixel; see the table in ``docs/formats.md``.
 * ``entropy_coding=True``: one tag byte, then either (tag 0) the packed bytes as above or
@@ -132,7 +132,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -142,7 +141,9 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from viq.codes import Codes, _fsync_dir, bits_for_levels, pack_bits, unpack_bits
+from viq._io import create_exclusive, fsync_dir
+from viq.formats.bits import bits_for_levels, pack_bits, unpack_bits, usage_stats
+from viq.formats.codes import Codes
 
 __all__ = [
     "LZMA_FILTERS",
@@ -362,38 +363,6 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def _write_new_file(path: Path, data: bytes) -> bool:
-    """Atomically create ``path`` with ``data`` unless it exists; True if this call created it.
-
-    The content goes to a unique temporary file that is fsynced and then hard-linked to
-    ``path`` (``link`` fails if ``path`` exists, so concurrent creators cannot clobber each
-    other). Filesystems without hard links fall back to ``os.replace`` (last writer wins,
-    which is harmless here: racing creators write identical configurations or are refused).
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:
-            if path.exists():
-                return False
-            os.replace(tmp, path)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    _fsync_dir(path.parent)
-    return True
-
-
 def file_sha256(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
     """sha256 hex digest of a file's bytes: the ``content_hash`` of an image file."""
     h = hashlib.sha256()
@@ -576,7 +545,7 @@ class CodeStore:
                 raise StoreError(path, f"not empty and not a code store (contains {', '.join(strangers[:5])})")
             # shards/ first, so that any visible store.json comes with its shard directory.
             (path / SHARD_DIR).mkdir(exist_ok=True)
-            if _write_new_file(store_file, _json_bytes(config) + b"\n"):
+            if create_exclusive(store_file, _json_bytes(config) + b"\n"):
                 log.info("created code store %s (levels %s, %s)", path, lv, config["codec"])
                 return cls(path, config, "a")
         if not exist_ok:
@@ -928,7 +897,7 @@ class CodeStore:
     def get(self, sample_id: str) -> Codes:
         """The codes of ``sample_id``, read from the memory-mapped shard.
 
-        The returned :class:`~viq.codes.Codes` carry ``metadata = {"model": <fingerprint>,
+        The returned :class:`~viq.formats.codes.Codes` carry ``metadata = {"model": <fingerprint>,
         "source": <source>}`` (source only if given), like the files ``viq encode`` writes.
 
         Raises:
@@ -1136,10 +1105,7 @@ class CodeStore:
                 except OSError:
                     pass
         used = int(np.count_nonzero(hist))
-        entropy = None
-        if codes_total:
-            p = hist[hist > 0] / codes_total
-            entropy = float(max(0.0, -(p * np.log2(p)).sum()))
+        entropy = usage_stats(hist)["entropy_bits"] if codes_total else None
 
         def ratio(a: float, b: float) -> float | None:
             return a / b if b else None
@@ -1372,7 +1338,7 @@ class ShardWriter:
         # Shard first, index last: the index's appearance is the commit point for readers.
         os.replace(bin_tmp, self._dir / f"{base}.bin")
         os.replace(idx_tmp, self._dir / f"{base}.idx.json")
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         log.debug("%s: finalised shard %s.bin (%d records, %d bytes)", st.path, base, n, self._size)
         self.records_written += n
         self.shards_written += 1
@@ -1418,7 +1384,7 @@ class CodeDataset(torch.utils.data.Dataset):
 
     The index is read once in the constructor; shard memory maps are opened lazily in each
     process (DataLoader worker) on first access and never pickled. The default collate
-    function cannot batch :class:`~viq.codes.Codes` of different grids: pass ``collate_fn``
+    function cannot batch :class:`~viq.formats.codes.Codes` of different grids: pass ``collate_fn``
     (e.g. ``list``) and build batches/sequences yourself.
 
     Args:

@@ -66,7 +66,7 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:
-    """Write ``out/report.html`` from the demo's results (see :func:`viq.demo.evaluate_final`)."""
+    """Write ``out/report.html`` from the demo's results (see :func:`viq.demo.run.evaluate_final`)."""
     out = Path(out)
     curves = out / "loss_curves.png"
     curves.write_bytes(loss_curves_png(results.get("stages", {}), results.get("vae_history", [])))

@@ -1,9 +1,9 @@
 """``viq demo``: the whole ViQ recipe, end to end, on a CPU, with nothing downloaded.
 
-1. a synthetic multimodal QA set (:mod:`viq.data.synthetic`),
-2. a tiny Qwen2 LLM and a BPE tokenizer trained on that set's text (:func:`viq.llm.build_tiny_llm`),
+1. a synthetic multimodal QA set (:mod:`viq.demo.synthetic`),
+2. a tiny Qwen2 LLM and a BPE tokenizer trained on that set's text (:func:`viq.mllm.llm.build_tiny_llm`),
 3. a small pixel VAE fitted to the images (the Qwen-Image VAE cannot be downloaded here;
-   :mod:`viq.train.pixel_vae`), stored with a fresh ``viq-demo`` model as the starting point,
+   :mod:`viq.demo.pixel_codec`), stored with a fresh ``viq-demo`` model as the starting point,
 4. stage 1 -> stage 2-1 -> stage 2-2 -> drawer with the recipes in ``recipes/demo/``,
 5. held-out images and real photographs encoded and reconstructed by the final model, QA answered,
    and an HTML report (``report.html``): input vs reconstruction, loss curves, metrics.
@@ -53,10 +53,10 @@ def _stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: 
 def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
     """Run the demo into ``out`` and return the path of the HTML report. Steps already done (their
     outputs exist) are skipped, so an interrupted demo can be re-run."""
-    from viq.config import get_preset
-    from viq.data.synthetic import generate, load_split
-    from viq.llm import build_tiny_llm
-    from viq.model import ViQModel
+    from viq.model.config import get_preset
+    from viq.demo.synthetic import generate, load_split
+    from viq.mllm.llm import build_tiny_llm
+    from viq.model.viq import ViQModel
     from viq.train.config import load_recipe
     from viq.train.engine import train
 
@@ -87,8 +87,8 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
     vae_history: list[float] = []
     if not (out / "init" / "model.safetensors").is_file():
         log.info("demo 3/6: pixel VAE fitted to the training images, fresh viq-demo model -> %s", out / "init")
-        from viq.image import PreprocessConfig, preprocess
-        from viq.train.pixel_vae import train_pixel_vae
+        from viq.formats.image import PreprocessConfig, preprocess
+        from viq.demo.pixel_codec import train_pixel_vae
 
         config = get_preset("viq-demo")
         pre = PreprocessConfig(max_pixels=96 * 96)
@@ -119,7 +119,7 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
     results["timings_s"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    from viq.report import write_report
+    from viq.demo.report import write_report
 
     report = write_report(out, results)
     log.info("demo 6/6: report -> %s", report)
@@ -130,9 +130,9 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 8, num_photos:
     """Encode/reconstruct held-out synthetic images and real photos with the final model; answer
     the held-out questions with the stage 2-2 LLM."""
     import viq
-    from viq.data.photos import list_photos, load_photo
-    from viq.data.synthetic import load_split
-    from viq.image import PreprocessConfig, preprocess, to_pil, to_pixels
+    from viq.demo.photos import list_photos, load_photo
+    from viq.demo.synthetic import load_split
+    from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
     from viq.train.build import build_model
     from viq.train.config import load_recipe
     from viq.train.evaluate import evaluate, psnr

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from viq.config import (
+from viq.model.config import (
     FSQ_LEVELS,
     DecoderConfig,
     EncoderConfig,
@@ -36,7 +36,7 @@ from viq.config import (
     VAEConfig,
     ViQConfig,
 )
-from viq.quantizer import FSQ
+from viq.model.quantizer import FSQ
 
 __all__ = ["is_official_dir", "find_official_files", "load_official", "load_official_state_dicts", "detect_config",
            "map_official_state_dicts"]
@@ -309,7 +309,7 @@ def load_official(
     levels: Iterable[int] | None = None,
     components: Iterable[str] | None = None,
 ):
-    """Load an official release directory into a :class:`viq.model.ViQModel`.
+    """Load an official release directory into a :class:`viq.model.viq.ViQModel`.
 
     Args:
         directory: folder with ``model_viq_fsq_<size>.pth`` and optionally ``embedder.pth`` and
@@ -321,7 +321,7 @@ def load_official(
         levels: FSQ levels, needed only when neither the codebook nor the file name tells them.
         components: load only these (default: everything the files contain).
     """
-    from viq.model import ViQModel
+    from viq.model.viq import ViQModel
 
     directory = Path(directory)
     files = find_official_files(directory)
@@ -334,11 +334,11 @@ def load_official(
     missing = set(wanted) - set(available)
     if missing:
         raise ValueError(f"{directory}: the official files hold no weights for {sorted(missing)} (have {available})")
-    from viq.model import _prefixes
+    from viq.model.viq import _prefixes
 
     prefixes = tuple(p for c in wanted for p in _prefixes(c))
     state = {k: v for k, v in state.items() if k.startswith(prefixes)}
-    from viq.model import code_fingerprint
+    from viq.model.viq import code_fingerprint
 
     enc = states["encoder"]
     fingerprint = code_fingerprint(

@@ -1080,7 +1080,7 @@ def generate(
         logger.info("synthetic %s: %d samples (%d images) in %s", split, n, len(written), img_dir)
 
     meta: dict[str, Any] = {
-        "generator": "viq.data.synthetic",
+        "generator": "viq.demo.synthetic",
         "version": GENERATOR_VERSION,
         "seed": seed,
         "tasks": list(task_list),

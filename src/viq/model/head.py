@@ -12,7 +12,7 @@ Quantize path, for packed tokens x (T, C) of patch grids (h_i, w_i):
    residual; then LN -> Mlp(C -> 4C -> C), residual. The 4 streams never mix.
 5. Linear C -> d (d = number of FSQ levels), FSQ in float32 -> indices (4T,), order 4*(y*w+x)+j.
 
-The dequantize path (codes -> continuous features) is :class:`viq.decoders.CodeEmbedder`.
+The dequantize path (codes -> continuous features) is :class:`viq.model.decoders.CodeEmbedder`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viq.attention import Segments, attention
-from viq.config import HeadConfig
-from viq.encoder import Packed
-from viq.layers import Block, Mlp
-from viq.quantizer import FSQ, Bottleneck, SimVQ
-from viq.rope import GoldenGateRoPE2d, apply_rotary
+from viq.model.attention import Segments, attention
+from viq.model.config import HeadConfig
+from viq.model.encoder import Packed
+from viq.model.layers import Block, Mlp
+from viq.model.quantizer import FSQ, Bottleneck, SimVQ
+from viq.model.rope import GoldenGateRoPE2d, apply_rotary
 
 __all__ = ["CodeHead", "RoPEAttention", "RoPEBlock"]
 

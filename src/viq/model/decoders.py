@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viq.attention import Segments
-from viq.config import DecoderConfig, HeadConfig, VAEConfig
-from viq.layers import MIN_ROWS, Block, Mlp, ResidualMlp, pad_rows
-from viq.quantizer import FSQ
+from viq.model.attention import Segments
+from viq.model.config import DecoderConfig, HeadConfig, VAEConfig
+from viq.model.layers import MIN_ROWS, Block, Mlp, ResidualMlp, pad_rows
+from viq.model.quantizer import FSQ
 
 __all__ = ["CodeEmbedder", "LatentDecoder", "CodeDrawer", "build_vae", "decode_latents"]
 
@@ -104,7 +104,7 @@ class LatentDecoder(nn.Module):
                 raise ValueError(f"{f.shape[0]} feature vectors do not fill a {h}x{w} grid")
         lengths = tuple(h * w for h, w in grids)
         total = sum(lengths)
-        # A filler segment keeps tiny packs on the same GEMM path (see viq.layers.MIN_ROWS).
+        # A filler segment keeps tiny packs on the same GEMM path (see viq.model.layers.MIN_ROWS).
         segments = Segments(lengths + ((MIN_ROWS - total,) if total < MIN_ROWS else ()))
         x = self.norm(self.mlp(pad_rows(torch.cat(features))))
         for block in self.blocks:

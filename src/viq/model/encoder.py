@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viq.attention import Segments
-from viq.config import EncoderConfig
-from viq.layers import MIN_ROWS, Block, Mlp
+from viq.model.attention import Segments
+from viq.model.config import EncoderConfig
+from viq.model.layers import MIN_ROWS, Block, Mlp
 
 __all__ = ["Packed", "ViTEncoder", "AttentionPool", "pad_to_patches", "resize_pos_embed"]
 
@@ -131,7 +131,7 @@ class ViTEncoder(nn.Module):
             grids.append(grid)
         total = sum(t.shape[0] for t in tokens)
         # A pack shorter than MIN_ROWS gets a filler segment (its own attention segment, so it
-        # touches no image), keeping every GEMM on the same kernel path (see viq.layers.MIN_ROWS).
+        # touches no image), keeping every GEMM on the same kernel path (see viq.model.layers.MIN_ROWS).
         filler = max(0, MIN_ROWS - total)
         if filler:
             tokens.append(tokens[0].new_zeros(filler, tokens[0].shape[1]))

@@ -194,7 +194,7 @@ class VAEConfig:
 
 @dataclass
 class ViQConfig:
-    """Everything needed to build a :class:`viq.model.ViQModel`."""
+    """Everything needed to build a :class:`viq.model.viq.ViQModel`."""
 
     name: str = "viq-g-16k"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

@@ -1,6 +1,6 @@
 """The LLM side of ViQ training: chat tokenisation with label masks, image splicing, packing, loss.
 
-Training feeds projected image features (:mod:`viq.projector`) into a causal LM and supervises the
+Training feeds projected image features (:mod:`viq.mllm.projector`) into a causal LM and supervises the
 assistant answers with cross-entropy. Pipeline for one sample::
 
     chat = ChatTokenizer(tokenizer)

@@ -1,0 +1,1 @@
+"""The ``viq`` command line: a parser and one module per command group."""
