@@ -30,7 +30,7 @@ from common import best_time, write_record  # noqa: E402
 
 from viq.formats.codes import Codes  # noqa: E402
 from viq.model.config import EncoderConfig, HeadConfig, ViQConfig, get_preset  # noqa: E402
-from viq.mllm.llm import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID  # noqa: E402
+from viq.mllm.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID  # noqa: E402
 from viq.mllm.projector import MMProjector  # noqa: E402
 from viq.train.model import TrainBatch, TrainModel  # noqa: E402
 

@@ -5,22 +5,22 @@ random conversation (random token ids, one image placeholder, labels on the answ
 full Stage 2-2 training step of :class:`viq.train.model.TrainModel`: encoder -> FSQ head -> dequant
 -> projector -> LLM (text loss), plus self-distillation against a frozen teacher snapshot and
 VAE-latent reconstruction against a frozen (random) VAE, all parts trainable, AdamW, gradient
-clipping -- the work ``viq.train.engine`` does per micro-batch. Random weights only: the figures
-measure layout and kernels, not model quality. Two variants, same samples, same model, same run:
+clipping: one call of :func:`viq.train.engine.train_step`, the step the training loop runs. Random
+weights only: the figures measure layout and kernels, not model quality. Two variants, same samples, same model, same run:
 
 * ``packed``: TrainModel's own path. All images at native size in one packed ViT pass; the
   conversations (text + projected image tokens) first-fit packed into rows of ``--max-length``
-  tokens with :func:`viq.mllm.llm.pack_sequences` (attention kept inside each conversation).
+  tokens with :func:`viq.mllm.packing.pack_sequences` (attention kept inside each conversation).
 * ``padded``: what a LLaVA-style trainer does. Every image zero-padded to the largest height and
   the largest width in the batch (so it makes more patch tokens, more FSQ/recon work, a bigger VAE
   target and more LLM image tokens: that is the cost measured), and every conversation in its own
   row, right-padded to the longest one, with a 2-D padding ``attention_mask`` (the standard
-  Hugging Face batch). Implemented by swapping TrainModel's ``_text_loss`` for
-  :func:`padded_text_loss` on the instance for the padded runs; everything else is TrainModel's code.
+  Hugging Face batch): TrainModel's ``llm_rows="padded"`` layout; everything else is the same code.
 
 Timings (``bench.common.best_time``, best of ``--repeats`` after one warm-up, synchronised):
-``step`` = zero_grad + forward + backward + clip + AdamW step; ``forward`` = the forward half alone
-(graph built, then dropped), so backward + optimizer = step - forward. Rates count real work only:
+``step`` = :func:`~viq.train.engine.train_step` (forward + backward + clip + AdamW step + zero_grad +
+LR schedule step); ``forward`` = the forward half alone, with the step's loss combination
+(:func:`~viq.train.engine.combine_losses`; graph built, then dropped), so backward + optimizer = step - forward. Rates count real work only:
 LLM tokens/s counts the spliced tokens of the native-size samples (text + native image tokens, no
 padding), patch tokens/s the native images' patches, for both variants. The work actually done
 (padding included) is recorded too. Peak memory (``torch.cuda.max_memory_allocated``) on CUDA.
@@ -33,11 +33,9 @@ padding), patch tokens/s the native images' patches, for both variants. The work
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import random
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,23 +52,16 @@ from viq.model.config import (
     get_preset,
 )
 from viq.model.decoders import build_vae
-from viq.model.layers import set_attention_backend
-from viq.mllm.llm import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER_ID,
-    causal_lm_loss,
-    prepare_llm,
-    splice_image_features,
-    trainable_parameter_count,
-)
+from viq.mllm.adapters import prepare_llm, trainable_parameter_count
+from viq.mllm.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from viq.mllm.projector import MMProjector
+from viq.train.config import TrainConfig
+from viq.train.engine import autocast_context, combine_losses, loss_weights, prepare_model, train_step
 from viq.train.model import TrainBatch, TrainModel
+from viq.train.optim import build_optimizer, build_scheduler
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import best_time, write_record
-
-#: Loss weights of the default recipe (viq.train.config.LossSection).
-LOSS_WEIGHTS = {"text": 1.0, "distill": 10.0, "recon": 1.0, "commit": 1.0}
 
 
 @dataclass
@@ -144,43 +135,6 @@ def conversations(n: int, vocab: int, prompt: tuple[int, int], answer: tuple[int
     return out
 
 
-def padded_text_loss(self: TrainModel, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
-    """TrainModel._text_loss, LLaVA style: one conversation per row, right-padded to the longest,
-    with a 2-D padding attention mask (pads are zero embeddings with IGNORE_INDEX labels)."""
-    image_embeds = self.projector(features, grids)
-    embed = self.llm.get_input_embeddings()
-    device = embed.weight.device
-    items, start = [], 0
-    for (input_ids, labels), k in zip(batch.conversations, batch.images_per_sample):
-        items.append(splice_image_features(embed, input_ids.to(device), labels.to(device),
-                                           image_embeds[start : start + k]))
-        start += k
-    T = max(emb.shape[0] for emb, _ in items)
-    embeds = torch.stack([F.pad(emb, (0, 0, 0, T - emb.shape[0])) for emb, _ in items])
-    labels = torch.stack([F.pad(lab, (0, T - lab.shape[0]), value=IGNORE_INDEX) for _, lab in items])
-    mask = torch.stack([torch.arange(T, device=device) < emb.shape[0] for emb, _ in items]).long()
-    logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-    _, ce_sum, count = causal_lm_loss(logits, labels)
-    return ce_sum, count.float()
-
-
-@contextlib.contextmanager
-def padded_rows(model: TrainModel):
-    """Within the block, ``model`` puts each conversation in its own padded row."""
-    model._text_loss = types.MethodType(padded_text_loss, model)
-    try:
-        yield
-    finally:
-        del model._text_loss
-
-
-def loss_of(out: dict[str, torch.Tensor], n_tokens: float, n_images: float) -> torch.Tensor:
-    """The engine's step loss: weighted sums over their global counts."""
-    parts = {"text": out["text_sum"] / n_tokens, "distill": out["distill_sum"] / n_images,
-             "recon": out["recon_sum"] / n_images, "commit": out["commit_sum"] / n_images}
-    return sum(LOSS_WEIGHTS[k] * parts[k] for k in LOSS_WEIGHTS)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="cpu", choices=["cpu", "gpu"],
@@ -223,25 +177,23 @@ def main(argv: list[str] | None = None) -> dict:
     llm_config._attn_implementation = "sdpa"
     llm = Qwen2ForCausalLM(llm_config)
     projector = MMProjector(config.width, llm_config.hidden_size)
-    model = TrainModel("stage2_2", config, llm=llm, projector=projector, vae=build_vae(config.vae),
+    # The default recipe's losses and optimiser, at a constant learning rate.
+    cfg = TrainConfig.from_dict({
+        "stage": "stage2_2",
+        "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
+        "train": {"precision": "bf16" if shape.autocast else "fp32", "gradient_checkpointing": checkpointing,
+                  "attention": args.attention},
+    })
+    model = TrainModel(cfg.stage, config, llm=llm, projector=projector, vae=build_vae(config.vae),
                        teacher_size=args.teacher_size, max_length=args.max_length)
     model.llm = prepare_llm(llm, args.llm_mode)
     model.snapshot_teacher()
-    if checkpointing:
-        for part in (model.encoder, model.head, model.recon):
-            part.gradient_checkpointing = True
-        if hasattr(model.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    set_attention_backend(model, args.attention)
-    model.to(device).train()
-    for helper in (model.teacher, model.vae):
-        helper.eval()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-4)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if shape.autocast
-                else contextlib.nullcontext())
+    prepare_model(model, cfg)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    autocast = autocast_context(cfg, device)
+    weights = loss_weights(cfg)
 
     # ---------------------------------------------------------------- the workload
     p = config.encoder.patch_size
@@ -256,8 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     per_sample = [1] * args.samples
     ids = [str(i) for i in range(args.samples)]
     batches = {
-        "packed": TrainBatch(images, convs, per_sample, ids).to(device),
-        "padded": TrainBatch(padded_images, convs, per_sample, ids).to(device),
+        "packed": TrainBatch(images=images, conversations=convs, images_per_sample=per_sample, ids=ids).to(device),
+        "padded": TrainBatch(images=padded_images, conversations=convs, images_per_sample=per_sample,
+                             ids=ids).to(device),
     }
 
     grids = [(-(-h // p), -(-w // p)) for h, w in sizes]
@@ -286,30 +239,23 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     # ---------------------------------------------------------------- timing
-    def contexts(name: str):
-        return padded_rows(model) if name == "padded" else contextlib.nullcontext()
-
     losses: dict[str, float] = {}
 
     def forward(name: str) -> Callable[[], None]:
         def run() -> None:
-            with contexts(name), autocast:
-                loss = loss_of(model(batches[name]), n_tokens, n_images)
+            with autocast:
+                loss, _ = combine_losses(model(batches[name]), weights, n_tokens, n_images)
             losses[name] = float(loss.detach())
         return run
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with contexts(name), autocast:
-                loss = loss_of(model(batches[name]), n_tokens, n_images)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
+            train_step(model, batches[name], optimizer, scheduler, cfg, device=device, autocast=autocast)
         return run
 
     figures: dict[str, dict[str, Any]] = {}
     for name in ("packed", "padded"):
+        model.llm_rows = name
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

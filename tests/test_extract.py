@@ -19,7 +19,7 @@ from PIL import Image
 import viq
 from viq.formats.codes import bits_for_levels
 from viq.extract import extract, list_items
-from viq.store.codestore import CodeStore
+from viq.store.reader import CodeStore
 
 
 def make_images(folder: Path, n: int, seed: int = 0, bad: bool = True) -> list[Path]:

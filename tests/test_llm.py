@@ -17,23 +17,23 @@ if _missing:
         pytest.fail(f"LLM dependencies missing in CI: {_missing}", pytrace=False)
     pytest.skip(f"LLM dependencies not installed: {_missing}", allow_module_level=True)
 
-from viq.mllm.llm import (  # noqa: E402
+from viq.demo.tiny_llm import build_tiny_llm  # noqa: E402
+from viq.mllm.adapters import (  # noqa: E402
+    generate_answer,
+    linear_leaf_names,
+    load_causal_lm,
+    prepare_llm,
+    trainable_parameter_count,
+)
+from viq.mllm.chat import (  # noqa: E402
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,
     ChatTokenizer,
-    build_tiny_llm,
-    causal_lm_loss,
-    generate_answer,
-    linear_leaf_names,
-    load_causal_lm,
     messages_from_llava,
-    pack_sequences,
-    prepare_llm,
-    splice_image_features,
-    trainable_parameter_count,
     truncate,
 )
+from viq.mllm.packing import causal_lm_loss, pack_sequences, splice_image_features  # noqa: E402
 from viq.mllm.projector import MMProjector  # noqa: E402
 
 # peft 0.21 calls a transformers API deprecated in 5.x; not ours to fix.
@@ -216,7 +216,7 @@ def test_fallback_template_warns(llm, caplog):
     saved = tok.chat_template
     try:
         tok.chat_template = None
-        with caplog.at_level(logging.WARNING, logger="viq.mllm.llm"):
+        with caplog.at_level(logging.WARNING, logger="viq.mllm.chat"):
             fb = ChatTokenizer(tok)
         assert "ChatML" in caplog.text and fb.chat_template == CHATML_TEMPLATE
     finally:

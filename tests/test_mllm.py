@@ -63,9 +63,13 @@ def test_offline_path_equals_online_path(setup, tmp_path):
     for i in range(len(stored)):
         offline_batch = collator([stored[i]])
         codes_now = online.encode_pixels(pixels[i].images)
+        # Counts first: zip() would silently pass if the collator dropped codes.
+        assert len(offline_batch.codes) == len(codes_now) == len(pixels[i].images) > 0
         assert all(a.same_codes(b) for a, b in zip(offline_batch.codes, codes_now))
         feats, _ = model.code_features(offline_batch.codes)
-        for f, g in zip(feats, online.embed(codes_now)):
+        expected = online.embed(codes_now)
+        assert len(feats) == len(expected)
+        for f, g in zip(feats, expected):
             assert torch.equal(f, g)
         online_batch = collator([stored[i]])
         online_batch.codes = codes_now

@@ -168,6 +168,36 @@ def test_load_errors(test_model, tmp_path):
         viq.load(tmp_path / "m2")
 
 
+def test_encode_stream_yields_codes_or_error_per_item_in_order(test_model, tmp_path):
+    """One stream for every input kind; a bad item becomes its own error and the stream goes on."""
+    import dataclasses
+
+    from viq.formats.image import preprocess
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(20, 30), (40, 17), (16, 64)]]
+    Image.fromarray(arrays[0]).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    prepared = dataclasses.replace(preprocess(arrays[2]), source="third")
+    ref = test_model.encode([tmp_path / "a.png", arrays[1], arrays[2]])
+    pulled = []
+
+    def items():  # a generator: read lazily, a pack at a time
+        for item in [tmp_path / "a.png", tmp_path / "bad.png", arrays[1],
+                     torch.zeros(4, 8, 8), prepared, ref[0].flat()]:
+            pulled.append(item)
+            yield item
+
+    for budget in (1, 4, 10**6):
+        pulled.clear()
+        out = list(test_model.encode_stream(items(), batch_tokens=budget))
+        assert len(out) == len(pulled) == 6
+        assert out[0].same_codes(ref[0]) and out[2].same_codes(ref[1]) and out[4].same_codes(ref[2])
+        assert isinstance(out[1], ImageError) and "bad.png" in str(out[1])
+        assert isinstance(out[3], ValueError) and "item 3" in str(out[3])  # not (3, H, W)
+        assert isinstance(out[5], TypeError) and "item 5" in str(out[5])  # integer tensor: not pixels
+
+
 def test_pack_by_budget():
     assert pack_by_budget([5, 5, 5], 10) == [[0, 1], [2]]
     assert pack_by_budget([20, 1, 1], 10) == [[0], [1, 2]]

@@ -1,4 +1,4 @@
-"""Tests for viq.store.codestore: the sharded code store (round trips, sizes, crash safety, verify, dataset)."""
+"""Tests for viq.store: the sharded code store (round trips, sizes, crash safety, verify, dataset)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ import torch
 
 from viq.formats.codes import Codes, bits_for_levels, pack_bits
 from viq.model.config import FSQ_LEVELS
-from viq.store.codestore import (
-    CodeDataset,
-    CodeStore,
-    StoreError,
-    file_sha256,
-    plot_stats,
-    stats_main,
-    verify_main,
-)
+from viq.data.codes import CodeDataset
+from viq.store import CodeStore, StoreError
+from viq.store.check import plot_stats, stats_main, verify_main
+from viq.store.format import file_sha256
 
 LEVEL_SETS = list(FSQ_LEVELS.values())  # the five released sizes
 # Payload bits per padded pixel from the docs/formats.md table: 4 codes * B bits / (16 * 16).

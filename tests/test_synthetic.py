@@ -14,6 +14,8 @@ from PIL import Image
 
 from viq.demo import photos as P
 from viq.demo import synthetic as S
+from viq.demo.synthetic import draw as D
+from viq.demo.synthetic import writer as W
 
 SMALL = {"num_train": 30, "num_val": 6, "num_test": 6, "seed": 0}
 
@@ -286,7 +288,7 @@ def test_sample_size_bounds():
     rng = random.Random(0)
     for lo, hi, floor in [(64, 384, 0), (32, 40, 0), (64, 384, 112), (100, 100, 0)]:
         for _ in range(300):
-            w, h = S._sample_size(rng, lo, hi, floor)
+            w, h = W._sample_size(rng, lo, hi, floor)
             eff = min(max(lo, floor), hi)
             assert eff <= w <= hi and eff <= h <= hi
             assert max(w, h) / min(w, h) <= 4.05
@@ -295,7 +297,7 @@ def test_sample_size_bounds():
 def test_place_non_overlapping():
     rng = random.Random(1)
     for w, h, k in [(64, 64, 13), (384, 96, 5), (32, 32, 3)]:
-        discs = S._place(rng, w, h, k)
+        discs = D._place(rng, w, h, k)
         assert len(discs) == k
         for i, (x, y, r) in enumerate(discs):
             assert r <= x <= w - r and r <= y <= h - r
@@ -304,16 +306,16 @@ def test_place_non_overlapping():
 
 
 def test_fallback_without_font_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "FONT_DIRS", (tmp_path / "no-fonts",))
-    S._font_index.cache_clear()
-    S._default_fonts.cache_clear()
+    monkeypatch.setattr(D, "FONT_DIRS", (tmp_path / "no-fonts",))
+    D._font_index.cache_clear()
+    D._default_fonts.cache_clear()
     try:
         assert S.resolve_fonts(None) == (S.PIL_DEFAULT_FONT,)
         meta = S.generate(tmp_path / "ds", num_train=7, num_val=0, num_test=0, tasks=("ocr", "document", "chart"))
         assert meta["fonts"] == [S.PIL_DEFAULT_FONT]
     finally:
-        S._font_index.cache_clear()
-        S._default_fonts.cache_clear()
+        D._font_index.cache_clear()
+        D._default_fonts.cache_clear()
 
 
 def test_score():
@@ -363,6 +365,10 @@ def test_debian_wallpaper_scan(tmp_path):
     aqua = next(p for p in found if p.name.endswith("Aqua.jpg"))
     assert aqua.size == (300, 200) and P.load_photo(aqua).size == (300, 200)
     assert P._debian_photos([tmp_path / "missing"]) == []
+    # Wallpaper names are paths: the file stem a demo writes next to its outputs is one safe name.
+    assert aqua.file_stem == "backgrounds_mate_nature_Aqua.jpg"
+    assert P.Photo(name="../x y", source="t", size=(1, 1)).file_stem == "_x_y"
+    assert P.Photo(name="..", source="t", size=(1, 1)).file_stem == "photo"
     assert set(P.DEBIAN_PHOTO_PACKAGES) == {"mate-backgrounds", "lomiri-wallpapers-16.04", "plasma-workspace-wallpapers"}
 
 

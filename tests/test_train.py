@@ -15,7 +15,8 @@ from train_helpers import make_llm, make_qa, recipe
 import viq
 from viq.train.config import TrainConfig, apply_overrides, load_recipe
 from viq.train.data import ShardedBatchOrder
-from viq.train.engine import lr_multiplier, train
+from viq.train.engine import train
+from viq.train.optim import lr_multiplier
 
 
 @pytest.fixture(scope="module")

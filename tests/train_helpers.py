@@ -38,7 +38,7 @@ def make_qa(root: Path, n: int = 4, seed: int = 0, size: tuple[int, int] = (40, 
 
 
 def make_llm(root: Path) -> Path:
-    from viq.mllm.llm import build_tiny_llm
+    from viq.demo.tiny_llm import build_tiny_llm
 
     corpus = ["What color is the square? " + " ".join(COLORS)] * 20
     return build_tiny_llm(root, corpus, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,

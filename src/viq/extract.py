@@ -1,4 +1,4 @@
-"""Offline code extraction: images -> a :class:`viq.store.codestore.CodeStore`, on one or many devices, resumable.
+"""Offline code extraction: images -> a :class:`viq.store.reader.CodeStore`, on one or many devices, resumable.
 
 ::
 
@@ -11,18 +11,21 @@
 * **Sharding**: under ``torchrun`` rank r of W takes items r, r+W, ... of the sorted item list and
   writes its own store shards (writer ``rank<r>``): no locks, no shared files.
 * **Pipeline**: DataLoader workers read, hash (sha256 of the file bytes) and preprocess images in
-  parallel; the main process packs them up to ``batch_tokens`` patch tokens per forward pass.
+  parallel; the main process drops duplicates and hands the rest to :meth:`ViQModel.encode_stream`,
+  which packs them up to ``batch_tokens`` patch tokens per forward pass.
 * **Resumable**: shards are finalised atomically every ``flush_every`` images; a re-run skips every id
   already in the store, so a run killed at any moment (even mid-shard) finishes with each image stored
   exactly once and nothing corrupt.
 * **Deduplication**: an image whose bytes were already stored (same sha256) is not encoded again;
   its codes are copied under the new id.
-* **Errors**: unreadable images are recorded in ``errors-rank<r>.jsonl`` beside the shards and
+* **Errors**: unreadable images (and images whose forward pass fails) are recorded in ``errors-rank<r>.jsonl`` beside the shards and
   skipped; the summary counts them.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -118,8 +121,8 @@ class _ReadDataset(torch.utils.data.Dataset):
                 prepared = preprocess(data, self.preprocess)
             except Exception as e:  # re-label the "<bytes>" source with the real name
                 raise type(e)(str(e).replace("<bytes>", name)) if isinstance(e, ValueError) else e
-            out["pixels"] = prepared.pixels
-            out["source_size"] = prepared.source_size
+            # named after the file, so that an encoding error from ViQModel.encode_stream names it too
+            out["prepared"] = dataclasses.replace(prepared, source=name)
         except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
             out["error"] = f"{type(e).__name__}: {e}"
         return out
@@ -153,7 +156,7 @@ def extract(
     """
     import viq
     from viq.formats.image import PreprocessConfig
-    from viq.store.codestore import CodeStore
+    from viq.store.reader import CodeStore
 
     rank, world = _rank_world()
     if device == "auto":
@@ -180,15 +183,14 @@ def extract(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="extract", unit="img")
-    pending: list[dict[str, Any]] = []
-    pending_tokens = 0
-    p = model.patch_size
     fingerprint = model.fingerprint()
 
     with store.writer(name=f"rank{rank}") as writer:
         since_flush = 0
         recent: dict[str, Codes] = {}  # content hash -> codes added since the last flush
-        waiting: dict[str, list[Item]] = {}  # content hash -> duplicates of a pending image
+        waiting: dict[str, list[Item]] = {}  # content hash -> duplicates of an image being encoded
+        queued: collections.deque[dict[str, Any]] = collections.deque()  # sent to encode_stream, in order
+        reading_s = 0.0  # time spent in to_encode() (reading, dedup, store writes), inside the stream's wall time
 
         def add(item: Item, codes: Codes, content_hash: str) -> None:
             nonlocal since_flush
@@ -200,55 +202,74 @@ def extract(
             if bar is not None:
                 bar.update(1)
 
-        def encode_pending() -> None:
-            nonlocal pending, pending_tokens
-            if not pending:
-                return
-            t0 = time.perf_counter()
-            codes = model.encode_pixels([r["pixels"] for r in pending], batch_tokens=batch_tokens)
-            if str(model.device).startswith("cuda"):
-                torch.cuda.synchronize(model.device)
-            timing["encode_s"] += time.perf_counter() - t0
-            for r, c in zip(pending, codes):
-                add(r["item"], c, r["hash"])
-                counts["encoded"] += 1
-                for twin in waiting.pop(r["hash"], []):
-                    add(twin, c, r["hash"])
-                    counts["deduplicated"] += 1
-            pending, pending_tokens = [], 0
+        def fail(item: Item, error: str) -> None:
+            counts["failed"] += 1
+            with open(errors_path, "a") as f:
+                f.write(json.dumps({"id": item.sample_id, "source": item.path, "error": error}) + "\n")
+            log.warning("%s: %s", item.path, error)
+            if bar is not None:
+                bar.update(1)
 
-        for result in loader:
-            item = result["item"]
-            if "error" in result:
-                counts["failed"] += 1
-                with open(errors_path, "a") as f:
-                    f.write(json.dumps({"id": item.sample_id, "source": item.path, "error": result["error"]}) + "\n")
-                log.warning("%s: %s", item.path, result["error"])
-                if bar is not None:
-                    bar.update(1)
-                continue
-            h = result["hash"]
-            # Same bytes as an image already stored, added, or waiting to be encoded: no second encode.
-            known = recent.get(h)
-            if known is None:
-                stored_as = store.has_hash(h)
-                known = store.get(stored_as) if stored_as is not None else None
-            if known is not None:
-                add(item, known, h)
-                counts["deduplicated"] += 1
-            elif h in waiting:
-                waiting[h].append(item)
-            else:
-                waiting[h] = []
-                pending.append(result)
-                pending_tokens += (-(-result["pixels"].shape[1] // p)) * (-(-result["pixels"].shape[2] // p))
-                if pending_tokens >= batch_tokens:
-                    encode_pending()
-            if since_flush >= flush_every and not pending:
+        def maybe_flush() -> None:
+            # only between packs, when no image is being encoded: its duplicates wait in `waiting`
+            nonlocal since_flush
+            if since_flush >= flush_every and not queued:
                 writer.flush()
                 recent.clear()
                 since_flush = 0
-        encode_pending()
+
+        def to_encode():
+            """The loader's images that need encoding; read errors and duplicates are handled here."""
+            nonlocal reading_s
+            t0 = time.perf_counter()
+            for result in loader:
+                item = result["item"]
+                if "error" in result:
+                    fail(item, result["error"])
+                    maybe_flush()
+                    continue
+                h = result["hash"]
+                # Same bytes as an image already stored, added, or being encoded: no second encode.
+                known = recent.get(h)
+                if known is None:
+                    stored_as = store.has_hash(h)
+                    known = store.get(stored_as) if stored_as is not None else None
+                if known is not None:
+                    add(item, known, h)
+                    counts["deduplicated"] += 1
+                elif h in waiting:
+                    waiting[h].append(item)
+                else:
+                    waiting[h] = []
+                    queued.append(result)
+                    reading_s += time.perf_counter() - t0
+                    yield result["prepared"]
+                    t0 = time.perf_counter()
+                maybe_flush()
+            reading_s += time.perf_counter() - t0
+
+        stream_s = 0.0
+        stream = model.encode_stream(to_encode(), batch_tokens=batch_tokens)
+        while True:
+            t0 = time.perf_counter()
+            codes = next(stream, None)  # Codes are on the CPU: the device work is done
+            stream_s += time.perf_counter() - t0
+            if codes is None:
+                break
+            result = queued.popleft()
+            item, h = result["item"], result["hash"]
+            twins = waiting.pop(h, [])
+            if isinstance(codes, Exception):
+                for it in (item, *twins):
+                    fail(it, f"{type(codes).__name__}: {codes}")
+            else:
+                add(item, codes, h)
+                counts["encoded"] += 1
+                for twin in twins:
+                    add(twin, codes, h)
+                    counts["deduplicated"] += 1
+            maybe_flush()
+        timing["encode_s"] = stream_s - reading_s
     if bar is not None:
         bar.close()
     timing["wall_s"] = time.perf_counter() - started

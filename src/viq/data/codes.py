@@ -1,4 +1,6 @@
-"""Training an LLM on stored codes (the offline path): LLaVA conversations whose images are codes.
+"""Datasets over a code store: :class:`CodeDataset` (``(sample_id, Codes)`` pairs) and
+:class:`LlavaCodesDataset` (training an LLM on stored codes, the offline path: LLaVA conversations
+whose images are codes).
 
 The encoder leaves the training loop: ``viq extract`` wrote every image's codes into a code store
 once, and here each ``<image>`` of a conversation becomes ``embedder(codes) -> projector`` tokens.
@@ -15,17 +17,56 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.data
 
 from viq.formats.codes import Codes
 from viq.store.ids import image_id
+from viq.store.reader import CodeStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LlavaCodesDataset", "CodesSample"]
+__all__ = ["CodeDataset", "LlavaCodesDataset", "CodesSample"]
+
+
+class CodeDataset(torch.utils.data.Dataset):
+    """``dataset[i] -> (sample_id, Codes)`` over a code store, for ``torch.utils.data.DataLoader``.
+
+    The index is read once in the constructor; shard memory maps are opened lazily in each
+    process (DataLoader worker) on first access and never pickled. The default collate
+    function cannot batch :class:`~viq.formats.codes.Codes` of different grids: pass ``collate_fn``
+    (e.g. ``list``) and build batches/sequences yourself.
+
+    Args:
+        store_path: the store directory.
+        ids: the sample ids to serve, in this order (default: all, in index order).
+
+    Raises:
+        StoreError: the store cannot be opened. KeyError: an id in ``ids`` is not stored.
+    """
+
+    def __init__(self, store_path: str | os.PathLike, ids: Sequence[str] | None = None) -> None:
+        self.store_path = Path(store_path)
+        self._store = CodeStore.open(self.store_path, "r")
+        self.ids = self._store.ids() if ids is None else list(ids)
+        missing = [sid for sid in self.ids if sid not in self._store]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in {self.store_path}, e.g. {missing[:3]}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[str, Codes]:
+        sid = self.ids[i]
+        return sid, self._store.get(sid)
+
+    @property
+    def store(self) -> CodeStore:
+        return self._store
 
 
 @dataclass
@@ -51,7 +92,6 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike, store: str | os.PathLike, *, image_root: str | None = None,
                  on_error: str = "raise") -> None:
         from viq.data.llava import DataError, LlavaDataset
-        from viq.store.codestore import CodeStore
 
         self.records = LlavaDataset(path, image_root=image_root, on_error=on_error)
         self.store_path = str(store)
@@ -65,8 +105,9 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
             if not missing:
                 self.keep.append(i)
                 continue
-            problem = f"{self.records._records[i].label}: no codes in {store} for image {missing[0]} (run viq extract)"
-            where = self.records._records[i].where
+            record = self.records.record(i)
+            problem = f"{record.label}: no codes in {store} for image {missing[0]} (run viq extract)"
+            where = record.where
             if on_error == "raise":
                 raise DataError(problem)
             self.skipped.append((where, problem))
@@ -81,7 +122,7 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> CodesSample:
         index = self.keep[i]
-        record = self.records._records[index]
+        record = self.records.record(index)
         messages = [{"role": role, "content": content} for role, content in record.messages]
         codes = [self._store.get(sid) for sid in self._ids(index)]
         return CodesSample(id=record.id, messages=messages, codes=codes, where=record.where, index=index)
@@ -92,7 +133,5 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
         return state
 
     def __setstate__(self, state):
-        from viq.store.codestore import CodeStore
-
         self.__dict__.update(state)
         self._store = CodeStore.open(self.store_path)

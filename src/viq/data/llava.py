@@ -1,5 +1,8 @@
 """LLaVA-style multimodal conversation data for training ViQ together with an LLM.
 
+This module is long because it specifies and validates the file format in one place: every
+malformed record is an error naming the file, the line and the problem.
+
 File format (the official training format, see ``official-viq-training.md`` §9.1)
 ---------------------------------------------------------------------------------
 ``path`` is a ``.json`` file holding one list of records, or a ``.jsonl`` file with one record
@@ -84,9 +87,9 @@ from viq.formats.image import (
     to_pixels,
 )
 from viq.formats.image import preprocess as preprocess_image
+from viq.mllm.chat import IMAGE_TOKEN
 
 __all__ = [
-    "IMAGE_PLACEHOLDER",
     "DataError",
     "LlavaDataset",
     "OfficialResize",
@@ -96,9 +99,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: The literal placeholder marking where an image goes in the text.
-IMAGE_PLACEHOLDER = "<image>"
 
 #: Role names accepted in the data -> normalised role.
 _ROLES = {
@@ -379,10 +379,10 @@ def _parse_record(obj: Any, where: str, root: str) -> _Record:
     try:
         messages = _parse_turns(obj)
         images = _parse_images(obj.get("image"), root)
-        n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in messages)
+        n_placeholders = sum(text.count(IMAGE_TOKEN) for _, text in messages)
         if n_placeholders != len(images):
             raise _Invalid(
-                f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) in the text but {len(images)} image(s); "
+                f"{n_placeholders} '{IMAGE_TOKEN}' placeholder(s) in the text but {len(images)} image(s); "
                 "they must match (one placeholder where each image goes)"
             )
     except _Invalid as e:
@@ -626,6 +626,11 @@ class LlavaDataset(Dataset):
         """The resolved image paths of sample ``index`` (no decoding)."""
         return [ref.path for ref in self._records[operator.index(index)].images]
 
+    def record(self, index: int) -> _Record:
+        """Sample ``index`` as parsed, without decoding its images: ``id``, ``where``
+        (``"<file>:<line>"``), ``label`` (for error messages), ``messages`` (``(role, text)`` pairs)."""
+        return self._records[operator.index(index)]
+
     # -- lengths for length-grouped sampling ---------------------------------------------------
 
     def approx_lengths(self, num_threads: int = 8) -> list[int]:
@@ -655,7 +660,7 @@ class LlavaDataset(Dataset):
         lengths: list[int] = []
         failed: list[str] = []
         for rec in self._records:
-            chars = sum(len(text) - text.count(IMAGE_PLACEHOLDER) * len(IMAGE_PLACEHOLDER) for _, text in rec.messages)
+            chars = sum(len(text) - text.count(IMAGE_TOKEN) * len(IMAGE_TOKEN) for _, text in rec.messages)
             tokens = 0
             for k, ref in enumerate(rec.images):
                 size = sizes[ref.path]

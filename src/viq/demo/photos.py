@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,13 @@ class Photo:
     size: tuple[int, int]
     path: Path | None = None
     loader: Callable[[], Image.Image] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def file_stem(self) -> str:
+        """``name`` made safe as one file name: every character outside ``[A-Za-z0-9._-]``
+        (``/`` of wallpaper paths, spaces, ...) becomes ``_``; never empty, never hidden."""
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.name).lstrip(".")
+        return stem or "photo"
 
 
 def _package_dir(module: str) -> Path | None:

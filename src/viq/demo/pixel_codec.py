@@ -66,7 +66,7 @@ def train_pixel_vae(
         vae = build_vae(config)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    from viq.train.engine import lr_multiplier
+    from viq.train.optim import lr_multiplier
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, steps, 0.1, 0.1))
     history: list[float] = []

@@ -1,7 +1,7 @@
 """``viq demo``: the whole ViQ recipe, end to end, on a CPU, with nothing downloaded.
 
 1. a synthetic multimodal QA set (:mod:`viq.demo.synthetic`),
-2. a tiny Qwen2 LLM and a BPE tokenizer trained on that set's text (:func:`viq.mllm.llm.build_tiny_llm`),
+2. a tiny Qwen2 LLM and a BPE tokenizer trained on that set's text (:func:`viq.demo.tiny_llm.build_tiny_llm`),
 3. a small pixel VAE fitted to the images (the Qwen-Image VAE cannot be downloaded here;
    :mod:`viq.demo.pixel_codec`), stored with a fresh ``viq-demo`` model as the starting point,
 4. stage 1 -> stage 2-1 -> stage 2-2 -> drawer with the recipes in ``recipes/demo/``,
@@ -22,11 +22,14 @@ from pathlib import Path
 
 import torch
 
+from viq.train.stages import get_stage
+
 log = logging.getLogger(__name__)
 
-__all__ = ["run_demo", "STAGES"]
+__all__ = ["run_demo", "DEMO_STAGES"]
 
-STAGES = ("stage1", "stage2_1", "stage2_2", "drawer")
+#: The stages the demo trains, in order (records of viq.train.stages).
+DEMO_STAGES = ("stage1", "stage2_1", "stage2_2", "drawer")
 
 
 def _recipe_path(stage: str) -> Path:
@@ -35,17 +38,17 @@ def _recipe_path(stage: str) -> Path:
 
 def _stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: int) -> list[str]:
     data, runs = out / "data", out / "runs"
-    init = {"stage1": out / "init", "stage2_1": runs / "stage1" / "final", "stage2_2": runs / "stage2_1" / "final",
-            "drawer": runs / "stage2_2" / "final"}[stage]
+    spec = get_stage(stage)
+    init = out / "init" if spec.follows is None else runs / spec.follows / "final"
     overrides = [
         f"model.init=viq:{init}",
-        f"data.train={data / 'images' / 'train' if stage == 'drawer' else data / 'train.jsonl'}",
+        f"data.train={data / 'images' / 'train' if spec.data == 'images' else data / 'train.jsonl'}",
         f"data.val={data / 'val.jsonl'}",
         f"train.output_dir={runs / stage}",
         f"train.max_steps={max(2, round(max_steps * scale))}",
         f"train.seed={seed}",
     ]
-    if stage != "drawer":
+    if spec.llm:
         overrides.append(f"llm.path={out / 'llm'}")
     return overrides
 
@@ -55,7 +58,8 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
     outputs exist) are skipped, so an interrupted demo can be re-run."""
     from viq.model.config import get_preset
     from viq.demo.synthetic import generate, load_split
-    from viq.mllm.llm import build_tiny_llm
+    from viq.demo.tiny_llm import build_tiny_llm
+    from viq.mllm.chat import IMAGE_TOKEN
     from viq.model.viq import ViQModel
     from viq.train.config import load_recipe
     from viq.train.engine import train
@@ -78,7 +82,7 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
         corpus = []
         for split in ("train", "val"):
             for record in load_split(data, split):
-                corpus.extend(turn["value"].replace("<image>", "") for turn in record["conversations"])
+                corpus.extend(turn["value"].replace(IMAGE_TOKEN, "") for turn in record["conversations"])
         build_tiny_llm(out / "llm", corpus, vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, intermediate_size=256, seed=seed)
     timings["llm"] = time.perf_counter() - t
@@ -102,7 +106,7 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
         (out / "init" / "vae_history.json").write_text(json.dumps(vae_history))
     timings["pixel_vae"] = time.perf_counter() - t
 
-    for stage in STAGES:
+    for stage in DEMO_STAGES:
         final = out / "runs" / stage / "final"
         t = time.perf_counter()
         if not (final / "stage.json").is_file():
@@ -145,7 +149,7 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 8, num_photos:
     items = []
     test = [r for r in load_split(out / "data", "test") if "image" in r][:num_images]
     sources = [("test", r["id"], out / "data" / r["image"]) for r in test]
-    sources += [("photo", p.name, p) for p in list_photos()[:num_photos]]
+    sources += [("photo", p.file_stem, p) for p in list_photos()[:num_photos]]
     for kind, name, src in sources:
         image = load_photo(src) if kind == "photo" else str(src)
         prepared = preprocess(image, pre)
@@ -171,7 +175,7 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 8, num_photos:
     examples: list[dict] = []
     metrics = evaluate(qa_model, cfg, tokenizer, device, examples=examples)
     stages = {}
-    for stage in STAGES:
+    for stage in DEMO_STAGES:
         path = out / "runs" / stage / "metrics.jsonl"
         if path.is_file():
             history = [json.loads(line) for line in path.read_text().splitlines()]

@@ -5,6 +5,10 @@ This module turns a file path, encoded bytes, a PIL image or a numpy array into 
 ``(3, H, W)`` tensor the encoder expects, with the *official* normalisation, and reports the patch
 grid the model will see.
 
+This module is long because it is one contract, stated in full: every input kind (files, bytes,
+arrays of every dtype and layout, PIL modes with and without alpha) mapped bit-exactly to the
+official normalisation, each with the error a user sees when it cannot be.
+
 Pipeline (:func:`preprocess`)
 -----------------------------
 1. :func:`load_image`: decode (bomb guard first, then a full decode so truncation is detected

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from torch import nn
 
 from viq._io import atomic_write
 from viq.formats.codes import Codes
+from viq.formats.image import PreparedImage, PreprocessConfig, padded_grid
+from viq.formats.image import preprocess as prepare
 from viq.model.config import ViQConfig, get_preset
 from viq.model.decoders import (
     CodeDrawer,
@@ -42,7 +44,7 @@ from viq.model.layers import set_attention_backend
 from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
 
-__all__ = ["ViQModel", "COMPONENTS", "pack_by_budget", "code_fingerprint"]
+__all__ = ["ViQModel", "COMPONENTS", "EncodeError", "pack_by_budget", "code_fingerprint"]
 
 COMPONENTS = ("encoder", "dequant", "recon", "embedder", "drawer", "vae")
 #: Default packing budget (patch tokens per forward pass) for :meth:`ViQModel.encode`.
@@ -67,6 +69,49 @@ def pack_by_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
     if current:
         packs.append(current)
     return packs
+
+
+class EncodeError(RuntimeError):
+    """The forward pass failed for one item of :meth:`ViQModel.encode_stream` (the message names it;
+    ``__cause__`` is the original error)."""
+
+    def __init__(self, message: str, *, index: int, source: str) -> None:
+        super().__init__(message)
+        self.index = index  # position in the stream
+        self.source = source  # the item's name: a path, PreparedImage.source or "item <index>"
+
+
+def _check_pixels(p: Any, what: str) -> torch.Tensor:
+    """A float (3, H, W) or (1, 3, H, W) tensor -> (3, H, W); anything else is a TypeError/ValueError."""
+    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+        raise TypeError(f"{what}: expected a float tensor, got {type(p).__name__}")
+    if p.ndim == 4 and p.shape[0] == 1:
+        p = p[0]
+    if p.ndim != 3 or p.shape[0] != 3 or p.shape[1] < 1 or p.shape[2] < 1:
+        raise ValueError(f"{what}: expected shape (3, H, W) or (1, 3, H, W), got {tuple(p.shape)}")
+    return p
+
+
+def _num_tokens(pixels: torch.Tensor, patch_size: int) -> int:
+    """Patch tokens of (3, H, W) pixels after zero-padding to multiples of ``patch_size``."""
+    h, w = padded_grid(pixels.shape[1], pixels.shape[2], patch_size)
+    return h * w
+
+
+def _all_or_raise(stream: Iterator[Codes | Exception]) -> list[Codes]:
+    """Drain an :meth:`ViQModel.encode_stream`; raise the first error as the list API always has
+    (the original exception, not its :class:`EncodeError` wrapper)."""
+    out: list[Codes] = []
+    try:
+        for result in stream:
+            if isinstance(result, EncodeError) and isinstance(result.__cause__, Exception):
+                raise result.__cause__
+            if isinstance(result, Exception):
+                raise result
+            out.append(result)
+    finally:
+        stream.close()  # type: ignore[attr-defined]
+    return out
 
 
 class ViQModel(nn.Module):
@@ -143,7 +188,7 @@ class ViQModel(nn.Module):
         self,
         images: Any,
         *,
-        preprocess: "Any | None" = None,
+        preprocess: "PreprocessConfig | None" = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: bool = False,
     ) -> list[Codes]:
@@ -164,14 +209,10 @@ class ViQModel(nn.Module):
         Raises:
             viq.formats.image.ImageError: an image cannot be read (the message names it).
         """
-        from viq.formats.image import PreprocessConfig
-        from viq.formats.image import preprocess as prepare
-
-        cfg = preprocess or PreprocessConfig(patch_size=self.patch_size)
         if not isinstance(images, (list, tuple)):
             images = [images]
-        pixels = [prepare(img, cfg).pixels for img in images]
-        return self._encode(pixels, batch_tokens=batch_tokens, progress=progress)
+        stream = self.encode_stream(images, preprocess=preprocess, batch_tokens=batch_tokens, progress=progress)
+        return _all_or_raise(stream)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: Sequence[torch.Tensor], *, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Codes]:
@@ -186,37 +227,98 @@ class ViQModel(nn.Module):
         """
         if isinstance(pixels, torch.Tensor):
             raise TypeError("encode_pixels takes a list of (3, H, W) tensors, not one tensor")
-        out = []
-        for i, p in enumerate(pixels):
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-                raise TypeError(f"pixels[{i}]: expected a float tensor, got {type(p).__name__}")
-            if p.ndim == 4 and p.shape[0] == 1:
-                p = p[0]
-            if p.ndim != 3 or p.shape[0] != 3 or p.shape[1] < 1 or p.shape[2] < 1:
-                raise ValueError(f"pixels[{i}]: expected shape (3, H, W) or (1, 3, H, W), got {tuple(p.shape)}")
-            out.append(p)
-        return self._encode(out, batch_tokens=batch_tokens, progress=False)
+        # Check every tensor before any forward pass: a malformed list is a caller's bug, not a bad image.
+        checked = [_check_pixels(p, f"pixels[{i}]") for i, p in enumerate(pixels)]
+        return _all_or_raise(self.encode_stream(checked, batch_tokens=batch_tokens))
 
-    def _encode(self, pixels: list[torch.Tensor], *, batch_tokens: int, progress: bool) -> list[Codes]:
+    @torch.inference_mode()
+    def encode_stream(
+        self,
+        items: Iterable[Any],
+        *,
+        preprocess: "PreprocessConfig | None" = None,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        progress: bool = False,
+    ) -> Iterator[Codes | Exception]:
+        """Encode a stream of images, packing them into forward passes of about ``batch_tokens`` patches.
+
+        The one encoding loop: :meth:`encode`, :meth:`encode_pixels`, ``viq encode`` and
+        :func:`viq.extract.extract` all go through it.
+
+        Args:
+            items: any iterable (read lazily, so it may be a generator) of
+                - image sources: paths, encoded bytes, PIL images, uint8 (H, W, 3) arrays, prepared
+                  with ``preprocess``;
+                - :class:`viq.formats.image.PreparedImage` (already prepared; its ``source`` names it);
+                - float tensors (3, H, W) or (1, 3, H, W) in [-1, 1], encoded as they are.
+            preprocess: resolution policy for image sources (default as in :meth:`encode`).
+            batch_tokens: packing budget. Items are collected until they hold at least this many
+                patch tokens, then encoded in packs of at most this many (:func:`pack_by_budget`).
+            progress: show a progress bar (one step per item).
+
+        Yields:
+            for each item, in input order, its :class:`Codes` or the exception that stopped it: the
+            error raised while reading or checking it (``ImageError`` names the source), or an
+            :class:`EncodeError` naming it if the forward pass failed. A failing pack is retried one
+            item at a time, so one bad image never takes others down with it. Codes do not depend on
+            how items are packed (each image attends only to itself).
+        """
         self._require("encoder")
+        cfg = preprocess or PreprocessConfig(patch_size=self.patch_size)
+        slots: list[Any] = []  # per buffered item, in order: (index, name, pixels) or an exception
+        tokens = 0
+        bar = _progress(len(items) if isinstance(items, Sized) else None, progress, "encode")
+        try:
+            for i, item in enumerate(items):
+                try:
+                    pixels = _check_pixels(item, f"item {i}") if isinstance(item, torch.Tensor) else None
+                    if pixels is None:
+                        prepared = item if isinstance(item, PreparedImage) else prepare(item, cfg)
+                        pixels, name = prepared.pixels, prepared.source
+                    else:
+                        name = f"item {i}"
+                except Exception as e:  # noqa: BLE001 - one bad image must not stop the stream
+                    slots.append(e)
+                else:
+                    slots.append((i, name, pixels))
+                    tokens += _num_tokens(pixels, self.patch_size)
+                if tokens >= batch_tokens or tokens == 0:  # nothing waiting: errors go out at once
+                    yield from self._encode_slots(slots, batch_tokens)
+                    bar.update(len(slots))
+                    slots, tokens = [], 0
+            yield from self._encode_slots(slots, batch_tokens)
+            bar.update(len(slots))
+        finally:
+            bar.close()
+
+    def _encode_slots(self, slots: list[Any], batch_tokens: int) -> list[Codes | Exception]:
+        """Encode the buffered items of :meth:`encode_stream` (exceptions pass through), in order."""
+        results = list(slots)
+        waiting = [k for k, s in enumerate(slots) if not isinstance(s, BaseException)]
+        lengths = [_num_tokens(slots[k][2], self.patch_size) for k in waiting]
+        for pack in pack_by_budget(lengths, batch_tokens):
+            ks = [waiting[j] for j in pack]
+            for k, result in zip(ks, self._encode_pack([slots[k] for k in ks])):
+                results[k] = result
+        return results
+
+    def _encode_pack(self, pack: list[tuple[int, str, torch.Tensor]]) -> list[Codes | Exception]:
+        """One forward pass over ``pack`` ((index, name, pixels) items); on failure, one item at a time."""
+        try:
+            indices = self.indices_packed([pixels for _, _, pixels in pack])
+        except (RuntimeError, ValueError) as e:  # includes CUDA out-of-memory
+            if len(pack) > 1:
+                return [r for item in pack for r in self._encode_pack([item])]
+            index, name, _ = pack[0]
+            error = EncodeError(f"{name}: encoding failed: {e}", index=index, source=name)
+            error.__cause__ = e
+            return [error]
         p = self.patch_size
-        grids = [(-(-x.shape[1] // p), -(-x.shape[2] // p)) for x in pixels]
-        packs = pack_by_budget([h * w for h, w in grids], batch_tokens)
-        results: list[Codes | None] = [None] * len(pixels)
-        bar = _progress(len(pixels), progress, "encode")
-        for pack in packs:
-            indices = self.indices_packed([pixels[i] for i in pack])
-            for i, idx in zip(pack, indices):
-                h, w = grids[i]
-                results[i] = Codes(
-                    idx.view(h, w, -1).cpu(),
-                    self.levels,
-                    image_size=tuple(pixels[i].shape[1:]),
-                    patch_size=p,
-                )
-            bar.update(len(pack))
-        bar.close()
-        return results  # type: ignore[return-value]
+        return [
+            Codes(idx.view(*padded_grid(pixels.shape[1], pixels.shape[2], p), -1).cpu(), self.levels,
+                  image_size=tuple(pixels.shape[1:]), patch_size=p)
+            for (_, _, pixels), idx in zip(pack, indices)
+        ]
 
     @torch.inference_mode()
     def indices_packed(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from torch import nn
 from viq.model.config import ViQConfig, get_preset
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
+from viq.train.stages import Handover, get_stage
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
 def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor]) -> nn.Module | None:
     """The frozen VAE for latent targets: the ``vae.*`` weights that came with the init weights when
     present, otherwise a fresh VAE of the config's architecture (random: only meaningful for tests)."""
-    if cfg.stage in ("stage1", "mllm"):
+    if not get_stage(cfg.stage).vae:
         return None
     from viq.model.decoders import build_vae as make_vae
 
@@ -119,6 +120,7 @@ def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor
 
 def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
     """The stage's TrainModel (on ``device``, float32 master weights) and its ChatTokenizer (or None)."""
+    stage = get_stage(cfg.stage)
     kind, value = _init_source(cfg.model.init)
     state: dict[str, torch.Tensor] = {}
     init_dir: Path | None = None
@@ -134,8 +136,9 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     config = ViQConfig.from_dict(merge_config(base.to_dict(), cfg.model.config)) if cfg.model.config else base
 
     llm, tokenizer, projector = None, None, None
-    if cfg.llm.path and cfg.stage != "drawer":
-        from viq.mllm.llm import ChatTokenizer, load_causal_lm
+    if cfg.llm.path and stage.llm:
+        from viq.mllm.adapters import load_causal_lm
+        from viq.mllm.chat import ChatTokenizer
         from viq.mllm.projector import MMProjector
 
         llm, hf_tokenizer = load_causal_lm(cfg.llm.path)
@@ -149,29 +152,16 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     )
     model.pixel_loss_weight = cfg.loss.pixel
     if state:
-        dropped = ("vae.",) if cfg.stage == "mllm" else ("vae.", "embedder.")
-        viq_state = {k: v for k, v in state.items() if not k.startswith(dropped)}
-        if cfg.stage == "mllm":
-            viq_state = {k: v for k, v in viq_state.items() if k.startswith("embedder.")}
-        if cfg.stage == "drawer":
-            # A drawer starts from the encoder-side decoder when none was trained yet.
-            if not any(k.startswith("drawer.") for k in viq_state):
-                viq_state.update({"drawer.features." + k[8:]: v for k, v in state.items() if k.startswith("dequant.")})
-                viq_state.update({"drawer.latent." + k[6:]: v for k, v in state.items() if k.startswith("recon.")})
-        load_matching(model, viq_state, cfg.model.init)
-        if cfg.stage == "drawer":
-            # The drawer stage trains only the drawer; the rest of the ViQ model is carried over
-            # unchanged into its output.
-            model.carry = {k: v for k, v in state.items() if k.startswith(("dequant.", "recon.", "embedder."))}
-        elif cfg.stage == "stage1":
-            # Stage 1 has no use for the VAE but its output must hand it on to stage 2.
-            model.carry = {k: v for k, v in state.items() if k.startswith("vae.")}
+        load_matching(model, _handed_over(stage.handover, state), cfg.model.init)
+        if stage.handover.carry:
+            # Not trained here and not in the live model, but needed by a later stage.
+            model.carry = {k: v for k, v in state.items() if k.startswith(stage.handover.carry)}
 
     previous = Path(cfg.model.previous) if cfg.model.previous else init_dir
     if previous is not None and projector is not None:
         _load_language_side(model, previous)
     if llm is not None:
-        from viq.mllm.llm import prepare_llm
+        from viq.mllm.adapters import prepare_llm
 
         adapter = previous / LLM_DIR if previous is not None else None
         model.llm = prepare_llm(llm, cfg.llm.mode, r=cfg.llm.lora_r, alpha=cfg.llm.lora_alpha,
@@ -179,11 +169,24 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         if adapter is not None and adapter.is_dir() and cfg.llm.mode in ("lora", "dora"):
             _load_adapter(model.llm, adapter)
 
-    if cfg.stage not in ("drawer", "mllm") and cfg.loss.distill > 0 and model.encoder.pool is not None:
+    if "distill" in stage.losses and cfg.loss.distill > 0 and model.encoder.pool is not None:
         model.snapshot_teacher()
     model.set_vae(build_vae(cfg, config, state))
     model.to(device)
     return model, tokenizer
+
+
+def _handed_over(handover: Handover, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The init weights a stage loads into its model, by its hand-over rule (see
+    :class:`viq.train.stages.Handover`)."""
+    taken = {k: v for k, v in state.items() if not k.startswith(handover.skip)}
+    if handover.only:
+        taken = {k: v for k, v in taken.items() if k.startswith(handover.only)}
+    targets = tuple({dst.split(".")[0] + "." for _, dst in handover.seed})
+    if targets and not any(k.startswith(targets) for k in taken):
+        for src, dst in handover.seed:
+            taken.update({dst + k[len(src):]: v for k, v in state.items() if k.startswith(src)})
+    return taken
 
 
 def _load_language_side(model: TrainModel, directory: Path) -> None:

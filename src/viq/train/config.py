@@ -4,19 +4,8 @@ A recipe has the sections below; every field has a default, so a recipe only sta
 ``viq train --config recipe.yaml optim.lr=3e-4 train.max_steps=200`` overrides fields by dotted path
 (values are parsed as YAML scalars/lists).
 
-Stages (``stage:``):
-
-=========  ===================================================================================
-stage1     text-aligned any-resolution pre-training of the continuous encoder: text CE +
-           distill * (1 - cos) against a frozen fixed-resolution teacher
-stage2_1   proximal representation learning: code head with a continuous bottleneck (+ limit),
-           + VAE-latent reconstruction loss
-stage2_2   quantisation training: position-aware head-wise FSQ (or SimVQ), same losses
-drawer     reconstruction decoder: codes -> VAE latents on a frozen ViQ (latent MSE, optional
-           pixel loss through the frozen VAE decoder)
-mllm       an LLM trained on codes read from a code store (viq extract): embedder -> projector
-           -> LLM, no image decoding and no encoder in the loop
-=========  ===================================================================================
+``stage:`` names a record of the stage table (:mod:`viq.train.stages`), which says what each
+stage builds, trains, computes and reads.
 """
 
 from __future__ import annotations
@@ -29,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from viq.model.config import dataclass_from_dict
+from viq.train.stages import STAGES
 
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES"]
-
-STAGES = ("stage1", "stage2_1", "stage2_2", "drawer", "mllm")
 
 
 @dataclass
@@ -98,7 +86,7 @@ class OptimSection:
     #: per module-group learning rates (groups: encoder, head, dequant, pool, recon, projector, llm,
     #: drawer); missing groups use ``lr``.
     group_lr: dict[str, float] = field(default_factory=dict)
-    #: module groups to train; the rest is frozen. Default per stage (see viq.train.model).
+    #: module groups to train; the rest is frozen. Default per stage (viq.train.stages).
     trainable: list[str] | None = None
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)

@@ -1,4 +1,5 @@
-"""Data plumbing for training: a deterministic sharded batch order, and collation into TrainBatch.
+"""Data plumbing for training: the stage's dataset, the progressive-resolution schedule, a
+deterministic sharded batch order, collation into TrainBatch, and the stream of micro-batches.
 
 The order of micro-batches is a pure function of (seed, epoch, rank, world size): each epoch is a
 seeded permutation, padded by wrap-around to a multiple of the world size (like
@@ -11,14 +12,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
+from viq.train.config import TrainConfig
 from viq.train.model import TrainBatch
+from viq.train.parallel import Dist
+from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardedBatchOrder", "Collator"]
+__all__ = ["ShardedBatchOrder", "Collator", "BatchStream", "build_dataset", "max_pixels_at"]
 
 
 class ShardedBatchOrder:
@@ -71,7 +76,7 @@ class ShardedBatchOrder:
 class Collator:
     """Samples -> :class:`TrainBatch`: tokenises conversations (answer-only labels) and lists images.
 
-    ``tokenizer`` is a :class:`viq.mllm.llm.ChatTokenizer` (None for image-only stages). Items may be
+    ``tokenizer`` is a :class:`viq.mllm.chat.ChatTokenizer` (None for image-only stages). Items may be
     ``viq.data.llava.Sample`` (conversations + images) or ``viq.data.folder.ImageItem`` (images).
     ``None`` items (samples skipped with ``on_error: skip``) are dropped and counted.
     """
@@ -119,3 +124,59 @@ class Collator:
                 per_sample.append(1)
                 ids.append(getattr(item, "path", str(len(ids))))
         return TrainBatch(images=images, codes=codes, conversations=conversations, images_per_sample=per_sample, ids=ids)
+
+
+def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
+    """The dataset at ``path`` for the recipe's stage: LLaVA conversations (a JSON/JSONL file), an
+    image folder (a directory), or conversations with stored codes (stages that read codes)."""
+    from viq.data.folder import ImageFolderDataset
+    from viq.data.llava import LlavaDataset
+    from viq.formats.image import PreprocessConfig
+
+    if get_stage(cfg.stage).data == "codes":
+        from viq.data.codes import LlavaCodesDataset
+
+        if not cfg.data.codes:
+            raise ValueError(f"stage {cfg.stage} needs data.codes: the code store made by viq extract")
+        return LlavaCodesDataset(path, cfg.data.codes, image_root=cfg.data.image_root, on_error=cfg.data.on_error)
+
+    pre = PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels)
+    if Path(path).is_dir():
+        return ImageFolderDataset(path, preprocess=pre, on_error=cfg.data.on_error)
+    return LlavaDataset(path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error)
+
+
+def max_pixels_at(cfg: TrainConfig, step: int) -> int:
+    """The progressive-resolution schedule: the max_pixels of the last phase started by ``step``."""
+    value = cfg.data.max_pixels
+    for start, pixels in sorted(cfg.data.resolution_schedule):
+        if step >= start:
+            value = pixels
+    return value
+
+
+class BatchStream:
+    """Micro-batches for this rank from global micro-batch ``start`` on, rebuilt when the
+    progressive-resolution schedule changes the preprocessing. ``index`` is the next global
+    micro-batch (saved in checkpoints)."""
+
+    def __init__(self, cfg: TrainConfig, dist_info: Dist, collator: Collator, start: int) -> None:
+        self.cfg, self.dist, self.collator = cfg, dist_info, collator
+        self.index = start
+        self._iter = None
+        self._pixels = None
+
+    def next(self, step: int) -> TrainBatch:
+        pixels = max_pixels_at(self.cfg, step)
+        if self._iter is None or pixels != self._pixels:
+            dataset = build_dataset(self.cfg.data.train, self.cfg, pixels)
+            order = ShardedBatchOrder(len(dataset), self.cfg.train.batch_size, rank=self.dist.rank,
+                                      world=self.dist.world, seed=self.cfg.train.seed, start=self.index)
+            # Its own generator: creating a DataLoader iterator draws a seed, which must not consume the
+            # global RNG (that would shift dropout noise after a resume).
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=self.collator,
+                                                 num_workers=self.cfg.data.num_workers,
+                                                 generator=torch.Generator().manual_seed(self.cfg.train.seed))
+            self._iter, self._pixels = iter(loader), pixels
+        self.index += 1
+        return next(self._iter)

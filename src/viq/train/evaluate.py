@@ -8,7 +8,8 @@ import math
 import torch
 
 from viq.train.config import TrainConfig
-from viq.train.data import Collator
+from viq.train.data import Collator, build_dataset, max_pixels_at
+from viq.train.metrics import CodeUsage, answer_matches, code_usage_metrics
 from viq.train.model import TrainModel
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,9 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
 
     ``examples``: if given, each answered question is appended as {question, answer, prediction, correct}.
     """
-    from viq.demo.synthetic import score
     from viq.model.decoders import decode_latents
-    from viq.mllm.llm import generate_answer
-    from viq.train.engine import CodeUsage, build_dataset, max_pixels_at, usage_stats
+    from viq.mllm.adapters import generate_answer
+    from viq.mllm.chat import IMAGE_TOKEN
 
     was_training = model.training
     model.eval()
@@ -55,7 +55,7 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     hist = None
     for i in range(n):
         item = dataset[i]
-        if item is None or (model.stage == "drawer" and not getattr(item, "images", [item])):
+        if item is None or (model.spec.data == "images" and not getattr(item, "images", [item])):
             continue  # skipped sample, or a text-only sample for an image-only stage
         batch = collator([item]).to(device)
         out = model(batch)
@@ -92,12 +92,12 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
             answer = messages[last_answer]["content"]
             budget = len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
             prediction = generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=budget)
-            ok = bool(score(prediction, answer))
+            ok = bool(answer_matches(prediction, answer))
             correct += int(ok)
             asked += 1
             if examples is not None:
                 question = next(m["content"] for m in reversed(messages[:last_answer]) if m["role"] == "user")
-                examples.append({"id": item.id, "question": question.replace("<image>", "").strip(),
+                examples.append({"id": item.id, "question": question.replace(IMAGE_TOKEN, "").strip(),
                                  "answer": answer, "prediction": prediction, "correct": ok})
     if usage.size:
         hist = usage.current
@@ -113,7 +113,7 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     if psnrs:
         result["psnr"] = sum(psnrs) / len(psnrs)
     if hist is not None:
-        result.update(usage_stats(hist))
+        result.update(code_usage_metrics(hist))
     model.train(was_training)
     for helper in (model.teacher, model.vae):
         if helper is not None:

@@ -5,14 +5,14 @@ Parameter names match :class:`viq.model.viq.ViQModel` (``encoder.``, ``head.``, 
 export, by name. ``projector.`` and ``llm.`` hold the language side. The teacher and the VAE are
 frozen helpers and never part of the state dict.
 
-Which parts exist per stage:
+Which parts exist is the stage's ``parts`` in the stage table (:mod:`viq.train.stages`). The data
+path follows from them:
 
-=========  ==========================================================================
-stage1     encoder (+ MAP head) -> trunk features -> projector -> LLM
-stage2_1   encoder -> head (bottleneck) -> dequant -> x_low -> projector -> LLM; recon
-stage2_2   encoder -> head (FSQ / SimVQ) -> dequant -> x_low -> projector -> LLM; recon
-drawer     frozen encoder + head -> codes -> drawer -> latents
-=========  ==========================================================================
+* an encoder without a head: encoder (+ MAP head) -> trunk features -> projector -> LLM;
+* encoder + head + dequant: encoder -> head (bottleneck / FSQ / SimVQ) -> dequant -> x_low ->
+  projector -> LLM, and recon -> VAE latents;
+* encoder + head + drawer: frozen encoder + head -> codes -> drawer -> latents;
+* embedder only: stored codes -> embedder -> projector -> LLM.
 
 Losses are returned as *sums* with their unit counts (supervised tokens, images, latent elements),
 so the engine can normalise by the global counts of a whole optimizer step: the gradient is then the
@@ -36,10 +36,11 @@ from viq.model.config import ViQConfig
 from viq.model.decoders import CodeDrawer, CodeEmbedder, LatentDecoder
 from viq.model.encoder import ViTEncoder, pad_to_patches
 from viq.model.head import CodeHead
+from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainModel", "TrainBatch", "GROUPS", "default_trainable"]
+__all__ = ["TrainModel", "TrainBatch", "GROUPS", "LLM_ROWS"]
 
 #: Module groups for learning rates and freezing: group -> state-dict prefixes.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -54,18 +55,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "llm": ("llm.",),
 }
 
-
-def default_trainable(stage: str) -> list[str]:
-    """Official defaults: stage 1 trains the trunk, MAP head, projector and the LLM adapter; stage 2
-    trains everything but the frozen teacher/VAE (the released example also trains the trunk);
-    the drawer stage trains the drawer only."""
-    if stage == "stage1":
-        return ["encoder", "pool", "projector", "llm"]
-    if stage == "drawer":
-        return ["drawer"]
-    if stage == "mllm":
-        return ["projector", "llm"]  # the embedder stays frozen unless optim.trainable lists it
-    return ["encoder", "pool", "head", "dequant", "recon", "projector", "llm"]
+#: How conversations are laid out for the LLM: ``packed`` (first-fit into rows of ``max_length``,
+#: attention kept inside each conversation: what training uses) or ``padded`` (one conversation
+#: per row, right-padded to the longest, with a padding mask: the LLaVA-style baseline that
+#: ``bench/train_step.py`` compares against).
+LLM_ROWS = ("packed", "padded")
 
 
 @dataclass
@@ -74,13 +68,13 @@ class TrainBatch:
 
     images: all images of the batch, in sample order, each (3, H, W) normalised pixels.
     conversations: per sample (input_ids (L,), labels (L,)) with one placeholder id per image
-        (viq.mllm.llm.IMAGE_PLACEHOLDER_ID), or empty for image-only stages.
+        (viq.mllm.chat.IMAGE_PLACEHOLDER_ID), or empty for image-only stages.
     images_per_sample: number of images of each sample (sums to len(images)).
     ids: sample ids (for error messages).
     """
 
     images: list[torch.Tensor]
-    #: the "mllm" stage reads stored codes instead of pixels: one viq.Codes per image
+    #: stages that read stored codes instead of pixels: one viq.Codes per image
     codes: list = field(default_factory=list)
     conversations: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     images_per_sample: list[int] = field(default_factory=list)
@@ -112,23 +106,29 @@ class TrainModel(nn.Module):
         teacher_size: int = 384,
         latent_norm: str = "none",
         max_length: int = 4096,
+        llm_rows: str = "packed",
     ) -> None:
         super().__init__()
+        if llm_rows not in LLM_ROWS:
+            raise ValueError(f"llm_rows must be one of {LLM_ROWS}, got {llm_rows!r}")
         self.stage = stage
+        self.spec = get_stage(stage)
         self.config = config
         width = config.width
-        # "mllm": an LLM trained on stored codes -- no encoder in the loop, the embedder turns codes
-        # into features (the offline path whose speed-up the paper reports).
-        self.encoder = ViTEncoder(config.encoder) if stage != "mllm" else None
-        self.embedder = CodeEmbedder(width, config.head) if stage == "mllm" else None
-        uses_head = stage in ("stage2_1", "stage2_2", "drawer")
-        self.head = CodeHead(width, config.head) if uses_head else None
-        self.dequant = CodeEmbedder(width, config.head) if stage in ("stage2_1", "stage2_2") else None
-        self.recon = LatentDecoder(width, config.decoder) if stage in ("stage2_1", "stage2_2") else None
-        self.drawer = CodeDrawer(width, config.head, config.decoder) if stage == "drawer" else None
+        parts = self.spec.parts
+        # Without an encoder (stored codes), the embedder turns codes into features: the offline
+        # path whose speed-up the paper reports.
+        self.encoder = ViTEncoder(config.encoder) if "encoder" in parts else None
+        self.embedder = CodeEmbedder(width, config.head) if "embedder" in parts else None
+        self.head = CodeHead(width, config.head) if "head" in parts else None
+        self.dequant = CodeEmbedder(width, config.head) if "dequant" in parts else None
+        self.recon = LatentDecoder(width, config.decoder) if "recon" in parts else None
+        self.drawer = CodeDrawer(width, config.head, config.decoder) if "drawer" in parts else None
         self.projector = projector
         self.llm = llm
         self.max_length = max_length
+        #: one of :data:`LLM_ROWS` (may be switched between steps)
+        self.llm_rows = llm_rows
         # Frozen helpers, kept out of the state dict (plain attributes in a list, not submodules).
         self._frozen: dict[str, nn.Module | None] = {"teacher": None, "vae": None}
         self.set_vae(vae)
@@ -185,9 +185,9 @@ class TrainModel(nn.Module):
 
     def forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Loss sums and counts for one micro-batch (see the module docstring)."""
-        if self.stage == "drawer":
+        if self.drawer is not None:
             return self._drawer_forward(batch)
-        if self.stage == "mllm":
+        if self.encoder is None:
             return self._codes_forward(batch)
         out: dict[str, torch.Tensor] = {}
         n_images = len(batch.images)
@@ -281,7 +281,7 @@ class TrainModel(nn.Module):
         return mean
 
     def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
-        from viq.mllm.llm import causal_lm_loss, pack_sequences, splice_image_features
+        from viq.mllm.packing import causal_lm_loss, pack_sequences, splice_image_features
 
         image_embeds = self.projector(features, grids) if features else []
         embed = self.llm.get_input_embeddings()
@@ -298,10 +298,26 @@ class TrainModel(nn.Module):
             # every trainable parameter to receive a gradient each step).
             anchor = sum(e.sum() for e in image_embeds) * 0
             items[0] = (items[0][0] + anchor, items[0][1])
-        packed = pack_sequences(items, self.max_length)
-        logits = self.llm(**packed.model_inputs()).logits
-        _, ce_sum, count = causal_lm_loss(logits, packed.labels)
+        if self.llm_rows == "padded":
+            logits, labels = self._padded_rows(items)
+        else:
+            packed = pack_sequences(items, self.max_length)
+            logits, labels = self.llm(**packed.model_inputs()).logits, packed.labels
+        _, ce_sum, count = causal_lm_loss(logits, labels)
         return ce_sum, count.float()
+
+    def _padded_rows(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLaVA-style layout: one conversation per row, right-padded to the longest with zero
+        embeddings and IGNORE_INDEX labels, and a 2-D padding attention mask. Returns logits
+        (N, T, V) and labels (N, T)."""
+        from viq.mllm.chat import IGNORE_INDEX
+
+        device = items[0][0].device
+        T = max(emb.shape[0] for emb, _ in items)
+        embeds = torch.stack([F.pad(emb, (0, 0, 0, T - emb.shape[0])) for emb, _ in items])
+        labels = torch.stack([F.pad(lab, (0, T - lab.shape[0]), value=IGNORE_INDEX) for _, lab in items])
+        mask = torch.stack([torch.arange(T, device=device) < emb.shape[0] for emb, _ in items]).long()
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits, labels
 
     def _drawer_forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         with torch.no_grad():

@@ -1,0 +1,197 @@
+"""What every ``viq`` command shares: exit codes and errors, logging to stderr, progress bars, argument
+types, model options and model loading."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("viq.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
+
+
+class CLIError(Exception):
+    """A problem that ends the command with a message (no traceback) and ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ============================================================================================ logging
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info and self.verbose:
+            msg += "\n" + self.formatException(record.exc_info)
+        if record.levelno >= logging.ERROR:
+            return f"viq: error: {msg}"
+        if record.levelno >= logging.WARNING:
+            return f"viq: warning: {msg}"
+        if record.levelno < logging.INFO:
+            return f"viq: debug: [{record.name}] {msg}"
+        return msg
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the *current* ``sys.stderr`` through ``tqdm.write``, so that log lines do not tear
+    an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def stderr_logging(verbose: bool, quiet: bool) -> Iterator[None]:
+    """Route the ``viq`` loggers to stderr for the duration of one :func:`main` call."""
+    logger = logging.getLogger("viq")
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter(verbose))
+    saved_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+
+
+def progress_bar(total: int, desc: str, quiet: bool):
+    """A per-file progress bar on stderr (hidden with ``--quiet`` or when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    # disable=None: tqdm shows the bar only when stderr is a terminal.
+    return tqdm(total=total, desc=desc, unit="file", file=sys.stderr, disable=True if quiet else None,
+                dynamic_ncols=True, leave=False)
+
+
+# ============================================================================================ arguments
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def levels_arg(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 8,8,8,6,5, got {text!r}") from None
+    if not levels or any(not 2 <= v <= 255 for v in levels):
+        raise argparse.ArgumentTypeError(f"every FSQ level must be in [2, 255], got {text!r}")
+    return levels
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def torch_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"invalid --device {name!r}: {e}") from None
+
+
+def official_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "num_heads", None) is not None:
+        kwargs["num_heads"] = args.num_heads
+    if getattr(args, "levels", None) is not None:
+        kwargs["levels"] = args.levels
+    return kwargs
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def add_model_options(p: argparse.ArgumentParser, *, attention: bool = True) -> None:
+    """The ``model`` option group of commands that load a model (device, dtype, attention, official overrides)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight / activation dtype (default: float32)")
+    if attention:
+        g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention kernel (default: auto)")
+    g.add_argument("--num-heads", type=positive_int, metavar="N",
+                   help="official directories with a non-official width only: attention heads of the trunk")
+    g.add_argument("--levels", type=levels_arg, metavar="L,L,...",
+                   help="official directories only: FSQ levels, e.g. 8,8,8,6,5, when they cannot be detected")
+
+
+# ============================================================================================ model
+
+
+def load_model(args: argparse.Namespace, components: tuple[str, ...]):
+    """``viq.load`` with the command's device/dtype/attention options; failures are usage errors."""
+    import viq
+    from viq.model.official import is_official_dir
+
+    path = Path(args.model)
+    official = official_kwargs(args)
+    if official and path.exists() and not is_official_dir(path):
+        raise CLIError(f"{path}: --num-heads/--levels only apply to official model directories")
+    device = torch_device(args.device)
+    log.debug("loading %s (components %s) on %s as %s", path, ", ".join(components), device, args.dtype)
+    try:
+        model = viq.load(path, device=device, dtype=torch_dtype(args.dtype), components=components, **official)
+    except Exception as e:  # missing files, bad weights, missing optional dependency, bad device, ...
+        log.debug("model loading failed", exc_info=True)
+        raise CLIError(f"cannot load model {path}: {reason(e, path)}") from None
+    backend = getattr(args, "attention", "auto")
+    if backend != "auto":
+        from viq.model.attention import available_backends
+
+        available = available_backends(device)
+        if backend not in available:
+            raise CLIError(f"attention backend {backend!r} is not available on {device} (available: {', '.join(available)})")
+        model.set_attention_backend(backend)
+    return model
+
+
+def reason(exc: BaseException, source: Path | str) -> str:
+    """The message of ``exc`` without a leading ``"<source>: "`` (the caller prints the source)."""
+    msg = str(exc) or type(exc).__name__
+    if "pass num_heads=" in msg or "pass levels=" in msg:  # library advice, in command-line terms
+        msg = msg.replace("pass num_heads=", "pass --num-heads N").replace("pass levels=", "pass --levels L1,L2,...")
+    for prefix in (f"{source}: ", f"{os.fspath(source)}: "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg

@@ -1,0 +1,212 @@
+"""The causal LM itself: offline loading, what of it trains (frozen, LoRA/DoRA, full), and greedy answers.
+
+Models load from local Hugging Face directories only; nothing is downloaded. A small random model for
+tests and demos comes from :func:`viq.demo.tiny_llm.build_tiny_llm`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from viq.mllm.chat import ChatTokenizer
+from viq.mllm.packing import splice_image_features
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "load_causal_lm",
+    "prepare_llm",
+    "linear_leaf_names",
+    "trainable_parameter_count",
+    "generate_answer",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local Hugging Face model directory.
+
+    Nothing is downloaded (``local_files_only=True``). If the tokenizer has no pad token, an
+    existing special token (eos, else bos/unk) becomes the pad token; the embedding matrix is never
+    resized. Padding never reaches the loss here anyway (labels are explicit), so any existing token
+    is fine as pad.
+
+    Args:
+        path: directory with ``config.json``, weights and tokenizer files.
+        dtype: parameter dtype.
+        attn_implementation: ``"sdpa"`` or ``"eager"`` (both support
+            :func:`viq.mllm.packing.pack_sequences`), or ``"flash_attention_2"`` where installed.
+
+    Returns:
+        (model in eval mode, tokenizer).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"LLM directory not found: {path} (models are loaded from local directories only)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model directory: it has no config.json")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+    )
+    if tokenizer.pad_token is None:
+        for name in ("eos_token", "bos_token", "unk_token"):
+            token = getattr(tokenizer, name)
+            if token is not None:
+                tokenizer.pad_token = token
+                logger.info("tokenizer has no pad token; using its %s %r as pad", name, token)
+                break
+        else:
+            raise ValueError(f"tokenizer in {path} has no pad, eos, bos or unk token to pad with")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainable parts
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_leaf_names(model: nn.Module) -> list[str]:
+    """Sorted last-name components of every ``nn.Linear`` except the output head (LoRA targets)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and mod is not head
+    }
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def prepare_llm(
+    model: nn.Module,
+    mode: str,
+    *,
+    r: int = 64,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] | None = None,
+) -> nn.Module:
+    """Set what of the LLM trains.
+
+    Args:
+        model: a causal LM.
+        mode: ``"frozen"`` (nothing; gradients still flow through it to the image embeddings),
+            ``"lora"``/``"dora"`` (peft adapters, base frozen; official uses DoRA r64 alpha16),
+            ``"full"`` (everything).
+        r, alpha, dropout: LoRA rank, alpha, dropout.
+        target_modules: module names to adapt; default every linear layer except the output head
+            (Qwen2: q/k/v/o_proj, gate/up/down_proj).
+
+    Returns:
+        the model (``peft.PeftModel`` wrapping it for lora/dora).
+    """
+    if mode == "frozen":
+        model.requires_grad_(False)
+        return model
+    if mode == "full":
+        model.requires_grad_(True)
+        return model
+    if mode not in ("lora", "dora"):
+        raise ValueError(f"mode must be 'frozen', 'lora', 'dora' or 'full', got {mode!r}")
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError("model already has peft adapters")
+    targets = list(target_modules) if target_modules is not None else linear_leaf_names(model)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_dora=mode == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)  # freezes the base model
+    logger.info("%s on %s: %d trainable parameters", mode, targets, trainable_parameter_count(model))
+    return model
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Number of parameters with ``requires_grad`` (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_answer(
+    model: nn.Module,
+    tokenizer: ChatTokenizer,
+    input_ids: torch.Tensor,
+    image_embeds: Sequence[torch.Tensor] = (),
+    *,
+    max_new_tokens: int = 64,
+) -> str:
+    """Greedy answer to a prompt with images.
+
+    Args:
+        model: causal LM (optionally peft-wrapped); put it in eval mode first (dropout).
+        tokenizer: the :class:`viq.mllm.chat.ChatTokenizer` that made ``input_ids``.
+        input_ids: (L,) prompt ids from :meth:`ChatTokenizer.encode_prompt`.
+        image_embeds: per image (n_i, H) projector outputs.
+        max_new_tokens: generation budget.
+
+    Returns:
+        the decoded answer without special tokens.
+    """
+    from transformers import GenerationConfig
+
+    embeds, _ = splice_image_features(model.get_input_embeddings(), input_ids, None, image_embeds)
+    hf_tok = tokenizer.tokenizer
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if hf_tok.eos_token_id is not None:
+        eos_ids.add(hf_tok.eos_token_id)
+    # A fresh config: the checkpoint's sampling defaults (temperature, top_p, ...) do not apply.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=sorted(eos_ids) or None,
+        pad_token_id=hf_tok.pad_token_id,
+    )
+    out = model.generate(
+        inputs_embeds=embeds[None],
+        attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long, device=embeds.device),
+        generation_config=config,
+    )
+    # With only inputs_embeds, decoder-only generate returns just the new tokens.
+    return hf_tok.decode(out[0], skip_special_tokens=True)

@@ -1,0 +1,362 @@
+"""viq.eval.recon: PSNR/SSIM against torchmetrics and hand formulas, baselines, aggregation."""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("torchmetrics")
+from torchmetrics.functional.image import (  # noqa: E402
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+from viq.eval.recon import (  # noqa: E402
+    ReconStats,
+    bicubic_at_bits,
+    bicubic_size_at_bits,
+    crop_to,
+    mean_colour,
+    psnr_ssim,
+    ssim_kernel,
+    t_quantile_975,
+)
+from viq.formats.image import to_pil, to_pixels  # noqa: E402
+
+
+def pixels(h: int, w: int, seed: int) -> torch.Tensor:
+    """(3, h, w) float32 in [-1, 1] on the 8-bit grid, smooth enough for SSIM to be informative."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(3, max(2, h // 4), max(2, w // 4), generator=g)
+    x = torch.nn.functional.interpolate(base[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    x = (x + 0.1 * torch.rand(3, h, w, generator=g)).clamp(0, 1)
+    return (x * 255).round() / 255 * 2 - 1
+
+
+def noisy(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() * 0.5 + 0.5).clamp(0, 1)[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# PSNR / SSIM
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("h", "w", "sigma"), [(32, 48, 0.05), (37, 21, 0.2), (11, 11, 0.1), (64, 17, 0.01)])
+def test_psnr_ssim_match_torchmetrics_and_hand_formula(h, w, sigma):
+    # A padded decode (multiple of 16) cropped back to the encoded area, as the caller does.
+    ref = pixels(h, w, seed=h * w)
+    ph, pw = -(-h // 16) * 16, -(-w // 16) * 16
+    decoded = torch.nn.functional.pad(noisy(ref, sigma, seed=1), (0, pw - w, 0, ph - h), value=0.7)
+    rec = crop_to(decoded, (h, w))
+    assert rec.shape == ref.shape
+
+    psnr, ssim = psnr_ssim(ref, rec)
+    assert isinstance(psnr, float) and isinstance(ssim, float)
+    want_psnr = float(peak_signal_noise_ratio(unit(rec), unit(ref), data_range=1.0))
+    want_ssim = float(structural_similarity_index_measure(unit(rec), unit(ref), data_range=1.0))
+    assert abs(psnr - want_psnr) <= 1e-5
+    assert abs(ssim - want_ssim) <= 1e-5
+    # PSNR by hand, float64: 10 log10(1 / MSE) over all 3*H*W values in [0, 1].
+    mse = ((ref.double() * 0.5 + 0.5) - (rec.double() * 0.5 + 0.5)).pow(2).mean().item()
+    assert abs(psnr - 10 * math.log10(1.0 / mse)) <= 1e-4
+    assert -1.0 <= ssim < 1.0
+
+
+@pytest.mark.parametrize(("h", "w"), [(24, 40), (13, 30)])
+def test_ssim_matches_scikit_image(h, w):
+    # Independent implementation: skimage with Wang et al.'s settings (gaussian sigma 1.5, window 11).
+    skm = pytest.importorskip("skimage.metrics")
+    ref, rec = pixels(h, w, seed=3), noisy(pixels(h, w, seed=3), 0.1, seed=4)
+    _, ssim = psnr_ssim(ref, rec)
+    a, b = (unit(t)[0].permute(1, 2, 0).double().numpy() for t in (ref, rec))
+    want = skm.structural_similarity(
+        a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
+    assert abs(ssim - want) <= 1e-4
+
+
+def test_psnr_orders_noise_levels():
+    ref = pixels(32, 32, seed=0)
+    scores = [psnr_ssim(ref, noisy(ref, s, seed=2)) for s in (0.01, 0.05, 0.2)]
+    assert scores[0][0] > scores[1][0] > scores[2][0]
+    assert scores[0][1] > scores[1][1] > scores[2][1]
+
+
+@pytest.mark.parametrize(("h", "w"), [(16, 16), (5, 9), (3, 3)])
+def test_identical_images_give_inf_psnr_and_ssim_one(h, w):
+    ref = pixels(h, w, seed=5)
+    psnr, ssim = psnr_ssim(ref, ref.clone())
+    assert psnr == math.inf  # documented: no cap
+    assert ssim == pytest.approx(1.0, abs=1e-6)
+
+
+def test_values_outside_range_are_clamped_like_a_displayed_image():
+    ref = pixels(16, 16, seed=6)
+    rec = noisy(ref, 0.1, seed=7)
+    wild = rec.clone()
+    wild[:, :4] = torch.where(rec[:, :4] > 0, 1.7, -1.4)
+    clamped = wild.clamp(-1, 1)
+    assert psnr_ssim(ref, wild) == psnr_ssim(ref, clamped)
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+    ref = pixels(20, 20, seed=8)
+    rec = noisy(ref, 0.05, seed=9)
+    assert psnr_ssim(ref.half(), rec.half()) == pytest.approx(psnr_ssim(ref.half().float(), rec.half().float()), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "kernel"),
+    [(11, 11, (11, 11)), (10, 20, (9, 11)), (7, 4, (7, 3)), (3, 6, (3, 5)), (40, 8, (11, 7))],
+)
+def test_small_images_use_the_largest_odd_ssim_kernel_that_fits(h, w, kernel):
+    (kh, kw), (sh, sw) = ssim_kernel(h, w)
+    assert (kh, kw) == kernel
+    # torchmetrics derives the gaussian window from sigma: our sigma must give exactly this window.
+    for k, s in ((kh, sh), (kw, sw)):
+        assert int(3.5 * s + 0.5) * 2 + 1 == k
+        assert s == pytest.approx(1.5 * k / 11)
+    ref = pixels(h, w, seed=10)
+    rec = noisy(ref, 0.1, seed=11)
+    _, ssim = psnr_ssim(ref, rec)
+    want = structural_similarity_index_measure(
+        unit(rec), unit(ref), data_range=1.0, sigma=(sh, sw), kernel_size=(kh, kw)
+    )
+    assert abs(ssim - float(want)) <= 1e-5
+    assert -1.0 <= ssim < 1.0
+
+
+@pytest.mark.parametrize(("h", "w"), [(2, 10), (10, 1), (1, 1)])
+def test_images_under_3_px_raise_naming_the_size(h, w):
+    ref = pixels(max(h, 2), max(w, 2), seed=0)[:, :h, :w]
+    with pytest.raises(ValueError, match=re.escape(f"{h}x{w}")):
+        psnr_ssim(ref, ref)
+    with pytest.raises(ValueError, match="3x3"):
+        ssim_kernel(h, w)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [((3, 16, 16), (3, 16, 17)), ((3, 32, 16), (3, 16, 32)), ((3, 8, 8), (1, 8, 8)), ((3, 8, 8), (8, 8))]
+)
+def test_mismatched_or_bad_shapes_name_both_shapes(a, b):
+    x, y = torch.zeros(a), torch.zeros(b)
+    with pytest.raises(ValueError) as err:
+        psnr_ssim(x, y)
+    msg = str(err.value)
+    assert str(b) in msg
+    if len(b) == 3 and b[0] == 3:  # a shape mismatch (not a malformed image): both are named
+        assert str(a) in msg
+
+
+def test_non_tensor_and_integer_inputs_are_rejected():
+    with pytest.raises(TypeError):
+        psnr_ssim(np.zeros((3, 8, 8), np.float32), torch.zeros(3, 8, 8))
+    with pytest.raises(TypeError, match="float"):
+        psnr_ssim(torch.zeros(3, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8))
+
+
+def test_crop_to_takes_the_top_left_corner():
+    x = torch.arange(3 * 32 * 48, dtype=torch.float32).reshape(3, 32, 48)
+    c = crop_to(x, (20, 33))
+    assert c.shape == (3, 20, 33)
+    assert torch.equal(c, x[:, :20, :33])
+    assert crop_to(x, (32, 48)).shape == x.shape
+    for bad in ((33, 10), (10, 49), (0, 5)):
+        with pytest.raises(ValueError, match=re.escape(str(tuple(x.shape)))):
+            crop_to(x, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [-1.0, 1.0, 0.3, -0.12345, 2 * 77 / 255 - 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_colour_of_a_constant_image_is_exact(value, dtype):
+    colour = torch.tensor([value, -value * 0.5, 0.25], dtype=dtype)
+    ref = colour[:, None, None].expand(3, 123, 77).clone()
+    out = mean_colour(ref)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.equal(out, ref)
+    assert psnr_ssim(ref.float(), out.float())[0] == math.inf
+
+
+def test_mean_colour_is_the_per_channel_mean():
+    ref = pixels(30, 20, seed=12)
+    out = mean_colour(ref)
+    want = ref.double().mean(dim=(1, 2))
+    for c in range(3):
+        assert torch.all(out[c] == out[c, 0, 0])
+        assert abs(float(out[c, 0, 0]) - float(want[c])) <= 1e-7
+    assert out.data_ptr() != ref.data_ptr()
+
+
+def _all_sizes(height: int, width: int) -> set[tuple[int, int]]:
+    """Brute force: every (h', w') reachable with one scale 0 < s <= 1 (round half up), on a grid
+    finer than the smallest gap 1/(2HW) between breakpoints, plus the breakpoints themselves."""
+    sizes = set()
+    n = 4 * height * width
+    for j in range(1, n + 1):
+        s = Fraction(j, n)
+        sizes.add((max(1, math.floor(height * s + Fraction(1, 2))), max(1, math.floor(width * s + Fraction(1, 2)))))
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("height", "width"), [(16, 16), (30, 17), (9, 40), (1, 25), (48, 32), (7, 7), (13, 50)]
+)
+@pytest.mark.parametrize("pixels_budget", [0.5, 1, 2, 3, 5.5, 17, 64, 100, 257, 10_000])
+def test_bicubic_size_is_the_largest_that_fits_the_budget(height, width, pixels_budget):
+    bits = pixels_budget * 24
+    h, w = bicubic_size_at_bits(height, width, bits)
+    sizes = _all_sizes(height, width)
+    assert (h, w) in sizes  # reachable with one aspect-preserving scale factor
+    fitting = [sz for sz in sizes if sz[0] * sz[1] * 24 <= bits]
+    if not fitting:  # documented floor: 1x1 even when 24 bits exceed the budget
+        assert (h, w) == (1, 1) and bits < 24
+        return
+    assert h * w * 24 <= bits
+    assert h * w == max(a * b for a, b in fitting)
+    # sizes are nested (monotone in s): the next larger reachable size exceeds the budget
+    larger = [sz for sz in sizes if sz[0] * sz[1] > h * w]
+    if larger:
+        nxt = min(larger, key=lambda sz: sz[0] * sz[1])
+        assert nxt[0] >= h and nxt[1] >= w
+        assert nxt[0] * nxt[1] * 24 > bits
+    else:
+        assert (h, w) == (height, width)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "bits", "want"),
+    [
+        (100, 60, 600 * 24, (31, 19)),  # 589 px; (32, 19) = 608 px would not fit
+        (64, 64, 256 * 24, (16, 16)),  # exactly on budget
+        (64, 64, 256 * 24 - 1, (15, 15)),
+        (1000, 10, 24 * 100, (100, 1)),
+        (50, 40, 10**9, (50, 40)),  # everything fits: no downsampling
+        (50, 40, 23, (1, 1)),  # not even one pixel fits: 1x1 anyway
+        (50, 40, 0, (1, 1)),
+    ],
+)
+def test_bicubic_size_examples(height, width, bits, want):
+    assert bicubic_size_at_bits(height, width, bits) == want
+
+
+def test_bicubic_size_rejects_bad_budgets():
+    for bad in (-1, math.nan, "100"):
+        with pytest.raises(ValueError):
+            bicubic_size_at_bits(10, 10, bad)
+
+
+@pytest.mark.parametrize(("height", "width", "bits"), [(40, 24, 24 * 60), (33, 70, 24 * 111.5), (16, 16, 24)])
+def test_bicubic_at_bits_is_pillow_bicubic_down_and_up(height, width, bits):
+    ref = pixels(height, width, seed=13)
+    out = bicubic_at_bits(ref, bits)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    h, w = bicubic_size_at_bits(height, width, bits)
+    img = Image.fromarray((((ref + 1) / 2) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    small = img.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=None)
+    assert small.size == (w, h)
+    want = small.resize((width, height), Image.Resampling.BICUBIC)
+    assert torch.equal(out, to_pixels(want))
+    # on the 8-bit grid
+    assert torch.equal(to_pixels(to_pil(out)), out)
+
+
+def test_bicubic_at_bits_full_budget_is_the_quantised_reference():
+    ref = noisy(pixels(20, 28, seed=14), 0.01, seed=15)  # off the 8-bit grid
+    out = bicubic_at_bits(ref, 20 * 28 * 24)
+    assert torch.equal(out, to_pixels(to_pil(ref)))
+    assert (out - ref).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_bicubic_quality_grows_with_bits():
+    ref = pixels(48, 64, seed=16)
+    psnrs = [psnr_ssim(ref, bicubic_at_bits(ref, 24 * n))[0] for n in (12, 100, 800)]
+    assert psnrs[0] < psnrs[1] < psnrs[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 10, 29, 100, 1000])
+def test_t_quantile_matches_scipy(df):
+    stats = pytest.importorskip("scipy.stats")
+    assert t_quantile_975(df) == pytest.approx(float(stats.t.ppf(0.975, df)), rel=1e-9)
+
+
+def test_t_quantile_known_values():
+    assert t_quantile_975(1) == pytest.approx(12.7062047, abs=1e-6)
+    assert t_quantile_975(10) == pytest.approx(2.2281389, abs=1e-6)
+    assert t_quantile_975(10**6) == pytest.approx(1.959966, abs=1e-5)
+
+
+def test_recon_stats_means_and_t_intervals():
+    stats = ReconStats()
+    psnrs = [20.0, 22.0, 27.0, 25.0, 21.0]
+    ssims = [0.5, 0.6, 0.9, 0.8, 0.55]
+    for p, s in zip(psnrs, ssims):
+        stats.add("viq", p, s)
+    stats.add("mean-colour", 9.0, 0.1)
+    out = stats.summary()
+    assert list(out) == ["viq", "mean-colour"] == stats.methods
+    v = out["viq"]
+    assert v["n"] == 5 and v["psnr_n_inf"] == 0
+    assert v["psnr"] == pytest.approx(23.0) and v["ssim"] == pytest.approx(0.67)
+    for key, vals in (("psnr", psnrs), ("ssim", ssims)):
+        a = np.asarray(vals)
+        half = 2.7764451051977987 * a.std(ddof=1) / math.sqrt(len(a))  # t_{0.975, 4}
+        lo, hi = v[f"{key}_ci95"]
+        assert lo == pytest.approx(a.mean() - half, rel=1e-9)
+        assert hi == pytest.approx(a.mean() + half, rel=1e-9)
+    one = out["mean-colour"]
+    assert one["n"] == 1 and one["psnr"] == 9.0
+    assert one["psnr_ci95"] == [None, None] and one["ssim_ci95"] == [None, None]
+    assert stats.values("viq") == {"psnr": psnrs, "ssim": ssims}
+
+
+def test_recon_stats_exact_reconstruction_makes_mean_psnr_inf():
+    stats = ReconStats()
+    ref = torch.full((3, 8, 8), 0.2)
+    stats.add_images("mean-colour", ref, mean_colour(ref))
+    stats.add("mean-colour", 30.0, 0.9)
+    s = stats.summary()["mean-colour"]
+    assert s["psnr"] == math.inf and s["psnr_ci95"] == [None, None] and s["psnr_n_inf"] == 1
+    assert s["ssim"] == pytest.approx(0.95, abs=1e-6) and None not in s["ssim_ci95"]
+
+
+def test_recon_stats_constant_scores_give_a_zero_width_interval_and_reject_nan():
+    stats = ReconStats()
+    for _ in range(4):
+        stats.add("m", 30.0, 0.9)
+    s = stats.summary()["m"]
+    assert s["psnr_ci95"] == [30.0, 30.0]
+    with pytest.raises(ValueError, match="NaN"):
+        stats.add("m", math.nan, 0.5)
+    assert stats.summary()["m"]["n"] == 4
+
+
+def test_recon_stats_add_images_scores_with_psnr_ssim():
+    ref = pixels(16, 24, seed=17)
+    rec = noisy(ref, 0.05, seed=18)
+    stats = ReconStats()
+    got = stats.add_images("noise", ref, rec)
+    assert got == psnr_ssim(ref, rec)
+    assert stats.values("noise") == {"psnr": [got[0]], "ssim": [got[1]]}
