@@ -96,6 +96,10 @@ class HeadConfig:
     bottleneck_dim: int = 32
     #: limit applied in the bottleneck: "none", "l2", "linf" (onto the hypercube surface), "tanh".
     bottleneck_limit: str = "linf"
+    #: FSQ sits on the limited bottleneck, as in the paper (C -> D -> limit -> d -> FSQ, and back
+    #: d -> D -> C), so stage 2-2 keeps the stage 2-1 bottleneck. False: the released layout, in
+    #: which FSQ projects the features directly (C -> d -> FSQ -> d -> C).
+    fsq_on_bottleneck: bool = False
     simvq_codebook_size: int = 32768
     simvq_dim: int = 32
     num_blocks: int = 3
@@ -144,7 +148,10 @@ class HeadConfig:
 
     @property
     def code_dim(self) -> int:
-        """Width of the quantized values between project_in and project_out."""
+        """Width of the values between project_in and project_out (the bottleneck width D when FSQ
+        sits on the bottleneck)."""
+        if self.quantizer == "fsq" and self.fsq_on_bottleneck:
+            return self.bottleneck_dim
         return {"fsq": len(self.levels), "bottleneck": self.bottleneck_dim, "simvq": self.simvq_dim}[self.quantizer]
 
 

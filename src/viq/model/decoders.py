@@ -25,7 +25,7 @@ __all__ = ["CodeEmbedder", "LatentDecoder", "CodeDrawer", "build_vae", "decode_l
 class CodeEmbedder(nn.Module):
     """Codes -> per-patch features.
 
-    codes (e*N, d) -> Linear d->C -> concatenate the e codes of each patch (N, e*C) ->
+    codes (e*N, d) -> Linear d->C (with ``fsq_on_bottleneck``: Linear d->D, then D->C) -> concatenate the e codes of each patch (N, e*C) ->
     Mlp(eC -> eC -> C) -> Mlp(C -> C -> C) -> ``res_blocks`` x ResidualMlp -> x * out_weight + out_bias.
 
     ``codebook`` (K, d) is a stored buffer rather than recomputed: the released embedder carries a
@@ -40,6 +40,9 @@ class CodeEmbedder(nn.Module):
         # Only FSQ codes can be looked up from indices; other quantizers feed values directly.
         codebook = FSQ(cfg.levels).implicit_codebook() if cfg.quantizer == "fsq" else None
         self.register_buffer("codebook", codebook)
+        self.fsq_out = (
+            nn.Linear(len(cfg.levels), cfg.bottleneck_dim) if cfg.quantizer == "fsq" and cfg.fsq_on_bottleneck else None
+        )
         self.project_out = nn.Linear(cfg.code_dim, width)
         self.merge = Mlp(e * width, e * width, width)
         self.post_mlp = Mlp(width, width, width)
@@ -56,7 +59,7 @@ class CodeEmbedder(nn.Module):
         """
         n = codes.shape[0] // self.codes_per_patch
         codes = pad_rows(codes.to(self.project_out.weight.dtype), MIN_ROWS * self.codes_per_patch)
-        x = self.project_out(codes)
+        x = self.project_out(codes if self.fsq_out is None else self.fsq_out(codes))
         x = x.view(-1, self.codes_per_patch * x.shape[-1])
         x = self.post_mlp(self.merge(x))
         for block in self.res_blocks:

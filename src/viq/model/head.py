@@ -11,6 +11,8 @@ Quantize path, for packed tokens x (T, C) of patch grids (h_i, w_i):
    attention over the patches of the same image (sub-token j only sees sub-token j), proj, Linear a->C,
    residual; then LN -> Mlp(C -> 4C -> C), residual. The 4 streams never mix.
 5. Linear C -> d (d = number of FSQ levels), FSQ in float32 -> indices (4T,), order 4*(y*w+x)+j.
+   With ``fsq_on_bottleneck`` (the paper's layout): Linear C -> D, the bottleneck's limit (L-inf),
+   Linear D -> d, FSQ; the stage 2-1 bottleneck (``project_in``) is kept and only ``fsq_in`` is new.
 
 The dequantize path (codes -> continuous features) is :class:`viq.model.decoders.CodeEmbedder`.
 """
@@ -94,6 +96,11 @@ class CodeHead(nn.Module):
             RoPEBlock(width, cfg.attn_dim, e, int(width * cfg.mlp_ratio), cfg.norm_eps) for _ in range(cfg.code_blocks)
         )
         self.project_in = nn.Linear(width, cfg.code_dim)
+        self.limit: nn.Module | None = None
+        self.fsq_in: nn.Module | None = None
+        if cfg.quantizer == "fsq" and cfg.fsq_on_bottleneck:
+            self.limit = Bottleneck(cfg.bottleneck_limit)
+            self.fsq_in = nn.Linear(cfg.bottleneck_dim, len(cfg.levels))
         if cfg.quantizer == "fsq":
             self.quantizer: nn.Module = FSQ(cfg.levels, cfg.fsq_eps)
         elif cfg.quantizer == "bottleneck":
@@ -114,7 +121,8 @@ class CodeHead(nn.Module):
         return block(*args)
 
     def pre_quantize(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """Packed trunk tokens (T, C) -> pre-quantization values (e*T, d) in the compute dtype."""
+        """Packed trunk tokens (T, C) -> pre-quantization values (e*T, d) in the compute dtype
+        (d = FSQ levels, or the bottleneck / SimVQ width for those quantizers)."""
         segments = packed.segments
         x = F.layer_norm(x, x.shape[-1:], eps=self.pre_norm_eps)
         for block in self.blocks:
@@ -131,7 +139,10 @@ class CodeHead(nn.Module):
         angle_dtype = x.dtype if self.cfg.rope_angle_dtype == "compute" else None
         for block in self.code_blocks:
             x = self._run(block, x, segments, theta, angle_dtype)
-        return self.project_in(x)
+        z = self.project_in(x)
+        if self.fsq_in is not None:
+            z = self.fsq_in(self.limit(z))
+        return z
 
     @property
     def fsq(self) -> FSQ:
