@@ -14,6 +14,7 @@ Initial ViQ weights (``model.init``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -33,6 +34,9 @@ __all__ = ["build_model", "load_matching", "merge_config"]
 
 VIQ_CONFIG = "config.json"
 VIQ_WEIGHTS = "model.safetensors"
+#: the distillation teacher's encoder, written by the stage that chose it (see :func:`setup_teacher`)
+TEACHER_WEIGHTS = "teacher.safetensors"
+STAGE_FILE = "stage.json"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 LLM_DIR = "llm"
 
@@ -169,11 +173,75 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         if adapter is not None and adapter.is_dir() and cfg.llm.mode in ("lora", "dora"):
             _load_adapter(model.llm, adapter)
 
-    if "distill" in stage.losses and cfg.loss.distill > 0 and model.encoder.pool is not None:
-        model.snapshot_teacher()
+    model.teacher_record = setup_teacher(model, cfg, init_dir)
     model.set_vae(build_vae(cfg, config, state))
     model.to(device)
     return model, tokenizer
+
+
+def _teacher_record(directory: Path | None) -> dict[str, Any] | None:
+    """The teacher an earlier stage recorded in its output's ``stage.json`` (None if it has none)."""
+    path = directory / STAGE_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("teacher")
+
+
+def _encoder_from(config_dict: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """A ViTEncoder (+ MAP head) of ``config_dict`` holding the ``encoder.*`` tensors of ``state``."""
+    from viq.model.config import EncoderConfig, dataclass_from_dict
+    from viq.model.encoder import ViTEncoder
+
+    encoder = ViTEncoder(dataclass_from_dict(EncoderConfig, config_dict, "teacher encoder"))
+    weights = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected or not weights:
+        raise ValueError(f"teacher {source}: its weights do not fit the encoder ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[:3]})")
+    if encoder.pool is None:
+        raise ValueError(f"teacher {source}: the encoder has no MAP head to pool its features")
+    return encoder
+
+
+def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None) -> dict[str, Any] | None:
+    """Give ``model`` its distillation teacher and return the record to write into the stage output.
+
+    The paper distils every stage towards one fixed-resolution teacher: the pre-trained encoder that
+    stage 1 starts from. So the teacher is chosen once (``loss.teacher``, default "auto": the stage
+    that starts without a recorded teacher takes its own starting encoder), its encoder is written to
+    that stage's output (``teacher.safetensors``), and every later stage loads that same file through
+    the ``stage.json`` record of the stage it starts from -- never a copy of its own starting encoder,
+    which stage 2 has already trained.
+    """
+    stage = get_stage(cfg.stage)
+    if "distill" not in stage.losses or cfg.loss.distill <= 0 or model.encoder is None or model.encoder.pool is None:
+        return None
+    spec = cfg.loss.teacher
+    record = _teacher_record(init_dir) if spec == "auto" else None
+    if spec == "auto" and record is None:
+        model.snapshot_teacher()  # this stage's starting encoder becomes the recipe's teacher
+        return {"source": cfg.model.init, "weights": None, "encoder": dataclasses.asdict(model.config.encoder)}
+    if record is not None:
+        from safetensors.torch import load_file
+
+        weights = Path(record["weights"])
+        if not weights.is_file():
+            raise FileNotFoundError(f"teacher weights {weights} (recorded in {init_dir / STAGE_FILE}) not found: "
+                                    f"restore them or name a teacher with loss.teacher=viq:<dir>")
+        state = {"encoder." + k: v for k, v in load_file(str(weights)).items()}
+        model.set_teacher(_encoder_from(record["encoder"], state, str(weights)))
+        return record
+    kind, value = _init_source(spec)
+    if kind == "preset":
+        raise ValueError(f"loss.teacher {spec!r}: a teacher needs trained weights (viq:, hf-siglip:, timm-siglip:)")
+    if kind == "viq":
+        config, state = _read_viq_dir(Path(value))
+    else:
+        from viq.train.init import load_siglip
+
+        config, state = load_siglip(kind, value, {})
+    model.set_teacher(_encoder_from(dataclasses.asdict(config.encoder), state, spec))
+    return {"source": spec, "weights": None, "encoder": dataclasses.asdict(config.encoder)}
 
 
 def _handed_over(handover: Handover, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -259,4 +327,11 @@ def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> N
             # clone: tied embeddings share storage, which safetensors refuses to write twice
             save_file({k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
                       str(llm_dir / "model.safetensors"))
-    (directory / "stage.json").write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict()}, indent=2))
+    record = getattr(model, "teacher_record", None)
+    if record is not None and record["weights"] is None and model.teacher is not None:
+        # This stage chose the teacher: its encoder travels with the output, for every later stage.
+        teacher_state = {k: v.detach().cpu().contiguous() for k, v in model.teacher.state_dict().items()}
+        save_file(teacher_state, str(directory / TEACHER_WEIGHTS), metadata={"source": record["source"]})
+        record = {**record, "weights": str((directory / TEACHER_WEIGHTS).resolve())}
+    (directory / STAGE_FILE).write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record},
+                                                   indent=2))

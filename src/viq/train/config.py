@@ -74,6 +74,11 @@ class LossSection:
     #: "aspect" = area teacher_size^2 keeping the aspect ratio, antialiased.
     teacher_resize: str = "bilinear"
     teacher_size: int = 384
+    #: the distillation teacher, one for the whole recipe: "auto" = the teacher recorded by the stage
+    #: this one starts from (``stage.json`` of ``model.init``), else this stage's own starting
+    #: encoder (stage 1: the pre-trained encoder, SigLIP2 in the paper). Or an explicit source:
+    #: ``viq:<dir>``, ``hf-siglip:<dir>``, ``timm-siglip:<file>`` (its encoder + MAP head).
+    teacher: str = "auto"
     #: VAE latent target normalisation: "none" (official: raw latents) or "mean_std"
     latent_norm: str = "none"
     #: drawer stage: weight of an extra pixel-space MSE through the frozen VAE decoder (0 = off)

@@ -131,6 +131,8 @@ class TrainModel(nn.Module):
         self.llm_rows = llm_rows
         # Frozen helpers, kept out of the state dict (plain attributes in a list, not submodules).
         self._frozen: dict[str, nn.Module | None] = {"teacher": None, "vae": None}
+        #: where the teacher came from, written into the stage output (see viq.train.build.setup_teacher)
+        self.teacher_record: dict | None = None
         self.set_vae(vae)
         self.teacher_resize = teacher_resize
         self.teacher_size = teacher_size
@@ -152,7 +154,11 @@ class TrainModel(nn.Module):
 
     def snapshot_teacher(self) -> None:
         """Freeze a copy of the current encoder (trunk + MAP head) as the distillation teacher."""
-        teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
+        self.set_teacher(copy.deepcopy(self.encoder))
+
+    def set_teacher(self, encoder: nn.Module) -> None:
+        """Use ``encoder`` (a :class:`ViTEncoder` with its MAP head), frozen, as the distillation teacher."""
+        teacher = encoder.requires_grad_(False).eval()
         teacher.gradient_checkpointing = False
         self._frozen["teacher"] = teacher
 

@@ -1,0 +1,96 @@
+"""A chain of stages: one fixed distillation teacher, and the paper's head keeping the 2-1 bottleneck."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import make_llm, make_qa, recipe
+
+from viq.model.viq import ViQModel
+from viq.train.build import build_model
+from viq.train.config import TrainConfig
+from viq.train.engine import train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """stage1 -> stage2_1 -> stage2_2 (FSQ on the bottleneck), each a few steps, from a saved start."""
+    root = tmp_path_factory.mktemp("chain")
+    data, llm = make_qa(root / "qa"), make_llm(root / "llm")
+    ViQModel.from_config("viq-test", seed=3).save_pretrained(root / "init")
+    runs = {}
+    init = f"viq:{root / 'init'}"
+    head = {"bottleneck_dim": 16, "bottleneck_limit": "linf"}
+    for stage, head_cfg in (("stage1", None), ("stage2_1", {**head, "quantizer": "bottleneck", "code_blocks": 0}),
+                            ("stage2_2", {**head, "quantizer": "fsq", "fsq_on_bottleneck": True, "code_blocks": 1})):
+        r = recipe(stage, root / stage, data, llm, train={"max_steps": 4, "batch_size": 2},
+                   loss={"teacher_size": 32}, llm={"mode": "full"})
+        r["model"] = {"init": init, "config": {"head": head_cfg} if head_cfg else {}}
+        runs[stage] = {"cfg": TrainConfig.from_dict(r), "summary": train(TrainConfig.from_dict(r))}
+        init = f"viq:{runs[stage]['summary']['final']}"
+    return {"root": root, "runs": runs}
+
+
+def _encoder_state(path: Path) -> dict[str, torch.Tensor]:
+    return {k[len("encoder."):]: v for k, v in load_file(str(path)).items() if k.startswith("encoder.")}
+
+
+def test_every_stage_distils_towards_the_stage1_starting_encoder(chain):
+    start = _encoder_state(chain["root"] / "init" / "model.safetensors")
+    stage1_final = Path(chain["runs"]["stage1"]["summary"]["final"])
+    teacher_file = stage1_final / "teacher.safetensors"
+    assert teacher_file.is_file()
+    written = load_file(str(teacher_file))
+    assert set(written) == set(start) and all(torch.equal(written[k], start[k]) for k in start)
+    trained = _encoder_state(stage1_final / "model.safetensors")
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # stage 1 did move the encoder
+    for stage in ("stage2_1", "stage2_2"):
+        record = json.loads((Path(chain["runs"][stage]["summary"]["final"]) / "stage.json").read_text())["teacher"]
+        assert record["weights"] == str(teacher_file.resolve()), stage
+        model, _ = build_model(chain["runs"][stage]["cfg"], device=CPU)
+        teacher = model.teacher.state_dict()
+        assert all(torch.equal(teacher[k], start[k]) for k in start), f"{stage} distils towards another encoder"
+
+
+def test_explicit_teacher_and_missing_teacher_weights(chain, tmp_path):
+    cfg = chain["runs"]["stage2_1"]["cfg"]
+    explicit = TrainConfig.from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"],
+                                                               "teacher": f"viq:{chain['root'] / 'stage1' / 'final'}"}})
+    model, _ = build_model(explicit, device=CPU)
+    trained = _encoder_state(chain["root"] / "stage1" / "final" / "model.safetensors")
+    assert all(torch.equal(model.teacher.state_dict()[k], trained[k]) for k in trained)
+    with pytest.raises(ValueError, match="trained weights"):
+        build_model(TrainConfig.from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"],
+                                                                     "teacher": "preset:viq-test"}}), device=CPU)
+    # A chain whose recorded teacher file has gone says which file and how to name another.
+    moved = tmp_path / "stage1-final"
+    stage1 = Path(chain["runs"]["stage1"]["summary"]["final"])
+    moved.mkdir()
+    for f in stage1.iterdir():
+        if f.is_file():
+            (moved / f.name).write_bytes(f.read_bytes())
+    record = json.loads((moved / "stage.json").read_text())
+    record["teacher"] = {**record["teacher"], "weights": str(tmp_path / "gone.safetensors")}
+    (moved / "stage.json").write_text(json.dumps(record))
+    again = TrainConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "init": f"viq:{moved}"}})
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        build_model(again, device=CPU)
+
+
+def test_paper_head_hand_over_keeps_the_bottleneck(chain):
+    s21 = load_file(str(Path(chain["runs"]["stage2_1"]["summary"]["final"]) / "model.safetensors"))
+    model, _ = build_model(chain["runs"]["stage2_2"]["cfg"], device=CPU)
+    state = model.state_dict()
+    for name in ("head.project_in.weight", "head.project_in.bias", "dequant.project_out.weight"):
+        assert torch.equal(state[name], s21[name]), f"{name} was not handed over"
+    assert "head.fsq_in.weight" not in s21  # new in 2-2: the D -> d projection
+    # The loss jump at the first 2-2 step is recorded next to the 2-1 losses (the demo reports it).
+    first = chain["runs"]["stage2_2"]["summary"]["history"][0]
+    last = chain["runs"]["stage2_1"]["summary"]["history"][-1]
+    assert {"distill", "recon"} <= set(first) and {"distill", "recon"} <= set(last)
