@@ -74,17 +74,45 @@ def test_psnr_ssim_match_torchmetrics_and_hand_formula(h, w, sigma):
     assert -1.0 <= ssim < 1.0
 
 
-@pytest.mark.parametrize(("h", "w"), [(24, 40), (13, 30)])
-def test_ssim_matches_scikit_image(h, w):
-    # Independent implementation: skimage with Wang et al.'s settings (gaussian sigma 1.5, window 11).
-    skm = pytest.importorskip("skimage.metrics")
+def hand_ssim(ref: torch.Tensor, rec: torch.Tensor, kh: int, kw: int, sh: float, sw: float) -> float:
+    """SSIM in float64 numpy, written from Wang et al. (2004): gaussian-weighted local statistics,
+    c1 = 0.01^2, c2 = 0.03^2 (data range 1), mean over channels and all positions, borders
+    reflect-padded (excluding the edge pixel, torch's "reflect")."""
+    a, b = (unit(t)[0].double().numpy() for t in (ref, rec))
+
+    def g(k, s):
+        d = np.arange(k) - (k - 1) / 2
+        v = np.exp(-0.5 * (d / s) ** 2)
+        return v / v.sum()
+
+    gh, gw = g(kh, sh), g(kw, sw)
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+
+    def blur(x):
+        x = np.pad(x, ((0, 0), (ph, ph), (pw, pw)), mode="reflect")
+        x = np.stack([np.convolve(r, gw, mode="valid") for r in x.reshape(-1, x.shape[-1])]).reshape(3, x.shape[1], -1)
+        x = np.moveaxis(x, 1, 2)
+        x = np.stack([np.convolve(r, gh, mode="valid") for r in x.reshape(-1, x.shape[-1])]).reshape(3, x.shape[1], -1)
+        return np.moveaxis(x, 1, 2)
+
+    ma, mb = blur(a), blur(b)
+    va = np.maximum(blur(a * a) - ma**2, 0)
+    vb = np.maximum(blur(b * b) - mb**2, 0)
+    cov = blur(a * b) - ma * mb
+    c1, c2 = 0.01**2, 0.03**2
+    m = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+    assert m.shape == a.shape
+    return float(m.mean())
+
+
+@pytest.mark.parametrize(("h", "w"), [(24, 40), (13, 30), (11, 11), (7, 16), (4, 5)])
+def test_ssim_matches_an_independent_float64_implementation(h, w):
     ref, rec = pixels(h, w, seed=3), noisy(pixels(h, w, seed=3), 0.1, seed=4)
     _, ssim = psnr_ssim(ref, rec)
-    a, b = (unit(t)[0].permute(1, 2, 0).double().numpy() for t in (ref, rec))
-    want = skm.structural_similarity(
-        a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
-    )
-    assert abs(ssim - want) <= 1e-4
+    (kh, kw), (sh, sw) = ssim_kernel(h, w)
+    assert abs(ssim - hand_ssim(ref, rec, kh, kw, sh, sw)) <= 1e-5
+    if min(h, w) >= 11:
+        assert abs(ssim - hand_ssim(ref, rec, 11, 11, 1.5, 1.5)) <= 1e-5
 
 
 def test_psnr_orders_noise_levels():
@@ -95,11 +123,16 @@ def test_psnr_orders_noise_levels():
 
 
 @pytest.mark.parametrize(("h", "w"), [(16, 16), (5, 9), (3, 3)])
-def test_identical_images_give_inf_psnr_and_ssim_one(h, w):
-    ref = pixels(h, w, seed=5)
-    psnr, ssim = psnr_ssim(ref, ref.clone())
-    assert psnr == math.inf  # documented: no cap
-    assert ssim == pytest.approx(1.0, abs=1e-6)
+@pytest.mark.parametrize("flat", [False, True])
+def test_identical_images_give_inf_psnr_and_ssim_one(h, w, flat):
+    ref = torch.full((3, h, w), 0.2) if flat else pixels(h, w, seed=5)
+    assert psnr_ssim(ref, ref.clone()) == (math.inf, 1.0)  # documented: no PSNR cap, SSIM exactly 1
+    # values that map to the same clamped image are identical too
+    wild = torch.where(ref >= 1, torch.tensor(3.0), torch.where(ref <= -1, torch.tensor(-2.0), ref))
+    assert flat or not torch.equal(wild, ref)
+    assert psnr_ssim(ref, wild) == (math.inf, 1.0)
+    # torchmetrics' own PSNR for MSE 0 is inf as well (the short cut changes nothing there)
+    assert float(peak_signal_noise_ratio(unit(ref), unit(ref), data_range=1.0)) == math.inf
 
 
 def test_values_outside_range_are_clamped_like_a_displayed_image():
@@ -114,7 +147,8 @@ def test_values_outside_range_are_clamped_like_a_displayed_image():
 def test_half_precision_inputs_are_scored_in_float32():
     ref = pixels(20, 20, seed=8)
     rec = noisy(ref, 0.05, seed=9)
-    assert psnr_ssim(ref.half(), rec.half()) == pytest.approx(psnr_ssim(ref.half().float(), rec.half().float()), abs=1e-6)
+    want = psnr_ssim(ref.half().float(), rec.half().float())
+    assert psnr_ssim(ref.half(), rec.half()) == pytest.approx(want, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -250,6 +284,9 @@ def test_bicubic_size_is_the_largest_that_fits_the_budget(height, width, pixels_
         (50, 40, 10**9, (50, 40)),  # everything fits: no downsampling
         (50, 40, 23, (1, 1)),  # not even one pixel fits: 1x1 anyway
         (50, 40, 0, (1, 1)),
+        # a 4032x3024 photo at 24864 px: (137, 182) = 24934 px is the next size and exceeds it
+        (3024, 4032, 24864 * 24, (136, 182)),
+        (886, 1182, 4144 * 18, (48, 64)),
     ],
 )
 def test_bicubic_size_examples(height, width, bits, want):
@@ -339,7 +376,7 @@ def test_recon_stats_exact_reconstruction_makes_mean_psnr_inf():
     stats.add("mean-colour", 30.0, 0.9)
     s = stats.summary()["mean-colour"]
     assert s["psnr"] == math.inf and s["psnr_ci95"] == [None, None] and s["psnr_n_inf"] == 1
-    assert s["ssim"] == pytest.approx(0.95, abs=1e-6) and None not in s["ssim_ci95"]
+    assert s["ssim"] == pytest.approx(0.95, abs=1e-12) and None not in s["ssim_ci95"]
 
 
 def test_recon_stats_constant_scores_give_a_zero_width_interval_and_reject_nan():

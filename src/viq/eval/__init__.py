@@ -1,0 +1,1 @@
+"""Evaluation of trained tokenizers: reconstruction metrics and baselines, QA accuracy."""

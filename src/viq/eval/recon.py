@@ -1,0 +1,384 @@
+"""Reconstruction metrics (PSNR, SSIM) and the reference baselines they are reported against.
+
+Images are what viq uses everywhere: float tensors of shape ``(3, H, W)`` with values in
+``[-1, 1]`` (:func:`viq.formats.image.to_pixels`). The model pads its input bottom/right to a
+multiple of 16 and decodes the padded area; :func:`crop_to` cuts a reconstruction back to the
+encoded ``(H, W)`` before it is scored, so padding never counts.
+
+Metrics (:func:`psnr_ssim`) are computed by ``torchmetrics.functional.image`` in float32 on the
+``(1, 3, H, W)`` batch of the images mapped to ``[0, 1]`` (``x * 0.5 + 0.5``, clamped), with
+``data_range = 1.0``: PSNR in dB over all three channels together, SSIM with the standard
+11x11 gaussian window (sigma 1.5), mean over channels and all ``H x W`` positions (torchmetrics
+reflect-pads the borders and keeps them; scikit-image crops a 5 px border instead, so its
+numbers differ slightly).
+
+Baselines, each a ``(3, H, W)`` image in ``[-1, 1]`` to score like a reconstruction:
+
+* :func:`mean_colour`: every pixel is the image's per-channel mean -- what a model that only
+  knows the average colour gets.
+* :func:`bicubic_at_bits`: "bicubic at equal bits" -- the largest aspect-preserving thumbnail
+  whose raw 8-bit RGB pixels (24 bits each) fit the tokenizer's bit budget, upsampled back with
+  Pillow's bicubic filter.
+
+:class:`ReconStats` collects per-image scores per method and reports means with a 95 % Student-t
+interval of the mean.
+
+``torchmetrics`` is the ``eval`` extra (``pip install viq[eval]``); it is imported when a metric
+is first computed, so the baselines work without it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from PIL import Image
+
+from viq.formats.image import to_pil, to_pixels
+
+__all__ = [
+    "SSIM_KERNEL",
+    "SSIM_SIGMA",
+    "BITS_PER_PIXEL_RGB8",
+    "psnr_ssim",
+    "ssim_kernel",
+    "crop_to",
+    "mean_colour",
+    "bicubic_size_at_bits",
+    "bicubic_at_bits",
+    "t_quantile_975",
+    "ReconStats",
+]
+
+#: SSIM's standard gaussian window: 11x11, sigma 1.5 (Wang et al. 2004; torchmetrics' default).
+SSIM_KERNEL = 11
+SSIM_SIGMA = 1.5
+#: Raw cost of one 8-bit RGB pixel, the currency of :func:`bicubic_at_bits`.
+BITS_PER_PIXEL_RGB8 = 24
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_image(name: str, x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (3, H, W), got {type(x).__name__}")
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"{name} must have shape (3, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor with values in [-1, 1], got dtype {x.dtype}")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def ssim_kernel(height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
+    """SSIM gaussian window ``((k_h, k_w), (sigma_h, sigma_w))`` used for an ``height x width`` image.
+
+    The standard 11x11 window (sigma 1.5) when both sides are >= 11 px. A side shorter than 11 px
+    gets the largest odd window that fits it (``side`` if odd, else ``side - 1``; >= 3) along that
+    axis, with sigma scaled by the same factor (``1.5 * k / 11``) -- torchmetrics derives the
+    gaussian window size from sigma (``2 * int(3.5 * sigma + 0.5) + 1``), and this sigma gives
+    exactly ``k``. The other axis keeps 11 / 1.5. Sides under 3 px raise ``ValueError``.
+    """
+    if height < 3 or width < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {height}x{width} (H x W)")
+    ks = []
+    for side in (height, width):
+        k = SSIM_KERNEL if side >= SSIM_KERNEL else (side if side % 2 else side - 1)
+        ks.append(k)
+    sigmas = tuple(SSIM_SIGMA if k == SSIM_KERNEL else SSIM_SIGMA * k / SSIM_KERNEL for k in ks)
+    return (ks[0], ks[1]), (sigmas[0], sigmas[1])
+
+
+def psnr_ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float]:
+    """PSNR (dB) and SSIM (unitless, <= 1) of a reconstruction against its reference.
+
+    Args:
+        reference: ``(3, H, W)`` float tensor in ``[-1, 1]``, the original image.
+        reconstruction: ``(3, H, W)`` float tensor in ``[-1, 1]``, the same area of the
+            reconstruction (crop both with :func:`crop_to` first; shapes must match exactly).
+
+    Both are mapped to ``[0, 1]`` (``x * 0.5 + 0.5``, then clamped to ``[0, 1]``, as a displayed
+    image would be) in float32 and scored as a ``(1, 3, H, W)`` batch with
+    ``torchmetrics.functional.image.peak_signal_noise_ratio(data_range=1.0)`` -- i.e.
+    ``10 * log10(1 / MSE)`` with the MSE over all ``3*H*W`` values -- and
+    ``structural_similarity_index_measure(data_range=1.0)`` with the 11x11 gaussian window
+    (sigma 1.5). Images with a side shorter than 11 px use a smaller window along that axis,
+    see :func:`ssim_kernel`; a side shorter than 3 px raises ``ValueError`` naming the size.
+
+    Identical images (equal after the mapping) give exactly ``(math.inf, 1.0)``: PSNR has no
+    cap (MSE 0 -> torchmetrics' own ``inf``), and SSIM is returned as 1 by definition, because
+    float32 SSIM of two identical *flat* images is ``1 - O(1e-4)`` (``E[xy] - E[x]E[y]`` cancels
+    to a tiny negative number against ``c2 = 9e-4``). The same float32 rounding affects nearly
+    flat regions of distinct images at that level.
+
+    Returns:
+        ``(psnr_db, ssim)`` as Python floats.
+    """
+    reference = _check_image("reference", reference)
+    reconstruction = _check_image("reconstruction", reconstruction)
+    if reference.shape != reconstruction.shape:
+        raise ValueError(
+            f"reference and reconstruction must have the same shape (crop both to the encoded area "
+            f"with crop_to), got reference {tuple(reference.shape)} and reconstruction "
+            f"{tuple(reconstruction.shape)}"
+        )
+    _, h, w = reference.shape
+    (kh, kw), (sh, sw) = ssim_kernel(h, w)
+    try:
+        # torchmetrics.functional.image: the top-level torchmetrics.functional names are deprecated (1.9).
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("viq.eval.recon needs torchmetrics: pip install 'viq[eval]'") from exc
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return (x.detach().to(torch.float32) * 0.5 + 0.5).clamp(0.0, 1.0).unsqueeze(0)
+
+    ref = unit(reference)
+    rec = unit(reconstruction.to(reference.device))
+    if torch.equal(ref, rec):
+        return math.inf, 1.0
+    psnr = peak_signal_noise_ratio(rec, ref, data_range=1.0)
+    ssim = structural_similarity_index_measure(
+        rec, ref, data_range=1.0, kernel_size=(kh, kw), sigma=(sh, sw), gaussian_kernel=True
+    )
+    return float(psnr), float(ssim)
+
+
+def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Top-left ``(h, w)`` crop of a ``(3, H', W')`` image: the encoded area of a padded decode.
+
+    viq pads images bottom/right to a multiple of 16, so the content is the top-left corner.
+    Returns a view of shape ``(3, h, w)``; ``ValueError`` if ``(h, w)`` exceeds ``(H', W')``.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"crop_to expects a (3, H, W) image, got shape {tuple(x.shape)}")
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1 or h > x.shape[1] or w > x.shape[2]:
+        raise ValueError(f"cannot crop shape {tuple(x.shape)} to (h, w) = ({h}, {w})")
+    return x[:, :h, :w]
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_colour(reference: torch.Tensor) -> torch.Tensor:
+    """Baseline: a ``(3, H, W)`` image whose every pixel is the reference's per-channel mean.
+
+    The mean is taken in float64 as ``x0 + mean(x - x0)`` with ``x0`` the top-left pixel, then
+    cast back to the reference's dtype, so a constant image is returned exactly (float32 and
+    float64 alike). Values stay in ``[-1, 1]``; not quantised to 8 bits.
+    """
+    reference = _check_image("reference", reference)
+    x = reference.to(torch.float64)
+    x0 = x[:, :1, :1]
+    mean = (x0 + (x - x0).mean(dim=(1, 2), keepdim=True)).to(reference.dtype)
+    return mean.expand_as(reference).clone()
+
+
+def bicubic_size_at_bits(height: int, width: int, bits: float) -> tuple[int, int]:
+    """The thumbnail size ``(h', w')`` :func:`bicubic_at_bits` uses for an ``height x width`` image.
+
+    Sizes are ``h' = max(1, round(H * s))``, ``w' = max(1, round(W * s))`` for one scale factor
+    ``0 < s <= 1`` (so the aspect ratio is kept; rounding is half-up, evaluated exactly with
+    fractions). The result is the largest such size with ``h' * w' * 24 <= bits``: the pixel
+    count grows monotonically with ``s`` and changes only where ``H*s`` or ``W*s`` crosses a
+    half-integer, so those breakpoints are binary-searched exactly (integer arithmetic). If the budget holds the
+    whole image, ``(H, W)`` is returned. If even 1x1 (24 bits) does not fit, ``(1, 1)`` is
+    returned anyway (the budget is then exceeded; a one-pixel image is the floor).
+    """
+    height, width = int(height), int(width)
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or math.isnan(bits) or bits < 0:
+        raise ValueError(f"bits must be a non-negative number, got {bits!r}")
+    # Work in integers: s = n / (2*H*W). Then round_half_up(H*s) = floor(n/(2W) + 1/2)
+    # = (n + W) // (2W), and likewise for W. Breakpoints (the smallest s at which H*s, resp.
+    # W*s, reaches k + 1/2) are n = (2k+1)*W, resp. (2k+1)*H; n = 0 stands for "below every
+    # breakpoint", where both sides clamp to 1. n = 2*H*W is s = 1.
+    points = sorted(
+        {0} | {(2 * k + 1) * width for k in range(height)} | {(2 * k + 1) * height for k in range(width)}
+    )
+
+    def size(n: int) -> tuple[int, int]:
+        return max(1, (n + width) // (2 * width)), max(1, (n + height) // (2 * height))
+
+    def fits(n: int) -> bool:
+        h, w = size(n)
+        return h * w * BITS_PER_PIXEL_RGB8 <= bits
+
+    if not fits(points[0]):
+        return 1, 1
+    lo, hi = 0, len(points) - 1  # invariant: points[lo] fits; every index above hi does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(points[mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return size(points[lo])
+
+
+def bicubic_at_bits(reference: torch.Tensor, bits: float) -> torch.Tensor:
+    """Baseline "bicubic at equal bits": a thumbnail worth ``bits`` of raw 8-bit RGB, scaled back.
+
+    Args:
+        reference: ``(3, H, W)`` float tensor in ``[-1, 1]``.
+        bits: the budget in bits (e.g. the tokenizer's ``tokens * bits_per_token``).
+
+    The reference is converted to 8-bit RGB (:func:`viq.formats.image.to_pil`), downsampled to
+    :func:`bicubic_size_at_bits` with Pillow ``BICUBIC`` (``reducing_gap=None``: Pillow's
+    antialiased resize, the filter support scaled by the reduction factor), then upsampled back
+    to ``(H, W)`` with Pillow ``BICUBIC``, and returned as a ``(3, H, W)`` float32 tensor in
+    ``[-1, 1]`` (:func:`viq.formats.image.to_pixels`). When the whole image fits the budget the
+    result is the 8-bit quantised reference; when not even 1x1 fits, 1x1 is used.
+    """
+    reference = _check_image("reference", reference)
+    _, height, width = reference.shape
+    h, w = bicubic_size_at_bits(height, width, bits)
+    image = to_pil(reference)
+    small = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=None)
+    back = small.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
+    return to_pixels(back)
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation
+# ----------------------------------------------------------------------------------------------
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) (continued fraction, Numerical Recipes' betacf)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 1000):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * f / a
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (12.706 for df = 1).
+
+    Solves ``P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2) = 0.05`` by bisection on ``x = df/(df+t^2)``
+    (pure Python, no scipy); accurate to ~1e-9.
+    """
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    lo, hi = 0.0, 1.0  # I_x is increasing in x; want I_x = 0.05
+    for _ in range(100):  # the bracket shrinks below one ulp long before 100 halvings
+        mid = 0.5 * (lo + hi)
+        if _betainc(df / 2.0, 0.5, mid) < 0.05:
+            lo = mid
+        else:
+            hi = mid
+    x = 0.5 * (lo + hi)
+    return math.sqrt(df * (1.0 - x) / x)
+
+
+def _mean_ci95(values: list[float]) -> tuple[float, list[float | None]]:
+    n = len(values)
+    if n == 0:
+        return math.nan, [None, None]
+    if any(math.isinf(v) for v in values):  # an exact reconstruction (PSNR only): mean is inf
+        return sum(values) / n, [None, None]
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, [None, None]
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    half = t_quantile_975(n - 1) * math.sqrt(var / n)
+    return mean, [mean - half, mean + half]
+
+
+class ReconStats:
+    """Per-image PSNR/SSIM per named method, summarised as means with 95 % intervals.
+
+    The interval is the two-sided Student-t interval of the mean,
+    ``mean +- t_{0.975, n-1} * sd / sqrt(n)`` (``sd`` with ``n - 1``), which assumes the per-image
+    scores are independent draws. It is ``[None, None]`` when undefined: ``n < 2``, or (PSNR
+    only) when some image was reconstructed exactly, whose PSNR is ``inf`` -- the PSNR mean is
+    then ``inf`` and ``psnr_n_inf`` counts those images.
+
+    Example::
+
+        stats = ReconStats()
+        stats.add_images("bicubic", ref, bicubic_at_bits(ref, bits))
+        stats.summary()  # {"bicubic": {"n": 1, "psnr": ..., "psnr_ci95": [None, None], ...}}
+    """
+
+    def __init__(self) -> None:
+        self._psnr: dict[str, list[float]] = {}
+        self._ssim: dict[str, list[float]] = {}
+
+    @property
+    def methods(self) -> list[str]:
+        """Method names in the order they were first added."""
+        return list(self._psnr)
+
+    def add(self, method: str, psnr: float, ssim: float) -> None:
+        """Record one image's scores (PSNR in dB, SSIM unitless) for ``method``."""
+        psnr, ssim = float(psnr), float(ssim)
+        if math.isnan(psnr) or math.isnan(ssim):
+            raise ValueError(f"{method}: NaN score (psnr={psnr}, ssim={ssim})")
+        self._psnr.setdefault(method, []).append(psnr)
+        self._ssim.setdefault(method, []).append(ssim)
+
+    def add_images(self, method: str, reference: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float]:
+        """Score ``reconstruction`` against ``reference`` with :func:`psnr_ssim`, record and return it."""
+        psnr, ssim = psnr_ssim(reference, reconstruction)
+        self.add(method, psnr, ssim)
+        return psnr, ssim
+
+    def values(self, method: str) -> dict[str, list[float]]:
+        """The recorded per-image scores of ``method``: ``{"psnr": [...], "ssim": [...]}``."""
+        return {"psnr": list(self._psnr[method]), "ssim": list(self._ssim[method])}
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """``{method: {"n", "psnr", "psnr_ci95": [lo, hi], "psnr_n_inf", "ssim", "ssim_ci95"}}``.
+
+        ``psnr`` is the mean PSNR in dB, ``ssim`` the mean SSIM; the ``*_ci95`` entries are the
+        95 % Student-t intervals of those means (``[None, None]`` when undefined, see the class).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for method in self._psnr:
+            psnrs, ssims = self._psnr[method], self._ssim[method]
+            psnr, psnr_ci = _mean_ci95(psnrs)
+            ssim, ssim_ci = _mean_ci95(ssims)
+            out[method] = {
+                "n": len(psnrs),
+                "psnr": psnr,
+                "psnr_ci95": psnr_ci,
+                "psnr_n_inf": sum(1 for v in psnrs if math.isinf(v)),
+                "ssim": ssim,
+                "ssim_ci95": ssim_ci,
+            }
+        return out
