@@ -51,7 +51,7 @@ from viq.model.config import (
     ViQConfig,
     get_preset,
 )
-from viq.model.decoders import build_vae
+from viq.model.vae import build_vae
 from viq.mllm.adapters import prepare_llm, trainable_parameter_count
 from viq.mllm.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from viq.mllm.projector import MMProjector

@@ -13,7 +13,7 @@ name                what
 viq-g-2k ... 64k    the five released sizes: SigLIP2-g/16 (1536 wide, 40 deep) + FSQ levels
 viq-so400m-16k      the same head on a SigLIP2-so400m/16 trunk (1152 wide, 27 deep)
 viq-tiny            the official golden-fixture config "viq-tiny-a" (64 wide, 2 deep, 16k levels)
-viq-demo            the CPU demo's model (96 wide, 4 deep, 4k levels, small trainable VAE)
+viq-demo            the CPU demo's model (96 wide, 4 deep, 4k levels, a small pixel codec)
 viq-test            an even smaller config for fast unit tests (4k levels)
 ==================  ==========================================================================
 """
@@ -168,12 +168,36 @@ class DecoderConfig:
     latent_upscale: int = 2
     groupnorm_groups: int = 32
     norm_eps: float = 1e-6
+    #: how the latent decoder / drawer output relates to the VAE's latents: None = the raw latents
+    #: (the released models); otherwise per-channel statistics, the output being
+    #: (latent - latent_mean) / latent_std (training with ``loss.latent_norm: mean_std``).
+    #: :meth:`viq.model.decoders.LatentDecoder.to_raw` inverts it before any decoding to pixels.
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.latent_mean is None) != (self.latent_std is None):
+            raise ValueError("decoder.latent_mean and decoder.latent_std go together (both or neither)")
+        if self.latent_mean is not None:
+            self.latent_mean = tuple(float(v) for v in self.latent_mean)
+            self.latent_std = tuple(float(v) for v in self.latent_std)
+            if len(self.latent_mean) != self.latent_channels or len(self.latent_std) != self.latent_channels:
+                raise ValueError(f"decoder.latent_mean/std need {self.latent_channels} values each")
+            if any(not s > 0 for s in self.latent_std):
+                raise ValueError(f"decoder.latent_std must be positive, got {self.latent_std}")
 
 
 @dataclass
 class VAEConfig:
-    """diffusers ``AutoencoderKLQwenImage`` constructor arguments (the pixel decoder)."""
+    """The latent codec that turns drawn latents into pixels (see :mod:`viq.model.vae`).
 
+    ``kind="qwen-image"``: diffusers ``AutoencoderKLQwenImage`` with these constructor arguments (the
+    released models). ``kind="pixel-codec"``: :class:`viq.model.pixel_codec.PixelCodec`, a small
+    autoencoder with the same latent contract for places without the Qwen-Image weights (the demo):
+    ``base_dim`` is its width, ``num_res_blocks`` / ``decoder_res_blocks`` its encoder / decoder depth.
+    """
+
+    kind: str = "qwen-image"
     base_dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -182,11 +206,15 @@ class VAEConfig:
     temperal_downsample: tuple[bool, ...] = (False, True, True)
     #: spatial down-sampling factor of the VAE (pixels per latent pixel).
     scale_factor: int = 8
+    #: pixel codec only: residual blocks of its decoder.
+    decoder_res_blocks: int = 2
 
     def __post_init__(self) -> None:
         self.dim_mult = tuple(int(v) for v in self.dim_mult)
         self.attn_scales = tuple(float(v) for v in self.attn_scales)
         self.temperal_downsample = tuple(bool(v) for v in self.temperal_downsample)
+        if self.kind not in ("qwen-image", "pixel-codec"):
+            raise ValueError(f"vae.kind must be 'qwen-image' or 'pixel-codec', got {self.kind!r}")
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         return {
@@ -315,7 +343,8 @@ def _demo() -> ViQConfig:
         encoder=EncoderConfig(width=96, depth=4, num_heads=4, mlp_hidden=384, pos_grid=16),
         head=HeadConfig(levels=FSQ_LEVELS["4k"], num_heads=4, attn_dim=32, code_blocks=2, num_blocks=2, res_blocks=1),
         decoder=DecoderConfig(latent_blocks=1, latent_heads=4, groupnorm_groups=8),
-        vae=VAEConfig(base_dim=8, num_res_blocks=1),
+        # A small pixel codec with the Qwen-Image latent contract, fitted by the demo itself.
+        vae=VAEConfig(kind="pixel-codec", base_dim=64, num_res_blocks=1, decoder_res_blocks=2),
     )
 
 

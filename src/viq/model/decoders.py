@@ -5,7 +5,8 @@
   the code head during training.
 * :class:`LatentDecoder`: features -> Qwen-Image VAE latent, 2x2 latent pixels per patch.
 * :class:`CodeDrawer` (official ``IndexDrawer``): CodeEmbedder + LatentDecoder.
-* :func:`build_vae`: the diffusers ``AutoencoderKLQwenImage`` that turns latents into pixels.
+
+Latents become pixels through the latent codec (:mod:`viq.model.vae`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from viq.model.attention import Segments
-from viq.model.config import DecoderConfig, HeadConfig, VAEConfig
+from viq.model.config import DecoderConfig, HeadConfig
 from viq.model.layers import MIN_ROWS, Block, Mlp, ResidualMlp, pad_rows
 from viq.model.quantizer import FSQ
 
-__all__ = ["CodeEmbedder", "LatentDecoder", "CodeDrawer", "build_vae", "decode_latents"]
+__all__ = ["CodeEmbedder", "LatentDecoder", "CodeDrawer"]
 
 
 class CodeEmbedder(nn.Module):
@@ -77,7 +78,8 @@ class CodeEmbedder(nn.Module):
 
 
 class LatentDecoder(nn.Module):
-    """Per-patch features -> raw (unnormalised) Qwen-Image VAE latents.
+    """Per-patch features -> VAE latents: raw (the released models), or normalised per channel when
+    ``cfg.latent_mean`` / ``latent_std`` are set (:meth:`to_raw` undoes it).
 
     Mlp(C->C->C) -> LayerNorm -> ``latent_blocks`` ViT blocks (attention within each image) ->
     (C, h, w) -> GroupNorm -> SiLU -> Conv3x3 C -> channels*u*u -> pixel shuffle u: (channels, u*h, u*w).
@@ -96,6 +98,23 @@ class LatentDecoder(nn.Module):
         u = cfg.latent_upscale
         self.conv_out = nn.Conv2d(width, cfg.latent_channels * u * u, 3, padding=1)
         self.gradient_checkpointing = False
+
+    def to_raw(self, latent: torch.Tensor) -> torch.Tensor:
+        """An output of :meth:`forward` (channels, h, w) -> the VAE's raw latent (same shape and dtype):
+        ``latent * latent_std + latent_mean`` per channel, or unchanged for raw-latent decoders."""
+        if self.cfg.latent_mean is None:
+            return latent
+        mean = torch.tensor(self.cfg.latent_mean, device=latent.device, dtype=latent.dtype)[:, None, None]
+        std = torch.tensor(self.cfg.latent_std, device=latent.device, dtype=latent.dtype)[:, None, None]
+        return latent * std + mean
+
+    def from_raw(self, latent: torch.Tensor) -> torch.Tensor:
+        """The VAE's raw latent (channels, h, w) -> this decoder's output space (the training target)."""
+        if self.cfg.latent_mean is None:
+            return latent
+        mean = torch.tensor(self.cfg.latent_mean, device=latent.device, dtype=latent.dtype)[:, None, None]
+        std = torch.tensor(self.cfg.latent_std, device=latent.device, dtype=latent.dtype)[:, None, None]
+        return (latent - mean) / std
 
     def forward(self, features: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """features: per image (h*w, C), row-major; grids: per image (h, w).
@@ -138,24 +157,3 @@ class CodeDrawer(nn.Module):
         sizes = [i.numel() // self.features.codes_per_patch for i in indices]
         features = list(self.features(torch.cat(indices)).split(sizes))
         return features, self.latent(features, grids)
-
-
-def build_vae(cfg: VAEConfig):
-    """An untrained diffusers ``AutoencoderKLQwenImage`` with the given architecture."""
-    try:
-        from diffusers import AutoencoderKLQwenImage
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "decoding codes to pixels needs diffusers with AutoencoderKLQwenImage: pip install 'viq[vae]'"
-        ) from e
-    return AutoencoderKLQwenImage(**cfg.diffusers_kwargs())
-
-
-def decode_latents(vae: nn.Module, latent: torch.Tensor) -> torch.Tensor:
-    """One raw latent (channels, h, w) -> pixels (3, 8h, 8w) in [-1, 1], in the VAE's dtype.
-
-    The Qwen-Image VAE is a video VAE: the latent is decoded as a single frame.
-    """
-    param = next(vae.parameters())
-    z = latent.to(device=param.device, dtype=param.dtype)[None, :, None]  # (1, C, 1, h, w)
-    return vae.decode(z, return_dict=False)[0][0, :, 0]

@@ -35,14 +35,13 @@ from viq.model.decoders import (
     CodeDrawer,
     CodeEmbedder,
     LatentDecoder,
-    build_vae,
-    decode_latents,
 )
 from viq.model.encoder import ViTEncoder, pad_to_patches
 from viq.model.head import CodeHead
 from viq.model.layers import set_attention_backend
 from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
+from viq.model.vae import build_vae, decode_latents
 
 __all__ = ["ViQModel", "COMPONENTS", "EncodeError", "pack_by_budget", "code_fingerprint"]
 
@@ -358,13 +357,14 @@ class ViQModel(nn.Module):
 
     @torch.inference_mode()
     def draw(self, codes: Codes | Sequence[Codes]) -> list[torch.Tensor]:
-        """Codes -> raw Qwen-Image VAE latents: one (16, 2h, 2w) tensor per image."""
+        """Codes -> raw VAE latents (what :meth:`decode_latents` takes): one (16, 2h, 2w) tensor per
+        image. A drawer trained on normalised latents (``config.decoder.latent_mean``) is inverted here."""
         self._require("drawer")
         codes = self._codes_list(codes)
         if not codes:
             return []
         _, latents = self.drawer([c.flat().to(self.device) for c in codes], [c.grid for c in codes])
-        return latents
+        return [self.drawer.latent.to_raw(z) for z in latents]
 
     @torch.inference_mode()
     def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:

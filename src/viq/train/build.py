@@ -110,7 +110,7 @@ def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor
     present, otherwise a fresh VAE of the config's architecture (random: only meaningful for tests)."""
     if not get_stage(cfg.stage).vae:
         return None
-    from viq.model.decoders import build_vae as make_vae
+    from viq.model.vae import build_vae as make_vae
 
     vae = make_vae(config.vae)
     vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
@@ -120,6 +120,20 @@ def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor
         log.warning("no VAE weights came with the init weights: the reconstruction target is a randomly "
                     "initialised VAE (fine for tests and the demo, meaningless for real training)")
     return vae
+
+
+def with_latent_norm(config: ViQConfig, latent_norm: str, vae: nn.Module | None) -> ViQConfig:
+    """``config`` with its decoders' latent space set by ``loss.latent_norm``: "none" = raw latents;
+    "mean_std" = normalised by the VAE's per-channel statistics, recorded in ``config.decoder`` so that
+    every later consumer (draw, reconstruct, validation, the pixel loss) inverts it."""
+    if latent_norm == "mean_std" and vae is not None:
+        from viq.model.vae import latent_statistics
+
+        mean, std = latent_statistics(vae)
+    else:
+        mean = std = None
+    decoder = dataclasses.replace(config.decoder, latent_mean=mean, latent_std=std)
+    return dataclasses.replace(config, decoder=decoder)
 
 
 def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
@@ -138,6 +152,8 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
 
         base, state = load_siglip(kind, value, cfg.model.config)
     config = ViQConfig.from_dict(merge_config(base.to_dict(), cfg.model.config)) if cfg.model.config else base
+    vae = build_vae(cfg, config, state)
+    config = with_latent_norm(config, cfg.loss.latent_norm, vae)
 
     llm, tokenizer, projector = None, None, None
     if cfg.llm.path and stage.llm:
@@ -152,7 +168,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     model = TrainModel(
         cfg.stage, config, llm=llm, projector=projector,
         teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
-        latent_norm=cfg.loss.latent_norm, max_length=cfg.llm.max_length,
+        max_length=cfg.llm.max_length,
     )
     model.pixel_loss_weight = cfg.loss.pixel
     if state:
@@ -174,7 +190,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
             _load_adapter(model.llm, adapter)
 
     model.teacher_record = setup_teacher(model, cfg, init_dir)
-    model.set_vae(build_vae(cfg, config, state))
+    model.set_vae(vae)
     model.to(device)
     return model, tokenizer
 

@@ -36,7 +36,7 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
 
     ``examples``: if given, each answered question is appended as {question, answer, prediction, correct}.
     """
-    from viq.model.decoders import decode_latents
+    from viq.model.vae import decode_latents
     from viq.mllm.adapters import generate_answer
     from viq.mllm.chat import IMAGE_TOKEN
 
@@ -69,15 +69,14 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
         if batch.images and model.vae is not None and (model.recon is not None or model.drawer is not None):
             x = batch.images[0]
             feats = model.features([x])
-            from viq.model.encoder import pad_to_patches
-
-            padded = pad_to_patches(x, model.config.encoder.patch_size)
             if model.drawer is not None:
                 _, latents = model.drawer([feats["indices"][0]], feats["grids"])
+                latent = model.drawer.latent.to_raw(latents[0])
             else:
-                latents = model.recon(feats["features"], feats["grids"])
-            pixels = decode_latents(model.vae, latents[0])
-            psnrs.append(psnr(pixels, padded))
+                latent = model.recon.to_raw(model.recon(feats["features"], feats["grids"])[0])
+            pixels = decode_latents(model.vae, latent)
+            h, w = x.shape[-2:]  # the encoded area, not the zero-padded canvas
+            psnrs.append(psnr(pixels[:, :h, :w], x))
         # Answer accuracy on multimodal QA (LLM stages).
         if model.llm is not None and tokenizer is not None and hasattr(item, "messages") and batch.num_images:
             messages = item.messages

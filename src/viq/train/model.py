@@ -104,7 +104,6 @@ class TrainModel(nn.Module):
         vae: nn.Module | None = None,
         teacher_resize: str = "bilinear",
         teacher_size: int = 384,
-        latent_norm: str = "none",
         max_length: int = 4096,
         llm_rows: str = "packed",
     ) -> None:
@@ -136,7 +135,6 @@ class TrainModel(nn.Module):
         self.set_vae(vae)
         self.teacher_resize = teacher_resize
         self.teacher_size = teacher_size
-        self.latent_norm = latent_norm
 
     # ------------------------------------------------------------------ frozen helpers
     @property
@@ -274,17 +272,13 @@ class TrainModel(nn.Module):
 
     @torch.no_grad()
     def vae_target(self, x: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) padded pixels -> (16, H/8, W/8) posterior mean of the frozen VAE encoder."""
-        vae = self.vae
-        param = next(vae.parameters())
-        posterior = vae.encode(x[None, :, None].to(param.dtype)).latent_dist
-        mean = posterior.mean[0, :, 0]
-        if self.latent_norm == "mean_std":
-            cfg = vae.config
-            mu = torch.tensor(cfg.latents_mean, device=mean.device, dtype=mean.dtype)[:, None, None]
-            sd = torch.tensor(cfg.latents_std, device=mean.device, dtype=mean.dtype)[:, None, None]
-            mean = (mean - mu) / sd
-        return mean
+        """(3, H, W) padded pixels -> (16, H/8, W/8) latent target: the frozen VAE's latent (posterior
+        mean), in the latent decoders' space (normalised when ``config.decoder.latent_mean`` is set)."""
+        from viq.model.vae import encode_latents
+
+        raw = encode_latents(self.vae, x)
+        decoder = self.drawer.latent if self.drawer is not None else self.recon
+        return decoder.from_raw(raw) if decoder is not None else raw
 
     def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
         from viq.mllm.packing import causal_lm_loss, pack_sequences, splice_image_features
@@ -337,9 +331,10 @@ class TrainModel(nn.Module):
         for z, x in zip(latents, padded):
             errors.append(F.mse_loss(z.float(), self.vae_target(x).float()))
             if self.pixel_loss_weight:
-                from viq.model.decoders import decode_latents
+                from viq.model.vae import decode_latents
 
-                pixel_errors.append(F.mse_loss(decode_latents(self.vae, z).float(), x.float()))
+                raw = self.drawer.latent.to_raw(z)
+                pixel_errors.append(F.mse_loss(decode_latents(self.vae, raw).float(), x.float()))
         zero = latents[0].new_zeros(())
         return {
             "images": torch.tensor(float(len(latents))),
