@@ -93,6 +93,8 @@ def train_pixel_codec(
     """
     if not images:
         raise ValueError("no images to train the pixel codec on")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     if crop % config.scale_factor:
         raise ValueError(f"crop {crop} must be a multiple of {config.scale_factor}")
     images = [x.float() for x in images]
