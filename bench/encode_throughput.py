@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import viq
+from viq.formats.image import padded_grid
 from viq.model.config import EncoderConfig, HeadConfig, ViQConfig, get_preset
 from viq.model.encoder import pad_to_patches, resize_pos_embed
 from viq.model.viq import pack_by_budget
@@ -115,11 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = mixed_sizes(args.num_images, args.min_side, args.max_side, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     images = [torch.rand(3, h, w, generator=g).mul(2).sub(1).to(device, dtype) for h, w in sizes]
-    real_tokens = sum(-(-h // p) * -(-w // p) for h, w in sizes)
+    real_tokens = sum(math.prod(padded_grid(h, w, p)) for h, w in sizes)
 
     # padded: every image padded to the largest H and W of the set, dense batches of equal size
-    max_h = max(-(-h // p) * p for h, _ in sizes)
-    max_w = max(-(-w // p) * p for _, w in sizes)
+    max_h = max(padded_grid(h, w, p)[0] for h, w in sizes) * p
+    max_w = max(padded_grid(h, w, p)[1] for h, w in sizes) * p
     padded = [F.pad(x, (0, max_w - x.shape[2], 0, max_h - x.shape[1])) for x in images]
     fixed = [torch.rand(3, args.fixed_size, args.fixed_size, generator=g).mul(2).sub(1).to(device, dtype)
              for _ in range(args.num_images)]
@@ -127,14 +128,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     def encode_all(pixels):
         def run():
-            for pack in pack_by_budget([-(-x.shape[1] // p) * -(-x.shape[2] // p) for x in pixels], args.batch_tokens):
+            for pack in pack_by_budget([math.prod(padded_grid(x.shape[1], x.shape[2], p)) for x in pixels], args.batch_tokens):
                 model.indices_packed([pixels[i] for i in pack])
         return run
 
     def trunk_packed(pixels):
         def run():
             with torch.inference_mode():
-                for pack in pack_by_budget([-(-x.shape[1] // p) * -(-x.shape[2] // p) for x in pixels], args.batch_tokens):
+                for pack in pack_by_budget([math.prod(padded_grid(x.shape[1], x.shape[2], p)) for x in pixels], args.batch_tokens):
                     model.encoder([pad_to_patches(pixels[i], p) for i in pack])
         return run
 

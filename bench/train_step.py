@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from viq.formats.image import padded_grid
 from viq.model.config import (
     DecoderConfig,
     EncoderConfig,
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     images = [torch.rand(3, h, w, generator=g).mul(2).sub(1) for h, w in sizes]
     convs = conversations(args.samples, llm_config.vocab_size, tuple(args.prompt_len), tuple(args.answer_len),
                           args.seed)
-    max_h = max(-(-h // p) * p for h, _ in sizes)
-    max_w = max(-(-w // p) * p for _, w in sizes)
+    max_h = max(padded_grid(h, w, p)[0] for h, w in sizes) * p
+    max_w = max(padded_grid(h, w, p)[1] for h, w in sizes) * p
     padded_images = [F.pad(x, (0, max_w - x.shape[2], 0, max_h - x.shape[1])) for x in images]
     per_sample = [1] * args.samples
     ids = [str(i) for i in range(args.samples)]
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                              ids=ids).to(device),
     }
 
-    grids = [(-(-h // p), -(-w // p)) for h, w in sizes]
+    grids = [padded_grid(h, w, p) for h, w in sizes]
     real_patches = sum(h * w for h, w in grids)
     real_llm = [len(ids_) - 1 + projector.num_tokens(gr) for (ids_, _), gr in zip(convs, grids)]
     if max(real_llm) > args.max_length:

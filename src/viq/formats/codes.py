@@ -78,6 +78,7 @@ import torch
 
 from viq._io import atomic_write
 from viq.formats.bits import bits_for_levels, normalize_levels, pack_bits, unpack_bits
+from viq.formats.image import padded_grid
 
 __all__ = [
     "Codes",
@@ -243,10 +244,10 @@ class Codes:
                 raise ValueError(f"image_size must be (height, width) integers or None, got {image_size!r}") from None
             if not (1 <= ih <= _U32_MAX and 1 <= iw <= _U32_MAX):
                 raise ValueError(f"image_size must be positive (height, width), got {(ih, iw)}")
-            if -(-ih // ps) != h or -(-iw // ps) != w:
+            if padded_grid(ih, iw, ps) != (h, w):
                 raise ValueError(
                     f"image_size {(ih, iw)} with patch_size {ps} needs grid "
-                    f"{(-(-ih // ps), -(-iw // ps))}, but indices have grid {(h, w)}"
+                    f"{padded_grid(ih, iw, ps)}, but indices have grid {(h, w)}"
                 )
             image_size = (ih, iw)
 
@@ -458,7 +459,7 @@ class Codes:
             raise fail(f"bad image size {(ih, iw)}: height and width must both be 0 (unknown) or both positive")
         image_size = None
         if ih:
-            if -(-ih // patch) != h or -(-iw // patch) != w:
+            if padded_grid(ih, iw, patch) != (h, w):
                 raise fail(f"image size {(ih, iw)} with patch size {patch} is inconsistent with grid {(h, w)}")
             image_size = (ih, iw)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from viq.formats.bits import usage_stats
+from viq.formats.image import padded_grid
 from viq.store.format import (
     FLAG_ENTROPY,
     FORMAT_VERSION,
@@ -167,7 +168,7 @@ def _verify_shard(path: Path, shard: ShardIndex, config: StoreConfig) -> list[st
                 record_problems.append(f"{where}: CRC-32 mismatch")
             h, w = (int(v) for v in shard.grids[row])
             ih, iw = (int(v) for v in shard.image_sizes[row])
-            if ih and (-(-ih // config.patch_size) != h or -(-iw // config.patch_size) != w):
+            if ih and padded_grid(ih, iw, config.patch_size) != (h, w):
                 record_problems.append(f"{where}: image size {(ih, iw)} does not fit grid {(h, w)}")
             try:
                 decode_record(data, h * w * config.codes_per_patch, config.bits_per_code, config.codebook_size,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from viq.formats.image import padded_grid
 from viq.train.config import TrainConfig
 from viq.train.model import TrainBatch
 from viq.train.parallel import Dist
@@ -92,7 +93,7 @@ class Collator:
         if self.image_tokens is None:
             return text_tokens
         p = self.patch_size
-        grids = [(-(-x.shape[1] // p), -(-x.shape[2] // p)) for x in images] + [c.grid for c in codes]
+        grids = [padded_grid(x.shape[1], x.shape[2], p) for x in images] + [c.grid for c in codes]
         # each image replaces its one placeholder token by the projector's tokens
         return text_tokens + sum(self.image_tokens(g) - 1 for g in grids)
 
