@@ -41,9 +41,10 @@ def test_llm_learns_from_stored_codes(setup, tmp_path):
     losses = [h["text"] for h in summary["history"]]
     assert losses[-1] < 0.3 * losses[0], losses
     after = summary["val"]
-    # Answers improve: their held-out likelihood rises sharply, and greedy answers get no worse.
+    # Answers improve: their held-out likelihood rises sharply, and greedy answers get better (a random
+    # LLM answers none of the colours; 0 >= 0 would pass without learning anything).
     assert after["val_text"] < 0.2 * before["val_text"]
-    assert after["answer_accuracy"] >= before["answer_accuracy"]
+    assert after["answer_accuracy"] > before["answer_accuracy"]
     assert (tmp_path / "run" / "final" / "projector.safetensors").is_file()
 
 
