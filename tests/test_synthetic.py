@@ -377,3 +377,48 @@ def test_load_photo_alpha_and_loader():
     photo = P.Photo(name="x", source="test", size=(5, 4), loader=lambda: rgba)
     img = P.load_photo(photo)
     assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+
+# ---------------------------------------------------------------------------------------------
+# Simple tasks, task weights, per-task sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", S.SIMPLE_TASKS)
+def test_simple_task_answers_and_questions(task):
+    assert task in S.KNOWN_TASKS and task not in S.ALL_TASKS
+    for seed in range(12):
+        for size in ((32, 32), (64, 48), (48, 96)):
+            _, qa = _render(task, seed, size)
+            assert qa == [(S.SIMPLE_QUESTIONS[task], qa[0][1])]
+            assert qa[0][1] in S.SIMPLE_ANSWERS[task]
+
+
+def test_shape_color_draws_its_colour():
+    for seed in range(10):
+        img, [(_, color)] = _render("shape_color", seed, (64, 64))
+        assert _near(img, S.PALETTE[color], 40.0).mean() > 0.1  # a big shape of that colour
+
+
+def test_generate_simple_tasks_with_weights_and_sizes(tmp_path):
+    weights = {"shape_color": 3, "where": 1, "digit": 0, "chart": 1}
+    meta = S.generate(tmp_path / "ds", num_train=50, num_val=10, num_test=0, seed=2, min_side=32, max_side=48,
+                      tasks=("chart", *S.SIMPLE_TASKS), task_weights=weights, task_max_side={"chart": 112},
+                      text_only_fraction=0.0, multi_turn_fraction=0.0)
+    assert meta["tasks"] == ["chart", *S.SIMPLE_TASKS]  # canonical order
+    assert meta["splits"]["train"]["tasks"] == {"chart": 10, "shape_color": 30, "shape": 0, "where": 10,
+                                                "count_big": 0, "digit": 0, "arithmetic": 0}
+    assert meta["args"]["task_weights"]["shape_color"] == 3.0 and meta["args"]["task_max_side"] == {"chart": 112}
+    for r in S.load_split(tmp_path / "ds", "train"):
+        with Image.open(tmp_path / "ds" / r["image"]) as im:
+            side = max(im.size)
+        if r["task"] == "chart":
+            assert 48 < side <= 112
+        else:
+            assert side <= 48
+            assert r["question"] == S.SIMPLE_QUESTIONS[r["task"]]
+            assert r["answer"] in S.SIMPLE_ANSWERS[r["task"]]
+    with pytest.raises(ValueError):
+        S.generate(tmp_path / "bad", num_train=2, num_val=0, num_test=0, tasks=("shape",), task_weights={"ocr": 1})
+    with pytest.raises(ValueError):
+        S.generate(tmp_path / "bad2", num_train=2, num_val=0, num_test=0, tasks=("shape",), task_weights={"shape": 0})

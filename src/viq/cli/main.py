@@ -1,5 +1,6 @@
 """The ``viq`` command line: the parser and the dispatch; each command group lives in its own module
-(:mod:`~viq.cli.codes`, :mod:`~viq.cli.info`, :mod:`~viq.cli.train`, :mod:`~viq.cli.store`).
+(:mod:`~viq.cli.codes`, :mod:`~viq.cli.info`, :mod:`~viq.cli.train`, :mod:`~viq.cli.eval`,
+:mod:`~viq.cli.store`).
 
 ::
 
@@ -10,6 +11,7 @@
     viq train --config RECIPE [KEY=VALUE...] one training stage (train-mllm: the LLM on stored codes)
     viq synth OUT_DIR                        the synthetic multimodal QA set
     viq demo [-o OUTDIR]                     train a tiny ViQ end to end on CPU, write a report
+    viq eval-qa RUN DATA.jsonl [--json OUT]  QA accuracy of a trained run, per task, with 95 % CIs
     viq extract --model M --input I --out S  many images -> a code store
     viq store verify|stats STORE             check or summarise a code store
 
@@ -29,6 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from viq.cli import codes, info, store, train
+from viq.cli import eval as evaluation
 from viq.cli.common import EXIT_FAILED, EXIT_USAGE, CLIError, log, stderr_logging
 
 _EPILOG_MAIN = """\
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    for group in (codes, info, train, store):
+    for group in (codes, info, train, evaluation, store):
         group.add_parsers(sub, common)
     return parser
 

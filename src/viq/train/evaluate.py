@@ -14,13 +14,38 @@ from viq.train.model import TrainModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "psnr"]
+__all__ = ["answer_last_question", "evaluate", "psnr"]
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (compared on the [0, 1] scale)."""
     mse = float(((prediction.float().clamp(-1, 1) - target.float()) / 2).pow(2).mean())
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def answer_last_question(model: TrainModel, tokenizer, messages: list[dict], images: list[torch.Tensor],
+                         device: torch.device, *, codes: list | None = None) -> tuple[str, str]:
+    """Greedy answer of a stage model to the last question of ``messages`` (chat messages ending
+    with the reference answer; the turns before the last question are context), seeing ``images``
+    (``(3, H, W)`` pixels in [-1, 1]) or, for the stages that read stored codes, ``codes``.
+
+    Returns:
+        ``(prediction, reference answer)``; the generation budget is the reference's token count + 4.
+    """
+    from viq.mllm.adapters import generate_answer
+
+    last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = tokenizer.encode_prompt(messages[:last_answer]).to(device)
+    if codes:
+        features, grids = model.code_features(codes)
+    else:
+        feats = model.features([x.to(device) for x in images])
+        features, grids = feats["features"], feats["grids"]
+    embeds = model.projector(features, grids)
+    answer = messages[last_answer]["content"]
+    budget = len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
+    return generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=budget), answer
 
 
 @torch.no_grad()
@@ -37,7 +62,6 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     ``examples``: if given, each answered question is appended as {question, answer, prediction, correct}.
     """
     from viq.model.vae import decode_latents
-    from viq.mllm.adapters import generate_answer
     from viq.mllm.chat import IMAGE_TOKEN
 
     was_training = model.training
@@ -81,16 +105,8 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
         if model.llm is not None and tokenizer is not None and hasattr(item, "messages") and batch.num_images:
             messages = item.messages
             last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = tokenizer.encode_prompt(messages[:last_answer]).to(device)
-            if batch.codes:
-                features, grids = model.code_features(batch.codes)
-            else:
-                feats = model.features(batch.images)
-                features, grids = feats["features"], feats["grids"]
-            embeds = model.projector(features, grids)
-            answer = messages[last_answer]["content"]
-            budget = len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
-            prediction = generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=budget)
+            prediction, answer = answer_last_question(model, tokenizer, messages, batch.images, device,
+                                                      codes=batch.codes)
             ok = bool(answer_matches(prediction, answer))
             correct += int(ok)
             asked += 1

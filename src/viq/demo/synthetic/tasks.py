@@ -17,6 +17,20 @@ task           main question                                       answer
 ``document``   What is the <key>?                                  the field's value
 =============  ==================================================  ===============================
 
+The *simple* tasks (:data:`SIMPLE_TASKS`: one or a few big objects, one fixed question each,
+one-word answers; what a tiny model learns to read from an image first). They are not in the
+default :data:`ALL_TASKS` mix; pass them in ``tasks`` (:data:`KNOWN_TASKS` lists every task):
+
+===============  ==========================  ==============================================
+task             question                    answer
+===============  ==========================  ==============================================
+``shape_color``  What color is the shape?    one of :data:`SIMPLE_COLORS` (one big shape)
+``shape``        What shape is this?         circle / square / triangle (one big shape)
+``where``        Where is the shape?         one of :data:`EDGE_NAMES` (shape in that band)
+``count_big``    How many shapes are there?  ``"1"`` .. ``"4"`` (large shapes)
+``digit``        What digit is shown?        ``"0"`` .. ``"9"`` (one big glyph)
+===============  ==========================  ==============================================
+
 Plus the text-only task :data:`TEXT_TASK` (``"arithmetic"``, e.g. "What is 12 + 30?" -> "42"),
 about 3 % of every split, so training code also sees samples without an image.
 """
@@ -51,8 +65,18 @@ from viq.demo.synthetic.draw import (
     _shape_rotation,
     _text_wh,
 )
+from viq.demo.synthetic.simple import (
+    SIMPLE_TASKS,
+    task_count_big,
+    task_digit,
+    task_shape,
+    task_shape_color,
+    task_where,
+)
 
 ALL_TASKS = ("ocr", "count", "locate", "color", "chart", "document")
+#: Every image task ``generate`` accepts, in canonical order.
+KNOWN_TASKS = ALL_TASKS + SIMPLE_TASKS
 #: Name of the text-only task (not in :data:`ALL_TASKS`: it is controlled by ``text_only_fraction``).
 TEXT_TASK = "arithmetic"
 
@@ -539,7 +563,11 @@ def task_arithmetic(rng: random.Random) -> QA:
     return f"What is {a} * {b}?", str(a * b)
 
 
+# --------------------------------------------------------------------------------------------
+
+
 TaskFn = Callable[..., tuple[Image.Image, list[QA]]]
+
 #: Image task registry: name -> ``fn(rng, size, fonts=None) -> (image, [(question, answer), ...])``.
 TASKS: dict[str, TaskFn] = {
     "ocr": task_ocr,
@@ -548,6 +576,12 @@ TASKS: dict[str, TaskFn] = {
     "color": task_color,
     "chart": task_chart,
     "document": task_document,
+    "shape_color": task_shape_color,
+    "shape": task_shape,
+    "where": task_where,
+    "count_big": task_count_big,
+    "digit": task_digit,
 }
 #: Smallest side (px) a task is given (capped at ``max_side``); charts/documents need room.
-TASK_MIN_SIDE = {"ocr": 32, "count": 64, "locate": 64, "color": 32, "chart": 112, "document": 112}
+TASK_MIN_SIDE = {"ocr": 32, "count": 64, "locate": 64, "color": 32, "chart": 112, "document": 112,
+                 "shape_color": 32, "shape": 32, "where": 32, "count_big": 32, "digit": 32}

@@ -56,7 +56,7 @@ from PIL import Image, features
 
 from viq._io import atomic_write
 from viq.demo.synthetic.draw import _font_label, resolve_fonts
-from viq.demo.synthetic.tasks import ALL_TASKS, QA, TASK_MIN_SIDE, TASKS, TEXT_TASK, task_arithmetic
+from viq.demo.synthetic.tasks import ALL_TASKS, KNOWN_TASKS, QA, TASK_MIN_SIDE, TASKS, TEXT_TASK, task_arithmetic
 from viq.mllm.chat import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -93,12 +93,24 @@ def _sample_size(rng: random.Random, min_side: int, max_side: int, floor: int = 
     return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
 
 
-def _schedule(n: int, seed: int, split: str, tasks: Sequence[str], text_fraction: float) -> list[str]:
+def _schedule(n: int, seed: int, split: str, tasks: Sequence[str], text_fraction: float,
+              weights: Sequence[float] | None = None) -> list[str]:
     """Task of every index of a split: ``round(n * text_fraction)`` text-only samples at random
-    positions, image tasks balanced (counts differ by at most one) in shuffled order."""
+    positions, image tasks balanced (counts differ by at most one) in shuffled order, or, with
+    ``weights`` (one per task), in proportion to them (largest remainders, ties to the earlier task)."""
     rng = random.Random(_derive_seed(seed, split, "schedule"))
     n_text = min(n, math.floor(n * text_fraction + 0.5))
-    plan = [tasks[j % len(tasks)] for j in range(n - n_text)] + [TEXT_TASK] * n_text
+    m = n - n_text
+    if weights is None:
+        plan = [tasks[j % len(tasks)] for j in range(m)]
+    else:
+        total = float(sum(weights))
+        exact = [m * w / total for w in weights]
+        counts = [math.floor(x) for x in exact]
+        for j in sorted(range(len(tasks)), key=lambda j: (counts[j] - exact[j], j))[: m - sum(counts)]:
+            counts[j] += 1
+        plan = [t for t, c in zip(tasks, counts) for _ in range(c)]
+    plan += [TEXT_TASK] * n_text
     rng.shuffle(plan)
     return plan
 
@@ -160,6 +172,8 @@ def generate(
     overwrite: bool = False,
     text_only_fraction: float = 0.03,
     multi_turn_fraction: float = 0.1,
+    task_weights: dict[str, float] | None = None,
+    task_max_side: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Write the synthetic dataset to ``out_dir`` (layout in the module docstring); return its meta.
 
@@ -167,7 +181,8 @@ def generate(
         out_dir: output directory; created if missing. Must be empty unless ``overwrite``.
         num_train, num_val, num_test: samples per split (text-only samples included).
         seed: dataset seed (any int); every sample is derived from ``(seed, split, index)``.
-        tasks: image tasks to use (subset of :data:`ALL_TASKS`; stored in canonical order).
+        tasks: image tasks to use (subset of :data:`~viq.demo.synthetic.tasks.KNOWN_TASKS`: the
+            default :data:`ALL_TASKS` and the easy ``SIMPLE_TASKS``; stored in canonical order).
         min_side, max_side: bounds in px for both image sides (``32 <= min_side <= max_side``);
             chart/document/count/locate images use a larger lower bound (:data:`TASK_MIN_SIDE`)
             when ``max_side`` allows. Aspect ratios are at most 4:1.
@@ -176,6 +191,11 @@ def generate(
             stale ``images/<split>/*.png`` not referenced any more are removed. Nothing else is.
         text_only_fraction: share of text-only (arithmetic) samples per split (rounded).
         multi_turn_fraction: probability that an image sample gets two QA rounds.
+        task_weights: relative share of each task among the image samples (tasks of ``tasks`` not
+            listed get 0; counts are exact up to rounding). ``None``: every task equally often.
+            Recorded in ``meta.json`` only when given.
+        task_max_side: per-task ``max_side`` (e.g. larger pages for chart/document in a set of
+            small images); tasks not listed use ``max_side``. Recorded only when given.
 
     Returns:
         The dict also written to ``meta.json``.
@@ -190,19 +210,36 @@ def generate(
             raise ValueError(f"num_{split} must be a non-negative int, got {n!r}")
     if isinstance(tasks, str):
         tasks = [tasks]
-    unknown = sorted(set(tasks) - set(ALL_TASKS))
+    unknown = sorted(set(tasks) - set(KNOWN_TASKS))
     if unknown or not tasks:
-        raise ValueError(f"tasks must be a non-empty subset of {ALL_TASKS}, got {list(tasks)}")
-    task_list = tuple(t for t in ALL_TASKS if t in set(tasks))
+        raise ValueError(f"tasks must be a non-empty subset of {KNOWN_TASKS}, got {list(tasks)}")
+    task_list = tuple(t for t in KNOWN_TASKS if t in set(tasks))
+    weights = None
+    if task_weights is not None:
+        bad = {t: w for t, w in task_weights.items()
+               if t not in task_list or isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0}
+        if bad:
+            raise ValueError(f"task_weights must map tasks of {list(task_list)} to weights >= 0, got {bad}")
+        weights = [float(task_weights.get(t, 0.0)) for t in task_list]
+        if not math.isfinite(sum(weights)) or sum(weights) <= 0:
+            raise ValueError(f"task_weights: the weights must have a finite positive sum, got {task_weights}")
+    if task_max_side is not None:
+        bad_sides = {t: v for t, v in task_max_side.items()
+                     if t not in task_list or isinstance(v, bool) or not isinstance(v, int) or v < min_side}
+        if bad_sides:
+            raise ValueError(f"task_max_side must map tasks of {list(task_list)} to ints >= min_side={min_side}, "
+                             f"got {bad_sides}")
+    side_of = {t: (task_max_side or {}).get(t, max_side) for t in task_list}
     if not (32 <= min_side <= max_side):
         raise ValueError(f"need 32 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
     for name, frac in (("text_only_fraction", text_only_fraction), ("multi_turn_fraction", multi_turn_fraction)):
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {frac}")
-    too_small = [t for t in task_list if max_side < TASK_MIN_SIDE[t]]
+    too_small = [t for t in task_list if side_of[t] < TASK_MIN_SIDE[t]]
     if too_small:
         raise ValueError(
-            f"max_side={max_side} is too small for tasks {too_small} (need {[TASK_MIN_SIDE[t] for t in too_small]})"
+            f"max_side={[side_of[t] for t in too_small]} is too small for tasks {too_small} "
+            f"(need {[TASK_MIN_SIDE[t] for t in too_small]})"
         )
     font_paths = resolve_fonts(fonts)
 
@@ -224,10 +261,10 @@ def generate(
         written: set[str] = set()
         task_counts: Counter[str] = Counter()
         multi = 0
-        for index, task in enumerate(_schedule(n, seed, split, task_list, text_only_fraction)):
+        for index, task in enumerate(_schedule(n, seed, split, task_list, text_only_fraction, weights)):
             for attempt in range(1000):
                 record, img, key = _make_sample(
-                    split, index, task, seed, attempt, min_side=min_side, max_side=max_side,
+                    split, index, task, seed, attempt, min_side=min_side, max_side=side_of.get(task, max_side),
                     fonts=font_paths, multi_turn_fraction=multi_turn_fraction,
                 )
                 if key not in seen:
@@ -284,6 +321,10 @@ def generate(
             "numpy": np.__version__,
         },
     }
+    if task_weights is not None:
+        meta["args"]["task_weights"] = {t: float(task_weights.get(t, 0.0)) for t in task_list}
+    if task_max_side is not None:
+        meta["args"]["task_max_side"] = {t: side_of[t] for t in task_list if t in task_max_side}
     atomic_write(out / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     logger.info("synthetic dataset written to %s in %.1f s", out, time.perf_counter() - t0)
     return meta

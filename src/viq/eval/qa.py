@@ -1,0 +1,386 @@
+"""Does a trained stage model read the image? Held-out QA accuracy with real, blank and shuffled
+images, beside a blind baseline, with 95 % confidence intervals.
+
+* :func:`load_run`: the stage model (:class:`viq.train.model.TrainModel`: encoder or embedder,
+  projector, LLM) and its chat tokenizer, rebuilt from a training run's ``final/`` output and the
+  recipe recorded in its ``stage.json`` (stages ``stage1``, ``stage2_1``, ``stage2_2``, ``mllm``).
+* :func:`evaluate_qa`: greedy answers to the last question of each image record, through the
+  training code's path (the image preprocessing of the run's recipe,
+  :func:`viq.train.evaluate.answer_last_question`, scored by :func:`viq.train.metrics.answer_matches`),
+  with ``images="real"`` (the record's image), ``"blank"`` (a mid-grey image of the same size: pixel
+  value 0 in [-1, 1]) or ``"shuffled"`` (the image of another record: a fixed derangement drawn from
+  ``seed``). A model that uses the image scores clearly higher with real images than with the other
+  two.
+* :func:`majority_baseline`: the most frequent training answer per question template: what a model
+  that ignores the image can reach by memorising answer priors.
+* :func:`wilson_interval`: the 95 % Wilson score interval of a proportion.
+
+Records are LLaVA records (``conversations`` or ``messages``, ``image``: a path or a list of paths,
+see :mod:`viq.data.llava`); records without an image are left out. Relative image paths are
+resolved against ``image_root``; absolute ones are used as they are. The task of a record (for the
+per-task results) is its ``"task"`` field, else ``"all"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from viq.train.evaluate import answer_last_question
+
+__all__ = ["IMAGE_MODES", "evaluate_qa", "find_final", "load_run", "majority_baseline", "wilson_interval"]
+
+#: What the model is shown with each question: the real image, a mid-grey one, another sample's.
+IMAGE_MODES = ("real", "blank", "shuffled")
+#: Stages whose output can answer questions (they train a projector and an LLM).
+QA_STAGES = ("stage1", "stage2_1", "stage2_2", "mllm")
+_Z95 = 1.959963984540054
+
+
+# ============================================================================================ statistics
+
+
+def wilson_interval(correct: int, n: int, z: float = _Z95) -> list[float]:
+    """95 % (``z`` = 1.96) Wilson score interval ``[lo, hi]`` of the proportion ``correct / n``;
+    ``[0.0, 1.0]`` when ``n == 0``."""
+    if n < 0 or not 0 <= correct <= max(n, 0):
+        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _summary(outcomes: Sequence[tuple[str, bool]]) -> dict[str, Any]:
+    """``outcomes``: (task, correct) per question -> ``{n, accuracy, ci95, per_task}``."""
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for task, ok in outcomes:
+        per[task][0] += int(ok)
+        per[task][1] += 1
+    correct, n = sum(int(ok) for _, ok in outcomes), len(outcomes)
+    return {
+        "n": n,
+        "accuracy": correct / n if n else 0.0,
+        "ci95": wilson_interval(correct, n),
+        "per_task": {t: {"n": c[1], "accuracy": c[0] / c[1], "ci95": wilson_interval(c[0], c[1])}
+                     for t, c in sorted(per.items())},
+    }
+
+
+# ============================================================================================ records
+
+
+def _task(record: dict) -> str:
+    task = record.get("task") if isinstance(record, dict) else None
+    return str(task) if task else "all"
+
+
+def _turns(record: dict) -> list[tuple[str, str]]:
+    """(role, text) of a LLaVA record, roles normalised to user/assistant/system."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    if "conversations" in record:
+        return [(roles.get(t.get("from"), ""), t.get("value", "")) for t in record["conversations"]]
+    return [(roles.get(t.get("role"), ""), t.get("content", "")) for t in record.get("messages", [])]
+
+
+def _question(record: dict) -> str:
+    """The last question (without ``<image>``): the record's ``question`` field or its last user turn."""
+    from viq.mllm.chat import IMAGE_TOKEN
+
+    q = record.get("question")
+    if q is None:
+        q = next((text for role, text in reversed(_turns(record)) if role == "user"), "")
+    return q.replace(IMAGE_TOKEN, "").strip()
+
+
+def _answer(record: dict) -> str:
+    """The reference answer of the last question: the ``answer`` field or the last assistant turn."""
+    a = record.get("answer")
+    if a is None:
+        a = next((text for role, text in reversed(_turns(record)) if role == "assistant"), "")
+    return a
+
+
+def _has_image(record: Any) -> bool:
+    return isinstance(record, dict) and bool(record.get("image"))
+
+
+def _derangement(n: int, seed: int) -> list[int]:
+    """A fixed permutation of ``range(n)`` without fixed points (n >= 2): Sattolo's algorithm."""
+    perm = list(range(n))
+    rng = random.Random(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def _parse(records: Sequence[dict], image_root: str | os.PathLike[str], source: str | None) -> list[tuple[dict, Any]]:
+    """(record, parsed record of :mod:`viq.data.llava`) of every image record; validates them like
+    the training data (roles, order, ``<image>`` count) and checks that every image file exists."""
+    from viq.data.llava import DataError, _parse_record
+
+    root = os.path.join(os.fspath(image_root), "")
+    out = []
+    for i, record in enumerate(records):
+        if not _has_image(record):
+            continue
+        parsed = _parse_record(record, f"{source} record {i + 1}" if source else f"record {i + 1}", root)
+        for k, ref in enumerate(parsed.images):
+            if not os.path.isfile(ref.path):
+                what = "not found" if not os.path.exists(ref.path) else "not a file"
+                raise DataError(f"{parsed.label}: image {k + 1} of {len(parsed.images)} ({ref.path}): {what}")
+        out.append((record, parsed))
+    return out
+
+
+def _load_pixels(parsed: Any, k: int, pre) -> torch.Tensor:
+    """Image ``k`` of a parsed record as the training data loader decodes it (official ``resize``
+    specs honoured, otherwise ``pre``) -> float32 ``(3, H, W)`` in [-1, 1]. DataError naming the
+    sample and the file if it cannot be read."""
+    from PIL import Image
+
+    from viq.data.llava import DataError
+    from viq.formats.image import ImageError, load_image, to_pixels
+    from viq.formats.image import preprocess as preprocess_image
+
+    ref = parsed.images[k]
+    try:
+        if ref.resize is None:
+            return preprocess_image(ref.path, pre).pixels
+        image = load_image(ref.path, max_image_pixels=pre.max_image_pixels, background=pre.background)
+        size = ref.resize.target_size(*image.size)
+        if size != image.size:
+            image = image.resize(size, resample=Image.Resampling.BILINEAR)
+        return to_pixels(image)
+    except (ImageError, OSError) as e:
+        reason = str(e).removeprefix(f"{ref.path}: ")
+        raise DataError(f"{parsed.label}: image {k + 1} of {len(parsed.images)} ({ref.path}): {reason}") from e
+
+
+# ============================================================================================ the run
+
+
+def find_final(run: str | os.PathLike[str]) -> Path:
+    """The ``final/`` output of a training run: ``run`` itself when it holds ``stage.json``, else
+    ``run/final``. FileNotFoundError otherwise."""
+    from viq.train.build import STAGE_FILE
+
+    path = Path(run)
+    for candidate in (path, path / "final"):
+        if (candidate / STAGE_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    raise FileNotFoundError(f"{path}: not a training run (no {STAGE_FILE} in it or in its final/ folder)")
+
+
+def run_preprocess(cfg) -> Any:
+    """The image preprocessing of a recipe at the end of its training (progressive-resolution
+    schedule included): what the run's model last saw."""
+    from viq.formats.image import PreprocessConfig
+    from viq.train.data import max_pixels_at
+
+    return PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels_at(cfg, cfg.train.max_steps))
+
+
+def load_run(run: str | os.PathLike[str], device: torch.device | str | None = None) -> tuple[Any, Any]:
+    """The stage model and chat tokenizer of a training run, ready to answer questions.
+
+    Args:
+        run: a run's output directory (``train.output_dir``) or its ``final/`` folder, of stage
+            ``stage1``, ``stage2_1``, ``stage2_2`` or ``mllm``.
+        device: where to put the model (default: CPU).
+
+    The model is rebuilt with :func:`viq.train.build.build_model` from the recipe recorded in
+    ``final/stage.json``, starting from ``final/`` itself (its ViQ weights, projector and LLM weights
+    or adapter; the base LLM is the recipe's ``llm.path``); the distillation teacher is not loaded.
+    The model is in eval mode and carries ``model.recipe`` (the run's :class:`TrainConfig`). A
+    stage that reads stored codes (``mllm``) also carries ``model.qa_encoder``: the ViQ model of
+    its recipe's ``model.init`` (encoder only), which turns images into codes.
+
+    Raises:
+        FileNotFoundError: not a run, or the recipe's LLM (or encoder) is gone.
+        ValueError: a stage without an LLM (``drawer``) or a recipe without ``llm.path``.
+    """
+    from viq.train.build import STAGE_FILE, build_model
+    from viq.train.config import TrainConfig
+    from viq.train.stages import get_stage
+
+    final = find_final(run)
+    try:
+        info = json.loads((final / STAGE_FILE).read_text())
+        data = copy.deepcopy(info["recipe"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{final / STAGE_FILE}: unreadable stage record ({e})") from None
+    stage = data.get("stage")
+    if stage not in QA_STAGES:
+        raise ValueError(f"{final}: a {stage} run has no LLM to answer questions (QA needs one of {QA_STAGES})")
+    llm_path = (data.get("llm") or {}).get("path")
+    if not llm_path:
+        raise ValueError(f"{final}: the run's recipe has no llm.path (it was trained without an LLM)")
+    if not Path(llm_path).exists():
+        raise FileNotFoundError(f"{final}: the run's LLM {llm_path} (llm.path of its recipe) is not found")
+    original_init = (data.get("model") or {}).get("init", "")
+    # The final output already holds the merged config and every trained weight.
+    data.setdefault("model", {}).update({"init": f"viq:{final}", "config": {}, "previous": None})
+    data.setdefault("loss", {})["distill"] = 0.0  # no teacher needed to answer questions
+    cfg = TrainConfig.from_dict(data)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model, tokenizer = build_model(cfg, device=device)
+    model.eval()
+    model.recipe = TrainConfig.from_dict(copy.deepcopy(info["recipe"]))
+    if get_stage(stage).data == "codes":
+        import viq
+
+        kind, _, value = original_init.partition(":")
+        if kind != "viq" or not Path(value).is_dir():
+            raise FileNotFoundError(f"{final}: a {stage} run answers from codes; its encoder (model.init "
+                                    f"{original_init!r} of the recipe) is needed to encode images and is not found")
+        encoder = viq.load(value, device=device, components=("encoder",))
+        encoder.eval()
+        object.__setattr__(model, "qa_encoder", encoder)  # a plain attribute, not a submodule
+    return model, tokenizer
+
+
+# ============================================================================================ evaluation
+
+
+@torch.no_grad()
+def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.PathLike[str], *,
+                images: str = "real", seed: int = 0, preprocess=None, device: torch.device | None = None,
+                examples: list[dict] | None = None, encoder=None, source: str | None = None) -> dict[str, Any]:
+    """QA accuracy of a stage model on the image records of ``records``.
+
+    Args:
+        model, tokenizer: the stage model (with its projector and LLM) and its
+            :class:`viq.mllm.chat.ChatTokenizer`, e.g. from :func:`load_run`.
+        records: LLaVA records (e.g. :func:`viq.demo.synthetic.load_split`); records without an
+            image are ignored. The last question of each is answered, the earlier turns are context.
+        image_root: folder that relative image paths are resolved against.
+        images: ``"real"``, ``"blank"`` (mid-grey, same size as the real image) or ``"shuffled"``
+            (another record's image, by a fixed derangement from ``seed``; single-image records).
+        preprocess: :class:`viq.formats.image.PreprocessConfig` (default: the run's recipe when the
+            model comes from :func:`load_run`, else the library default).
+        device: default: the model's.
+        examples: if given, one ``{id, task, question, answer, prediction, correct, image}`` per
+            question is appended (``image``: the file shown, ``None`` for blank images).
+        encoder: for stages that read codes (``mllm``): the ViQ model that encodes the images
+            (default: ``model.qa_encoder`` set by :func:`load_run`).
+        source: name of the records' file, for error messages.
+
+    Returns:
+        ``{"n", "accuracy", "ci95": [lo, hi], "per_task": {task: {"n", "accuracy", "ci95"}}, "images"}``.
+
+    Raises:
+        viq.data.llava.DataError (a ValueError): an invalid record, or an image missing or
+            unreadable (the message names the sample: its id and the file).
+        ValueError: an unknown ``images`` mode, a model without LLM, fewer than 2 records to shuffle.
+    """
+    from viq.train.metrics import answer_matches
+
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
+    if getattr(model, "llm", None) is None or getattr(model, "projector", None) is None or tokenizer is None:
+        raise ValueError("evaluate_qa needs a stage model with its projector, LLM and tokenizer")
+    if preprocess is None:
+        recipe = getattr(model, "recipe", None)
+        if recipe is not None:
+            preprocess = run_preprocess(recipe)
+        else:
+            from viq.formats.image import PreprocessConfig
+
+            preprocess = PreprocessConfig()
+    device = device if device is not None else next(model.parameters()).device
+    reads_codes = getattr(model, "encoder", None) is None
+    encoder = encoder if encoder is not None else getattr(model, "qa_encoder", None)
+    if reads_codes and encoder is None:
+        raise ValueError("this stage model answers from codes: pass encoder= (a ViQ model) to encode the images")
+
+    items = _parse(records, image_root, source)
+    order = list(range(len(items)))
+    if images == "shuffled":
+        if len(items) < 2:
+            raise ValueError(f"shuffled images need at least 2 image records, got {len(items)}")
+        multi = next((p for _, p in items if len(p.images) != 1), None)
+        if multi is not None:
+            raise ValueError(f"{multi.label}: shuffled images need single-image records, this one has "
+                             f"{len(multi.images)}")
+        order = _derangement(len(items), seed)
+
+    was_training = model.training
+    model.eval()
+    outcomes: list[tuple[str, bool]] = []
+    try:
+        for i, (record, parsed) in enumerate(items):
+            shown = items[order[i]][1]
+            pixels = [_load_pixels(shown, k, preprocess) for k in range(len(shown.images))]
+            if images == "blank":
+                pixels = [torch.zeros_like(x) for x in pixels]
+            messages = [{"role": role, "content": text} for role, text in parsed.messages]
+            codes = None
+            if reads_codes:
+                codes = encoder.encode_pixels([x.to(device) for x in pixels])
+            prediction, answer = answer_last_question(model, tokenizer, messages, pixels, device, codes=codes)
+            ok = bool(answer_matches(prediction, answer))
+            task = _task(record)
+            outcomes.append((task, ok))
+            if examples is not None:
+                examples.append({"id": parsed.id, "task": task, "question": _question(record), "answer": answer,
+                                 "prediction": prediction, "correct": ok,
+                                 "image": None if images == "blank" else [ref.path for ref in shown.images]})
+    finally:
+        model.train(was_training)
+        for helper in (getattr(model, "teacher", None), getattr(model, "vae", None)):
+            if helper is not None:
+                helper.eval()
+    result = _summary(outcomes)
+    result["images"] = images
+    return result
+
+
+def majority_baseline(train_records: Sequence[dict], test_records: Sequence[dict]) -> dict[str, Any]:
+    """Accuracy of answering every test question (image records) with the most frequent training
+    answer (image records) of its template ``(task, question)``; a template not seen in training
+    falls back to the task's most frequent answer, then to the overall one. Answers are counted
+    after :func:`viq.train.metrics.normalize_answer` (ties: the answer seen first) and scored with
+    :func:`viq.train.metrics.answer_matches`. Same return format as :func:`evaluate_qa`
+    (``"images": "majority"``)."""
+    from viq.train.metrics import answer_matches, normalize_answer
+
+    by_template: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    by_task: dict[str, Counter] = defaultdict(Counter)
+    overall: Counter = Counter()
+    first: dict[str, tuple[int, str]] = {}  # normalised answer -> (first position, answer as written)
+    for k, rec in enumerate(r for r in train_records if _has_image(r)):
+        answer = _answer(rec)
+        key = normalize_answer(answer)
+        first.setdefault(key, (k, answer))
+        by_template[(_task(rec), _question(rec))][key] += 1
+        by_task[_task(rec)][key] += 1
+        overall[key] += 1
+
+    def top(counter: Counter) -> str:
+        return first[min(counter, key=lambda a: (-counter[a], first[a][0]))][1]
+
+    outcomes = []
+    for rec in (r for r in test_records if _has_image(r)):
+        task = _task(rec)
+        counter = by_template.get((task, _question(rec))) or by_task.get(task) or overall
+        guess = top(counter) if counter else ""
+        outcomes.append((task, bool(answer_matches(guess, _answer(rec)))))
+    result = _summary(outcomes)
+    result["images"] = "majority"
+    return result

@@ -1,0 +1,249 @@
+"""QA evaluation (viq.eval.qa, viq eval-qa): intervals, baselines, real / blank / shuffled images."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import make_llm, make_qa, recipe
+
+from viq.cli.main import main
+from viq.data.llava import DataError
+from viq.eval import qa as QA
+from viq.train.config import TrainConfig
+from viq.train.engine import train
+
+
+def test_wilson_interval():
+    lo, hi = QA.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4901624, abs=1e-6) and hi == pytest.approx(0.9433178, abs=1e-6)
+    lo, hi = QA.wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611251, abs=1e-6)
+    lo, hi = QA.wilson_interval(50, 50)
+    assert hi == 1.0 and lo == pytest.approx(0.9286524, abs=1e-6)
+    assert QA.wilson_interval(0, 0) == [0.0, 1.0]
+    lo, hi = QA.wilson_interval(120, 240)  # symmetric around 0.5, about +-6 points
+    assert lo + hi == pytest.approx(1.0) and 0.06 < 0.5 - lo < 0.065
+    with pytest.raises(ValueError):
+        QA.wilson_interval(3, 2)
+
+
+def _rec(task, question, answer, image="x.png"):
+    rec = {"task": task, "question": question, "answer": answer,
+           "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+    if image:
+        rec["image"] = image
+    return rec
+
+
+def test_majority_baseline():
+    train_set = [
+        _rec("color", "What color is the shape?", "red"),
+        _rec("color", "What color is the shape?", "Blue"),
+        _rec("color", "What color is the shape?", "blue"),
+        _rec("color", "What color is the circle?", "green"),
+        _rec("shape", "What shape is this?", "circle"),
+        _rec("shape", "What shape is this?", "square"),  # tie: the answer seen first wins
+        _rec("count", "How many?", "3"),
+        _rec("count", "How many?", "3"),
+        _rec("count", "How many?", "7", image=None),  # text-only: ignored
+        _rec("count", "How many?", "7", image=None),
+        _rec("count", "How many?", "7", image=None),
+    ]
+    test_set = [
+        _rec("color", "What color is the shape?", "blue."),   # template majority: blue -> right
+        _rec("color", "What color is the shape?", "red"),     # wrong
+        _rec("color", "What color is the circle?", "green"),  # its own template -> right
+        _rec("color", "What color is the square?", "blue"),   # unseen template: task majority (blue) -> right
+        _rec("shape", "What shape is this?", "circle"),       # tie -> circle -> right
+        _rec("count", "How many?", "3"),                      # right (text-only 7s not counted)
+        _rec("other", "Which?", "blue"),                      # unseen task: overall majority (blue) -> right
+        _rec("count", "How many?", "3", image=None),          # text-only: not asked
+    ]
+    result = QA.majority_baseline(train_set, test_set)
+    assert result["n"] == 7 and result["images"] == "majority"
+    assert result["accuracy"] == pytest.approx(6 / 7)
+    assert result["ci95"] == QA.wilson_interval(6, 7)
+    assert result["per_task"]["color"] == {"n": 4, "accuracy": 0.75, "ci95": QA.wilson_interval(3, 4)}
+    assert set(result["per_task"]) == {"color", "shape", "count", "other"}
+    # Records without a task field group under "all".
+    plain = [{k: v for k, v in r.items() if k != "task"} for r in test_set]
+    assert set(QA.majority_baseline(train_set, plain)["per_task"]) == {"all"}
+
+
+# ---------------------------------------------------------------------------------------------
+# On a tiny trained run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-qa")
+    data = make_qa(root / "qa", n=4)
+    # Give half of the records a task, the other half none ("all").
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, r in enumerate(records):
+        if i % 2 == 0:
+            r["task"] = "color"
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "What is 1 + 1?"},
+                                                    {"from": "gpt", "value": "2"}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    llm = make_llm(root / "llm")
+    cfg = TrainConfig.from_dict(recipe("stage1", root / "runs" / "stage1", data, llm,
+                                       train={"max_steps": 4, "batch_size": 4, "eval_samples": 0}))
+    summary = train(cfg)
+    model, tokenizer = QA.load_run(root / "runs" / "stage1", "cpu")
+    return {"root": root, "data": data, "records": records, "final": Path(summary["final"]),
+            "model": model, "tokenizer": tokenizer}
+
+
+def test_load_run(run):
+    model, tokenizer = run["model"], run["tokenizer"]
+    assert model.stage == "stage1" and model.llm is not None and model.projector is not None
+    assert not model.training and model.teacher is None
+    assert QA.find_final(run["final"]) == run["final"] == QA.find_final(run["final"].parent)
+    # The same weights as the run's output.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run["final"] / "projector.safetensors"))
+    assert all(torch.equal(v, model.projector.state_dict()[k]) for k, v in saved.items())
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        QA.load_run(run["root"], "cpu")
+
+
+def test_evaluate_qa_real_blank_shuffled(run, monkeypatch):
+    model, tokenizer, records, root = run["model"], run["tokenizer"], run["records"], run["data"].parent
+    seen: dict[str, list[torch.Tensor]] = {}
+    real_answer = QA.answer_last_question
+
+    def spy(model_, tokenizer_, messages, images, device, *, codes=None):
+        seen.setdefault(mode, []).append(images[0].clone())
+        return real_answer(model_, tokenizer_, messages, images, device, codes=codes)
+
+    monkeypatch.setattr(QA, "answer_last_question", spy)
+    results, examples = {}, {}
+    for mode in QA.IMAGE_MODES:
+        examples[mode] = []
+        results[mode] = QA.evaluate_qa(model, tokenizer, records, root, images=mode, seed=3, examples=examples[mode])
+    for mode, result in results.items():
+        assert result["images"] == mode and result["n"] == 4  # the text-only record is left out
+        assert set(result["per_task"]) == {"color", "all"}
+        assert result["per_task"]["color"]["n"] == 2 and result["per_task"]["all"]["n"] == 2
+        assert 0.0 <= result["accuracy"] <= 1.0 and result["ci95"][0] <= result["accuracy"] <= result["ci95"][1]
+        k = round(result["accuracy"] * 4)
+        assert math.isclose(result["accuracy"], k / 4) and result["ci95"] == QA.wilson_interval(k, 4)
+        assert [e["id"] for e in examples[mode]] == ["s0", "s1", "s2", "s3"]
+        assert all(isinstance(e["prediction"], str) and e["answer"] == r["conversations"][-1]["value"]
+                   for e, r in zip(examples[mode], records))
+    real, blank, shuffled = seen["real"], seen["blank"], seen["shuffled"]
+    # Real: the images as the training loader prepares them (the run's preprocessing).
+    from viq.formats.image import preprocess
+    from viq.eval.qa import run_preprocess
+
+    pre = run_preprocess(model.recipe)
+    for x, r in zip(real, records):
+        assert torch.equal(x, preprocess(root / r["image"], pre).pixels)
+    # Blank: mid-grey (0 in [-1, 1]) of the same size.
+    assert all(b.shape == x.shape and not b.any() for b, x in zip(blank, real))
+    # Shuffled: every question sees another record's image (a derangement), fixed by the seed.
+    shown = [e["image"][0] for e in examples["shuffled"]]
+    own = [e["image"][0] for e in examples["real"]]
+    assert sorted(shown) == sorted(own) and all(a != b for a, b in zip(shown, own))
+    assert all(any(torch.equal(s, x) for x in real) and not torch.equal(s, x) for s, x in zip(shuffled, real))
+    assert examples["blank"][0]["image"] is None
+    again = []
+    QA.evaluate_qa(model, tokenizer, records, root, images="shuffled", seed=3, examples=again)
+    assert [e["image"] for e in again] == [e["image"] for e in examples["shuffled"]]
+
+
+def test_evaluate_qa_errors_name_the_sample(run, tmp_path):
+    model, tokenizer = run["model"], run["tokenizer"]
+    root = tmp_path / "data"
+    shutil.copytree(run["data"].parent / "images", root / "images")
+    (root / "images" / "2.png").unlink()
+    with pytest.raises(DataError, match=r"id=s2.*2\.png.*not found"):
+        QA.evaluate_qa(model, tokenizer, run["records"], root)
+    (root / "images" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"id=s2.*2\.png"):
+        QA.evaluate_qa(model, tokenizer, run["records"], root)
+    # Absolute image paths are used as they are.
+    records = [{**r, "image": str(run["data"].parent / r["image"])} for r in run["records"] if "image" in r]
+    assert QA.evaluate_qa(model, tokenizer, records, tmp_path / "elsewhere")["n"] == 4
+    with pytest.raises(ValueError, match="images must be one of"):
+        QA.evaluate_qa(model, tokenizer, records, root, images="noise")
+    with pytest.raises(ValueError, match="at least 2"):
+        QA.evaluate_qa(model, tokenizer, records[:1], root, images="shuffled")
+
+
+def test_cli_eval_qa(run, tmp_path, capsys):
+    out = tmp_path / "qa.json"
+    code = main(["eval-qa", str(run["final"].parent), str(run["data"]), "--json", str(out), "--device", "cpu",
+                 "--baselines", "--limit", "3"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert {"n", "accuracy", "ci95", "per_task", "baselines"} <= set(result)
+    assert result["n"] == 3 and isinstance(result["accuracy"], float) and len(result["ci95"]) == 2
+    assert set(result["per_task"]) == {"color", "all"}
+    assert all({"n", "accuracy"} <= set(v) for v in result["per_task"].values())
+    assert result["per_task"]["color"]["n"] == 2 and result["per_task"]["all"]["n"] == 1
+    assert set(result["baselines"]) == {"blank", "shuffled"} and result["baselines"]["blank"]["n"] == 3
+    printed = capsys.readouterr().out
+    assert "color" in printed and "overall" in printed and "blank" in printed
+
+    # Image root: the images elsewhere -> --image-root; a missing image names the sample.
+    moved = tmp_path / "moved"
+    shutil.copytree(run["data"].parent / "images", moved / "images")
+    data = tmp_path / "set" / "test.jsonl"
+    data.parent.mkdir()
+    data.write_text(run["data"].read_text())
+    assert main(["eval-qa", str(run["final"]), str(data), "--image-root", str(moved), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["eval-qa", str(run["final"]), str(data), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "viq: error:" in err and "id=s0" in err and "0.png" in err
+    # Not a run -> usage error.
+    assert main(["eval-qa", str(tmp_path), str(data), "--device", "cpu"]) == 2
+    assert "cannot load run" in capsys.readouterr().err
+
+
+def test_same_answers_as_training_validation(run):
+    """Real images: the very predictions of the training validation (same preprocessing and path)."""
+    import dataclasses
+
+    from viq.train.evaluate import evaluate
+
+    model, tokenizer = run["model"], run["tokenizer"]
+    cfg = model.recipe
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=str(run["data"])),
+                              train=dataclasses.replace(cfg.train, eval_samples=10))
+    val_examples, qa_examples = [], []
+    metrics = evaluate(model, cfg, tokenizer, torch.device("cpu"), examples=val_examples)
+    result = QA.evaluate_qa(model, tokenizer, run["records"], run["data"].parent, examples=qa_examples)
+    assert [e["prediction"] for e in val_examples] == [e["prediction"] for e in qa_examples]
+    assert metrics["answer_accuracy"] == result["accuracy"]
+
+
+def test_mllm_run_answers_from_codes(tmp_path, run):
+    """A run of the stored-codes stage: load_run brings the encoder of its recipe to encode images."""
+    import viq
+    from viq.extract import extract
+
+    root = tmp_path
+    viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(root / "viq")
+    extract(root / "viq", run["data"], root / "store", num_workers=0, progress=False)
+    r = recipe("mllm", root / "mllm", run["data"], run["root"] / "llm", train={"max_steps": 2, "eval_samples": 0})
+    r["model"] = {"init": f"viq:{root / 'viq'}"}
+    r["data"]["codes"] = str(root / "store")
+    train(TrainConfig.from_dict(r))
+    model, tokenizer = QA.load_run(root / "mllm", "cpu")
+    assert model.encoder is None and model.qa_encoder is not None
+    examples = []
+    result = QA.evaluate_qa(model, tokenizer, run["records"], run["data"].parent, images="blank", examples=examples)
+    assert result["n"] == 4 and len(examples) == 4
+    shutil.rmtree(root / "viq")
+    with pytest.raises(FileNotFoundError, match="encoder"):
+        QA.load_run(root / "mllm", "cpu")
