@@ -36,13 +36,14 @@ from typing import Any
 import torch
 
 from viq.train.evaluate import answer_last_question
+from viq.train.stages import TABLE
 
 __all__ = ["IMAGE_MODES", "evaluate_qa", "find_final", "load_run", "majority_baseline", "wilson_interval"]
 
 #: What the model is shown with each question: the real image, a mid-grey one, another sample's.
 IMAGE_MODES = ("real", "blank", "shuffled")
-#: Stages whose output can answer questions (they train a projector and an LLM).
-QA_STAGES = ("stage1", "stage2_1", "stage2_2", "mllm")
+#: The stages whose runs can answer questions: those with an LLM (from the stage table).
+QA_STAGES = tuple(stage.name for stage in TABLE.values() if stage.llm)
 _Z95 = 1.959963984540054
 
 

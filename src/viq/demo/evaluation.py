@@ -1,0 +1,121 @@
+"""The demo's verdict: held-out QA and reconstruction, each beside the baselines that would expose it.
+
+* QA, for the stage-1 model and for the final quantized model (stage 2-2, answering from codes): the
+  same questions with the real image, a blank image, another sample's image (shuffled), and the
+  majority training answer per question template; Wilson 95 % intervals, per task and overall.
+* Reconstruction from codes, on the encoded area of held-out synthetic images and of real photographs:
+  PSNR / SSIM beside a per-image mean colour, bicubic at the codes' bit budget, and the pixel codec
+  alone (encode + decode, the ceiling any drawer can reach).
+* Code usage and entropy (bits per code) beside log2 of the codebook size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate_qa_with_baselines", "evaluate_reconstruction", "code_summary"]
+
+
+def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_records: list[dict], image_root: Path,
+                               *, seed: int = 0, device: torch.device | None = None) -> dict[str, Any]:
+    """QA accuracy of the run's final model with real / blank / shuffled images, and the majority
+    baseline: ``{"n", "real", "blank", "shuffled", "majority", "ci95": {mode: [lo, hi]},
+    "per_task": {task: {"n", mode: accuracy, ...}}, "examples": [...]}``."""
+    from viq.eval.qa import IMAGE_MODES, evaluate_qa, load_run, majority_baseline
+
+    device = device or torch.device("cpu")
+    model, tokenizer = load_run(run, device)
+    results: dict[str, dict] = {}
+    examples: list[dict] = []
+    for mode in IMAGE_MODES:
+        results[mode] = evaluate_qa(model, tokenizer, test_records, image_root, images=mode, seed=seed, device=device,
+                                    examples=examples if mode == "real" else None)
+    results["majority"] = majority_baseline(train_records, test_records)
+    out: dict[str, Any] = {"n": results["real"]["n"]}
+    out.update({mode: r["accuracy"] for mode, r in results.items()})
+    out["ci95"] = {mode: r["ci95"] for mode, r in results.items()}
+    tasks = sorted(results["real"]["per_task"])
+    out["per_task"] = {task: {"n": results["real"]["per_task"][task]["n"],
+                              **{mode: r["per_task"].get(task, {}).get("accuracy") for mode, r in results.items()}}
+                       for task in tasks}
+    out["margin"] = out["real"] - max(out["blank"], out["shuffled"], out["majority"])
+    out["examples"] = examples[:24]
+    return out
+
+
+def evaluate_reconstruction(model, sources: list[tuple[str, Any]], out_dir: Path, *, max_pixels: int,
+                            kind: str) -> tuple[dict[str, Any], list[dict], np.ndarray]:
+    """Encode and reconstruct ``sources`` ((file stem, image) pairs) with a full ViQ model.
+
+    Returns the summary ``{"n", "psnr", "ssim", "psnr_mean_colour", "ssim_mean_colour",
+    "psnr_bicubic_equal_bits", "ssim_bicubic_equal_bits", "psnr_codec", "ssim_codec", "ci95": {...},
+    "bpp"}``, one record per image (files written under ``out_dir``), and the code histogram.
+    """
+    from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim
+    from viq.formats.bits import bits_for_levels
+    from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
+    from viq.model.vae import decode_latents, encode_latents
+
+    pre = PreprocessConfig(max_pixels=max_pixels)
+    bits_per_code = bits_for_levels(model.levels)
+    stats = ReconStats()
+    items: list[dict] = []
+    hist = np.zeros(math.prod(model.levels), dtype=np.int64)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stem, image in sources:
+        ref = preprocess(image, pre).pixels  # (3, H, W) in [-1, 1]
+        h, w = ref.shape[-2:]
+        codes = model.encode_pixels([ref])[0]
+        hist += np.bincount(codes.flat().numpy(), minlength=hist.size)
+        recon_img = model.reconstruct([codes])[0]
+        recon = to_pixels(recon_img)
+        bits = codes.num_codes * bits_per_code
+        padded = torch.nn.functional.pad(ref, (0, -w % 8, 0, -h % 8))
+        with torch.no_grad():
+            ceiling = crop_to(decode_latents(model.vae, encode_latents(model.vae, padded)).float().clamp(-1, 1), (h, w))
+        methods = {"viq": recon, "mean_colour": mean_colour(ref), "bicubic_equal_bits": bicubic_at_bits(ref, bits),
+                   "codec": to_pixels(to_pil(ceiling))}
+        record = {"kind": kind, "name": stem, "size": [h, w], "grid": list(codes.grid), "codes": codes.num_codes,
+                  "bits": bits, "bpp": bits / (h * w)}
+        for method, pixels in methods.items():
+            p, s = psnr_ssim(ref, pixels)
+            stats.add(method, p, s)
+            record[f"psnr_{method}"], record[f"ssim_{method}"] = p, s
+        in_path, out_path = out_dir / f"{kind}-{stem}-input.png", out_dir / f"{kind}-{stem}-recon.png"
+        to_pil(ref).save(in_path)
+        recon_img.save(out_path)
+        record.update({"input": in_path.name, "recon": out_path.name})
+        items.append(record)
+    summary = stats.summary()
+    viq_s = summary["viq"]
+    result: dict[str, Any] = {"n": viq_s["n"], "psnr": viq_s["psnr"], "ssim": viq_s["ssim"],
+                              "bpp": float(np.mean([i["bpp"] for i in items])) if items else None,
+                              "ci95": {}}
+    for method in ("mean_colour", "bicubic_equal_bits", "codec"):
+        result[f"psnr_{method}"] = summary[method]["psnr"]
+        result[f"ssim_{method}"] = summary[method]["ssim"]
+    for method, s in summary.items():
+        result["ci95"][method] = {"psnr": s["psnr_ci95"], "ssim": s["ssim_ci95"]}
+    return result, items, hist
+
+
+def code_summary(hist: np.ndarray) -> dict[str, float]:
+    """``{"entropy_bits", "log2_codebook", "usage", "perplexity"}`` of a code histogram."""
+    from viq.formats.bits import usage_stats
+
+    s = usage_stats(hist)
+    return {"entropy_bits": s["entropy_bits"], "log2_codebook": math.log2(hist.size), "usage": s["usage"],
+            "perplexity": s["perplexity"], "codes": int(hist.sum())}
+
+
+def load_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
