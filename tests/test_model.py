@@ -249,3 +249,21 @@ def test_fingerprint_is_the_same_for_every_component_subset(test_model, official
     bare = viq.ViQModel.from_config("viq-test", components=["embedder"])
     with pytest.raises(RuntimeError, match="no encoder"):
         bare.fingerprint()
+
+
+def test_describe_model_without_building_it(test_model, tmp_path):
+    from viq.formats.bits import bits_for_levels
+    from viq.model.inspect import describe_model
+
+    test_model.save_pretrained(tmp_path / "m")
+    info = describe_model(tmp_path / "m")
+    assert info["format"] == "viq" and info["fingerprint"] == test_model.fingerprint()
+    assert info["bits_per_code"] == bits_for_levels(test_model.levels)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))  # counts stored tensors (buffers too)
+    assert info["total_parameters"] == sum(v.numel() for v in stored.values())
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        describe_model(tmp_path / "missing")
+    with pytest.raises(ValueError, match="official"):
+        describe_model(tmp_path / "m", num_heads=4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -63,85 +62,19 @@ def _codes_info(path: Path) -> dict[str, Any]:
     }
 
 
-def _component_of(key: str) -> str:
-    prefix = key.split(".", 1)[0]
-    return "encoder" if prefix == "head" else prefix
-
-
 def _model_info(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Describe a model directory from its config and tensor shapes, without building the model."""
-    from viq.model.config import ViQConfig
-    from viq.model.viq import COMPONENTS, code_fingerprint
-    from viq.model.official import (
-        detect_config,
-        find_official_files,
-        is_official_dir,
-        load_official_state_dicts,
-        map_official_state_dicts,
-    )
+    from viq.model.inspect import describe_model
 
     official = official_kwargs(args)
-    config_path, weights_path = path / "config.json", path / "model.safetensors"
+    if official and (path / "model.safetensors").is_file():
+        raise CLIError(f"{path}: --num-heads/--levels only apply to official model directories")
     try:
-        if weights_path.is_file():
-            if official:
-                raise CLIError(f"{path}: --num-heads/--levels only apply to official model directories")
-            from safetensors import safe_open
-
-            fmt = "viq"
-            config = ViQConfig.load(config_path)
-            with safe_open(str(weights_path), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                fingerprint = (f.metadata() or {}).get("fingerprint")
-                if "head.project_in.weight" in shapes:
-                    fingerprint = code_fingerprint(
-                        config, f.get_tensor("head.project_in.weight"), f.get_tensor("head.project_in.bias"))
-        elif is_official_dir(path):
-            fmt = "official"
-            files = find_official_files(path)
-            states = load_official_state_dicts(path)  # memory-mapped: cheap even for the giant models
-            tag = files["encoder"].name[len("model_viq_fsq_"):-len(".pth")]
-            config = detect_config(states, size_tag=tag, source=str(path), **official)
-            state, _ = map_official_state_dicts(states, config, source=str(path))
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
-            fingerprint = code_fingerprint(config, state["head.project_in.weight"], state["head.project_in.bias"])
-        elif not path.exists():
-            raise CLIError(f"{path}: no such file or folder")
-        else:
-            raise CLIError(f"{path}: neither a .viq file, a viq model directory (config.json + model.safetensors) "
-                           f"nor an official ViQ directory (model_viq_fsq_<size>.pth)")
-    except CLIError:
-        raise
+        return describe_model(path, **official)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
     except Exception as e:
         log.debug("reading %s failed", path, exc_info=True)
         raise CLIError(f"cannot read model {path}: {reason(e, path)}") from None
-
-    params: dict[str, int] = {}
-    for key, shape in shapes.items():
-        component = _component_of(key)
-        params[component] = params.get(component, 0) + math.prod(shape)
-    components = [c for c in COMPONENTS if c in params]
-
-    enc, head = config.encoder, config.head
-    return {
-        "type": "model",
-        "path": str(path),
-        "format": fmt,
-        "name": config.name,
-        "width": enc.width,
-        "depth": enc.depth,
-        "num_heads": enc.num_heads,
-        "patch_size": enc.patch_size,
-        "levels": list(head.levels),
-        "codebook_size": head.codebook_size,
-        "bits_per_code": max(1, (head.codebook_size - 1).bit_length()),
-        "codes_per_patch": head.codes_per_patch,
-        "components": components,
-        "parameters": {c: params[c] for c in components},
-        "total_parameters": sum(params[c] for c in components),
-        "fingerprint": fingerprint,
-        "config": config.to_dict(),
-    }
 
 
 def _human(n: int) -> str:
