@@ -1,0 +1,45 @@
+"""bench/gpu_suite.py --smoke runs end to end on CPU (issue 12: the GPU suite cannot rot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for letter, name in [("a", "encode"), ("b", "invariance"), ("c", "train"), ("d", "extract")]:
+        paths = list(tmp_path.glob(f"gpu_suite-{letter}-{name}-*.json"))
+        assert len(paths) == 1, (letter, paths)
+        record = json.loads(paths[0].read_text())
+        for key in ("device", "torch", "date", "command"):
+            assert record[key], key
+        assert record["status"] in ("ran", "skipped")
+        assert record["figures"] or record["skipped"], record
+        if record["status"] == "skipped":
+            assert record["skipped"]
+    assert "part name" in proc.stdout
+
+
+def test_gpu_suite_smoke_default_out_is_temporary():
+    """Without --out, smoke records go to a temp folder, never bench/results (budget 0: parts skip)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    before = set((ROOT / "bench" / "results").iterdir())
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--smoke", "--budget-s", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set((ROOT / "bench" / "results").iterdir()) == before
+    folder = Path(proc.stdout.split("records in ", 1)[1].splitlines()[0].strip())
+    records = sorted(folder.glob("gpu_suite-*.json"))
+    assert len(records) == 4
+    assert all(json.loads(p.read_text())["skipped"] == {"all": "skipped: time budget"} for p in records)
+    shutil.rmtree(folder)
