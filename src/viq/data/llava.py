@@ -92,6 +92,7 @@ from viq.mllm.chat import IMAGE_TOKEN
 __all__ = [
     "DataError",
     "LlavaDataset",
+    "parse_record",
     "OfficialResize",
     "Sample",
     "collate_samples",
@@ -365,7 +366,7 @@ def _parse_turns(record: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _parse_record(obj: Any, where: str, root: str) -> _Record:
+def parse_record(obj: Any, where: str, root: str) -> _Record:
     """Validate one JSON value; raises :class:`DataError` (with location) if it is invalid."""
     name = os.path.basename(where)
     if not isinstance(obj, dict):
@@ -559,7 +560,7 @@ class LlavaDataset(Dataset):
             try:
                 if isinstance(value, DataError):
                     raise value
-                records.append(_parse_record(value, where, root))
+                records.append(parse_record(value, where, root))
             except DataError as e:
                 if self.on_error == "raise":
                     raise

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -63,6 +62,7 @@ def evaluate_reconstruction(model, sources: list[tuple[str, Any]], out_dir: Path
     from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim
     from viq.formats.bits import bits_for_levels
     from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
+    from viq.model.encoder import pad_to_patches
     from viq.model.vae import decode_latents, encode_latents
 
     pre = PreprocessConfig(max_pixels=max_pixels)
@@ -79,7 +79,7 @@ def evaluate_reconstruction(model, sources: list[tuple[str, Any]], out_dir: Path
         recon_img = model.reconstruct([codes])[0]
         recon = to_pixels(recon_img)
         bits = codes.num_codes * bits_per_code
-        padded = torch.nn.functional.pad(ref, (0, -w % 8, 0, -h % 8))
+        padded = pad_to_patches(ref, model.config.vae.scale_factor)
         with torch.no_grad():
             ceiling = crop_to(decode_latents(model.vae, encode_latents(model.vae, padded)).float().clamp(-1, 1), (h, w))
         methods = {"viq": recon, "mean_colour": mean_colour(ref), "bicubic_equal_bits": bicubic_at_bits(ref, bits),
@@ -116,6 +116,3 @@ def code_summary(hist: np.ndarray) -> dict[str, float]:
     return {"entropy_bits": s["entropy_bits"], "log2_codebook": math.log2(hist.size), "usage": s["usage"],
             "perplexity": s["perplexity"], "codes": int(hist.sum())}
 
-
-def load_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from viq.model.config import VAEConfig, get_preset
+from viq.model.encoder import pad_to_patches
 from viq.model.pixel_codec import PixelCodec
 
 log = logging.getLogger(__name__)
@@ -28,17 +29,11 @@ __all__ = ["train_pixel_codec", "DEMO_CODEC"]
 DEMO_CODEC = get_preset("viq-demo").vae
 
 
-def _pad8(x: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) -> bottom/right zero (mid-grey) padded to multiples of 8."""
-    h, w = x.shape[-2:]
-    return F.pad(x, (0, -w % 8, 0, -h % 8))
-
-
 @torch.no_grad()
 def _init_pca(codec: PixelCodec, images: Sequence[torch.Tensor], max_patches: int = 200_000) -> None:
     """Set the linear path to the top ``z_dim`` principal components of the images' 8x8 patches."""
     f, c = codec.cfg.scale_factor, codec.cfg.z_dim
-    patches = torch.cat([F.unfold(_pad8(x)[None], f, stride=f)[0].T for x in images])[:max_patches].double()
+    patches = torch.cat([F.unfold(pad_to_patches(x, f)[None], f, stride=f)[0].T for x in images])[:max_patches].double()
     mean = patches.mean(0)
     centred = patches - mean
     _, vectors = torch.linalg.eigh(centred.T @ centred / len(patches))
@@ -52,7 +47,7 @@ def _init_pca(codec: PixelCodec, images: Sequence[torch.Tensor], max_patches: in
 @torch.no_grad()
 def _calibrate(codec: PixelCodec, images: Sequence[torch.Tensor]) -> None:
     """Per-channel mean / std of the raw latents, so that ``encode`` returns unit-scale latents."""
-    flat = torch.cat([codec.encode_raw(_pad8(x)[None])[0].flatten(1) for x in images], dim=1)
+    flat = torch.cat([codec.encode_raw(pad_to_patches(x, codec.cfg.scale_factor)[None])[0].flatten(1) for x in images], dim=1)
     codec.latent_mean.copy_(flat.mean(1))
     codec.latent_std.copy_(flat.std(1).clamp_min(1e-6))
 

@@ -22,8 +22,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -160,12 +158,13 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos
     colour, bicubic at equal bits and the codec alone), ``codes`` (entropy beside log2 K), plus the
     stage histories and the loss jump at the first stage 2-2 step."""
     import viq
-    from viq.demo.evaluation import code_summary, evaluate_qa_with_baselines, evaluate_reconstruction, load_records
+    from viq.demo.evaluation import code_summary, evaluate_qa_with_baselines, evaluate_reconstruction
     from viq.demo.photos import list_photos, load_photo
+    from viq.demo.synthetic import load_split
 
     runs, data = out / "runs", out / "data"
     model = viq.load(runs / "drawer" / "final")
-    test = [r for r in load_records(data / "test.jsonl") if "image" in r]
+    test = [r for r in load_split(data, "test") if "image" in r]
     synthetic = [(Path(r["image"]).stem, str(data / r["image"])) for r in test[:num_images]]
     photos = [(p.file_stem, load_photo(p)) for p in list_photos()[:num_photos]]
     recon_dir = out / "reconstructions"
@@ -173,7 +172,7 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos
                                                          kind="test")
     recon_photo, items_photo, hist_photo = evaluate_reconstruction(model, photos, recon_dir,
                                                                    max_pixels=DEMO_MAX_PIXELS, kind="photo")
-    train_records = load_records(data / "train.jsonl")
+    train_records = load_split(data, "train")
     qa = {name: evaluate_qa_with_baselines(runs / stage / "final", train_records, test, data, seed=seed)
           for name, stage in (("stage1", "stage1"), ("final", "stage2_2"))}
     stages = {}

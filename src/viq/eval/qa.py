@@ -131,14 +131,14 @@ def _derangement(n: int, seed: int) -> list[int]:
 def _parse(records: Sequence[dict], image_root: str | os.PathLike[str], source: str | None) -> list[tuple[dict, Any]]:
     """(record, parsed record of :mod:`viq.data.llava`) of every image record; validates them like
     the training data (roles, order, ``<image>`` count) and checks that every image file exists."""
-    from viq.data.llava import DataError, _parse_record
+    from viq.data.llava import DataError, parse_record
 
     root = os.path.join(os.fspath(image_root), "")
     out = []
     for i, record in enumerate(records):
         if not _has_image(record):
             continue
-        parsed = _parse_record(record, f"{source} record {i + 1}" if source else f"record {i + 1}", root)
+        parsed = parse_record(record, f"{source} record {i + 1}" if source else f"record {i + 1}", root)
         for k, ref in enumerate(parsed.images):
             if not os.path.isfile(ref.path):
                 what = "not found" if not os.path.exists(ref.path) else "not a file"

@@ -99,21 +99,24 @@ class LatentDecoder(nn.Module):
         self.conv_out = nn.Conv2d(width, cfg.latent_channels * u * u, 3, padding=1)
         self.gradient_checkpointing = False
 
+    def _statistics(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cfg.latent_mean`` / ``latent_std`` as (channels, 1, 1) tensors on ``latent``'s device and dtype."""
+        as_tensor = lambda v: torch.tensor(v, device=latent.device, dtype=latent.dtype)[:, None, None]  # noqa: E731
+        return as_tensor(self.cfg.latent_mean), as_tensor(self.cfg.latent_std)
+
     def to_raw(self, latent: torch.Tensor) -> torch.Tensor:
         """An output of :meth:`forward` (channels, h, w) -> the VAE's raw latent (same shape and dtype):
         ``latent * latent_std + latent_mean`` per channel, or unchanged for raw-latent decoders."""
         if self.cfg.latent_mean is None:
             return latent
-        mean = torch.tensor(self.cfg.latent_mean, device=latent.device, dtype=latent.dtype)[:, None, None]
-        std = torch.tensor(self.cfg.latent_std, device=latent.device, dtype=latent.dtype)[:, None, None]
+        mean, std = self._statistics(latent)
         return latent * std + mean
 
     def from_raw(self, latent: torch.Tensor) -> torch.Tensor:
         """The VAE's raw latent (channels, h, w) -> this decoder's output space (the training target)."""
         if self.cfg.latent_mean is None:
             return latent
-        mean = torch.tensor(self.cfg.latent_mean, device=latent.device, dtype=latent.dtype)[:, None, None]
-        std = torch.tensor(self.cfg.latent_std, device=latent.device, dtype=latent.dtype)[:, None, None]
+        mean, std = self._statistics(latent)
         return (latent - mean) / std
 
     def forward(self, features: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
