@@ -9,7 +9,9 @@ a. ``encode``: packed vs padded encoding of a mixed-size set (and packed trunk v
    equal fixed-size work; vs timm's ``VisionTransformer`` of the same shape when timm is installed),
    via ``bench/encode_throughput.py``. viq-g-16k, bf16, random weights.
 b. ``invariance``: codes of each image encoded alone vs packed together vs packed in reversed order;
-   the share of images whose codes are identical, for each available attention backend.
+   the share of images whose codes are identical, for each available attention backend, in the
+   default mode and in the batch-invariant mode (``encode_stream(batch_invariant=True)``), with the
+   time of a packed encode in each mode (the invariant mode's cost).
 c. ``train``: MLLM step, online encoder vs stored codes (``bench/train_efficiency.py``), Qwen2.5-0.5B
    and 7B shapes at 4K and 16K tokens: forward and forward+backward+AdamW, reductions beside the paper's.
 d. ``extract``: JPEG/PNG folder -> ``viq.extract.extract`` with DataLoader workers
@@ -157,39 +159,57 @@ def part_invariance(args, s: dict, device: torch.device, budget: Budget, tmp: Pa
     all_tokens = sum(math.prod(padded_grid(h, w, p)) for h, w in sizes)
     figures, skipped = {}, {}
     for backend in available_backends(device):
-        if budget.left() <= 0:
-            skipped[backend] = "skipped: time budget"
-            continue
-        try:
-            model.set_attention_backend(backend)
-            t = time.perf_counter()
-            alone = [model.encode_pixels([x], batch_tokens=all_tokens)[0].indices for x in images]
-            packed = [c.indices for c in model.encode_pixels(images, batch_tokens=all_tokens)]
-            rev = [c.indices for c in model.encode_pixels(images[::-1], batch_tokens=all_tokens)][::-1]
-        except torch.OutOfMemoryError:
-            skipped[backend] = "skipped: out of memory"
-            torch.cuda.empty_cache()
-            continue
-        except Exception as e:  # a backend that cannot run here (e.g. flex without a compiler)
-            skipped[backend] = f"skipped: {type(e).__name__}: {str(e)[:200]}"
-            continue
-        n = len(images)
-        same_packed = sum(torch.equal(a, b) for a, b in zip(alone, packed))
-        same_rev = sum(torch.equal(a, b) for a, b in zip(alone, rev))
-        same_all = sum(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(alone, packed, rev))
-        diff_codes = sum(int((a != b).sum()) for a, b in zip(alone, packed))
-        figures[backend] = {
-            "images": n, "tokens": all_tokens,
-            "identical_alone_vs_packed": same_packed / n,
-            "identical_alone_vs_reversed": same_rev / n,
-            "identical_all_three": same_all / n,
-            "differing_codes_alone_vs_packed": diff_codes,
-            "total_codes": sum(a.numel() for a in alone),
-            "seconds": time.perf_counter() - t,
-        }
-    summary = ", ".join(f"{b}: {100 * f['identical_all_three']:.0f}% identical" for b, f in figures.items())
+        for mode, invariant in (("default", False), ("batch_invariant", True)):
+            key = f"{backend}/{mode}"
+            if budget.left() <= 0:
+                skipped[key] = "skipped: time budget"
+                continue
+            try:
+                figures[key] = _invariance_run(model, images, backend, invariant, all_tokens, device)
+            except torch.OutOfMemoryError:
+                skipped[key] = "skipped: out of memory"
+                torch.cuda.empty_cache()
+            except Exception as e:  # a backend that cannot run here (e.g. flex without a compiler)
+                skipped[key] = f"skipped: {type(e).__name__}: {str(e)[:200]}"
+    summary = ", ".join(f"{k}: {100 * f['identical_all_three']:.0f}% identical, packed encode "
+                        f"{f['packed_seconds']:.3f} s" for k, f in figures.items())
     return {"dtype": s["dtype"], "preset": s["preset"], "image_sizes": sizes, "figures": figures,
             "skipped": skipped, "summary": summary or "no backend ran"}
+
+
+def _invariance_run(model, images, backend: str, invariant: bool, all_tokens: int, device) -> dict:
+    """Codes alone vs packed vs reversed for one backend and mode, and the packed encode's time
+    (packs of a quarter of the set's tokens, so the batch-invariant mode's filler cost shows)."""
+    model.set_attention_backend(backend)
+
+    def encode(batch, batch_tokens):
+        return [c.indices for c in model.encode_pixels(batch, batch_tokens=batch_tokens, batch_invariant=invariant)]
+
+    t = time.perf_counter()
+    alone = [encode([x], all_tokens)[0] for x in images]
+    packed = encode(images, all_tokens)
+    rev = encode(images[::-1], all_tokens)[::-1]
+    seconds = time.perf_counter() - t
+    quarter = max(1, all_tokens // 4)
+    encode(images, quarter)  # warm-up of the timed shape
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    encode(images, quarter)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    packed_seconds = time.perf_counter() - t
+    n = len(images)
+    return {
+        "images": n, "tokens": all_tokens, "batch_invariant": invariant,
+        "identical_alone_vs_packed": sum(torch.equal(a, b) for a, b in zip(alone, packed)) / n,
+        "identical_alone_vs_reversed": sum(torch.equal(a, b) for a, b in zip(alone, rev)) / n,
+        "identical_all_three": sum(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(alone, packed, rev)) / n,
+        "differing_codes_alone_vs_packed": sum(int((a != b).sum()) for a, b in zip(alone, packed)),
+        "total_codes": sum(a.numel() for a in alone),
+        "seconds": seconds,
+        "packed_seconds": packed_seconds, "packed_batch_tokens": quarter,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- c

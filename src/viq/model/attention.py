@@ -13,6 +13,9 @@ Backends (``backend=`` argument, or :func:`default_backend`):
   Forward and backward on GPU (compiled); forward only on CPU.
 * ``"flash"``: ``flash_attn.flash_attn_varlen_func`` (the official kernel), when the package is
   installed, on CUDA with fp16/bf16 tensors.
+* ``"sdpa-per-image"``: one ``F.scaled_dot_product_attention`` call per segment, so the attention
+  kernels see only that image's own shape, never its companions' (no batching of equal lengths).
+  The batch-invariant encoding mode uses it (:meth:`viq.ViQModel.encode_stream`).
 * ``"auto"``: ``flash`` if usable, else ``sdpa``.
 """
 
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 __all__ = ["Segments", "attention", "available_backends", "default_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "sdpa", "flex", "flash")
+BACKENDS = ("auto", "sdpa", "sdpa-per-image", "flex", "flash")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def _flash_importable() -> bool:
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device`` in this environment (forward pass)."""
     device = torch.device(device)
-    out = ["sdpa"]
+    out = ["sdpa", "sdpa-per-image"]
     if hasattr(torch.nn.attention, "flex_attention") or importlib.util.find_spec("torch.nn.attention.flex_attention"):
         out.append("flex")
     if device.type == "cuda" and _flash_importable():
@@ -112,6 +115,8 @@ def attention(
         backend = default_backend(q.device, q.dtype)
     if backend == "sdpa":
         return _sdpa(q, k, v, segments)
+    if backend == "sdpa-per-image":
+        return _sdpa_per_segment(q, k, v, segments)
     if backend == "flex":
         return _flex(q, k, v, segments)
     if backend == "flash":
@@ -142,6 +147,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments)
         shape = (b, n, *q.shape[1:])
         o = _sdpa_batch(q[index].view(shape), k[index].view(shape), v[index].view(shape))
         out[index] = o.reshape(-1, *q.shape[1:])
+    return out
+
+
+def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+    out = torch.empty_like(q)
+    offsets = segments.offsets
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        out[start:end] = _sdpa_batch(q[None, start:end], k[None, start:end], v[None, start:end])[0]
     return out
 
 

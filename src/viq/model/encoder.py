@@ -16,7 +16,10 @@ from viq.model.attention import Segments
 from viq.model.config import EncoderConfig
 from viq.model.layers import MIN_ROWS, Block, Mlp
 
-__all__ = ["Packed", "ViTEncoder", "AttentionPool", "pad_to_patches", "resize_pos_embed"]
+__all__ = ["Packed", "ViTEncoder", "AttentionPool", "pad_to_patches", "resize_pos_embed", "FILLER_SEGMENT"]
+
+#: Longest attention segment a filler is cut into (see :attr:`Packed.segments`).
+FILLER_SEGMENT = 256
 
 @dataclass(frozen=True)
 class Packed:
@@ -32,7 +35,11 @@ class Packed:
 
     @property
     def segments(self) -> Segments:
-        return Segments(tuple(self.lengths) + ((self.filler,) if self.filler else ()))
+        # A long filler is cut into short segments: attention over one filler segment of thousands
+        # of tokens would cost more than the images it pads.
+        chunks = (FILLER_SEGMENT,) * (self.filler // FILLER_SEGMENT)
+        rest = self.filler % FILLER_SEGMENT
+        return Segments(tuple(self.lengths) + chunks + ((rest,) if rest else ()))
 
     @property
     def num_tokens(self) -> int:
@@ -109,11 +116,13 @@ class ViTEncoder(nn.Module):
             cached = self._pos_cache[key] = resize_pos_embed(table, grid)
         return cached
 
-    def embed(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packed]:
+    def embed(self, images: list[torch.Tensor], min_rows: int = MIN_ROWS) -> tuple[torch.Tensor, Packed]:
         """Patchify and add positions.
 
         Args:
             images: list of (3, H, W) normalised pixels; H and W multiples of the patch size.
+            min_rows: a pack with fewer tokens gets a filler segment up to this many (batch-invariant
+                encoding passes its token budget, so every pack has the same shape).
 
         Returns:
             tokens: (T, C) packed, T = sum of h*w (+ filler); layout: the :class:`Packed` pack.
@@ -132,14 +141,15 @@ class ViTEncoder(nn.Module):
         total = sum(t.shape[0] for t in tokens)
         # A pack shorter than MIN_ROWS gets a filler segment (its own attention segment, so it
         # touches no image), keeping every GEMM on the same kernel path (see viq.model.layers.MIN_ROWS).
-        filler = max(0, MIN_ROWS - total)
+        filler = max(0, max(min_rows, MIN_ROWS) - total)
         if filler:
             tokens.append(tokens[0].new_zeros(filler, tokens[0].shape[1]))
         return torch.cat(tokens), Packed(tuple(grids), filler)
 
-    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packed]:
-        """list of (3, H, W) -> packed (T, C) last-block tokens (no final norm), and the layout."""
-        x, packed = self.embed(images)
+    def forward(self, images: list[torch.Tensor], min_rows: int = MIN_ROWS) -> tuple[torch.Tensor, Packed]:
+        """list of (3, H, W) -> packed (T, C) last-block tokens (no final norm), and the layout
+        (``min_rows``: see :meth:`embed`)."""
+        x, packed = self.embed(images, min_rows)
         segments = packed.segments
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -38,6 +38,8 @@ from viq.model.decoders import (
 )
 from viq.model.encoder import ViTEncoder, pad_to_patches
 from viq.model.head import CodeHead
+from viq.model.attention import BACKENDS as ATTENTION_BACKENDS
+from viq.model.attention import default_backend
 from viq.model.layers import set_attention_backend
 from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
@@ -190,6 +192,7 @@ class ViQModel(nn.Module):
         preprocess: "PreprocessConfig | None" = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: bool = False,
+        batch_invariant: bool | None = None,
     ) -> list[Codes]:
         """Encode images at their native resolution.
 
@@ -200,6 +203,8 @@ class ViQModel(nn.Module):
                 resolution capped to [256, 1024*1024] pixels, zero-padded to multiples of 16.
             batch_tokens: packing budget, patch tokens per forward pass.
             progress: show a progress bar.
+            batch_invariant: codes independent of batch companions on any device (see
+                :meth:`encode_stream`; default: on for accelerators, off on CPU where it holds anyway).
 
         Returns:
             one :class:`Codes` per image, in order; ``codes.image_size`` is the (height, width) of the
@@ -210,11 +215,15 @@ class ViQModel(nn.Module):
         """
         if not isinstance(images, (list, tuple)):
             images = [images]
-        stream = self.encode_stream(images, preprocess=preprocess, batch_tokens=batch_tokens, progress=progress)
+        stream = self.encode_stream(images, preprocess=preprocess, batch_tokens=batch_tokens, progress=progress,
+                                    batch_invariant=batch_invariant)
         return _all_or_raise(stream)
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: Sequence[torch.Tensor], *, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Codes]:
+    def encode_pixels(
+        self, pixels: Sequence[torch.Tensor], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        batch_invariant: bool | None = None,
+    ) -> list[Codes]:
         """Encode already-normalised pixels without resizing (like the official ``forward_indices``).
 
         Args:
@@ -228,7 +237,7 @@ class ViQModel(nn.Module):
             raise TypeError("encode_pixels takes a list of (3, H, W) tensors, not one tensor")
         # Check every tensor before any forward pass: a malformed list is a caller's bug, not a bad image.
         checked = [_check_pixels(p, f"pixels[{i}]") for i, p in enumerate(pixels)]
-        return _all_or_raise(self.encode_stream(checked, batch_tokens=batch_tokens))
+        return _all_or_raise(self.encode_stream(checked, batch_tokens=batch_tokens, batch_invariant=batch_invariant))
 
     @torch.inference_mode()
     def encode_stream(
@@ -238,6 +247,7 @@ class ViQModel(nn.Module):
         preprocess: "PreprocessConfig | None" = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: bool = False,
+        batch_invariant: bool | None = None,
     ) -> Iterator[Codes | Exception]:
         """Encode a stream of images, packing them into forward passes of about ``batch_tokens`` patches.
 
@@ -254,6 +264,13 @@ class ViQModel(nn.Module):
             batch_tokens: packing budget. Items are collected until they hold at least this many
                 patch tokens, then encoded in packs of at most this many (:func:`pack_by_budget`).
             progress: show a progress bar (one step per item).
+            batch_invariant: make every image's codes independent of its batch companions on any
+                device. Every pack is filled to exactly ``batch_tokens`` rows (a filler segment), so
+                each matrix multiply has the same shape whoever shares the pack, and attention runs
+                one image per call (``sdpa-per-image``; ``flash`` varlen is kept, it is per image by
+                construction). ``None`` (default): on for accelerators, whose libraries choose
+                kernels by shape; off on CPU, where today's packing is already bitwise invariant
+                (tested), so the filler would only cost time.
 
         Yields:
             for each item, in input order, its :class:`Codes` or the exception that stopped it: the
@@ -264,6 +281,9 @@ class ViQModel(nn.Module):
         """
         self._require("encoder")
         cfg = preprocess or PreprocessConfig(patch_size=self.patch_size)
+        if batch_invariant is None:
+            batch_invariant = self.device.type != "cpu"
+        min_rows = batch_tokens if batch_invariant else 0
         slots: list[Any] = []  # per buffered item, in order: (index, name, pixels) or an exception
         tokens = 0
         bar = _progress(len(items) if isinstance(items, Sized) else None, progress, "encode")
@@ -282,32 +302,32 @@ class ViQModel(nn.Module):
                     slots.append((i, name, pixels))
                     tokens += _num_tokens(pixels, self.patch_size)
                 if tokens >= batch_tokens or tokens == 0:  # nothing waiting: errors go out at once
-                    yield from self._encode_slots(slots, batch_tokens)
+                    yield from self._encode_slots(slots, batch_tokens, min_rows)
                     bar.update(len(slots))
                     slots, tokens = [], 0
-            yield from self._encode_slots(slots, batch_tokens)
+            yield from self._encode_slots(slots, batch_tokens, min_rows)
             bar.update(len(slots))
         finally:
             bar.close()
 
-    def _encode_slots(self, slots: list[Any], batch_tokens: int) -> list[Codes | Exception]:
+    def _encode_slots(self, slots: list[Any], batch_tokens: int, min_rows: int = 0) -> list[Codes | Exception]:
         """Encode the buffered items of :meth:`encode_stream` (exceptions pass through), in order."""
         results = list(slots)
         waiting = [k for k, s in enumerate(slots) if not isinstance(s, BaseException)]
         lengths = [_num_tokens(slots[k][2], self.patch_size) for k in waiting]
         for pack in pack_by_budget(lengths, batch_tokens):
             ks = [waiting[j] for j in pack]
-            for k, result in zip(ks, self._encode_pack([slots[k] for k in ks])):
+            for k, result in zip(ks, self._encode_pack([slots[k] for k in ks], min_rows)):
                 results[k] = result
         return results
 
-    def _encode_pack(self, pack: list[tuple[int, str, torch.Tensor]]) -> list[Codes | Exception]:
+    def _encode_pack(self, pack: list[tuple[int, str, torch.Tensor]], min_rows: int = 0) -> list[Codes | Exception]:
         """One forward pass over ``pack`` ((index, name, pixels) items); on failure, one item at a time."""
         try:
-            indices = self.indices_packed([pixels for _, _, pixels in pack])
+            indices = self.indices_packed([pixels for _, _, pixels in pack], min_rows=min_rows)
         except (RuntimeError, ValueError) as e:  # includes CUDA out-of-memory
             if len(pack) > 1:
-                return [r for item in pack for r in self._encode_pack([item])]
+                return [r for item in pack for r in self._encode_pack([item], min_rows)]
             index, name, _ = pack[0]
             error = EncodeError(f"{name}: encoding failed: {e}", index=index, source=name)
             error.__cause__ = e
@@ -320,14 +340,17 @@ class ViQModel(nn.Module):
         ]
 
     @torch.inference_mode()
-    def indices_packed(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+    def indices_packed(self, pixels: list[torch.Tensor], *, min_rows: int = 0) -> list[torch.Tensor]:
         """One packed forward pass: list of (3, H, W) normalised pixels (any H, W) -> list of
-        (4*h*w,) int32 indices in official order (on the model's device)."""
+        (4*h*w,) int32 indices in official order (on the model's device).
+
+        ``min_rows`` > 0 is the batch-invariant mode of :meth:`encode_stream`: the pack is filled to at
+        least that many tokens and attention runs one image per call."""
         self._require("encoder")
         device, dtype = self.device, self.dtype
         padded = [pad_to_patches(x.to(device=device, dtype=dtype), self.patch_size) for x in pixels]
-        with _exact_float32(device, dtype):
-            tokens, packed = self.encoder(padded)
+        with _exact_float32(device, dtype), _per_image_attention(self, enabled=min_rows > 0):
+            tokens, packed = self.encoder(padded, min_rows=min_rows)
             _, indices = self.head(tokens, packed)
         return packed.split(indices, self.config.head.codes_per_patch)
 
@@ -559,6 +582,29 @@ def _exact_float32(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def _per_image_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, attention layers that would batch images together run one image per call
+    (``flash`` varlen already computes each sequence on its own and is kept)."""
+    if not enabled:
+        yield
+        return
+    saved = {}
+    for m in model.modules():
+        backend = getattr(m, "backend", None)
+        if isinstance(backend, str) and backend in ATTENTION_BACKENDS:
+            saved[m] = backend
+            weight = next(m.parameters(), None)
+            resolved = backend if backend != "auto" or weight is None else default_backend(weight.device, weight.dtype)
+            if resolved != "flash":
+                m.backend = "sdpa-per-image"
+    try:
+        yield
+    finally:
+        for m, backend in saved.items():
+            m.backend = backend
 
 
 def _progress(total: int, enabled: bool, desc: str):
