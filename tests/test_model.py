@@ -133,7 +133,7 @@ def test_decoders_reject_foreign_codes(test_model):
 
 def test_save_and_load_viq_format(test_model, tmp_path):
     test_model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = viq.load(tmp_path / "m")
     assert loaded.config == test_model.config
     assert loaded.fingerprint() == test_model.fingerprint()

@@ -2,7 +2,7 @@
 
 Public API::
 
-    model = viq.load(path, device="cpu", dtype=torch.float32)   # official or viq directory
+    model = viq.load(path, device="cpu", dtype=torch.float32)   # official or viq directory, or owner/name
     codes = model.encode(images)          # list[viq.Codes], native resolution
     feats = model.embed(codes)            # list of (h*w, C) features for an LLM
     latents = model.draw(codes)           # list of (16, 2h, 2w) Qwen-Image VAE latents
@@ -12,7 +12,6 @@ Public API::
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -32,23 +31,35 @@ def load(
     dtype: torch.dtype = torch.float32,
     *,
     components: Iterable[str] | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
     **official_kwargs,
 ) -> ViQModel:
-    """Load a ViQ model from a local directory.
+    """Load a ViQ model from a local directory or the Hugging Face Hub.
 
     Args:
         path: a viq directory (``config.json`` + ``model.safetensors``, written by
-            :meth:`ViQModel.save_pretrained` or ``viq convert``) or an official release directory
-            (``model_viq_fsq_<size>.pth`` [+ ``embedder.pth``, ``index_drawer.pth``]).
+            :meth:`ViQModel.save_pretrained` or ``viq convert``), an official release directory
+            (``model_viq_fsq_<size>.pth`` [+ ``embedder.pth``, ``index_drawer.pth``]), or a Hub id
+            ``owner/name[@revision][/subfolder]`` of a repository holding either (fetched into the
+            Hugging Face cache; ``HF_HUB_OFFLINE=1`` uses the cache only). A local path that exists
+            always wins. See :mod:`viq.model.hub`.
         device: where to put the weights.
-        dtype: float dtype of the weights and activations (FSQ arithmetic is always float32).
+        dtype: float dtype of the weights and activations (FSQ arithmetic is always float32). Weights
+            are converted one tensor at a time, so the peak memory is about the loaded model's.
         components: subset of ``viq.model.viq.COMPONENTS`` to load (default: all stored).
+        revision, subfolder: Hub branch/tag/commit and folder inside the repository.
         **official_kwargs: for official directories only: ``num_heads``, ``levels``, ``config``
             (see :func:`viq.model.official.load_official`).
+
+    Raises:
+        viq.model.hub.HubNotCachedError: a Hub id, offline, and not in the cache (the message says how
+            to download it).
     """
+    from viq.model.hub import resolve_model
     from viq.model.official import is_official_dir, load_official
 
-    path = Path(path)
+    path = resolve_model(path, revision=revision, subfolder=subfolder)
     if (path / "model.safetensors").is_file():
         if official_kwargs:
             raise TypeError(f"{sorted(official_kwargs)} only apply to official directories")

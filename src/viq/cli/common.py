@@ -171,7 +171,8 @@ def load_model(args: argparse.Namespace, components: tuple[str, ...]):
     device = torch_device(args.device)
     log.debug("loading %s (components %s) on %s as %s", path, ", ".join(components), device, args.dtype)
     try:
-        model = viq.load(path, device=device, dtype=torch_dtype(args.dtype), components=components, **official)
+        # the argument as typed: a local path, or a Hub id owner/name[@revision][/subfolder]
+        model = viq.load(args.model, device=device, dtype=torch_dtype(args.dtype), components=components, **official)
     except Exception as e:  # missing files, bad weights, missing optional dependency, bad device, ...
         log.debug("model loading failed", exc_info=True)
         raise CLIError(f"cannot load model {path}: {reason(e, path)}") from None

@@ -62,9 +62,20 @@ def _codes_info(path: Path) -> dict[str, Any]:
     }
 
 
+def _local_model(location: str) -> Path:
+    """A model argument as a local directory (Hub ids are fetched or found in the cache)."""
+    from viq.model.hub import HubError, resolve_model
+
+    try:
+        return resolve_model(location)
+    except HubError as e:
+        raise CLIError(str(e)) from None
+
+
 def _model_info(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from viq.model.inspect import describe_model
 
+    path = _local_model(args.path)
     official = official_kwargs(args)
     if official and (path / "model.safetensors").is_file():
         raise CLIError(f"{path}: --num-heads/--levels only apply to official model directories")
@@ -140,7 +151,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from viq.model.official import is_official_dir, load_official
 
-    src, out = Path(args.official_dir), Path(args.out_dir)
+    src, out = _local_model(args.official_dir), Path(args.out_dir)
     if not is_official_dir(src):
         raise CLIError(f"{src}: not an official ViQ directory (expected one model_viq_fsq_<size>.pth)")
     if out.exists():
@@ -174,6 +185,7 @@ examples:
   viq info cat.viq
   viq info cat.viq --json | jq .bpp_file
   viq info weights/converted_16k
+  viq info owner/name                      # a Hugging Face Hub repository (owner/name@revision/subfolder)
 """
 
 _EPILOG_CONVERT = """\
@@ -191,7 +203,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                        description="Describe a .viq file (levels, grid, bits per pixel, metadata) or a model "
                                    "directory (architecture, components, parameters, fingerprint).",
                        epilog=_EPILOG_INFO, formatter_class=HelpFormatter)
-    p.add_argument("path", metavar="PATH", help=".viq file or model directory")
+    p.add_argument("path", metavar="PATH", help=".viq file, model directory or Hub id owner/name")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--num-heads", type=positive_int, metavar="N", help="official directories with a non-official width only")
     p.add_argument("--levels", type=levels_arg, metavar="L,L,...", help="official directories only: FSQ levels")

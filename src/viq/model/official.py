@@ -164,7 +164,8 @@ def is_official_dir(directory: str | Path) -> bool:
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
-        # mmap: a 6.7 GB encoder file is paged in lazily instead of read into memory up front.
+        # mmap: a 6.7 GB encoder file is paged in lazily, one tensor at a time, instead of read into
+        # memory up front (load_official hands each tensor's pages back once it is converted).
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for corrupt pickles/zips
         raise ValueError(f"{path}: cannot read official weights ({type(e).__name__}: {e})") from None
@@ -311,9 +312,13 @@ def load_official(
 ):
     """Load an official release directory into a :class:`viq.model.viq.ViQModel`.
 
+    The files are memory-mapped and every tensor is converted to ``device`` / ``dtype`` on its own,
+    its file pages handed back as soon as it is copied (:class:`viq.model.weights.MappedFile`): a
+    float32 release loads into bfloat16 without a float32 copy of the model ever being resident.
+
     Args:
         directory: folder with ``model_viq_fsq_<size>.pth`` and optionally ``embedder.pth`` and
-            ``index_drawer.pth``.
+            ``index_drawer.pth``; or a Hub id ``owner/name`` (see :mod:`viq.model.hub`).
         device, dtype: where and in which float dtype to put the weights (they are stored in float32
             and bfloat16; FSQ arithmetic is float32 regardless).
         config: use this architecture instead of detecting it (it is still checked against shapes).
@@ -321,11 +326,14 @@ def load_official(
         levels: FSQ levels, needed only when neither the codebook nor the file name tells them.
         components: load only these (default: everything the files contain).
     """
+    from viq.model.hub import resolve_model
     from viq.model.viq import ViQModel
+    from viq.model.weights import MappedFile
 
-    directory = Path(directory)
+    directory = resolve_model(directory)
     files = find_official_files(directory)
     states = {name: _torch_load(path) for name, path in files.items()}
+    mappings = [m for name, path in files.items() if (m := MappedFile.find(path, states[name].values()))]
     tag = re.fullmatch(r"model_viq_fsq_(.+)\.pth", files["encoder"].name).group(1)
     if config is None:
         config = detect_config(states, size_tag=tag, num_heads=num_heads, levels=levels, source=str(directory))
@@ -344,5 +352,9 @@ def load_official(
     fingerprint = code_fingerprint(
         config, enc["fusion_block.vq_low.project_in.weight"], enc["fusion_block.vq_low.project_in.bias"]
     )
+    def release(t: torch.Tensor) -> None:
+        for mapping in mappings:
+            mapping.release(t)
+
     return ViQModel.from_state_dict(config, state, components=wanted, device=device, dtype=dtype,
-                                    source=str(directory), fingerprint=fingerprint)
+                                    source=str(directory), fingerprint=fingerprint, release=release)

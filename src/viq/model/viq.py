@@ -13,12 +13,11 @@ pixels).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +37,14 @@ from viq.model.decoders import (
 )
 from viq.model.encoder import ViTEncoder, pad_to_patches
 from viq.model.head import CodeHead
-from viq.model.attention import BACKENDS as ATTENTION_BACKENDS
-from viq.model.attention import default_backend
 from viq.model.layers import set_attention_backend
 from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
 from viq.model.vae import build_vae, decode_latents
+from viq.model.weights import convert_state, read_safetensors, safetensors_index, write_safetensors
+from viq.model import hub
+from viq.model.batching import (EncodeError, all_or_raise, check_pixels, exact_float32, num_tokens,
+                                pack_by_budget, per_image_attention, progress_bar)
 
 __all__ = ["ViQModel", "COMPONENTS", "EncodeError", "pack_by_budget", "code_fingerprint"]
 
@@ -52,67 +53,6 @@ COMPONENTS = ("encoder", "dequant", "recon", "embedder", "drawer", "vae")
 DEFAULT_BATCH_TOKENS = 8192
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def pack_by_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Group item indices, in order, into packs of at most ``budget`` tokens (an item longer than the
-    budget gets a pack of its own). Packing never changes an image's codes; it only sets how much
-    work one forward pass does."""
-    packs: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if current and used + n > budget:
-            packs.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        packs.append(current)
-    return packs
-
-
-class EncodeError(RuntimeError):
-    """The forward pass failed for one item of :meth:`ViQModel.encode_stream` (the message names it;
-    ``__cause__`` is the original error)."""
-
-    def __init__(self, message: str, *, index: int, source: str) -> None:
-        super().__init__(message)
-        self.index = index  # position in the stream
-        self.source = source  # the item's name: a path, PreparedImage.source or "item <index>"
-
-
-def _check_pixels(p: Any, what: str) -> torch.Tensor:
-    """A float (3, H, W) or (1, 3, H, W) tensor -> (3, H, W); anything else is a TypeError/ValueError."""
-    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-        raise TypeError(f"{what}: expected a float tensor, got {type(p).__name__}")
-    if p.ndim == 4 and p.shape[0] == 1:
-        p = p[0]
-    if p.ndim != 3 or p.shape[0] != 3 or p.shape[1] < 1 or p.shape[2] < 1:
-        raise ValueError(f"{what}: expected shape (3, H, W) or (1, 3, H, W), got {tuple(p.shape)}")
-    return p
-
-
-def _num_tokens(pixels: torch.Tensor, patch_size: int) -> int:
-    """Patch tokens of (3, H, W) pixels after zero-padding to multiples of ``patch_size``."""
-    h, w = padded_grid(pixels.shape[1], pixels.shape[2], patch_size)
-    return h * w
-
-
-def _all_or_raise(stream: Iterator[Codes | Exception]) -> list[Codes]:
-    """Drain an :meth:`ViQModel.encode_stream`; raise the first error as the list API always has
-    (the original exception, not its :class:`EncodeError` wrapper)."""
-    out: list[Codes] = []
-    try:
-        for result in stream:
-            if isinstance(result, EncodeError) and isinstance(result.__cause__, Exception):
-                raise result.__cause__
-            if isinstance(result, Exception):
-                raise result
-            out.append(result)
-    finally:
-        stream.close()  # type: ignore[attr-defined]
-    return out
 
 
 class ViQModel(nn.Module):
@@ -217,7 +157,7 @@ class ViQModel(nn.Module):
             images = [images]
         stream = self.encode_stream(images, preprocess=preprocess, batch_tokens=batch_tokens, progress=progress,
                                     batch_invariant=batch_invariant)
-        return _all_or_raise(stream)
+        return all_or_raise(stream)
 
     @torch.inference_mode()
     def encode_pixels(
@@ -236,8 +176,8 @@ class ViQModel(nn.Module):
         if isinstance(pixels, torch.Tensor):
             raise TypeError("encode_pixels takes a list of (3, H, W) tensors, not one tensor")
         # Check every tensor before any forward pass: a malformed list is a caller's bug, not a bad image.
-        checked = [_check_pixels(p, f"pixels[{i}]") for i, p in enumerate(pixels)]
-        return _all_or_raise(self.encode_stream(checked, batch_tokens=batch_tokens, batch_invariant=batch_invariant))
+        checked = [check_pixels(p, f"pixels[{i}]") for i, p in enumerate(pixels)]
+        return all_or_raise(self.encode_stream(checked, batch_tokens=batch_tokens, batch_invariant=batch_invariant))
 
     @torch.inference_mode()
     def encode_stream(
@@ -286,11 +226,11 @@ class ViQModel(nn.Module):
         min_rows = batch_tokens if batch_invariant else 0
         slots: list[Any] = []  # per buffered item, in order: (index, name, pixels) or an exception
         tokens = 0
-        bar = _progress(len(items) if isinstance(items, Sized) else None, progress, "encode")
+        bar = progress_bar(len(items) if isinstance(items, Sized) else None, progress, "encode")
         try:
             for i, item in enumerate(items):
                 try:
-                    pixels = _check_pixels(item, f"item {i}") if isinstance(item, torch.Tensor) else None
+                    pixels = check_pixels(item, f"item {i}") if isinstance(item, torch.Tensor) else None
                     if pixels is None:
                         prepared = item if isinstance(item, PreparedImage) else prepare(item, cfg)
                         pixels, name = prepared.pixels, prepared.source
@@ -300,7 +240,7 @@ class ViQModel(nn.Module):
                     slots.append(e)
                 else:
                     slots.append((i, name, pixels))
-                    tokens += _num_tokens(pixels, self.patch_size)
+                    tokens += num_tokens(pixels, self.patch_size)
                 if tokens >= batch_tokens or tokens == 0:  # nothing waiting: errors go out at once
                     yield from self._encode_slots(slots, batch_tokens, min_rows)
                     bar.update(len(slots))
@@ -314,7 +254,7 @@ class ViQModel(nn.Module):
         """Encode the buffered items of :meth:`encode_stream` (exceptions pass through), in order."""
         results = list(slots)
         waiting = [k for k, s in enumerate(slots) if not isinstance(s, BaseException)]
-        lengths = [_num_tokens(slots[k][2], self.patch_size) for k in waiting]
+        lengths = [num_tokens(slots[k][2], self.patch_size) for k in waiting]
         for pack in pack_by_budget(lengths, batch_tokens):
             ks = [waiting[j] for j in pack]
             for k, result in zip(ks, self._encode_pack([slots[k] for k in ks], min_rows)):
@@ -349,7 +289,7 @@ class ViQModel(nn.Module):
         self._require("encoder")
         device, dtype = self.device, self.dtype
         padded = [pad_to_patches(x.to(device=device, dtype=dtype), self.patch_size) for x in pixels]
-        with _exact_float32(device, dtype), _per_image_attention(self, enabled=min_rows > 0):
+        with exact_float32(device, dtype), per_image_attention(self, enabled=min_rows > 0):
             tokens, packed = self.encoder(padded, min_rows=min_rows)
             _, indices = self.head(tokens, packed)
         return packed.split(indices, self.config.head.codes_per_patch)
@@ -416,30 +356,22 @@ class ViQModel(nn.Module):
         return images
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (all loaded components) to ``directory``.
-
-        Both files are written to temporary names and renamed into place, so an interrupted save never
-        leaves a half-written checkpoint under the final names.
-        """
-        from safetensors.torch import save_file
-
+    def save_pretrained(self, directory: str | os.PathLike, *, repo_id: str | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` (all loaded components) and a model card
+        ``README.md`` (``library_name: viq``; ``repo_id`` goes into its examples; one not written by viq
+        is kept) to ``directory``, each under a temporary name renamed into place."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state, seen = {}, set()
-        for k, v in self.state_dict().items():
-            v = v.detach().contiguous().cpu()
-            # safetensors refuses tensors that share storage (e.g. an embedder built from the same
-            # weights as the encoder's dequantize path): store such duplicates as copies.
-            if v.untyped_storage().data_ptr() in seen:
-                v = v.clone()
-            seen.add(v.untyped_storage().data_ptr())
-            state[k] = v
         meta = {"format": "viq", "components": ",".join(self.components)}
         if self.head is not None or self._fingerprint is not None:
             meta["fingerprint"] = self.fingerprint()
-        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
+        write_safetensors(directory / WEIGHTS_NAME, self.state_dict(), meta)
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json() + "\n"))
+        hub.write_model_card(self, directory, repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload weights, config and card to the Hub repo ``repo_id``: :func:`viq.model.hub.push_to_hub`."""
+        return hub.push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -449,35 +381,28 @@ class ViQModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         components: Iterable[str] | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
     ) -> "ViQModel":
-        """Load a viq-format directory (``config.json`` + ``model.safetensors``)."""
-        from safetensors import safe_open
-
-        directory = Path(directory)
+        """Load a viq-format directory (``config.json`` + ``model.safetensors``) or Hub repository
+        (``owner/name``, :mod:`viq.model.hub`), tensor by tensor (:func:`viq.model.weights.read_safetensors`)."""
+        directory = hub.resolve_model(directory, revision=revision, subfolder=subfolder)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing (a viq model directory has {CONFIG_NAME} and {WEIGHTS_NAME})")
         config = ViQConfig.load(config_path)
-        try:
-            with safe_open(str(weights_path), framework="pt") as f:
-                keys = list(f.keys())
-                stored = tuple(c for c in COMPONENTS if any(k.startswith(_prefixes(c)) for k in keys))
-                wanted = stored if components is None else tuple(components)
-                missing_components = set(wanted) - set(stored)
-                if missing_components:
-                    raise ValueError(f"{weights_path}: has no weights for {sorted(missing_components)} (has {stored})")
-                prefixes = tuple(p for c in wanted for p in _prefixes(c))
-                state = {k: f.get_tensor(k) for k in keys if k.startswith(prefixes)}
-                fingerprint = (f.metadata() or {}).get("fingerprint")
-                if "head.project_in.weight" in keys:
-                    fingerprint = code_fingerprint(
-                        config, f.get_tensor("head.project_in.weight"), f.get_tensor("head.project_in.bias")
-                    )
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
-            raise ValueError(f"{weights_path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+        keys, meta = safetensors_index(weights_path)
+        stored = tuple(c for c in COMPONENTS if any(k.startswith(_prefixes(c)) for k in keys))
+        wanted = stored if components is None else tuple(components)
+        if set(wanted) - set(stored):
+            raise ValueError(f"{weights_path}: has no weights for {sorted(set(wanted) - set(stored))} (has {stored})")
+        fingerprint = meta.get("fingerprint")
+        if "head.project_in.weight" in keys:
+            proj = read_safetensors(weights_path, ["head.project_in.weight", "head.project_in.bias"])
+            fingerprint = code_fingerprint(config, proj["head.project_in.weight"], proj["head.project_in.bias"])
+        prefixes = tuple(p for c in wanted for p in _prefixes(c))
+        state = read_safetensors(weights_path, [k for k in keys if k.startswith(prefixes)], device=device, dtype=dtype)
         return cls.from_state_dict(config, state, components=wanted, device=device, dtype=dtype,
                                    source=str(weights_path), fingerprint=fingerprint)
 
@@ -492,19 +417,19 @@ class ViQModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         source: str = "<state dict>",
         fingerprint: str | None = None,
+        release: Callable[[torch.Tensor], None] | None = None,
     ) -> "ViQModel":
         """Build a model whose weights are exactly ``state`` (viq key names), checking every key.
 
-        ``fingerprint``: the code-space id, for models loaded without their encoder.
+        ``fingerprint``: the code-space id, for models loaded without their encoder. ``release``: see
+        :func:`viq.model.weights.convert_state` (official loading hands back memory-mapped file pages).
 
-        Modules are created on the meta device and the tensors assigned, so no memory or time is spent
-        on a random initialisation that would be overwritten.
+        Modules are created on the meta device and the tensors converted one at a time to ``device`` /
+        ``dtype`` and assigned: no random initialisation, and no second full copy of the weights.
         """
         components = tuple(components)
         with torch.device("meta"):
-            model = cls(config, [c for c in components if c != "vae"])
-        if "vae" in components:
-            model.vae = build_vae(config.vae)
+            model = cls(config, components)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -517,10 +442,10 @@ class ViQModel(nn.Module):
         for k, v in expected.items():
             if tuple(v.shape) != tuple(state[k].shape):
                 raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(convert_state(state, device, dtype, release), strict=True, assign=True)
         model._rebuild_constants()
         model._fingerprint = fingerprint
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=dtype)  # the rebuilt constants; the weights are there already
         model.eval()
         return model
 
@@ -567,47 +492,3 @@ def _prefixes(component: str) -> tuple[str, ...]:
 
 def _preview(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
-
-
-@contextlib.contextmanager
-def _exact_float32(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Disable TF32 for float32 work on CUDA: TF32 matmuls/convs move values by ~1e-3, enough to flip
-    codes whose rounding margin is small. No effect elsewhere."""
-    if device.type != "cuda" or dtype != torch.float32:
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@contextlib.contextmanager
-def _per_image_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within the block, attention layers that would batch images together run one image per call
-    (``flash`` varlen already computes each sequence on its own and is kept)."""
-    if not enabled:
-        yield
-        return
-    saved = {}
-    for m in model.modules():
-        backend = getattr(m, "backend", None)
-        if isinstance(backend, str) and backend in ATTENTION_BACKENDS:
-            saved[m] = backend
-            weight = next(m.parameters(), None)
-            resolved = backend if backend != "auto" or weight is None else default_backend(weight.device, weight.dtype)
-            if resolved != "flash":
-                m.backend = "sdpa-per-image"
-    try:
-        yield
-    finally:
-        for m, backend in saved.items():
-            m.backend = backend
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled)

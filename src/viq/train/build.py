@@ -3,7 +3,8 @@
 Initial ViQ weights (``model.init``):
 
 * ``preset:<name>``: random init of a viq preset.
-* ``viq:<dir>``: a viq model directory, or a previous stage's ``final/`` output. Weights are matched
+* ``viq:<dir>``: a viq model directory, or a previous stage's ``final/`` output, or a Hugging Face Hub
+  id ``owner/name[@revision][/subfolder]`` (:mod:`viq.model.hub`; so are ``hf-siglip:`` and ``llm.path``). Weights are matched
   by name; what the new stage adds (e.g. the FSQ attention blocks in 2-2) starts fresh, and what no
   longer fits (e.g. the 2-1 bottleneck projections, D wide, vs the FSQ's d) is dropped. Both lists
   are logged: the 2-1 -> 2-2 hand-over needs no key surgery.
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from viq.model.config import ViQConfig, get_preset
+from viq.model.hub import resolve, resolve_model
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 from viq.train.stages import Handover, get_stage
@@ -145,7 +147,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     if kind == "preset":
         base = get_preset(value)
     elif kind == "viq":
-        init_dir = Path(value)
+        init_dir = resolve_model(value)  # a local directory, or a Hub id owner/name[@rev][/sub]
         base, state = _read_viq_dir(init_dir)
     else:
         from viq.train.init import load_siglip
@@ -161,7 +163,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         from viq.mllm.chat import ChatTokenizer
         from viq.mllm.projector import MMProjector
 
-        llm, hf_tokenizer = load_causal_lm(cfg.llm.path)
+        llm, hf_tokenizer = load_causal_lm(resolve(cfg.llm.path, what="LLM"))  # local dir or Hub id
         tokenizer = ChatTokenizer(hf_tokenizer, system_prompt=cfg.llm.system_prompt)
         projector = MMProjector(config.width, llm.config.hidden_size)
 
@@ -251,7 +253,7 @@ def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None) ->
     if kind == "preset":
         raise ValueError(f"loss.teacher {spec!r}: a teacher needs trained weights (viq:, hf-siglip:, timm-siglip:)")
     if kind == "viq":
-        config, state = _read_viq_dir(Path(value))
+        config, state = _read_viq_dir(resolve_model(value))
     else:
         from viq.train.init import load_siglip
 

@@ -3,7 +3,8 @@
 Two layouts are read, both into viq's timm-style names (``encoder.*``; the final LayerNorm and the
 MAP head go to ``encoder.pool.*``):
 
-**Hugging Face** (``hf-siglip:<dir>``): a ``SiglipVisionModel`` / ``SiglipModel`` (keys optionally
+**Hugging Face** (``hf-siglip:<dir>`` or ``hf-siglip:<owner/name>``, a Hub id fetched into or found
+in the Hugging Face cache, see :mod:`viq.model.hub`): a ``SiglipVisionModel`` / ``SiglipModel`` (keys optionally
 under ``vision_model.``) or ``Siglip2VisionModel`` directory (``config.json`` + safetensors/bin).
 
 ==========================================================  ======================================
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from viq.model.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
+from viq.model.hub import resolve
 
 __all__ = ["load_siglip", "hf_siglip_state", "timm_siglip_state", "resize_pos_table"]
 
@@ -181,14 +183,16 @@ def load_siglip(kind: str, location: str, overrides: dict[str, Any]) -> tuple[Vi
     The config's encoder comes from the checkpoint (recipe overrides in ``model.config.encoder``
     win, e.g. ``num_heads`` or ``pos_grid``); head and decoders take their defaults at that width.
     """
-    path = Path(location)
-    state, fields = hf_siglip_state(path) if kind == "hf-siglip" else timm_siglip_state(path)
+    if kind == "hf-siglip":  # a local directory, or a Hub id owner/name[@revision][/subfolder]
+        state, fields = hf_siglip_state(resolve(location, what="SigLIP checkpoint"))
+    else:
+        state, fields = timm_siglip_state(Path(location))
     fields["pos_grid"] = math.isqrt(state["encoder.pos_embed"].shape[1])
     fields.update(overrides.get("encoder", {}))
     encoder = EncoderConfig(**fields)
     state["encoder.pos_embed"] = resize_pos_table(state["encoder.pos_embed"], encoder.pos_grid)
     config = ViQConfig(
-        name=f"viq-from-{path.name}",
+        name=f"viq-from-{Path(location).name}",
         encoder=encoder,
         head=HeadConfig(),
         decoder=DecoderConfig(latent_heads=encoder.num_heads),
