@@ -397,3 +397,209 @@ def test_recon_stats_add_images_scores_with_psnr_ssim():
     got = stats.add_images("noise", ref, rec)
     assert got == psnr_ssim(ref, rec)
     assert stats.values("noise") == {"psnr": [got[0]], "ssim": [got[1]]}
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole evaluation: evaluate_reconstruction, JPEG / WebP at equal bpp, rFID, plot and grid
+# ----------------------------------------------------------------------------------------------
+
+
+def photo(name: str, width: int) -> Image.Image:
+    """A scikit-image sample photograph, resized (Lanczos) to ``width`` px wide: natural statistics,
+    so that the JPEG / WebP bitrates behave like on real images."""
+    data = pytest.importorskip("skimage.data")
+    image = Image.fromarray(getattr(data, name)()).convert("RGB")
+    return image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
+
+
+@pytest.fixture(scope="module")
+def recon_run(test_model):
+    """One evaluation of two photographs whose sizes are not multiples of 16 (so padding exists)."""
+    from viq.eval.recon import evaluate_reconstruction
+
+    images = [photo("rocket", 256), photo("chelsea", 320)]  # 256x171, 320x213
+    result = evaluate_reconstruction(test_model, images, curve_qualities=(5, 50), examples=2, fid_features="viq")
+    return images, result
+
+
+def test_evaluate_reconstruction_scores_equal_torchmetrics_on_the_encoded_crop(test_model, recon_run):
+    from viq.formats.image import preprocess
+
+    images, result = recon_run
+    assert result["n"] == 2 and result["failed"] == []
+    for image, record in zip(images, result["images"]):
+        ref = preprocess(image).pixels
+        h, w = ref.shape[-2:]
+        assert record["size"] == [h, w] and (h % 16, w % 16) != (0, 0)
+        codes = test_model.encode_pixels([ref])[0]
+        canvas = test_model.decode_latents(test_model.draw([codes]))[0].float()
+        assert canvas.shape[-2:] == (-(-h // 16) * 16, -(-w // 16) * 16)  # the padded canvas
+        crop = ((canvas[:, :h, :w] * 0.5 + 0.5).clamp(0, 1) * 255).round() / 255  # the 8-bit image the user gets
+        want_psnr = float(peak_signal_noise_ratio(crop[None], unit(ref), data_range=1.0))
+        want_ssim = float(structural_similarity_index_measure(crop[None], unit(ref), data_range=1.0))
+        assert abs(record["psnr"] - want_psnr) <= 1e-4
+        assert abs(record["ssim"] - want_ssim) <= 1e-4
+        # bits per pixel: the serialised .viq file over the encoded pixels (not the padded canvas)
+        assert record["bytes"] == len(codes.to_bytes())
+        assert record["bpp"] == pytest.approx(8 * len(codes.to_bytes()) / (h * w), rel=1e-12)
+        assert record["payload_bpp"] == pytest.approx(codes.num_codes * codes.bits_per_code / (h * w), rel=1e-12)
+    assert result["psnr"] == pytest.approx(np.mean([r["psnr"] for r in result["images"]]), abs=1e-9)
+    assert result["bpp"] == pytest.approx(np.mean([r["bpp"] for r in result["images"]]), abs=1e-12)
+
+
+def test_jpeg_and_webp_are_matched_to_the_codes_bpp_and_scored_on_the_same_crop(recon_run):
+    import io
+
+    from viq.formats.image import preprocess
+
+    images, result = recon_run
+    for image, record in zip(images, result["images"]):
+        ref = preprocess(image).pixels
+        h, w = ref.shape[-2:]
+        for codec, fmt, options in (("jpeg", "JPEG", {"optimize": True}), ("webp", "WEBP", {"method": 6})):
+            r = record[codec]
+            assert r["status"] == "matched", r
+            assert abs(r["bpp"] / record["bpp"] - 1) <= 0.10
+            # Re-encode independently at the reported quality: the same file size and scores.
+            buf = io.BytesIO()
+            to_pil(ref).save(buf, format=fmt, quality=r["quality"], **options)
+            assert r["bytes"] == len(buf.getvalue())
+            assert r["bpp"] == pytest.approx(8 * len(buf.getvalue()) / (h * w), rel=1e-12)
+            decoded = to_pixels(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+            assert abs(r["psnr"] - float(peak_signal_noise_ratio(unit(decoded), unit(ref), data_range=1.0))) <= 1e-4
+            assert abs(r["ssim"] - float(structural_similarity_index_measure(unit(decoded), unit(ref),
+                                                                             data_range=1.0))) <= 1e-4
+    for codec in ("jpeg", "webp"):
+        assert result[codec]["n"] == 2 and result[codec]["matched"] == 2
+        assert result[codec]["bpp"] == pytest.approx(np.mean([r[codec]["bpp"] for r in result["images"]]))
+        curve = result["curves"][codec]
+        assert [p["quality"] for p in curve] == [5, 50]
+        assert curve[1]["bpp"] > curve[0]["bpp"] and curve[1]["psnr"] > curve[0]["psnr"]
+
+
+def test_code_usage_is_the_histogram_of_all_codes(test_model, recon_run):
+    from viq.formats.bits import usage_stats
+    from viq.formats.image import preprocess
+
+    images, result = recon_run
+    codes = [test_model.encode_pixels([preprocess(im).pixels])[0] for im in images]
+    hist = np.bincount(np.concatenate([c.flat().numpy() for c in codes]), minlength=4096)
+    want = usage_stats(hist)
+    assert result["usage"]["entropy_bits"] == pytest.approx(want["entropy_bits"])
+    assert result["usage"]["usage"] == pytest.approx(want["usage"])
+    assert result["usage"]["codes"] == sum(c.num_codes for c in codes)
+    assert result["usage"]["log2_codebook"] == 12.0
+
+
+def test_match_bpp_reports_an_overshoot_instead_of_faking_the_rate():
+    from viq.eval.rate_distortion import bpp_of, compress, match_bpp
+
+    image = to_pil(pixels(48, 64, seed=3))  # a tiny image: the JPEG header alone costs > 0.5 bpp
+    for codec in ("jpeg", "webp"):
+        r = match_bpp(image, codec, 0.05)
+        assert r["status"] == "overshoot" and r["quality"] == 1
+        assert r["bpp"] == bpp_of(len(compress(image, codec, 1)[0]), (48, 64)) > 0.05 * 1.1
+        assert r["rel_error"] == pytest.approx(r["bpp"] / 0.05 - 1)
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "webp"])
+def test_match_bpp_finds_the_quality_of_a_given_file_size(codec):
+    from viq.eval.rate_distortion import compress, match_bpp
+
+    image = photo("coffee", 256)
+    for quality in (12, 60):
+        target = 8 * len(compress(image, codec, quality)[0]) / (image.width * image.height)
+        r = match_bpp(image, codec, target)
+        assert r["status"] == "matched" and r["bpp"] <= target and abs(r["bpp"] / target - 1) <= 0.10
+        # the largest quality within the budget: one more step would exceed the target
+        if r["quality"] < 100:
+            assert 8 * len(compress(image, codec, r["quality"] + 1)[0]) / (image.width * image.height) > target
+
+
+def test_rfid_with_viq_features(test_model, recon_run):
+    from viq.eval.fid import ViQFeatures, load_feature_extractor, rfid
+
+    _, result = recon_run
+    assert result["rfid"] is not None and result["rfid"] >= 0 and result["fid_features"] == "viq"
+    extractor = load_feature_extractor("viq", test_model)
+    assert isinstance(extractor, ViQFeatures)
+    refs = [pixels(40 + 8 * i, 56 - 4 * i, seed=i) for i in range(4)]
+    same = rfid(refs, refs, extractor)
+    other = rfid(refs, [noisy(r, 0.5, seed=9) for r in refs], extractor)
+    assert 0 <= same < 1e-3 * other
+    assert other > 0
+    assert rfid(refs[:1], refs[:1], extractor) is None  # undefined with one image per side
+    feats = extractor(torch.stack([unit(r)[0] for r in refs[:1]]))
+    assert feats.shape == (1, test_model.config.encoder.width) and feats.dtype == torch.float32
+
+
+def test_rfid_with_a_local_transformers_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from viq.eval.fid import load_feature_extractor, rfid
+
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    transformers.ViTModel(cfg).save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    extractor = load_feature_extractor(f"hf:{tmp_path / 'vit'}")
+    refs = [pixels(40, 56, seed=i) for i in range(3)]
+    assert extractor(torch.stack([unit(r)[0] for r in refs])).shape == (3, 16)
+    assert 0 <= rfid(refs, refs, extractor) < 1e-6
+    assert rfid(refs, [noisy(r, 0.5, seed=4) for r in refs], extractor) > 0
+
+
+def test_feature_specs_never_download():
+    from viq.eval.fid import load_feature_extractor
+
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_feature_extractor("hf:no-such-org/no-such-model-viq-test")
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        load_feature_extractor("inception")
+    with pytest.raises(ValueError, match="needs the ViQ model"):
+        load_feature_extractor("viq")
+
+
+def test_plot_and_grid_are_written(tmp_path, recon_run):
+    from viq.eval.rate_distortion import comparison_grid, plot_rate_distortion
+
+    _, result = recon_run
+    out = plot_rate_distortion(result, tmp_path / "rd.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (640, 460)
+    grid = comparison_grid(result["examples"], height=64)
+    assert len(result["examples"]) == 2
+    # two rows of three panels (each 64 px high, 14 px caption, 4 px gap), widths by aspect ratio
+    assert grid.size[1] == 2 * (64 + 14 + 4)
+    assert grid.size[0] == 3 * round(320 * 64 / 213) + 2 * 4
+
+
+def test_failing_images_are_reported_and_the_others_still_scored(test_model, tmp_path):
+    from viq.eval.recon import evaluate_reconstruction
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    good = to_pil(pixels(32, 48, seed=5))
+    seen = []
+    result = evaluate_reconstruction(test_model, [str(bad), good], curve_qualities=(), codecs=("jpeg",),
+                                     on_error=lambda source, e: seen.append((source, str(e))))
+    assert result["n"] == 1 and result["curves"] == {} and "webp" not in result
+    assert [f["source"] for f in result["failed"]] == [str(bad)] and seen[0][0] == str(bad)
+    assert str(bad) in seen[0][1]
+    with pytest.raises(Exception, match="broken.png"):
+        evaluate_reconstruction(test_model, [str(bad)], curve_qualities=())
+
+
+def test_encoded_area_scores_crop_the_padded_canvas_before_scoring():
+    # What training validation and eval-recon both call: the canvas (multiple of 16) is cut back to
+    # the reference's own size; the padding, however wrong, never counts.
+    ref = pixels(21, 37, seed=11)
+    canvas = torch.full((3, 32, 48), -1.0)
+    canvas[:, :21, :37] = noisy(ref, 0.1, seed=12)
+    from viq.eval.recon import encoded_area_scores
+
+    got = encoded_area_scores(ref, canvas)
+    assert got == psnr_ssim(ref, canvas[:, :21, :37])
+    assert abs(got[0] - float(peak_signal_noise_ratio(unit(canvas[:, :21, :37]), unit(ref), data_range=1.0))) <= 1e-5
+    with pytest.raises(ValueError, match="cannot crop"):
+        encoded_area_scores(ref, canvas[:, :16, :])

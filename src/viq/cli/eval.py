@@ -1,11 +1,17 @@
 """``viq eval-qa``: held-out QA accuracy of a trained run's final model, per task and overall, with
 95 % confidence intervals (and, with ``--baselines``, the same questions with blank and shuffled
-images)."""
+images).
+
+``viq eval-recon``: reconstruction quality of a model on images (PSNR / SSIM on the encoded area,
+bits per pixel of the ``.viq`` file, code usage, optional rFID) beside JPEG and WebP at the same
+bitrate; a table, and optionally JSON, a rate-distortion plot and a comparison grid
+(:func:`viq.eval.recon.evaluate_reconstruction` does the work)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,8 +21,11 @@ from viq.cli.common import (
     EXIT_USAGE,
     CLIError,
     HelpFormatter,
+    add_model_options,
+    load_model,
     log,
     positive_int,
+    progress_bar,
     reason,
     torch_device,
 )
@@ -133,6 +142,139 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ============================================================================================ eval-recon
+
+
+def _list_images(inputs: list[str], run) -> list[Path]:
+    """Image files named directly, and every image file under named folders (recursive, sorted,
+    hidden files and folders left out: the listing of image-folder training data); each file once."""
+    from viq.data.folder import _find_images
+
+    seen: set[str] = set()
+    files: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found = [Path(f) for f in _find_images(str(path), "skip")]
+            if not found:
+                log.warning("%s: no image files found", path)
+        elif path.is_file():
+            found = [path]
+        else:
+            run.fail(path, "not a regular file or folder" if path.exists() else "no such file or folder")
+            continue
+        for f in found:
+            key = os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files
+
+
+def _recon_table(result: dict) -> str:
+    """One row per method: bpp, PSNR, SSIM and what qualifies the numbers."""
+    from viq.eval.rate_distortion import BPP_TOLERANCE, CODEC_LABELS
+
+    def num(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    usage = result["usage"]
+    rows = [("ViQ codes", result, f"entropy {usage['entropy_bits']:.2f} of {usage['log2_codebook']:.0f} bits/code, "
+                                  f"{usage['usage']:.2%} of the codebook used")]
+    for codec in ("jpeg", "webp"):
+        if codec in result:
+            r = result[codec]
+            others = ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()) if k != "matched")
+            note = f"mean quality {num(r['quality'], '.1f')}, {r['matched']}/{r['n']} within {BPP_TOLERANCE:.0%} of the codes' bpp"
+            rows.append((CODEC_LABELS[codec], r, note + (f" ({others})" if others else "")))
+    lines = [f"{'method':<10} {'bpp':>7} {'PSNR dB':>8} {'SSIM':>6}  notes"]
+    for name, r, note in rows:
+        lines.append(f"{name:<10} {num(r['bpp'], '.4f'):>7} {num(r['psnr'], '.2f'):>8} {num(r['ssim'], '.3f'):>6}  {note}")
+    if result["fid_features"] is not None:
+        lines.append(f"rFID ({result['fid_features']} features): {num(result['rfid'], '.3f')}"
+                     + (" (needs at least 2 images)" if result["rfid"] is None else ""))
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    """``inf`` / ``nan`` -> None, recursively (JSON has no such numbers; a lossless PSNR is inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write(path: Path, content, what: str) -> None:
+    from viq._io import atomic_write
+
+    try:
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, content)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{path}: cannot write the {what}: {e}", EXIT_FAILED) from None
+
+
+def cmd_eval_recon(args: argparse.Namespace) -> int:
+    from viq.cli.codes import _Run
+    from viq.eval.rate_distortion import comparison_grid, plot_rate_distortion
+    from viq.eval.recon import evaluate_reconstruction
+    from viq.formats.image import PreprocessConfig
+
+    run = _Run()
+    files = _list_images(args.images, run)
+    model = load_model(args, ("encoder", "drawer", "vae"))
+    try:
+        cfg = PreprocessConfig(patch_size=model.patch_size, **({} if args.max_pixels is None else {
+            "max_pixels": args.max_pixels, "min_pixels": min(args.max_pixels, PreprocessConfig.min_pixels)}))
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"invalid preprocessing options: {e}") from None
+    extractor = None
+    if args.fid_features is not None:
+        from viq.eval.fid import load_feature_extractor
+
+        try:
+            extractor = load_feature_extractor(args.fid_features, model, device=model.device)
+        except (ImportError, FileNotFoundError, OSError, ValueError) as e:
+            log.debug("feature extractor loading failed", exc_info=True)
+            raise CLIError(f"--fid-features {args.fid_features}: {e}") from None
+    log.info("%d image(s) to evaluate with %s", len(files), args.model)
+    bar = progress_bar(len(files), "eval-recon", args.quiet)
+
+    def failed(source: str, error: Exception) -> None:
+        run.fail(source, reason(error, source))
+
+    try:
+        result = evaluate_reconstruction(model, [str(f) for f in files], preprocess=cfg, fid_features=extractor,
+                                         curve_qualities=args.qualities, examples=args.grid_images if args.grid else 0,
+                                         on_error=failed, progress=bar.update)
+    finally:
+        bar.close()
+    if extractor is not None:
+        result["fid_features"] = args.fid_features
+    examples = result.pop("examples", [])
+    if result["n"]:
+        print(_recon_table(result))
+    if args.json is not None:
+        out = _json_safe({"model": str(args.model), **result})
+        _write(Path(args.json), (json.dumps(out, indent=1, allow_nan=False) + "\n").encode(), "JSON results")
+    if args.plot is not None and result["n"]:
+        _write(Path(args.plot), lambda tmp: plot_rate_distortion(result, tmp), "plot")
+    if args.grid is not None and examples:
+        grid = comparison_grid(examples)
+        _write(Path(args.grid), lambda tmp: grid.save(tmp, format="PNG"), "grid")
+    if not result["n"] and not run.failures:
+        raise CLIError("no images to evaluate", EXIT_FAILED)
+    log.info("evaluated %d, failed %d", result["n"], len(run.failures))
+    if run.failures:
+        log.error("%d file(s) failed:%s", len(run.failures), "".join(f"\n  {src}: {why}" for src, why in run.failures))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 _EPILOG = """examples:
   viq eval-qa viq-demo/runs/stage1 viq-demo/data/test.jsonl
   viq eval-qa runs/stage2_2/final test.jsonl --baselines --json qa.json
@@ -143,8 +285,29 @@ used as they are. Text-only records are left out.
 """
 
 
+def _qualities(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated qualities such as 5,20,50, got {text!r}") from None
+    if not values or any(not 1 <= v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"every quality must be in [1, 100], got {text!r}")
+    return values
+
+
+_EPILOG_RECON = """examples:
+  viq eval-recon weights/viq-16k photos/ --json recon.json --plot rd.png --grid grid.png
+  viq eval-recon weights/viq-16k a.jpg b.png --max-pixels 262144 --fid-features viq
+  viq eval-recon weights/viq-16k val/ --fid-features hf:google/siglip2-base-patch16-224 --device cuda
+
+bpp is the whole .viq file (header + payload + CRC, no metadata) over the pixels as encoded;
+JPEG / WebP files are measured the same way. Unreadable images are reported and left out; the exit
+status is then 1.
+"""
+
+
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Register ``eval-qa``."""
+    """Register ``eval-qa`` and ``eval-recon``."""
     p = sub.add_parser("eval-qa", parents=[common], help="QA accuracy of a trained run on a LLaVA-format set",
                        description="Answer every question of a LLaVA-format set (the last question of each record "
                                    "with an image; greedy) with a training run's final model (stage1, stage2_1, "
@@ -162,3 +325,27 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled-image derangement (default 0)")
     p.set_defaults(func=cmd_eval_qa)
+
+    p = sub.add_parser("eval-recon", parents=[common], help="reconstruction quality beside JPEG / WebP at equal bpp",
+                       description="Encode and reconstruct every image with a model and score the reconstruction "
+                                   "on the encoded area (PSNR, SSIM; torchmetrics), with the bits per pixel of its "
+                                   ".viq file, code usage and entropy, optionally rFID, and the same images as JPEG "
+                                   "and WebP at the codes' bitrate (quality searched per image).",
+                       epilog=_EPILOG_RECON, formatter_class=HelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model directory with the encoder, drawer and vae components")
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--json", metavar="OUT", help='write {"n", "bpp", "psnr", "ssim", "rfid", "jpeg", "webp", ..., '
+                                                  '"images": [per image]} to this file')
+    p.add_argument("--plot", metavar="OUT.png", help="PSNR against bpp: ViQ as a point, JPEG and WebP as curves")
+    p.add_argument("--grid", metavar="OUT.png", help="input | reconstruction | JPEG at equal bpp, side by side")
+    p.add_argument("--grid-images", type=positive_int, default=4, metavar="N",
+                   help="images (the first N) in --grid (default 4)")
+    p.add_argument("--max-pixels", type=positive_int, metavar="N", help="downscale larger images to at most this area")
+    p.add_argument("--qualities", type=_qualities, metavar="Q,Q,...",
+                   help="JPEG / WebP qualities of the --plot curves (default 2,5,10,20,30,50,70,90)")
+    p.add_argument("--fid-features", metavar="SPEC",
+                   help="also compute rFID with these features: viq, hf:<dir or hub id>, timm:<hub id or arch=file>, "
+                        "open_clip:<hub id or arch=file> (local or cached only; nothing is downloaded)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_eval_recon)

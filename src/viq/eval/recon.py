@@ -23,6 +23,15 @@ Baselines, each a ``(3, H, W)`` image in ``[-1, 1]`` to score like a reconstruct
 :class:`ReconStats` collects per-image scores per method and reports means with a 95 % Student-t
 interval of the mean.
 
+:func:`encoded_area_scores` is the one way a decode is scored against its input, here and in
+training validation (:func:`viq.train.evaluate.evaluate`): crop to the encoded area, then
+:func:`psnr_ssim`.
+
+:func:`evaluate_reconstruction` is the whole reconstruction evaluation behind ``viq eval-recon``:
+per image, encode -> ``.viq`` size (bits per pixel) -> reconstruct -> PSNR / SSIM, the same image as
+JPEG and WebP at that bitrate (:mod:`viq.eval.rate_distortion`), code usage and, optionally, rFID
+(:mod:`viq.eval.fid`); means over images beside per-image records.
+
 ``torchmetrics`` is the ``eval`` extra (``pip install viq[eval]``); it is imported when a metric
 is first computed, so the baselines work without it.
 """
@@ -30,18 +39,24 @@ is first computed, so the baselines work without it.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from viq.formats.image import to_pil, to_pixels
+from viq.formats.image import PreparedImage, PreprocessConfig, to_pil, to_pixels
+from viq.formats.image import preprocess as prepare_image
 
 __all__ = [
     "SSIM_KERNEL",
     "SSIM_SIGMA",
     "BITS_PER_PIXEL_RGB8",
     "psnr_ssim",
+    "encoded_area_scores",
+    "evaluate_reconstruction",
     "ssim_kernel",
     "crop_to",
     "mean_colour",
@@ -152,6 +167,23 @@ def psnr_ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> tuple[fl
         rec, ref, data_range=1.0, kernel_size=(kh, kw), sigma=(sh, sw), gaussian_kernel=True
     )
     return float(psnr), float(ssim)
+
+
+def encoded_area_scores(reference: torch.Tensor, decoded: torch.Tensor) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of a decode on the encoded area of its reference.
+
+    Args:
+        reference: ``(3, H, W)`` float tensor in ``[-1, 1]``: the image as it was encoded (after
+            preprocessing, before the model's zero-padding).
+        decoded: ``(3, H', W')`` float tensor, ``H' >= H``, ``W' >= W``: the decode, either the
+            zero-padded canvas (multiples of 16) or already cropped; values outside ``[-1, 1]`` are
+            clamped as a displayed image would be.
+
+    Returns:
+        :func:`psnr_ssim` of the top-left ``(H, W)`` crop of ``decoded`` against ``reference``.
+    """
+    reference = _check_image("reference", reference)
+    return psnr_ssim(reference, crop_to(decoded, (reference.shape[1], reference.shape[2])))
 
 
 def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -382,3 +414,184 @@ class ReconStats:
                 "ssim_ci95": ssim_ci,
             }
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+#: :meth:`ReconStats.summary` of a method without images.
+_NO_SCORES = {"n": 0, "psnr": None, "psnr_ci95": [None, None], "psnr_n_inf": 0, "ssim": None, "ssim_ci95": [None, None]}
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float | None:
+    return math.fsum(r[key] for r in records) / len(records) if records else None
+
+
+def _codec_summary(records: list[dict[str, Any]], scores: dict[str, Any]) -> dict[str, Any]:
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return {**_NO_SCORES, **scores, "bpp": _mean(records, "bpp"), "quality": _mean(records, "quality"),
+            "matched": statuses.get("matched", 0), "status": statuses}
+
+
+def _example(record: dict[str, Any], images: dict[str, Any], codec: str) -> dict[str, Any]:
+    """A row of :func:`viq.eval.rate_distortion.comparison_grid`: input | reconstruction | ``codec``."""
+    from viq.eval.rate_distortion import CODEC_LABELS
+
+    name = os.path.basename(record["source"])[:28]
+    return {"input": images["input"], "recon": images["recon"], "jpeg": images[codec],
+            "labels": (f"{name} {record['size'][1]}x{record['size'][0]}",
+                       f"ViQ {record['bpp']:.3f} bpp, {record['psnr']:.1f} dB",
+                       f"{CODEC_LABELS[codec]} {record[codec]['bpp']:.3f} bpp, {record[codec]['psnr']:.1f} dB")}
+
+
+def evaluate_reconstruction(
+    model: Any,
+    images: Sequence[Any],
+    *,
+    preprocess: PreprocessConfig | None = None,
+    fid_features: Any = None,
+    codecs: Sequence[str] = ("jpeg", "webp"),
+    curve_qualities: Sequence[int] | None = None,
+    tolerance: float | None = None,
+    examples: int = 0,
+    on_error: Callable[[str, Exception], Any] | None = None,
+    progress: bool | Callable[[int], Any] = False,
+) -> dict[str, Any]:
+    """Reconstruction quality of a ViQ model and JPEG / WebP at the codes' bitrate, per image and mean.
+
+    For each image: preprocess (the model's resolution policy), encode, serialise the codes as a
+    ``.viq`` file (no metadata; ``viq encode`` adds ~100-200 bytes of JSON), reconstruct
+    (``model.reconstruct``: 8-bit, cropped to the encoded size) and score on the encoded area
+    (:func:`psnr_ssim`); then the 8-bit input through each codec at the quality matching the
+    codes' bpp (:func:`viq.eval.rate_distortion.match_bpp`) and at ``curve_qualities``.
+
+    Args:
+        model: a :class:`viq.ViQModel` with the encoder, drawer and vae components.
+        images: image sources (paths, encoded bytes, PIL images, uint8 ``(H, W, 3)`` arrays) or
+            :class:`~viq.formats.image.PreparedImage` (used as they are).
+        preprocess: resolution policy (default: native size within ``[256, 1024**2]`` pixels).
+        fid_features: ``None`` (no rFID), a spec for :func:`viq.eval.fid.load_feature_extractor`
+            (``"viq"``, ``"hf:..."``, ...) or an extractor module.
+        codecs: the baselines, names of :data:`viq.eval.rate_distortion.CODECS`.
+        curve_qualities: the qualities of the per-codec curves (default
+            :data:`~viq.eval.rate_distortion.CURVE_QUALITIES`; empty: no curves).
+        tolerance: relative bpp tolerance of "equal bitrate" (default 0.10).
+        examples: keep the input / reconstruction / JPEG images of the first ``examples`` images
+            under ``"examples"`` (for :func:`~viq.eval.rate_distortion.comparison_grid`).
+        on_error: ``None``: the first failing image raises. Else called as ``on_error(source,
+            error)`` and the image is left out (``"failed"`` lists it).
+        progress: ``True`` for a tqdm bar, or a callable called with 1 after each image.
+
+    Returns:
+        ``{"n", "bpp", "payload_bpp", "psnr", "psnr_ci95", "psnr_n_inf", "ssim", "ssim_ci95",
+        "rfid" (None without features or with < 2 images), "fid_features", "usage" (code
+        usage, entropy in bits per code, perplexity, log2 K, codes), <codec>: {"n", "bpp", "psnr",
+        "ssim", ..., "quality", "matched", "status": {status: count}}, "curves": {codec: [{"quality",
+        "n", "bpp", "psnr", "ssim"}]}, "images": [per-image records], "failed": [{"source",
+        "error"}]}``: means over the images that succeeded (bpp: bits per encoded pixel; PSNR: dB),
+        ``None`` where undefined.
+    """
+    from viq.eval.fid import RFID, load_feature_extractor
+    from viq.eval.rate_distortion import BPP_TOLERANCE, CURVE_QUALITIES, bpp_of, compress, match_bpp, mean_curve
+    from viq.formats.bits import usage_stats
+
+    cfg = preprocess or PreprocessConfig(patch_size=model.patch_size)
+    qualities = tuple(CURVE_QUALITIES if curve_qualities is None else curve_qualities)
+    tolerance = BPP_TOLERANCE if tolerance is None else float(tolerance)
+    extractor = load_feature_extractor(fid_features, model) if isinstance(fid_features, str) else fid_features
+    fid = RFID(extractor) if extractor is not None else None
+    stats = ReconStats()
+    hist = np.zeros(math.prod(model.levels), dtype=np.int64)
+    records: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    kept: list[dict[str, Any]] = []
+    curves: dict[str, list[list[dict[str, Any]]]] = {c: [] for c in codecs}
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(images), desc="eval-recon", unit="img")
+        step = bar.update
+    else:
+        bar, step = None, progress or None
+
+    def one(item: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, Any, dict]:
+        prepared = item if isinstance(item, PreparedImage) else prepare_image(item, cfg)
+        ref = prepared.pixels
+        h, w = prepared.content_size
+        codes = model.encode_pixels([ref])[0]
+        recon_img = model.reconstruct([codes])[0]
+        recon = to_pixels(recon_img)
+        psnr, ssim = psnr_ssim(ref, recon)
+        nbytes = len(codes.to_bytes())  # the .viq file: header, levels, payload, CRC
+        bpp = bpp_of(nbytes, (h, w))
+        record: dict[str, Any] = {"source": prepared.source, "size": [h, w], "grid": list(codes.grid), "bytes": nbytes,
+                                  "bpp": bpp, "payload_bpp": codes.num_codes * codes.bits_per_code / (h * w),
+                                  "psnr": psnr, "ssim": ssim}
+        ref_img = to_pil(ref)
+        extra: dict[str, Any] = {"input": ref_img, "recon": recon_img}
+        image_curves = {}
+        for codec in codecs:
+            m = match_bpp(ref_img, codec, bpp, tolerance)
+            decoded = m.pop("decoded")
+            m["psnr"], m["ssim"] = psnr_ssim(ref, to_pixels(decoded))
+            record[codec] = m
+            extra[codec] = decoded
+            curve = []
+            for q in qualities:
+                data, dec = compress(ref_img, codec, q)
+                p, s = psnr_ssim(ref, to_pixels(dec))
+                curve.append({"quality": q, "bpp": bpp_of(len(data), (h, w)), "psnr": p, "ssim": s})
+            image_curves[codec] = curve
+        return record, ref, recon, codes, {"images": extra, "curves": image_curves}
+
+    try:
+        for i, item in enumerate(images):
+            try:
+                record, ref, recon, codes, extra = one(item)
+                if fid is not None:
+                    fid.add(ref, recon)
+            except Exception as e:  # noqa: BLE001 - one bad image must not stop the others
+                if on_error is None:
+                    raise
+                source = (item.source if isinstance(item, PreparedImage) else os.fspath(item)
+                          if isinstance(item, (str, os.PathLike)) else f"image {i}")
+                failed.append({"source": source, "error": str(e)})
+                on_error(source, e)
+            else:
+                # Committed only once the whole image succeeded, so a failure leaves no partial trace.
+                records.append(record)
+                hist += np.bincount(codes.flat().numpy(), minlength=hist.size)
+                stats.add("viq", record["psnr"], record["ssim"])
+                for codec in codecs:
+                    stats.add(codec, record[codec]["psnr"], record[codec]["ssim"])
+                    curves[codec].append(extra["curves"][codec])
+                if len(kept) < examples and codecs:
+                    kept.append(_example(record, extra["images"], "jpeg" if "jpeg" in codecs else codecs[0]))
+            if step is not None:
+                step(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary = stats.summary()
+    usage = usage_stats(hist)
+    usage.update({"log2_codebook": math.log2(hist.size), "codes": int(hist.sum())})
+    result: dict[str, Any] = {
+        **_NO_SCORES, **summary.get("viq", {}), "bpp": _mean(records, "bpp"),
+        "payload_bpp": _mean(records, "payload_bpp"), "rfid": fid.compute() if fid is not None else None,
+        "fid_features": fid_features if isinstance(fid_features, str) or fid_features is None
+        else type(fid_features).__name__,
+        "usage": usage,
+    }
+    for codec in codecs:
+        result[codec] = _codec_summary([r[codec] for r in records], summary.get(codec, {}))
+    result["curves"] = {codec: mean_curve(curves[codec]) for codec in codecs if qualities}
+    result["images"] = records
+    result["failed"] = failed
+    if examples:
+        result["examples"] = kept
+    return result
