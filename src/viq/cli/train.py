@@ -11,15 +11,17 @@ from viq.cli.common import EXIT_FAILED, EXIT_OK, CLIError, HelpFormatter, positi
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from viq.launch import resolve_distributed
     from viq.train.config import load_recipe
     from viq.train.engine import train
 
     try:
+        launch = resolve_distributed(args.rank, args.world_size, args.local_rank)
         cfg = load_recipe(args.config, args.overrides)
         required = getattr(args, "require_stage", None)
         if required and cfg.stage != required:
             raise ValueError(f"{args.config}: viq train-mllm needs a recipe with stage: {required} (got {cfg.stage})")
-        summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+        summary = train(cfg, resume=args.resume, stop_after=args.stop_after, launch=launch)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None
     if "final" in summary:
@@ -51,21 +53,34 @@ _EPILOG_TRAIN = """examples:
   viq train --config recipes/demo/stage1.yaml
   viq train --config recipes/paper/stage2_2.yaml train.max_steps=20000 optim.lr=5e-5
   torchrun --nproc_per_node 8 -m viq train --config recipes/paper/stage2_2.yaml train.parallel=fsdp
-  viq train --config recipe.yaml --resume            # continue after an interruption
+  srun --ntasks 16 --gpus-per-task 1 viq train --config recipes/paper/stage2_2.yaml train.parallel=fsdp
+  MASTER_ADDR=node0 viq train --config recipe.yaml --rank 1 --world-size 2   # one command per process
+  viq train --config recipe.yaml --resume            # continue after an interruption (any number of processes)
 """
+
+
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, metavar="R", help="this process's rank (default: from torchrun / SLURM / "
+                                                          "OpenMPI, else 0); give with --world-size")
+    p.add_argument("--world-size", type=positive_int, metavar="W",
+                   help="number of training processes; they meet at MASTER_ADDR:MASTER_PORT (default 127.0.0.1:29500)")
+    p.add_argument("--local-rank", type=int, metavar="L", help="this process's GPU on its node (default: from the "
+                                                               "launcher, else 0)")
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``train``, ``train-mllm``, ``synth`` and ``demo``."""
     p = sub.add_parser("train", parents=[common], help="train a ViQ stage from a recipe",
                        description="Run one training stage (stage1, stage2_1, stage2_2, drawer) from a YAML recipe. "
-                                   "Multi-GPU: torchrun --nproc_per_node N -m viq train --config ...",
+                                   "Multi-GPU: torchrun --nproc_per_node N -m viq train --config ... (or srun, mpirun, "
+                                   "or one command per process with --rank / --world-size).",
                        epilog=_EPILOG_TRAIN, formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, metavar="RECIPE", help="recipe YAML (or JSON) file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest if present")
     p.add_argument("--stop-after", type=positive_int, metavar="STEPS",
                    help="stop (with a checkpoint) after this many steps, keeping the schedule of the full run")
+    _add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-mllm", parents=[common], help="train an LLM on stored codes (stage mllm)",
@@ -76,6 +91,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest if present")
     p.add_argument("--stop-after", type=positive_int, metavar="STEPS")
+    _add_launch_flags(p)
     p.set_defaults(func=cmd_train, require_stage="mllm")
 
     p = sub.add_parser("synth", parents=[common], help="write the synthetic multimodal QA set",

@@ -1,21 +1,46 @@
-"""Checkpoints: everything a run needs to continue exactly where it stopped.
+"""Checkpoints: everything a run needs to continue exactly where it stopped, on any number of processes.
 
-A checkpoint ``checkpoints/step-<step>/`` holds the model (trainable parts and everything outside
-the LLM, unsharded), the optimizer and scheduler state (``state.pt``), every rank's RNG state
-(``rng-<rank>.pt``) and the data position and metric history (``progress.json``). It is written to
-a hidden temporary directory, fsynced and renamed into place; the pointer file ``latest`` names
-the newest complete one, so a run killed mid-write loses at most the steps since the previous
-checkpoint.
+A checkpoint ``checkpoints/step-<step>/`` holds
+
+* the model (trainable parts and everything outside the LLM) and the optimizer state as a
+  ``torch.distributed.checkpoint`` (DCP) directory — ``.metadata`` and one ``__<rank>_0.distcp`` per
+  process, each rank writing its own FSDP2 shards (DDP's replicated tensors once, nothing gathered).
+  Loading reshards: a run saved on N processes resumes on M, under DDP, FSDP2 or in one process;
+* ``scheduler.pt``: the LR schedule;
+* ``progress.json``: step, data position, metric history, world size and the recipe.
+
+It is written to a hidden temporary directory, fsynced and renamed into place; the pointer file
+``latest`` names the newest complete one, so a run killed mid-write loses at most the steps since
+the previous checkpoint.
+
+No RNG state is stored: every optimizer step begins by seeding Python, NumPy and torch from
+``(seed, step, rank)`` (:func:`seed_step`), so what a step draws never depends on how the run got
+there.
+
+What a resume reproduces. On the same number of processes: everything, bit for bit. On M ≠ N
+processes with the same global batch (processes × ``batch_size`` × ``grad_accum``, checked): the
+model, optimizer and schedule bit for bit, and the samples of every step (the data position is the
+step: step s reads positions [s·G, (s+1)·G) of the epoch's permutation however they are dealt to
+ranks — past the first epoch as long as both layouts use the same number of samples per epoch,
+``floor(ceil(size / world) / batch_size) × batch_size × world``, e.g. whenever the dataset size is
+a multiple of world × batch_size for both). What differs is what differs between any N- and
+M-process run: the order of floating-point sums in the gradient all-reduce, and which rank's random
+stream (dropout) a sample meets.
+
+Checkpoints of the earlier format (one gathered ``state.pt`` and per-rank RNG files) still load, on
+any number of processes; their RNG files are not used.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,41 +53,61 @@ from viq.train.data import BatchStream
 from viq.train.model import TrainModel
 from viq.train.parallel import Dist, strip_wrapper_prefix
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "full_state", "materialise"]
+log = logging.getLogger(__name__)
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "seed_step", "full_state", "materialise"]
+
+#: progress.json "format": 2 = DCP directory + scheduler.pt; 1 (no field) = gathered state.pt (read only)
+FORMAT = 2
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU) for the optimizer step that follows ``step``
+    completed steps on ``rank``: a pure function of the three, so a resumed run draws what an
+    uninterrupted one of the same world size draws, with no RNG state in the checkpoint."""
+    words = np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(3)
+    value = int(words[0]) << 32 | int(words[1])
+    random.seed(value)
+    np.random.seed(int(words[2]))
+    torch.manual_seed(value)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@contextmanager
+def _single_process_quiet():
+    """DCP without a process group reads and writes in one process, as meant here; it says so each time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _kept(model: nn.Module, model_state: dict) -> dict:
+    """The entries a checkpoint holds: everything but the frozen LLM base."""
+    trainable = {strip_wrapper_prefix(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_state.items() if not k.startswith("llm.") or k in trainable}
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded model (trainable parts + everything outside the LLM) and optimizer state, on the
-    CPU. A collective under FSDP: every rank must call it."""
+    CPU (on rank 0; other ranks get empty dicts under FSDP). A collective under FSDP: every rank
+    must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=opts)
-    trainable = {strip_wrapper_prefix(n) for n, p in model.named_parameters() if p.requires_grad}
-    model_state = {k: v for k, v in model_state.items() if not k.startswith("llm.") or k in trainable}
-    return model_state, optim_state
+    return _kept(model, model_state), optim_state
 
 
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, stream: BatchStream,
-                    dist_info: Dist, cfg: TrainConfig, history: list[dict]) -> Path:
-    """Write checkpoint ``step-<step>`` under ``directory/checkpoints`` and point ``latest`` at it
-    (all ranks call this; rank 0 writes the shared files)."""
-    model_state, optim_state = full_state(model, optimizer)  # collective under FSDP: all ranks
+                    dist_info: Dist, cfg: TrainConfig, history: list[dict], extra: dict | None = None) -> Path:
+    """Write checkpoint ``step-<step>`` under ``directory/checkpoints`` and point ``latest`` at it.
+    A collective: every rank calls it and writes its own shards; rank 0 writes the shared files.
+    ``extra``: small state that is the same on every rank (e.g. the code-usage window), saved by
+    rank 0 as ``extra.pt`` and read back with :func:`load_extra`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    # Sharded as the model runs (FSDP2: each rank's DTensor shards; DDP / one process: plain tensors).
+    model_state, optim_state = get_state_dict(model, optimizer)
     ckpts = directory / "checkpoints"
     tmp = ckpts / f".step-{step:08d}.tmp"
     final = ckpts / f"step-{step:08d}"
@@ -70,13 +115,16 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, str
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist_info.barrier()
-    torch.save(_rng_state(), tmp / f"rng-{dist_info.rank}.pt")
+    # Every rank fsyncs the files it wrote; rank 0 writes .metadata once all have written.
+    with _single_process_quiet():
+        dcp.save({"model": _kept(model, model_state), "optimizer": optim_state}, checkpoint_id=tmp)
     if dist_info.main:
-        torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
-                   tmp / "state.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if extra is not None:
+            torch.save(extra, tmp / "extra.pt")
         (tmp / "progress.json").write_text(json.dumps(
-            {"step": step, "micro_batch": stream.index, "world": dist_info.world, "recipe": cfg.to_dict(),
-             "history": history}, indent=1))
+            {"format": FORMAT, "step": step, "micro_batch": stream.index, "world": dist_info.world,
+             "recipe": cfg.to_dict(), "history": history}, indent=1))
     dist_info.barrier()
     if dist_info.main:
         # The directory is the unit made atomic by the rename: its files and entries reach the disk
@@ -97,31 +145,87 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, str
     return final
 
 
+def load_extra(path: Path) -> dict:
+    """The ``extra`` state a checkpoint was saved with ({} for checkpoints without one)."""
+    f = Path(path) / "extra.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else {}
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint of the run in ``output_dir`` (None if there is none)."""
     pointer = output_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
     path = output_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    complete = (path / "progress.json").is_file() and ((path / ".metadata").is_file() or (path / "state.pt").is_file())
+    return path if complete else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, dist_info: Dist) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns its
-    ``progress.json`` (step, micro_batch, history). The run must have as many processes as the
-    one that wrote it (otherwise the data order would change)."""
+def _check_layout(path: Path, progress: dict, cfg: TrainConfig, dist_info: Dist) -> None:
+    """Same global batch as the run that wrote ``path`` (the data position and the schedule are
+    counted in steps); a different number of processes is fine."""
+    saved = progress["recipe"]["train"]
+    b, a = saved["batch_size"], saved.get("grad_accum", 1)
+    before = progress["world"] * b * a
+    now = dist_info.world * cfg.train.batch_size * cfg.train.grad_accum
+    if before != now:
+        raise ValueError(
+            f"{path}: written with a global batch of {before} samples per step ({progress['world']} processes × "
+            f"train.batch_size {b} × train.grad_accum {a}), this run has {now} ({dist_info.world} × "
+            f"{cfg.train.batch_size} × {cfg.train.grad_accum}); set train.batch_size and train.grad_accum so that "
+            f"processes × batch_size × grad_accum = {before} to resume exactly")
+    if progress["world"] != dist_info.world:
+        log.info("resharding %s: written by %d processes, resuming on %d", path, progress["world"], dist_info.world)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, dist_info: Dist, cfg: TrainConfig) -> dict:
+    """Restore model, optimizer and scheduler from ``path`` on this run's processes (any number,
+    resharding as needed; a collective: every rank calls it). Returns its ``progress.json`` (step,
+    history, ...) with ``micro_batch``, this rank's next micro-batch index, for this run's layout."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     progress = json.loads((path / "progress.json").read_text())
-    if progress["world"] != dist_info.world:
-        raise ValueError(f"{path}: written by {progress['world']} processes, resuming with {dist_info.world}: "
-                         f"the data order would change; resume with the same number of processes")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(torch.load(path / f"rng-{dist_info.rank}.pt", weights_only=False))
+    _check_layout(path, progress, cfg, dist_info)
+    if (path / "state.pt").is_file():  # format 1: the gathered state, read by every rank
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        scheduler.load_state_dict(state["scheduler"])
+    else:
+        model_state, optim_state = _load_sharded(path, model, optimizer)
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(strict=False))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    # Each step reads grad_accum micro-batches on every rank: the position follows from the step.
+    progress["micro_batch"] = progress["step"] * cfg.train.grad_accum
     return progress
+
+
+def _load_sharded(path: Path, model, optimizer) -> tuple[dict, dict]:
+    """The DCP checkpoint at ``path`` read into state dicts laid out (sharded) like this run's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    # The templates: this run's own state, sharded as it runs; DCP fills them in place. An optimizer
+    # that has not stepped gets zero moments for every parameter here, but the checkpoint has none
+    # for parameters that never had a gradient, and those must stay without state.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state = _kept(model, model_state)
+    saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    missing = sorted(k for k in model_state if f"model.{k}" not in saved)
+    if missing:
+        raise ValueError(f"{path}: has no {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} entries): the recipe trains other parts than the run that wrote it")
+    per_param = {}
+    for fqn, values in optim_state["state"].items():
+        values = {k: v for k, v in values.items() if f"optimizer.state.{fqn}.{k}" in saved}
+        if values:
+            per_param[fqn] = values
+    optim_state["state"] = per_param
+    state = {"model": model_state, "optimizer": optim_state}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path)
+    return state["model"], state["optimizer"]
 
 
 def materialise(model: TrainModel, state: dict, cfg: TrainConfig) -> TrainModel:

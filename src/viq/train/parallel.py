@@ -2,17 +2,20 @@
 
 Parallelism is applied from outside the model: DDP, or FSDP2 ``fully_shard`` on every transformer
 block and then the root, so the model code never knows how it is run.
+
+Who this process is comes from :mod:`viq.launch`: flags (``viq train --rank R --world-size W``), else
+``torchrun``, SLURM (``srun``) or OpenMPI (``mpirun``), else one process.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from viq.launch import DistEnv, export_torch_env, resolve_distributed
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 
@@ -46,14 +49,19 @@ class Dist:
             dist.barrier()
 
 
-def setup_distributed() -> tuple[Dist, torch.device]:
-    """Join the ``torchrun`` process group when there is one (``WORLD_SIZE`` > 1); this process's
-    device: its local GPU, else the CPU (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+def setup_distributed(launch: DistEnv | None = None) -> tuple[Dist, torch.device]:
+    """Join the run's process group when it has more than one process; this process's device: its
+    local GPU, else the CPU (gloo).
+
+    ``launch``: this process's rank, world size and local rank (e.g. from ``--rank`` /
+    ``--world-size``); default: from the launcher (:func:`viq.launch.resolve_distributed`). The
+    rendezvous is ``MASTER_ADDR`` / ``MASTER_PORT`` as the launcher sets them, else SLURM's first
+    node, else this machine (:func:`viq.launch.export_torch_env`)."""
+    env = launch if launch is not None else resolve_distributed()
+    if env.world_size > 1 and not dist.is_initialized():
+        export_torch_env(env)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    info = Dist(env.rank, env.world_size, env.local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
         return info, torch.device("cuda", info.local_rank)
