@@ -161,6 +161,7 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos
     from viq.demo.evaluation import code_summary, evaluate_qa_with_baselines, evaluate_reconstruction
     from viq.demo.photos import list_photos, load_photo
     from viq.demo.synthetic import load_split
+    from viq.train.logger import METRICS_FILE, read_metrics
 
     runs, data = out / "runs", out / "data"
     model = viq.load(runs / "drawer" / "final")
@@ -177,11 +178,9 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos
           for name, stage in (("stage1", "stage1"), ("final", "stage2_2"))}
     stages = {}
     for stage in DEMO_STAGES:
-        path = runs / stage / "metrics.jsonl"
-        if path.is_file():
-            history = [json.loads(line) for line in path.read_text().splitlines()]
-            val_path = runs / stage / "val.jsonl"
-            val = [json.loads(line) for line in val_path.read_text().splitlines()] if val_path.is_file() else []
+        if (runs / stage / METRICS_FILE).is_file():
+            history = read_metrics(runs / stage, "train")
+            val = read_metrics(runs / stage, "eval")
             stages[stage] = {"history": history, "val": val[-1] if val else {}}
     handover = {}
     if "stage2_1" in stages and "stage2_2" in stages:

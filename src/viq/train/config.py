@@ -20,7 +20,10 @@ from typing import Any
 from viq.model.config import dataclass_from_dict
 from viq.train.stages import STAGES
 
-__all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES"]
+__all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES", "TRACKERS"]
+
+#: the optional loggers a recipe may name in ``train.trackers`` (metrics.jsonl is always written)
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -116,8 +119,15 @@ class TrainSection:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: validate only at the end
     eval_samples: int = 64
+    #: write a ``train`` record to metrics.jsonl every N optimizer steps (means over them) and at the end
     log_every: int = 1
-    tensorboard: bool = False
+    #: also log to these, when installed: "tensorboard" (OUTPUT_DIR/tensorboard), "wandb"
+    trackers: list[str] = field(default_factory=list)
+    wandb_project: str = "viq"
+    #: offline: written under OUTPUT_DIR/wandb, no network (upload later with `wandb sync`); online; disabled
+    wandb_mode: str = "offline"
+    #: validation images shown beside their reconstructions at each evaluation (stages that reconstruct)
+    log_images: int = 4
     progress: bool = True
     #: write the sample ids of every step, per rank, to samples-rank<r>.jsonl (debugging data order)
     log_samples: bool = False
@@ -150,6 +160,15 @@ class TrainConfig:
             raise ValueError(f"train.parallel must be ddp or fsdp, got {self.train.parallel!r}")
         if self.loss.teacher_resize not in ("bilinear", "aspect"):
             raise ValueError(f"loss.teacher_resize must be bilinear or aspect, got {self.loss.teacher_resize!r}")
+        if self.train.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1, got {self.train.log_every}")
+        if isinstance(self.train.trackers, str):
+            self.train.trackers = [self.train.trackers]
+        unknown = sorted(set(self.train.trackers) - set(TRACKERS))
+        if unknown:
+            raise ValueError(f"train.trackers: unknown {unknown}; known: {', '.join(TRACKERS)}")
+        if self.train.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"train.wandb_mode must be offline, online or disabled, got {self.train.wandb_mode!r}")
         if self.data.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be raise or skip, got {self.data.on_error!r}")
         self.optim.betas = tuple(self.optim.betas)  # type: ignore[assignment]

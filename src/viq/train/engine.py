@@ -14,8 +14,9 @@ the global batch is split over processes and micro-batches (DDP/FSDP average gra
 rank's loss is scaled by the world size).
 
 The pieces live next door: processes and wrapping in :mod:`.parallel`, what trains and the schedule
-in :mod:`.optim`, data in :mod:`.data`, checkpoints in :mod:`.checkpoint`, records in
-:mod:`.metrics`, validation in :mod:`.evaluate`, per-stage behaviour in :mod:`.stages`.
+in :mod:`.optim`, data in :mod:`.data`, checkpoints in :mod:`.checkpoint`, measures in
+:mod:`.metrics`, the run's log in :mod:`.logger`, validation in :mod:`.evaluate`, per-stage behaviour
+in :mod:`.stages`.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from viq.launch import DistEnv
 from viq.model.layers import set_attention_backend
 from viq.train.build import build_model, save_stage_output
-from viq.train.checkpoint import full_state, latest_checkpoint, load_checkpoint, materialise, save_checkpoint
+from viq.train.checkpoint import (full_state, latest_checkpoint, load_checkpoint, load_extra, materialise,
+                                  save_checkpoint, seed_step)
 from viq.train.config import TrainConfig
 from viq.train.data import BatchStream, Collator
 from viq.train.evaluate import evaluate
-from viq.train.metrics import CodeUsage, RunLog, progress_bar
+from viq.train.logger import RunLogger, learning_rates
+from viq.train.metrics import CodeUsage, progress_bar
 from viq.train.model import TrainBatch, TrainModel
 from viq.train.optim import build_optimizer, build_scheduler, set_trainable
 from viq.train.parallel import Dist, setup_distributed, wrap_parallel
@@ -160,15 +164,19 @@ def prepare_model(model: TrainModel, cfg: TrainConfig) -> None:
             helper.eval()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+          launch: DistEnv | None = None) -> dict[str, Any]:
     """Run a stage. Returns a summary (final losses, output paths).
 
     Args:
-        resume: continue from ``output_dir/checkpoints/latest`` if there is one.
+        resume: continue from ``output_dir/checkpoints/latest`` if there is one (written by any
+            number of processes, see :mod:`viq.train.checkpoint`).
         stop_after: stop (with a checkpoint) after this many steps, without changing the schedule
             (used to test resuming, and to split a run into time-limited jobs).
+        launch: this process's rank and world size (default: from torchrun, SLURM or OpenMPI; see
+            :func:`viq.train.parallel.setup_distributed`).
     """
-    dist_info, device = setup_distributed()
+    dist_info, device = setup_distributed(launch)
     out_dir = Path(cfg.train.output_dir)
     if dist_info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,12 +191,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     step, start_micro, history = 0, 0, []
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        progress = load_checkpoint(checkpoint, wrapped, optimizer, scheduler, dist_info)
+        progress = load_checkpoint(checkpoint, wrapped, optimizer, scheduler, dist_info, cfg)
         step, start_micro, history = progress["step"], progress["micro_batch"], progress["history"]
         log.info("resumed from %s at step %d", checkpoint, step)
-    else:
-        # Different dropout noise per rank, same on every restart of the same rank.
-        torch.manual_seed(cfg.train.seed * 7919 + dist_info.rank)
 
     if cfg.data.train is None:
         raise ValueError("data.train is not set")
@@ -197,52 +202,67 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                         patch_size=model.config.encoder.patch_size)
     stream = BatchStream(cfg, dist_info, collator, start_micro)
     autocast = autocast_context(cfg, device)
-    run_log = RunLog(out_dir, tensorboard=cfg.train.tensorboard, main=dist_info.main)
+    run_log = RunLogger(out_dir, cfg, main=dist_info.main, start_step=step)  # drops records after `step`
+    clock = time.perf_counter() - (history[-1].get("time", 0.0) if history else 0.0)  # run time, resumes included
     usage = CodeUsage(model.config.head.codebook_size if model.head is not None else 0, device)
+    if checkpoint is not None and "code_usage" in load_extra(checkpoint):
+        usage.load_state_dict(load_extra(checkpoint)["code_usage"])
     bar = progress_bar(cfg, dist_info, total, step)
     last_end = stop_after if stop_after is not None else total
 
     def validate() -> dict[str, float]:
         # Every rank runs the same validation (FSDP needs all ranks in every forward); rank 0 records it.
-        result = evaluate(model, cfg, tokenizer, device)
+        shown: list = []  # (image, reconstruction) pairs, for the log
+        result = evaluate(model, cfg, tokenizer, device, reconstructions=shown if dist_info.main else None)
         result["step"] = step
-        run_log.write("val", result, step)
+        run_log.log_eval(result, step, shown)
         return result
 
     while step < min(total, last_end):
         t0 = time.perf_counter()
+        # Random noise (dropout) per rank and step, a function of (seed, step, rank) only: a resumed run
+        # draws what an uninterrupted one draws, with no RNG state in the checkpoint.
+        seed_step(cfg.train.seed, step, dist_info.rank)
         micro = [stream.next(step).to(device) for _ in range(cfg.train.grad_accum)]
         if cfg.train.log_samples:
             with open(out_dir / f"samples-rank{dist_info.rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": step + 1, "rank": dist_info.rank, "ids": [i for b in micro for i in b.ids]}) + "\n")
+        lrs = learning_rates(optimizer)  # the rates this step uses
         stats = train_step(wrapped, micro, optimizer, scheduler, cfg, dist_info=dist_info, device=device,
                            autocast=autocast, usage=usage)
         step += 1
 
-        record = {"step": step, "lr": scheduler.get_last_lr()[0]}
-        record.update({k: v for k, v in stats.items() if k not in ("tokens", "images", "samples")})
+        # Every step goes into the history (kept in checkpoints); the log writes every log_every steps.
         elapsed = time.perf_counter() - t0
+        record = {"step": step, "lr": lrs}
+        record.update({k: v for k, v in stats.items() if k not in ("tokens", "images", "samples")})
         record["samples_per_s"] = stats["samples"] / elapsed
-        record["tokens_per_s"] = stats["tokens"] / elapsed
+        if model.llm is not None:
+            record["tokens_per_s"] = stats["tokens"] / elapsed
+        record.update(step_time=elapsed, time=time.perf_counter() - clock)
         if usage.size:
             record.update(usage.summary(dist_info))
         history.append(record)
-        run_log.write("train", record, step)
+        run_log.log_step(history)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            save_checkpoint(out_dir, step, wrapped, optimizer, scheduler, stream, dist_info, cfg, history)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.val:
+            save_checkpoint(out_dir, step, wrapped, optimizer, scheduler, stream, dist_info, cfg, history,
+                    extra={"code_usage": usage.state_dict()})
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and cfg.data.val:
             validate()
     bar.close()
 
     summary: dict[str, Any] = {"steps": step, "history": history, "output_dir": str(out_dir)}
-    save_checkpoint(out_dir, step, wrapped, optimizer, scheduler, stream, dist_info, cfg, history)
+    save_checkpoint(out_dir, step, wrapped, optimizer, scheduler, stream, dist_info, cfg, history,
+                    extra={"code_usage": usage.state_dict()})
     if step < total:
+        run_log.close()
         return summary
     # Final: validation, and the stage output in viq format.
     if cfg.data.val:
         summary["val"] = validate()
+    run_log.close()
     final_state, _ = full_state(wrapped, optimizer)
     if dist_info.main:
         save_stage_output(materialise(model, final_state, cfg), out_dir / "final", cfg)

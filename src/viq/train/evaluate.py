@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -14,13 +13,31 @@ from viq.train.model import TrainModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["answer_last_question", "evaluate", "psnr"]
+__all__ = ["answer_budget", "answer_last_question", "evaluate", "generate_reply"]
 
 
-def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (compared on the [0, 1] scale)."""
-    mse = float(((prediction.float().clamp(-1, 1) - target.float()) / 2).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+@torch.no_grad()
+def generate_reply(model: TrainModel, tokenizer, messages: list[dict], images: list[torch.Tensor],
+                   device: torch.device, *, codes: list | None = None, max_new_tokens: int = 64) -> str:
+    """Greedy reply of a stage model to the last user turn of ``messages`` (chat messages, one
+    ``<image>`` placeholder per image; earlier turns are context, trailing assistant turns are
+    ignored), seeing ``images`` (``(3, H, W)`` pixels in [-1, 1]) or, for the stages that read stored
+    codes, ``codes``. The one generation path of validation, ``viq eval-qa`` and ``viq ask``."""
+    from viq.mllm.adapters import generate_answer
+
+    prompt = tokenizer.encode_prompt(messages).to(device)
+    if codes:
+        features, grids = model.code_features(codes)
+    else:
+        feats = model.features([x.to(device) for x in images])
+        features, grids = feats["features"], feats["grids"]
+    embeds = model.projector(features, grids)
+    return generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=max_new_tokens)
+
+
+def answer_budget(tokenizer, answer: str) -> int:
+    """The generation budget of a question with reference ``answer``: its token count + 4."""
+    return len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
 
 
 @torch.no_grad()
@@ -28,39 +45,38 @@ def answer_last_question(model: TrainModel, tokenizer, messages: list[dict], ima
                          device: torch.device, *, codes: list | None = None) -> tuple[str, str]:
     """Greedy answer of a stage model to the last question of ``messages`` (chat messages ending
     with the reference answer; the turns before the last question are context), seeing ``images``
-    (``(3, H, W)`` pixels in [-1, 1]) or, for the stages that read stored codes, ``codes``.
+    (``(3, H, W)`` pixels in [-1, 1]) or, for the stages that read stored codes, ``codes``
+    (:func:`generate_reply`).
 
     Returns:
-        ``(prediction, reference answer)``; the generation budget is the reference's token count + 4.
+        ``(prediction, reference answer)``; the generation budget is :func:`answer_budget`.
     """
-    from viq.mllm.adapters import generate_answer
-
     last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = tokenizer.encode_prompt(messages[:last_answer]).to(device)
-    if codes:
-        features, grids = model.code_features(codes)
-    else:
-        feats = model.features([x.to(device) for x in images])
-        features, grids = feats["features"], feats["grids"]
-    embeds = model.projector(features, grids)
     answer = messages[last_answer]["content"]
-    budget = len(tokenizer.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 4
-    return generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=budget), answer
+    prediction = generate_reply(model, tokenizer, messages[:last_answer], images, device, codes=codes,
+                                max_new_tokens=answer_budget(tokenizer, answer))
+    return prediction, answer
 
 
 @torch.no_grad()
 def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.device,
-             examples: list[dict] | None = None) -> dict[str, float]:
+             examples: list[dict] | None = None, reconstructions: list | None = None) -> dict[str, float]:
     """Validation on the first ``train.eval_samples`` samples of ``data.val``:
 
     * ``val_<loss>``: the training losses (means over tokens / images),
     * ``answer_accuracy``: greedy answers to the last question of each multimodal sample, scored
       by normalised exact match (LLM stages),
-    * ``latent_mse`` and ``psnr``: reconstruction through the frozen VAE decoder (stage 2, drawer),
+    * ``latent_mse``, ``psnr`` (dB) and ``ssim``: reconstruction through the frozen VAE decoder
+      (stage 2, drawer), scored on the encoded area of the first image of each sample by
+      :func:`viq.eval.recon.encoded_area_scores` (the metric code of ``viq eval-recon``; needs
+      torchmetrics),
     * ``code_usage`` / ``code_perplexity`` of the validation codes (quantized stages).
 
     ``examples``: if given, each answered question is appended as {question, answer, prediction, correct}.
+    ``reconstructions``: if given, ``(image, reconstruction)`` pixel pairs (``(3, h, w)``, [-1, 1], on
+    the CPU) of the first ``train.log_images`` reconstructed samples are appended.
     """
+    from viq.eval.recon import encoded_area_scores
     from viq.model.vae import decode_latents
     from viq.mllm.chat import IMAGE_TOKEN
 
@@ -75,6 +91,7 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     tokens = images = 0.0
     correct = asked = 0
     psnrs: list[float] = []
+    ssims: list[float] = []
     usage = CodeUsage(model.config.head.codebook_size if model.head is not None else 0, device, window=1)
     hist = None
     for i in range(n):
@@ -100,7 +117,11 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
                 latent = model.recon.to_raw(model.recon(feats["features"], feats["grids"])[0])
             pixels = decode_latents(model.vae, latent)
             h, w = x.shape[-2:]  # the encoded area, not the zero-padded canvas
-            psnrs.append(psnr(pixels[:, :h, :w], x))
+            p, s = encoded_area_scores(x, pixels)  # crops to (h, w): the zero-padded canvas never counts
+            psnrs.append(p)
+            ssims.append(s)
+            if reconstructions is not None and len(reconstructions) < cfg.train.log_images:
+                reconstructions.append((x.detach().cpu(), pixels[:, :h, :w].detach().float().clamp(-1, 1).cpu()))
         # Answer accuracy on multimodal QA (LLM stages).
         if model.llm is not None and tokenizer is not None and hasattr(item, "messages") and batch.num_images:
             messages = item.messages
@@ -127,6 +148,7 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
         result["answer_accuracy"] = correct / asked
     if psnrs:
         result["psnr"] = sum(psnrs) / len(psnrs)
+        result["ssim"] = sum(ssims) / len(ssims)
     if hist is not None:
         result.update(code_usage_metrics(hist))
     model.train(was_training)

@@ -1,12 +1,9 @@
-"""What a run reports: code usage of the quantizer, answer scoring, and where records go
-(``metrics.jsonl`` / ``val.jsonl``, TensorBoard, the progress bar)."""
+"""What a run measures: code usage of the quantizer, answer scoring, and the progress bar (records
+go to :mod:`viq.train.logger`)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import unicodedata
-from pathlib import Path
 
 import torch
 
@@ -14,18 +11,17 @@ from viq.formats.bits import usage_stats
 from viq.train.config import TrainConfig
 from viq.train.parallel import Dist
 
-log = logging.getLogger(__name__)
-
-__all__ = ["CodeUsage", "code_usage_metrics", "normalize_answer", "answer_matches", "RunLog", "progress_bar"]
+__all__ = ["CodeUsage", "code_usage_metrics", "normalize_answer", "answer_matches", "progress_bar"]
 
 
 # ---------------------------------------------------------------------------------- code usage
 
 def code_usage_metrics(hist: torch.Tensor) -> dict[str, float]:
-    """``code_usage`` (share of the codebook seen) and ``code_perplexity`` of a code histogram
-    (length K), as the run logs them; both 0 for an empty histogram."""
+    """``code_usage`` (share of the codebook seen), ``code_perplexity`` and ``code_entropy_bits`` of
+    a code histogram (length K), as the run logs them; all 0 for an empty histogram."""
     stats = usage_stats(hist)
-    return {"code_usage": stats["usage"], "code_perplexity": stats["perplexity"]}
+    return {"code_usage": stats["usage"], "code_perplexity": stats["perplexity"],
+            "code_entropy_bits": stats["entropy_bits"]}
 
 
 class CodeUsage:
@@ -52,6 +48,14 @@ class CodeUsage:
         self.current.zero_()
         return code_usage_metrics(torch.stack(self.counts).sum(0))
 
+    def state_dict(self) -> dict:
+        """The window's per-step histograms (summed over ranks, so the same on every rank): kept in
+        checkpoints so a resumed run reports what an uninterrupted one reports."""
+        return {"counts": [c.cpu() for c in self.counts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = [c.to(self.current) for c in state["counts"]] if self.size else []
+
 
 # ------------------------------------------------------------------------------ answer scoring
 
@@ -69,38 +73,7 @@ def answer_matches(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
-# ------------------------------------------------------------------------------------ records
-
-class RunLog:
-    """Rank 0's record of a run in ``out_dir``: one JSON line per record, ``train`` records in
-    ``metrics.jsonl`` and ``val`` records in ``val.jsonl``, plus TensorBoard scalars
-    (``<kind>/<key>``) when ``tensorboard`` is set. Other ranks write nothing."""
-
-    FILES = {"train": "metrics.jsonl", "val": "val.jsonl"}
-
-    def __init__(self, out_dir: Path, *, tensorboard: bool, main: bool) -> None:
-        self.out_dir, self.main = out_dir, main
-        self.tb = _tensorboard(out_dir) if main and tensorboard else None
-
-    def write(self, kind: str, record: dict, step: int) -> None:
-        if not self.main:
-            return
-        with open(self.out_dir / self.FILES[kind], "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("train.tensorboard is set but tensorboard is not installed (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
-
+# ------------------------------------------------------------------------------- progress
 
 def progress_bar(cfg: TrainConfig, dist_info: Dist, total: int, initial: int):
     """A tqdm bar over optimizer steps, shown on rank 0 when ``train.progress`` is set."""

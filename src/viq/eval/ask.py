@@ -1,0 +1,128 @@
+"""Ask a trained run about an image: load the run once, answer any number of questions.
+
+::
+
+    from viq.eval.ask import Asker, ask
+
+    asker = Asker.from_run("runs/stage2_2")            # a run folder or its final/ folder
+    asker.ask("photo.png", "What color is the square?")  # -> "red"
+    ask("runs/stage1", "photo.png", "How many circles?", max_new_tokens=16)  # one-off (loads each call)
+
+Answers come from the same path as validation and ``viq eval-qa``: the run's model from
+:func:`viq.eval.qa.load_run`, the image preprocessed as the run's recipe did at the end of training
+(:func:`viq.eval.qa.run_preprocess`), and greedy generation by
+:func:`viq.train.evaluate.generate_reply`. Asked with the budget of ``eval-qa``
+(:func:`viq.train.evaluate.answer_budget` of the reference answer), the answer is the one ``eval-qa``
+records; a larger budget lets a greedy answer run on past it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Asker", "ask"]
+
+
+def _sources(image: Any) -> list[Any]:
+    """One image source, or a list / tuple of them -> a list of sources."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("no image to ask about")
+        return list(image)
+    return [image]
+
+
+class Asker:
+    """A stage model with an LLM (stages ``stage1``, ``stage2_1``, ``stage2_2``, ``mllm``) ready to
+    answer questions about images.
+
+    Args:
+        model, tokenizer: the stage model and its chat tokenizer, as :func:`viq.eval.qa.load_run`
+            returns them.
+        preprocess: :class:`viq.formats.image.PreprocessConfig` (default: the run's, when the model
+            carries its recipe, else the library default).
+        The model is put in eval mode.
+        encoder: for stages that read codes (``mllm``): the ViQ model that encodes images (default:
+            ``model.qa_encoder``, set by ``load_run``).
+    """
+
+    def __init__(self, model, tokenizer, *, preprocess=None, encoder=None) -> None:
+        from viq.eval.qa import run_preprocess
+        from viq.formats.image import PreprocessConfig
+
+        if getattr(model, "llm", None) is None or getattr(model, "projector", None) is None or tokenizer is None:
+            raise ValueError("asking needs a stage model with its projector, LLM and tokenizer")
+        recipe = getattr(model, "recipe", None)
+        self.model, self.tokenizer = model, tokenizer
+        self.preprocess = preprocess or (run_preprocess(recipe) if recipe is not None else PreprocessConfig())
+        self.encoder = encoder if encoder is not None else getattr(model, "qa_encoder", None)
+        if getattr(model, "encoder", None) is None and self.encoder is None:
+            raise ValueError("this stage model answers from codes: pass encoder= (a ViQ model) to encode the images")
+        self.device = next(model.parameters()).device
+        model.eval()  # dropout off: greedy answers are deterministic
+
+    @classmethod
+    def from_run(cls, run: str | os.PathLike[str], device: torch.device | str | None = None) -> Asker:
+        """Load a training run (its output folder or ``final/``) once; see :func:`viq.eval.qa.load_run`
+        for what is loaded and what it raises."""
+        from viq.eval.qa import load_run
+
+        model, tokenizer = load_run(run, device)
+        return cls(model, tokenizer)
+
+    @property
+    def stage(self) -> str:
+        return self.model.stage
+
+    def messages(self, question: str, num_images: int = 1) -> list[dict[str, str]]:
+        """The chat of one question: a user turn with ``num_images`` ``<image>`` placeholders in front
+        of the question (the LLaVA convention: ``"<image>\\nquestion"``), unless the question places
+        them itself."""
+        from viq.mllm.chat import IMAGE_TOKEN
+
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        placed = question.count(IMAGE_TOKEN)
+        if placed and placed != num_images:
+            raise ValueError(f"the question has {placed} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)")
+        content = question if placed else "\n".join([IMAGE_TOKEN] * num_images + [question.strip()])
+        return [{"role": "user", "content": content}]
+
+    @torch.no_grad()
+    def ask(self, image: Any | Sequence[Any], question: str, *, max_new_tokens: int = 64) -> str:
+        """The model's greedy answer to ``question`` about ``image``.
+
+        Args:
+            image: an image file path, encoded bytes, a PIL image or an ``(H, W, 3)`` uint8 array
+                (anything :func:`viq.formats.image.load_image` reads), or a list of them.
+            question: the question; ``<image>`` placeholders are optional (default: the images first).
+            max_new_tokens: the generation budget (tokens).
+
+        Raises:
+            viq.formats.image.ImageError: an unreadable image.
+            ValueError: an empty question, placeholders that do not match the images, a budget < 1.
+        """
+        from viq.formats.image import preprocess
+        from viq.train.evaluate import generate_reply
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sources = _sources(image)
+        messages = self.messages(question, len(sources))
+        pixels = [preprocess(src, self.preprocess).pixels for src in sources]
+        codes = None
+        if getattr(self.model, "encoder", None) is None:  # a stage that reads codes
+            codes = self.encoder.encode_pixels([x.to(self.device) for x in pixels])
+        return generate_reply(self.model, self.tokenizer, messages, pixels, self.device, codes=codes,
+                              max_new_tokens=max_new_tokens)
+
+
+def ask(run: str | os.PathLike[str], image: Any | Sequence[Any], question: str, *, max_new_tokens: int = 64,
+        device: torch.device | str | None = None) -> str:
+    """Load ``run`` and answer one question about ``image`` (:meth:`Asker.ask`). To ask several
+    questions, load once with :meth:`Asker.from_run`."""
+    return Asker.from_run(run, device).ask(image, question, max_new_tokens=max_new_tokens)
