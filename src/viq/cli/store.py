@@ -16,7 +16,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     pre_kwargs = {k: v for k, v in (("max_pixels", args.max_pixels), ("min_pixels", args.min_pixels)) if v}
     try:
-        counts = extract(args.model, args.input, args.out, image_root=args.image_root, device=args.device,
+        counts = extract(args.model, args.input, args.out, image_root=args.image_root, image_column=args.image_column,
+                         id_column=args.id_column, rank=args.rank, world_size=args.world_size, device=args.device,
                          dtype=getattr(torch, args.dtype), batch_tokens=args.batch_tokens, num_workers=args.workers,
                          preprocess=PreprocessConfig(**pre_kwargs), flush_every=args.flush_every,
                          entropy_coding=args.entropy_coding, progress=not args.quiet)
@@ -43,14 +44,26 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``extract`` and ``store`` (with its actions ``verify`` and ``stats``)."""
     p = sub.add_parser("extract", parents=[common], help="extract codes of many images into a code store",
-                       description="Encode every image of an input (folder, LLaVA JSON/JSONL, WebDataset .tar shards) "
-                                   "into a code store. Resumable: re-run the same command after an interruption. "
-                                   "Multi-GPU: torchrun --nproc_per_node N -m viq extract ...",
+                       description="Encode every image of an input (folder, LLaVA JSON/JSONL, WebDataset .tar shards, "
+                                   "Parquet / Arrow / saved datasets) into a code store. Resumable: re-run the same "
+                                   "command after an interruption. Multi-GPU / multi-node: torchrun, srun or mpirun "
+                                   "... -m viq extract ... (rank and world size read from the launcher), or "
+                                   "--rank/--world-size.",
                        formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, metavar="MODEL", help="model directory (viq or official)")
-    p.add_argument("--input", required=True, metavar="INPUT", help="image folder, LLaVA .json/.jsonl, or .tar / folder of .tar")
+    p.add_argument("--input", required=True, metavar="INPUT",
+                   help="image folder, LLaVA .json/.jsonl, tar shards (file, folder or 'shards/{00000..00999}.tar'), "
+                        ".parquet / .arrow file or folder, or a folder saved by datasets.save_to_disk")
     p.add_argument("--out", required=True, metavar="STORE", help="code store directory (created or appended to)")
-    p.add_argument("--image-root", metavar="DIR", help="LLaVA inputs: folder the image paths are relative to")
+    p.add_argument("--image-root", metavar="DIR", help="LLaVA inputs and image-path columns: folder the paths are "
+                                                       "relative to")
+    p.add_argument("--image-column", default="image", metavar="NAME",
+                   help="columnar inputs: column with the image bytes, path or {bytes, path} struct (default image)")
+    p.add_argument("--id-column", metavar="NAME",
+                   help="columnar inputs: column with the store id (default: the image path, else <file>/<row>)")
+    p.add_argument("--rank", type=int, metavar="R", help="this process's rank (default: from torchrun / SLURM / "
+                                                          "OpenMPI, else 0); give with --world-size")
+    p.add_argument("--world-size", type=positive_int, metavar="W", help="number of extracting processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto = this rank's GPU if any)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N", help="patch tokens per forward pass")

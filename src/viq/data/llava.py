@@ -493,7 +493,8 @@ class LlavaDataset(Dataset):
     """LLaVA-style conversations with images (module docstring: format, rules, errors).
 
     Args:
-        path: a ``.json`` (list of records) or ``.jsonl`` (one record per line) file.
+        path: a ``.json`` (list of records) or ``.jsonl`` (one record per line) file, or Parquet /
+            Arrow data with a conversations column (:func:`viq.data.columnar.iter_records`).
         image_root: folder that relative image paths are resolved against; default: the folder
             of ``path``.
         preprocess: how images without an official ``"resize"`` are sized
@@ -504,6 +505,8 @@ class LlavaDataset(Dataset):
             whose image fails makes ``__getitem__`` return ``None`` (with a warning); use
             :func:`collate_samples`, which drops them.
         max_samples: keep only the first ``max_samples`` valid records (reading stops there).
+        columns: columnar data only: ``conversations_column``, ``image_column``, ``id_column``
+            (default ``conversations``, ``image``, ``id``).
 
     Attributes:
         path: the data file, as given.
@@ -522,6 +525,7 @@ class LlavaDataset(Dataset):
         preprocess: PreprocessConfig = PreprocessConfig(),
         on_error: str = "raise",
         max_samples: int | None = None,
+        columns: dict[str, str | None] | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -532,6 +536,7 @@ class LlavaDataset(Dataset):
         ):
             raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
         self.path = os.fspath(path)
+        self.columns = dict(columns or {})
         self.image_root = os.fspath(image_root) if image_root is not None else os.path.dirname(self.path)
         self.preprocess = preprocess
         self.on_error = on_error
@@ -543,20 +548,30 @@ class LlavaDataset(Dataset):
     # -- reading -------------------------------------------------------------------------------
 
     def _read(self) -> list[_Record]:
+        from viq.data.columnar import is_columnar_source, iter_records
+
         path = self.path
         ext = os.path.splitext(path)[1].lower()
-        if ext not in (".json", ".jsonl"):
-            raise DataError(f"{path}: unsupported data file extension {ext!r}: expected .json or .jsonl")
-        if not os.path.isfile(path):
+        values: Iterator[tuple[int | str, Any]]
+        if os.path.exists(path) and is_columnar_source(path):  # records from the rows of Parquet / Arrow data
+            try:
+                values = iter(list(iter_records(path, **self.columns)))
+            except (ValueError, OSError) as e:
+                raise DataError(f"{path}: {e}") from e
+        elif ext not in (".json", ".jsonl"):
+            raise DataError(f"{path}: unsupported data file extension {ext!r}: expected .json, .jsonl, "
+                            ".parquet, .arrow or a folder of Parquet / saved datasets files")
+        elif not os.path.isfile(path):
             raise DataError(f"{path}: data file not found" if not os.path.exists(path) else f"{path}: not a file")
-        values: Iterator[tuple[int, Any]] = _iter_jsonl(path) if ext == ".jsonl" else _iter_json_list(path)
+        else:
+            values = _iter_jsonl(path) if ext == ".jsonl" else _iter_json_list(path)
 
         root = os.path.join(self.image_root, "")  # "" -> "", "dir" -> "dir/"
         records: list[_Record] = []
         total = 0
         for line, value in values:
             total += 1
-            where = f"{path}:{line}"
+            where = line if isinstance(line, str) else f"{path}:{line}"  # columnar rows say "<file>#row<n>"
             try:
                 if isinstance(value, DataError):
                     raise value

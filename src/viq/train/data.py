@@ -128,8 +128,10 @@ class Collator:
 
 
 def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
-    """The dataset at ``path`` for the recipe's stage: LLaVA conversations (a JSON/JSONL file), an
-    image folder (a directory), or conversations with stored codes (stages that read codes)."""
+    """The dataset at ``path`` for the recipe's stage: LLaVA conversations (a JSON/JSONL file, or
+    Parquet / Arrow data with ``conversations``, ``image`` and ``id`` columns), an image folder (a
+    directory), or conversations with stored codes (stages that read codes)."""
+    from viq.data.columnar import is_columnar_source
     from viq.data.folder import ImageFolderDataset
     from viq.data.llava import LlavaDataset
     from viq.formats.image import PreprocessConfig
@@ -142,7 +144,7 @@ def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
         return LlavaCodesDataset(path, cfg.data.codes, image_root=cfg.data.image_root, on_error=cfg.data.on_error)
 
     pre = PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels)
-    if Path(path).is_dir():
+    if Path(path).is_dir() and not is_columnar_source(path):
         return ImageFolderDataset(path, preprocess=pre, on_error=cfg.data.on_error)
     return LlavaDataset(path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error)
 
