@@ -40,3 +40,12 @@ def test_validation_errors():
         get_preset("viq-test").replace(encoder={**get_preset("viq-test").encoder.__dict__, "num_heads": 3})
     with pytest.raises(KeyError, match="unknown preset"):
         get_preset("viq-huge")
+
+
+def test_old_tensorboard_flag_means_the_tensorboard_tracker():
+    from viq.train.config import TrainConfig
+
+    assert TrainConfig.from_dict({"stage": "stage1", "train": {"tensorboard": True}}).train.trackers == ["tensorboard"]
+    assert TrainConfig.from_dict({"stage": "stage1", "train": {"tensorboard": False}}).train.trackers == []
+    both = {"stage": "stage1", "train": {"tensorboard": True, "trackers": ["wandb"]}}
+    assert TrainConfig.from_dict(both).train.trackers == ["wandb", "tensorboard"]

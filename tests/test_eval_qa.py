@@ -247,3 +247,73 @@ def test_mllm_run_answers_from_codes(tmp_path, run):
     shutil.rmtree(root / "viq")
     with pytest.raises(FileNotFoundError, match="encoder"):
         QA.load_run(root / "mllm", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# viq ask and viq plot on the same run
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_image(record: dict) -> str:
+    return record["image"][0] if isinstance(record["image"], list) else record["image"]
+
+
+def test_ask_gives_the_answers_of_eval_qa(run):
+    """Asker.ask with eval-qa's budget answers what evaluate_qa recorded, question by question
+    (single-turn image records: the question is the whole context)."""
+    from viq.eval.ask import Asker
+    from viq.train.evaluate import answer_budget
+
+    model, tokenizer = run["model"], run["tokenizer"]
+    examples: list[dict] = []
+    QA.evaluate_qa(model, tokenizer, run["records"], run["data"].parent, examples=examples)
+    asker = Asker(model, tokenizer)
+    assert len(examples) == 4
+    for e in examples:
+        shown = e["image"] if isinstance(e["image"], list) else [e["image"]]
+        got = asker.ask([run["data"].parent / name for name in shown], e["question"],
+                        max_new_tokens=answer_budget(tokenizer, e["answer"]))
+        assert got == e["prediction"], e["id"]
+
+
+def test_ask_rejects_bad_questions(run):
+    from viq.eval.ask import Asker
+
+    asker = Asker(run["model"], run["tokenizer"])
+    image = run["data"].parent / _first_image(run["records"][0])
+    with pytest.raises(ValueError, match="empty"):
+        asker.ask(image, "   ")
+    with pytest.raises(ValueError, match="placeholder"):
+        asker.ask(image, "<image> <image> which?")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        asker.ask(image, "which?", max_new_tokens=0)
+
+
+def test_cli_ask(run, tmp_path, capsys):
+    from viq.eval.ask import ask
+
+    image = run["data"].parent / _first_image(run["records"][0])
+    question = "What color is it?"
+    expected = ask(run["root"] / "runs" / "stage1", image, question, max_new_tokens=5, device="cpu")
+    assert main(["ask", str(run["root"] / "runs" / "stage1"), str(image), question, "--json",
+                 "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == expected and out["stage"] == "stage1" and out["question"] == question
+    assert main(["ask", str(tmp_path / "nope"), str(image), question]) == 2
+    assert "cannot load run" in capsys.readouterr().err
+    assert main(["ask", str(run["root"] / "runs" / "stage1"), str(tmp_path / "missing.png"), question]) == 1
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_cli_plot(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    run_dir = run["root"] / "runs" / "stage1"
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(run_dir), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as im:
+        assert im.width > 200 and im.height > 200
+    assert main(["plot", str(tmp_path)]) == 1
+    assert "metrics.jsonl" in capsys.readouterr().err

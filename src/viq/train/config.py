@@ -54,9 +54,16 @@ class LLMSection:
 
 @dataclass
 class DataSection:
-    train: str | None = None  # LLaVA JSON/JSONL, or an image folder (drawer stage)
+    train: str | None = None  # LLaVA JSON/JSONL, Parquet / Arrow / saved dataset, or an image folder (drawer stage)
     val: str | None = None
     image_root: str | None = None
+    #: Parquet / Arrow / saved-dataset data only: the columns holding the LLaVA conversations, the
+    #: image(s) (paths, bytes or {bytes, path} structs; null: text only) and the sample id (null: none).
+    #: Images stored as bytes are found in a code store (stage mllm) under the id column's value, so
+    #: extract them with ``viq extract --id-column`` set to the same column.
+    conversations_column: str = "conversations"
+    image_column: str | None = "image"
+    id_column: str | None = "id"
     #: stage mllm: the code store holding the codes of data.train / data.val's images
     codes: str | None = None
     on_error: str = "raise"  # raise | skip (bad samples are counted and reported)
@@ -178,6 +185,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        train = data.get("train") if isinstance(data, dict) else None
+        if isinstance(train, dict) and "tensorboard" in train:
+            # recipes written before train.trackers: `tensorboard: true` still means TensorBoard
+            train = dict(train)
+            if train.pop("tensorboard") and "tensorboard" not in train.get("trackers", []):
+                train["trackers"] = [*train.get("trackers", []), "tensorboard"]
+            data = {**data, "train": train}
         return _build(cls, data, "recipe")
 
 
