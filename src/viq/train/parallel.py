@@ -76,7 +76,10 @@ def wrap_parallel(model: TrainModel, cfg: TrainConfig, dist_info: Dist, device: 
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6: FSDP2 lived under the composable API
+        from torch.distributed._composable.fsdp import fully_shard
 
     for module in transformer_blocks(model):
         fully_shard(module)
