@@ -22,3 +22,30 @@ def test_benchmark_runs(script, argv, tmp_path):
     record = module.main([*argv, "--out", str(tmp_path / "r.json")])
     assert (tmp_path / "r.json").is_file()
     assert record["figures"]
+
+
+def test_load_memory_quick_mode(tmp_path, official_dir):
+    """bench/load_memory.py --layout tiny (the golden fixture's shapes): each load in a fresh process."""
+    import json
+
+    module = __import__("load_memory")
+    work, out = tmp_path / "work", tmp_path / "load_memory.json"
+    work.mkdir()
+    returned = module.main(["--layout", "tiny", "--loads", "official:float32", "viq:bfloat16",
+                            "--workdir", str(work), "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "load_memory" and record["figures"] == returned["figures"]
+    assert record["config"]["layout"] == "tiny" and record["config"]["loads"] == ["official:float32", "viq:bfloat16"]
+    assert record["config"]["parameters"] > 0 and "official/model_viq_fsq_16k.pth" in record["config"]["files_bytes"]
+    official, converted = record["figures"]
+    assert (official["format"], official["dtype"]) == ("official", "float32")
+    assert (converted["format"], converted["dtype"]) == ("viq", "bfloat16")
+    for fig in record["figures"]:
+        size = 4 if fig["dtype"] == "float32" else 2
+        assert fig["model_bytes"] >= size * fig["model_parameters"] > 0
+        assert fig["peak_rss"] >= fig["baseline_rss"] > 0
+        assert fig["peak_over_model"] == pytest.approx(fig["peak_rss"] / fig["model_bytes"], rel=1e-3)
+        assert isinstance(fig["fingerprint"], str) and fig["fingerprint"]
+    # the same architecture in both formats
+    assert official["model_parameters"] == converted["model_parameters"]
+    assert list(work.iterdir()) == []  # the written weights are deleted

@@ -216,6 +216,7 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
         FileNotFoundError: not a run, or the recipe's LLM (or encoder) is gone.
         ValueError: a stage without an LLM (``drawer``) or a recipe without ``llm.path``.
     """
+    from viq.model.hub import parse_hub_id
     from viq.train.build import STAGE_FILE, build_model
     from viq.train.config import TrainConfig
     from viq.train.stages import get_stage
@@ -232,7 +233,7 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
     llm_path = (data.get("llm") or {}).get("path")
     if not llm_path:
         raise ValueError(f"{final}: the run's recipe has no llm.path (it was trained without an LLM)")
-    if not Path(llm_path).exists():
+    if not Path(llm_path).exists() and parse_hub_id(llm_path) is None:  # a Hub id is resolved when built
         raise FileNotFoundError(f"{final}: the run's LLM {llm_path} (llm.path of its recipe) is not found")
     original_init = (data.get("model") or {}).get("init", "")
     # The final output already holds the merged config and every trained weight.
@@ -247,7 +248,7 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
         import viq
 
         kind, _, value = original_init.partition(":")
-        if kind != "viq" or not Path(value).is_dir():
+        if kind != "viq" or not (Path(value).is_dir() or parse_hub_id(value) is not None):
             raise FileNotFoundError(f"{final}: a {stage} run answers from codes; its encoder (model.init "
                                     f"{original_init!r} of the recipe) is needed to encode images and is not found")
         encoder = viq.load(value, device=device, components=("encoder",))

@@ -43,7 +43,7 @@ class ModelSection:
 
 @dataclass
 class LLMSection:
-    path: str | None = None  # local HF causal LM directory (None: stage runs without an LLM)
+    path: str | None = None  # HF causal LM: a local directory or a Hub id (None: stage runs without an LLM)
     mode: str = "lora"  # frozen | lora | dora | full
     lora_r: int = 64
     lora_alpha: int = 16
