@@ -127,3 +127,31 @@ def test_two_process_extraction_equals_one(model_dir, tmp_path):
     writers = {two.entry(sid).shard.split("-")[0] for sid in two.ids()}
     assert writers == {"rank0", "rank1"}
     assert store_content(tmp_path / "two") == store_content(tmp_path / "one")
+
+
+def test_cli_convention_positional_and_old_flags(model_dir, tmp_path, capsys):
+    """`viq extract MODEL INPUT -o STORE` like encode/eval-recon; the older --model/--input/--out still
+    work; the shared preprocessing and model flags reach the encoder."""
+    from viq.cli.main import main
+
+    make_images(tmp_path / "imgs", 6, bad=False)
+    common = ["--workers", "0", "-q", "--device", "cpu"]
+    assert main(["extract", str(model_dir), str(tmp_path / "imgs"), "-o", str(tmp_path / "new"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["encoded"] == 6
+    assert main(["extract", "--model", str(model_dir), "--input", str(tmp_path / "imgs"), "--out",
+                 str(tmp_path / "old"), *common]) == 0
+    capsys.readouterr()
+    assert store_content(tmp_path / "new") == store_content(tmp_path / "old")
+    # Preprocessing flags shared with encode: --square 16 gives every image a 1x1-patch grid.
+    assert main(["extract", str(model_dir), str(tmp_path / "imgs"), "-o", str(tmp_path / "sq"), "--square", "16",
+                 "--attention", "sdpa", *common]) == 0
+    capsys.readouterr()
+    assert {tuple(c.grid) for _, c in CodeStore.open(tmp_path / "sq")} == {(1, 1)}
+    # The same value twice, or one missing: usage errors naming the problem.
+    assert main(["extract", str(model_dir), str(tmp_path / "imgs"), "--model", str(tmp_path), "-o", "x"]) == 2
+    assert "MODEL given twice" in capsys.readouterr().err
+    assert main(["extract", str(model_dir), "-o", str(tmp_path / "x")]) == 2
+    assert "missing INPUT" in capsys.readouterr().err
+    assert main(["extract", str(model_dir), str(tmp_path / "imgs"), "--rank", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("viq: error:") and "-o STORE" in err

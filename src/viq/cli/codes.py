@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from viq.cli.common import (
-    EXIT_FAILED,
-    EXIT_OK,
     CLIError,
+    FileRun,
     HelpFormatter,
     add_model_options,
+    add_preprocess_options,
     load_model,
     log,
     positive_int,
+    preprocess_config,
     progress_bar,
     reason,
 )
@@ -37,27 +38,6 @@ class _Job:
     output: Path
 
 
-@dataclasses.dataclass
-class _Run:
-    """Book-keeping of one encode/decode run."""
-
-    done: int = 0
-    skipped: int = 0
-    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-
-    def fail(self, source: Path | str, reason: str) -> None:
-        log.error("%s: %s", source, reason)
-        self.failures.append((str(source), reason))
-
-    def finish(self, verb: str) -> int:
-        log.info("%s %d, skipped %d (exist), failed %d", verb, self.done, self.skipped, len(self.failures))
-        if self.failures:
-            lines = "".join(f"\n  {src}: {reason}" for src, reason in self.failures)
-            log.error("%d file(s) failed:%s", len(self.failures), lines)
-            return EXIT_FAILED
-        return EXIT_OK
-
-
 def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
@@ -69,7 +49,7 @@ def _plan(
     out_suffix: str,
     recursive: bool,
     what: str,
-    run: _Run,
+    run: FileRun,
 ) -> list[_Job]:
     """Expand files and folders into (source, output) jobs.
 
@@ -124,7 +104,7 @@ def _check_outdir(outdir: Path) -> None:
         raise CLIError(f"{outdir}: output path exists and is not a folder")
 
 
-def _skip_existing(jobs: list[_Job], overwrite: bool, run: _Run) -> list[_Job]:
+def _skip_existing(jobs: list[_Job], overwrite: bool, run: FileRun) -> list[_Job]:
     if overwrite:
         return jobs
     todo = []
@@ -156,26 +136,18 @@ def _model_fingerprint(model: Any) -> str | None:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from viq.formats.image import PreparedImage, PreprocessConfig, preprocess
+    from viq.formats.image import PreparedImage, preprocess
     from viq.model.viq import DEFAULT_BATCH_TOKENS
 
     outdir = Path(args.output)
     _check_outdir(outdir)
     batch_tokens = args.batch_tokens or DEFAULT_BATCH_TOKENS
-    run = _Run()
+    run = FileRun()
     jobs = _plan(args.inputs, outdir, IMAGE_EXTENSIONS, CODES_EXTENSION, args.recursive, "image", run)
     todo = _skip_existing(jobs, args.overwrite, run)
 
     model = load_model(args, ("encoder",))
-    try:
-        cfg = PreprocessConfig(
-            patch_size=model.patch_size,
-            **{k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels),
-                                 ("multiple", args.multiple), ("resample", args.resample),
-                                 ("square", args.square)) if v is not None},
-        )
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"invalid preprocessing options: {e}") from None
+    cfg = preprocess_config(args, model.patch_size)
     fingerprint = model.fingerprint()
     log.debug("model %s (fingerprint %s), %d to encode, batch budget %d tokens", args.model, fingerprint, len(todo),
               batch_tokens)
@@ -228,7 +200,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     outdir = Path(args.output)
     _check_outdir(outdir)
-    run = _Run()
+    run = FileRun()
     jobs = _plan(args.inputs, outdir, (CODES_EXTENSION,), ".png", args.recursive, ".viq", run)
     todo = _skip_existing(jobs, args.overwrite, run)
 
@@ -315,13 +287,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
     p.add_argument("--batch-tokens", type=positive_int, default=None, metavar="N",
                    help="patch tokens per forward pass (default: the model's, 8192)")
-    g = p.add_argument_group("preprocessing (default: native resolution, area in [256, 1024*1024] pixels)")
-    g.add_argument("--max-pixels", type=positive_int, metavar="N", help="downscale larger images to at most this area")
-    g.add_argument("--min-pixels", type=positive_int, metavar="N", help="upscale smaller images to at least this area")
-    g.add_argument("--multiple", choices=("pad", "resize"), help="pad (official) or resize sides to multiples of 16")
-    g.add_argument("--resample", choices=("bicubic", "bilinear", "lanczos", "nearest"), help="resize filter")
-    g.add_argument("--square", type=positive_int, metavar="N",
-                   help="official demo mode: shorter side -> N, centre crop N x N (N even)")
+    add_preprocess_options(p)
     add_model_options(p)
     p.set_defaults(func=cmd_encode)
 

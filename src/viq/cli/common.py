@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-per-image", "flex", "flash")
 
 
 class CLIError(Exception):
@@ -78,6 +79,27 @@ def stderr_logging(verbose: bool, quiet: bool) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved_level)
+
+
+@dataclasses.dataclass
+class FileRun:
+    """Book-keeping of a command over many files (encode, decode, eval-recon): done, skipped, failed."""
+
+    done: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def fail(self, source: Path | str, reason: str) -> None:
+        log.error("%s: %s", source, reason)
+        self.failures.append((str(source), reason))
+
+    def finish(self, verb: str) -> int:
+        log.info("%s %d, skipped %d (exist), failed %d", verb, self.done, self.skipped, len(self.failures))
+        if self.failures:
+            lines = "".join(f"\n  {src}: {reason}" for src, reason in self.failures)
+            log.error("%d file(s) failed:%s", len(self.failures), lines)
+            return EXIT_FAILED
+        return EXIT_OK
 
 
 def progress_bar(total: int, desc: str, quiet: bool):
@@ -154,6 +176,32 @@ def add_model_options(p: argparse.ArgumentParser, *, attention: bool = True) -> 
                    help="official directories with a non-official width only: attention heads of the trunk")
     g.add_argument("--levels", type=levels_arg, metavar="L,L,...",
                    help="official directories only: FSQ levels, e.g. 8,8,8,6,5, when they cannot be detected")
+
+
+def add_preprocess_options(p: argparse.ArgumentParser) -> None:
+    """The ``preprocessing`` option group, the same on every command that reads images."""
+    g = p.add_argument_group("preprocessing (default: native resolution, area in [256, 1024*1024] pixels)")
+    g.add_argument("--max-pixels", type=positive_int, metavar="N", help="downscale larger images to at most this area")
+    g.add_argument("--min-pixels", type=positive_int, metavar="N", help="upscale smaller images to at least this area")
+    g.add_argument("--multiple", choices=("pad", "resize"), help="pad (official) or resize sides to multiples of 16")
+    g.add_argument("--resample", choices=("bicubic", "bilinear", "lanczos", "nearest"), help="resize filter")
+    g.add_argument("--square", type=positive_int, metavar="N",
+                   help="official demo mode: shorter side -> N, centre crop N x N (N even)")
+
+
+def preprocess_config(args: argparse.Namespace, patch_size: int):
+    """The :class:`~viq.formats.image.PreprocessConfig` of :func:`add_preprocess_options`' flags (those
+    not given keep the library defaults); invalid combinations are usage errors."""
+    from viq.formats.image import PreprocessConfig
+
+    names = ("min_pixels", "max_pixels", "multiple", "resample", "square")
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if "max_pixels" in given and "min_pixels" not in given:  # --max-pixels alone below the default floor
+        given["min_pixels"] = min(given["max_pixels"], PreprocessConfig.min_pixels)
+    try:
+        return PreprocessConfig(patch_size=patch_size, **given)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"invalid preprocessing options: {e}") from None
 
 
 # ============================================================================================ model

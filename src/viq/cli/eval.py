@@ -20,11 +20,14 @@ from viq.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     CLIError,
+    FileRun,
     HelpFormatter,
     add_model_options,
+    add_preprocess_options,
     load_model,
     log,
     positive_int,
+    preprocess_config,
     progress_bar,
     reason,
     torch_device,
@@ -148,14 +151,14 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
 def _list_images(inputs: list[str], run) -> list[Path]:
     """Image files named directly, and every image file under named folders (recursive, sorted,
     hidden files and folders left out: the listing of image-folder training data); each file once."""
-    from viq.data.folder import _find_images
+    from viq.data.folder import find_images
 
     seen: set[str] = set()
     files: list[Path] = []
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            found = [Path(f) for f in _find_images(str(path), "skip")]
+            found = [Path(f) for f in find_images(str(path), "skip")]
             if not found:
                 log.warning("%s: no image files found", path)
         elif path.is_file():
@@ -219,19 +222,13 @@ def _write(path: Path, content, what: str) -> None:
 
 
 def cmd_eval_recon(args: argparse.Namespace) -> int:
-    from viq.cli.codes import _Run
     from viq.eval.rate_distortion import comparison_grid, plot_rate_distortion
     from viq.eval.recon import evaluate_reconstruction
-    from viq.formats.image import PreprocessConfig
 
-    run = _Run()
+    run = FileRun()
     files = _list_images(args.images, run)
     model = load_model(args, ("encoder", "drawer", "vae"))
-    try:
-        cfg = PreprocessConfig(patch_size=model.patch_size, **({} if args.max_pixels is None else {
-            "max_pixels": args.max_pixels, "min_pixels": min(args.max_pixels, PreprocessConfig.min_pixels)}))
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"invalid preprocessing options: {e}") from None
+    cfg = preprocess_config(args, model.patch_size)
     extractor = None
     if args.fid_features is not None:
         from viq.eval.fid import load_feature_extractor
@@ -340,12 +337,12 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--grid", metavar="OUT.png", help="input | reconstruction | JPEG at equal bpp, side by side")
     p.add_argument("--grid-images", type=positive_int, default=4, metavar="N",
                    help="images (the first N) in --grid (default 4)")
-    p.add_argument("--max-pixels", type=positive_int, metavar="N", help="downscale larger images to at most this area")
     p.add_argument("--qualities", type=_qualities, metavar="Q,Q,...",
                    help="JPEG / WebP qualities of the --plot curves (default 2,5,10,20,30,50,70,90)")
     p.add_argument("--fid-features", metavar="SPEC",
                    help="also compute rFID with these features: viq, hf:<dir or hub id>, timm:<hub id or arch=file>, "
                         "open_clip:<hub id or arch=file> (local or cached only; nothing is downloaded)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
+    add_preprocess_options(p)
     add_model_options(p)
     p.set_defaults(func=cmd_eval_recon)

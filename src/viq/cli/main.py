@@ -15,7 +15,7 @@
     viq eval-recon MODEL IMAGES... [--json]  PSNR / SSIM / bpp / rFID beside JPEG and WebP at equal bpp
     viq ask RUN IMAGE "QUESTION" [--json]    a trained run's answer to one question about an image
     viq plot RUN_DIR [-o PNG]                a run's training curves (losses, LR, code usage)
-    viq extract --model M --input I --out S  many images -> a code store
+    viq extract MODEL INPUT -o STORE         many images -> a code store
     viq store verify|stats STORE             check or summarise a code store
 
 Exit codes: 0 success; 1 some inputs failed (the others were still processed) or the command could

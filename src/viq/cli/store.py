@@ -5,22 +5,55 @@ from __future__ import annotations
 import argparse
 import json
 
-from viq.cli.common import DTYPES, EXIT_FAILED, EXIT_OK, CLIError, HelpFormatter, log, positive_int
+from viq.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CLIError,
+    HelpFormatter,
+    add_model_options,
+    add_preprocess_options,
+    load_model,
+    log,
+    positive_int,
+    preprocess_config,
+)
+
+
+def _one(args: argparse.Namespace, name: str, flag: str) -> str:
+    """A value given positionally or by its older flag (kept as a hidden alias), not both."""
+    positional, old = getattr(args, name), getattr(args, f"{name}_flag")
+    if positional is not None and old is not None and positional != old:
+        raise CLIError(f"{name.upper()} given twice: {positional!r} and {flag} {old!r}")
+    value = positional if positional is not None else old
+    if value is None:
+        raise CLIError(f"missing {name.upper()} (viq extract MODEL INPUT -o STORE)")
+    return value
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    import torch
-
     from viq.extract import extract
-    from viq.formats.image import PreprocessConfig
+    from viq.launch import resolve_distributed
 
-    pre_kwargs = {k: v for k, v in (("max_pixels", args.max_pixels), ("min_pixels", args.min_pixels)) if v}
+    args.model = _one(args, "model", "--model")
+    source = _one(args, "input", "--input")
+    if args.out is None:
+        raise CLIError("missing the store: -o STORE")
     try:
-        counts = extract(args.model, args.input, args.out, image_root=args.image_root, image_column=args.image_column,
-                         id_column=args.id_column, rank=args.rank, world_size=args.world_size, device=args.device,
-                         dtype=getattr(torch, args.dtype), batch_tokens=args.batch_tokens, num_workers=args.workers,
-                         preprocess=PreprocessConfig(**pre_kwargs), flush_every=args.flush_every,
-                         entropy_coding=args.entropy_coding, progress=not args.quiet)
+        launch = resolve_distributed(args.rank, args.world_size)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.device == "auto":  # each rank on its own GPU of the node
+        import torch
+
+        args.device = f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu"
+    model = load_model(args, ("encoder",))
+    preprocess = preprocess_config(args, model.patch_size)
+    try:
+        counts = extract(args.model, source, args.out, model=model, image_root=args.image_root,
+                         image_column=args.image_column, id_column=args.id_column, rank=launch.rank,
+                         world_size=launch.world_size, device=str(model.device), dtype=model.dtype,
+                         batch_tokens=args.batch_tokens, num_workers=args.workers, preprocess=preprocess,
+                         flush_every=args.flush_every, entropy_coding=args.entropy_coding, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None
     log.info("encoded %d, already stored %d, deduplicated %d, failed %d (of %d on this rank)", counts["encoded"],
@@ -41,6 +74,16 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
     return stats_main(args.path, plot=args.plot, as_json=args.json)
 
 
+_EPILOG_EXTRACT = """examples:
+  viq extract viq-16k photos/ -o codes.store
+  viq extract owner/ViQ data.jsonl -o codes.store --image-root images/ --dtype bfloat16
+  viq extract viq-16k 'shards/{00000..09999}.tar' -o codes.store --max-pixels 1048576
+  viq extract viq-16k train.parquet -o codes.store --image-column jpg --id-column key
+  torchrun --nproc_per_node 8 -m viq extract viq-16k shards/ -o codes.store --dtype bfloat16
+  srun --ntasks 64 viq extract viq-16k shards/ -o codes.store      # ranks from SLURM_PROCID / SLURM_NTASKS
+"""
+
+
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``extract`` and ``store`` (with its actions ``verify`` and ``stats``)."""
     p = sub.add_parser("extract", parents=[common], help="extract codes of many images into a code store",
@@ -49,12 +92,16 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                                    "command after an interruption. Multi-GPU / multi-node: torchrun, srun or mpirun "
                                    "... -m viq extract ... (rank and world size read from the launcher), or "
                                    "--rank/--world-size.",
-                       formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, metavar="MODEL", help="model directory (viq or official)")
-    p.add_argument("--input", required=True, metavar="INPUT",
+                       epilog=_EPILOG_EXTRACT, formatter_class=HelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL", help="model: a directory (viq or official) or a Hub id")
+    p.add_argument("input", nargs="?", metavar="INPUT",
                    help="image folder, LLaVA .json/.jsonl, tar shards (file, folder or 'shards/{00000..00999}.tar'), "
                         ".parquet / .arrow file or folder, or a folder saved by datasets.save_to_disk")
-    p.add_argument("--out", required=True, metavar="STORE", help="code store directory (created or appended to)")
+    p.add_argument("-o", "--output", dest="out", metavar="STORE", help="code store directory (created or appended to)")
+    # the flags of earlier releases, still accepted
+    p.add_argument("--model", dest="model_flag", help=argparse.SUPPRESS)
+    p.add_argument("--input", dest="input_flag", help=argparse.SUPPRESS)
+    p.add_argument("--out", dest="out", help=argparse.SUPPRESS)
     p.add_argument("--image-root", metavar="DIR", help="LLaVA inputs and image-path columns: folder the paths are "
                                                        "relative to")
     p.add_argument("--image-column", default="image", metavar="NAME",
@@ -64,16 +111,14 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--rank", type=int, metavar="R", help="this process's rank (default: from torchrun / SLURM / "
                                                           "OpenMPI, else 0); give with --world-size")
     p.add_argument("--world-size", type=positive_int, metavar="W", help="number of extracting processes")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto = this rank's GPU if any)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N", help="patch tokens per forward pass")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="image decoding workers (default 2)")
     p.add_argument("--flush-every", type=positive_int, default=256, metavar="N",
                    help="finalise a shard after this many images (at most this much work is redone after a kill)")
     p.add_argument("--entropy-coding", action="store_true", help="LZMA-compress the code shards (new stores only)")
-    p.add_argument("--max-pixels", type=positive_int, metavar="N", help="downscale larger images to at most this area")
-    p.add_argument("--min-pixels", type=positive_int, metavar="N", help="upscale smaller images to at least this area")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_preprocess_options(p)
+    add_model_options(p)  # --device auto: this rank's GPU (LOCAL_RANK) if any
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("store", parents=[common], help="check or summarise a code store",

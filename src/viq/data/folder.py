@@ -27,7 +27,7 @@ from viq.data.llava import DataError
 from viq.formats.image import IMAGE_EXTENSIONS, ImageError, PreprocessConfig
 from viq.formats.image import preprocess as preprocess_image
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageItem", "collate_items"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageItem", "collate_items", "find_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def collate_items(batch: Sequence[ImageItem | None]) -> list[ImageItem]:
     return [item for item in batch if item is not None]
 
 
-def _find_images(root: str, on_error: str) -> list[str]:
+def find_images(root: str, on_error: str) -> list[str]:
     found: list[tuple[tuple[str, ...], str]] = []
 
     def walk_error(err: OSError) -> None:
@@ -114,7 +114,7 @@ class ImageFolderDataset(Dataset):
         if not os.path.isdir(self.root):
             what = "does not exist" if not os.path.exists(self.root) else "is not a folder"
             raise DataError(f"{self.root}: image folder {what}")
-        self.files: list[str] = _find_images(self.root, on_error)
+        self.files: list[str] = find_images(self.root, on_error)
         if not self.files:
             raise DataError(
                 f"{self.root}: no image files found (recursive; extensions {', '.join(IMAGE_EXTENSIONS)}, "
