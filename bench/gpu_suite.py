@@ -82,7 +82,7 @@ def settings(smoke: bool, device: torch.device) -> dict:
             "inv_images": 8, "inv_sides": (32, 80),
             "train": {"llm": ["tiny"], "seq_lens": [256], "shape": "cpu", "image_size": 64},
             "extract": ["--num-images", "16", "--min-side", "32", "--max-side", "96", "--workers", "2",
-                        "--batch-tokens", "2048"],
+                        "--batch-tokens", "2048", "--inputs", "folder"],
         }
     return {
         "preset": "viq-g-16k", "dtype": "bfloat16",
@@ -92,7 +92,7 @@ def settings(smoke: bool, device: torch.device) -> dict:
         "inv_images": 32, "inv_sides": (224, 768),
         "train": {"llm": ["0.5b", "7b"], "seq_lens": [4096, 16384], "shape": "gpu", "image_size": 448},
         "extract": ["--num-images", "512", "--min-side", "224", "--max-side", "1024", "--workers", "4", "8",
-                    "--batch-tokens", "32768"],
+                    "--batch-tokens", "32768", "--inputs", "folder"],
     }
 
 

@@ -2,9 +2,9 @@
 
 ::
 
-    viq extract --model M --input photos/ --out codes.store
-    torchrun --nproc_per_node 8 -m viq extract --model M --input 'shards/{00000..09999}.tar' --out codes.store
-    viq extract --model M --input data.parquet --image-column jpg --id-column key --out codes.store
+    viq extract M photos/ -o codes.store
+    torchrun --nproc_per_node 8 -m viq extract M 'shards/{00000..09999}.tar' -o codes.store
+    viq extract M data.parquet -o codes.store --image-column jpg --id-column key
 
 * **Inputs**: a folder (recursive; id = path relative to the folder), a LLaVA JSON/JSONL file (every
   distinct image path of its records; id = the path as written, so training can find its codes),
@@ -135,7 +135,7 @@ def list_units(source: str | os.PathLike, *, image_column: str = "image", id_col
         src = Path(source)
         root = Path(image_root) if image_root else src.parent  # as for LLaVA files: the data's folder
         return [Unit(part.name, functools.partial(_read_part, part, image_column, id_column, root))
-                for part in list_parts(source)]
+                for part in list_parts(source, [image_column] + ([id_column] if id_column else []))]
     return None
 
 

@@ -6,7 +6,7 @@ The encoder leaves the training loop: ``viq extract`` wrote every image's codes 
 once, and here each ``<image>`` of a conversation becomes ``embedder(codes) -> projector`` tokens.
 It is the ``mllm`` stage of the training engine (same loop, packing, FSDP2, checkpoints, resume):
 
-    viq extract --model viq-16k --input data.jsonl --out codes.store
+    viq extract viq-16k data.jsonl -o codes.store
     viq train-mllm --config recipe.yaml        # stage: mllm, data.codes: codes.store
 
 The embedder (``model.init: viq:<dir>``, its ``embedder.*`` weights) is frozen by default; list
@@ -52,8 +52,10 @@ class CodeDataset(torch.utils.data.Dataset):
     def __init__(self, store_path: str | os.PathLike, ids: Sequence[str] | None = None) -> None:
         self.store_path = Path(store_path)
         self._store = CodeStore.open(self.store_path, "r")
+        # ids=None: a lazy view of the memory-mapped index (no list of every id); else each given
+        # id is checked with the index's membership test.
         self.ids = self._store.ids() if ids is None else list(ids)
-        missing = [sid for sid in self.ids if sid not in self._store]
+        missing = [] if ids is None else [sid for sid in self.ids if sid not in self._store]
         if missing:
             raise KeyError(f"{len(missing)} id(s) not in {self.store_path}, e.g. {missing[:3]}")
 
@@ -90,10 +92,11 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, store: str | os.PathLike, *, image_root: str | None = None,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", columns: dict[str, str | None] | None = None) -> None:
         from viq.data.llava import DataError, LlavaDataset
 
-        self.records = LlavaDataset(path, image_root=image_root, on_error=on_error)
+        # columns: Parquet / Arrow data only (viq.data.llava.LlavaDataset)
+        self.records = LlavaDataset(path, image_root=image_root, on_error=on_error, columns=columns)
         self.store_path = str(store)
         self._store = CodeStore.open(store)
         self.root = Path(image_root) if image_root else Path(path).parent

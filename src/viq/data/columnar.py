@@ -126,11 +126,14 @@ def _files(source: Path) -> list[tuple[Path, str]]:
     return [(source, source.name)]
 
 
-def list_parts(source: str | os.PathLike) -> list[Part]:
+def list_parts(source: str | os.PathLike, columns: list[str] | None = None) -> list[Part]:
     """Every unit of work (row group / record batch) of ``source``, in order; reads only metadata.
+    ``columns``: columns every file must have (checked against each file's schema, so a misspelt
+    column name fails here, before any work, rather than in every unit).
 
     Raises:
-        FileNotFoundError, ValueError: a missing source, a folder without data files.
+        FileNotFoundError, ValueError: a missing source, a folder without data files, a file without
+            one of ``columns``.
         pyarrow.ArrowInvalid: a file that is not Parquet / Arrow.
     """
     import pyarrow.parquet as pq
@@ -138,13 +141,18 @@ def list_parts(source: str | os.PathLike) -> list[Part]:
     parts: list[Part] = []
     for path, name in _files(Path(source)):
         if path.suffix.lower() == ".parquet":
-            meta = pq.ParquetFile(path).metadata
+            pf = pq.ParquetFile(path)
+            if columns:
+                _check_columns(Part(path, name, "parquet", 0, 0, 0), pf.schema_arrow.names, columns)
+            meta = pf.metadata
             first = 0
             for i in range(meta.num_row_groups):
                 rows = meta.row_group(i).num_rows
                 parts.append(Part(path, name, "parquet", i, first, rows))
                 first += rows
         else:
+            if columns:
+                _check_columns(Part(path, name, "arrow", 0, 0, 0), list(_open_arrow(path).schema.names), columns)
             first = 0
             for i, batch in enumerate(_arrow_batches(path)):
                 parts.append(Part(path, name, "arrow", i, first, batch.num_rows))

@@ -129,24 +129,29 @@ class Collator:
 
 def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
     """The dataset at ``path`` for the recipe's stage: LLaVA conversations (a JSON/JSONL file, or
-    Parquet / Arrow data with ``conversations``, ``image`` and ``id`` columns), an image folder (a
-    directory), or conversations with stored codes (stages that read codes)."""
+    Parquet / Arrow data whose columns are named by ``data.conversations_column``, ``data.image_column``
+    and ``data.id_column``), an image folder (a directory), or conversations with stored codes (stages
+    that read codes)."""
     from viq.data.columnar import is_columnar_source
     from viq.data.folder import ImageFolderDataset
     from viq.data.llava import LlavaDataset
     from viq.formats.image import PreprocessConfig
 
+    columns = {"conversations_column": cfg.data.conversations_column, "image_column": cfg.data.image_column,
+               "id_column": cfg.data.id_column}  # used by columnar data only
     if get_stage(cfg.stage).data == "codes":
         from viq.data.codes import LlavaCodesDataset
 
         if not cfg.data.codes:
             raise ValueError(f"stage {cfg.stage} needs data.codes: the code store made by viq extract")
-        return LlavaCodesDataset(path, cfg.data.codes, image_root=cfg.data.image_root, on_error=cfg.data.on_error)
+        return LlavaCodesDataset(path, cfg.data.codes, image_root=cfg.data.image_root, on_error=cfg.data.on_error,
+                                 columns=columns)
 
     pre = PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels)
     if Path(path).is_dir() and not is_columnar_source(path):
         return ImageFolderDataset(path, preprocess=pre, on_error=cfg.data.on_error)
-    return LlavaDataset(path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error)
+    return LlavaDataset(path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error,
+                        columns=columns)
 
 
 def max_pixels_at(cfg: TrainConfig, step: int) -> int:
