@@ -19,6 +19,9 @@ Layout (format version 1)
         <writer>-<seq>.idx.json        its index; its presence is what makes the shard visible
         <writer>-<seq>.bin.tmp         in progress / left by a killed writer (ignored by readers)
         <writer>-<seq>.idx.json.tmp    idem
+        <writer>-<seq>.lookup          derived: the index as binary columns (a cache, see below)
+      index/
+        <key>.viqx                     derived: the merged, memory-mapped index of all shards
 
 ``<writer>`` is the writer name (``[A-Za-z0-9][A-Za-z0-9._-]*``, e.g. ``rank0``) and ``<seq>``
 the writer's shard number, ``0, 1, 2, ...`` zero-padded to at least 6 digits.
@@ -89,8 +92,14 @@ a shard becomes visible atomically, complete and durable, or not at all:
 
 Two writers must never use the same name at the same time (there are no locks); a writer name
 per rank/worker (``rank0``, ``rank1``, ...) is the intended use. The store's index is the union
-of all finalised shard indexes, cached in memory on open; :meth:`CodeStore.refresh` picks up
-shards finalised since. If two shards claim the same sample id, the first in shard order
+of all finalised shard indexes; :meth:`CodeStore.refresh` picks up shards finalised since.
+
+The ``.idx.json`` files are the source of truth; readers do not parse them on open but use two
+derived binary files (:mod:`viq.store.index`): a ``.lookup`` per shard (written by the writer right
+after finalising the shard, else by the first reader; keyed by the ``(mtime_ns, size)`` of its
+``.idx.json``) and one merged ``index/<key>.viqx`` (keyed by the list of shard indexes; built by the
+first reader that needs it, atomically, and memory-mapped by every process). Stores written before
+these files existed open unchanged (the files are derived once); deleting them is always safe. If two shards claim the same sample id, the first in shard order
 (writer name, then seq) wins for :meth:`CodeStore.get`, iteration and ``len``, and
 :meth:`CodeStore.verify` reports the duplicate.
 
@@ -176,6 +185,10 @@ WRITER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Greedy name, so "a-b-000001.bin" is writer "a-b", seq 1.
 SHARD_FILE = re.compile(r"(?P<writer>.+)-(?P<seq>\d{6,})\.bin")
 INDEX_FILE = re.compile(r"(?P<writer>.+)-(?P<seq>\d{6,})\.idx\.json")
+#: A shard's binary lookup file, derived from its index (see :mod:`viq.store.index`).
+LOOKUP_FILE = re.compile(r"(?P<writer>.+)-(?P<seq>\d{6,})\.lookup")
+#: The hidden temporary file of an atomic write of a lookup file (:func:`viq._io.atomic_write`).
+LOOKUP_TMP = re.compile(r"\.(?P<writer>.+)-(?P<seq>\d{6,})\.lookup\..+\.tmp")
 #: Suffix of a shard or index file still being written (``<writer>-<seq>.bin.tmp``).
 TMP_SUFFIX = ".tmp"
 HEX64 = re.compile(r"[0-9a-f]{64}")

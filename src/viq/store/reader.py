@@ -4,10 +4,13 @@ by its sample id (the layout is described in :mod:`viq.store.format`)."""
 from __future__ import annotations
 
 import collections
+import collections.abc
+import contextlib
 import json
 import logging
 import mmap
 import os
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,10 +37,23 @@ from viq.store.format import (
     json_bytes,
     parse_shard_index,
 )
+from viq.store.index import (
+    FLAG_HASH,
+    INDEX_SUFFIX,
+    LOOKUP_SUFFIX,
+    IndexCorrupt,
+    StoreIndex,
+    build_store_index,
+    columns_to_arrays,
+    index_dirs,
+    read_lookup,
+    store_key,
+    write_lookup,
+)
 from viq.store.scan import VerifyReport, code_stats, verify_shards
 from viq.store.writer import ShardWriter
 
-__all__ = ["CodeStore"]
+__all__ = ["CodeStore", "StoreIds"]
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +88,12 @@ class CodeStore:
         self._fingerprint = config.model_fingerprint
         self._entropy = config.entropy_coding
         self._shard_bytes = config.shard_bytes
-        self._shards: list[ShardIndex] = []
-        self._parsed: dict[str, ShardIndex] = {}  # index file name -> parsed (reused by refresh)
-        self._by_id: dict[str, tuple[int, int]] = {}  # id -> (shard number, row), first claim wins
-        self._order: list[str] = []  # unique ids in index order
-        self._by_hash: dict[str, str] = {}  # content hash -> first sample id
-        self._problems: list[str] = []  # index-level problems found while loading
+        # The listed shard indexes ((idx.json name, (mtime_ns, size)), shard order), their digest, and
+        # the compact memory-mapped index of them (viq.store.index), opened on first use.
+        self._entries: list[tuple[str, tuple[int, int]]] = []
+        self._key: str | None = None
+        self._index: StoreIndex | None = None
+        self._list_problems: list[str] = []  # shard indexes whose shard file is missing, etc.
         self._maps: collections.OrderedDict[str, mmap.mmap] = collections.OrderedDict()
         self._maps_pid = os.getpid()
         self.refresh()
@@ -257,16 +273,18 @@ class CodeStore:
 
     def __repr__(self) -> str:
         return (
-            f"CodeStore({str(self._path)!r}, mode={self._mode!r}, images={len(self)}, shards={len(self._shards)}, "
+            f"CodeStore({str(self._path)!r}, mode={self._mode!r}, images={len(self)}, shards={len(self._idx.shards)}, "
             f"levels={self._levels}, codec={self._config['codec']!r})"
         )
 
     # ---- index ----------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-read the index: pick up shards that writers finalised since open / the last refresh.
+        """Re-list the shards: pick up shards that writers finalised since open / the last refresh.
 
-        Unchanged index files are not parsed again, so this is cheap to call periodically.
+        Cheap (one directory listing and a ``stat`` per shard index): the compact index
+        (:mod:`viq.store.index`) is only opened, or built, when first needed, and only again when the
+        list of shard indexes changed.
         """
         shard_dir = self._path / SHARD_DIR
         try:
@@ -281,9 +299,8 @@ class CodeStore:
         found.sort()  # shard order: writer name, then seq (numeric)
 
         problems: list[str] = []
-        parsed: dict[str, ShardIndex] = {}
-        shards: list[ShardIndex] = []
-        for writer, seq, index_name in found:
+        entries: list[tuple[str, tuple[int, int]]] = []
+        for _writer, _seq, index_name in found:
             bin_name = index_name[: -len(".idx.json")] + ".bin"
             if bin_name not in names:
                 problems.append(f"{index_name}: shard file {bin_name} is missing; its records are unavailable")
@@ -293,77 +310,158 @@ class CodeStore:
             except OSError as exc:
                 problems.append(f"{index_name}: cannot stat: {exc}")
                 continue
-            key = (st.st_mtime_ns, st.st_size)
-            shard = self._parsed.get(index_name)
-            if shard is None or shard.stat_key != key:
-                try:
-                    shard = parse_shard_index(shard_dir / index_name, writer, seq, key, self._cfg)
-                except ValueError as exc:
-                    problems.append(f"{index_name}: {exc}; shard skipped")
+            entries.append((index_name, (st.st_mtime_ns, st.st_size)))
+        for p in problems:
+            if p not in self._list_problems:
+                log.warning("%s: %s", self._path, p)
+        self._list_problems = problems
+        key = store_key(entries)
+        if key != self._key:
+            self._entries, self._key, self._index = entries, key, None
+            # Shard files are immutable, but drop mappings of shards that left the index.
+            live = {n[: -len(".idx.json")] + ".bin" for n, _ in entries}
+            for name in [n for n in self._maps if n not in live]:
+                self._maps.pop(name).close()
+
+    @property
+    def _idx(self) -> StoreIndex:
+        """The compact index of the listed shards, opened (or built) on first use."""
+        ix = self._index
+        if ix is None:
+            ix = self._index = self._load_index()
+        return ix
+
+    def _segment(self, index_name: str, stat_key: tuple[int, int], *, write: bool = True,
+                 trust_file: bool = True) -> dict[str, np.ndarray]:
+        """One shard's columns: its ``.lookup`` file, else parsed from its ``.idx.json`` (and the
+        ``.lookup`` file written for next time). Raises ValueError for an unusable shard index."""
+        shard_dir = self._path / SHARD_DIR
+        base = index_name[: -len(".idx.json")]
+        lookup = shard_dir / (base + LOOKUP_SUFFIX)
+        if trust_file:
+            try:
+                return read_lookup(lookup, base + ".bin", stat_key)
+            except IndexCorrupt as exc:
+                if lookup.exists():
+                    log.info("%s: rebuilding %s (%s)", self._path, lookup.name, exc)
+        m = INDEX_FILE.fullmatch(index_name)
+        shard = parse_shard_index(shard_dir / index_name, m["writer"], int(m["seq"]), stat_key, self._cfg)
+        arrays = columns_to_arrays(shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes,
+                                   shard.offsets, shard.lengths, shard.crcs)
+        if write:
+            try:
+                write_lookup(lookup, shard.name, stat_key, arrays)
+            except OSError as exc:
+                log.debug("%s: cannot write %s: %s", self._path, lookup, exc)
+        return arrays
+
+    def _load_index(self, *, rebuild: bool = False) -> StoreIndex:
+        """Open the merged index of ``self._entries``, building it if missing, stale or corrupt."""
+        dirs = index_dirs(self._path)
+        fname = f"{self._key}{INDEX_SUFFIX}"
+        if not rebuild:
+            for d in dirs:
+                path = d / fname
+                if not path.exists():
                     continue
-            parsed[index_name] = shard
-            shards.append(shard)
+                try:
+                    return StoreIndex(path, self._key)
+                except IndexCorrupt as exc:
+                    log.warning("%s: index file %s is unusable (%s); rebuilding it", self._path, path, exc)
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        t0 = time.perf_counter()
+        shards: list[str] = []
+        segments: list[dict[str, np.ndarray]] = []
+        problems: list[str] = []
+        for index_name, stat_key in self._entries:
+            try:
+                segments.append(self._segment(index_name, stat_key))
+            except ValueError as exc:
+                problems.append(f"{index_name}: {exc}; shard skipped")
+                continue
+            shards.append(index_name[: -len(".idx.json")] + ".bin")
         for p in problems:
             log.warning("%s: %s", self._path, p)
+        errors = []
+        for d in dirs:
+            path = d / fname
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                build_store_index(path, self._key, shards, self._entries, segments, problems)
+                ix = StoreIndex(path, self._key)
+            except (OSError, IndexCorrupt) as exc:
+                errors.append(f"{path}: {exc}")
+                continue
+            # Superseded indexes of this store (processes that mapped one keep their mapping).
+            for old in d.glob(f"*{INDEX_SUFFIX}"):
+                if old.name != fname:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+            log.info("%s: built index %s (%d ids, %d shards) in %.2f s", self._path, path, len(ix), len(shards),
+                     time.perf_counter() - t0)
+            return ix
+        raise StoreError(self._path, "cannot write the store index anywhere: " + "; ".join(errors))
 
-        by_id: dict[str, tuple[int, int]] = {}
-        order: list[str] = []
-        by_hash: dict[str, str] = {}
-        for si, shard in enumerate(shards):
-            for row, sid in enumerate(shard.ids):
-                if sid in by_id:
-                    continue  # duplicate across shards: the first claim wins; verify() reports it
-                by_id[sid] = (si, row)
-                order.append(sid)
-                h = shard.hashes[row]
-                if h and h not in by_hash:
-                    by_hash[h] = sid
-        self._parsed, self._shards, self._problems = parsed, shards, problems
-        self._by_id, self._order, self._by_hash = by_id, order, by_hash
-        # Shard files are immutable, but drop mappings of shards that left the index.
-        live = {s.name for s in shards}
-        for name in [n for n in self._maps if n not in live]:
-            self._maps.pop(name).close()
+    @property
+    def _problems(self) -> list[str]:
+        return self._list_problems + self._idx.problems
 
     def __len__(self) -> int:
         """Number of distinct sample ids."""
-        return len(self._order)
+        return len(self._idx)
 
-    def ids(self) -> list[str]:
-        """All distinct sample ids, in index order (shard order, then record order)."""
-        return list(self._order)
+    def ids(self) -> StoreIds:
+        """All distinct sample ids, in index order (shard order, then record order).
+
+        A lazy, read-only sequence over the memory-mapped index (``len``, indexing, slicing, iteration,
+        ``==`` with a list): no list of 10 M strings is built unless you ask for one (``list(...)``).
+        """
+        return StoreIds(self)
+
+    def id_at(self, position: int) -> str:
+        """The id at ``position`` in index order (``ids()[position]``)."""
+        n = len(self._idx)
+        if not -n <= position < n:
+            raise IndexError(position)
+        return self._idx.id_at(position % n)
 
     def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self._by_id
+        return isinstance(sample_id, str) and self._idx.find(sample_id) >= 0
 
     def has_hash(self, content_hash: str) -> str | None:
         """The sample id first stored with this content hash (sha256 of the image bytes), or None."""
-        return self._by_hash.get(content_hash.lower()) if content_hash else None
-
-    def _locate(self, sample_id: str) -> tuple[ShardIndex, int]:
+        if not content_hash or len(content_hash) != 64:
+            return None
         try:
-            si, row = self._by_id[sample_id]
-        except (KeyError, TypeError):
-            raise KeyError(sample_id) from None
-        return self._shards[si], row
+            digest = bytes.fromhex(content_hash)
+        except ValueError:
+            return None
+        p = self._idx.find_content(digest)
+        return self._idx.id_at(p) if p >= 0 else None
+
+    def _locate(self, sample_id: str) -> int:
+        p = self._idx.find(sample_id) if isinstance(sample_id, str) else -1
+        if p < 0:
+            raise KeyError(sample_id)
+        return p
 
     def entry(self, sample_id: str) -> IndexEntry:
         """Index entry of ``sample_id`` (raises KeyError if absent)."""
-        shard, row = self._locate(sample_id)
-        return self._entry(shard, row)
+        return self._entry(self._locate(sample_id))
 
-    def _entry(self, shard: ShardIndex, row: int) -> IndexEntry:
-        ih, iw = (int(v) for v in shard.image_sizes[row])
+    def _entry(self, p: int) -> IndexEntry:
+        ix = self._idx
         return IndexEntry(
-            sample_id=shard.ids[row],
-            source=shard.sources[row],
-            content_hash=shard.hashes[row],
-            grid=(int(shard.grids[row, 0]), int(shard.grids[row, 1])),
-            image_size=(ih, iw) if ih else None,
-            shard=shard.name,
-            offset=int(shard.offsets[row]),
-            length=int(shard.lengths[row]),
-            crc32=int(shard.crcs[row]),
+            sample_id=ix.id_at(p),
+            source=ix.source_at(p),
+            content_hash=ix.content_hash_at(p),
+            grid=(ix.grid[2 * p], ix.grid[2 * p + 1]),
+            image_size=ix.image_size_at(p),
+            shard=ix.shards[ix.shard_no[p]],
+            offset=ix.offset[p],
+            length=ix.length[p],
+            crc32=ix.crc[p],
             model_fingerprint=self._fingerprint,
             levels=self._levels,
             codes_per_patch=self._cpp,
@@ -372,60 +470,62 @@ class CodeStore:
 
     # ---- reading --------------------------------------------------------------------------
 
-    def _map(self, shard: ShardIndex) -> mmap.mmap:
+    def _map(self, shard: str) -> mmap.mmap:
         """The shard's read-only memory map, opened lazily, per process, LRU-bounded."""
         if self._maps_pid != os.getpid():
             # Forked DataLoader worker: never share the parent's mappings / descriptors.
             self._maps = collections.OrderedDict()
             self._maps_pid = os.getpid()
-        m = self._maps.get(shard.name)
+        m = self._maps.get(shard)
         if m is not None:
-            self._maps.move_to_end(shard.name)
+            self._maps.move_to_end(shard)
             return m
-        path = self._path / SHARD_DIR / shard.name
+        path = self._path / SHARD_DIR / shard
         try:
             with open(path, "rb") as fh:
                 m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:  # ValueError: empty file
             raise StoreError(path, f"cannot map shard: {exc}") from None
-        self._maps[shard.name] = m
+        self._maps[shard] = m
         while len(self._maps) > _MAX_OPEN_SHARDS:
             self._maps.popitem(last=False)[1].close()
         return m
 
-    def _record(self, shard: ShardIndex, row: int) -> bytes:
-        """Record bytes, bounds- and CRC-checked (raises StoreError)."""
+    def _record(self, p: int) -> bytes:
+        """Record bytes of position ``p``, bounds- and CRC-checked (raises StoreError)."""
+        ix = self._idx
+        shard = ix.shards[ix.shard_no[p]]
         m = self._map(shard)
-        off, length = int(shard.offsets[row]), int(shard.lengths[row])
+        off, length = ix.offset[p], ix.length[p]
         if off < SHARD_HEADER_SIZE or off + length > len(m):
             raise StoreError(
-                self._path / SHARD_DIR / shard.name,
-                f"record {shard.ids[row]!r} at [{off}, {off + length}) lies outside the shard ({len(m)} bytes)",
+                self._path / SHARD_DIR / shard,
+                f"record {ix.id_at(p)!r} at [{off}, {off + length}) lies outside the shard ({len(m)} bytes)",
             )
         data = m[off : off + length]
-        if zlib.crc32(data) != int(shard.crcs[row]):
-            raise StoreError(
-                self._path / SHARD_DIR / shard.name, f"record {shard.ids[row]!r}: CRC-32 mismatch (corrupt)"
-            )
+        if zlib.crc32(data) != ix.crc[p]:
+            raise StoreError(self._path / SHARD_DIR / shard, f"record {ix.id_at(p)!r}: CRC-32 mismatch (corrupt)")
         return data
 
-    def _codes(self, shard: ShardIndex, row: int, data: bytes) -> Codes:
-        h, w = (int(v) for v in shard.grids[row])
+    def _codes(self, p: int, data: bytes) -> Codes:
+        ix = self._idx
+        h, w = ix.grid[2 * p], ix.grid[2 * p + 1]
         try:
             values = decode_record(data, h * w * self._cpp, self._bits, self._k, self._entropy)
-            ih, iw = (int(v) for v in shard.image_sizes[row])
             meta = {"model": self._fingerprint}
-            if shard.sources[row]:
-                meta["source"] = shard.sources[row]
+            source = ix.source_at(p)
+            if source:
+                meta["source"] = source
             return Codes(
                 torch.from_numpy(values.view(np.int32).reshape(h, w, self._cpp)),
                 self._levels,
-                image_size=(ih, iw) if ih else None,
+                image_size=ix.image_size_at(p),
                 patch_size=self._patch,
                 metadata=meta,
             )
         except ValueError as exc:
-            raise StoreError(self._path / SHARD_DIR / shard.name, f"record {shard.ids[row]!r}: {exc}") from None
+            raise StoreError(self._path / SHARD_DIR / ix.shards[ix.shard_no[p]],
+                             f"record {ix.id_at(p)!r}: {exc}") from None
 
     def get(self, sample_id: str) -> Codes:
         """The codes of ``sample_id``, read from the memory-mapped shard.
@@ -437,20 +537,31 @@ class CodeStore:
             KeyError: unknown sample id.
             StoreError: the record is corrupt (CRC, bounds, decoding, out-of-range code).
         """
-        shard, row = self._locate(sample_id)
-        return self._codes(shard, row, self._record(shard, row))
+        p = self._locate(sample_id)
+        return self._codes(p, self._record(p))
+
+    __getitem__ = get
+
+    def get_at(self, position: int) -> Codes:
+        """The codes of the id at ``position`` in index order (no id lookup)."""
+        n = len(self._idx)
+        if not -n <= position < n:
+            raise IndexError(position)
+        p = position % n
+        return self._codes(p, self._record(p))
 
     def __iter__(self) -> Iterator[tuple[str, Codes]]:
         """``(sample_id, Codes)`` for every distinct id, in index order (sequential reads)."""
-        for shard, row, data in self._records():
-            yield shard.ids[row], self._codes(shard, row, data)
+        for p, sid in enumerate(self._idx.iter_ids()):
+            yield sid, self._codes(p, self._record(p))
 
-    def _records(self) -> Iterator[tuple[ShardIndex, int, bytes]]:
-        """``(shard, row, record bytes)`` of every distinct id, in index order (checked like :meth:`get`)."""
-        for si, shard in enumerate(self._shards):
-            for row, sid in enumerate(shard.ids):
-                if self._by_id.get(sid) == (si, row):
-                    yield shard, row, self._record(shard, row)
+    def _records(self) -> Iterator[tuple[str, str, tuple[int, int], tuple[int, int] | None, bytes]]:
+        """``(id, shard, grid, image_size, record bytes)`` of every distinct id, in index order
+        (checked like :meth:`get`)."""
+        ix = self._idx
+        for p, sid in enumerate(ix.iter_ids()):
+            yield (sid, ix.shards[ix.shard_no[p]], (ix.grid[2 * p], ix.grid[2 * p + 1]), ix.image_size_at(p),
+                   self._record(p))
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -468,15 +579,28 @@ class CodeStore:
     def writer_records(self, name: str) -> Iterator[tuple[str, str]]:
         """``(sample_id, content_hash)`` of every record in the finalised shards of writer ``name``,
         in shard order, duplicates included (what a writer of that name already stored)."""
-        for shard in self._shards:
-            if shard.writer == name:
-                yield from zip(shard.ids, shard.hashes)
+        for index_name, stat_key in self._entries:
+            m = INDEX_FILE.fullmatch(index_name)
+            if m["writer"] != name:
+                continue
+            try:
+                seg = self._segment(index_name, stat_key)
+            except ValueError:
+                continue  # unusable index: its shard is skipped by readers too
+            off = seg["id_off"].astype(np.int64).tolist()
+            blob = seg["id_blob"].tobytes()
+            flags = seg["flags"]
+            chash = seg["chash"]
+            for row in range(len(off) - 1):
+                sid = blob[off[row]:off[row + 1]].decode("utf-8", "surrogatepass")
+                yield sid, chash[row].tobytes().hex() if flags[row] & FLAG_HASH else ""
 
     # ---- pickling -------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_maps"] = None  # memory maps are per process: re-opened lazily after unpickling
+        state["_index"] = None  # the index file of the same key is mapped again (or rebuilt) on first use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -506,7 +630,58 @@ class CodeStore:
         grid); sample ids claimed more than once. Reads every byte of the store.
         """
         self.refresh()
-        return verify_shards(self._path, self._cfg, self._shards, self._problems)
+        shard_dir = self._path / SHARD_DIR
+        problems = list(self._list_problems)
+        shards: list[ShardIndex] = []
+        notes: list[str] = []
+        for index_name, stat_key in self._entries:
+            m = INDEX_FILE.fullmatch(index_name)
+            try:
+                shard = parse_shard_index(shard_dir / index_name, m["writer"], int(m["seq"]), stat_key, self._cfg)
+            except ValueError as exc:
+                problems.append(f"{index_name}: {exc}; shard skipped")
+                continue
+            shards.append(shard)
+            notes += self._verify_lookup(shard, stat_key)
+        if notes:  # a lookup file was rewritten: the merged index (same key) must be derived again
+            self._index = self._load_index(rebuild=True)
+        notes += self._verify_index()
+        report = verify_shards(self._path, self._cfg, shards, problems)
+        report.notes.extend(notes)
+        return report
+
+    def _verify_lookup(self, shard: ShardIndex, stat_key: tuple[int, int]) -> list[str]:
+        """Check a shard's ``.lookup`` file against its ``.idx.json``; rewrite it if it differs."""
+        lookup = self._path / SHARD_DIR / (shard.name[: -len(".bin")] + LOOKUP_SUFFIX)
+        want = columns_to_arrays(shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes,
+                                 shard.offsets, shard.lengths, shard.crcs)
+        try:
+            have = read_lookup(lookup, shard.name, stat_key)
+            if all(np.array_equal(have[k], want[k]) for k in want):
+                return []
+            why = "its contents differ from the shard index"
+        except IndexCorrupt as exc:
+            if not lookup.exists():
+                why = ""
+            else:
+                why = str(exc)
+        try:
+            write_lookup(lookup, shard.name, stat_key, want)
+        except OSError:
+            pass
+        return [f"{lookup.name}: {why}; rewritten from {shard.index_name}"] if why else []
+
+    def _verify_index(self) -> list[str]:
+        """Check the merged index file's checksums; rebuild it if they fail."""
+        ix = self._idx
+        bad = ix.file.check_crcs()
+        if not bad:
+            return []
+        self._index = None
+        with contextlib.suppress(OSError):
+            ix.path.unlink()
+        self._index = self._load_index(rebuild=True)
+        return [f"{ix.path}: checksum mismatch in {', '.join(bad)}; index rebuilt"]
 
     def stats(self) -> dict[str, Any]:
         """Size and code-usage statistics (reads and decodes every record).
@@ -531,4 +706,41 @@ class CodeStore:
         Raises:
             StoreError: a corrupt record.
         """
-        return code_stats(self._path, self._cfg, self._shards, self._records())
+        files = [(name, name[: -len(".bin")] + ".idx.json") for name in self._idx.shards]
+        return code_stats(self._path, self._cfg, files, self._records())
+
+
+class StoreIds(collections.abc.Sequence):
+    """The ids of a :class:`CodeStore` in index order, read lazily from its memory-mapped index."""
+
+    def __init__(self, store: CodeStore) -> None:
+        self._store = store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return list(self._store._idx.iter_ids(start, stop)) if stop > start else []
+            return [self._store.id_at(j) for j in range(start, stop, step)]
+        return self._store.id_at(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._store._idx.iter_ids()
+
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self._store
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StoreIds):
+            other = list(other)
+        if not isinstance(other, (list, tuple)):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StoreIds({len(self)} ids of {str(self._store.path)!r})"

@@ -26,6 +26,7 @@ from viq.store.format import (
     FLAG_ENTROPY,
     FORMAT_VERSION,
     INDEX_FILE,
+    LOOKUP_FILE,
     SHARD_DIR,
     SHARD_FILE,
     SHARD_HEADER,
@@ -120,7 +121,7 @@ def verify_shards(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
         elif SHARD_FILE.fullmatch(name):
             if name[: -len(".bin")] + ".idx.json" not in names:
                 report.notes.append(f"{name}: shard without index (writer killed while finalising; ignored)")
-        elif not INDEX_FILE.fullmatch(name):
+        elif not INDEX_FILE.fullmatch(name) and not LOOKUP_FILE.fullmatch(name):
             report.notes.append(f"{name}: unexpected file in {SHARD_DIR}/")
     level = logging.INFO if report.ok else logging.WARNING
     log.log(level, "verified %s: %d shards, %d records, %d problems", path, report.shards,
@@ -183,12 +184,13 @@ def _verify_shard(path: Path, shard: ShardIndex, config: StoreConfig) -> list[st
     return problems + record_problems
 
 
-def code_stats(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
-               records: Iterable[tuple[ShardIndex, int, bytes]]) -> dict[str, Any]:
-    """Size and code-usage statistics of the store at ``path``: ``shards`` is its loaded index and
-    ``records`` yields ``(shard, row, record bytes)`` of every distinct sample id. The fields are
-    listed in :meth:`CodeStore.stats <viq.store.reader.CodeStore.stats>`; ratios are None for an
-    empty store.
+def code_stats(path: Path, config: StoreConfig, files: Sequence[tuple[str, str]],
+               records: Iterable[tuple[str, str, tuple[int, int], tuple[int, int] | None, bytes]]) -> dict[str, Any]:
+    """Size and code-usage statistics of the store at ``path``: ``files`` are the ``(shard, index)``
+    file names of its loaded shards and ``records`` yields ``(sample id, shard, grid, image size or
+    None, record bytes)`` of every distinct sample id. The fields are listed in
+    :meth:`CodeStore.stats <viq.store.reader.CodeStore.stats>`; ratios are None for an empty store.
+    Derived index files (``*.lookup``, ``index/``) are caches and not counted in ``store_bytes``.
 
     Raises:
         StoreError: a record that does not decode.
@@ -198,31 +200,29 @@ def code_stats(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
     pending: list[np.ndarray] = []
     pending_n = 0
     images = codes_total = pixels = padded = payload = 0
-    for shard, row, data in records:
-        h, w = (int(v) for v in shard.grids[row])
+    for sid, shard, (h, w), size, data in records:
         n = h * w * config.codes_per_patch
         try:
             values = decode_record(data, n, config.bits_per_code, k, config.entropy_coding)
         except ValueError as exc:
-            raise StoreError(path / SHARD_DIR / shard.name, f"record {shard.ids[row]!r}: {exc}") from None
+            raise StoreError(path / SHARD_DIR / shard, f"record {sid!r}: {exc}") from None
         pending.append(values)
         pending_n += n
         if pending_n >= _HIST_BATCH:
             hist += np.bincount(np.concatenate(pending), minlength=k)
             pending, pending_n = [], 0
-        ih, iw = (int(v) for v in shard.image_sizes[row])
         pad = h * w * config.patch_size * config.patch_size
         images += 1
         codes_total += n
         padded += pad
-        pixels += ih * iw if ih else pad
+        pixels += size[0] * size[1] if size else pad
         payload += len(data)
     if pending:
         hist += np.bincount(np.concatenate(pending), minlength=k)
 
     store_bytes = (path / STORE_FILE).stat().st_size
-    for shard in shards:
-        for name in (shard.name, shard.index_name):
+    for pair in files:
+        for name in pair:
             try:
                 store_bytes += (path / SHARD_DIR / name).stat().st_size
             except OSError:
@@ -235,7 +235,7 @@ def code_stats(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
 
     return {
         "images": images,
-        "shards": len(shards),
+        "shards": len(files),
         "total_codes": codes_total,
         "pixels": pixels,
         "padded_pixels": padded,

@@ -3,6 +3,7 @@ protocol is described in :mod:`viq.store.format`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,6 +19,8 @@ from viq.store.format import (
     FORMAT_VERSION,
     HEX64,
     INDEX_FILE,
+    LOOKUP_FILE,
+    LOOKUP_TMP,
     SHARD_DIR,
     SHARD_FILE,
     SHARD_HEADER,
@@ -30,6 +33,7 @@ from viq.store.format import (
     encode_record,
     json_bytes,
 )
+from viq.store.index import LOOKUP_SUFFIX, columns_to_arrays, write_lookup
 
 __all__ = ["ShardWriter"]
 
@@ -110,6 +114,13 @@ class ShardWriter:
                 indexes.add(fname)
                 last = max(last, int(m["seq"]))
         for fname in entries:
+            m = LOOKUP_TMP.fullmatch(fname) or LOOKUP_FILE.fullmatch(fname)
+            if m and m["writer"] == self._name and (
+                    fname.startswith(".") or fname[: -len(".lookup")] + ".idx.json" not in indexes):
+                log.info("%s: removing leftover %s", self._dir, fname)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._dir / fname)
+                continue
             target = fname[: -len(TMP_SUFFIX)] if fname.endswith(TMP_SUFFIX) else None
             m = SHARD_FILE.fullmatch(target or fname) or INDEX_FILE.fullmatch(target or fname)
             if not m or m["writer"] != self._name:
@@ -254,11 +265,25 @@ class ShardWriter:
         os.replace(bin_tmp, self._dir / f"{base}.bin")
         os.replace(idx_tmp, self._dir / f"{base}.idx.json")
         fsync_dir(self._dir)
+        self._write_lookup(base)
         log.debug("%s: finalised shard %s.bin (%d records, %d bytes)", self._store.path, base, n, self._size)
         self.records_written += n
         self.shards_written += 1
         self._seq += 1
         self._reset_shard()
+
+    def _write_lookup(self, base: str) -> None:
+        """The shard's binary lookup file (a cache of its index for the compact store index: if this
+        fails, the first reader derives it from the ``.idx.json``)."""
+        cols = self._cols
+        try:
+            st = os.stat(self._dir / f"{base}.idx.json")
+            arrays = columns_to_arrays(cols["id"], cols["source"], cols["content_hash"], cols["grid"],
+                                       cols["image_size"], cols["offset"], cols["length"], cols["crc32"])
+            write_lookup(self._dir / f"{base}{LOOKUP_SUFFIX}", f"{base}.bin", (st.st_mtime_ns, st.st_size), arrays)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: could not write the lookup file of %s (readers will derive it): %s",
+                        self._store.path, base, exc)
 
     def close(self) -> None:
         """Flush, mark the writer closed (further :meth:`add` calls raise) and refresh the store
