@@ -1,5 +1,11 @@
 """Reading a code store: :class:`CodeStore`, memory-mapped random access to the codes of an image
-by its sample id (the layout is described in :mod:`viq.store.format`)."""
+by its sample id (the layout is described in :mod:`viq.store.format`).
+
+Long because :class:`CodeStore` is one object whose parts share private state (the mapped shards,
+the merged index and its segments, the writer's claim on its names): opening and refreshing, lookup,
+record decoding, pickling for DataLoader workers and the index checks of ``verify`` all read it. The
+merged index itself lives in :mod:`viq.store.index`, the scans behind ``verify`` / ``stats`` in
+:mod:`viq.store.scan`."""
 
 from __future__ import annotations
 
