@@ -17,7 +17,8 @@ from viq.formats.codes import Codes, bits_for_levels, pack_bits
 from viq.model.config import FSQ_LEVELS
 from viq.data.codes import CodeDataset
 from viq.store import CodeStore, StoreError
-from viq.store.check import plot_stats, stats_main, verify_main
+from viq.cli.main import main as cli_main
+from viq.store.check import plot_stats
 from viq.store.format import file_sha256
 
 LEVEL_SETS = list(FSQ_LEVELS.values())  # the five released sizes
@@ -367,7 +368,7 @@ def test_open_errors_name_the_path(tmp_path: Path):
     cfg_path.write_text("{not json")
     with pytest.raises(StoreError, match="corrupt"):
         CodeStore.open(tmp_path / "st")
-    assert verify_main(tmp_path / "st") == 2
+    assert cli_main(["store", "verify", str(tmp_path / "st")]) == 2
 
 
 def test_corrupt_index_skips_shard_and_verify_reports_it(small_store):
@@ -445,12 +446,12 @@ def test_stats_and_plot(small_store, tmp_path: Path, capsys):
     png = plot_stats(st, tmp_path / "usage.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert stats_main(st.path, plot=None, as_json=True) == 0
+    assert cli_main(["store", "stats", str(st.path), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["total_codes"] == total and "histogram" not in printed
-    assert stats_main(st.path, plot=str(tmp_path / "u2.png"), as_json=False) == 0
+    assert cli_main(["store", "stats", str(st.path), "--plot", str(tmp_path / "u2.png")]) == 0
     assert "bits/pixel" in capsys.readouterr().out and (tmp_path / "u2.png").is_file()
-    assert verify_main(st.path) == 0
+    assert cli_main(["store", "verify", str(st.path)]) == 0
     assert "OK" in capsys.readouterr().out
 
 
@@ -459,3 +460,16 @@ def test_empty_store_stats(tmp_path: Path):
     s = st.stats()
     assert s["images"] == 0 and s["bpp"] is None and s["entropy_bits"] is None
     assert len(st) == 0 and list(st) == [] and st.verify().ok
+
+
+def test_store_commands_errors_and_progress(small_store, tmp_path: Path, capsys):
+    """Errors are prefixed like every viq command; progress callbacks add up to the records read."""
+    st, data = small_store
+    assert cli_main(["store", "verify", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("viq: error:") and "nope" in err
+    seen: list[int] = []
+    assert st.verify(progress=seen.append).ok and sum(seen) == len(st) == len(data)
+    seen.clear()
+    st.stats(progress=seen.append)
+    assert sum(seen) == len(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from viq.cli.common import (
     EXIT_FAILED,
@@ -62,16 +63,73 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
-def cmd_store_verify(args: argparse.Namespace) -> int:
-    from viq.store.check import verify_main
+def _open_store(path: str):
+    from viq.store.format import StoreError
+    from viq.store.reader import CodeStore
 
-    return verify_main(args.path)
+    try:
+        return CodeStore.open(path, "r")
+    except StoreError as e:  # the message names the file and the problem
+        raise CLIError(str(e)) from None
+
+
+def _records_bar(store, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    # A bar over records (every byte is read); shown only when stderr is a terminal.
+    return tqdm(total=len(store), desc=desc, unit="img", file=sys.stderr, disable=True if quiet else None,
+                dynamic_ncols=True, leave=False)
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    """Exit 0 = sound, 1 = problems found, 2 = the store cannot be opened."""
+    store = _open_store(args.path)
+    with _records_bar(store, "verify", args.quiet) as bar:
+        report = store.verify(progress=bar.update)
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
-    from viq.store.check import stats_main
+    from viq.store.check import plot_stats
+    from viq.store.format import StoreError
 
-    return stats_main(args.path, plot=args.plot, as_json=args.json)
+    store = _open_store(args.path)
+    try:
+        with _records_bar(store, "stats", args.quiet) as bar:
+            stats = store.stats(progress=bar.update)
+    except StoreError as e:  # a record that does not decode
+        raise CLIError(f"{e} (viq store verify {args.path} lists every problem)", EXIT_FAILED) from None
+    if args.plot:
+        try:
+            plot_stats(stats, args.plot)
+        except ImportError as e:
+            raise CLIError(f"--plot needs matplotlib (pip install matplotlib): {e}", EXIT_FAILED) from None
+    if args.json:
+        print(json.dumps({k: v for k, v in stats.items() if k != "histogram"}, indent=2))
+        return EXIT_OK
+    lines = [
+        f"store:       {store.path}",
+        (f"codes:       levels {tuple(stats['levels'])}, K = {stats['codebook_size']}, "
+         f"{stats['bits_per_code']} bits/code, {'lzma' if stats['entropy_coding'] else 'packed'} records"),
+        (f"images:      {stats['images']} in {stats['shards']} shard(s), {stats['total_codes']} codes, "
+         f"{stats['pixels']} pixels"),
+        f"size:        {stats['store_bytes']} bytes on disk, {stats['payload_bytes']} bytes of payload",
+        (f"bits/pixel:  {_fmt(stats['bpp'], '.4f')} (store), {_fmt(stats['bpp_payload'], '.4f')} (payload), "
+         f"{_fmt(stats['bpp_payload_padded'], '.4f')} (payload per padded pixel)"),
+        (f"bits/code:   {_fmt(stats['payload_bits_per_code'], '.3f')} stored, "
+         f"{_fmt(stats['entropy_bits'], '.3f')} entropy"),
+        (f"usage:       perplexity {_fmt(stats['perplexity'], '.1f')}, {stats['codebook_used']} of "
+         f"{stats['codebook_size']} codes used ({stats['codebook_used_fraction']:.1%})"),
+    ]
+    if args.plot:
+        lines.append(f"plot:        {args.plot}")
+    print("\n".join(lines))
+    return EXIT_OK
 
 
 _EPILOG_EXTRACT = """examples:
@@ -125,11 +183,15 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                        description="Code stores (directories of code shards written by extraction).",
                        formatter_class=HelpFormatter)
     store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    q = store_sub.add_parser("verify", help="checksums, index vs shards, code ranges, duplicates")
+    q = store_sub.add_parser("verify", help="checksums, index vs shards, code ranges, duplicates",
+                             description="Check every byte of a store. Exit 0: sound; 1: problems (listed); "
+                                         "2: the store cannot be opened.")
     q.add_argument("path", metavar="STORE")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_store_verify)
     q = store_sub.add_parser("stats", help="images, bits per pixel, code usage, entropy, perplexity")
     q.add_argument("path", metavar="STORE")
     q.add_argument("--plot", metavar="PNG", help="write the code-usage histogram to this PNG")
     q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_store_stats)

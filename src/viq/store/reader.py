@@ -18,7 +18,7 @@ import mmap
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -627,8 +627,9 @@ class CodeStore:
 
     # ---- checking (the scans themselves are in viq.store.scan) ------------------------------
 
-    def verify(self) -> VerifyReport:
+    def verify(self, progress: Callable[[int], object] | None = None) -> VerifyReport:
         """Check everything; return a report listing problems (never raises for store damage).
+        ``progress(n)`` is called as records are checked (n at a time; they add up to ``len(self)``).
 
         Re-reads the index first, then checks: index files that failed to load or whose shard
         is missing; each finalised shard's size, header and sha256; every record's bounds,
@@ -652,7 +653,7 @@ class CodeStore:
         if notes:  # a lookup file was rewritten: the merged index (same key) must be derived again
             self._index = self._load_index(rebuild=True)
         notes += self._verify_index()
-        report = verify_shards(self._path, self._cfg, shards, problems)
+        report = verify_shards(self._path, self._cfg, shards, problems, progress)
         report.notes.extend(notes)
         return report
 
@@ -689,8 +690,9 @@ class CodeStore:
         self._index = self._load_index(rebuild=True)
         return [f"{ix.path}: checksum mismatch in {', '.join(bad)}; index rebuilt"]
 
-    def stats(self) -> dict[str, Any]:
-        """Size and code-usage statistics (reads and decodes every record).
+    def stats(self, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+        """Size and code-usage statistics (reads and decodes every record; ``progress(n)`` is called
+        as records are read, n at a time).
 
         Returns a dict with:
             images, total_codes: counts (distinct ids).
@@ -713,7 +715,7 @@ class CodeStore:
             StoreError: a corrupt record.
         """
         files = [(name, name[: -len(".bin")] + ".idx.json") for name in self._idx.shards]
-        return code_stats(self._path, self._cfg, files, self._records())
+        return code_stats(self._path, self._cfg, files, self._records(), progress)
 
 
 class StoreIds(collections.abc.Sequence):

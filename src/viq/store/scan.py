@@ -14,7 +14,7 @@ import logging
 import mmap
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +86,14 @@ class VerifyReport:
 
 
 def verify_shards(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
-                  index_problems: Sequence[str]) -> VerifyReport:
+                  index_problems: Sequence[str], progress: Callable[[int], object] | None = None) -> VerifyReport:
     """Check the store at ``path`` whose loaded index is ``shards``; never raises for store damage.
 
     Checks each shard's size, header and sha256; every record's bounds, contiguity, CRC-32 and
     decoding (length, padding bits, every code < K, image size vs grid); sample ids claimed more than
     once; and notes leftovers in ``shards/``. ``index_problems`` (index files that failed to load or
-    whose shard is missing) are reported first. Reads every byte of the store.
+    whose shard is missing) are reported first. Reads every byte of the store. ``progress`` is called
+    with the number of records of each shard once it is checked.
     """
     report = VerifyReport(path=str(path), shards=len(shards))
     report.problems.extend(index_problems)
@@ -103,6 +104,8 @@ def verify_shards(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
             claims[sid].append(shard.name)
         report.records += len(shard)
         report.problems.extend(_verify_shard(shard_dir / shard.name, shard, config))
+        if progress is not None:
+            progress(len(shard))
     for sid, where in claims.items():
         if len(where) > 1:
             report.duplicate_ids[sid] = where
@@ -185,12 +188,14 @@ def _verify_shard(path: Path, shard: ShardIndex, config: StoreConfig) -> list[st
 
 
 def code_stats(path: Path, config: StoreConfig, files: Sequence[tuple[str, str]],
-               records: Iterable[tuple[str, str, tuple[int, int], tuple[int, int] | None, bytes]]) -> dict[str, Any]:
+               records: Iterable[tuple[str, str, tuple[int, int], tuple[int, int] | None, bytes]],
+               progress: Callable[[int], object] | None = None) -> dict[str, Any]:
     """Size and code-usage statistics of the store at ``path``: ``files`` are the ``(shard, index)``
     file names of its loaded shards and ``records`` yields ``(sample id, shard, grid, image size or
     None, record bytes)`` of every distinct sample id. The fields are listed in
     :meth:`CodeStore.stats <viq.store.reader.CodeStore.stats>`; ratios are None for an empty store.
     Derived index files (``*.lookup``, ``index/``) are caches and not counted in ``store_bytes``.
+    ``progress`` is called with the number of records read since its last call (every 4096).
 
     Raises:
         StoreError: a record that does not decode.
@@ -200,7 +205,9 @@ def code_stats(path: Path, config: StoreConfig, files: Sequence[tuple[str, str]]
     pending: list[np.ndarray] = []
     pending_n = 0
     images = codes_total = pixels = padded = payload = 0
-    for sid, shard, (h, w), size, data in records:
+    for count, (sid, shard, (h, w), size, data) in enumerate(records, 1):
+        if progress is not None and count % 4096 == 0:
+            progress(4096)
         n = h * w * config.codes_per_patch
         try:
             values = decode_record(data, n, config.bits_per_code, k, config.entropy_coding)
@@ -219,6 +226,8 @@ def code_stats(path: Path, config: StoreConfig, files: Sequence[tuple[str, str]]
         payload += len(data)
     if pending:
         hist += np.bincount(np.concatenate(pending), minlength=k)
+    if progress is not None and images % 4096:
+        progress(images % 4096)
 
     store_bytes = (path / STORE_FILE).stat().st_size
     for pair in files:
