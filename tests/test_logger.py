@@ -227,7 +227,7 @@ def test_read_metrics_errors(tmp_path):
     ({"trackers": ["tensorboard", "mlflow"]}, r"train.trackers: unknown \['mlflow'\]"),
     ({"log_every": 0}, "train.log_every must be >= 1"),
     ({"wandb_mode": "cloud"}, "train.wandb_mode must be offline, online or disabled"),
-    ({"tensorboard": True}, r"unknown keys \['tensorboard'\]"),
+    ({"tensorboard": "yes", "trackers": ["neptune"]}, r"train.trackers: unknown \['neptune'\]"),
 ])
 def test_logging_options_are_checked(train_section, message, tmp_path):
     with pytest.raises(ValueError, match=message):
