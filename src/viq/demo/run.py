@@ -26,7 +26,7 @@ from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_demo", "DEMO_STAGES"]
+__all__ = ["run_demo", "prepare_demo", "DEMO_STAGES"]
 
 #: The stages the demo trains, in order (records of viq.train.stages).
 DEMO_STAGES = ("stage1", "stage2_1", "stage2_2", "drawer")
@@ -66,18 +66,16 @@ def _stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: 
     return overrides
 
 
-def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
-    """Run the demo into ``out`` and return the path of the HTML report. Steps already done (their
-    outputs exist) are skipped, so an interrupted demo can be re-run."""
+def prepare_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """Steps 1-3 of the demo into ``out`` (``data/``, ``llm/``, ``init/``), each skipped when its output
+    exists; returns their times. Everything the stages start from, shared by runs that differ only in
+    their stage recipes (``bench/ablations.py``)."""
     from viq.model.config import get_preset
     from viq.demo.synthetic import generate, load_split
     from viq.demo.tiny_llm import build_tiny_llm
     from viq.mllm.chat import IMAGE_TOKEN
     from viq.model.viq import ViQModel
-    from viq.train.config import load_recipe
-    from viq.train.engine import train
 
-    started = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -120,6 +118,18 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
         model.save_pretrained(out / "init")
         (out / "init" / "vae_history.json").write_text(json.dumps(vae_history))
     timings["pixel_codec"] = time.perf_counter() - t
+    return timings
+
+
+def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
+    """Run the demo into ``out`` and return the path of the HTML report. Steps already done (their
+    outputs exist) are skipped, so an interrupted demo can be re-run."""
+    from viq.train.config import load_recipe
+    from viq.train.engine import train
+
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    timings = prepare_demo(out, scale=scale, seed=seed)
 
     for stage in DEMO_STAGES:
         final = out / "runs" / stage / "final"

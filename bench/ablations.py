@@ -1,0 +1,515 @@
+"""The paper's Table-4 ablations at demo scale (issue 11): each variant of the demo recipes trained per
+seed with our own trainer, and judged by the demo's own evaluation (:mod:`viq.demo.evaluation`).
+
+A *variant* is a name and a list of recipe overrides, each for one stage, a comma list of stages or all
+of them::
+
+    stage2_2:model.config.head.rope=false            # one stage
+    stage2_1,stage2_2:loss.recon=0                   # two stages
+    optim.lr=5e-4                                    # every stage (same as all:optim.lr=5e-4)
+    skip=stage2_1                                    # leave a stage out (the next starts from the one before)
+    until=stage1                                     # stop after a stage (stage1: the continuous reference)
+
+``--variant NAME TOKEN ...`` adds one from the command line (repeatable; ``--axes`` picks the default
+ones to keep). Every key is checked against the recipe and model config classes before anything runs.
+
+What does not depend on a variant is made once per seed under ``--work``: the synthetic QA set, the tiny
+LLM, the pixel codec (:func:`viq.demo.run.prepare_demo`), and every stage run, cached under a key of its
+recipe overrides and of the run it starts from -- so variants that change only stage 2-2 share stage 1
+and stage 2-1.
+
+Per (variant, seed) a record under ``--results`` (default ``bench/results/ablations/<label>/``): QA
+accuracy of the last LLM stage (stage 2-2, answering from codes; stage 1 for the reference) with real,
+blank and shuffled images and the majority answer, with Wilson intervals; reconstruction PSNR / SSIM of
+held-out synthetic images and photographs beside the pixel codec alone (the ceiling); code entropy;
+training time. ``summary.json``: per variant and metric the mean and a 95 % t-interval over seeds, and per
+variant its paired difference from the control (same seed: same data, LLM, codec and stage 1).
+
+    python bench/ablations.py                               # the default axes, 3 seeds
+    python bench/ablations.py --axes position recon --seeds 0 1 --scale 0.25
+    python bench/ablations.py --variant wide stage2_1,stage2_2:model.config.head.bottleneck_dim=64
+    python bench/ablations.py --smoke                       # 2 variants, 1 seed, tiny (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results" / "ablations"
+
+log = logging.getLogger("ablations")
+
+#: the stages of the demo, in order (viq.demo.run.DEMO_STAGES; repeated to parse before importing torch)
+STAGES = ("stage1", "stage2_1", "stage2_2", "drawer")
+#: the control every axis is compared to: the demo recipes as they are (bottleneck + L-inf in 2-1, FSQ
+#: 4k on the bottleneck with 2D RoPE in 2-2, VAE-latent loss)
+CONTROL = "control"
+
+
+@dataclass
+class Variant:
+    name: str
+    #: [(stages, "key.path=value")]
+    overrides: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    skip: tuple[str, ...] = ()
+    until: str = "drawer"
+    axis: str = "custom"
+    description: str = ""
+
+    def chain(self) -> list[str]:
+        stages = list(STAGES[:STAGES.index(self.until) + 1])
+        return [s for s in stages if s not in self.skip]
+
+    def stage_overrides(self, stage: str) -> list[str]:
+        return [kv for stages, kv in self.overrides if stage in stages]
+
+    def spec(self) -> list[str]:
+        tokens = [f"{','.join(stages)}:{kv}" for stages, kv in self.overrides]
+        if self.skip:
+            tokens.append(f"skip={','.join(self.skip)}")
+        if self.until != "drawer":
+            tokens.append(f"until={self.until}")
+        return tokens
+
+
+def parse_variant(name: str, tokens: list[str], *, axis: str = "custom", description: str = "") -> Variant:
+    """A variant from command-line tokens (see the module docstring)."""
+    variant = Variant(name, axis=axis, description=description)
+    for token in tokens:
+        if "=" not in token:
+            raise ValueError(f"variant {name}: {token!r} is not STAGE:KEY=VALUE, KEY=VALUE, skip=STAGE or until=STAGE")
+        key, value = token.split("=", 1)
+        if key in ("skip", "until"):
+            names = tuple(v for v in value.split(",") if v)
+            _check_stages(name, names, token)
+            if key == "until":
+                if len(names) != 1:
+                    raise ValueError(f"variant {name}: until= takes one stage, got {value!r}")
+                variant.until = names[0]
+            else:
+                if "stage1" in names:
+                    raise ValueError(f"variant {name}: stage1 cannot be skipped (every chain starts from it)")
+                variant.skip = tuple(dict.fromkeys((*variant.skip, *names)))
+            continue
+        stages: tuple[str, ...] = STAGES
+        if ":" in key:
+            where, key = key.split(":", 1)
+            if where not in ("all", "*"):
+                stages = tuple(s for s in where.split(",") if s)
+                _check_stages(name, stages, token)
+        variant.overrides.append((stages, f"{key}={value}"))
+    return variant
+
+
+def _check_stages(name: str, stages: tuple[str, ...], token: str) -> None:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"variant {name}: {token!r}: unknown stage {unknown or stages} (stages: {', '.join(STAGES)}, all)")
+
+
+def default_variants() -> dict[str, Variant]:
+    """The five axes of issue 11 (Table 4 of the paper), each compared to the control."""
+    both = "stage2_1,stage2_2"
+    table = [
+        (CONTROL, "control", [], "demo recipes: bottleneck + L-inf (2-1), FSQ 4k on the bottleneck, 2D RoPE, VAE-latent loss"),
+        # 1. proximal representation
+        ("direct_fsq", "proximal", ["skip=stage2_1", "stage2_2:model.config.head.fsq_on_bottleneck=false"],
+         "no proximal stage: FSQ (released layout C -> d -> FSQ) trained straight on the stage-1 features"),
+        ("limit_l2", "proximal", [f"{both}:model.config.head.bottleneck_limit=l2"], "bottleneck limited by L2 norm"),
+        ("limit_tanh", "proximal", [f"{both}:model.config.head.bottleneck_limit=tanh"], "bottleneck limited by tanh"),
+        ("limit_none", "proximal", [f"{both}:model.config.head.bottleneck_limit=none"], "bottleneck without a limit"),
+        # 2. quantizer. SimVQ stops after stage 2-2: the drawer stage and the full model's encode path
+        # quantize with FSQ only (CodeHead.fsq), so SimVQ has QA but no reconstruction / code entropy here.
+        ("fsq_16k", "quantizer", ["stage2_2:model.config.head.levels=[8,8,8,6,5]"], "FSQ, 15360 codes"),
+        ("simvq_4k", "quantizer", ["stage2_2:model.config.head.quantizer=simvq",
+                                   "stage2_2:model.config.head.simvq_codebook_size=4096", "until=stage2_2"],
+         "SimVQ, 4096 codes (QA only)"),
+        ("simvq_16k", "quantizer", ["stage2_2:model.config.head.quantizer=simvq",
+                                    "stage2_2:model.config.head.simvq_codebook_size=16384", "until=stage2_2"],
+         "SimVQ, 16384 codes (QA only)"),
+        # 3. position
+        ("no_rope", "position", ["stage2_2:model.config.head.rope=false"], "no 2D RoPE in the code blocks"),
+        # 4. reconstruction loss
+        ("no_recon", "recon", [f"{both}:loss.recon=0"], "no VAE-latent loss in stage 2 (the drawer still trains)"),
+        # 5. reference
+        ("continuous", "reference", ["until=stage1"], "the continuous stage-1 encoder (no quantization)"),
+    ]
+    return {name: parse_variant(name, tokens, axis=axis, description=d) for name, axis, tokens, d in table}
+
+
+AXES = ("proximal", "quantizer", "position", "recon", "reference")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def check_variant(variant: Variant) -> None:
+    """Every override key names a field of the recipe (TrainConfig) or, under model.config, of the model
+    config (ViQConfig); each stage's recipe with the overrides loads, and its model config builds."""
+    from viq.demo.run import _recipe_path
+    from viq.model.config import ViQConfig
+    from viq.train.config import TrainConfig, load_recipe
+
+    for stages, kv in variant.overrides:
+        key = kv.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if parts[:2] == ["model", "config"]:
+            _check_path(ViQConfig, parts[2:], f"variant {variant.name}: {kv!r}", prefix="model.config")
+        else:
+            _check_path(TrainConfig, parts, f"variant {variant.name}: {kv!r}", prefix="")
+        if not any(s in variant.chain() for s in stages):
+            raise ValueError(f"variant {variant.name}: {kv!r} applies to {','.join(stages)}, none of which it trains "
+                             f"({', '.join(variant.chain())})")
+    for stage in variant.chain():
+        try:
+            cfg = load_recipe(_recipe_path(stage), variant.stage_overrides(stage))
+            if cfg.model.config:
+                from viq.model.config import get_preset
+
+                base = get_preset("viq-demo").to_dict()
+                ViQConfig(**_merge(base, cfg.model.config))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"variant {variant.name}, {stage}: {e}") from None
+
+
+def _check_path(cls: type, parts: list[str], where: str, prefix: str) -> None:
+    if not parts or not all(parts):
+        raise ValueError(f"{where}: no key under {prefix or 'the recipe'}")
+    node: Any = cls
+    done = prefix
+    for part in parts:
+        if not dataclasses.is_dataclass(node):
+            if typing.get_origin(node) is dict or node is dict:
+                return  # free-form mapping (optim.group_lr, ...)
+            raise ValueError(f"{where}: {done} is a value ({node}), not a section; cannot set {part!r}")
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            known = ", ".join(sorted(hints))
+            raise ValueError(f"{where}: unknown key {part!r} in {done or 'the recipe'} (known: {known})")
+        node = hints[part]
+        done = f"{done}.{part}" if done else part
+        if typing.get_origin(node) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(node) if a is not type(None)]
+            node = inner[0] if len(inner) == 1 else node
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _stage_key(stage: str, parent: str | None, overrides: list[str], scale: float, seed: int, device: str) -> str:
+    text = json.dumps({"stage": stage, "parent": parent, "overrides": overrides, "scale": scale, "seed": seed,
+                       "device": device}, sort_keys=True)
+    return f"{stage}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, device: str) -> list[dict]:
+    """Train (or reuse) the variant's stages; returns one entry per stage: key, dir, time, reused."""
+    from viq.demo.run import _recipe_path, _stage_overrides
+    from viq.train.config import load_recipe
+    from viq.train.engine import train
+
+    entries: list[dict] = []
+    parent_key: str | None = None
+    parent_final = seed_dir / "init"
+    for stage in variant.chain():
+        extra = variant.stage_overrides(stage)
+        key = _stage_key(stage, parent_key, extra, scale, seed, device)
+        run_dir = seed_dir / "stages" / key
+        final = run_dir / "final"
+        reused = (final / "stage.json").is_file()
+        if not reused:
+            log.info("%s seed %d: training %s -> %s", variant.name, seed, stage, run_dir)
+            base = load_recipe(_recipe_path(stage), [])
+            overrides = [*_stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps),
+                         f"model.init=viq:{parent_final}", f"train.output_dir={run_dir}", "train.progress=false", *extra]
+            t = time.perf_counter()
+            train(load_recipe(_recipe_path(stage), overrides))
+            (run_dir / "ablation_stage.json").write_text(json.dumps(
+                {"stage": stage, "key": key, "parent": parent_key, "overrides": extra, "train_s": time.perf_counter() - t,
+                 "seed": seed, "scale": scale, "device": device}, indent=1))
+        info = json.loads((run_dir / "ablation_stage.json").read_text()) if (run_dir / "ablation_stage.json").is_file() else {}
+        entries.append({"stage": stage, "key": key, "dir": str(run_dir), "overrides": extra, "reused": reused,
+                        "train_s": info.get("train_s")})
+        parent_key, parent_final = key, final
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: Path, *, seed: int, device,
+                 num_images: int, num_photos: int, num_questions: int | None = None) -> dict[str, Any]:
+    """QA of the last LLM stage, reconstruction + codes of the drawer (when trained), with the demo's
+    evaluation functions."""
+    import viq
+    from viq.demo.evaluation import code_summary, evaluate_qa_with_baselines, evaluate_reconstruction
+    from viq.demo.photos import list_photos, load_photo
+    from viq.demo.run import DEMO_MAX_PIXELS
+    from viq.demo.synthetic import load_split
+
+    data = seed_dir / "data"
+    dirs = {e["stage"]: Path(e["dir"]) for e in chain}
+    test = [r for r in load_split(data, "test") if "image" in r]
+    questions = test[:num_questions] if num_questions else test
+    llm_stage = "stage2_2" if "stage2_2" in dirs else ("stage2_1" if "stage2_1" in dirs else "stage1")
+    qa = evaluate_qa_with_baselines(dirs[llm_stage] / "final", load_split(data, "train"), questions, data, seed=seed,
+                                    device=device)
+    qa.pop("examples", None)
+    qa["stage"] = llm_stage
+    out: dict[str, Any] = {"qa": qa, "recon": None, "codes": None}
+    if "drawer" in dirs:
+        model = viq.load(dirs["drawer"] / "final")
+        synthetic = [(Path(r["image"]).stem, str(data / r["image"])) for r in test[:num_images]]
+        photos = [(p.file_stem, load_photo(p)) for p in list_photos()[:num_photos]]
+        recon_syn, _, hist = evaluate_reconstruction(model, synthetic, run_out / "reconstructions",
+                                                     max_pixels=DEMO_MAX_PIXELS, kind="test")
+        recon_photo, _, hist_photo = evaluate_reconstruction(model, photos, run_out / "reconstructions",
+                                                             max_pixels=DEMO_MAX_PIXELS, kind="photo")
+        out["recon"] = {"synthetic": recon_syn, "photos": recon_photo}
+        out["codes"] = code_summary(hist + hist_photo)
+        out["codes"]["codebook_size"] = model.config.head.codebook_size
+    return out
+
+
+#: summary metrics: name -> path into a record
+METRICS = {
+    "qa_real": ("qa", "real"), "qa_blank": ("qa", "blank"), "qa_shuffled": ("qa", "shuffled"),
+    "qa_majority": ("qa", "majority"), "qa_real_minus_blank": ("qa", "real_minus_blank"),
+    "psnr_synthetic": ("recon", "synthetic", "psnr"), "ssim_synthetic": ("recon", "synthetic", "ssim"),
+    "psnr_synthetic_codec": ("recon", "synthetic", "psnr_codec"),
+    "psnr_photos": ("recon", "photos", "psnr"), "ssim_photos": ("recon", "photos", "ssim"),
+    "psnr_photos_codec": ("recon", "photos", "psnr_codec"),
+    "entropy_bits": ("codes", "entropy_bits"), "train_s": ("train_s",),
+}
+
+#: two-sided 97.5 % quantiles of Student's t, df 1..30 (above: normal)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values: list[float]) -> dict[str, Any]:
+    """Mean and 95 % t-interval over seeds (``ci95`` None with one value)."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "ci95": None, "values": []}
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "ci95": None, "values": values}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "half_width": half, "values": values}
+
+
+def _get(record: dict, path: tuple[str, ...]):
+    node: Any = record
+    for p in path:
+        if not isinstance(node, dict) or node.get(p) is None:
+            return None
+        node = node[p]
+    return node
+
+
+def summarize(records: list[dict], variants: dict[str, Variant]) -> dict[str, Any]:
+    by_variant: dict[str, list[dict]] = {}
+    for r in records:
+        by_variant.setdefault(r["variant"], []).append(r)
+    summary: dict[str, Any] = {}
+    for name, runs in by_variant.items():
+        runs.sort(key=lambda r: r["seed"])
+        entry = {"axis": runs[0]["axis"], "description": runs[0]["description"], "spec": runs[0]["spec"],
+                 "seeds": [r["seed"] for r in runs], "metrics": {}}
+        for metric, path in METRICS.items():
+            values = [v for v in (_get(r, path) for r in runs) if v is not None]
+            if values:
+                entry["metrics"][metric] = t_interval([float(v) for v in values])
+        control = {r["seed"]: r for r in by_variant.get(CONTROL, [])}
+        if name != CONTROL and control:
+            entry["vs_control"] = {}
+            for metric, path in METRICS.items():
+                diffs = [float(_get(r, path)) - float(_get(control[r["seed"]], path)) for r in runs
+                         if r["seed"] in control and _get(r, path) is not None and _get(control[r["seed"]], path) is not None]
+                if diffs:
+                    entry["vs_control"][metric] = t_interval(diffs)
+        summary[name] = entry
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def _label(args) -> str:
+    if args.label:
+        return args.label
+    return "smoke" if args.smoke else f"scale{args.scale:g}-{args.device}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--axes", nargs="*", choices=AXES, default=None,
+                        help="default axes to run (default: all; the control always runs)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "TOKEN"),
+                        help="add a variant: NAME then STAGE[,STAGE]:KEY=VALUE, KEY=VALUE (all stages), skip=STAGE, until=STAGE")
+    parser.add_argument("--set", nargs="+", default=[], metavar="TOKEN",
+                        help="overrides added to every variant (same syntax as --variant), e.g. train.batch_size=8")
+    parser.add_argument("--no-defaults", action="store_true", help="run only the control and --variant ones")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scale", type=float, default=0.25, help="step / data multiplier of the demo recipes")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--work", default=None, help="work dir for data, models and stage runs (default runs/ablations/<label>)")
+    parser.add_argument("--results", default=None, help="records + summary.json (default bench/results/ablations/<label>)")
+    parser.add_argument("--label", default=None)
+    parser.add_argument("--num-images", type=int, default=32, help="held-out synthetic images reconstructed")
+    parser.add_argument("--num-photos", type=int, default=8)
+    parser.add_argument("--num-questions", type=int, default=None,
+                        help="held-out questions answered (default: all of the test split, 240 at scale >= 1)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny check: control + no_rope, the first seed, scale 0.01, batch 4, 12 questions")
+    parser.add_argument("--dry-run", action="store_true", help="check the variants and print them; train nothing")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        args.scale, args.seeds, args.only = 0.01, args.seeds[:1], ["control", "no_rope"]
+        args.set = ["train.batch_size=4", "train.eval_samples=4", *args.set]
+        args.num_images, args.num_photos = min(args.num_images, 4), min(args.num_photos, 2)
+        args.num_questions = min(args.num_questions or 12, 12)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes a GPU whenever it sees one
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    variants = {} if args.no_defaults else default_variants()
+    if args.axes is not None:
+        variants = {k: v for k, v in variants.items() if v.axis in (*args.axes, "control")}
+    if CONTROL not in variants:
+        variants = {CONTROL: default_variants()[CONTROL], **variants}
+    for tokens in args.variant:
+        name, rest = tokens[0], tokens[1:]
+        if name in variants:
+            parser.error(f"--variant {name}: the name is taken")
+        try:
+            variants[name] = parse_variant(name, rest)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.set:
+        try:
+            common = parse_variant("--set", args.set)
+        except ValueError as e:
+            parser.error(str(e))
+        if common.skip or common.until != "drawer":
+            parser.error("--set: skip= / until= belong to a variant")
+        for v in variants.values():
+            v.overrides = [*common.overrides, *v.overrides]
+    if args.only is not None:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            parser.error(f"--only: unknown variants {unknown} (known: {', '.join(variants)})")
+        variants = {k: v for k, v in variants.items() if k in args.only}
+    for v in variants.values():
+        try:
+            check_variant(v)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.dry_run:
+        for v in variants.values():
+            print(f"{v.name:12s} {v.axis:10s} {' '.join(v.spec()) or '(demo recipes)'}   stages: {' '.join(v.chain())}")
+        return {"variants": {k: v.spec() for k, v in variants.items()}}
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from common import write_record
+    from viq.demo.run import prepare_demo
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU visible")
+    device = torch.device(args.device)
+    label = _label(args)
+    work = Path(args.work or Path("runs") / "ablations" / label).resolve()
+    results = Path(args.results or RESULTS / label)
+    results.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    started = time.perf_counter()
+    for seed in args.seeds:
+        seed_dir = work / f"seed{seed}"
+        prep = prepare_demo(seed_dir, scale=args.scale, seed=seed)
+        for v in variants.values():
+            t = time.perf_counter()
+            chain = train_chain(v, seed_dir, scale=args.scale, seed=seed, device=args.device)
+            train_wall = time.perf_counter() - t
+            t = time.perf_counter()
+            run_out = work / "eval" / f"{v.name}-seed{seed}"
+            ev = evaluate_run(v, chain, seed_dir, run_out, seed=seed, device=device, num_images=args.num_images,
+                              num_photos=args.num_photos, num_questions=args.num_questions)
+            ev["qa"]["real_minus_blank"] = ev["qa"]["real"] - ev["qa"]["blank"]
+            last = Path(chain[-1]["dir"]) / "final" / "config.json"
+            record = {
+                "variant": v.name, "axis": v.axis, "description": v.description, "spec": v.spec(), "seed": seed,
+                "scale": args.scale, "smoke": args.smoke, "num_questions": ev["qa"]["n"],
+                **ev,
+                "train_s": sum(e["train_s"] or 0.0 for e in chain),
+                "stages": chain, "prepare_s": prep,
+                "wall_s": {"train": train_wall, "eval": time.perf_counter() - t},
+                "model_config": json.loads(last.read_text()) if last.is_file() else None,
+            }
+            path = write_record("ablations", device, record, out=str(results / f"{v.name}-seed{seed}.json"))
+            log.info("%s seed %d: QA real %.3f blank %.3f -> %s", v.name, seed, ev["qa"]["real"], ev["qa"]["blank"], path)
+            records.append(record)
+            write_summary(results, label, args.scale, device, variants, started)  # a stopped sweep keeps one
+    summary = write_summary(results, label, args.scale, device, variants, started)
+    _print_table(summary)
+    return summary
+
+
+def write_summary(results: Path, label: str, scale: float, device, variants: dict[str, Variant], started: float) -> dict:
+    """summary.json over every record of the label (runs added by earlier invocations included)."""
+    from common import device_description, write_record
+
+    all_records = []
+    for p in sorted(results.glob("*-seed*.json")):
+        r = json.loads(p.read_text())
+        if r.get("benchmark") == "ablations":
+            all_records.append(r)
+    summary = {"label": label, "scale": scale, "device": device_description(device),
+               "seeds": sorted({r["seed"] for r in all_records}), "wall_s_this_invocation": time.perf_counter() - started,
+               "note": "mean and 95 % t-interval over seeds; vs_control: paired (same seed) differences",
+               "variants": summarize(all_records, variants)}
+    write_record("ablations_summary", device, summary, out=str(results / "summary.json"))
+    return summary
+
+
+def _print_table(summary: dict) -> None:
+    def fmt(m: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+        if not m or m.get("mean") is None:
+            return "-"
+        s = f"{m['mean'] * scale:.{digits}f}"
+        return s + (f" ± {m['half_width'] * scale:.{digits}f}" if m.get("half_width") is not None else "")
+
+    print(f"{'variant':12s} {'seeds':>5s} {'QA real %':>13s} {'blank %':>13s} {'real-blank':>13s} {'d vs control':>13s} "
+          f"{'PSNR syn':>11s} {'codec':>6s} {'H bits':>6s} {'train s':>8s}")
+    for name, e in summary["variants"].items():
+        m = e["metrics"]
+        d = e.get("vs_control", {}).get("qa_real")
+        print(f"{name:12s} {len(e['seeds']):5d} {fmt(m.get('qa_real'), 100):>13s} {fmt(m.get('qa_blank'), 100):>13s} "
+              f"{fmt(m.get('qa_real_minus_blank'), 100):>13s} {fmt(d, 100):>13s} {fmt(m.get('psnr_synthetic'), 1, 2):>11s} "
+              f"{fmt(m.get('psnr_synthetic_codec'), 1, 1):>6s} {fmt(m.get('entropy_bits'), 1, 2):>6s} {fmt(m.get('train_s'), 1, 0):>8s}")
+
+
+if __name__ == "__main__":
+    main()

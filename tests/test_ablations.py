@@ -1,0 +1,87 @@
+"""bench/ablations.py (issue 11): variants parse and are checked before anything trains; the --smoke run
+writes one record per run and a summary, shares the stages a variant does not change, and its overrides
+reach the saved model configs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import ablations  # noqa: E402
+
+
+def test_variant_tokens():
+    v = ablations.parse_variant("x", ["stage2_1,stage2_2:loss.recon=0", "optim.lr=5e-4", "skip=stage2_1"])
+    assert v.chain() == ["stage1", "stage2_2", "drawer"]
+    assert v.stage_overrides("stage2_2") == ["loss.recon=0", "optim.lr=5e-4"]
+    assert v.stage_overrides("drawer") == ["optim.lr=5e-4"]
+    assert ablations.parse_variant("r", ["until=stage1"]).chain() == ["stage1"]
+    # a value may hold ':' (paths) without being taken for a stage
+    assert ablations.parse_variant("p", ["model.init=viq:/a/b"]).stage_overrides("stage1") == ["model.init=viq:/a/b"]
+    defaults = ablations.default_variants()
+    assert {v.axis for v in defaults.values()} == {"control", *ablations.AXES}
+    for variant in defaults.values():
+        ablations.check_variant(variant)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (["stage2_2:model.config.head.ropez=false"], "unknown key 'ropez' in model.config.head"),
+    (["loss.recn=0"], "unknown key 'recn' in loss"),
+    (["stage9:loss.recon=0"], "unknown stage"),
+    (["stage2_2:model.config.head.bottleneck_limit=foo"], "bottleneck_limit must be"),
+    (["until=stage1", "stage2_2:loss.recon=0"], "none of which it trains"),
+    (["skip=stage1"], "cannot be skipped"),
+])
+def test_bad_variants_fail_early(tokens, message):
+    with pytest.raises(ValueError, match=message):
+        ablations.check_variant(ablations.parse_variant("bad", tokens))
+
+
+def test_bad_variant_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        ablations.main(["--dry-run", "--variant", "bad", "stage2_2:model.config.head.ropez=false"])
+    assert "unknown key 'ropez'" in capsys.readouterr().err
+
+
+def test_smoke(tmp_path):
+    results = tmp_path / "results"
+    summary = ablations.main(["--smoke", "--work", str(tmp_path / "work"), "--results", str(results)])
+    records = {p.name: json.loads(p.read_text()) for p in results.glob("*-seed*.json")}
+    assert set(records) == {"control-seed0.json", "no_rope-seed0.json"}
+    for r in records.values():
+        assert r["benchmark"] == "ablations" and r["smoke"] and r["seed"] == 0
+        qa = r["qa"]
+        assert qa["stage"] == "stage2_2" and qa["n"] > 0
+        assert all(0 <= qa[k] <= 1 for k in ("real", "blank", "shuffled", "majority"))
+        assert all(lo <= hi for lo, hi in qa["ci95"].values()) and set(qa["ci95"]) >= {"real", "blank"}
+        for kind in ("synthetic", "photos"):
+            assert r["recon"][kind]["psnr"] > 0 and r["recon"][kind]["psnr_codec"] > 0
+        assert 0 <= r["codes"]["entropy_bits"] <= r["codes"]["log2_codebook"]
+        assert r["train_s"] > 0 and [s["stage"] for s in r["stages"]] == list(ablations.STAGES)
+    control, no_rope = records["control-seed0.json"], records["no_rope-seed0.json"]
+    # stage 1 and 2-1 are shared; 2-2 and the drawer are the variant's own
+    assert [s["key"] for s in control["stages"][:2]] == [s["key"] for s in no_rope["stages"][:2]]
+    assert all(s["reused"] for s in no_rope["stages"][:2])
+    assert control["stages"][2]["key"] != no_rope["stages"][2]["key"]
+    config_22 = lambda r: json.loads((Path(r["stages"][2]["dir"]) / "final" / "config.json").read_text())  # noqa: E731
+    assert config_22(no_rope)["head"]["rope"] is False and config_22(control)["head"]["rope"] is True
+    assert no_rope["model_config"]["head"]["rope"] is False  # the drawer's output keeps it
+    saved = json.loads((results / "summary.json").read_text())
+    assert saved["variants"] == json.loads(json.dumps(summary["variants"]))
+    entry = saved["variants"]["no_rope"]
+    assert entry["seeds"] == [0] and entry["axis"] == "position"
+    for metric in ("qa_real", "qa_blank", "qa_real_minus_blank", "psnr_synthetic", "psnr_synthetic_codec",
+                   "entropy_bits", "train_s"):
+        assert entry["metrics"][metric]["n"] == 1 and entry["metrics"][metric]["ci95"] is None  # one seed: no interval
+    assert "qa_real" in entry["vs_control"]
+
+
+def test_t_interval():
+    assert ablations.t_interval([1.0])["ci95"] is None
+    m = ablations.t_interval([1.0, 2.0, 3.0])
+    assert m["mean"] == 2.0 and m["ci95"][0] == pytest.approx(2.0 - 4.303 / 3 ** 0.5)
