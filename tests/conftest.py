@@ -35,6 +35,17 @@ def test_model():
     return ViQModel.from_config("viq-test", seed=0)
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The tiny random model of :func:`test_model` saved as a viq directory named ``viq-test``
+    (tests only read it)."""
+    from viq import ViQModel
+
+    path = tmp_path_factory.mktemp("model") / "viq-test"
+    ViQModel.from_config("viq-test", seed=0).save_pretrained(path)
+    return path
+
+
 def random_pixels(h: int, w: int, seed: int) -> torch.Tensor:
     """(3, h, w) float32 pixels in [-1, 1] on the official 8-bit grid."""
     g = torch.Generator().manual_seed(seed)

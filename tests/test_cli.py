@@ -27,13 +27,6 @@ def _noise(h: int, w: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def encoder(model_dir):
     return viq.load(model_dir, components=("encoder",))
 

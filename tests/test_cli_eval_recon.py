@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import viq
 from viq.cli.main import main
 
 pytest.importorskip("torchmetrics")
@@ -26,13 +25,6 @@ def _texture(h: int, w: int, seed: int) -> Image.Image:
     base = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in rng.uniform(0, 3, 3)], -1) * 0.4 + 0.5
     arr = np.clip(base + rng.normal(0, 0.03, base.shape), 0, 1)
     return Image.fromarray((arr * 255).round().astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

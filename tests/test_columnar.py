@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import viq
 from viq.data.columnar import list_parts
 from viq.data.llava import LlavaDataset
 from viq.extract import DONE_FILE, extract
@@ -25,13 +24,6 @@ from viq.store.reader import CodeStore
 from viq.train.config import TrainConfig
 from viq.train.data import build_dataset
 from test_extract import _cli, make_images, store_content
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "viq-test"
-    viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import viq
@@ -37,13 +36,6 @@ def make_images(folder: Path, n: int, seed: int = 0, bad: bool = True) -> list[P
         data = paths[0].read_bytes()
         (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     return paths
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "viq-test"
-    viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(path)
-    return path
 
 
 def store_content(path: Path) -> dict[str, list]:

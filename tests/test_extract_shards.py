@@ -23,13 +23,6 @@ from viq.store.reader import CodeStore
 from test_extract import _cli, make_images, store_content
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "viq-test"
-    viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(path)
-    return path
-
-
 def write_shards(folder: Path, images: list[Path], per_shard: int, sidecars: bool = True) -> list[Path]:
     """WebDataset shards: sample k = <key>.png (+ <key>.json, <key>.txt), ``per_shard`` samples each."""
     folder.mkdir(parents=True, exist_ok=True)

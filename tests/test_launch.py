@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import viq
 from viq.cli.main import main as cli_main
 from viq.extract import DONE_FILE, extract
 from viq.launch import DistEnv, export_torch_env, first_host, resolve_distributed
@@ -37,13 +36,6 @@ tarfile.open = spy
 sys.argv = ["viq", *sys.argv[1:]]
 runpy.run_module("viq", run_name="__main__")
 """
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "viq-test"
-    viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
