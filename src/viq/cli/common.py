@@ -124,14 +124,20 @@ def positive_int(text: str) -> int:
     return value
 
 
-def levels_arg(text: str) -> tuple[int, ...]:
+def int_list_arg(text: str, *, low: int, high: int, plural: str, example: str, each: str) -> tuple[int, ...]:
+    """Comma-separated integers, each in ``[low, high]`` (the messages name ``plural``, ``example``
+    and ``each``: e.g. "integers", "8,8,8,6,5", "FSQ level")."""
     try:
-        levels = tuple(int(v) for v in text.replace(" ", "").split(","))
+        values = tuple(int(v) for v in text.replace(" ", "").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 8,8,8,6,5, got {text!r}") from None
-    if not levels or any(not 2 <= v <= 255 for v in levels):
-        raise argparse.ArgumentTypeError(f"every FSQ level must be in [2, 255], got {text!r}")
-    return levels
+        raise argparse.ArgumentTypeError(f"expected comma-separated {plural} such as {example}, got {text!r}") from None
+    if not values or any(not low <= v <= high for v in values):
+        raise argparse.ArgumentTypeError(f"every {each} must be in [{low}, {high}], got {text!r}")
+    return values
+
+
+def levels_arg(text: str) -> tuple[int, ...]:
+    return int_list_arg(text, low=2, high=255, plural="integers", example="8,8,8,6,5", each="FSQ level")
 
 
 def torch_dtype(name: str):

@@ -24,6 +24,7 @@ from viq.cli.common import (
     HelpFormatter,
     add_model_options,
     add_preprocess_options,
+    int_list_arg,
     load_model,
     log,
     positive_int,
@@ -283,13 +284,7 @@ used as they are. Text-only records are left out.
 
 
 def _qualities(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated qualities such as 5,20,50, got {text!r}") from None
-    if not values or any(not 1 <= v <= 100 for v in values):
-        raise argparse.ArgumentTypeError(f"every quality must be in [1, 100], got {text!r}")
-    return values
+    return int_list_arg(text, low=1, high=100, plural="qualities", example="5,20,50", each="quality")
 
 
 _EPILOG_RECON = """examples:
