@@ -205,8 +205,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     run_log = RunLogger(out_dir, cfg, main=dist_info.main, start_step=step)  # drops records after `step`
     clock = time.perf_counter() - (history[-1].get("time", 0.0) if history else 0.0)  # run time, resumes included
     usage = CodeUsage(model.config.head.codebook_size if model.head is not None else 0, device)
-    if checkpoint is not None and "code_usage" in load_extra(checkpoint):
-        usage.load_state_dict(load_extra(checkpoint)["code_usage"])
+    saved_usage = load_extra(checkpoint).get("code_usage") if checkpoint is not None else None
+    if saved_usage is not None:
+        usage.load_state_dict(saved_usage)
     bar = progress_bar(cfg, dist_info, total, step)
     last_end = stop_after if stop_after is not None else total
 
