@@ -15,13 +15,15 @@ The rest of viq calls only :func:`build_vae`, :func:`encode_latents`, :func:`dec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from viq.model.config import VAEConfig
 from viq.model.pixel_codec import PixelCodec
 
-__all__ = ["build_vae", "encode_latents", "decode_latents", "latent_statistics"]
+__all__ = ["build_vae", "encode_latents", "encode_latents_grouped", "decode_latents", "latent_statistics"]
 
 
 def build_vae(cfg: VAEConfig) -> nn.Module:
@@ -49,6 +51,26 @@ def encode_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     if isinstance(vae, PixelCodec):
         return vae.encode(x[None])[0]
     return vae.encode(x[None, :, None]).latent_dist.mean[0, :, 0]  # a single video frame
+
+
+def encode_latents_grouped(vae: nn.Module, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Images (3, H_i, W_i) in [-1, 1] -> their latents, as :func:`encode_latents` but one codec call
+    per distinct image size (training targets: far fewer small calls; the values may differ from one
+    image at a time in the last bits, as batched kernels do)."""
+    param = _param(vae)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, x in enumerate(images):
+        by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+    for indices in by_size.values():
+        x = torch.stack([images[i] for i in indices]).to(device=param.device, dtype=param.dtype)
+        if isinstance(vae, PixelCodec):
+            z = vae.encode(x)
+        else:
+            z = vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0]
+        for i, latent in zip(indices, z):
+            out[i] = latent
+    return out  # type: ignore[return-value]
 
 
 def decode_latents(vae: nn.Module, latent: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
 def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor]) -> nn.Module | None:
     """The frozen VAE for latent targets: the ``vae.*`` weights that came with the init weights when
     present, otherwise a fresh VAE of the config's architecture (random: only meaningful for tests)."""
-    if not get_stage(cfg.stage).vae:
+    if not get_stage(cfg.stage).needs_vae(cfg.loss_weights()):
         return None
     from viq.model.vae import build_vae as make_vae
 
@@ -170,7 +170,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     model = TrainModel(
         cfg.stage, config, llm=llm, projector=projector,
         teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
-        max_length=cfg.llm.max_length,
+        max_length=cfg.llm.max_length, parts=stage.active_parts(cfg.loss_weights()),
     )
     model.pixel_loss_weight = cfg.loss.pixel
     if state:

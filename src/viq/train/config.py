@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from viq.model.config import dataclass_from_dict
-from viq.train.stages import STAGES
+from viq.train.stages import LOSSES, STAGES, get_stage
 
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES", "TRACKERS"]
 
@@ -78,7 +78,9 @@ class DataSection:
 class LossSection:
     text: float = 1.0
     distill: float = 10.0
-    recon: float = 1.0
+    #: unset: 1.0 in the stages that always reconstruct (2-1, 2-2, drawer) and off in stage 1, where
+    #: a latent decoder on the trunk features is optional (viq.train.stages.Stage.optional)
+    recon: float | None = None
     commit: float = 1.0
     #: teacher input: "bilinear" = official (any image resized to teacher_size^2, aspect not kept);
     #: "aspect" = area teacher_size^2 keeping the aspect ratio, antialiased.
@@ -182,6 +184,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss (0: off), keyed like :data:`viq.train.stages.LOSSES`, with an unset
+        ``loss.recon`` resolved for this stage."""
+        weights = {k: getattr(self.loss, k) for k in LOSSES}
+        if weights["recon"] is None:
+            optional = any(loss == "recon" for loss, _ in get_stage(self.stage).optional)
+            weights["recon"] = 0.0 if optional else 1.0
+        return weights
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

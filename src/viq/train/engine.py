@@ -56,7 +56,7 @@ __all__ = ["train", "train_step", "prepare_model", "combine_losses", "loss_weigh
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
     """The recipe's weight of each loss (0: off), keyed like :data:`viq.train.stages.LOSSES`."""
-    return {k: getattr(cfg.loss, k) for k in LOSSES}
+    return cfg.loss_weights()
 
 
 def combine_losses(out: dict[str, torch.Tensor], weights: dict[str, float], n_tokens: float,

@@ -106,6 +106,7 @@ class TrainModel(nn.Module):
         teacher_size: int = 384,
         max_length: int = 4096,
         llm_rows: str = "packed",
+        parts: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__()
         if llm_rows not in LLM_ROWS:
@@ -114,7 +115,8 @@ class TrainModel(nn.Module):
         self.spec = get_stage(stage)
         self.config = config
         width = config.width
-        parts = self.spec.parts
+        #: the ViQ parts built: the stage's, or those given (viq.train.stages.Stage.active_parts)
+        self.parts = parts = self.spec.parts if parts is None else tuple(parts)
         # Without an encoder (stored codes), the embedder turns codes into features: the offline
         # path whose speed-up the paper reports.
         self.encoder = ViTEncoder(config.encoder) if "encoder" in parts else None
@@ -222,7 +224,8 @@ class TrainModel(nn.Module):
         # VAE-latent reconstruction (stage 2): predicted latent vs frozen VAE posterior mean.
         if self.recon is not None and self.vae is not None and n_images:
             latents = self.recon(features, grids)
-            errors = [F.mse_loss(z.float(), self.vae_target(x).float()) for z, x in zip(latents, feats["padded"])]
+            targets = self.vae_targets(feats["padded"])
+            errors = [F.mse_loss(z.float(), t.float()) for z, t in zip(latents, targets)]
             out["recon_sum"] = torch.stack(errors).sum()
         else:
             out["recon_sum"] = zero
@@ -274,11 +277,16 @@ class TrainModel(nn.Module):
     def vae_target(self, x: torch.Tensor) -> torch.Tensor:
         """(3, H, W) padded pixels -> (16, H/8, W/8) latent target: the frozen VAE's latent (posterior
         mean), in the latent decoders' space (normalised when ``config.decoder.latent_mean`` is set)."""
-        from viq.model.vae import encode_latents
+        return self.vae_targets([x])[0]
 
-        raw = encode_latents(self.vae, x)
+    @torch.no_grad()
+    def vae_targets(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`vae_target` of each image, encoding same-sized images in one VAE call."""
+        from viq.model.vae import encode_latents_grouped
+
         decoder = self.drawer.latent if self.drawer is not None else self.recon
-        return decoder.from_raw(raw) if decoder is not None else raw
+        raws = encode_latents_grouped(self.vae, images)
+        return [decoder.from_raw(raw) for raw in raws] if decoder is not None else raws
 
     def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
         from viq.mllm.packing import causal_lm_loss, pack_sequences, splice_image_features
@@ -328,8 +336,8 @@ class TrainModel(nn.Module):
             indices = packed.split(indices, self.config.head.codes_per_patch)
         _, latents = self.drawer(list(indices), list(packed.grids))
         errors, pixel_errors = [], []
-        for z, x in zip(latents, padded):
-            errors.append(F.mse_loss(z.float(), self.vae_target(x).float()))
+        for z, x, target in zip(latents, padded, self.vae_targets(padded)):
+            errors.append(F.mse_loss(z.float(), target.float()))
             if self.pixel_loss_weight:
                 from viq.model.vae import decode_latents
 

@@ -8,7 +8,8 @@ one record to :data:`TABLE`.
 
 =========  ===================================================================================
 stage1     text-aligned any-resolution pre-training of the continuous encoder: text CE +
-           distill * (1 - cos) against a frozen fixed-resolution teacher
+           distill * (1 - cos) against a frozen fixed-resolution teacher (+ optionally a VAE-latent
+           loss on the trunk features, for encoders that start from scratch)
 stage2_1   proximal representation learning: code head with a continuous bottleneck (+ limit),
            + VAE-latent reconstruction loss
 stage2_2   quantisation training: position-aware head-wise FSQ (or SimVQ), same losses
@@ -21,6 +22,7 @@ mllm       an LLM trained on codes read from a code store (viq extract): embedde
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = ["Stage", "Handover", "TABLE", "STAGES", "get_stage", "DATA_KINDS", "LOSSES"]
@@ -73,6 +75,17 @@ class Stage:
     #: the stage whose ``final/`` output this one usually starts from (None: a pre-trained encoder)
     follows: str | None
     handover: Handover = field(default_factory=Handover)
+    #: (loss, part): parts built only when the recipe gives that loss a positive weight; such a
+    #: part brings the frozen VAE with it
+    optional: tuple[tuple[str, str], ...] = ()
+
+    def active_parts(self, weights: Mapping[str, float]) -> tuple[str, ...]:
+        """The parts built for a recipe with these loss weights: ``parts`` + the switched-on optional ones."""
+        return self.parts + tuple(part for loss, part in self.optional if weights.get(loss, 0) > 0)
+
+    def needs_vae(self, weights: Mapping[str, float]) -> bool:
+        """Whether a recipe with these loss weights needs the frozen VAE."""
+        return self.vae or any(weights.get(loss, 0) > 0 for loss, _ in self.optional)
 
 
 TABLE: dict[str, Stage] = {s.name: s for s in (
@@ -80,10 +93,13 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
         "stage1",
         parts=("encoder",),
         # The trunk, the MAP head, the projector and the LLM adapter (official defaults).
-        trainable=("encoder", "pool", "projector", "llm"),
-        losses=("text", "distill"),
+        trainable=("encoder", "pool", "projector", "llm", "recon"),
+        losses=("text", "distill", "recon"),
         data="conversations", llm=True, vae=False, follows=None,
-        # No use for the VAE, but the output must hand it on to stage 2.
+        # Not in the paper's stage 1 (its trunk starts from SigLIP2, whose features already carry
+        # detail): a latent decoder on the trunk features, for encoders trained from scratch.
+        optional=(("recon", "recon"),),
+        # No use for the VAE (unless loss.recon is on), but the output must hand it on to stage 2.
         handover=Handover(carry=("vae.",)),
     ),
     Stage(
