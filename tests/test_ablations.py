@@ -48,6 +48,15 @@ def test_bad_variant_on_the_command_line(capsys):
     assert "unknown key 'ropez'" in capsys.readouterr().err
 
 
+def test_drawer_flag_and_variants_without_a_stage_2_latent_loss():
+    cheap = ablations.main(["--dry-run"])["variants"]
+    full = ablations.main(["--dry-run", "--drawer"])["variants"]
+    assert "until=stage2_2" in cheap["control"] and not any(t.startswith("until=") for t in full["control"])
+    # no_recon's stage 2-2 trains no latent decoder: a drawer is trained on its codes either way.
+    assert not any(t.startswith("until=") for t in cheap["no_recon"])
+    assert "until=stage1" in cheap["continuous"] and "until=stage2_2" in full["simvq_4k"]
+
+
 def test_smoke(tmp_path):
     results = tmp_path / "results"
     summary = ablations.main(["--smoke", "--work", str(tmp_path / "work"), "--results", str(results)])
@@ -62,7 +71,9 @@ def test_smoke(tmp_path):
         for kind in ("synthetic", "photos"):
             assert r["recon"][kind]["psnr"] > 0 and r["recon"][kind]["psnr_codec"] > 0
         assert 0 <= r["codes"]["entropy_bits"] <= r["codes"]["log2_codebook"]
-        assert r["train_s"] > 0 and [s["stage"] for s in r["stages"]] == list(ablations.STAGES)
+        # Without --drawer, reconstruction is drawn by stage 2-2's own latent decoder.
+        assert r["train_s"] > 0 and [s["stage"] for s in r["stages"]] == ["stage1", "stage2_1", "stage2_2"]
+        assert r["recon_from"] == "stage2_2"
     control, no_rope = records["control-seed0.json"], records["no_rope-seed0.json"]
     # stage 1 and 2-1 are shared; 2-2 and the drawer are the variant's own
     assert [s["key"] for s in control["stages"][:2]] == [s["key"] for s in no_rope["stages"][:2]]
@@ -70,7 +81,7 @@ def test_smoke(tmp_path):
     assert control["stages"][2]["key"] != no_rope["stages"][2]["key"]
     config_22 = lambda r: json.loads((Path(r["stages"][2]["dir"]) / "final" / "config.json").read_text())  # noqa: E731
     assert config_22(no_rope)["head"]["rope"] is False and config_22(control)["head"]["rope"] is True
-    assert no_rope["model_config"]["head"]["rope"] is False  # the drawer's output keeps it
+    assert no_rope["model_config"]["head"]["rope"] is False  # the last stage's output
     saved = json.loads((results / "summary.json").read_text())
     assert saved["variants"] == json.loads(json.dumps(summary["variants"]))
     entry = saved["variants"]["no_rope"]
