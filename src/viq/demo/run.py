@@ -111,7 +111,7 @@ def prepare_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, f
         pre = PreprocessConfig(max_pixels=DEMO_MAX_PIXELS)
         files = sorted((data / "images" / "train").glob("*.png"))
         images = [preprocess(f, pre).pixels for f in files]
-        vae = train_pixel_codec(images, config.vae, steps=max(10, round(1000 * scale)), seed=seed)
+        vae = train_pixel_codec(images, config.vae, steps=max(10, round(800 * scale)), seed=seed)
         vae_history = vae.history
         model = ViQModel.from_config(config, seed=seed)
         model.vae.load_state_dict(vae.state_dict())
