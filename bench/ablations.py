@@ -20,7 +20,7 @@ and stage 2-1.
 
 Per (variant, seed) a record under ``--results`` (default ``bench/results/ablations/<label>/``): QA
 accuracy of the last LLM stage (stage 2-2, answering from codes; stage 1 for the reference) with real,
-blank and shuffled images and the majority answer, with Wilson intervals; reconstruction PSNR / SSIM of
+blank images and the majority answer, with Wilson intervals; reconstruction PSNR / SSIM of
 held-out synthetic images and photographs beside the pixel codec alone (the ceiling); code entropy;
 training time. Reconstruction is drawn by stage 2-2's own latent decoder (the drawer its output carries),
 or, with ``--drawer`` and for variants whose stage 2-2 has no latent loss, by a drawer trained on the
@@ -272,8 +272,9 @@ def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: P
     test = [r for r in load_split(data, "test") if "image" in r]
     questions = test[:num_questions] if num_questions else test
     llm_stage = "stage2_2" if "stage2_2" in dirs else ("stage2_1" if "stage2_1" in dirs else "stage1")
+    # Real and blank images (what the codes carry) and the majority answer; the demo adds shuffled images.
     qa = evaluate_qa_with_baselines(dirs[llm_stage] / "final", load_split(data, "train"), questions, data, seed=seed,
-                                    device=device)
+                                    device=device, modes=("real", "blank"))
     qa.pop("examples", None)
     qa["stage"] = llm_stage
     out: dict[str, Any] = {"qa": qa, "recon": None, "codes": None, "recon_from": None}
@@ -302,7 +303,7 @@ def _head_quantizer(final: Path) -> str | None:
 
 #: summary metrics: name -> path into a record
 METRICS = {
-    "qa_real": ("qa", "real"), "qa_blank": ("qa", "blank"), "qa_shuffled": ("qa", "shuffled"),
+    "qa_real": ("qa", "real"), "qa_blank": ("qa", "blank"),
     "qa_majority": ("qa", "majority"), "qa_real_minus_blank": ("qa", "real_minus_blank"),
     "psnr_synthetic": ("recon", "synthetic", "psnr"), "ssim_synthetic": ("recon", "synthetic", "ssim"),
     "psnr_synthetic_codec": ("recon", "synthetic", "psnr_codec"),
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="overrides added to every variant (same syntax as --variant), e.g. train.batch_size=8")
     parser.add_argument("--no-defaults", action="store_true", help="run only the control and --variant ones")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--scale", type=float, default=0.25, help="step / data multiplier of the demo recipes")
+    parser.add_argument("--scale", type=float, default=1.0, help="step / data multiplier of the demo recipes (1: the demo's own budget)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--work", default=None, help="work dir for data, models and stage runs (default runs/ablations/<label>)")
     parser.add_argument("--results", default=None, help="records + summary.json (default bench/results/ablations/<label>)")

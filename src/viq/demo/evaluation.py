@@ -25,17 +25,23 @@ __all__ = ["evaluate_qa_with_baselines", "evaluate_reconstruction", "code_summar
 
 
 def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_records: list[dict], image_root: Path,
-                               *, seed: int = 0, device: torch.device | None = None) -> dict[str, Any]:
-    """QA accuracy of the run's final model with real / blank / shuffled images, and the majority
-    baseline: ``{"n", "real", "blank", "shuffled", "majority", "ci95": {mode: [lo, hi]},
-    "per_task": {task: {"n", mode: accuracy, ...}}, "examples": [...]}``."""
+                               *, seed: int = 0, device: torch.device | None = None,
+                               modes: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """QA accuracy of the run's final model with real / blank / shuffled images (``modes``: a subset of
+    :data:`viq.eval.qa.IMAGE_MODES` that includes "real"; default all), and the majority baseline:
+    ``{"n", "real", "blank", "shuffled", "majority", "margin", "ci95": {mode: [lo, hi]},
+    "per_task": {task: {"n", mode: accuracy, ...}}, "examples": [...]}`` (``margin``: real minus the
+    best baseline evaluated)."""
     from viq.eval.qa import IMAGE_MODES, evaluate_qa, load_run, majority_baseline
 
+    modes = IMAGE_MODES if modes is None else tuple(modes)
+    if "real" not in modes or set(modes) - set(IMAGE_MODES):
+        raise ValueError(f"modes must include 'real' and be among {IMAGE_MODES}, got {modes}")
     device = device or torch.device("cpu")
     model, tokenizer = load_run(run, device)
     results: dict[str, dict] = {}
     examples: list[dict] = []
-    for mode in IMAGE_MODES:
+    for mode in modes:
         results[mode] = evaluate_qa(model, tokenizer, test_records, image_root, images=mode, seed=seed, device=device,
                                     examples=examples if mode == "real" else None)
     results["majority"] = majority_baseline(train_records, test_records)
@@ -46,7 +52,7 @@ def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_record
     out["per_task"] = {task: {"n": results["real"]["per_task"][task]["n"],
                               **{mode: r["per_task"].get(task, {}).get("accuracy") for mode, r in results.items()}}
                        for task in tasks}
-    out["margin"] = out["real"] - max(out["blank"], out["shuffled"], out["majority"])
+    out["margin"] = out["real"] - max(out[mode] for mode in results if mode != "real")
     out["examples"] = examples[:24]
     return out
 
