@@ -96,3 +96,37 @@ def test_t_interval():
     assert ablations.t_interval([1.0])["ci95"] is None
     m = ablations.t_interval([1.0, 2.0, 3.0])
     assert m["mean"] == 2.0 and m["ci95"][0] == pytest.approx(2.0 - 4.303 / 3 ** 0.5)
+
+
+def test_verdicts_follow_the_paired_interval():
+    ci = lambda lo, hi: {"mean": (lo + hi) / 2, "ci95": [lo, hi], "half_width": (hi - lo) / 2}  # noqa: E731
+    assert ablations.verdict(ci(-0.10, -0.02), "position") == "reproduced"  # the variant is worse
+    assert ablations.verdict(ci(0.01, 0.08), "position") == "reversed"
+    assert ablations.verdict(ci(-0.05, 0.03), "proximal") == "inconclusive"
+    assert ablations.verdict({"mean": -0.1, "ci95": None}, "recon") == "inconclusive (one seed)"
+    assert ablations.verdict(None, "recon") == "not measured"
+    # Reference: the codes should stay within REFERENCE_MARGIN of the continuous encoder.
+    assert ablations.verdict(ci(-0.02, 0.03), "reference") == "reproduced"
+    assert ablations.verdict(ci(0.06, 0.12), "reference") == "reversed"
+    assert ablations.verdict(ci(-0.02, 0.09), "reference") == "inconclusive"
+
+
+def test_report_rebuilds_the_summary_and_prints_the_table(tmp_path, capsys):
+    def record(variant, axis, seed, real, psnr):
+        return {"benchmark": "ablations", "variant": variant, "axis": axis, "description": "", "spec": [], "seed": seed,
+                "qa": {"real": real, "blank": 0.2, "majority": 0.2, "real_minus_blank": real - 0.2},
+                "recon": {"synthetic": {"psnr": psnr, "psnr_codec": 27.0}}, "train_s": 10.0,
+                "wall_s": {"train": 10.0, "eval": 2.0}, "prepare_s": {"data": 1.0}}
+    results = tmp_path / "r"
+    results.mkdir()
+    for seed, (c, v) in enumerate([(0.50, 0.40), (0.48, 0.41), (0.52, 0.43)]):
+        for name, axis, acc in (("control", "control", c), ("no_rope", "position", v)):
+            (results / f"{name}-seed{seed}.json").write_text(json.dumps(record(name, axis, seed, acc, 20.0 + seed)))
+    summary = ablations.main(["--report", "--results", str(results)])
+    entry = summary["variants"]["no_rope"]
+    assert entry["verdict"]["qa_real"] == "reproduced" and entry["verdict"]["psnr_synthetic"] == "inconclusive"
+    assert summary["wall_s_all_records"] == 6 * 12.0 + 3 * 1.0
+    table = capsys.readouterr().out
+    assert "| position | no_rope | 3 |" in table and "reproduced; inconclusive" in table and "65.3" in table
+    with pytest.raises(SystemExit):
+        ablations.main(["--report", "--results", str(tmp_path / "empty")])
