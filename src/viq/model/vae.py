@@ -46,28 +46,28 @@ def _param(vae: nn.Module) -> torch.Tensor:
 def encode_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """One image (3, H, W) in [-1, 1] -> its latent (channels, H/8, W/8) in the codec's dtype (for the
     Qwen-Image VAE: the posterior mean, the official reconstruction target)."""
+    return _encode_batch(vae, pixels[None])[0]
+
+
+def _encode_batch(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, channels, H/8, W/8) latents in the codec's dtype."""
     param = _param(vae)
     x = pixels.to(device=param.device, dtype=param.dtype)
     if isinstance(vae, PixelCodec):
-        return vae.encode(x[None])[0]
-    return vae.encode(x[None, :, None]).latent_dist.mean[0, :, 0]  # a single video frame
+        return vae.encode(x)
+    return vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0]  # single video frames
 
 
 def encode_latents_grouped(vae: nn.Module, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Images (3, H_i, W_i) in [-1, 1] -> their latents, as :func:`encode_latents` but one codec call
     per distinct image size (training targets: far fewer small calls; the values may differ from one
     image at a time in the last bits, as batched kernels do)."""
-    param = _param(vae)
     out: list[torch.Tensor | None] = [None] * len(images)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, x in enumerate(images):
         by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
     for indices in by_size.values():
-        x = torch.stack([images[i] for i in indices]).to(device=param.device, dtype=param.dtype)
-        if isinstance(vae, PixelCodec):
-            z = vae.encode(x)
-        else:
-            z = vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0]
+        z = _encode_batch(vae, torch.stack([images[i] for i in indices]))
         for i, latent in zip(indices, z):
             out[i] = latent
     return out  # type: ignore[return-value]
