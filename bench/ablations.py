@@ -413,7 +413,9 @@ def markdown_table(summary: dict) -> str:
     rows = ["| axis | variant | seeds | QA real % | QA blank % | Δ real vs control (paired) | PSNR synth dB (codec) "
             "| Δ PSNR vs control | entropy bits | train s | paper | verdict: QA; PSNR |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, e in summary["variants"].items():
+    known = list(default_variants())
+    order = lambda item: (known.index(item[0]) if item[0] in known else len(known), item[0])  # noqa: E731
+    for name, e in sorted(summary["variants"].items(), key=order):
         m, d, v = e["metrics"], e.get("vs_control", {}), e.get("verdict", {})
         psnr = fmt(m.get("psnr_synthetic"), 1, 2)
         if m.get("psnr_synthetic_codec"):
