@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = Path(args.results or RESULTS / label)
         if not any(results.glob("*-seed*.json")):
             parser.error(f"--report: no records in {results}")
-        summary = write_summary(results, label, args.scale, torch.device(args.device), variants, time.perf_counter())
+        summary = write_summary(results, label, args.scale, torch.device(args.device), variants, None)
         print(markdown_table(summary))
         return summary
     if args.dry_run:
@@ -577,7 +577,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def write_summary(results: Path, label: str, scale: float, device, variants: dict[str, Variant], started: float) -> dict:
+def write_summary(results: Path, label: str, scale: float, device, variants: dict[str, Variant],
+                  started: float | None) -> dict:
     """summary.json over every record of the label (runs added by earlier invocations included)."""
     from common import device_description, write_record
 
@@ -587,7 +588,7 @@ def write_summary(results: Path, label: str, scale: float, device, variants: dic
         if r.get("benchmark") == "ablations":
             all_records.append(r)
     summary = {"label": label, "scale": scale, "device": device_description(device),
-               "seeds": sorted({r["seed"] for r in all_records}), "wall_s_this_invocation": time.perf_counter() - started,
+               "seeds": sorted({r["seed"] for r in all_records}), "wall_s_this_invocation": None if started is None else time.perf_counter() - started,
                # every record's training + evaluation wall time and each seed's preparation, once
                "wall_s_all_records": sum(r.get("wall_s", {}).get("train", 0) + r.get("wall_s", {}).get("eval", 0)
                                          for r in all_records)
