@@ -49,3 +49,32 @@ def test_load_memory_quick_mode(tmp_path, official_dir):
     # the same architecture in both formats
     assert official["model_parameters"] == converted["model_parameters"]
     assert list(work.iterdir()) == []  # the written weights are deleted
+
+
+def test_latent_probe(tmp_path):
+    """bench/latent_probe.py on a fabricated demo folder: an exactly linear target is found, and the
+    record names every model it probed."""
+    import torch
+
+    import latent_probe
+    from viq.formats.image import to_pil
+    from viq.model.viq import ViQModel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64).float()
+    w = torch.randn(5, 3, generator=g)
+    assert latent_probe.ridge_nmse(x[:150], x[:150] @ w, x[150:], x[150:] @ w, alpha=1e-8) < 1e-6
+    noise = torch.randn(200, 3, generator=g)
+    assert latent_probe.ridge_nmse(x[:150], noise[:150], x[150:], noise[150:]) > 0.8
+
+    run = tmp_path / "run"
+    ViQModel.from_config("viq-test", seed=0).save_pretrained(run / "init")
+    for split, n in (("train", 6), ("test", 3)):
+        folder = run / "data" / "images" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            to_pil(torch.rand(3, 32, 48, generator=g) * 2 - 1).save(folder / f"{i}.png")
+    record = latent_probe.main([str(run), "--out", str(tmp_path / "r.json")])
+    assert set(record["unexplained_variance"]) == {"pixels", "init"}
+    assert record["train_patches"] == 6 * 2 * 3 and record["test_patches"] == 3 * 2 * 3
+    assert (tmp_path / "r.json").is_file()
