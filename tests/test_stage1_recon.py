@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_llm, make_qa, recipe
+from train_helpers import make_start, recipe
 
 from viq.model.viq import ViQModel
 from viq.model.vae import encode_latents, encode_latents_grouped
@@ -33,14 +33,13 @@ def test_unset_recon_weight_is_off_in_stage1_and_on_in_stage2():
 @pytest.fixture(scope="module")
 def stage1_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("s1recon")
-    data, llm = make_qa(root / "qa"), make_llm(root / "llm")
-    ViQModel.from_config("viq-test", seed=3).save_pretrained(root / "init")
+    data, llm, start = make_start(root)
     runs = {}
     for name, weight in (("plain", None), ("recon", 1.0)):
         loss = {"teacher_size": 32, "distill": 0.0} | ({"recon": weight} if weight is not None else {})
         r = recipe("stage1", root / name, data, llm, train={"max_steps": 3, "batch_size": 2}, loss=loss,
                    llm={"mode": "full"})
-        r["model"] = {"init": f"viq:{root / 'init'}"}
+        r["model"] = {"init": f"viq:{start}"}
         runs[name] = (TrainConfig.from_dict(r), train(TrainConfig.from_dict(r)))
     return root, runs
 

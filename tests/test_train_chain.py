@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_llm, make_qa, recipe
+from train_helpers import make_start, recipe
 
-from viq.model.viq import ViQModel
 from viq.train.build import build_model
 from viq.train.config import TrainConfig
 from viq.train.engine import train
@@ -22,10 +21,9 @@ CPU = torch.device("cpu")
 def chain(tmp_path_factory):
     """stage1 -> stage2_1 -> stage2_2 (FSQ on the bottleneck), each a few steps, from a saved start."""
     root = tmp_path_factory.mktemp("chain")
-    data, llm = make_qa(root / "qa"), make_llm(root / "llm")
-    ViQModel.from_config("viq-test", seed=3).save_pretrained(root / "init")
+    data, llm, start = make_start(root)
     runs = {}
-    init = f"viq:{root / 'init'}"
+    init = f"viq:{start}"
     head = {"bottleneck_dim": 16, "bottleneck_limit": "linf"}
     for stage, head_cfg in (("stage1", None), ("stage2_1", {**head, "quantizer": "bottleneck", "code_blocks": 0}),
                             ("stage2_2", {**head, "quantizer": "fsq", "fsq_on_bottleneck": True, "code_blocks": 1})):

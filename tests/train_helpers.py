@@ -45,6 +45,16 @@ def make_llm(root: Path) -> Path:
                           intermediate_size=64, initializer_range=0.2)
 
 
+def make_start(root: Path, seed: int = 3) -> tuple[Path, Path, Path]:
+    """A QA set, a tiny LLM and a saved ``viq-test`` model under ``root``: what a chain of stages starts
+    from. Returns (data, llm, init directory)."""
+    from viq.model.viq import ViQModel
+
+    data, llm = make_qa(root / "qa"), make_llm(root / "llm")
+    ViQModel.from_config("viq-test", seed=seed).save_pretrained(root / "init")
+    return data, llm, root / "init"
+
+
 def recipe(stage: str, out: Path, data_path: Path, llm_path: Path | None, **sections) -> dict:
     """A minimal recipe dict for the tiny test model; ``sections`` are merged in."""
     head = {"quantizer": "bottleneck", "code_blocks": 0} if stage == "stage2_1" else {}
