@@ -115,8 +115,8 @@ class TrainModel(nn.Module):
         self.spec = get_stage(stage)
         self.config = config
         width = config.width
-        #: the ViQ parts built: the stage's, or those given (viq.train.stages.Stage.active_parts)
-        self.parts = parts = self.spec.parts if parts is None else tuple(parts)
+        # The ViQ parts built: the stage's, or those given (viq.train.stages.Stage.active_parts).
+        parts = self.spec.parts if parts is None else tuple(parts)
         # Without an encoder (stored codes), the embedder turns codes into features: the offline
         # path whose speed-up the paper reports.
         self.encoder = ViTEncoder(config.encoder) if "encoder" in parts else None
