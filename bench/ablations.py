@@ -401,14 +401,20 @@ def summarize(records: list[dict], variants: dict[str, Variant]) -> dict[str, An
     return summary
 
 
+def _mean_pm(m: dict | None, scale: float, digits: int, *, missing: str, one_seed: str) -> str:
+    """A :func:`t_interval` as "mean ± half-width" (scaled), ``one_seed`` appended when there is no
+    interval, ``missing`` when there is no value."""
+    if not m or m.get("mean") is None:
+        return missing
+    out = f"{m['mean'] * scale:.{digits}f}"
+    return out + (f" ± {m['half_width'] * scale:.{digits}f}" if m.get("half_width") is not None else one_seed)
+
+
 def markdown_table(summary: dict) -> str:
     """The docs/research.md results table of a summary: per variant the means and 95 % intervals over
     seeds, the paired difference from the control, the paper's figure and the verdicts."""
     def fmt(m: dict | None, scale: float = 100, digits: int = 1) -> str:
-        if not m or m.get("mean") is None:
-            return "—"
-        out = f"{m['mean'] * scale:.{digits}f}"
-        return out + (f" ± {m['half_width'] * scale:.{digits}f}" if m.get("half_width") is not None else " (1 seed)")
+        return _mean_pm(m, scale, digits, missing="—", one_seed=" (1 seed)")
 
     rows = ["| axis | variant | seeds | QA real % | QA blank % | Δ real vs control (paired) | PSNR synth dB (codec) "
             "| Δ PSNR vs control | entropy bits | train s | paper | verdict: QA; PSNR |",
@@ -601,10 +607,7 @@ def write_summary(results: Path, label: str, scale: float, device, variants: dic
 
 def _print_table(summary: dict) -> None:
     def fmt(m: dict | None, scale: float = 1.0, digits: int = 1) -> str:
-        if not m or m.get("mean") is None:
-            return "-"
-        s = f"{m['mean'] * scale:.{digits}f}"
-        return s + (f" ± {m['half_width'] * scale:.{digits}f}" if m.get("half_width") is not None else "")
+        return _mean_pm(m, scale, digits, missing="-", one_seed="")
 
     print(f"{'variant':12s} {'seeds':>5s} {'QA real %':>13s} {'blank %':>13s} {'real-blank':>13s} {'d vs control':>13s} "
           f"{'PSNR syn':>11s} {'codec':>6s} {'H bits':>6s} {'train s':>8s}")
