@@ -78,3 +78,49 @@ def test_latent_probe(tmp_path):
     assert set(record["unexplained_variance"]) == {"pixels", "init"}
     assert record["train_patches"] == 6 * 2 * 3 and record["test_patches"] == 3 * 2 * 3
     assert (tmp_path / "r.json").is_file()
+
+
+def test_recon_chain(tmp_path):
+    """bench/recon_chain.py on a fabricated demo folder: one row per stage output with a latent
+    decoder, and the drawer / codec rows score exactly what the demo's report scores."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    import recon_chain
+    import viq
+    from viq.demo.evaluation import evaluate_reconstruction
+    from viq.formats.image import to_pil
+    from viq.model.viq import ViQModel
+    from viq.train.model import TrainModel
+
+    g = torch.Generator().manual_seed(0)
+    run = tmp_path / "run"
+    ViQModel.from_config("viq-test", seed=0).save_pretrained(run / "init")
+    ViQModel.from_config("viq-test", seed=1).save_pretrained(run / "runs" / "drawer" / "final")
+    for stage, parts in (("stage1", ("encoder", "recon")), ("stage2_2", ("encoder", "head", "dequant", "recon"))):
+        final = run / "runs" / stage / "final"
+        final.mkdir(parents=True)
+        config = viq.load(run / "init").config
+        model = TrainModel(stage, config, parts=parts)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(final / "model.safetensors"))
+        config.save(final / "config.json")
+    images = run / "data" / "images" / "test"
+    images.mkdir(parents=True)
+    lines = []
+    for i in range(3):
+        to_pil(torch.rand(3, 40, 56, generator=g) * 2 - 1).save(images / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/test/{i}.png", "conversations": []}))
+    (run / "data" / "test.jsonl").write_text("\n".join(lines) + "\n")
+
+    record = recon_chain.main([str(run), "--out", str(tmp_path / "r.json")])
+    summary = record["summary"]
+    assert list(summary) == ["stage1", "stage2_2", "drawer", "codec"]  # no stage 2-1 output here
+    assert all(0 < s["latent_error"] for name, s in summary.items() if name != "codec")
+    drawer = viq.load(run / "runs" / "drawer" / "final")
+    sources = [(f"{i}", str(images / f"{i}.png")) for i in range(3)]
+    demo, _, _ = evaluate_reconstruction(drawer, sources, tmp_path / "recon", max_pixels=96 * 96, kind="test")
+    assert summary["drawer"]["psnr"] == pytest.approx(demo["psnr"], abs=1e-9)
+    assert summary["codec"]["psnr"] == pytest.approx(demo["psnr_codec"], abs=1e-9)
+    assert (tmp_path / "r.json").is_file()

@@ -1,0 +1,181 @@
+"""Where a trained ViQ loses reconstruction detail: each stage's own latent decoder, on the same images.
+
+A demo run (``viq demo -o RUN``) trains four models in a row, and each has a decoder from its
+representation to the pixel codec's latents. This script decodes the same held-out images (the demo's
+``data/test.jsonl``, first ``--images``) through each of them and through the codec alone:
+
+* ``stage1``: trunk features (continuous) -> stage 1's latent decoder (present when its recipe set
+  ``loss.recon``);
+* ``stage2_1``: the code head's continuous bottleneck -> dequantiser -> stage 2-1's latent decoder;
+* ``stage2_2``: FSQ codes -> dequantiser -> stage 2-2's latent decoder;
+* ``drawer``: codes -> the drawer (``ViQModel.reconstruct``: what the demo's report scores);
+* ``codec``: the pixel codec alone (encode + decode), the ceiling every row shares.
+
+Per row: PSNR on the encoded area (mean over images, 95 % t-interval; pixels rounded to 8 bits as in
+the demo's report) and the latent error: MSE over the target latents' variance, per image, in the
+decoder's latent space (0 = exact, 1 = no better than the image's mean latent). A drop between two rows
+says which step loses the detail: between ``stage1`` and ``stage2_1`` the fresh code head, between
+``stage2_1`` and ``stage2_2`` the rounding, between ``stage2_2`` and ``drawer`` the drawer.
+
+    python bench/recon_chain.py viq-demo
+    python bench/recon_chain.py viq-demo --images 64 --out bench/results/recon_chain-demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+STAGES = ("stage1", "stage2_1", "stage2_2")
+#: the parts of a stage output that make its encoder-side reconstruction path
+PARTS = ("encoder", "head", "dequant", "recon")
+
+
+def stage_model(directory: Path, vae):
+    """The encoder-side path of a stage output (``config.json`` + ``model.safetensors``) as a
+    :class:`~viq.train.model.TrainModel` with the frozen ``vae``, or None if it has no latent decoder."""
+    from safetensors.torch import load_file
+
+    from viq.model.config import ViQConfig
+    from viq.train.model import TrainModel
+
+    state = load_file(str(directory / "model.safetensors"))
+    parts = tuple(p for p in PARTS if any(k.startswith(p + ".") for k in state))
+    if "recon" not in parts or "encoder" not in parts:
+        return None
+    stage_file = directory / "stage.json"
+    stage = json.loads(stage_file.read_text())["stage"] if stage_file.is_file() else directory.parent.name
+    model = TrainModel(stage, ViQConfig.load(directory / "config.json"), parts=parts, vae=vae)
+    model.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] in parts})
+    return model.eval()
+
+
+def latent_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """MSE of a (channels, h, w) latent over the target's variance (both in the same space)."""
+    return float(((predicted.float() - target.float()) ** 2).mean() / target.float().var().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def stage_row(model, refs: list[torch.Tensor]) -> tuple[list[tuple[float, float]], list[float]]:
+    """Per-image (PSNR, SSIM) and latent error of a stage's own decoder (continuous values for stage 1 / 2-1,
+    rounded codes for 2-2: whatever its code head produces)."""
+    from viq.eval.recon import crop_to, psnr_ssim
+    from viq.formats.image import to_pil, to_pixels
+    from viq.model.vae import decode_latents
+
+    scores, errors = [], []
+    for ref in refs:
+        out = model.features([ref])
+        latent = model.recon(out["features"], out["grids"])[0]
+        errors.append(latent_error(latent, model.vae_targets(out["padded"])[0]))
+        pixels = decode_latents(model.vae, model.recon.to_raw(latent)).float().clamp(-1, 1)
+        scores.append(psnr_ssim(ref, to_pixels(to_pil(crop_to(pixels, ref.shape[-2:])))))
+    return scores, errors
+
+
+@torch.no_grad()
+def drawer_row(model, refs: list[torch.Tensor]) -> tuple[list[tuple[float, float]], list[float]]:
+    """Per-image (PSNR, SSIM) (``ViQModel.reconstruct``) and latent error of a full model's drawer."""
+    from viq.eval.recon import psnr_ssim
+    from viq.formats.image import to_pixels
+    from viq.model.encoder import pad_to_patches
+    from viq.model.vae import encode_latents
+
+    decoder = model.drawer.latent
+    scores, errors = [], []
+    for ref in refs:
+        codes = model.encode_pixels([ref])[0]
+        drawn = model.draw([codes])[0]
+        target = encode_latents(model.vae, pad_to_patches(ref, model.patch_size))
+        errors.append(latent_error(decoder.from_raw(drawn), decoder.from_raw(target)))
+        scores.append(psnr_ssim(ref, to_pixels(model.reconstruct([codes])[0])))
+    return scores, errors
+
+
+@torch.no_grad()
+def codec_row(vae, refs: list[torch.Tensor], scale_factor: int) -> list[tuple[float, float]]:
+    """Per-image (PSNR, SSIM) of the codec alone (encode + decode), each image padded to a multiple of
+    the codec's ``scale_factor`` only, as in the demo's report."""
+    from viq.eval.recon import crop_to, psnr_ssim
+    from viq.formats.image import to_pil, to_pixels
+    from viq.model.encoder import pad_to_patches
+    from viq.model.vae import decode_latents, encode_latents
+
+    out = []
+    for ref in refs:
+        pixels = decode_latents(vae, encode_latents(vae, pad_to_patches(ref, scale_factor))).float().clamp(-1, 1)
+        out.append(psnr_ssim(ref, to_pixels(to_pil(crop_to(pixels, ref.shape[-2:])))))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a demo output folder (viq demo -o RUN)")
+    parser.add_argument("--images", type=int, default=32, help="held-out images (the demo's report uses 32)")
+    parser.add_argument("--max-pixels", type=int, default=96 * 96, help="area bound when encoding (the demo's)")
+    parser.add_argument("--out", default=None, help="record path (default bench/results/recon_chain-...json)")
+    parser.add_argument("--note", default="", help="what the run is (stored in the record)")
+    args = parser.parse_args(argv)
+
+    import viq
+    from viq.demo.synthetic import load_split
+    from viq.formats.image import PreprocessConfig, preprocess
+
+    sys.path.insert(0, str(BENCH))
+    from common import write_record
+
+    data = args.run / "data"
+    records = [r for r in load_split(data, "test") if "image" in r][: args.images]
+    if not records:
+        parser.error(f"no test images in {data / 'test.jsonl'}")
+    pre = PreprocessConfig(max_pixels=args.max_pixels)
+    refs = [preprocess(data / r["image"], pre).pixels for r in records]
+
+    runs = args.run / "runs"
+    drawer = runs / "drawer" / "final"
+    full = viq.load(drawer) if (drawer / "model.safetensors").is_file() else None
+    codec = full if full is not None else viq.load(args.run / "init", components=("vae",))
+    vae = codec.vae.eval()
+
+    rows: dict[str, dict] = {}
+    for stage in STAGES:
+        directory = runs / stage / "final"
+        model = stage_model(directory, vae) if (directory / "model.safetensors").is_file() else None
+        if model is not None:
+            scores, errors = stage_row(model, refs)
+            rows[stage] = {"scores": scores, "latent_error": errors}
+    if full is not None:
+        scores, errors = drawer_row(full, refs)
+        rows["drawer"] = {"scores": scores, "latent_error": errors}
+    rows["codec"] = {"scores": codec_row(vae, refs, codec.config.vae.scale_factor), "latent_error": [0.0] * len(refs)}
+
+    from viq.eval.recon import ReconStats
+
+    stats = ReconStats()
+    for name, row in rows.items():
+        for psnr, ssim in row["scores"]:
+            stats.add(name, psnr, ssim)
+    summary = {}
+    print(f"{'decoder':10s} {'PSNR dB (95 % CI)':>24s} {'SSIM':>6s} {'latent error':>13s}")
+    for name, scores in stats.summary().items():
+        ci = scores["psnr_ci95"]
+        error = sum(rows[name]["latent_error"]) / len(refs)
+        summary[name] = {"psnr": scores["psnr"], "psnr_ci95": ci, "ssim": scores["ssim"], "latent_error": error}
+        interval = f"({ci[0]:.2f}-{ci[1]:.2f})" if ci[0] is not None else ""
+        print(f"{name:10s} {scores['psnr']:10.2f} {interval:>13s} {scores['ssim']:6.3f} {error:13.3f}")
+    per_image = {name: {"psnr": [p for p, _ in row["scores"]], "latent_error": row["latent_error"]}
+                 for name, row in rows.items()}
+    record = {"run": str(args.run), "note": args.note, "images": len(refs), "summary": summary,
+              "per_image": per_image}
+    path = write_record("recon_chain", torch.device("cpu"), record, out=args.out)
+    print(path)
+    return record
+
+
+if __name__ == "__main__":
+    main()
