@@ -45,6 +45,23 @@ def test_stage_overfits_one_batch(stage, mode, tmp_path, assets):
     assert (final / "llm" / ("adapter_config.json" if mode == "lora" else "model.safetensors")).is_file()
 
 
+def test_zero_text_weight_does_not_run_the_llm(tmp_path, assets, monkeypatch):
+    """A stage whose recipe gives the text loss no weight (e.g. a stage 2-1 that trains only the code
+    head on the latent loss) never runs the LLM for it, and still hands the LLM on to the next stage."""
+    from viq.train.model import TrainModel
+
+    calls = []
+    text_loss = TrainModel._text_loss
+    monkeypatch.setattr(TrainModel, "_text_loss", lambda self, *a: calls.append(1) or text_loss(self, *a))
+    summary = run("stage2_1", tmp_path / "off", assets, loss={"text": 0.0},
+                  optim={"trainable": ["head", "dequant", "recon"]})
+    assert calls == []
+    assert all("text" not in h and h["recon"] > 0 for h in summary["history"])
+    assert (Path(summary["final"]) / "llm").is_dir()
+    run("stage2_1", tmp_path / "on", assets, optim={"trainable": ["head", "dequant", "recon"]})
+    assert len(calls) == 3  # one per step with the default weight
+
+
 def test_handover_2_1_to_2_2_and_inference_load(tmp_path, assets):
     s21 = run("stage2_1", tmp_path, assets)
     s22 = run("stage2_2", tmp_path, assets, model={"init": f"viq:{s21['final']}", "config": {"head": {"quantizer": "fsq", "code_blocks": 2}}},

@@ -173,6 +173,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         max_length=cfg.llm.max_length, parts=stage.active_parts(cfg.loss_weights()),
     )
     model.pixel_loss_weight = cfg.loss.pixel
+    model.text_loss = cfg.loss_weights()["text"] > 0
     if state:
         load_matching(model, _handed_over(stage.handover, state), cfg.model.init)
         if stage.handover.carry:

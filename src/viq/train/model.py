@@ -235,7 +235,7 @@ class TrainModel(nn.Module):
             out["indices"] = torch.cat(feats["indices"]).detach()
 
         # Text: projector tokens spliced into each conversation, packed rows, CE on answer tokens.
-        if self.llm is not None and batch.conversations:
+        if self.llm is not None and batch.conversations and self.text_loss:
             ce_sum, ce_count = self._text_loss(batch, features, grids)
             out["text_sum"], out["text_count"] = ce_sum + zero, ce_count
         else:
@@ -352,3 +352,6 @@ class TrainModel(nn.Module):
         }
 
     pixel_loss_weight: float = 0.0
+    #: whether :meth:`forward` runs the LLM for the text loss (the build turns it off when the recipe
+    #: gives ``loss.text`` no weight: the LLM is still carried to the stage output, not run)
+    text_loss: bool = True
