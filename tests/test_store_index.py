@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,49 @@ def test_index_rebuilt_when_another_writer_appends(tmp_path: Path):
     with pytest.raises(ValueError, match="duplicate"):
         w.add(first, data[first][0])
     w.close()
+
+
+def test_concurrent_first_opens_build_the_index_once(tmp_path: Path):
+    """A process that finds the index missing while another builds it waits for that build and maps
+    its file instead of building its own (the ranks of a job opening a changed store at once)."""
+    from viq._io import first_lock
+    from viq.store.index import BUILD_LOCK, index_dirs
+
+    data = _fill(tmp_path / "st", {"w": _ids(60)})
+    for f in (tmp_path / "st" / INDEX_DIR).glob(f"*{INDEX_SUFFIX}"):
+        f.unlink()
+    st = CodeStore.open(tmp_path / "st")  # the index is loaded lazily
+    code = ("import logging, sys\n"
+            "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
+            "from viq.store import CodeStore\n"
+            f"st = CodeStore.open({str(tmp_path / 'st')!r})\n"
+            "print('ready', flush=True)\n"
+            "print('count', len(st), flush=True)\n")
+    with first_lock([tmp_path / "st" / INDEX_DIR / BUILD_LOCK]) as held:
+        assert held is not None
+        other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        assert other.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        assert other.poll() is None  # it waits for the lock instead of building
+        st._build_index(index_dirs(st.path), f"{st._key}{INDEX_SUFFIX}")  # this process's build
+    out, _ = other.communicate(timeout=120)
+    assert other.returncode == 0, out
+    assert f"count {len(data)}" in out and "built index" not in out, out
+    assert len(st) == len(data)
+
+
+def test_first_lock_takes_the_first_usable_candidate(tmp_path: Path):
+    """A lock file that cannot be created (here: its folder would sit under a file) is skipped; with
+    no usable candidate the block runs unlocked (None) rather than failing."""
+    from viq._io import first_lock
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with first_lock([blocker / "index" / ".lock", tmp_path / "cache" / ".lock"]) as held:
+        assert held == tmp_path / "cache" / ".lock"
+    with first_lock([blocker / "index" / ".lock"]) as held:
+        assert held is None
 
 
 def test_corrupt_index_file_is_rebuilt(tmp_path: Path, caplog):

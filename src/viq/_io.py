@@ -5,6 +5,8 @@
 * :func:`create_exclusive`: the same, but never replaces: of several concurrent creators exactly
   one wins (hard link), the others get ``False``.
 * :func:`fsync_dir`: make a rename itself durable.
+* :func:`first_lock`: an exclusive advisory lock, so that processes deriving the same file (the merged
+  index of a code store) derive it once: the others wait, then read what the first one wrote.
 
 Temporary files are named ``.<name>.<random>.tmp`` next to their target, so a crash leaves only
 hidden ``*.tmp`` files behind, which every reader ignores.
@@ -15,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "create_exclusive", "fsync_dir", "TMP_SUFFIX"]
+__all__ = ["atomic_write", "create_exclusive", "fsync_dir", "first_lock", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -37,6 +39,41 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+@contextlib.contextmanager
+def first_lock(candidates: list[Path]) -> Iterator[Path | None]:
+    """Hold an exclusive ``flock`` on the first of ``candidates`` (lock file paths) that can be created
+    and locked, for the ``with`` block; yields its path, or None where no candidate can be locked
+    (read-only directories, file systems without ``flock``, non-POSIX systems): the block then runs
+    unlocked, which costs duplicated work, never correctness, since what it guards is written with
+    :func:`atomic_write`. The lock is released when the block ends or the process dies; lock files
+    are left in place (removing one that another process waits on would let two hold it).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield None
+        return
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return
+    yield None
 
 
 def _default_mode(path: Path) -> int:

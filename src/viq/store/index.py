@@ -13,8 +13,10 @@ the shard indexes (``*.idx.json``, which stay the format's source of truth):
   table (lookup in O(1) page touches) and the content hashes sorted (``has_hash``). ``<key>`` is a
   digest of the list of shard indexes and their ``(mtime_ns, size)``, so a new or changed shard means
   a new file; it is built once by the first reader that needs it (atomically, :func:`viq._io.atomic_write`)
-  and then memory-mapped by every process: DataLoader workers share its pages. When the store
-  directory is not writable, the file goes to ``$VIQ_STORE_INDEX_DIR`` or ``~/.cache/viq/store-index``.
+  and then memory-mapped by every process: DataLoader workers share its pages. Processes that open a
+  changed store at once take turns on ``index/.build.lock`` (``flock``): the first builds, the others
+  find its file and map it. When the store directory is not writable, the file (and the lock) go to
+  ``$VIQ_STORE_INDEX_DIR`` or ``~/.cache/viq/store-index``.
 
 Lookup: ``h = id_hash(id)`` (:mod:`viq.store.ids`); the bucket ``h >> shift`` gives a range of the
 sorted hashes (a few entries), ``bisect`` finds ``h`` in it, and every entry with that hash is checked
@@ -58,6 +60,8 @@ INDEX_FORMAT = "viq-code-store-index"
 INDEX_VERSION = 1
 INDEX_DIR = "index"
 INDEX_SUFFIX = ".viqx"
+#: lock file, in the index directory, held while a process builds the merged index
+BUILD_LOCK = ".build.lock"
 LOOKUP_SUFFIX = ".lookup"
 _ALIGN = 64
 _HEAD = struct.Struct("<8sQ")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from viq._io import create_exclusive
+from viq._io import create_exclusive, first_lock
 from viq.formats.codes import Codes
 from viq.store.format import (
     FORMAT_VERSION,
@@ -44,6 +44,7 @@ from viq.store.format import (
     parse_shard_index,
 )
 from viq.store.index import (
+    BUILD_LOCK,
     FLAG_HASH,
     INDEX_SUFFIX,
     LOOKUP_SUFFIX,
@@ -362,20 +363,36 @@ class CodeStore:
         return arrays
 
     def _load_index(self, *, rebuild: bool = False) -> StoreIndex:
-        """Open the merged index of ``self._entries``, building it if missing, stale or corrupt."""
+        """Open the merged index of ``self._entries``, building it if missing, stale or corrupt.
+
+        The build runs under a lock (``.build.lock`` in the first index directory that takes one), so
+        that processes opening a changed store at once (the ranks of one job) build it once: the
+        others wait, then map the file the first one wrote."""
         dirs = index_dirs(self._path)
         fname = f"{self._key}{INDEX_SUFFIX}"
-        if not rebuild:
-            for d in dirs:
-                path = d / fname
-                if not path.exists():
-                    continue
-                try:
-                    return StoreIndex(path, self._key)
-                except IndexCorrupt as exc:
-                    log.warning("%s: index file %s is unusable (%s); rebuilding it", self._path, path, exc)
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+        if not rebuild and (ix := self._open_index(dirs, fname)) is not None:
+            return ix
+        with first_lock([d / BUILD_LOCK for d in dirs]):
+            if not rebuild and (ix := self._open_index(dirs, fname)) is not None:
+                return ix  # built by another process while this one waited
+            return self._build_index(dirs, fname)
+
+    def _open_index(self, dirs: list[Path], fname: str) -> StoreIndex | None:
+        """The first usable ``fname`` in ``dirs`` (an unusable one is deleted), or None."""
+        for d in dirs:
+            path = d / fname
+            if not path.exists():
+                continue
+            try:
+                return StoreIndex(path, self._key)
+            except IndexCorrupt as exc:
+                log.warning("%s: index file %s is unusable (%s); rebuilding it", self._path, path, exc)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return None
+
+    def _build_index(self, dirs: list[Path], fname: str) -> StoreIndex:
+        """Build ``fname`` from the shards' lookup columns into the first writable of ``dirs``."""
         t0 = time.perf_counter()
         shards: list[str] = []
         segments: list[dict[str, np.ndarray]] = []
