@@ -88,6 +88,12 @@ def test_handover_2_1_to_2_2_and_inference_load(tmp_path, assets):
     assert torch.equal(a["head.project_in.weight"], b["head.project_in.weight"])
     assert torch.equal(a["embedder.merge.fc1.weight"], b["embedder.merge.fc1.weight"])
     assert not torch.equal(a["drawer.latent.conv_out.weight"], b["drawer.latent.conv_out.weight"])
+    # A drawer recipe that reshapes the decoder it shares with the carried recon.* fails before training.
+    with pytest.raises(ValueError, match=r"recon\.\* weights.*model\.config\.decoder"):
+        run("drawer", tmp_path / "deeper", assets, use_llm=False,
+            model={"init": f"viq:{s22['final']}", "config": {"decoder": {"latent_blocks": 2}}},
+            data={"train": str(assets["data"].parent / "images")}, train={"max_steps": 8, "batch_size": 4})
+    assert not any((tmp_path / "deeper").rglob("*.safetensors"))  # nothing was trained or written
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, assets):

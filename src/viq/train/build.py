@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from viq.model.config import ViQConfig, get_preset
+from viq.model.decoders import CodeEmbedder, LatentDecoder
 from viq.model.hub import resolve, resolve_model
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
@@ -138,6 +139,26 @@ def with_latent_norm(config: ViQConfig, latent_norm: str, vae: nn.Module | None)
     return dataclasses.replace(config, decoder=decoder)
 
 
+def _check_carry(config: ViQConfig, carry: dict[str, torch.Tensor], source: str) -> None:
+    """Fail before training, not at export, when weights a stage carries into its output do not fit its
+    model config: as in the official models, the drawer shares ``decoder`` with the encoder-side latent
+    decoder (``recon.*``) and the embedder shares ``head`` with the dequantiser (``dequant.*``)."""
+    with torch.device("meta"):
+        parts = {"recon.": ("decoder", LatentDecoder(config.width, config.decoder)),
+                 "dequant.": ("head", CodeEmbedder(config.width, config.head)),
+                 "embedder.": ("head", CodeEmbedder(config.width, config.head))}
+    for prefix, (section, module) in parts.items():
+        have = {k[len(prefix):]: tuple(v.shape) for k, v in carry.items() if k.startswith(prefix)}
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if not have or have == want:
+            continue
+        differ = sorted(set(have) ^ set(want)) + sorted(k for k in set(have) & set(want) if have[k] != want[k])
+        raise ValueError(
+            f"{source}: its {prefix[:-1]}.* weights, carried into this stage's output, do not fit the recipe's model "
+            f"config ({len(differ)} tensors differ, e.g. {prefix}{differ[0]}); they share the config's `{section}` "
+            f"section, so leave model.config.{section} as the init has it")
+
+
 def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
     """The stage's TrainModel (on ``device``, float32 master weights) and its ChatTokenizer (or None)."""
     stage = get_stage(cfg.stage)
@@ -179,6 +200,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         if stage.handover.carry:
             # Not trained here and not in the live model, but needed by a later stage.
             model.carry = {k: v for k, v in state.items() if k.startswith(stage.handover.carry)}
+            _check_carry(config, model.carry, cfg.model.init)
 
     previous = Path(cfg.model.previous) if cfg.model.previous else init_dir
     if previous is not None and projector is not None:
