@@ -46,7 +46,7 @@ from viq.model import hub
 from viq.model.batching import (EncodeError, all_or_raise, check_pixels, exact_float32, num_tokens,
                                 pack_by_budget, per_image_attention, progress_bar)
 
-__all__ = ["ViQModel", "COMPONENTS", "EncodeError", "pack_by_budget", "code_fingerprint"]
+__all__ = ["ViQModel", "COMPONENTS", "EncodeError", "check_weights", "pack_by_budget", "code_fingerprint"]
 
 COMPONENTS = ("encoder", "dequant", "recon", "embedder", "drawer", "vae")
 #: Default packing budget (patch tokens per forward pass) for :meth:`ViQModel.encode`.
@@ -430,18 +430,7 @@ class ViQModel(nn.Module):
         components = tuple(components)
         with torch.device("meta"):
             model = cls(config, components)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source}: weights do not match the config"
-                + (f"; missing {len(missing)} keys: {_preview(missing)}" if missing else "")
-                + (f"; unexpected {len(unexpected)} keys: {_preview(unexpected)}" if unexpected else "")
-            )
-        for k, v in expected.items():
-            if tuple(v.shape) != tuple(state[k].shape):
-                raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
+        _check_state(model.state_dict(), state, source)
         model.load_state_dict(convert_state(state, device, dtype, release), strict=True, assign=True)
         model._rebuild_constants()
         model._fingerprint = fingerprint
@@ -483,6 +472,30 @@ def code_fingerprint(config: ViQConfig, project_in_weight: torch.Tensor, project
     for t in (project_in_weight, project_in_bias):
         h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_weights(config: ViQConfig, state: dict[str, torch.Tensor], components: Iterable[str],
+                  source: str = "<state dict>") -> None:
+    """Raise ValueError (naming ``source`` and what differs) unless ``state`` has exactly the keys and
+    shapes of a model of ``config`` with ``components``: the check :meth:`ViQModel.from_state_dict`
+    makes, without loading anything (the modules are built on the meta device)."""
+    with torch.device("meta"):
+        expected = ViQModel(config, components).state_dict()
+    _check_state(expected, state, source)
+
+
+def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not match the config"
+            + (f"; missing {len(missing)} keys: {_preview(missing)}" if missing else "")
+            + (f"; unexpected {len(unexpected)} keys: {_preview(unexpected)}" if unexpected else "")
+        )
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
 
 
 def _prefixes(component: str) -> tuple[str, ...]:

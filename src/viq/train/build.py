@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from viq.model.config import ViQConfig, get_preset
-from viq.model.decoders import CodeEmbedder, LatentDecoder
 from viq.model.hub import resolve, resolve_model
+from viq.model.viq import check_weights
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 from viq.train.stages import Handover, get_stage
@@ -142,21 +142,20 @@ def with_latent_norm(config: ViQConfig, latent_norm: str, vae: nn.Module | None)
 def _check_carry(config: ViQConfig, carry: dict[str, torch.Tensor], source: str) -> None:
     """Fail before training, not at export, when weights a stage carries into its output do not fit its
     model config: as in the official models, the drawer shares ``decoder`` with the encoder-side latent
-    decoder (``recon.*``) and the embedder shares ``head`` with the dequantiser (``dequant.*``)."""
-    with torch.device("meta"):
-        parts = {"recon.": ("decoder", LatentDecoder(config.width, config.decoder)),
-                 "dequant.": ("head", CodeEmbedder(config.width, config.head)),
-                 "embedder.": ("head", CodeEmbedder(config.width, config.head))}
-    for prefix, (section, module) in parts.items():
-        have = {k[len(prefix):]: tuple(v.shape) for k, v in carry.items() if k.startswith(prefix)}
-        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        if not have or have == want:
+    decoder (``recon.*``) and the embedder shares ``head`` with the dequantiser (``dequant.*``). (A
+    carried VAE is not checked here: building it, even on the meta device, needs diffusers, which a
+    stage that only carries it does not.)"""
+    for component, section in (("recon", "decoder"), ("dequant", "head"), ("embedder", "head")):
+        state = {k: v for k, v in carry.items() if k.startswith(component + ".")}
+        if not state:
             continue
-        differ = sorted(set(have) ^ set(want)) + sorted(k for k in set(have) & set(want) if have[k] != want[k])
-        raise ValueError(
-            f"{source}: its {prefix[:-1]}.* weights, carried into this stage's output, do not fit the recipe's model "
-            f"config ({len(differ)} tensors differ, e.g. {prefix}{differ[0]}); they share the config's `{section}` "
-            f"section, so leave model.config.{section} as the init has it")
+        try:
+            check_weights(config, state, (component,), f"{component}.*")
+        except ValueError as exc:
+            raise ValueError(
+                f"{source}: its {component}.* weights, carried into this stage's output, do not fit the recipe's "
+                f"model config ({exc}); they share the config's `{section}` section, so leave "
+                f"model.config.{section} as the init has it") from None
 
 
 def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
@@ -188,13 +187,14 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         tokenizer = ChatTokenizer(hf_tokenizer, system_prompt=cfg.llm.system_prompt)
         projector = MMProjector(config.width, llm.config.hidden_size)
 
+    weights = cfg.loss_weights()
     model = TrainModel(
         cfg.stage, config, llm=llm, projector=projector,
         teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
-        max_length=cfg.llm.max_length, parts=stage.active_parts(cfg.loss_weights()),
+        max_length=cfg.llm.max_length, parts=stage.active_parts(weights),
     )
     model.pixel_loss_weight = cfg.loss.pixel
-    model.text_loss = cfg.loss_weights()["text"] > 0
+    model.text_loss = weights["text"] > 0
     if state:
         load_matching(model, _handed_over(stage.handover, state), cfg.model.init)
         if stage.handover.carry:
