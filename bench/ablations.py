@@ -521,12 +521,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             check_variant(v)
         except ValueError as e:
             parser.error(str(e))
-    if args.report:
-        sys.path.insert(0, str(BENCH))
-        import torch
+    import torch  # already loaded by the variant checks
 
-        label = _label(args)
-        results = Path(args.results or RESULTS / label)
+    sys.path.insert(0, str(BENCH))
+    label = _label(args)
+    results = Path(args.results or RESULTS / label)
+    if args.report:
         if not any(results.glob("*-seed*.json")):
             parser.error(f"--report: no records in {results}")
         summary = write_summary(results, label, args.scale, torch.device(args.device), variants, None)
@@ -537,18 +537,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{v.name:12s} {v.axis:10s} {' '.join(v.spec()) or '(demo recipes)'}   stages: {' '.join(v.chain())}")
         return {"variants": {k: v.spec() for k, v in variants.items()}}
 
-    import torch
-
-    sys.path.insert(0, str(BENCH))
     from common import write_record
     from viq.demo.run import prepare_demo
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU visible")
     device = torch.device(args.device)
-    label = _label(args)
     work = Path(args.work or Path("runs") / "ablations" / label).resolve()
-    results = Path(args.results or RESULTS / label)
     results.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     started = time.perf_counter()
