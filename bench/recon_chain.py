@@ -64,7 +64,7 @@ def latent_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
 def stage_row(model, refs: list[torch.Tensor]) -> tuple[list[tuple[float, float]], list[float]]:
     """Per-image (PSNR, SSIM) and latent error of a stage's own decoder (continuous values for stage 1 / 2-1,
     rounded codes for 2-2: whatever its code head produces)."""
-    from viq.eval.recon import crop_to, psnr_ssim
+    from viq.eval.recon import encoded_area_scores
     from viq.formats.image import to_pil, to_pixels
     from viq.model.vae import decode_latents
 
@@ -74,7 +74,7 @@ def stage_row(model, refs: list[torch.Tensor]) -> tuple[list[tuple[float, float]
         latent = model.recon(out["features"], out["grids"])[0]
         errors.append(latent_error(latent, model.vae_targets(out["padded"])[0]))
         pixels = decode_latents(model.vae, model.recon.to_raw(latent)).float().clamp(-1, 1)
-        scores.append(psnr_ssim(ref, to_pixels(to_pil(crop_to(pixels, ref.shape[-2:])))))
+        scores.append(encoded_area_scores(ref, to_pixels(to_pil(pixels))))
     return scores, errors
 
 
@@ -101,7 +101,7 @@ def drawer_row(model, refs: list[torch.Tensor]) -> tuple[list[tuple[float, float
 def codec_row(vae, refs: list[torch.Tensor], scale_factor: int) -> list[tuple[float, float]]:
     """Per-image (PSNR, SSIM) of the codec alone (encode + decode), each image padded to a multiple of
     the codec's ``scale_factor`` only, as in the demo's report."""
-    from viq.eval.recon import crop_to, psnr_ssim
+    from viq.eval.recon import encoded_area_scores
     from viq.formats.image import to_pil, to_pixels
     from viq.model.encoder import pad_to_patches
     from viq.model.vae import decode_latents, encode_latents
@@ -109,7 +109,7 @@ def codec_row(vae, refs: list[torch.Tensor], scale_factor: int) -> list[tuple[fl
     out = []
     for ref in refs:
         pixels = decode_latents(vae, encode_latents(vae, pad_to_patches(ref, scale_factor))).float().clamp(-1, 1)
-        out.append(psnr_ssim(ref, to_pixels(to_pil(crop_to(pixels, ref.shape[-2:])))))
+        out.append(encoded_area_scores(ref, to_pixels(to_pil(pixels))))
     return out
 
 
