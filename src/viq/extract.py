@@ -7,7 +7,9 @@
     viq extract M data.parquet -o codes.store --image-column jpg --id-column key
 
 * **Inputs**: a folder (recursive; id = path relative to the folder), a LLaVA JSON/JSONL file (every
-  distinct image path of its records; id = the path as written, so training can find its codes),
+  distinct image path of its records, read through the training data reader :mod:`viq.data.llava` and
+  sized as training sizes it, the record's ``"resize"`` included; id = the path as written, so training
+  finds its codes; one path under two different resizes is an error naming both records),
   WebDataset tar shards as files, folders or brace patterns (:mod:`viq.data.shards`; id =
   ``<shard name>/<member name>``), or Parquet / Arrow / ``datasets.save_to_disk`` data
   (:mod:`viq.data.columnar`; id = the id column, else the image path, else ``<file>/<row>``).
@@ -24,8 +26,11 @@
   exactly once and nothing corrupt. A unit of work whose images are all durably stored is recorded in
   ``done-units-rank<r>.jsonl`` (rewritten atomically after the store flush that made it durable); a
   re-run skips recorded units without opening them, whichever rank recorded them.
-* **Deduplication**: an image whose bytes were already stored (same sha256) is not encoded again;
-  its codes are copied under the new id.
+* **Deduplication**: an image whose bytes were already stored (same sha256, and same per-record resize:
+  :func:`viq.store.ids.content_hash`) is not encoded again; its codes are copied under the new id.
+* **One image per id**: an id met again in a run with other bytes (or another resize) -- a repeated id
+  column value, the same tar member name -- is recorded as an error naming both sources, never given
+  the first one's codes. (A re-run does not re-read images already stored under their id.)
 * **Errors**: unreadable images (and images whose forward pass fails) are recorded in
   ``errors-rank<r>.jsonl`` beside the shards and skipped; the summary counts them. A shard or file
   that cannot be read to its end is recorded there too (id = the unit) and is not marked done, so a
@@ -37,7 +42,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -51,7 +55,7 @@ import torch
 
 from viq.formats.codes import Codes
 from viq.formats.image import IMAGE_EXTENSIONS
-from viq.store.ids import image_id, tar_member_id
+from viq.store.ids import content_hash, image_id, tar_member_id
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +68,14 @@ DONE_FILE = "done-units-rank{rank}.jsonl"
 @dataclass(frozen=True)
 class Item:
     """One image to extract: its id in the store and where its bytes are (``path``, and ``member``:
-    the tar member or the row of a columnar file). ``unit``: the unit of work it belongs to, if any."""
+    the tar member or the row of a columnar file). ``unit``: the unit of work it belongs to, if any.
+    ``resize``: a LLaVA record's own resize rule (:class:`viq.formats.resize.OfficialResize`)."""
 
     sample_id: str
     path: str
     member: str | None = None
     unit: str | None = None
+    resize: object = None
 
     @property
     def name(self) -> str:
@@ -160,12 +166,22 @@ def list_items(source: str | os.PathLike, image_root: str | None = None, **colum
 
         dataset = LlavaDataset(source, image_root=image_root)
         root = Path(image_root) if image_root else source.parent
+        first: dict[str, str] = {}  # id -> the record that named it first
         for i in range(len(dataset)):
-            for path in dataset.image_paths(i):
+            record = dataset.record(i)
+            for ref in record.images:
                 # the id is the path relative to the image root (as a record writes it), so training
                 # finds an image's codes by the same string
-                sid = image_id(path, root)
-                items.setdefault(sid, Item(sid, str(path)))
+                sid = image_id(ref.path, root)
+                known = items.get(sid)
+                if known is None:
+                    items[sid] = Item(sid, str(ref.path), resize=ref.resize)
+                    first[sid] = record.label
+                elif known.resize != ref.resize:
+                    raise ValueError(
+                        f"{record.label}: image {sid} with resize {ref.resize or 'none'}, but {first[sid]} gives it "
+                        f"resize {known.resize or 'none'}: the two are different pixels and a code store keeps one "
+                        f"code set per image id; give the records the same resize")
     elif not source.exists():
         raise FileNotFoundError(f"{source}: no such input")
     else:
@@ -183,7 +199,9 @@ def _prepare(item: Item, data: bytes | None, cfg) -> dict[str, Any]:
     try:
         if data is None:
             data = Path(item.path).read_bytes()
-        out["hash"] = hashlib.sha256(data).hexdigest()
+        out["hash"] = content_hash(data, item.resize)
+        if item.resize is not None:  # the record sizes its image itself, as training does
+            cfg = dataclasses.replace(cfg, resize=item.resize)
         try:
             prepared = preprocess(data, cfg)
         except Exception as e:  # re-label the "<bytes>" source with the real name
@@ -226,13 +244,34 @@ class _StreamDataset(torch.utils.data.IterableDataset):
                 for item, data in unit.read():
                     n += 1
                     if item.sample_id in self.store:
-                        yield {"item": item, "existing": True}
+                        # hashed (the bytes are at hand) to tell a repeated id with other bytes
+                        yield {"item": item, "existing": True,
+                               "hash": content_hash(data, item.resize) if data is not None else None}
                     else:
                         yield _prepare(item, data, self.preprocess)
             except Exception as e:  # noqa: BLE001 - a broken shard must not stop the others
                 yield {"unit_error": unit.name, "error": f"{type(e).__name__}: {e}"}
                 continue
             yield {"unit_done": unit.name, "images": n}
+
+
+def _other_image(item: Item, digest: str | None, met: dict[str, tuple[str, str]], store) -> str | None:
+    """The error for ``item`` when its id already names an image with other bytes (taken earlier in
+    this run, or stored before), else None. Without the item's hash (a re-run skipping stored ids
+    unread) nothing is compared."""
+    if not digest:
+        return None
+    if item.sample_id in met:
+        other_hash, other = met[item.sample_id]
+    elif item.sample_id in store:
+        entry = store.entry(item.sample_id)
+        other_hash, other = entry.content_hash, entry.source or "the store"
+    else:
+        return None
+    if not other_hash or other_hash == digest:
+        return None
+    return (f"id {item.sample_id!r} is already the id of another image ({other}); this one ({item.name}) has "
+            f"other bytes and is not stored: give each image its own id")
 
 
 def _read_done(out: Path, rank: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -343,6 +382,7 @@ def extract(
         waiting: dict[str, list[Item]] = {}  # content hash -> duplicates of an image being encoded
         queued: collections.deque[dict[str, Any]] = collections.deque()  # sent to encode_stream, in order
         in_flight: set[str] = set()  # ids queued or waiting (not yet added)
+        met: dict[str, tuple[str, str]] = {}  # id -> (content hash, source) of the images taken this run
         outstanding: collections.Counter[str] = collections.Counter()  # unit -> its images not yet added/failed
         read_through: dict[str, int] = {}  # unit -> image count, once its worker has read all of it
         finished: dict[str, int] = {}  # units whose images are all added (or failed), not yet durable
@@ -415,13 +455,22 @@ def extract(
                 if streamed:
                     counts["images"] += 1
                 if result.get("existing") or item.sample_id in writer or item.sample_id in in_flight:
-                    counts["existing"] += 1  # stored before (or the same id twice in the input)
+                    clash = _other_image(item, result.get("hash"), met, store)
+                    if clash is not None:  # the same id for other pixels: never give it the first one's codes
+                        counts["failed"] += 1
+                        with open(errors_path, "a") as f:
+                            f.write(json.dumps({"id": item.sample_id, "source": item.name, "error": clash}) + "\n")
+                        log.error("%s: %s", item.name, clash)
+                    else:
+                        counts["existing"] += 1  # stored before (or the same image twice in the input)
                     if bar is not None:
                         bar.update(1)
                     continue
                 if item.unit is not None:
                     outstanding[item.unit] += 1
                 in_flight.add(item.sample_id)
+                if "hash" in result:
+                    met[item.sample_id] = (result["hash"], item.name)
                 if "error" in result:
                     fail(item, result["error"])
                     maybe_flush()

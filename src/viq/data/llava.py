@@ -62,10 +62,9 @@ zero image for those, which is the training loop's business, not the dataset's.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
-import math
 import operator
 import os
 import re
@@ -81,13 +80,12 @@ from torch.utils.data import Dataset
 from viq.formats.image import (
     ImageError,
     PreprocessConfig,
-    load_image,
     padded_grid,
     target_size,
-    to_pixels,
 )
 from viq.formats.image import preprocess as preprocess_image
-from viq.mllm.chat import IMAGE_TOKEN
+from viq.formats.resize import OfficialResize, parse_resize
+from viq.mllm.chat import IMAGE_TOKEN, LLAVA_ROLES
 
 __all__ = [
     "DataError",
@@ -101,21 +99,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Role names accepted in the data -> normalised role.
-_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
-#: Smallest side of the official ``[a, b]`` list resize.
-_MIN_LIST_SIDE = 64
 #: How many skipped-record reasons the summary warning spells out.
 _MAX_REASONS_LOGGED = 5
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")
-_RESIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*([+-]?\d+)\s*$")
 
 
 class DataError(ValueError):
@@ -128,85 +115,6 @@ class DataError(ValueError):
 
 class _Invalid(Exception):
     """Internal: one record is invalid (the message is the problem, without location)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# the official resize rule
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OfficialResize:
-    """A parsed official per-image ``"resize"`` entry.
-
-    Attributes:
-        kind: ``"area"`` for ``"<base>x<p>"`` (``a = base``, ``b = p``); ``"fixed"`` for the list
-            form ``[w, h]`` (``a = w``, ``b = h``, before the 64-pixel clamp).
-        a: see ``kind``.
-        b: see ``kind``.
-    """
-
-    kind: str
-    a: int
-    b: int
-
-    def target_size(self, width: int, height: int) -> tuple[int, int]:
-        """Content size ``(new_width, new_height)`` for a ``width x height`` (upright) source.
-
-        ``"area"`` with ``s = base / sqrt(W*H)``::
-
-            W' = max(p, floor(W*s/p)*p),  H' = max(p, floor(H*s/p)*p)     (p > 0)
-            W' = H' = base                                                  (p <= 0)
-
-        computed exactly in integers: ``W*s/p = sqrt(W*base**2 / (H*p**2))`` and
-        ``floor(sqrt(x)) = isqrt(floor(x))``. (A float implementation such as the authors' can,
-        for rare sizes, land a hair below an exact multiple and floor one patch lower.)
-        Examples for ``"384x16"``: 512x320 -> 480x288, 448x448 -> 384x384, 384x384 unchanged.
-
-        ``"fixed"``: ``(max(a, 64), max(b, 64))``, independent of the source.
-        """
-        if width < 1 or height < 1:
-            raise ValueError(f"image size must be positive, got {width}x{height}")
-        if self.kind == "fixed":
-            return (max(self.a, _MIN_LIST_SIDE), max(self.b, _MIN_LIST_SIDE))
-        base, p = self.a, self.b
-        if p <= 0:
-            return (base, base)
-        # Python ints are unbounded, so base**2 * W cannot overflow.
-        new_w = max(p, math.isqrt(width * base * base // (height * p * p)) * p)
-        new_h = max(p, math.isqrt(height * base * base // (width * p * p)) * p)
-        return (new_w, new_h)
-
-    def __str__(self) -> str:
-        return f"{self.a}x{self.b}" if self.kind == "area" else f"[{self.a}, {self.b}]"
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_resize_str(value: str) -> OfficialResize:
-    # Datasets use a handful of distinct strings ("384x16", ...): parse each once.
-    m = _RESIZE_RE.match(value)
-    if m is None or int(m.group(1)) < 1:
-        raise ValueError(f'invalid resize {value!r}: expected "<base>x<patch>" with base >= 1, e.g. "384x16"')
-    return OfficialResize("area", int(m.group(1)), int(m.group(2)))
-
-
-def parse_resize(value: Any) -> OfficialResize | None:
-    """Parse a record's ``"resize"`` value (``"<base>x<p>"``, ``[w, h]`` or ``None``).
-
-    Raises:
-        ValueError: for anything else (the message says what is accepted).
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return _parse_resize_str(value)
-    if isinstance(value, (list, tuple)):
-        if len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return OfficialResize("fixed", int(value[0]), int(value[1]))
-        raise ValueError(f"invalid resize {value!r}: a list resize must be two ints [width, height]")
-    raise ValueError(
-        f'invalid resize {value!r}: expected "<base>x<patch>" (e.g. "384x16"), [width, height] or null'
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,9 +245,9 @@ def _parse_turns(record: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         if role_key not in turn or text_key not in turn:
             raise _Invalid(f"{where}: a turn needs '{role_key}' and '{text_key}', got keys {sorted(turn)}")
         raw_role, text = turn[role_key], turn[text_key]
-        role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
+        role = LLAVA_ROLES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise _Invalid(f"{where}: unknown role {raw_role!r} (expected one of {sorted(_ROLES)})")
+            raise _Invalid(f"{where}: unknown role {raw_role!r} (expected one of {sorted(LLAVA_ROLES)})")
         if not isinstance(text, str):
             raise _Invalid(f"{where}: '{text_key}' must be a string, got {_type_name(text)}")
         if not text.strip():
@@ -604,14 +512,11 @@ class LlavaDataset(Dataset):
 
     def _load_pixels(self, ref: _ImageRef) -> torch.Tensor:
         """Decode one image -> float32 ``(3, H, W)`` in [-1, 1]. Raises ImageError."""
-        cfg = self.preprocess
-        if ref.resize is None:
-            return preprocess_image(ref.path, cfg).pixels
-        image = load_image(ref.path, max_image_pixels=cfg.max_image_pixels, background=cfg.background)
-        size = ref.resize.target_size(*image.size)
-        if size != image.size:  # unchanged size: keep the native pixels bit-exact
-            image = image.resize(size, resample=Image.Resampling.BILINEAR)  # official: PIL bilinear
-        return to_pixels(image)
+        return preprocess_image(ref.path, self.image_config(ref)).pixels
+
+    def image_config(self, ref: _ImageRef) -> PreprocessConfig:
+        """How image ``ref`` is sized: the dataset's preprocessing, or the record's own ``resize``."""
+        return self.preprocess if ref.resize is None else dataclasses.replace(self.preprocess, resize=ref.resize)
 
     def __getitem__(self, index: int) -> Sample | None:
         i = operator.index(index)  # accepts numpy / torch integer indices from samplers
@@ -672,7 +577,7 @@ class LlavaDataset(Dataset):
         else:
             sizes = {p: _header_size(p) for p in paths}
 
-        cfg, p = self.preprocess, self.preprocess.patch_size
+        p = self.preprocess.patch_size
         lengths: list[int] = []
         failed: list[str] = []
         for rec in self._records:
@@ -686,7 +591,7 @@ class LlavaDataset(Dataset):
                         raise DataError(msg)
                     failed.append(msg)
                     continue
-                w, h = ref.resize.target_size(*size) if ref.resize is not None else target_size(*size, cfg)
+                w, h = target_size(*size, self.image_config(ref))
                 gh, gw = padded_grid(h, w, p)
                 tokens += gh * gw
             lengths.append(chars // 3 + tokens)

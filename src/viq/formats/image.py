@@ -141,6 +141,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from viq.formats.resize import OfficialResize, parse_resize
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageError",
@@ -230,6 +232,11 @@ class PreprocessConfig:
         max_image_pixels: decompression-bomb guard on the decoded source size (width * height,
             read from the header before decoding). Pillow's own limit also applies.
         background: RGB colour that alpha is composited over.
+        resize: the authors' per-image rule of their LLaVA data (:class:`viq.formats.resize.OfficialResize`,
+            or its text ``"384x16"`` / ``[w, h]``): when set, it alone sizes the image (PIL bilinear, as
+            the authors' loader), and ``min_pixels`` / ``max_pixels`` / ``multiple`` / ``resample`` /
+            ``square`` do not apply. A LLaVA record's ``"resize"`` arrives here, for training and
+            extraction alike.
     """
 
     patch_size: int = 16
@@ -240,9 +247,12 @@ class PreprocessConfig:
     square: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     background: tuple[int, int, int] = (255, 255, 255)
+    resize: Any = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
+        if self.resize is not None and not isinstance(self.resize, OfficialResize):
+            object.__setattr__(self, "resize", parse_resize(self.resize))
         # Normalise numpy ints / JSON lists to plain Python values (frozen -> object.__setattr__).
         for name in ("patch_size", "min_pixels", "max_pixels", "max_image_pixels"):
             value = _as_int(owner, name, getattr(self, name))
@@ -276,6 +286,8 @@ class PreprocessConfig:
         """JSON-ready dict (``background`` as a list)."""
         d = dataclasses.asdict(self)
         d["background"] = list(self.background)
+        r = self.resize
+        d["resize"] = None if r is None else str(r) if r.kind == "area" else [r.a, r.b]
         return d
 
     @classmethod
@@ -322,6 +334,8 @@ def target_size(width: int, height: int, cfg: PreprocessConfig = PreprocessConfi
     """
     w = _check_size("width", width)
     h = _check_size("height", height)
+    if cfg.resize is not None:
+        return cfg.resize.target_size(w, h)
     if cfg.square is not None:
         return (cfg.square, cfg.square)
     lo, hi, p = cfg.min_pixels, cfg.max_pixels, cfg.patch_size
@@ -769,7 +783,10 @@ def preprocess(src: ImageSource, cfg: PreprocessConfig = PreprocessConfig()) -> 
     image = load_image(src, max_image_pixels=cfg.max_image_pixels, background=cfg.background)
     src_w, src_h = image.size
     resample = _RESAMPLE[cfg.resample]
-    if cfg.square is not None:
+    if cfg.resize is not None:
+        size = cfg.resize.target_size(src_w, src_h)
+        content = image if size == (src_w, src_h) else image.resize(size, resample=Image.Resampling.BILINEAR)
+    elif cfg.square is not None:
         content = resize_and_center_crop(image, cfg.square, resample)
     else:
         new_w, new_h = target_size(src_w, src_h, cfg)

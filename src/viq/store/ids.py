@@ -21,7 +21,7 @@ import os
 import zlib
 from pathlib import Path
 
-__all__ = ["ID_HASH", "id_hash", "id_hash_bytes", "image_id", "tar_member_id"]
+__all__ = ["ID_HASH", "content_hash", "id_hash", "id_hash_bytes", "image_id", "tar_member_id"]
 
 #: Name of :func:`id_hash`, recorded in index files (a different name -> the index is rebuilt).
 ID_HASH = "crc32-adler32"
@@ -31,6 +31,19 @@ def image_id(path: str | os.PathLike, root: str | os.PathLike) -> str:
     """Store id of the image file ``path`` whose data file / folder is rooted at ``root``."""
     rel = os.path.relpath(path, root)
     return Path(rel).as_posix() if not rel.startswith("..") else str(path)
+
+
+def content_hash(data: bytes, resize: object = None) -> str:
+    """What a stored record's ``content_hash`` says the codes were made from: the sha256 hex digest of
+    the image file bytes, or, for an image with a per-record ``resize`` (LLaVA data), of the bytes and
+    the resize rule (``str(resize)``) -- the same file under another resize gives other pixels and other
+    codes, so extraction never shares codes between them."""
+    import hashlib
+
+    digest = hashlib.sha256(data)
+    if resize is not None:
+        digest.update(b"\0viq-resize:" + str(resize).encode())
+    return digest.hexdigest()
 
 
 def tar_member_id(shard: str | os.PathLike, member: str) -> str:
