@@ -90,10 +90,11 @@ def _task(record: dict) -> str:
 
 def _turns(record: dict) -> list[tuple[str, str]]:
     """(role, text) of a LLaVA record, roles normalised to user/assistant/system."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    from viq.mllm.chat import LLAVA_ROLES
+
     if "conversations" in record:
-        return [(roles.get(t.get("from"), ""), t.get("value", "")) for t in record["conversations"]]
-    return [(roles.get(t.get("role"), ""), t.get("content", "")) for t in record.get("messages", [])]
+        return [(LLAVA_ROLES.get(t.get("from"), ""), t.get("value", "")) for t in record["conversations"]]
+    return [(LLAVA_ROLES.get(t.get("role"), ""), t.get("content", "")) for t in record.get("messages", [])]
 
 
 def _question(record: dict) -> str:

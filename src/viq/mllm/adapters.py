@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_causal_lm",
+    "llm_identity",
     "prepare_llm",
     "linear_leaf_names",
     "trainable_parameter_count",
@@ -82,6 +83,32 @@ def load_causal_lm(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def llm_identity(model: nn.Module) -> dict[str, Any]:
+    """Which LLM this is, independent of where it lies on disk or the dtype it was loaded in: its
+    architecture, hidden size, layers, vocabulary, and ``weights``, a digest (sha256, 16 hex digits) of
+    the first 256 values of every parameter rounded to bfloat16 (so float32 and bfloat16 loads of the same
+    checkpoint agree; any fine-tuned variant differs). An adapter or projector is made for one identity.
+    """
+    import hashlib
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    digest = hashlib.sha256()
+    for name, param in sorted(base.named_parameters()):
+        if "lora_" in name:
+            continue
+        sample = param.detach().reshape(-1)[:256].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return {
+        "architecture": (getattr(config, "architectures", None) or [type(base).__name__])[0],
+        "hidden_size": int(config.hidden_size),
+        "num_layers": int(getattr(config, "num_hidden_layers", 0)),
+        "vocab_size": int(base.get_input_embeddings().weight.shape[0]),
+        "weights": digest.hexdigest()[:16],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,19 +221,25 @@ def generate_answer(
     hf_tok = tokenizer.tokenizer
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if hf_tok.eos_token_id is not None:
-        eos_ids.add(hf_tok.eos_token_id)
+    # The end of the assistant's turn as the chat template writes it (ChatML's <|im_end|>), besides eos:
+    # a base model's eos (<|endoftext|>) never comes after an answer trained in a chat template.
+    eos_ids.update(tokenizer.end_of_turn_ids)
+    marker = tokenizer.end_of_turn
+    stop_strings = [marker] if marker and len(hf_tok(marker, add_special_tokens=False)["input_ids"]) > 1 else None
     # A fresh config: the checkpoint's sampling defaults (temperature, top_p, ...) do not apply.
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=sorted(eos_ids) or None,
         pad_token_id=hf_tok.pad_token_id,
+        stop_strings=stop_strings,
     )
     out = model.generate(
         inputs_embeds=embeds[None],
         attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long, device=embeds.device),
         generation_config=config,
+        **({"tokenizer": hf_tok} if stop_strings else {}),
     )
     # With only inputs_embeds, decoder-only generate returns just the new tokens.
-    return hf_tok.decode(out[0], skip_special_tokens=True)
+    text = hf_tok.decode(out[0], skip_special_tokens=True)
+    return text.partition(marker)[0] if stop_strings else text

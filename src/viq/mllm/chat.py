@@ -19,6 +19,7 @@ Differences from the official recipe (``official-viq-training.md`` §9.3-§9.4),
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
@@ -34,6 +35,7 @@ __all__ = [
     "IMAGE_TOKEN",
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER_ID",
+    "LLAVA_ROLES",
     "CHATML_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
     "ChatTokenizer",
@@ -95,14 +97,17 @@ class TokenizedConversation:
         return int(self.input_ids.shape[0])
 
 
+#: Role names of LLaVA data (``"from"`` of official records, or chat-API ``"role"``) -> chat role.
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
 def messages_from_llava(conversations: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
     """Convert official/LLaVA ``[{"from": "human"|"gpt"|"system", "value": ...}]`` to chat messages."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
     out = []
     for turn in conversations:
-        if turn.get("from") not in roles:
+        if turn.get("from") not in LLAVA_ROLES:
             raise ValueError(f"unknown LLaVA speaker {turn.get('from')!r}")
-        out.append({"role": roles[turn["from"]], "content": turn["value"]})
+        out.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
     return out
 
 
@@ -273,6 +278,34 @@ class ChatTokenizer:
             labels=torch.tensor(labels, dtype=torch.long),
             num_images=len(images),
         )
+
+    @functools.cached_property
+    def end_of_turn(self) -> str:
+        """The text the chat template writes right after an assistant reply (ChatML: ``<|im_end|>``;
+        ``""`` if it writes nothing there): where a generated answer ends. Found by rendering a reply
+        with a marker, so it holds for any template."""
+        marker = "viq-end-of-turn-probe"
+        msgs = self._check([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}])
+        text, spans = self._answer_spans(msgs, add_generation_prompt=False)
+        if not spans:
+            return ""
+        start, end = spans[-1]
+        return text[start:end].partition(marker)[2].strip()
+
+    @functools.cached_property
+    def end_of_turn_ids(self) -> list[int]:
+        """Token ids that end an answer: the template's end-of-turn marker when it is one token (ChatML's
+        ``<|im_end|>``, Llama 3's ``<|eot_id|>``), and the tokenizer's eos. Generation stops at any of
+        them, so a base model whose eos is ``<|endoftext|>`` still stops at the end of its turn."""
+        ids = []
+        if self.end_of_turn:
+            encoded = self.tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
+            if len(encoded) == 1:
+                ids.append(int(encoded[0]))
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None and eos not in ids:
+            ids.append(int(eos))
+        return ids
 
     # -- public -------------------------------------------------------------------------------------
 
