@@ -28,6 +28,7 @@ from viq.model.config import ViQConfig, get_preset
 from viq.model.hub import resolve, resolve_model
 from viq.model.viq import check_weights
 from viq.train.config import TrainConfig
+from viq.train.language import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE
 from viq.train.model import TrainModel
 from viq.train.stages import Handover, get_stage
 
@@ -39,9 +40,6 @@ VIQ_CONFIG = "config.json"
 VIQ_WEIGHTS = "model.safetensors"
 #: the distillation teacher's encoder, written by the stage that chose it (see :func:`setup_teacher`)
 TEACHER_WEIGHTS = "teacher.safetensors"
-STAGE_FILE = "stage.json"
-PROJECTOR_WEIGHTS = "projector.safetensors"
-LLM_DIR = "llm"
 
 
 def merge_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -108,21 +106,46 @@ def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
     return ViQConfig.load(path / VIQ_CONFIG), load_file(str(path / VIQ_WEIGHTS))
 
 
-def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor]) -> nn.Module | None:
-    """The frozen VAE for latent targets: the ``vae.*`` weights that came with the init weights when
-    present, otherwise a fresh VAE of the config's architecture (random: only meaningful for tests)."""
-    if not get_stage(cfg.stage).needs_vae(cfg.loss_weights()):
-        return None
+def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor],
+              init_kind: str) -> tuple[ViQConfig, nn.Module | None]:
+    """The frozen latent codec of the stage, and ``config`` with its ``vae`` section matching it.
+
+    In order: ``vae.path`` (a diffusers / pixel-codec folder or a Hub id; it also replaces ``vae.*``
+    weights that came with ``model.init``), else the ``vae.*`` weights of ``model.init``, else -- only
+    for a ``preset:`` init, the test and demo presets -- a randomly initialised codec, with a warning.
+    A stage whose losses need a VAE and finds none stops here, before anything trains. Stages that do
+    not need one build it only when ``vae.path`` names it, so that their output hands it on.
+    """
+    needs = get_stage(cfg.stage).needs_vae(cfg.loss_weights())
+    if cfg.vae.path:
+        from viq.model.vae import load_vae
+
+        directory = resolve(cfg.vae.path, what="VAE")
+        vae_config, vae = load_vae(directory)
+        log.info("VAE (%s) from %s%s", vae_config.kind, directory,
+                 "; it replaces the vae.* weights of model.init" if any(k.startswith("vae.") for k in state) else "")
+        return dataclasses.replace(config, vae=vae_config), vae
+    if not needs:
+        return config, None
     from viq.model.vae import build_vae as make_vae
 
-    vae = make_vae(config.vae)
     vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
+    if not vae_state and init_kind != "preset":
+        raise ValueError(
+            f"stage {cfg.stage} needs a frozen VAE for its reconstruction loss, and model.init ({cfg.model.init}) "
+            f"brings no vae.* weights: set vae.path to the Qwen-Image VAE (a diffusers folder, or the Hub id "
+            f"Qwen/Qwen-Image/vae) or to a pixel-codec folder")
+    vae = make_vae(config.vae)
     if vae_state:
-        vae.load_state_dict(vae_state)
+        try:
+            vae.load_state_dict(vae_state)
+        except RuntimeError as e:
+            raise ValueError(f"{cfg.model.init}: its vae.* weights do not fit its config's vae section "
+                             f"({str(e).splitlines()[0]})") from None
     else:
-        log.warning("no VAE weights came with the init weights: the reconstruction target is a randomly "
-                    "initialised VAE (fine for tests and the demo, meaningless for real training)")
-    return vae
+        log.warning("model.init %s is a preset: the reconstruction target is a randomly initialised VAE "
+                    "(for tests only; set vae.path for real training)", cfg.model.init)
+    return config, vae
 
 
 def with_latent_norm(config: ViQConfig, latent_norm: str, vae: nn.Module | None) -> ViQConfig:
@@ -174,27 +197,24 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
 
         base, state = load_siglip(kind, value, cfg.model.config)
     config = ViQConfig.from_dict(merge_config(base.to_dict(), cfg.model.config)) if cfg.model.config else base
-    vae = build_vae(cfg, config, state)
+    config, vae = build_vae(cfg, config, state, kind)
     config = with_latent_norm(config, cfg.loss.latent_norm, vae)
 
-    llm, tokenizer, projector = None, None, None
+    language = None
     if cfg.llm.path and stage.llm:
-        from viq.mllm.adapters import load_causal_lm
-        from viq.mllm.chat import ChatTokenizer
-        from viq.mllm.projector import MMProjector
+        from viq.train.language import build_language_side
 
-        llm, hf_tokenizer = load_causal_lm(resolve(cfg.llm.path, what="LLM"))  # local dir or Hub id
-        tokenizer = ChatTokenizer(hf_tokenizer, system_prompt=cfg.llm.system_prompt)
-        projector = MMProjector(config.width, llm.config.hidden_size)
+        language = build_language_side(cfg, config.width, init_dir)
 
     weights = cfg.loss_weights()
     model = TrainModel(
-        cfg.stage, config, llm=llm, projector=projector,
+        cfg.stage, config, llm=language.llm if language else None, projector=language.projector if language else None,
         teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
         max_length=cfg.llm.max_length, parts=stage.active_parts(weights),
     )
     model.pixel_loss_weight = cfg.loss.pixel
     model.text_loss = weights["text"] > 0
+    model.llm_identity = language.identity if language else None
     if state:
         load_matching(model, _handed_over(stage.handover, state), cfg.model.init)
         if stage.handover.carry:
@@ -202,22 +222,10 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
             model.carry = {k: v for k, v in state.items() if k.startswith(stage.handover.carry)}
             _check_carry(config, model.carry, cfg.model.init)
 
-    previous = Path(cfg.model.previous) if cfg.model.previous else init_dir
-    if previous is not None and projector is not None:
-        _load_language_side(model, previous)
-    if llm is not None:
-        from viq.mllm.adapters import prepare_llm
-
-        adapter = previous / LLM_DIR if previous is not None else None
-        model.llm = prepare_llm(llm, cfg.llm.mode, r=cfg.llm.lora_r, alpha=cfg.llm.lora_alpha,
-                                dropout=cfg.llm.lora_dropout)
-        if adapter is not None and adapter.is_dir() and cfg.llm.mode in ("lora", "dora"):
-            _load_adapter(model.llm, adapter)
-
     model.teacher_record = setup_teacher(model, cfg, init_dir)
     model.set_vae(vae)
     model.to(device)
-    return model, tokenizer
+    return model, language.tokenizer if language else None
 
 
 def _teacher_record(directory: Path | None) -> dict[str, Any] | None:
@@ -298,29 +306,6 @@ def _handed_over(handover: Handover, state: dict[str, torch.Tensor]) -> dict[str
     return taken
 
 
-def _load_language_side(model: TrainModel, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    path = directory / PROJECTOR_WEIGHTS
-    if path.is_file():
-        load_matching(model.projector, load_file(str(path)), str(path))
-    full_llm = directory / LLM_DIR / "model.safetensors"
-    if full_llm.is_file() and not (directory / LLM_DIR / "adapter_config.json").is_file():
-        load_matching(model.llm, load_file(str(full_llm)), str(full_llm))
-
-
-def _load_adapter(llm: nn.Module, adapter_dir: Path) -> None:
-    from safetensors.torch import load_file
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        return
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(llm, load_file(str(weights)))
-    log.info("%s: loaded LoRA adapter (%d unexpected keys)", adapter_dir, len(getattr(result, "unexpected_keys", [])))
-
-
 def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> None:
     """Write a stage's result: ``config.json`` + ``model.safetensors`` (viq key names, loadable by
     the next stage and, once it has an FSQ head, by ``viq.load``), the projector and the LLM side."""
@@ -331,7 +316,9 @@ def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> N
     directory.mkdir(parents=True, exist_ok=True)
     own = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
            if not k.startswith(("projector.", "llm."))}
-    own.update(getattr(model, "carry", {}))
+    carried = getattr(model, "carry", {})
+    # A VAE given by vae.path replaces the one the init weights carried (their architectures may differ).
+    own.update({k: v for k, v in carried.items() if not (model.vae is not None and k.startswith("vae."))})
     config = model.config
     components = [c for c in ("encoder", "dequant", "recon", "embedder", "drawer") if any(k.startswith(c + ".") or
                   (c == "encoder" and k.startswith("head.")) for k in own)]
@@ -374,5 +361,8 @@ def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> N
         teacher_state = {k: v.detach().cpu().contiguous() for k, v in model.teacher.state_dict().items()}
         save_file(teacher_state, str(directory / TEACHER_WEIGHTS), metadata={"source": record["source"]})
         record = {**record, "weights": str((directory / TEACHER_WEIGHTS).resolve())}
-    (directory / STAGE_FILE).write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record},
+    from viq.train.language import language_record
+
+    (directory / STAGE_FILE).write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record,
+                                                    "llm": language_record(cfg, getattr(model, "llm_identity", None))},
                                                    indent=2))

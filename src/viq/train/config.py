@@ -49,7 +49,28 @@ class LLMSection:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     max_length: int = 4096  # tokens per packed LLM row
-    system_prompt: str | None = None
+    #: put first when a conversation has none; the official template's. null: the chat template's own
+    #: default (Qwen2.5's is "You are Qwen, created by Alibaba Cloud. ...")
+    system_prompt: str | None = "You are a helpful assistant."
+    #: the LLM's weights: float32 | bfloat16 | float16 (adapters train in float32 either way)
+    dtype: str = "float32"
+    #: attention kernel: sdpa | eager | flash_attention_2 (where installed)
+    attention: str = "sdpa"
+    #: take over the projector and LLM adapter / weights of model.previous (default: the model.init
+    #: folder): auto (when made for this LLM with these LoRA settings, else fresh), true (an error if
+    #: they do not fit), false (always fresh). See viq.train.language.
+    inherit: Any = "auto"
+
+
+@dataclass
+class VAESection:
+    #: the frozen latent codec of the reconstruction loss (stages 2-1, 2-2, drawer, and stage 1 with
+    #: ``loss.recon``): a diffusers AutoencoderKLQwenImage folder, a Hub id such as
+    #: ``Qwen/Qwen-Image/vae`` (owner/name[@revision][/subfolder], resolved like ``llm.path``), or a
+    #: pixel-codec folder (:func:`viq.model.vae.save_vae`). Written into the stage output as ``vae.*``,
+    #: so later stages and ``viq.load`` use exactly these weights. Unset: the ``vae.*`` weights of
+    #: ``model.init`` (a stage that needs a VAE and finds none stops before training).
+    path: str | None = None
 
 
 @dataclass
@@ -147,13 +168,14 @@ class TrainConfig:
     stage: str = "stage2_2"
     model: ModelSection = field(default_factory=ModelSection)
     llm: LLMSection = field(default_factory=LLMSection)
+    vae: VAESection = field(default_factory=VAESection)
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
-        sections = {"model": ModelSection, "llm": LLMSection, "data": DataSection, "loss": LossSection,
+        sections = {"model": ModelSection, "llm": LLMSection, "vae": VAESection, "data": DataSection, "loss": LossSection,
                     "optim": OptimSection, "train": TrainSection}
         for name, cls in sections.items():
             value = getattr(self, name)
@@ -161,6 +183,12 @@ class TrainConfig:
                 setattr(self, name, _build(cls, value, name))
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.llm.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"llm.dtype must be float32, bfloat16 or float16, got {self.llm.dtype!r}")
+        if self.llm.attention not in ("sdpa", "eager", "flash_attention_2"):
+            raise ValueError(f"llm.attention must be sdpa, eager or flash_attention_2, got {self.llm.attention!r}")
+        if self.llm.inherit not in ("auto", True, False, "true", "false"):
+            raise ValueError(f"llm.inherit must be auto, true or false, got {self.llm.inherit!r}")
         if self.llm.mode not in ("frozen", "lora", "dora", "full"):
             raise ValueError(f"llm.mode must be frozen, lora, dora or full, got {self.llm.mode!r}")
         if self.train.precision not in ("auto", "bf16", "fp32"):
