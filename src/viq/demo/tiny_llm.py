@@ -35,13 +35,19 @@ def build_tiny_llm(
     max_position_embeddings: int = 4096,
     initializer_range: float = 0.02,
     seed: int = 0,
+    special_tokens: tuple[str, ...] = _SPECIAL_TOKENS,
+    eos_token: str = "<|im_end|>",
+    pad_token: str = "<|endoftext|>",
+    chat_template: str = CHATML_TEMPLATE,
 ) -> Path:
     """Write a small random-weight Qwen2 chat model with a freshly trained tokenizer to ``out_dir``.
 
     The tokenizer is a Qwen2-style byte-level BPE (same split regex, NFC) trained offline on
     ``corpus`` with at most ``vocab_size`` entries (fewer if the corpus has fewer merges), with the
     special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos) and the ChatML
-    :data:`viq.mllm.chat.CHATML_TEMPLATE` (default system prompt "You are a helpful assistant."). The
+    :data:`viq.mllm.chat.CHATML_TEMPLATE` (default system prompt "You are a helpful assistant."); other
+    ``special_tokens``, ``eos_token``, ``pad_token`` and ``chat_template`` make other published layouts
+    (:func:`viq.demo.public_checkpoints.qwen2_llm`). The
     model is a ``Qwen2ForCausalLM`` with tied embeddings and the tokenizer's vocabulary size. Both are saved
     with ``save_pretrained`` (a normal HF directory for :func:`viq.mllm.adapters.load_causal_lm`).
     Deterministic for the same corpus and seed; the global RNG state is left unchanged.
@@ -73,20 +79,20 @@ def build_tiny_llm(
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(_SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(list(corpus), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=["<|im_start|>"],
+        eos_token=eos_token,
+        pad_token=pad_token,
+        extra_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)],
         model_max_length=max_position_embeddings,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template
     n_vocab = len(tokenizer)
     config = Qwen2Config(
         vocab_size=n_vocab,
