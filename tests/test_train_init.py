@@ -30,7 +30,8 @@ def test_hf_siglip_matches_transformers(tmp_path):
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path / "siglip")
-    config, state = load_siglip("hf-siglip", str(tmp_path / "siglip"), {})
+    c = load_siglip("hf-siglip", str(tmp_path / "siglip"), {})
+    config, state = c.config, c.state
     assert (config.encoder.width, config.encoder.depth, config.encoder.num_heads, config.encoder.pos_grid) == (32, 2, 2, 4)
     assert config.encoder.mlp_act == "gelu_tanh"
     enc = _encoder_from(config, state)
@@ -59,15 +60,20 @@ def test_timm_open_clip_layout(tmp_path):
     timm_state["visual.trunk.head.weight"] = torch.zeros(3, 32)  # a classifier head is ignored
     timm_state["text.token_embedding.weight"] = torch.zeros(5, 32)  # so is open_clip's text tower
     torch.save(timm_state, tmp_path / "open_clip_pytorch_model.bin")
-    config, state = load_siglip("timm-siglip", str(tmp_path / "open_clip_pytorch_model.bin"), {"encoder": {"num_heads": 2}})
+    c = load_siglip("timm-siglip", str(tmp_path / "open_clip_pytorch_model.bin"), {"encoder": {"num_heads": 2}})
+    config, state = c.config, c.state
     enc = _encoder_from(config, state)
     for (k, a), (k2, b) in zip(source.state_dict().items(), enc.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     # Resizing the position table to a larger grid, as the official converter does (24x24 -> 128x128).
-    config, state = load_siglip("timm-siglip", str(tmp_path / "open_clip_pytorch_model.bin"),
-                                {"encoder": {"num_heads": 2, "pos_grid": 8}})
-    assert state["encoder.pos_embed"].shape == (1, 64, 32)
-    assert config.encoder.pos_grid == 8
+    c = load_siglip("timm-siglip", str(tmp_path / "open_clip_pytorch_model.bin"),
+                    {"encoder": {"num_heads": 2, "pos_grid": 8}})
+    assert c.state["encoder.pos_embed"].shape == (1, 64, 32)
+    assert c.config.encoder.pos_grid == 8
+    # ... while the checkpoint as published (the teacher) keeps its own table, unresized.
+    native_config, native_state = c.native_encoder()
+    assert native_config.pos_grid == 4 and native_config.num_heads == 2
+    assert torch.equal(native_state["encoder.pos_embed"], timm_state["visual.trunk.pos_embed"])
 
 
 def test_resize_pos_table_identity_and_errors():
@@ -94,7 +100,8 @@ def test_hf_siglip2_matches_transformers(tmp_path):
                                  num_patches=16, patch_size=16)
     hf = Siglip2VisionModel(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "siglip2")
-    config, state = load_siglip("hf-siglip", str(tmp_path / "siglip2"), {})
+    c = load_siglip("hf-siglip", str(tmp_path / "siglip2"), {})
+    config, state = c.config, c.state
     enc = _encoder_from(config, state)
     image = torch.rand(3, 64, 64) * 2 - 1
     # Siglip2 takes patches flattened as (py, px, channel), row-major over the 4x4 grid.

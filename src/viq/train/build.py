@@ -187,6 +187,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     kind, value = _init_source(cfg.model.init)
     state: dict[str, torch.Tensor] = {}
     init_dir: Path | None = None
+    published = None  # a SigLIP init as published: the default distillation teacher
     if kind == "preset":
         base = get_preset(value)
     elif kind == "viq":
@@ -195,7 +196,8 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
     else:
         from viq.train.init import load_siglip
 
-        base, state = load_siglip(kind, value, cfg.model.config)
+        checkpoint = load_siglip(kind, value, cfg.model.config)
+        base, state, published = checkpoint.config, checkpoint.state, checkpoint.native_encoder()
     config = ViQConfig.from_dict(merge_config(base.to_dict(), cfg.model.config)) if cfg.model.config else base
     config, vae = build_vae(cfg, config, state, kind)
     config = with_latent_norm(config, cfg.loss.latent_norm, vae)
@@ -222,7 +224,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
             model.carry = {k: v for k, v in state.items() if k.startswith(stage.handover.carry)}
             _check_carry(config, model.carry, cfg.model.init)
 
-    model.teacher_record = setup_teacher(model, cfg, init_dir)
+    model.teacher_record = setup_teacher(model, cfg, init_dir, published)
     model.set_vae(vae)
     model.to(device)
     return model, language.tokenizer if language else None
@@ -252,7 +254,8 @@ def _encoder_from(config_dict: dict[str, Any], state: dict[str, torch.Tensor], s
     return encoder
 
 
-def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None) -> dict[str, Any] | None:
+def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None,
+                  published: tuple[Any, dict[str, torch.Tensor]] | None = None) -> dict[str, Any] | None:
     """Give ``model`` its distillation teacher and return the record to write into the stage output.
 
     The paper distils every stage towards one fixed-resolution teacher: the pre-trained encoder that
@@ -260,13 +263,20 @@ def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None) ->
     that starts without a recorded teacher takes its own starting encoder), its encoder is written to
     that stage's output (``teacher.safetensors``), and every later stage loads that same file through
     the ``stage.json`` record of the stage it starts from -- never a copy of its own starting encoder,
-    which stage 2 has already trained.
+    which stage 2 has already trained. A stage that starts from a SigLIP checkpoint (``published``: its
+    encoder config and tensors as published, :meth:`viq.train.init.SiglipCheckpoint.native_encoder`)
+    takes that checkpoint unmodified -- its own position table (24x24 for SigLIP2-384), not the
+    128x128 resize the student starts from -- as the official teacher is.
     """
     stage = get_stage(cfg.stage)
     if "distill" not in stage.losses or cfg.loss.distill <= 0 or model.encoder is None or model.encoder.pool is None:
         return None
     spec = cfg.loss.teacher
     record = _teacher_record(init_dir) if spec == "auto" else None
+    if spec == "auto" and record is None and published is not None:
+        encoder_config, encoder_state = published
+        model.set_teacher(_encoder_from(dataclasses.asdict(encoder_config), encoder_state, cfg.model.init))
+        return {"source": cfg.model.init, "weights": None, "encoder": dataclasses.asdict(encoder_config)}
     if spec == "auto" and record is None:
         model.snapshot_teacher()  # this stage's starting encoder becomes the recipe's teacher
         return {"source": cfg.model.init, "weights": None, "encoder": dataclasses.asdict(model.config.encoder)}
@@ -288,7 +298,9 @@ def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None) ->
     else:
         from viq.train.init import load_siglip
 
-        config, state = load_siglip(kind, value, {})
+        encoder_config, state = load_siglip(kind, value, {}).native_encoder()
+        model.set_teacher(_encoder_from(dataclasses.asdict(encoder_config), state, spec))
+        return {"source": spec, "weights": None, "encoder": dataclasses.asdict(encoder_config)}
     model.set_teacher(_encoder_from(dataclasses.asdict(config.encoder), state, spec))
     return {"source": spec, "weights": None, "encoder": dataclasses.asdict(config.encoder)}
 

@@ -27,22 +27,28 @@ head.layernorm / head.mlp.fc{1,2}                           encoder.pool.norm / 
 Hugging Face SigLIP uses the tanh GELU; the config records it (``encoder.mlp_act = "gelu_tanh"``).
 
 **timm / open_clip** (``timm-siglip:<file>``, .pth/.bin/.safetensors): timm ``VisionTransformer``
-names, optionally under ``visual.trunk.`` (open_clip), which are viq's own: ``patch_embed.proj``,
+names, optionally under ``visual.trunk.`` (open_clip) or ``base_model.model.model.vision_tower.vision_tower.``
+(the authors' training layout, e.g. their stage-1 release ``siglip2_g_anyres_s4.pth``, whose teacher
+and LPIPS keys are left out), which are viq's own: ``patch_embed.proj``,
 ``pos_embed``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`` -> ``encoder.*``;
 ``norm`` -> ``encoder.pool.norm_in``; ``attn_pool.*`` -> ``encoder.pool.*``. Classifier heads
 (``head.*``, ``fc_norm.*``) and open_clip's text tower are ignored.
 
 The learned position table is resized bicubically (align_corners=False) to the configured grid
-(``model.config.encoder.pos_grid``, e.g. 24x24 -> 128x128 as the official converter does) and
+(``model.config.encoder.pos_grid``, e.g. 24x24 -> 128x128 as the official converter does); the table
+as published is kept beside it (:attr:`SiglipCheckpoint.native_pos_embed`) for the distillation
+teacher, which is the unmodified checkpoint (``viq.train.build.setup_teacher``), and
 any number of heads not given in the recipe is taken from the checkpoint's config or the known
 SigLIP widths (768: 12, 1152: 16, 1536: 16).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +58,14 @@ import torch.nn.functional as F
 from viq.model.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
 from viq.model.hub import resolve
 
-__all__ = ["load_siglip", "hf_siglip_state", "timm_siglip_state", "resize_pos_table"]
+__all__ = ["SiglipCheckpoint", "load_siglip", "hf_siglip_state", "timm_siglip_state", "resize_pos_table",
+           "AUTHORS_PREFIX"]
 
 KNOWN_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
+#: Key prefix of the vision tower in the authors' (PEFT-wrapped LLaVA) training checkpoints.
+AUTHORS_PREFIX = "base_model.model.model.vision_tower.vision_tower."
+#: open_clip / timm layouts, tried in order after the authors' prefix.
+_TIMM_PREFIXES = ("visual.trunk.", "module.visual.trunk.", "trunk.")
 
 
 def resize_pos_table(table: torch.Tensor, grid: int) -> torch.Tensor:
@@ -150,9 +161,11 @@ def timm_siglip_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     raw = _read_state(path)
-    for prefix in ("visual.trunk.", "module.visual.trunk.", "trunk."):
+    for prefix in (AUTHORS_PREFIX, *_TIMM_PREFIXES):
         if any(k.startswith(prefix) for k in raw):
-            raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+            # the authors' file also holds the teacher (another prefix) and LPIPS weights: neither is the trunk
+            raw = {k[len(prefix):]: v for k, v in raw.items()
+                   if k.startswith(prefix) and not k[len(prefix):].startswith("perceptual_loss")}
             break
     if "pos_embed" not in raw or "patch_embed.proj.weight" not in raw:
         raise ValueError(f"{path}: not a timm/open_clip ViT state dict (no pos_embed / patch_embed.proj.weight)")
@@ -177,8 +190,27 @@ def timm_siglip_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return out, fields
 
 
-def load_siglip(kind: str, location: str, overrides: dict[str, Any]) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
-    """(config, viq-named state) for ``hf-siglip`` / ``timm-siglip`` init sources.
+@dataclass
+class SiglipCheckpoint:
+    """A SigLIP checkpoint read for viq: the config (encoder from the checkpoint and the recipe), the
+    viq-named state (position table resized to ``config.encoder.pos_grid``), and the position table as
+    the checkpoint has it, ``(1, G*G, C)``."""
+
+    config: ViQConfig
+    state: dict[str, torch.Tensor]
+    native_pos_embed: torch.Tensor
+
+    def native_encoder(self) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+        """The encoder exactly as published: its config at the checkpoint's own grid and its
+        ``encoder.*`` tensors with the unresized table (what the distillation teacher is)."""
+        grid = math.isqrt(self.native_pos_embed.shape[1])
+        state = {k: v for k, v in self.state.items() if k.startswith("encoder.")}
+        state["encoder.pos_embed"] = self.native_pos_embed
+        return dataclasses.replace(self.config.encoder, pos_grid=grid), state
+
+
+def load_siglip(kind: str, location: str, overrides: dict[str, Any]) -> SiglipCheckpoint:
+    """The ``hf-siglip`` / ``timm-siglip`` init sources, read into viq names.
 
     The config's encoder comes from the checkpoint (recipe overrides in ``model.config.encoder``
     win, e.g. ``num_heads`` or ``pos_grid``); head and decoders take their defaults at that width.
@@ -187,14 +219,15 @@ def load_siglip(kind: str, location: str, overrides: dict[str, Any]) -> tuple[Vi
         state, fields = hf_siglip_state(resolve(location, what="SigLIP checkpoint"))
     else:
         state, fields = timm_siglip_state(Path(location))
-    fields["pos_grid"] = math.isqrt(state["encoder.pos_embed"].shape[1])
+    native = state["encoder.pos_embed"]
+    fields["pos_grid"] = math.isqrt(native.shape[1])
     fields.update(overrides.get("encoder", {}))
     encoder = EncoderConfig(**fields)
-    state["encoder.pos_embed"] = resize_pos_table(state["encoder.pos_embed"], encoder.pos_grid)
+    state["encoder.pos_embed"] = resize_pos_table(native, encoder.pos_grid)
     config = ViQConfig(
         name=f"viq-from-{Path(location).name}",
         encoder=encoder,
         head=HeadConfig(),
         decoder=DecoderConfig(latent_heads=encoder.num_heads),
     )
-    return config, state
+    return SiglipCheckpoint(config, state, native)
