@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from viq.train.checkpoint import latest_checkpoint
+from viq.train.config import TrainConfig
+from viq.train.engine import train
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
 
@@ -71,3 +79,47 @@ def recipe(stage: str, out: Path, data_path: Path, llm_path: Path | None, **sect
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_recipe(r: dict, world: int, *, resume: bool = False, stop_after: int | None = None,
+               launcher: str = "torchrun") -> list[dict]:
+    """Run recipe ``r`` on ``world`` processes (1: in this process; else gloo, started by
+    ``launcher``: torchrun, SLURM's variables, or ``--rank`` / ``--world-size`` flags); the history
+    kept in its newest checkpoint."""
+    out = Path(r["train"]["output_dir"])
+    if world == 1:
+        train(TrainConfig.from_dict(r), resume=resume, stop_after=stop_after)
+        return json.loads((latest_checkpoint(out) / "progress.json").read_text())["history"]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}-recipe-{world}.json"
+    path.write_text(json.dumps(r))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    port = str(free_port())
+    args = ["-m", "viq", "train", "--config", str(path)]
+    args += (["--resume"] if resume else []) + (["--stop-after", str(stop_after)] if stop_after else [])
+    if launcher == "torchrun":
+        commands = [([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+                      port, *args], env)]
+    elif launcher == "slurm":  # what srun sets on one node
+        commands = [([sys.executable, *args], {**env, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world),
+                                                "SLURM_LOCALID": str(rank), "SLURM_NNODES": "1", "MASTER_PORT": port})
+                    for rank in range(world)]
+    else:
+        commands = [([sys.executable, *args, "--rank", str(rank), "--world-size", str(world)],
+                     {**env, "MASTER_PORT": port}) for rank in range(world)]
+    logs = [out.parent / f"{out.name}-{launcher}-{i}.log" for i in range(len(commands))]
+    procs = []
+    for (cmd, e), log in zip(commands, logs):
+        with open(log, "w") as f:  # files, not pipes: a full pipe would stall one rank and so all
+            procs.append(subprocess.Popen(cmd, env=e, stdout=f, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=600) for p in procs]
+    assert codes == [0] * len(procs), "\n".join(log.read_text()[-3000:] for log in logs)
+    return json.loads((latest_checkpoint(out) / "progress.json").read_text())["history"]

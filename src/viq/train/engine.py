@@ -51,7 +51,8 @@ from viq.train.stages import LOSSES, get_stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "train_step", "prepare_model", "combine_losses", "loss_weights", "autocast_context"]
+__all__ = ["train", "train_step", "prepare_model", "combine_losses", "loss_weights", "autocast_context",
+           "enable_gradient_checkpointing"]
 
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
@@ -148,20 +149,43 @@ def prepare_model(model: TrainModel, cfg: TrainConfig) -> None:
     """Trainable groups, activation checkpointing, attention backend, train/eval modes."""
     set_trainable(model, cfg.optim.trainable or list(get_stage(cfg.stage).trainable))
     if cfg.train.gradient_checkpointing:
-        for part in (model.encoder, model.head, model.recon):
-            if part is not None:
-                part.gradient_checkpointing = True
-        if model.llm is not None:
-            # transformers >= 5 renamed gradient_checkpointing_enable (deprecated, removed in v6)
-            if hasattr(model.llm, "activation_checkpointing_enable"):
-                model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            elif hasattr(model.llm, "gradient_checkpointing_enable"):
-                model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     set_attention_backend(model, cfg.train.attention)
     model.train()
     for helper in (model.teacher, model.vae):
         if helper is not None:
             helper.eval()
+
+
+def enable_gradient_checkpointing(model: TrainModel) -> list[str]:
+    """Recompute the activations of every block stack in the backward pass instead of keeping them:
+    the ViQ parts that have blocks (encoder trunk, code head, latent decoders: each module with a
+    ``gradient_checkpointing`` switch) and the LLM's decoder layers. Returns the parts switched on (also
+    logged). An LLM that cannot checkpoint is an error naming its class, never silently skipped; the
+    parts without blocks (MAP pool, dequantiser, projector) keep their few activations."""
+    switched = []
+    for name, module in model.named_modules():
+        if name and not name.startswith("llm.") and isinstance(getattr(module, "gradient_checkpointing", None), bool):
+            module.gradient_checkpointing = True
+            switched.append(name)
+    if model.llm is not None:
+        llm = model.llm
+        # transformers >= 5 renamed gradient_checkpointing_enable (deprecated, removed in v6)
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(llm, "gradient_checkpointing_enable"):
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise ValueError(f"train.gradient_checkpointing: the LLM ({type(llm).__name__}) has no activation "
+                             f"checkpointing; set train.gradient_checkpointing=false")
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+        if not getattr(base, flag, True):
+            raise ValueError(f"train.gradient_checkpointing: the LLM ({type(base).__name__}) did not switch "
+                             f"checkpointing on; set train.gradient_checkpointing=false")
+        switched.append("llm")
+    log.info("gradient checkpointing: %s", ", ".join(switched) or "no part has blocks to checkpoint")
+    return switched
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
