@@ -22,6 +22,7 @@ For training, :func:`iter_records` turns rows with a conversations column into L
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNAR_SUFFIXES", "Part", "image_value", "is_columnar_source", "iter_records", "iter_rows",
-           "list_parts", "row_id"]
+__all__ = ["COLUMNAR_SUFFIXES", "Cell", "Part", "image_value", "is_columnar_source", "iter_records", "iter_rows",
+           "list_parts", "read_cell", "row_id"]
 
 #: File suffixes read as columnar data.
 COLUMNAR_SUFFIXES = (".parquet", ".arrow")
@@ -192,6 +193,40 @@ def iter_rows(part: Part, columns: list[str]) -> Iterator[tuple[int, dict[str, A
             row += 1
 
 
+@dataclass(frozen=True)
+class Cell:
+    """Where one image stored as bytes lies in a columnar file: the part (row group / record batch)
+    ``index`` of ``path``, its row ``row`` within the part, column ``column``. Pixel stages read the
+    bytes lazily by :func:`read_cell`, so a dataset of millions of rows holds no image in memory."""
+
+    path: str
+    kind: str
+    index: int
+    row: int
+    column: str
+
+
+@functools.lru_cache(maxsize=2)
+def _part_column(path: str, kind: str, index: int, column: str) -> list:
+    # One part's column, decoded once: consecutive samples of a part cost one read. Random order costs
+    # one part read per sample (a Parquet row group is ~100 images for HF datasets' image sets).
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).read_row_group(index, columns=[column]).column(0).to_pylist()
+    batch = next(b for i, b in enumerate(_arrow_batches(Path(path))) if i == index)
+    return batch.column(column).to_pylist()
+
+
+def read_cell(cell: Cell) -> bytes:
+    """The image bytes at ``cell`` (ValueError for a cell that holds no bytes)."""
+    value = image_value(_part_column(cell.path, cell.kind, cell.index, cell.column)[cell.row])
+    if not isinstance(value, bytes):
+        raise ValueError(f"{cell.path}: row {cell.row} of part {cell.index}: column {cell.column!r} holds a path, "
+                         "not image bytes")
+    return value
+
+
 def image_value(cell: Any) -> bytes | str:
     """The image of a cell: bytes, or a path string (``datasets`` Image structs give their bytes, else
     their path).
@@ -231,8 +266,9 @@ def iter_records(
     the same as JSON text. The image cell is a path, a list of paths, empty, or image bytes; bytes
     (and ``datasets`` Image structs without a path) are referred to by the row's id
     (:func:`row_id` without an id column), the id under which ``viq extract`` stores their codes, so
-    a codes stage finds them; pixel stages need paths. A missing image or id column is allowed
-    (text-only samples / no ids); a missing conversations column is an error.
+    a codes stage finds them, and carry their :class:`Cell`, so pixel stages read the bytes (lazily,
+    :func:`read_cell`). A missing image or id column is allowed (text-only samples / no ids); a missing
+    conversations column is an error.
     """
     import pyarrow.parquet as pq  # noqa: F401  - fail early, with pyarrow's message, if it is missing
 
@@ -242,7 +278,7 @@ def iter_records(
             raise ValueError(f"{part.path}: no conversations column {conversations_column!r} "
                              f"(columns: {', '.join(names)})")
         columns = [conversations_column] + [c for c in (image_column, id_column) if c and c in names]
-        for row, values in iter_rows(part, columns):
+        for offset, (row, values) in enumerate(iter_rows(part, columns)):
             key, turns = _conversation(values[conversations_column])
             record: dict[str, Any] = {key: turns}
             rid = values.get(id_column) if id_column else None
@@ -259,7 +295,8 @@ def iter_records(
                     if len(images) > 1:
                         raise ValueError(f"{part.path}#row{row}: several images as bytes in one row; "
                                          "store them as paths (one id per image)")
-                    record["image"] = str(rid) if rid is not None else row_id(part.file, row)
+                    record["image"] = {"img_path": str(rid) if rid is not None else row_id(part.file, row),
+                                       "cell": Cell(str(part.path), part.kind, part.index, offset, image_column)}
             yield f"{part.path}#row{row}", record
 
 

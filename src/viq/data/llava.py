@@ -90,6 +90,8 @@ from viq.mllm.chat import IMAGE_TOKEN, LLAVA_ROLES
 __all__ = [
     "DataError",
     "LlavaDataset",
+    "load_record_image",
+    "record_image_config",
     "parse_record",
     "OfficialResize",
     "Sample",
@@ -149,6 +151,8 @@ class Sample:
 class _ImageRef(NamedTuple):
     path: str  # resolved against image_root
     resize: OfficialResize | None
+    #: an image stored as bytes in a columnar file (viq.data.columnar.Cell); ``path`` is then its store id
+    cell: Any = None
 
 
 class _Record(NamedTuple):
@@ -214,7 +218,10 @@ def _parse_image_entry(entry: Any, k: int, root: str) -> _ImageRef:
     if not path.strip():
         raise _Invalid(f"{where}: empty image path")
     # Same as os.path.join(root, path) (absolute paths kept as they are), without its overhead.
-    return _ImageRef(path if os.path.isabs(path) else root + path, resize)
+    cell = entry.get("cell") if isinstance(entry, dict) else None
+    if cell is not None and type(cell).__name__ != "Cell":
+        raise _Invalid(f"{where}: 'cell' is viq's own reference to image bytes in a columnar file, got {_type_name(cell)}")
+    return _ImageRef(path if os.path.isabs(path) else root + path, resize, cell)
 
 
 def _parse_images(spec: Any, root: str) -> tuple[_ImageRef, ...]:
@@ -382,10 +389,18 @@ def _iter_json_list(path: str) -> Iterator[tuple[int, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _header_size(path: str) -> tuple[int, int] | str:
+def _header_size(ref: _ImageRef) -> tuple[int, int] | str:
     """Upright ``(width, height)`` from the file header (no pixel decoding), or an error reason."""
     try:
-        with Image.open(path) as im:
+        if ref.cell is not None:
+            import io
+
+            from viq.data.columnar import read_cell
+
+            source: Any = io.BytesIO(read_cell(ref.cell))
+        else:
+            source = ref.path
+        with Image.open(source) as im:
             w, h = im.size
             # EXIF orientations 5..8 swap the sides (viq.formats.image applies them when decoding).
             # PNG's getexif() decodes the whole image when the eXIf chunk comes after the pixel
@@ -395,6 +410,30 @@ def _header_size(path: str) -> tuple[int, int] | str:
             return (w, h)
     except Exception as e:  # noqa: BLE001 - any header failure is reported, not raised from a thread
         return f"cannot read image header: {type(e).__name__}: {e}"
+
+
+def load_record_image(ref: _ImageRef, preprocess: PreprocessConfig) -> torch.Tensor:
+    """A record's image (a file, or bytes in a columnar file) -> float32 ``(3, H, W)`` in [-1, 1], sized
+    by ``preprocess`` (give :meth:`LlavaDataset.image_config`: the record's own ``resize`` applies). The
+    one way from a LLaVA record to pixels, for training, validation and ``viq eval-qa``.
+
+    Raises:
+        ImageError, OSError: the image cannot be read (messages start with ``ref.path``).
+    """
+    if ref.cell is None:
+        return preprocess_image(ref.path, preprocess).pixels
+    from viq.data.columnar import read_cell
+
+    try:
+        data = read_cell(ref.cell)
+        return preprocess_image(data, preprocess).pixels
+    except (ImageError, ValueError) as e:
+        raise ImageError(f"{ref.path}: {str(e).removeprefix('<bytes>: ')}") from e
+
+
+def record_image_config(ref: _ImageRef, preprocess: PreprocessConfig) -> PreprocessConfig:
+    """How image ``ref`` is sized: ``preprocess``, or the record's own ``resize``."""
+    return preprocess if ref.resize is None else dataclasses.replace(preprocess, resize=ref.resize)
 
 
 class LlavaDataset(Dataset):
@@ -512,11 +551,11 @@ class LlavaDataset(Dataset):
 
     def _load_pixels(self, ref: _ImageRef) -> torch.Tensor:
         """Decode one image -> float32 ``(3, H, W)`` in [-1, 1]. Raises ImageError."""
-        return preprocess_image(ref.path, self.image_config(ref)).pixels
+        return load_record_image(ref, self.image_config(ref))
 
     def image_config(self, ref: _ImageRef) -> PreprocessConfig:
         """How image ``ref`` is sized: the dataset's preprocessing, or the record's own ``resize``."""
-        return self.preprocess if ref.resize is None else dataclasses.replace(self.preprocess, resize=ref.resize)
+        return record_image_config(ref, self.preprocess)
 
     def __getitem__(self, index: int) -> Sample | None:
         i = operator.index(index)  # accepts numpy / torch integer indices from samplers
@@ -570,12 +609,12 @@ class LlavaDataset(Dataset):
         """
         if self._lengths is not None:
             return list(self._lengths)
-        paths = list(dict.fromkeys(ref.path for rec in self._records for ref in rec.images))
-        if len(paths) > 1 and num_threads > 1:
-            with ThreadPoolExecutor(max_workers=min(num_threads, len(paths))) as pool:
-                sizes = dict(zip(paths, pool.map(_header_size, paths)))
+        refs = list({ref.path: ref for rec in self._records for ref in rec.images}.values())
+        if len(refs) > 1 and num_threads > 1:
+            with ThreadPoolExecutor(max_workers=min(num_threads, len(refs))) as pool:
+                sizes = dict(zip((r.path for r in refs), pool.map(_header_size, refs)))
         else:
-            sizes = {p: _header_size(p) for p in paths}
+            sizes = {r.path: _header_size(r) for r in refs}
 
         p = self.preprocess.patch_size
         lengths: list[int] = []

@@ -152,21 +152,12 @@ def _load_pixels(parsed: Any, k: int, pre) -> torch.Tensor:
     """Image ``k`` of a parsed record as the training data loader decodes it (official ``resize``
     specs honoured, otherwise ``pre``) -> float32 ``(3, H, W)`` in [-1, 1]. DataError naming the
     sample and the file if it cannot be read."""
-    from PIL import Image
-
-    from viq.data.llava import DataError
-    from viq.formats.image import ImageError, load_image, to_pixels
-    from viq.formats.image import preprocess as preprocess_image
+    from viq.data.llava import DataError, load_record_image, record_image_config
+    from viq.formats.image import ImageError
 
     ref = parsed.images[k]
     try:
-        if ref.resize is None:
-            return preprocess_image(ref.path, pre).pixels
-        image = load_image(ref.path, max_image_pixels=pre.max_image_pixels, background=pre.background)
-        size = ref.resize.target_size(*image.size)
-        if size != image.size:
-            image = image.resize(size, resample=Image.Resampling.BILINEAR)
-        return to_pixels(image)
+        return load_record_image(ref, record_image_config(ref, pre))
     except (ImageError, OSError) as e:
         reason = str(e).removeprefix(f"{ref.path}: ")
         raise DataError(f"{parsed.label}: image {k + 1} of {len(parsed.images)} ({ref.path}): {reason}") from e
