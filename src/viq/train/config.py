@@ -197,6 +197,9 @@ class TrainConfig:
             raise ValueError(f"train.parallel must be ddp or fsdp, got {self.train.parallel!r}")
         if self.loss.teacher_resize not in ("bilinear", "aspect"):
             raise ValueError(f"loss.teacher_resize must be bilinear or aspect, got {self.loss.teacher_resize!r}")
+        if self.train.eval_every and not self.data.val:
+            raise ValueError(f"train.eval_every={self.train.eval_every} needs data.val, the held-out data to validate "
+                             f"on (or set train.eval_every=0)")
         if self.train.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1, got {self.train.log_every}")
         if isinstance(self.train.trackers, str):
