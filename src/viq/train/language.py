@@ -143,7 +143,7 @@ def build_language_side(cfg: TrainConfig, width: int, init_dir: Path | None) -> 
     from viq.mllm.adapters import llm_identity, load_causal_lm, prepare_llm
     from viq.mllm.chat import ChatTokenizer
     from viq.mllm.projector import MMProjector
-    from viq.train.build import load_matching
+    from viq.train.matching import load_matching
 
     llm, hf_tokenizer = load_causal_lm(resolve(cfg.llm.path, what="LLM"), dtype=TORCH_DTYPES[cfg.llm.dtype],
                                        attn_implementation=cfg.llm.attention)

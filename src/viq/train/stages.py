@@ -38,7 +38,7 @@ LOSSES = ("text", "distill", "recon", "commit", "pixel")
 class Handover:
     """What a stage takes from its initial weights (``model.init``) and passes on unchanged.
 
-    Weights are matched by state-dict name (see :func:`viq.train.build.load_matching`).
+    Weights are matched by state-dict name (see :func:`viq.train.matching.load_matching`).
     """
 
     #: state-dict prefixes never loaded into the stage's model: the frozen VAE is rebuilt on its
