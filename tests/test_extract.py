@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import viq
@@ -147,3 +148,52 @@ def test_cli_convention_positional_and_old_flags(model_dir, tmp_path, capsys):
     assert main(["extract", str(model_dir), str(tmp_path / "imgs"), "--rank", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("viq: error:") and "-o STORE" in err
+
+
+def test_llava_records_with_their_own_resize(model_dir, tmp_path):
+    """A record's "resize" sizes its image in the store as in training; one path under two resizes is refused."""
+    from viq.data.llava import LlavaDataset
+    from viq.formats.image import padded_grid
+
+    paths = make_images(tmp_path / "imgs", 3, bad=False, seed=3)
+    resizes = [[96, 64], None, "64x16"]
+    records = [{"id": str(i), "image": {"img_path": f"imgs/{p.name}", "resize": resizes[i]} if resizes[i] else f"imgs/{p.name}",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+               for i, p in enumerate(paths)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    extract(model_dir, data, tmp_path / "store", num_workers=0, progress=False)
+    store, dataset = CodeStore.open(tmp_path / "store"), LlavaDataset(data)
+    for i, p in enumerate(paths):
+        pixels = dataset[i].images[0]
+        assert store.get(f"imgs/{p.name}").grid == padded_grid(pixels.shape[1], pixels.shape[2])
+    assert store.get(f"imgs/{paths[0].name}").grid == (4, 6)  # [96, 64]: 96 wide, 64 high, whatever the source
+    # The same file under another resize elsewhere in the data: an error naming both records.
+    clash = {**records[0], "id": "again", "image": {"img_path": f"imgs/{paths[0].name}", "resize": "128x16"}}
+    data.write_text(data.read_text() + json.dumps(clash) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:4 \(id=again\).*data.jsonl:1 \(id=0\)"):
+        list_items(data)
+
+
+def test_one_id_for_two_different_images_is_an_error(model_dir, tmp_path):
+    """Rows that give one id to different bytes: the first is stored, the other recorded as an error
+    naming both sources -- never stored under the first one's codes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = make_images(tmp_path / "imgs", 3, bad=False, seed=5)
+    table = pa.table({"key": ["a", "b", "a"], "jpg": [p.read_bytes() for p in paths]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    counts = extract(model_dir, tmp_path / "rows.parquet", tmp_path / "store", image_column="jpg", id_column="key",
+                     num_workers=0, progress=False)
+    assert counts["encoded"] == 2 and counts["failed"] == 1
+    errors = [json.loads(line) for line in (tmp_path / "store" / "errors-rank0.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and errors[0]["id"] == "a"
+    assert "row 0" in errors[0]["error"] and "row 2" in errors[0]["error"]
+    model = viq.load(model_dir, components=["encoder"])
+    assert CodeStore.open(tmp_path / "store").get("a").same_codes(model.encode([str(paths[0])])[0])
+    # The same bytes under the same id again is no error (a repeated row).
+    pq.write_table(pa.table({"key": ["a"], "jpg": [paths[0].read_bytes()]}), tmp_path / "again.parquet")
+    again = extract(model_dir, tmp_path / "again.parquet", tmp_path / "store", image_column="jpg", id_column="key",
+                    num_workers=0, progress=False)
+    assert again["failed"] == 0 and again["existing"] == 1
