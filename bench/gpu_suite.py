@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python bench/gpu_suite.py [--smoke] [--device cuda] [--out bench/results] [--budget-s 480]
 
-Four parts, each guarded by its own share of ``--budget-s`` and each writing one JSON record
+Five parts, each guarded by its own share of ``--budget-s`` and each writing one JSON record
 (``write_record``: device, torch version, date, command, figures) under ``--out``:
 
 a. ``encode``: packed vs padded encoding of a mixed-size set (and packed trunk vs a dense ViT on
@@ -16,6 +16,8 @@ c. ``train``: MLLM step, online encoder vs stored codes (``bench/train_efficienc
    and 7B shapes at 4K and 16K tokens: forward and forward+backward+AdamW, reductions beside the paper's.
 d. ``extract``: JPEG/PNG folder -> ``viq.extract.extract`` with DataLoader workers
    (``bench/extract_throughput.py``): images/s, model busy share, GPU utilisation when readable.
+e. ``peer``: viq's trunk vs transformers' ``Siglip2VisionModel`` (NaFlex) on the same SigLIP2-giant-opt
+   weights and mixed-size images (``bench/peer_siglip2.py``): feature agreement and images/s.
 
 ``--smoke`` runs every part on CPU with tiny shapes (float32) in well under a minute and writes to a
 temporary folder unless ``--out`` is given. Exit status 0 when every part ran or recorded why it was
@@ -40,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import encode_throughput  # noqa: E402
 import extract_throughput  # noqa: E402
+import peer_siglip2  # noqa: E402
 import train_efficiency  # noqa: E402
 from common import RESULTS, write_record  # noqa: E402
 
@@ -54,7 +57,7 @@ PAPER = {
     "step": {"0.5b": (50, 70), "1.5b": (46, 63), "3b": (36, 54), "7b": (23, 42)},
 }
 #: Share of --budget-s given to each part.
-SHARES = {"encode": 0.25, "invariance": 0.15, "train": 0.40, "extract": 0.20}
+SHARES = {"encode": 0.22, "invariance": 0.13, "train": 0.35, "extract": 0.17, "peer": 0.13}
 
 
 class _OutOfTime(Exception):
@@ -83,6 +86,8 @@ def settings(smoke: bool, device: torch.device) -> dict:
             "train": {"llm": ["tiny"], "seq_lens": [256], "shape": "cpu", "image_size": 64},
             "extract": ["--num-images", "16", "--min-side", "32", "--max-side", "96", "--workers", "2",
                         "--batch-tokens", "2048", "--inputs", "folder"],
+            "peer": ["--width", "64", "--heads", "4", "--mlp", "128", "--layers", "2", "--images", "4",
+                     "--repeats", "1"],
         }
     return {
         "preset": "viq-g-16k", "dtype": "bfloat16",
@@ -93,6 +98,7 @@ def settings(smoke: bool, device: torch.device) -> dict:
         "train": {"llm": ["0.5b", "7b"], "seq_lens": [4096, 16384], "shape": "gpu", "image_size": 448},
         "extract": ["--num-images", "512", "--min-side", "224", "--max-side", "1024", "--workers", "4", "8",
                     "--batch-tokens", "32768", "--inputs", "folder"],
+        "peer": ["--layers", "40", "--images", "32", "--repeats", "3", "--dtype", "bfloat16"],
     }
 
 
@@ -319,8 +325,17 @@ def part_extract(args, s: dict, device: torch.device, budget: Budget, tmp: Path)
             "target": "model/GPU busy >= 90 %", "skipped": {}, "summary": summary}
 
 
+def part_peer(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
+    r = peer_siglip2.run(peer_siglip2.parse_args(["--device", str(device), *s["peer"]]))
+    a = r["agreement"]
+    summary = (f"viq {r['viq']['images_per_s']:.1f} img/s vs transformers {r['transformers']['images_per_s']:.1f} "
+               f"({r['speedup']:.2f}x); features agree to {a['features_relative']:.1e}")
+    return {"figures": r, "target": "features agree (relative 1e-5 in float32); viq >= transformers", "skipped": {},
+            "summary": summary}
+
+
 PARTS = {"a": ("encode", part_encode), "b": ("invariance", part_invariance), "c": ("train", part_train),
-         "d": ("extract", part_extract)}
+         "d": ("extract", part_extract), "e": ("peer", part_peer)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available (cpu with --smoke)")
     ap.add_argument("--out", default=None, help="records folder (default bench/results; a temp folder with --smoke)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="total time budget, split across parts")
-    ap.add_argument("--parts", default="abcd", help="subset of parts to run, e.g. 'ad'")
+    ap.add_argument("--parts", default="abcde", help="subset of parts to run, e.g. 'ad'")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="viq-gpu-suite-")) if args.smoke else RESULTS)

@@ -17,7 +17,7 @@ def test_gpu_suite_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--smoke", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for letter, name in [("a", "encode"), ("b", "invariance"), ("c", "train"), ("d", "extract")]:
+    for letter, name in [("a", "encode"), ("b", "invariance"), ("c", "train"), ("d", "extract"), ("e", "peer")]:
         paths = list(tmp_path.glob(f"gpu_suite-{letter}-{name}-*.json"))
         assert len(paths) == 1, (letter, paths)
         record = json.loads(paths[0].read_text())
@@ -28,6 +28,8 @@ def test_gpu_suite_smoke(tmp_path):
         if record["status"] == "skipped":
             assert record["skipped"]
     assert "part name" in proc.stdout
+    peer = json.loads(next(tmp_path.glob("gpu_suite-e-peer-*.json")).read_text())
+    assert peer["status"] == "ran" and peer["figures"]["agreement"]["features_relative"] < 1e-4
 
 
 def test_gpu_suite_smoke_default_out_is_temporary():
@@ -40,6 +42,6 @@ def test_gpu_suite_smoke_default_out_is_temporary():
     assert set((ROOT / "bench" / "results").iterdir()) == before
     folder = Path(proc.stdout.split("records in ", 1)[1].splitlines()[0].strip())
     records = sorted(folder.glob("gpu_suite-*.json"))
-    assert len(records) == 4
+    assert len(records) == 5
     assert all(json.loads(p.read_text())["skipped"] == {"all": "skipped: time budget"} for p in records)
     shutil.rmtree(folder)

@@ -204,12 +204,14 @@ def authors_stage1(out: str | os.PathLike, widths: VisionWidths = GIANT_OPT, *, 
 
 
 def qwen2_llm(out: str | os.PathLike, corpus: Iterable[str], widths: LLMWidths = QWEN25_05B, *,
-              instruct: bool = False, vocab_size: int = 600, seed: int = 0) -> Path:
+              instruct: bool = False, vocab_size: int = 600, embedding_rows: int | None = None,
+              seed: int = 0) -> Path:
     """A Qwen2.5-style causal LM directory: ``Qwen2ForCausalLM`` (tied embeddings, as the small Qwen2.5
     models), a Qwen2 byte-level BPE tokenizer trained on ``corpus`` with Qwen's special tokens,
     :data:`QWEN_CHAT_TEMPLATE`, and the published eos rule: base models end text with
     ``<|endoftext|>`` (tokenizer and ``generation_config.json``), instruct models with ``<|im_end|>``.
-    The vocabulary is small (``vocab_size``); its format is Qwen's."""
+    The vocabulary is small (``vocab_size``); its format is Qwen's. ``embedding_rows``: the embedding
+    matrix's rows (Qwen2.5: 151,936 for 0.5B-3B, 152,064 for 7B), default the tokenizer's size."""
     from transformers import GenerationConfig
 
     from viq.demo.tiny_llm import build_tiny_llm
@@ -218,7 +220,7 @@ def qwen2_llm(out: str | os.PathLike, corpus: Iterable[str], widths: LLMWidths =
                           num_heads=widths.heads, num_kv_heads=widths.kv_heads, intermediate_size=widths.intermediate,
                           max_position_embeddings=32768, seed=seed, special_tokens=_QWEN_SPECIAL,
                           eos_token="<|im_end|>" if instruct else "<|endoftext|>", pad_token="<|endoftext|>",
-                          chat_template=QWEN_CHAT_TEMPLATE)
+                          chat_template=QWEN_CHAT_TEMPLATE, embedding_rows=embedding_rows)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)

@@ -39,6 +39,7 @@ def build_tiny_llm(
     eos_token: str = "<|im_end|>",
     pad_token: str = "<|endoftext|>",
     chat_template: str = CHATML_TEMPLATE,
+    embedding_rows: int | None = None,
 ) -> Path:
     """Write a small random-weight Qwen2 chat model with a freshly trained tokenizer to ``out_dir``.
 
@@ -47,7 +48,8 @@ def build_tiny_llm(
     special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos) and the ChatML
     :data:`viq.mllm.chat.CHATML_TEMPLATE` (default system prompt "You are a helpful assistant."); other
     ``special_tokens``, ``eos_token``, ``pad_token`` and ``chat_template`` make other published layouts
-    (:func:`viq.demo.public_checkpoints.qwen2_llm`). The
+    (:func:`viq.demo.public_checkpoints.qwen2_llm`); ``embedding_rows`` pads the embedding matrix beyond
+    the tokenizer, as Qwen2.5's 151,936 rows for 151,665 tokens. The
     model is a ``Qwen2ForCausalLM`` with tied embeddings and the tokenizer's vocabulary size. Both are saved
     with ``save_pretrained`` (a normal HF directory for :func:`viq.mllm.adapters.load_causal_lm`).
     Deterministic for the same corpus and seed; the global RNG state is left unchanged.
@@ -93,7 +95,7 @@ def build_tiny_llm(
         clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = chat_template
-    n_vocab = len(tokenizer)
+    n_vocab = max(len(tokenizer), embedding_rows or 0)
     config = Qwen2Config(
         vocab_size=n_vocab,
         hidden_size=hidden_size,
