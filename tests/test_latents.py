@@ -18,7 +18,8 @@ from viq.model.decoders import LatentDecoder
 from viq.model.pixel_codec import PixelCodec
 from viq.model.vae import build_vae, decode_latents, encode_latents, latent_statistics
 from viq.model.viq import ViQModel
-from viq.train.build import build_model, save_stage_output
+from viq.train.build import build_model
+from viq.train.output import save_stage_output
 from viq.train.config import TrainConfig
 
 CPU = torch.device("cpu")

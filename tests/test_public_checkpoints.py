@@ -194,7 +194,7 @@ def test_encode_decode_extract_and_an_mllm_with_another_llm(world, chain, caplog
     caplog.clear()
     rc = _train(world, "mllm", "mllm-inherit", f"model.init=viq:{runs / 'stage2_2' / 'final'}",
                 f"llm.path={world['paths']['llm_b']}", "llm.inherit=true", f"data.codes={store}",
-                "train.eval_every=0", "train.parallel=ddp", command="train-mllm")
+                f"data.val={d['jsonl']}", "train.eval_every=0", "train.parallel=ddp", command="train-mllm")
     assert rc != 0
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "llm.inherit=true" in errors[0] and "made for" in errors[0]

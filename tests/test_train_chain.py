@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,7 @@ def test_explicit_teacher_and_missing_teacher_weights(chain, tmp_path):
     # A chain whose recorded teacher file has gone says which file and how to name another.
     moved = tmp_path / "stage1-final"
     stage1 = Path(chain["runs"]["stage1"]["summary"]["final"])
-    moved.mkdir()
-    for f in stage1.iterdir():
-        if f.is_file():
-            (moved / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(stage1, moved)
     record = json.loads((moved / "stage.json").read_text())
     record["teacher"] = {**record["teacher"], "weights": str(tmp_path / "gone.safetensors")}
     (moved / "stage.json").write_text(json.dumps(record))

@@ -7,6 +7,14 @@
 * :func:`fsync_dir`: make a rename itself durable.
 * :func:`first_lock`: an exclusive advisory lock, so that processes deriving the same file (the merged
   index of a code store) derive it once: the others wait, then read what the first one wrote.
+* :class:`OwnerLock`: an exclusive lock that is not waited for: the one owner of a folder or of a name
+  in it (a store's writer ``rank0``, a training run's output folder); a second one gets
+  :class:`LockHeld` naming the holder.
+* :func:`remove_tree`: remove a temporary directory left by an interrupted or failed write.
+* :func:`writing`: an ``OSError`` raised while writing names the path it was writing (a full disk
+  reports ``<path>: No space left on device``).
+* :func:`replace_dir`: put a fully written temporary directory in the place of another, never leaving
+  the place without a complete copy (:func:`recover_dir` finishes an interrupted replacement).
 
 Temporary files are named ``.<name>.<random>.tmp`` next to their target, so a crash leaves only
 hidden ``*.tmp`` files behind, which every reader ignores.
@@ -20,7 +28,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "create_exclusive", "fsync_dir", "first_lock", "TMP_SUFFIX"]
+__all__ = ["atomic_write", "create_exclusive", "fsync_dir", "first_lock", "OwnerLock", "LockHeld", "remove_tree",
+           "writing", "fsync_tree", "replace_dir", "recover_dir", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -74,6 +83,134 @@ def first_lock(candidates: list[Path]) -> Iterator[Path | None]:
             os.close(fd)
         return
     yield None
+
+
+class LockHeld(RuntimeError):
+    """Another process owns what an :class:`OwnerLock` guards; ``holder`` says who (pid, host, since)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path}: held by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+class OwnerLock:
+    """Exclusive, non-waiting ownership of ``path`` (a lock file): ``flock(LOCK_EX | LOCK_NB)``, with
+    the owner's pid, host and start time written into the file for whoever is refused. Released by
+    :meth:`release` or by the owner's death (the kernel drops the lock of a killed process; the file stays
+    and is reused). Where locks cannot be taken (no ``fcntl``, a file system without ``flock``) the
+    lock is not held (``held`` False) and a warning says so: ownership is then the caller's promise.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import socket
+        import time
+
+        self.path = Path(path)
+        self.held = False
+        self._fd = -1
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise LockHeld(self.path, holder) from None
+        except OSError as e:  # no flock on this file system
+            import logging
+
+            os.close(fd)
+            logging.getLogger(__name__).warning("%s: cannot lock (%s); not guarded against a second owner", path, e)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        self._fd, self.held = fd, True
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd, self.held = -1, False
+
+    def __del__(self) -> None:  # an abandoned owner (e.g. a writer object dropped) lets go
+        self.release()
+
+    def __enter__(self) -> OwnerLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a directory tree if it exists (a temporary one a failed write left); errors are ignored."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Name ``path`` in any ``OSError`` of the block that names no file (``write`` and ``fsync`` errors
+    do not): ``ENOSPC`` becomes ``<path>: No space left on device``, one line at the command line."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise type(e)(e.errno, e.strerror or str(e), os.fspath(path)) from e
+        raise
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file under ``directory`` and the directories themselves."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(root)
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, before_swap=None) -> None:
+    """Move the complete directory ``tmp`` to ``target``: a present ``target`` is first renamed aside
+    (``.<name>.old``), then ``tmp`` takes its place, then the old copy is removed. A kill at any
+    moment leaves a complete ``target``, or a complete copy aside that :func:`recover_dir` puts back.
+    ``before_swap``: called between the two renames (a fault point for tests)."""
+    tmp, target = Path(tmp), Path(target)
+    aside = _aside(target)
+    remove_tree(aside)
+    if target.exists():
+        os.replace(target, aside)
+    if before_swap is not None:
+        before_swap()
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    remove_tree(aside)
+
+
+def recover_dir(target: str | os.PathLike) -> bool:
+    """Finish a :func:`replace_dir` that was interrupted between its renames: put the copy set aside
+    back when ``target`` is missing. True if it did."""
+    target = Path(target)
+    aside = _aside(target)
+    if aside.is_dir() and not target.exists():
+        try:
+            os.replace(aside, target)
+        except FileNotFoundError:  # another process of the job put it back first
+            return False
+        fsync_dir(target.parent)
+        return True
+    return False
 
 
 def _default_mode(path: Path) -> int:

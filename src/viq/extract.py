@@ -427,9 +427,10 @@ def extract(
                 bar.update(1)
 
         def maybe_flush() -> None:
-            # only between packs, when no image is being encoded: its duplicates wait in `waiting`
+            # Whatever is being encoded: what a kill can lose is bounded by flush_every plus the pack in
+            # flight (duplicates of an image being encoded wait in `waiting`, not in `recent`).
             nonlocal since_flush
-            if since_flush >= flush_every and not queued:
+            if since_flush >= flush_every:
                 writer.flush()
                 recent.clear()
                 since_flush = 0

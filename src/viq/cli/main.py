@@ -91,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())  # keep the interpreter's final flush quiet
             return EXIT_FAILED
+        except OSError as e:  # a full disk, a read-only folder, a vanished file: one line naming the path
+            where = f"{e.filename}: " if e.filename else ""
+            log.error("%s%s", where, e.strerror or e)
+            return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

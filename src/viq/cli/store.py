@@ -34,6 +34,7 @@ def _one(args: argparse.Namespace, name: str, flag: str) -> str:
 def cmd_extract(args: argparse.Namespace) -> int:
     from viq.extract import extract
     from viq.launch import resolve_distributed
+    from viq.store.format import StoreError
 
     args.model = _one(args, "model", "--model")
     source = _one(args, "input", "--input")
@@ -55,7 +56,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                          world_size=launch.world_size, device=str(model.device), dtype=model.dtype,
                          batch_tokens=args.batch_tokens, num_workers=args.workers, preprocess=preprocess,
                          flush_every=args.flush_every, entropy_coding=args.entropy_coding, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StoreError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None
     log.info("encoded %d, already stored %d, deduplicated %d, failed %d (of %d on this rank)", counts["encoded"],
              counts["existing"], counts["deduplicated"], counts["failed"], counts["images"])
@@ -82,11 +83,16 @@ def _records_bar(store, desc: str, quiet: bool):
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
-    """Exit 0 = sound, 1 = problems found, 2 = the store cannot be opened."""
+    """Exit 0 = sound, 1 = problems found (or damaged derived files rebuilt, unless --repair), 2 = the
+    store cannot be opened."""
     store = _open_store(args.path)
     with _records_bar(store, "verify", args.quiet) as bar:
         report = store.verify(progress=bar.update)
     print(report.summary())
+    if report.repaired and not args.repair:
+        log.error("%s: %d damaged index file(s) were rebuilt (listed above); the store is sound now. Something "
+                  "damaged them: check the disk (--repair: rebuild without failing)", args.path, len(report.repaired))
+        return EXIT_FAILED
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -172,7 +178,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N", help="patch tokens per forward pass")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="image decoding workers (default 2)")
     p.add_argument("--flush-every", type=positive_int, default=256, metavar="N",
-                   help="finalise a shard after this many images (at most this much work is redone after a kill)")
+                   help="finalise a shard every N stored images: a kill redoes at most N images plus the "
+                        "pack being encoded (--batch-tokens)")
     p.add_argument("--entropy-coding", action="store_true", help="LZMA-compress the code shards (new stores only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_preprocess_options(p)
@@ -188,6 +195,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                                          "2: the store cannot be opened.")
     q.add_argument("path", metavar="STORE")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    q.add_argument("--repair", action="store_true",
+                   help="exit 0 when the only findings were damaged index files, now rebuilt")
     q.set_defaults(func=cmd_store_verify)
     q = store_sub.add_parser("stats", help="images, bits per pixel, code usage, entropy, perplexity")
     q.add_argument("path", metavar="STORE")

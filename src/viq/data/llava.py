@@ -92,6 +92,7 @@ __all__ = [
     "LlavaDataset",
     "load_record_image",
     "record_image_config",
+    "header_size",
     "parse_record",
     "OfficialResize",
     "Sample",
@@ -389,8 +390,11 @@ def _iter_json_list(path: str) -> Iterator[tuple[int, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _header_size(ref: _ImageRef) -> tuple[int, int] | str:
-    """Upright ``(width, height)`` from the file header (no pixel decoding), or an error reason."""
+def header_size(ref: _ImageRef | str) -> tuple[int, int] | str:
+    """Upright ``(width, height)`` from the file header (no pixel decoding), or an error reason. ``ref``:
+    a record's image, or a path."""
+    if isinstance(ref, str):
+        ref = _ImageRef(ref, None)
     try:
         if ref.cell is not None:
             import io
@@ -582,6 +586,15 @@ class LlavaDataset(Dataset):
             index=i,
         )
 
+    def drop(self, indices: Sequence[int], reason: str) -> None:
+        """Remove the samples at ``indices`` (listed in ``skipped`` with ``reason``)."""
+        gone = set(indices)
+        self.skipped.extend((self._records[i].where, f"{self._records[i].label}: {reason}") for i in sorted(gone))
+        self._records = [r for i, r in enumerate(self._records) if i not in gone]
+        self._lengths = None
+        if not self._records:
+            raise DataError(f"{self.path}: no sample left ({len(gone)} dropped: {reason})")
+
     def image_paths(self, index: int) -> list[str]:
         """The resolved image paths of sample ``index`` (no decoding)."""
         return [ref.path for ref in self._records[operator.index(index)].images]
@@ -612,9 +625,9 @@ class LlavaDataset(Dataset):
         refs = list({ref.path: ref for rec in self._records for ref in rec.images}.values())
         if len(refs) > 1 and num_threads > 1:
             with ThreadPoolExecutor(max_workers=min(num_threads, len(refs))) as pool:
-                sizes = dict(zip((r.path for r in refs), pool.map(_header_size, refs)))
+                sizes = dict(zip((r.path for r in refs), pool.map(header_size, refs)))
         else:
-            sizes = {r.path: _header_size(r) for r in refs}
+            sizes = {r.path: header_size(r) for r in refs}
 
         p = self.preprocess.patch_size
         lengths: list[int] = []

@@ -138,7 +138,7 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
             log.info("demo 4/6: %s", stage)
             cfg = load_recipe(_recipe_path(stage), [])
             cfg = load_recipe(_recipe_path(stage), _stage_overrides(stage, out, scale, seed, cfg.train.max_steps))
-            train(cfg)
+            train(cfg, resume=True)  # a demo killed in this stage continues from its checkpoint
         timings[stage] = time.perf_counter() - t
 
     log.info("demo 5/6: encode + reconstruct held-out images and photographs, answer held-out questions")

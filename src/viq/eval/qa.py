@@ -169,7 +169,7 @@ def _load_pixels(parsed: Any, k: int, pre) -> torch.Tensor:
 def find_final(run: str | os.PathLike[str]) -> Path:
     """The ``final/`` output of a training run: ``run`` itself when it holds ``stage.json``, else
     ``run/final``. FileNotFoundError otherwise."""
-    from viq.train.build import STAGE_FILE
+    from viq.train.output import STAGE_FILE
 
     path = Path(run)
     for candidate in (path, path / "final"):
@@ -209,7 +209,8 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
         ValueError: a stage without an LLM (``drawer``) or a recipe without ``llm.path``.
     """
     from viq.model.hub import parse_hub_id
-    from viq.train.build import STAGE_FILE, build_model
+    from viq.train.build import build_model
+    from viq.train.output import STAGE_FILE
     from viq.train.config import TrainConfig
     from viq.train.stages import get_stage
 

@@ -189,6 +189,13 @@ INDEX_FILE = re.compile(r"(?P<writer>.+)-(?P<seq>\d{6,})\.idx\.json")
 LOOKUP_FILE = re.compile(r"(?P<writer>.+)-(?P<seq>\d{6,})\.lookup")
 #: The hidden temporary file of an atomic write of a lookup file (:func:`viq._io.atomic_write`).
 LOOKUP_TMP = re.compile(r"\.(?P<writer>.+)-(?P<seq>\d{6,})\.lookup\..+\.tmp")
+#: ``shards/.<writer>.lock``: held (flock) by the one process writing under that name
+WRITER_LOCK = re.compile(r"\.(?P<writer>[A-Za-z0-9][A-Za-z0-9._-]{0,127})\.lock")
+
+
+def writer_lock_name(writer: str) -> str:
+    """The lock file of writer ``writer`` in ``shards/`` (see :data:`WRITER_LOCK`)."""
+    return f".{writer}.lock"
 #: Suffix of a shard or index file still being written (``<writer>-<seq>.bin.tmp``).
 TMP_SUFFIX = ".tmp"
 HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -48,6 +48,7 @@ from viq.store.index import (
     FLAG_HASH,
     INDEX_SUFFIX,
     LOOKUP_SUFFIX,
+    STAMP_SUFFIX,
     IndexCorrupt,
     StoreIndex,
     build_store_index,
@@ -417,8 +418,8 @@ class CodeStore:
                 errors.append(f"{path}: {exc}")
                 continue
             # Superseded indexes of this store (processes that mapped one keep their mapping).
-            for old in d.glob(f"*{INDEX_SUFFIX}"):
-                if old.name != fname:
+            for old in [*d.glob(f"*{INDEX_SUFFIX}"), *d.glob(f"*{INDEX_SUFFIX}{STAMP_SUFFIX}")]:
+                if not old.name.startswith(fname):
                     with contextlib.suppress(OSError):
                         old.unlink()
             log.info("%s: built index %s (%d ids, %d shards) in %.2f s", self._path, path, len(ix), len(shards),
@@ -671,7 +672,7 @@ class CodeStore:
             self._index = self._load_index(rebuild=True)
         notes += self._verify_index()
         report = verify_shards(self._path, self._cfg, shards, problems, progress)
-        report.notes.extend(notes)
+        report.repaired.extend(notes)
         return report
 
     def _verify_lookup(self, shard: ShardIndex, stat_key: tuple[int, int]) -> list[str]:
@@ -697,7 +698,10 @@ class CodeStore:
 
     def _verify_index(self) -> list[str]:
         """Check the merged index file's checksums; rebuild it if they fail."""
-        ix = self._idx
+        try:
+            ix = self._idx
+        except IndexCorrupt as exc:  # pragma: no cover - _load_index rebuilds what it cannot open
+            return [f"merged index: {exc}"]
         bad = ix.file.check_crcs()
         if not bad:
             return []

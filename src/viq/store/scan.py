@@ -34,6 +34,7 @@ from viq.store.format import (
     SHARD_MAGIC,
     STORE_FILE,
     TMP_SUFFIX,
+    WRITER_LOCK,
     ShardIndex,
     StoreConfig,
     StoreError,
@@ -60,6 +61,8 @@ class VerifyReport:
         records: number of records checked.
         problems: everything that is wrong (empty for a sound store).
         notes: harmless findings, e.g. temporary files of a killed writer awaiting clean-up.
+        repaired: derived files (lookups, the merged index) that were damaged and have been rebuilt
+            from the shard indexes; the store is sound again, but something damaged its files.
         duplicate_ids: sample id -> the shard files that claim it (only ids claimed twice+).
     """
 
@@ -69,6 +72,7 @@ class VerifyReport:
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     duplicate_ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    repaired: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +85,7 @@ class VerifyReport:
         head += "OK" if self.ok else f"{len(self.problems)} problem(s)"
         lines = [head]
         lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  repaired: {r}" for r in self.repaired]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -124,7 +129,7 @@ def verify_shards(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
         elif SHARD_FILE.fullmatch(name):
             if name[: -len(".bin")] + ".idx.json" not in names:
                 report.notes.append(f"{name}: shard without index (writer killed while finalising; ignored)")
-        elif not INDEX_FILE.fullmatch(name) and not LOOKUP_FILE.fullmatch(name):
+        elif not INDEX_FILE.fullmatch(name) and not LOOKUP_FILE.fullmatch(name) and not WRITER_LOCK.fullmatch(name):
             report.notes.append(f"{name}: unexpected file in {SHARD_DIR}/")
     level = logging.INFO if report.ok else logging.WARNING
     log.log(level, "verified %s: %d shards, %d records, %d problems", path, report.shards,

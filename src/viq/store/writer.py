@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from viq._io import fsync_dir
+from viq._faults import fault_point
+from viq._io import LockHeld, OwnerLock, fsync_dir, writing
 from viq.formats.codes import Codes
 from viq.store.format import (
     FLAG_ENTROPY,
@@ -32,6 +33,7 @@ from viq.store.format import (
     StoreError,
     encode_record,
     json_bytes,
+    writer_lock_name,
 )
 from viq.store.index import LOOKUP_SUFFIX, columns_to_arrays, write_lookup
 
@@ -81,6 +83,14 @@ class ShardWriter:
         self._name = name
         self._dir = store.path / SHARD_DIR
         self._closed = False
+        # One process per writer name, before anything is touched: a second writer of the same name would
+        # delete this one's unfinished shard as a leftover and number its shards over this one's.
+        try:
+            self._lock = OwnerLock(self._dir / writer_lock_name(name))
+        except LockHeld as e:
+            raise StoreError(store.path, f"writer {name!r} is already writing to this store ({e.holder}); "
+                                         f"two writers of one name would corrupt it: wait for it to finish, or give "
+                                         f"this one another rank / name") from None
         self._seq = self._clean_up_and_number()
         store.refresh()
         # Ids (and hashes) this writer already finalised in earlier runs: re-adding one is a
@@ -199,9 +209,11 @@ class ShardWriter:
         record = encode_record(codes.indices.numpy().reshape(-1), cfg.bits_per_code, cfg.entropy_coding)
         if self._fh is not None and self._size + len(record) > cfg.shard_bytes:
             self.flush()  # roll over before the shard would exceed shard_bytes
-        if self._fh is None:
-            self._open_shard()
-        self._fh.write(record)
+        with self._failing_stops():
+            if self._fh is None:
+                self._open_shard()
+            self._fh.write(record)
+            fault_point("store.record")
         self._hasher.update(record)
         cols = self._cols
         cols["id"].append(sample_id)
@@ -228,10 +240,43 @@ class ShardWriter:
         self._hasher.update(header)
         self._size = len(header)
 
+    @contextlib.contextmanager
+    def _failing_stops(self):
+        """A write that fails (a full disk) ends the writer: its unfinished shard, never visible to
+        readers, is deleted (its samples are redone by the next run), the lock is released, and the
+        error names the shard file."""
+        try:
+            with writing(self._dir / f"{self._base(self._seq)}.bin{TMP_SUFFIX}"):
+                yield
+        except OSError:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+        base = self._base(self._seq)
+        leftovers = [f"{base}.bin{TMP_SUFFIX}", f"{base}.idx.json{TMP_SUFFIX}"]
+        if not (self._dir / f"{base}.idx.json").exists():
+            leftovers.append(f"{base}.bin")  # renamed, but its index never made it visible
+        for name in leftovers:
+            with contextlib.suppress(OSError):
+                os.unlink(self._dir / name)
+        self._fh = None
+        self._closed = True
+        self._lock.release()
+        log.error("%s: writer %r stopped after a failed write; its unfinished shard %s was removed",
+                  self._store.path, self._name, base)
+
     def flush(self) -> None:
         """Finalise the current shard (atomic, durable); no-op if nothing was added since."""
         if self._fh is None:
             return
+        with self._failing_stops():
+            self._flush()
+
+    def _flush(self) -> None:
         cfg = self._cfg
         base = self._base(self._seq)
         bin_tmp = self._dir / f"{base}.bin{TMP_SUFFIX}"
@@ -263,6 +308,7 @@ class ShardWriter:
         self._fh.close()
         # Shard first, index last: the index's appearance is the commit point for readers.
         os.replace(bin_tmp, self._dir / f"{base}.bin")
+        fault_point("store.flush")
         os.replace(idx_tmp, self._dir / f"{base}.idx.json")
         fsync_dir(self._dir)
         self._write_lookup(base)
@@ -290,8 +336,11 @@ class ShardWriter:
         it came from, so that its reads see this writer's samples."""
         if self._closed:
             return
-        self.flush()
-        self._closed = True
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._lock.release()
         # Only here, not per flush: refresh() rebuilds the id map, O(store size).
         self._store.refresh()
 

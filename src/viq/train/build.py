@@ -28,8 +28,8 @@ from viq.model.config import ViQConfig, get_preset
 from viq.model.hub import resolve, resolve_model
 from viq.model.viq import check_weights
 from viq.train.config import TrainConfig
-from viq.train.language import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE
 from viq.train.matching import load_matching
+from viq.train.output import STAGE_FILE, VIQ_CONFIG, VIQ_WEIGHTS, check_stage_output
 from viq.train.model import TrainModel
 from viq.train.stages import Handover, get_stage
 
@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "load_matching", "merge_config"]
 
-VIQ_CONFIG = "config.json"
-VIQ_WEIGHTS = "model.safetensors"
-#: the distillation teacher's encoder, written by the stage that chose it (see :func:`setup_teacher`)
-TEACHER_WEIGHTS = "teacher.safetensors"
 
 
 def merge_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +154,7 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         base = get_preset(value)
     elif kind == "viq":
         init_dir = resolve_model(value)  # a local directory, or a Hub id owner/name[@rev][/sub]
+        check_stage_output(init_dir)
         base, state = _read_viq_dir(init_dir)
     else:
         from viq.train.init import load_siglip
@@ -282,65 +279,3 @@ def _handed_over(handover: Handover, state: dict[str, torch.Tensor]) -> dict[str
         for src, dst in handover.seed:
             taken.update({dst + k[len(src):]: v for k, v in state.items() if k.startswith(src)})
     return taken
-
-
-def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> None:
-    """Write a stage's result: ``config.json`` + ``model.safetensors`` (viq key names, loadable by
-    the next stage and, once it has an FSQ head, by ``viq.load``), the projector and the LLM side."""
-    from safetensors.torch import save_file
-
-    from viq.model.viq import COMPONENTS, ViQModel
-
-    directory.mkdir(parents=True, exist_ok=True)
-    own = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-           if not k.startswith(("projector.", "llm."))}
-    carried = getattr(model, "carry", {})
-    # A VAE given by vae.path replaces the one the init weights carried (their architectures may differ).
-    own.update({k: v for k, v in carried.items() if not (model.vae is not None and k.startswith("vae."))})
-    config = model.config
-    components = [c for c in ("encoder", "dequant", "recon", "embedder", "drawer") if any(k.startswith(c + ".") or
-                  (c == "encoder" and k.startswith("head.")) for k in own)]
-    state = dict(own)
-    # Inference copies: the embedder is the encoder's dequantize path, and the drawer (until trained
-    # on its own) is that path plus the encoder's latent decoder -- exactly what the official
-    # converter does.
-    if "dequant" in components and "embedder" not in components and config.head.quantizer == "fsq":
-        state.update({"embedder." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
-        components.append("embedder")
-        if "drawer" not in components and "recon" in components:
-            state.update({"drawer.features." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
-            state.update({"drawer.latent." + k[6:]: v for k, v in own.items() if k.startswith("recon.")})
-            components.append("drawer")
-    if model.vae is not None:
-        state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in model.vae.state_dict().items()})
-        components.append("vae")
-    if model.head is not None and config.head.quantizer == "fsq" and "encoder" in components:
-        # Validate against the inference model before writing (catches any naming drift).
-        ordered = [c for c in COMPONENTS if c in components]
-        ViQModel.from_state_dict(config, state, components=ordered, source=str(directory)).save_pretrained(directory)
-    else:
-        save_file(state, str(directory / VIQ_WEIGHTS), metadata={"format": "viq-train", "stage": cfg.stage})
-        config.save(directory / VIQ_CONFIG)
-    if model.projector is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
-                  str(directory / PROJECTOR_WEIGHTS))
-    if model.llm is not None and cfg.llm.mode != "frozen":
-        llm_dir = directory / LLM_DIR
-        if cfg.llm.mode in ("lora", "dora"):
-            model.llm.save_pretrained(str(llm_dir))
-        else:
-            llm_dir.mkdir(parents=True, exist_ok=True)
-            # clone: tied embeddings share storage, which safetensors refuses to write twice
-            save_file({k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
-                      str(llm_dir / "model.safetensors"))
-    record = getattr(model, "teacher_record", None)
-    if record is not None and record["weights"] is None and model.teacher is not None:
-        # This stage chose the teacher: its encoder travels with the output, for every later stage.
-        teacher_state = {k: v.detach().cpu().contiguous() for k, v in model.teacher.state_dict().items()}
-        save_file(teacher_state, str(directory / TEACHER_WEIGHTS), metadata={"source": record["source"]})
-        record = {**record, "weights": str((directory / TEACHER_WEIGHTS).resolve())}
-    from viq.train.language import language_record
-
-    (directory / STAGE_FILE).write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record,
-                                                    "llm": language_record(cfg, getattr(model, "llm_identity", None))},
-                                                   indent=2))

@@ -9,9 +9,12 @@ A checkpoint ``checkpoints/step-<step>/`` holds
 * ``scheduler.pt``: the LR schedule;
 * ``progress.json``: step, data position, metric history, world size and the recipe.
 
-It is written to a hidden temporary directory, fsynced and renamed into place; the pointer file
-``latest`` names the newest complete one, so a run killed mid-write loses at most the steps since
-the previous checkpoint.
+It is written to a hidden temporary directory, fsynced and renamed into place (an existing checkpoint
+of the same step is set aside until the new one is in place); the pointer file ``latest`` names the
+newest complete one, so a run killed mid-write loses at most the steps since the previous checkpoint.
+``--resume`` checks a checkpoint before using it (:func:`check_checkpoint`: every file present, none
+shorter than its metadata says) and falls back to the newest one that passes, naming the others in a
+warning; a run with checkpoints or metrics but no usable checkpoint stops (:func:`resume_point`).
 
 No RNG state is stored: every optimizer step begins by seeding Python, NumPy and torch from
 ``(seed, step, rank)`` (:func:`seed_step`), so what a step draws never depends on how the run got
@@ -35,9 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from viq._io import atomic_write, fsync_dir
+from viq._faults import fault_point
+from viq._io import atomic_write, fsync_tree, recover_dir, remove_tree, replace_dir, writing
 from viq.train.build import build_model
 from viq.train.config import TrainConfig
 from viq.train.data import BatchStream
@@ -55,7 +57,8 @@ from viq.train.parallel import Dist, strip_wrapper_prefix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "seed_step", "full_state", "materialise"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "resume_point", "check_checkpoint", "load_checkpoint", "seed_step",
+           "full_state", "materialise"]
 
 #: progress.json "format": 2 = DCP directory + scheduler.pt; 1 (no field) = gathered state.pt (read only)
 FORMAT = 2
@@ -102,7 +105,13 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, str
     """Write checkpoint ``step-<step>`` under ``directory/checkpoints`` and point ``latest`` at it.
     A collective: every rank calls it and writes its own shards; rank 0 writes the shared files.
     ``extra``: small state that is the same on every rank (e.g. the code-usage window), saved by
-    rank 0 as ``extra.pt`` and read back with :func:`load_extra`."""
+    rank 0 as ``extra.pt`` and read back with :func:`load_extra`.
+
+    Complete or absent: everything goes to a hidden temporary directory, is fsynced, and only then
+    takes the checkpoint's place (:func:`viq._io.replace_dir`: an existing checkpoint of the same step
+    is set aside, never deleted before the new one is in place), then ``latest`` is rewritten
+    atomically. A failed write (a full disk) removes the temporary directory and raises an ``OSError``
+    naming it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -111,38 +120,93 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, str
     ckpts = directory / "checkpoints"
     tmp = ckpts / f".step-{step:08d}.tmp"
     final = ckpts / f"step-{step:08d}"
-    if dist_info.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist_info.barrier()
-    # Every rank fsyncs the files it wrote; rank 0 writes .metadata once all have written.
-    with _single_process_quiet():
-        dcp.save({"model": _kept(model, model_state), "optimizer": optim_state}, checkpoint_id=tmp)
-    if dist_info.main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if extra is not None:
-            torch.save(extra, tmp / "extra.pt")
-        (tmp / "progress.json").write_text(json.dumps(
-            {"format": FORMAT, "step": step, "micro_batch": stream.index, "world": dist_info.world,
-             "recipe": cfg.to_dict(), "history": history}, indent=1))
-    dist_info.barrier()
-    if dist_info.main:
-        # The directory is the unit made atomic by the rename: its files and entries reach the disk
-        # first, then the rename, then the pointer.
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(ckpts)
-        atomic_write(ckpts / "latest", (final.name + "\n").encode())
-        old = sorted(p for p in ckpts.glob("step-*") if p.is_dir())
-        for p in old[: -cfg.train.keep_checkpoints]:
-            shutil.rmtree(p, ignore_errors=True)
+    try:
+        with writing(tmp):
+            if dist_info.main:
+                remove_tree(tmp)
+                tmp.mkdir(parents=True)
+            dist_info.barrier()
+            # Every rank fsyncs the files it wrote; rank 0 writes .metadata once all have written.
+            with _single_process_quiet():
+                dcp.save({"model": _kept(model, model_state), "optimizer": optim_state}, checkpoint_id=tmp)
+            if dist_info.main:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                if extra is not None:
+                    torch.save(extra, tmp / "extra.pt")
+                fault_point("checkpoint.write")
+                (tmp / "progress.json").write_text(json.dumps(
+                    {"format": FORMAT, "step": step, "micro_batch": stream.index, "world": dist_info.world,
+                     "recipe": cfg.to_dict(), "history": history}, indent=1))
+            dist_info.barrier()
+            if dist_info.main:
+                # The directory is the unit made atomic by the rename: its files and entries reach the disk
+                # first, then the rename, then the pointer.
+                fsync_tree(tmp)
+                fault_point("checkpoint.written")
+                replace_dir(tmp, final, before_swap=lambda: fault_point("checkpoint.swap"))
+                fault_point("checkpoint.renamed")
+                atomic_write(ckpts / "latest", (final.name + "\n").encode())
+                old = sorted(p for p in ckpts.glob("step-*") if p.is_dir())
+                for p in old[: -cfg.train.keep_checkpoints]:
+                    remove_tree(p)
+    except BaseException:
+        if dist_info.main:
+            remove_tree(tmp)
+        raise
     dist_info.barrier()
     return final
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def check_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be resumed from (None: it can): a missing or
+    unreadable file, one shorter than its metadata says (a truncated shard), a step that does not match
+    its name. Reads the small files and the DCP metadata, never the shards themselves."""
+    if not path.is_dir():
+        return "missing"
+    progress = path / "progress.json"
+    try:
+        info = json.loads(progress.read_text())
+        step = int(info["step"])
+    except FileNotFoundError:
+        return f"{progress.name} is missing (the checkpoint was not completely written)"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"{progress} is unreadable ({type(e).__name__}: {str(e)[:80]})"
+    if step != _step_of(path):
+        return f"{progress} says step {step}, the folder is {path.name}"
+    if (path / "state.pt").is_file():  # format 1
+        return None
+    try:
+        import torch.distributed.checkpoint as dcp
+
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
+        return f"{path / '.metadata'} is unreadable ({type(e).__name__}: {str(e)[:80]})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size < size:
+            return f"{f} is truncated ({f.stat().st_size} of at least {size} bytes)"
+    for name in ("scheduler.pt", "extra.pt"):
+        f = path / name
+        if name == "extra.pt" and not f.is_file():
+            continue
+        try:
+            torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            return f"{f} is unreadable ({type(e).__name__}: {str(e)[:80]})"
+    return None
 
 
 def load_extra(path: Path) -> dict:
@@ -152,13 +216,52 @@ def load_extra(path: Path) -> dict:
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint of the run in ``output_dir`` (None if there is none)."""
-    pointer = output_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
+    """The newest complete checkpoint of the run in ``output_dir``: the one ``latest`` names, else the
+    newest that passes :func:`check_checkpoint` (a warning names each one skipped and why); None if
+    there is none. A replacement interrupted between its renames is finished first."""
+    ckpts = output_dir / "checkpoints"
+    if not ckpts.is_dir():
         return None
-    path = output_dir / "checkpoints" / pointer.read_text().strip()
-    complete = (path / "progress.json").is_file() and ((path / ".metadata").is_file() or (path / "state.pt").is_file())
-    return path if complete else None
+    for aside in ckpts.glob(".step-*.old"):
+        if recover_dir(ckpts / aside.name[1:-len(".old")]):
+            log.warning("%s: put back the checkpoint set aside by an interrupted save", aside)
+    pointer = ckpts / "latest"
+    named = None
+    try:
+        text = pointer.read_text().strip()
+        named = ckpts / text if text else None
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    candidates = sorted((p for p in ckpts.glob("step-*") if p.is_dir()), key=_step_of, reverse=True)
+    if named is not None and named in candidates:
+        candidates = [named] + [p for p in candidates if p != named]
+    elif pointer.exists():
+        log.warning("%s names %r, which is not a checkpoint; looking for the newest complete one",
+                    pointer, text if named is not None else "")
+    for path in candidates:
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s cannot be resumed from: %s; trying the one before", path, problem)
+    return None
+
+
+def resume_point(output_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: :func:`latest_checkpoint`, or None for a run that
+    has not started (no checkpoint, no metrics). A run that has written checkpoints or metrics but
+    left no usable checkpoint is an error naming the folder -- never a silent restart from step 0."""
+    found = latest_checkpoint(output_dir)
+    if found is not None:
+        return found
+    ckpts = output_dir / "checkpoints"
+    written = sorted(p.name for p in ckpts.glob("step-*")) if ckpts.is_dir() else []
+    metrics = output_dir / "metrics.jsonl"
+    if written or (metrics.is_file() and metrics.stat().st_size > 0):
+        what = f"checkpoints {', '.join(written)} are unusable (see the warnings)" if written else \
+            "it has metrics.jsonl but no checkpoint"
+        raise ValueError(f"{output_dir}: nothing to resume from: {what}; refusing to start again from step 0 "
+                         f"over it (remove the folder, or set another train.output_dir)")
+    return None
 
 
 def _check_layout(path: Path, progress: dict, cfg: TrainConfig, dist_info: Dist) -> None:

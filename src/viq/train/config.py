@@ -88,6 +88,10 @@ class DataSection:
     #: stage mllm: the code store holding the codes of data.train / data.val's images
     codes: str | None = None
     on_error: str = "raise"  # raise | skip (bad samples are counted and reported)
+    #: read the header of every image of data.train / data.val before the first step (parallel, with a
+    #: progress bar): a missing or unreadable image fails then, or is skipped with on_error: skip.
+    #: false for huge sets whose images are known good (then a bad one fails when its sample is drawn).
+    check_images: bool = True
     min_pixels: int = 256
     max_pixels: int = 1024 * 1024
     #: progressive resolution: list of [start_step, max_pixels]; max_pixels grows per phase
@@ -152,7 +156,7 @@ class TrainSection:
     #: write a ``train`` record to metrics.jsonl every N optimizer steps (means over them) and at the end
     log_every: int = 1
     #: also log to these, when installed: "tensorboard" (OUTPUT_DIR/tensorboard), "wandb"
-    trackers: list[str] = field(default_factory=list)
+    trackers: list[str] | str = field(default_factory=list)
     wandb_project: str = "viq"
     #: offline: written under OUTPUT_DIR/wandb, no network (upload later with `wandb sync`); online; disabled
     wandb_mode: str = "offline"
@@ -179,8 +183,10 @@ class TrainConfig:
                     "optim": OptimSection, "train": TrainSection}
         for name, cls in sections.items():
             value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _build(cls, value, name))
+            if not isinstance(value, cls):
+                setattr(self, name, _build(cls, value if value is not None else {}, name))
+        if not isinstance(self.stage, str):
+            raise ValueError(f"stage: expected a string, got {self.stage!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.llm.dtype not in ("float32", "bfloat16", "float16"):
@@ -212,6 +218,7 @@ class TrainConfig:
         if self.data.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be raise or skip, got {self.data.on_error!r}")
         self.optim.betas = tuple(self.optim.betas)  # type: ignore[assignment]
+        _check_ranges(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,32 +246,141 @@ class TrainConfig:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a section (key: value lines), got {data!r}")
     hints = typing.get_type_hints(cls)
     coerced = {k: _coerce(v, hints[k], f"{where}.{k}") if k in hints else v for k, v in data.items()}
     return dataclass_from_dict(cls, coerced, where)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Numbers written as YAML 1.1 strings ("3e-4" is a string to PyYAML) become numbers."""
-    if value is None:
-        return None
+def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is tuple:
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the field's type: a recipe value of the wrong kind is an error naming
+    its key (``train.batch_size: expected an integer, got 1.5``), never a traceback later. Numbers written
+    as YAML 1.1 strings ("3e-4" is a string to PyYAML) become numbers."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    wrong = ValueError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where) if len(inner) == 1 else value
-    try:
-        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        for a in inner:
+            try:
+                return _coerce(value, a, where)
+            except ValueError:
+                continue
+        raise wrong
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise wrong from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise wrong
+        try:
             return float(value)
-        if hint is int and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise ValueError(f"{where}: expected a number, got {value!r}") from None
-    if origin is dict and len(args) == 2 and isinstance(value, dict):
-        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if origin is tuple and isinstance(value, (list, tuple)) and args and args[-1] is not Ellipsis:
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        except ValueError:
+            raise wrong from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise wrong
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     return value
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Values of the right type but outside what they can mean: one error naming the key."""
+    def need(ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            raise ValueError(f"{key} must be {rule}, got {value!r}")
+
+    t, o, d, m = cfg.train, cfg.optim, cfg.data, cfg.llm
+    for key, value, low in (("train.max_steps", t.max_steps, 1), ("train.batch_size", t.batch_size, 1),
+                            ("train.grad_accum", t.grad_accum, 1), ("train.save_every", t.save_every, 0),
+                            ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.eval_every", t.eval_every, 0),
+                            ("train.eval_samples", t.eval_samples, 1), ("train.log_images", t.log_images, 0),
+                            ("llm.lora_r", m.lora_r, 1), ("llm.max_length", m.max_length, 2),
+                            ("data.min_pixels", d.min_pixels, 1), ("data.num_workers", d.num_workers, 0),
+                            ("loss.teacher_size", cfg.loss.teacher_size, 1)):
+        need(value >= low, key, f"an integer >= {low}", value)
+    need(d.max_pixels >= d.min_pixels, "data.max_pixels", f">= data.min_pixels ({d.min_pixels})", d.max_pixels)
+    for i, phase in enumerate(d.resolution_schedule):
+        need(len(phase) == 2 and phase[0] >= 0 and phase[1] >= 1, f"data.resolution_schedule[{i}]",
+             "[start_step >= 0, max_pixels >= 1]", phase)
+    need(o.lr > 0, "optim.lr", "> 0", o.lr)
+    for group, lr in o.group_lr.items():
+        need(lr > 0, f"optim.group_lr.{group}", "> 0", lr)
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))
+    need(o.eps > 0, "optim.eps", "> 0", o.eps)
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                       ("llm.lora_alpha", m.lora_alpha)):
+        need(value >= 0, key, ">= 0", value)
+    for key, value in (("optim.warmup_ratio", o.warmup_ratio), ("optim.min_lr_ratio", o.min_lr_ratio)):
+        need(0 <= value <= 1, key, "in [0, 1]", value)
+    need(0 <= m.lora_dropout < 1, "llm.lora_dropout", "in [0, 1)", m.lora_dropout)
+    for name, weight in cfg.loss_weights().items():
+        need(weight >= 0, f"loss.{name}", ">= 0", weight)
+    need(cfg.loss.latent_norm in ("none", "mean_std"), "loss.latent_norm", "none or mean_std", cfg.loss.latent_norm)
+    if cfg.optim.trainable is not None:
+        from viq.train.model import GROUPS
+
+        unknown = sorted(set(cfg.optim.trainable) - set(GROUPS))
+        need(not unknown, "optim.trainable", f"groups among {', '.join(GROUPS)}", unknown)
+    _check_init(cfg.model.init, "model.init")
+    if cfg.loss.teacher != "auto":
+        _check_init(cfg.loss.teacher, "loss.teacher")
+
+
+def _check_init(spec: str, key: str) -> None:
+    kind, _, value = spec.partition(":")
+    if kind not in ("preset", "viq", "hf-siglip", "timm-siglip") or not value:
+        raise ValueError(f"{key} {spec!r}: expected preset:<name>, viq:<dir>, hf-siglip:<dir> or timm-siglip:<file>")
+    if kind == "preset":
+        from viq.model.config import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"{key} {spec!r}: unknown preset; known: {', '.join(sorted(PRESETS))}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -127,11 +127,12 @@ class Collator:
         return TrainBatch(images=images, codes=codes, conversations=conversations, images_per_sample=per_sample, ids=ids)
 
 
-def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
+def build_dataset(path: str, cfg: TrainConfig, max_pixels: int, *, progress: bool = False):
     """The dataset at ``path`` for the recipe's stage: LLaVA conversations (a JSON/JSONL file, or
     Parquet / Arrow data whose columns are named by ``data.conversations_column``, ``data.image_column``
     and ``data.id_column``), an image folder (a directory), or conversations with stored codes (stages
-    that read codes)."""
+    that read codes). With ``data.check_images`` every image is checked when the data is first built
+    (:func:`viq.data.check.check_images`; ``progress``: show a bar)."""
     from viq.data.columnar import is_columnar_source
     from viq.data.folder import ImageFolderDataset
     from viq.data.llava import LlavaDataset
@@ -149,9 +150,41 @@ def build_dataset(path: str, cfg: TrainConfig, max_pixels: int):
 
     pre = PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels)
     if Path(path).is_dir() and not is_columnar_source(path):
-        return ImageFolderDataset(path, preprocess=pre, on_error=cfg.data.on_error)
-    return LlavaDataset(path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error,
-                        columns=columns)
+        dataset = ImageFolderDataset(path, preprocess=pre, on_error=cfg.data.on_error)
+    else:
+        dataset = LlavaDataset(path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error,
+                               columns=columns)
+    if cfg.data.check_images:
+        _checked(dataset, path, cfg, progress)
+    return dataset
+
+
+#: (data path, image root, on_error) -> the image paths found unreadable: a dataset rebuilt by the
+#: progressive-resolution schedule is not scanned again.
+_CHECKED: dict[tuple, frozenset[str]] = {}
+
+
+def _checked(dataset, path: str, cfg: TrainConfig, progress: bool) -> None:
+    """:func:`viq.data.check.check_images` once per data file and process; later builds of the same
+    data drop the same samples without reading the images again."""
+    from viq.data.check import check_images
+    from viq.data.folder import ImageFolderDataset
+
+    key = (str(path), cfg.data.image_root, cfg.data.on_error)
+    bad = _CHECKED.get(key)
+    if bad is None:
+        before = set(dataset.files) if isinstance(dataset, ImageFolderDataset) else \
+            {r.path for i in range(len(dataset)) for r in dataset.record(i).images}
+        check_images(dataset, progress=progress)
+        after = set(dataset.files) if isinstance(dataset, ImageFolderDataset) else \
+            {r.path for i in range(len(dataset)) for r in dataset.record(i).images}
+        _CHECKED[key] = frozenset(before - after)
+    elif bad:
+        if isinstance(dataset, ImageFolderDataset):
+            dataset.files = [f for f in dataset.files if f not in bad]
+        else:
+            dataset.drop([i for i in range(len(dataset)) if any(r.path in bad for r in dataset.record(i).images)],
+                         reason="unreadable image")
 
 
 def max_pixels_at(cfg: TrainConfig, step: int) -> int:

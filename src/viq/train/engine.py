@@ -36,11 +36,13 @@ from torch import nn
 
 from viq.launch import DistEnv
 from viq.model.layers import set_attention_backend
-from viq.train.build import build_model, save_stage_output
-from viq.train.checkpoint import (full_state, latest_checkpoint, load_checkpoint, load_extra, materialise,
+from viq.train.build import build_model
+from viq.train.output import save_stage_output
+from viq._io import writing
+from viq.train.checkpoint import (full_state, load_checkpoint, load_extra, materialise, resume_point,
                                   save_checkpoint, seed_step)
 from viq.train.config import TrainConfig
-from viq.train.data import BatchStream, Collator
+from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
 from viq.train.evaluate import evaluate
 from viq.train.logger import RunLogger, learning_rates
 from viq.train.metrics import CodeUsage, progress_bar
@@ -50,6 +52,9 @@ from viq.train.parallel import Dist, setup_distributed, wrap_parallel
 from viq.train.stages import LOSSES, get_stage
 
 log = logging.getLogger(__name__)
+
+#: held by rank 0 of the job that trains into an output folder
+RUN_LOCK = ".train.lock"
 
 __all__ = ["train", "train_step", "prepare_model", "combine_losses", "loss_weights", "autocast_context",
            "enable_gradient_checkpointing"]
@@ -202,8 +207,52 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     """
     dist_info, device = setup_distributed(launch)
     out_dir = Path(cfg.train.output_dir)
+    if cfg.data.train is None:
+        raise ValueError("data.train is not set")
+    owner = None
     if dist_info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+        owner = _own_run_folder(out_dir)
+    try:
+        return _train(cfg, dist_info, device, out_dir, resume=resume, stop_after=stop_after)
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def _own_run_folder(out_dir: Path):
+    """One training job per output folder (rank 0 holds ``.train.lock`` for the whole run)."""
+    from viq._io import LockHeld, OwnerLock
+
+    try:
+        return OwnerLock(out_dir / RUN_LOCK)
+    except LockHeld as e:
+        raise ValueError(f"{out_dir}: another training job is using this output folder ({e.holder}); two jobs "
+                         f"would overwrite each other's checkpoints: wait for it, or set another "
+                         f"train.output_dir") from None
+
+
+def _starting_point(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to continue from; an error for a fresh start over an existing run (its
+    checkpoints would mix with the new run's) or a resume with nothing usable to resume from."""
+    if resume:
+        return resume_point(out_dir)
+    ckpts = out_dir / "checkpoints"
+    metrics = out_dir / "metrics.jsonl"
+    if (ckpts.is_dir() and any(ckpts.glob("step-*"))) or (metrics.is_file() and metrics.stat().st_size > 0):
+        raise ValueError(f"{out_dir}: holds a run already (checkpoints / metrics.jsonl): continue it with "
+                         f"--resume, or remove the folder / set another train.output_dir to start afresh")
+    return None
+
+
+def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Path, *, resume: bool,
+           stop_after: int | None) -> dict[str, Any]:
+    checkpoint = _starting_point(out_dir, resume)
+    # The data before the model: a missing file or a bad image stops the run now, not when drawn.
+    for path in (cfg.data.train, cfg.data.val):
+        if path:
+            build_dataset(path, cfg, max_pixels_at(cfg, 0), progress=cfg.train.progress and dist_info.main)
     seed_everything(cfg.train.seed)  # identical initialisation on every rank
     model, tokenizer = build_model(cfg, device=device)
     prepare_model(model, cfg)
@@ -213,14 +262,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     total = cfg.train.max_steps
     scheduler = build_scheduler(optimizer, cfg)
     step, start_micro, history = 0, 0, []
-    checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         progress = load_checkpoint(checkpoint, wrapped, optimizer, scheduler, dist_info, cfg)
         step, start_micro, history = progress["step"], progress["micro_batch"], progress["history"]
         log.info("resumed from %s at step %d", checkpoint, step)
 
-    if cfg.data.train is None:
-        raise ValueError("data.train is not set")
     image_tokens = model.projector.num_tokens if model.projector is not None else None
     collator = Collator(tokenizer, cfg.llm.max_length, image_tokens=image_tokens,
                         patch_size=model.config.encoder.patch_size)

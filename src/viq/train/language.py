@@ -29,15 +29,11 @@ from torch import nn
 
 from viq.model.hub import resolve
 from viq.train.config import TrainConfig
+from viq.train.output import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE, check_stage_output
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LanguageSide", "build_language_side", "PROJECTOR_WEIGHTS", "LLM_DIR", "STAGE_FILE",
-           "language_record"]
-
-PROJECTOR_WEIGHTS = "projector.safetensors"
-LLM_DIR = "llm"
-STAGE_FILE = "stage.json"
+__all__ = ["LanguageSide", "build_language_side"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,14 +47,6 @@ class LanguageSide:
     identity: dict[str, Any]
     #: the folder whose projector / LLM weights were taken over (None: fresh)
     inherited_from: Path | None = None
-
-
-def language_record(cfg: TrainConfig, identity: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What a stage output's ``stage.json`` says of its language side (None: it has none)."""
-    if identity is None:
-        return None
-    return {"path": cfg.llm.path, "mode": cfg.llm.mode, "identity": identity,
-            "lora": {"r": cfg.llm.lora_r, "alpha": cfg.llm.lora_alpha, "dora": cfg.llm.mode == "dora"}}
 
 
 def _recorded(directory: Path) -> tuple[bool, dict[str, Any] | None]:
@@ -153,6 +141,8 @@ def build_language_side(cfg: TrainConfig, width: int, init_dir: Path | None) -> 
 
     mode = _inherit_mode(cfg)
     source = Path(cfg.model.previous) if cfg.model.previous else init_dir
+    if source is not None and source != init_dir and mode != "false":
+        check_stage_output(source)
     taken: Path | None = None
     if mode != "false" and source is not None and source.is_dir():
         has_language = (source / PROJECTOR_WEIGHTS).is_file() or (source / LLM_DIR).is_dir()

@@ -1,0 +1,150 @@
+"""A stage's output folder (``OUTPUT_DIR/final``): its layout, writing it whole or not at all, checking it.
+
+::
+
+    final/
+      config.json, model.safetensors   the ViQ model (viq format; viq.load reads it once it has an FSQ head)
+      projector.safetensors            the MM projector (stages with an LLM)
+      llm/                             the LLM's trained part: a peft adapter, or the whole LLM (full mode)
+      teacher.safetensors              the distillation teacher, written by the stage that chose it
+      stage.json                       the recipe, the teacher, the LLM it was made for, every file's size
+
+The next stage names it as ``model.init: viq:OUTPUT_DIR/final``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from viq.train.config import TrainConfig
+from viq.train.model import TrainModel
+
+__all__ = ["save_stage_output", "check_stage_output", "language_record", "VIQ_CONFIG", "VIQ_WEIGHTS", "TEACHER_WEIGHTS", "STAGE_FILE",
+           "PROJECTOR_WEIGHTS", "LLM_DIR"]
+
+VIQ_CONFIG = "config.json"
+VIQ_WEIGHTS = "model.safetensors"
+#: the distillation teacher's encoder, written by the stage that chose it (see viq.train.build.setup_teacher)
+TEACHER_WEIGHTS = "teacher.safetensors"
+STAGE_FILE = "stage.json"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+LLM_DIR = "llm"
+
+
+def language_record(cfg: TrainConfig, identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a stage output's ``stage.json`` says of its language side (None: it has none)."""
+    if identity is None:
+        return None
+    return {"path": cfg.llm.path, "mode": cfg.llm.mode, "identity": identity,
+            "lora": {"r": cfg.llm.lora_r, "alpha": cfg.llm.lora_alpha, "dora": cfg.llm.mode == "dora"}}
+
+
+def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> None:
+    """Write a stage's result: ``config.json`` + ``model.safetensors`` (viq key names, loadable by
+    the next stage and, once it has an FSQ head, by ``viq.load``), the projector and the LLM side,
+    and ``stage.json`` (the recipe, the teacher, the LLM, and the size of every file).
+
+    Complete or absent: everything is written into a hidden temporary folder beside ``directory``,
+    fsynced, and then takes its place (:func:`viq._io.replace_dir`); a failed write removes the
+    temporary folder. A stage that starts from an output checks its files against ``stage.json``
+    (:func:`check_stage_output`)."""
+    from viq._faults import fault_point
+    from viq._io import fsync_tree, remove_tree, replace_dir, writing
+
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    try:
+        with writing(tmp):
+            remove_tree(tmp)
+            tmp.mkdir(parents=True)
+            _write_stage_files(model, tmp, directory, cfg)
+            fault_point("final.write")
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            stage = json.loads((tmp / STAGE_FILE).read_text())
+            stage["files"] = {name: size for name, size in files.items() if name != STAGE_FILE}
+            (tmp / STAGE_FILE).write_text(json.dumps(stage, indent=2))
+            fsync_tree(tmp)
+            fault_point("final.written")
+            replace_dir(tmp, directory)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+def check_stage_output(directory: Path) -> None:
+    """Stop, naming the file, when a stage output lacks a file its ``stage.json`` lists or holds a
+    shorter one (an output copied or written in part). Outputs without the list are not checked."""
+    stage = directory / STAGE_FILE
+    if not stage.is_file():
+        return
+    try:
+        files = json.loads(stage.read_text()).get("files")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{stage}: unreadable ({e}); the output is incomplete") from None
+    for name, size in (files or {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from the stage output {directory} (its stage.json lists it): "
+                                    f"the output is incomplete; re-run the stage that wrote it")
+        if path.stat().st_size != size:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, its stage.json says {size}: the output "
+                             f"{directory} is damaged; re-run the stage that wrote it")
+
+
+def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: TrainConfig) -> None:
+    """The files of a stage output, written into ``directory`` (which becomes ``final``)."""
+    from safetensors.torch import save_file
+
+    from viq.model.viq import COMPONENTS, ViQModel
+
+    own = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+           if not k.startswith(("projector.", "llm."))}
+    carried = getattr(model, "carry", {})
+    # A VAE given by vae.path replaces the one the init weights carried (their architectures may differ).
+    own.update({k: v for k, v in carried.items() if not (model.vae is not None and k.startswith("vae."))})
+    config = model.config
+    components = [c for c in ("encoder", "dequant", "recon", "embedder", "drawer") if any(k.startswith(c + ".") or
+                  (c == "encoder" and k.startswith("head.")) for k in own)]
+    state = dict(own)
+    # Inference copies: the embedder is the encoder's dequantize path, and the drawer (until trained
+    # on its own) is that path plus the encoder's latent decoder -- exactly what the official
+    # converter does.
+    if "dequant" in components and "embedder" not in components and config.head.quantizer == "fsq":
+        state.update({"embedder." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
+        components.append("embedder")
+        if "drawer" not in components and "recon" in components:
+            state.update({"drawer.features." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
+            state.update({"drawer.latent." + k[6:]: v for k, v in own.items() if k.startswith("recon.")})
+            components.append("drawer")
+    if model.vae is not None:
+        state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in model.vae.state_dict().items()})
+        components.append("vae")
+    if model.head is not None and config.head.quantizer == "fsq" and "encoder" in components:
+        # Validate against the inference model before writing (catches any naming drift).
+        ordered = [c for c in COMPONENTS if c in components]
+        ViQModel.from_state_dict(config, state, components=ordered, source=str(directory)).save_pretrained(directory)
+    else:
+        save_file(state, str(directory / VIQ_WEIGHTS), metadata={"format": "viq-train", "stage": cfg.stage})
+        config.save(directory / VIQ_CONFIG)
+    if model.projector is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
+                  str(directory / PROJECTOR_WEIGHTS))
+    if model.llm is not None and cfg.llm.mode != "frozen":
+        llm_dir = directory / LLM_DIR
+        if cfg.llm.mode in ("lora", "dora"):
+            model.llm.save_pretrained(str(llm_dir))
+        else:
+            llm_dir.mkdir(parents=True, exist_ok=True)
+            # clone: tied embeddings share storage, which safetensors refuses to write twice
+            save_file({k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
+                      str(llm_dir / "model.safetensors"))
+    record = getattr(model, "teacher_record", None)
+    if record is not None and record["weights"] is None and model.teacher is not None:
+        # This stage chose the teacher: its encoder travels with the output, for every later stage.
+        teacher_state = {k: v.detach().cpu().contiguous() for k, v in model.teacher.state_dict().items()}
+        save_file(teacher_state, str(directory / TEACHER_WEIGHTS), metadata={"source": record["source"]})
+        record = {**record, "weights": str((final / TEACHER_WEIGHTS).resolve())}
+    (directory / STAGE_FILE).write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record,
+                                                    "llm": language_record(cfg, getattr(model, "llm_identity", None))},
+                                                   indent=2))
