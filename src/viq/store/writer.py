@@ -266,7 +266,7 @@ class ShardWriter:
         self._fh = None
         self._closed = True
         self._lock.release()
-        log.error("%s: writer %r stopped after a failed write; its unfinished shard %s was removed",
+        log.warning("%s: writer %r stopped after a failed write; its unfinished shard %s was removed",
                   self._store.path, self._name, base)
 
     def flush(self) -> None:
