@@ -339,7 +339,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key, value, low in (("train.max_steps", t.max_steps, 1), ("train.batch_size", t.batch_size, 1),
                             ("train.grad_accum", t.grad_accum, 1), ("train.save_every", t.save_every, 0),
                             ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.eval_every", t.eval_every, 0),
-                            ("train.eval_samples", t.eval_samples, 1), ("train.log_images", t.log_images, 0),
+                            ("train.eval_samples", t.eval_samples, 0), ("train.log_images", t.log_images, 0),
                             ("llm.lora_r", m.lora_r, 1), ("llm.max_length", m.max_length, 2),
                             ("data.min_pixels", d.min_pixels, 1), ("data.num_workers", d.num_workers, 0),
                             ("loss.teacher_size", cfg.loss.teacher_size, 1)):
