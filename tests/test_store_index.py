@@ -364,3 +364,33 @@ def test_store_scale_bench_small(tmp_path: Path):
         assert key in rec, key
     assert rec["ids"] == 20000 and rec["shards"] >= 8 and rec["open_s"] > 0 and rec["lookups_per_s"] > 0
     assert not list(tmp_path.glob("store_scale-*"))  # the store is removed
+
+
+def test_verify_exit_status_after_a_repair(tmp_path: Path):
+    """`viq store verify` exits 1 when it had to rebuild a damaged index (the store is sound again, but
+    something damaged it), 0 with --repair; 0 on a sound store."""
+    from viq.cli.main import main
+
+    _fill(tmp_path / "st", {"w": _ids(40)})
+    st = CodeStore.open(tmp_path / "st")
+    len(st)  # the merged index is built on first use
+    path = _index_file(st)
+    assert main(["store", "verify", str(tmp_path / "st"), "-q"]) == 0
+
+    def rot() -> None:  # a flipped bit under an unchanged size and mtime: only verify reads it
+        raw = bytearray(path.read_bytes())
+        before = path.stat()
+        raw[raw.find(b".jpg")] ^= 0x02
+        path.write_bytes(bytes(raw))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = path.stat()
+        path.with_name(path.name + ".ok").write_text(json.dumps([after.st_size, after.st_mtime_ns, after.st_ino]))
+
+    rot()
+    assert main(["store", "verify", str(tmp_path / "st"), "-q"]) == 1
+    st = CodeStore.open(tmp_path / "st")
+    len(st)
+    path = _index_file(st)
+    rot()
+    assert main(["store", "verify", str(tmp_path / "st"), "-q", "--repair"]) == 0
+    assert main(["store", "verify", str(tmp_path / "st"), "-q"]) == 0
