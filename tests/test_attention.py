@@ -37,9 +37,21 @@ def test_sdpa_segment_result_independent_of_neighbours():
 
 
 def test_sdpa_backward():
-    q, k, v = (torch.randn(9, 2, 8, requires_grad=True) for _ in range(3))
-    attention(q, k, v, Segments((4, 5)), "sdpa").sum().backward()
-    assert q.grad is not None and k.grad is not None
+    """Gradients equal those of the per-segment reference, and none crosses a segment boundary."""
+    torch.manual_seed(1)
+    base = [torch.randn(9, 2, 8) for _ in range(3)]
+    weights = torch.randn(9, 2, 8)  # a loss that weighs every output differently
+    grads = []
+    for fn in (lambda q, k, v: attention(q, k, v, Segments((4, 5)), "sdpa"),
+               lambda q, k, v: reference(q, k, v, [4, 5])):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        (fn(q, k, v) * weights).sum().backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    q, k, v = (t.clone().requires_grad_() for t in base)
+    attention(q, k, v, Segments((4, 5)), "sdpa")[:4].sum().backward()  # the first segment's outputs only
+    assert q.grad[:4].abs().sum() > 0 and q.grad[4:].abs().sum() == 0 and k.grad[4:].abs().sum() == 0
 
 
 def test_errors():

@@ -18,10 +18,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
                     "--answer-len", "4", "8", "--max-length", "128", "--teacher-size", "32", "--repeats", "1"]),
 ])
 def test_benchmark_runs(script, argv, tmp_path):
+    import json
+    import math
+
     module = __import__(script)
     record = module.main([*argv, "--out", str(tmp_path / "r.json")])
-    assert (tmp_path / "r.json").is_file()
-    assert record["figures"]
+    written = json.loads((tmp_path / "r.json").read_text())
+    for key in ("benchmark", "date", "command", "device", "torch"):
+        assert written[key], key
+    assert json.loads(json.dumps(record["figures"], default=str)) == written["figures"]
+    figures = record["figures"]
+    # What each measures, checked where it holds by construction (never a timing).
+    if script == "encode_throughput":
+        assert {"packed", "padded"} <= set(figures)
+        assert figures["packed"]["gflops"] <= figures["padded"]["gflops"]  # padding only adds work
+        assert all(f["images_per_s"] > 0 for f in figures.values() if "images_per_s" in f)
+    elif script == "train_efficiency":
+        for point in figures.values():
+            online, offline = point["online"], point["offline"]
+            assert online["images"] == offline["images"] > 0
+            assert offline["trainable_params"] < online["trainable_params"]  # no encoder in the loop
+    elif script == "extract_throughput":
+        assert figures and all(f["encoded"] == 4 and f["failed"] == 0 for f in figures.values())
+    else:
+        packed, padded = figures["packed"], figures["padded"]
+        assert math.isfinite(packed["loss"]) and math.isfinite(padded["loss"])
+        assert packed["patch_tokens"] <= padded["patch_tokens"]  # padding only adds patches
+        assert 0 <= record["ratios"]["patch_padding_waste"] < 1
 
 
 def test_load_memory_quick_mode(tmp_path, official_dir):

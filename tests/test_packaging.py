@@ -31,10 +31,20 @@ def test_torch_is_a_range_not_a_pin():
 
 
 def test_constraints_pin_this_machines_torch_and_forbid_torchvision():
-    lines = [ln.strip() for ln in (REPO / "constraints.txt").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    assert "torch==2.13.0" in lines
-    assert any(ln.startswith("torchvision==") and "never" in ln for ln in lines)
+    import importlib.util
+
+    from packaging.requirements import Requirement
+
+    pins = {r.name: r.specifier for r in (Requirement(ln.split("#")[0].strip()) for ln in
+            (REPO / "constraints.txt").read_text().splitlines() if ln.split("#")[0].strip())}
+    assert str(pins["torch"]) == "==2.13.0"
+    # torchvision / torchaudio: a pin no published release can satisfy, so any package pulling them in
+    # fails to resolve instead of installing a CUDA build...
+    for name in ("torchvision", "torchaudio"):
+        for version in ("0.20.0", "0.28.1", "0.29.1", "1.0.0", "2.9.1", "2.13.0"):
+            assert not pins[name].contains(version, prereleases=True), (name, version)
+    # ... and in this environment, installed with those constraints, neither is there.
+    assert importlib.util.find_spec("torchvision") is None and importlib.util.find_spec("torchaudio") is None
 
 
 def test_extras_named_for_what_they_bring():

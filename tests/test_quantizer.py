@@ -38,10 +38,16 @@ def test_round_trips_over_whole_codebook(levels):
     indices = torch.arange(k)
     codes = fsq.indices_to_codes(indices)
     assert torch.equal(fsq.codes_to_indices(codes), indices.to(torch.int32))
-    # Quantizing a code value (pre-image under the bound) gives that code back.
-    assert codes.abs().max() <= 1
     assert len({tuple(c) for c in codes.tolist()}) == k
     assert torch.equal(fsq.implicit_codebook(), codes)
+    # Quantizing a code's pre-image under the bound gives that code back: z with bound(z) = q exactly
+    # (the middle of q's rounding interval) quantizes to q, whatever the index.
+    half_l, offset, shift, half_width = fsq._constants()
+    target = codes * half_width  # the rounded level q of each channel
+    z = ((target + offset) / half_l).atanh() - shift
+    quantized, back = fsq.quantize(z)
+    assert torch.equal(back, indices.to(torch.int32))
+    assert torch.equal(quantized, codes)
 
 
 @pytest.mark.parametrize("levels", LEVEL_SETS, ids=IDS)
