@@ -24,7 +24,6 @@ says which step loses the detail: between ``stage1`` and ``stage2_1`` the fresh 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,27 +31,15 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 STAGES = ("stage1", "stage2_1", "stage2_2")
-#: the parts of a stage output that make its encoder-side reconstruction path
-PARTS = ("encoder", "head", "dequant", "recon")
 
 
-def stage_model(directory: Path, vae):
-    """The encoder-side path of a stage output (``config.json`` + ``model.safetensors``) as a
-    :class:`~viq.train.model.TrainModel` with the frozen ``vae``, or None if it has no latent decoder."""
-    from safetensors.torch import load_file
+def stage_model(directory: Path):
+    """A stage output as the network it holds (``viq.ViQModel``, every stored part), or None if it has
+    no encoder-side latent decoder."""
+    import viq
 
-    from viq.model.config import ViQConfig
-    from viq.train.model import TrainModel
-
-    state = load_file(str(directory / "model.safetensors"))
-    parts = tuple(p for p in PARTS if any(k.startswith(p + ".") for k in state))
-    if "recon" not in parts or "encoder" not in parts:
-        return None
-    stage_file = directory / "stage.json"
-    stage = json.loads(stage_file.read_text())["stage"] if stage_file.is_file() else directory.parent.name
-    model = TrainModel(stage, ViQConfig.load(directory / "config.json"), parts=parts, vae=vae)
-    model.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] in parts})
-    return model.eval()
+    model = viq.ViQModel.from_pretrained(directory)
+    return model.eval() if model.encoder is not None and model.recon is not None else None
 
 
 def latent_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
@@ -61,19 +48,19 @@ def latent_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def stage_row(model, refs: list[torch.Tensor]) -> tuple[list[tuple[float, float]], list[float]]:
+def stage_row(model, vae, refs: list[torch.Tensor]) -> tuple[list[tuple[float, float]], list[float]]:
     """Per-image (PSNR, SSIM) and latent error of a stage's own decoder (continuous values for stage 1 / 2-1,
-    rounded codes for 2-2: whatever its code head produces)."""
+    rounded codes for 2-2: whatever its code head produces), against the frozen ``vae``."""
     from viq.eval.recon import encoded_area_scores
     from viq.formats.image import to_pil, to_pixels
-    from viq.model.vae import decode_latents
+    from viq.model.vae import decode_latents, encode_latents
 
     scores, errors = [], []
     for ref in refs:
-        out = model.features([ref])
-        latent = model.recon(out["features"], out["grids"])[0]
-        errors.append(latent_error(latent, model.vae_targets(out["padded"])[0]))
-        pixels = decode_latents(model.vae, model.recon.to_raw(latent)).float().clamp(-1, 1)
+        out = model.encode_features([ref])
+        latent = model.recon(out.features, out.grids)[0]
+        errors.append(latent_error(latent, model.recon.from_raw(encode_latents(vae, out.padded[0]))))
+        pixels = decode_latents(vae, model.recon.to_raw(latent)).float().clamp(-1, 1)
         scores.append(encoded_area_scores(ref, to_pixels(to_pil(pixels))))
     return scores, errors
 
@@ -145,9 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict] = {}
     for stage in STAGES:
         directory = runs / stage / "final"
-        model = stage_model(directory, vae) if (directory / "model.safetensors").is_file() else None
+        model = stage_model(directory) if (directory / "model.safetensors").is_file() else None
         if model is not None:
-            scores, errors = stage_row(model, refs)
+            scores, errors = stage_row(model, vae, refs)
             rows[stage] = {"scores": scores, "latent_error": errors}
     if full is not None:
         scores, errors = drawer_row(full, refs)

@@ -102,7 +102,7 @@ def _run_variant(args, variant: str, llm_name: str, seq_len: int, config: ViQCon
     llm = Qwen2ForCausalLM(llm_config(llm_name, vocab))
     projector = MMProjector(config.width, llm.config.hidden_size)
     model = TrainModel("stage1" if variant == "online" else "mllm", config, llm=llm, projector=projector,
-                       max_length=seq_len)
+                       max_length=seq_len, losses=("text",))  # the LLM's step, with and without the encoder
     if variant == "offline":
         model.embedder.requires_grad_(False)  # the stored-codes path keeps the embedder frozen
     if args.gradient_checkpointing:
@@ -122,7 +122,7 @@ def _run_variant(args, variant: str, llm_name: str, seq_len: int, config: ViQCon
     def forward():
         with autocast:
             out = model(batch)
-        return out["text_sum"] / out["text_count"].clamp_min(1)
+        return out.sums["text"] / max(1, batch.num_supervised_tokens)
 
     def step():
         opt.zero_grad(set_to_none=True)

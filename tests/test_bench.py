@@ -109,14 +109,12 @@ def test_recon_chain(tmp_path):
     import json
 
     import torch
-    from safetensors.torch import save_file
 
     import recon_chain
     import viq
     from viq.demo.evaluation import evaluate_reconstruction
     from viq.formats.image import to_pil
     from viq.model.viq import ViQModel
-    from viq.train.model import TrainModel
 
     g = torch.Generator().manual_seed(0)
     run = tmp_path / "run"
@@ -126,9 +124,7 @@ def test_recon_chain(tmp_path):
         final = run / "runs" / stage / "final"
         final.mkdir(parents=True)
         config = viq.load(run / "init").config
-        model = TrainModel(stage, config, parts=parts)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(final / "model.safetensors"))
-        config.save(final / "config.json")
+        ViQModel(config, parts=parts).save_pretrained(final)
     images = run / "data" / "images" / "test"
     images.mkdir(parents=True)
     lines = []

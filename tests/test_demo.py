@@ -38,9 +38,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     finals = {stage: (tmp_path / "demo" / "runs" / stage / "final" / "model.safetensors").stat().st_mtime_ns
               for stage in results["stages"]}
     calls = []
-    import viq.train.engine
+    from viq.train import engine
 
-    monkeypatch.setattr(viq.train.engine, "train", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(engine, "train", lambda *a, **k: calls.append(a))
     run_demo(tmp_path / "demo", scale=0.02, seed=1)
     assert calls == []
     assert {stage: (tmp_path / "demo" / "runs" / stage / "final" / "model.safetensors").stat().st_mtime_ns

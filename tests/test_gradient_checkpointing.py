@@ -30,7 +30,8 @@ def _gradients(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     collator = Collator(tokenizer, cfg.llm.max_length, image_tokens=model.projector.num_tokens)
     batch = BatchStream(cfg, Dist(), collator, 0).next(0)
     out = model(batch)
-    (out["text_sum"] + out["distill_sum"] + out["recon_sum"]).backward()
+    assert {"text", "distill", "recon"} <= set(out.sums)
+    sum(out.sums.values()).backward()
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 

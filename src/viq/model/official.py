@@ -342,9 +342,9 @@ def load_official(
     missing = set(wanted) - set(available)
     if missing:
         raise ValueError(f"{directory}: the official files hold no weights for {sorted(missing)} (have {available})")
-    from viq.model.viq import _prefixes
+    from viq.model.parts import parts_of
 
-    prefixes = tuple(p for c in wanted for p in _prefixes(c))
+    prefixes = tuple(p + "." for p in parts_of(wanted))
     state = {k: v for k, v in state.items() if k.startswith(prefixes)}
     from viq.model.viq import code_fingerprint
 

@@ -5,10 +5,13 @@
 >>> feats = model.embed(codes)                         # [(h*w, 1536), ...] features for an LLM
 >>> images = model.reconstruct(codes)                  # [PIL.Image, ...] at the encoded size
 
-A model is made of components, each optional: ``encoder`` (ViT trunk + code head: pixels -> codes),
-``dequant`` and ``recon`` (the encoder's own continuous features and latent decoder, used in
-training), ``embedder`` (codes -> features), ``drawer`` (codes -> VAE latents) and ``vae`` (latents ->
-pixels).
+A model is made of parts (:mod:`viq.model.parts`: ``encoder``, ``head``, ``dequant``, ``recon``,
+``embedder``, ``drawer``, ``vae``), each optional; users load them by component (``encoder`` = the
+trunk and its code head: pixels -> codes; ``embedder``: codes -> features; ``drawer``: codes -> VAE
+latents; ``vae``: latents -> pixels; ``dequant`` / ``recon``: the encoder's own continuous features and
+latent decoder, used in training). Training subclasses this model
+(:class:`viq.train.model.TrainModel`) and goes through the same methods: :meth:`encode_features`
+(pixels -> trunk -> codes -> features), :meth:`embed_codes` and :meth:`draw_codes`.
 """
 
 from __future__ import annotations
@@ -30,57 +33,81 @@ from viq.formats.codes import Codes
 from viq.formats.image import PreparedImage, PreprocessConfig, padded_grid
 from viq.formats.image import preprocess as prepare
 from viq.model.config import ViQConfig, get_preset
-from viq.model.decoders import (
-    CodeDrawer,
-    CodeEmbedder,
-    LatentDecoder,
-)
-from viq.model.encoder import ViTEncoder, pad_to_patches
+from viq.model.encoder import Packed, pad_to_patches
 from viq.model.head import CodeHead
 from viq.model.layers import set_attention_backend
+from viq.model.parts import COMPONENT_PARTS, COMPONENTS, PARTS, build_part, components_of, parts_of
 from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
-from viq.model.vae import build_vae, decode_latents
+from viq.model.vae import decode_latents
 from viq.model.weights import convert_state, read_safetensors, safetensors_index, write_safetensors
 from viq.model import hub
 from viq.model.batching import (EncodeError, all_or_raise, check_pixels, exact_float32, num_tokens,
                                 pack_by_budget, per_image_attention, progress_bar)
 
-__all__ = ["ViQModel", "COMPONENTS", "EncodeError", "check_weights", "pack_by_budget", "code_fingerprint"]
+__all__ = ["ViQModel", "Encoded", "COMPONENTS", "PARTS", "EncodeError", "check_weights", "pack_by_budget",
+           "code_fingerprint"]
 
-COMPONENTS = ("encoder", "dequant", "recon", "embedder", "drawer", "vae")
 #: Default packing budget (patch tokens per forward pass) for :meth:`ViQModel.encode`.
 DEFAULT_BATCH_TOKENS = 8192
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-class ViQModel(nn.Module):
-    """ViQ: any-resolution ViT -> position-aware head-wise FSQ codes -> features / VAE latents / pixels."""
+@dataclasses.dataclass
+class Encoded:
+    """What the encoder side makes of a batch of images (:meth:`ViQModel.encode_features`), per image:
 
-    def __init__(self, config: ViQConfig, components: Iterable[str] = COMPONENTS) -> None:
+    * ``padded``: the (3, H, W) pixels zero-padded to whole patches;
+    * ``grids``: their patch grids (h, w);
+    * ``features``: (h*w, C) the dequantised features ``x_low`` (a model with ``dequant``), else the trunk
+      output (a model without a head: stage 1), else None;
+    * ``values``: packed (e*T, d) code values of the head (with a straight-through gradient), or None;
+    * ``indices``: (e*h*w,) int32 codes in official order, or None (no head, or the continuous bottleneck);
+    * ``aux``: the quantizer's auxiliary loss (SimVQ's commitment; 0 otherwise).
+    """
+
+    padded: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    packed: Packed
+    features: list[torch.Tensor] | None
+    values: torch.Tensor | None
+    indices: list[torch.Tensor] | None
+    aux: torch.Tensor
+
+
+class ViQModel(nn.Module):
+    """ViQ: any-resolution ViT -> position-aware head-wise FSQ codes -> features / VAE latents / pixels.
+
+    Args:
+        config: the architecture.
+        components: what to build, by user-facing component (:data:`viq.model.parts.COMPONENTS`).
+        parts: what to build, by part (:data:`viq.model.parts.PARTS`); overrides ``components``.
+    """
+
+    def __init__(self, config: ViQConfig, components: Iterable[str] = COMPONENTS, *,
+                 parts: Iterable[str] | None = None) -> None:
         super().__init__()
-        components = tuple(components)
-        unknown = set(components) - set(COMPONENTS)
+        parts = parts_of(components) if parts is None else tuple(parts)
+        unknown = set(parts) - set(PARTS)
         if unknown:
-            raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
+            raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
         self.config = config
-        width = config.width
-        self.encoder = ViTEncoder(config.encoder) if "encoder" in components else None
-        self.head = CodeHead(width, config.head) if "encoder" in components else None
-        self.dequant = CodeEmbedder(width, config.head) if "dequant" in components else None
-        self.recon = LatentDecoder(width, config.decoder) if "recon" in components else None
-        self.embedder = CodeEmbedder(width, config.head) if "embedder" in components else None
-        self.drawer = CodeDrawer(width, config.head, config.decoder) if "drawer" in components else None
-        self.vae = build_vae(config.vae) if "vae" in components else None
+        for name in PARTS:  # one builder, in one order (random initialisation draws in this order)
+            setattr(self, name, build_part(name, config) if name in parts else None)
         self.attention_backend = "auto"
         # Set by the loaders when the encoder is stored but not loaded (see fingerprint()).
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts this model holds (a subclass may hold its VAE outside its state)."""
+        return tuple(p for p in PARTS if isinstance(getattr(self, p), nn.Module))
+
+    @property
     def components(self) -> tuple[str, ...]:
-        return tuple(c for c in COMPONENTS if getattr(self, "head" if c == "encoder" else c) is not None)
+        return components_of(self.parts)
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -118,10 +145,47 @@ class ViQModel(nn.Module):
 
     def _require(self, *names: str) -> None:
         for name in names:
-            if getattr(self, "head" if name == "encoder" else name) is None:
+            if any(getattr(self, part) is None for part in COMPONENT_PARTS[name]):
                 raise RuntimeError(
                     f"this model was loaded without the {name!r} component (has: {', '.join(self.components)})"
                 )
+
+    # ------------------------------------------------------------------ the network's paths
+    def encode_features(self, pixels: Sequence[torch.Tensor], *, min_rows: int = 0,
+                        dequantize: bool = True) -> Encoded:
+        """Pixels -> trunk -> code head -> dequantised features: the one encoder-side forward pass, with
+        gradients where the caller allows them (training) or none (:meth:`indices_packed`).
+
+        Args:
+            pixels: (3, H, W) normalised images of any size (padded to whole patches here).
+            min_rows: see :meth:`indices_packed` (batch-invariant packs).
+            dequantize: compute ``features`` from the codes with the ``dequant`` part (when the model has one).
+        """
+        device, dtype = self.device, self.dtype
+        padded = [pad_to_patches(x.to(device=device, dtype=dtype), self.patch_size) for x in pixels]
+        tokens, packed = self.encoder(padded, min_rows=min_rows)
+        out = Encoded(padded, list(packed.grids), packed, None, None, None, tokens.new_zeros(()))
+        if self.head is None:
+            out.features = packed.split(tokens)
+            return out
+        values, indices, out.aux = self.head.quantize(tokens, packed)
+        out.values = values
+        if indices is not None:
+            out.indices = packed.split(indices, self.config.head.codes_per_patch)
+        if dequantize and self.dequant is not None:
+            out.features = packed.split(self.dequant.from_code_values(values))
+        return out
+
+    def embed_codes(self, codes: Sequence[Codes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Codes -> (per image (h*w, C) embedder features, grids): the offline path an MLLM trains on."""
+        flat = torch.cat([c.flat() for c in codes]).to(self.embedder.project_out.weight.device)
+        feats = self.embedder(flat)
+        return list(feats.split([c.grid[0] * c.grid[1] for c in codes])), [c.grid for c in codes]
+
+    def draw_codes(self, indices: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Code indices (per image (e*h*w,), official order) -> (features, latents in the drawer's space)."""
+        return self.drawer(list(indices), list(grids))
 
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
@@ -287,12 +351,10 @@ class ViQModel(nn.Module):
         ``min_rows`` > 0 is the batch-invariant mode of :meth:`encode_stream`: the pack is filled to at
         least that many tokens and attention runs one image per call."""
         self._require("encoder")
-        device, dtype = self.device, self.dtype
-        padded = [pad_to_patches(x.to(device=device, dtype=dtype), self.patch_size) for x in pixels]
-        with exact_float32(device, dtype), per_image_attention(self, enabled=min_rows > 0):
-            tokens, packed = self.encoder(padded, min_rows=min_rows)
-            _, indices = self.head(tokens, packed)
-        return packed.split(indices, self.config.head.codes_per_patch)
+        if not isinstance(self.head.quantizer, FSQ):
+            raise RuntimeError(f"this model's head quantizes with {type(self.head.quantizer).__name__}: it has no codes")
+        with exact_float32(self.device, self.dtype), per_image_attention(self, enabled=min_rows > 0):
+            return self.encode_features(pixels, min_rows=min_rows, dequantize=False).indices
 
     # ------------------------------------------------------------------ decoding
     def _codes_list(self, codes: Codes | Sequence[Codes]) -> list[Codes]:
@@ -314,9 +376,7 @@ class ViQModel(nn.Module):
         codes = self._codes_list(codes)
         if not codes:
             return []
-        flat = torch.cat([c.flat() for c in codes]).to(self.device)
-        feats = self.embedder(flat)
-        return list(feats.split([c.grid[0] * c.grid[1] for c in codes]))
+        return self.embed_codes(codes)[0]
 
     @torch.inference_mode()
     def draw(self, codes: Codes | Sequence[Codes]) -> list[torch.Tensor]:
@@ -326,7 +386,7 @@ class ViQModel(nn.Module):
         codes = self._codes_list(codes)
         if not codes:
             return []
-        _, latents = self.drawer([c.flat().to(self.device) for c in codes], [c.grid for c in codes])
+        _, latents = self.draw_codes([c.flat().to(self.device) for c in codes], [c.grid for c in codes])
         return [self.drawer.latent.to_raw(z) for z in latents]
 
     @torch.inference_mode()
@@ -362,7 +422,7 @@ class ViQModel(nn.Module):
         is kept) to ``directory``, each under a temporary name renamed into place."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": "viq", "components": ",".join(self.components)}
+        meta = {"format": "viq", "components": ",".join(self.components), "parts": ",".join(self.parts)}
         if self.head is not None or self._fingerprint is not None:
             meta["fingerprint"] = self.fingerprint()
         write_safetensors(directory / WEIGHTS_NAME, self.state_dict(), meta)
@@ -393,17 +453,22 @@ class ViQModel(nn.Module):
                 raise FileNotFoundError(f"{path}: missing (a viq model directory has {CONFIG_NAME} and {WEIGHTS_NAME})")
         config = ViQConfig.load(config_path)
         keys, meta = safetensors_index(weights_path)
-        stored = tuple(c for c in COMPONENTS if any(k.startswith(_prefixes(c)) for k in keys))
-        wanted = stored if components is None else tuple(components)
-        if set(wanted) - set(stored):
-            raise ValueError(f"{weights_path}: has no weights for {sorted(set(wanted) - set(stored))} (has {stored})")
+        stored_parts = tuple(p for p in PARTS if any(k.startswith(p + ".") for k in keys))
+        if components is None:
+            parts = stored_parts
+        else:
+            stored = components_of(stored_parts)
+            if set(components) - set(stored):
+                raise ValueError(f"{weights_path}: has no weights for {sorted(set(components) - set(stored))} "
+                                 f"(has {stored})")
+            parts = parts_of(components)
         fingerprint = meta.get("fingerprint")
         if "head.project_in.weight" in keys:
             proj = read_safetensors(weights_path, ["head.project_in.weight", "head.project_in.bias"])
             fingerprint = code_fingerprint(config, proj["head.project_in.weight"], proj["head.project_in.bias"])
-        prefixes = tuple(p for c in wanted for p in _prefixes(c))
+        prefixes = tuple(p + "." for p in parts)
         state = read_safetensors(weights_path, [k for k in keys if k.startswith(prefixes)], device=device, dtype=dtype)
-        return cls.from_state_dict(config, state, components=wanted, device=device, dtype=dtype,
+        return cls.from_state_dict(config, state, parts=parts, device=device, dtype=dtype,
                                    source=str(weights_path), fingerprint=fingerprint)
 
     @classmethod
@@ -412,7 +477,8 @@ class ViQModel(nn.Module):
         config: ViQConfig,
         state: dict[str, torch.Tensor],
         *,
-        components: Iterable[str],
+        components: Iterable[str] | None = None,
+        parts: Iterable[str] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         source: str = "<state dict>",
@@ -427,9 +493,9 @@ class ViQModel(nn.Module):
         Modules are created on the meta device and the tensors converted one at a time to ``device`` /
         ``dtype`` and assigned: no random initialisation, and no second full copy of the weights.
         """
-        components = tuple(components)
+        parts = tuple(parts) if parts is not None else parts_of(components if components is not None else COMPONENTS)
         with torch.device("meta"):
-            model = cls(config, components)
+            model = cls(config, parts=parts)
         _check_state(model.state_dict(), state, source)
         model.load_state_dict(convert_state(state, device, dtype, release), strict=True, assign=True)
         model._rebuild_constants()
@@ -480,7 +546,7 @@ def check_weights(config: ViQConfig, state: dict[str, torch.Tensor], components:
     shapes of a model of ``config`` with ``components``: the check :meth:`ViQModel.from_state_dict`
     makes, without loading anything (the modules are built on the meta device)."""
     with torch.device("meta"):
-        expected = ViQModel(config, components).state_dict()
+        expected = ViQModel(config, parts=parts_of(components)).state_dict()
     _check_state(expected, state, source)
 
 
@@ -496,11 +562,6 @@ def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tenso
     for k, v in expected.items():
         if tuple(v.shape) != tuple(state[k].shape):
             raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
-
-
-def _prefixes(component: str) -> tuple[str, ...]:
-    """State-dict key prefixes of a component (the "encoder" component is trunk + code head)."""
-    return ("encoder.", "head.") if component == "encoder" else (f"{component}.",)
 
 
 def _preview(keys: list[str], n: int = 8) -> str:

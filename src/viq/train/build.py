@@ -172,23 +172,23 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         language = build_language_side(cfg, config.width, init_dir)
 
     weights = cfg.loss_weights()
+    carry: dict[str, torch.Tensor] = {}
+    if state and stage.handover.carry:
+        # Not trained here and not in the live model, but needed by a later stage.
+        carry = {k: v for k, v in state.items() if k.startswith(stage.handover.carry)}
+        _check_carry(config, carry, cfg.model.init)
     model = TrainModel(
         cfg.stage, config, llm=language.llm if language else None, projector=language.projector if language else None,
-        teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
-        max_length=cfg.llm.max_length, parts=stage.active_parts(weights),
+        vae=vae, loss_weights=weights, teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
+        max_length=cfg.llm.max_length, carry=carry, llm_identity=language.identity if language else None,
     )
-    model.pixel_loss_weight = cfg.loss.pixel
-    model.text_loss = weights["text"] > 0
-    model.llm_identity = language.identity if language else None
     if state:
         load_matching(model, _handed_over(stage.handover, state), cfg.model.init)
-        if stage.handover.carry:
-            # Not trained here and not in the live model, but needed by a later stage.
-            model.carry = {k: v for k, v in state.items() if k.startswith(stage.handover.carry)}
-            _check_carry(config, model.carry, cfg.model.init)
 
     model.teacher_record = setup_teacher(model, cfg, init_dir, published)
-    model.set_vae(vae)
+    if "distill" in model.losses and model.teacher is None:
+        raise ValueError(f"loss.distill={cfg.loss.distill} needs the encoder's MAP head (the student's pooled "
+                         f"embedding), and the encoder of {cfg.model.init} has none: set loss.distill=0")
     model.to(device)
     return model, language.tokenizer if language else None
 

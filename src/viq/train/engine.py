@@ -46,10 +46,10 @@ from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
 from viq.train.evaluate import evaluate
 from viq.train.logger import RunLogger, learning_rates
 from viq.train.metrics import CodeUsage, progress_bar
-from viq.train.model import TrainBatch, TrainModel
+from viq.train.model import StepLosses, TrainBatch, TrainModel
 from viq.train.optim import build_optimizer, build_scheduler, set_trainable
 from viq.train.parallel import Dist, setup_distributed, wrap_parallel
-from viq.train.stages import LOSSES, get_stage
+from viq.train.stages import LOSS_UNITS, LOSSES, get_stage
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,15 @@ def loss_weights(cfg: TrainConfig) -> dict[str, float]:
     return cfg.loss_weights()
 
 
-def combine_losses(out: dict[str, torch.Tensor], weights: dict[str, float], n_tokens: float,
+def combine_losses(out: StepLosses, weights: dict[str, float], n_tokens: float,
                    n_images: float) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The step loss of one micro-batch: ``sum_k w_k * <k>_sum / count_k`` over the losses with a
-    weight, where the count is the step's global number of supervised tokens (text) or images (the
-    rest). Returns the loss and every normalised part (0 where the model computed none)."""
-    parts = {
-        "text": out.get("text_sum", 0) / n_tokens,
-        "distill": out.get("distill_sum", 0) / n_images,
-        "recon": out.get("recon_sum", 0) / n_images,
-        "commit": out.get("commit_sum", 0) / n_images,
-        "pixel": out.get("pixel_sum", 0) / n_images,
-    }
-    loss = sum(weights[k] * parts[k] for k in LOSSES if weights[k])
+    """The step loss of one micro-batch: ``sum_k w_k * sum_k / count_k`` over the losses the model
+    computed, where the count is the step's global number of the loss's unit (``stages.LOSS_UNITS``:
+    supervised tokens for text, images for the rest). Returns the loss and every normalised part (0
+    where the model computed none)."""
+    counts = {"tokens": n_tokens, "images": n_images}
+    parts = {k: out.sums[k] / counts[LOSS_UNITS[k]] if k in out.sums else 0 for k in LOSSES}
+    loss = sum(weights[k] * parts[k] for k in LOSSES if weights[k] and k in out.sums)
     return loss, parts
 
 
@@ -126,8 +122,8 @@ def train_step(model: nn.Module, batch: TrainBatch | Sequence[TrainBatch], optim
             (loss * dist_info.world).backward()
         sums += torch.tensor([float(torch.as_tensor(parts[k]).detach()) for k in LOSSES],
                              dtype=torch.float64, device=device)
-        if usage is not None and "indices" in out:
-            usage.add(out["indices"])
+        if usage is not None and out.indices is not None:
+            usage.add(out.indices)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):

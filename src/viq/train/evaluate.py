@@ -27,10 +27,10 @@ def generate_reply(model: TrainModel, tokenizer, messages: list[dict], images: l
 
     prompt = tokenizer.encode_prompt(messages).to(device)
     if codes:
-        features, grids = model.code_features(codes)
+        features, grids = model.embed_codes(codes)
     else:
-        feats = model.features([x.to(device) for x in images])
-        features, grids = feats["features"], feats["grids"]
+        encoded = model.encode_features([x.to(device) for x in images])
+        features, grids = encoded.features, encoded.grids
     embeds = model.projector(features, grids)
     return generate_answer(model.llm, tokenizer, prompt, embeds, max_new_tokens=max_new_tokens)
 
@@ -103,18 +103,18 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
         tokens += batch.num_supervised_tokens
         images += batch.num_images
         for k in sums:
-            sums[k] += float(out.get(f"{k}_sum", 0.0))
-        if "indices" in out and usage.size:
-            usage.add(out["indices"])
+            sums[k] += float(out.sums.get(k, 0.0))
+        if out.indices is not None and usage.size:
+            usage.add(out.indices)
         # Reconstruction quality of the first image of the sample.
         if batch.images and model.vae is not None and (model.recon is not None or model.drawer is not None):
             x = batch.images[0]
-            feats = model.features([x])
+            encoded = model.encode_features([x])
             if model.drawer is not None:
-                _, latents = model.drawer([feats["indices"][0]], feats["grids"])
+                _, latents = model.draw_codes(encoded.indices, encoded.grids)
                 latent = model.drawer.latent.to_raw(latents[0])
             else:
-                latent = model.recon.to_raw(model.recon(feats["features"], feats["grids"])[0])
+                latent = model.recon.to_raw(model.recon(encoded.features, encoded.grids)[0])
             pixels = decode_latents(model.vae, latent)
             h, w = x.shape[-2:]  # the encoded area, not the zero-padded canvas
             p, s = encoded_area_scores(x, pixels)  # crops to (h, w): the zero-padded canvas never counts

@@ -1,22 +1,19 @@
-"""The model being trained, for every stage: ViQ parts + MM projector + LLM, with frozen teacher and VAE.
+"""The model being trained, for every stage: the ViQ network + MM projector + LLM, with frozen teacher and VAE.
 
-Parameter names match :class:`viq.model.viq.ViQModel` (``encoder.``, ``head.``, ``dequant.``,
-``recon.``, ``drawer.``) so a stage's output loads into the next stage, and into ``viq.load`` after
-export, by name. ``projector.`` and ``llm.`` hold the language side. The teacher and the VAE are
-frozen helpers and never part of the state dict.
+:class:`TrainModel` *is* a :class:`viq.model.viq.ViQModel` (a subclass: the same parts, built by the
+same builder, under the same names), holding the parts its stage trains or needs
+(:meth:`viq.train.stages.Stage.active_parts`), and adds only what training needs: the projector and
+LLM (``projector.`` / ``llm.`` in the state dict), the frozen distillation teacher and VAE (kept out of
+the state dict), and the losses. Its images go through the network's own paths
+(:meth:`~viq.model.viq.ViQModel.encode_features`, :meth:`~viq.model.viq.ViQModel.embed_codes`,
+:meth:`~viq.model.viq.ViQModel.draw_codes`); which path a stage takes is its record's ``path``, and
+which losses it computes are its record's ``losses`` with a positive weight. Export is
+:meth:`inference_model` (:func:`viq.train.output.save_stage_output`), a plain ``ViQModel`` that
+``viq.load`` reads back as it was.
 
-Which parts exist is the stage's ``parts`` in the stage table (:mod:`viq.train.stages`). The data
-path follows from them:
-
-* an encoder without a head: encoder (+ MAP head) -> trunk features -> projector -> LLM;
-* encoder + head + dequant: encoder -> head (bottleneck / FSQ / SimVQ) -> dequant -> x_low ->
-  projector -> LLM, and recon -> VAE latents;
-* encoder + head + drawer: frozen encoder + head -> codes -> drawer -> latents;
-* embedder only: stored codes -> embedder -> projector -> LLM.
-
-Losses are returned as *sums* with their unit counts (supervised tokens, images, latent elements),
-so the engine can normalise by the global counts of a whole optimizer step: the gradient is then the
-same whatever the split over processes and micro-batches.
+Losses are returned as *sums* (:class:`StepLosses`), so the engine can normalise by the global counts
+of a whole optimizer step (supervised tokens for text, images for the rest: ``stages.LOSS_UNITS``):
+the gradient is then the same whatever the split over processes and micro-batches.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ import copy
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from viq.model.config import ViQConfig
-from viq.model.decoders import CodeDrawer, CodeEmbedder, LatentDecoder
-from viq.model.encoder import ViTEncoder, pad_to_patches
-from viq.model.head import CodeHead
+from viq.model.parts import PARTS
+from viq.model.viq import ViQModel
 from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainModel", "TrainBatch", "GROUPS", "LLM_ROWS"]
+__all__ = ["TrainModel", "TrainBatch", "StepLosses", "GROUPS", "LLM_ROWS"]
 
 #: Module groups for learning rates and freezing: group -> state-dict prefixes.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -93,64 +90,113 @@ class TrainBatch:
         return sum(int((labels[1:] != -100).sum()) for _, labels in self.conversations)
 
 
-class TrainModel(nn.Module):
+@dataclass
+class StepLosses:
+    """One micro-batch's losses, as sums over their units (:data:`viq.train.stages.LOSS_UNITS`).
+
+    sums: loss name -> sum (a scalar tensor with its graph), for the losses the model computes.
+    images: images in the micro-batch.
+    indices: every code index of the micro-batch (quantizing stages), detached, for code-usage statistics.
+    """
+
+    sums: dict[str, torch.Tensor]
+    images: int
+    indices: torch.Tensor | None = None
+
+
+@dataclass
+class _Inputs:
+    """What a micro-batch gives the losses: per image features and grids, the padded pixels, the
+    latents of the stage's decoder (when it reconstructs), the quantizer's auxiliary loss."""
+
+    features: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    padded: list[torch.Tensor] = field(default_factory=list)
+    latents: list[torch.Tensor] | None = None
+    aux: torch.Tensor | None = None
+    indices: list[torch.Tensor] | None = None
+    #: 0 * (something of the graph): added to every loss so that each process runs the same modules
+    anchor: torch.Tensor | None = None
+
+
+class TrainModel(ViQModel):
+    """The stage's network (see the module docstring).
+
+    Args:
+        stage: the stage's name (its record in :mod:`viq.train.stages`).
+        config: the ViQ architecture.
+        parts: ViQ parts to build (default: the stage's, with the optional ones its losses switch on).
+        llm, projector: the language side (stages with an LLM).
+        vae: the frozen latent codec of the reconstruction loss.
+        losses: the losses to compute (default: the stage's with a positive weight in ``loss_weights``).
+        loss_weights: the recipe's weights (:meth:`viq.train.config.TrainConfig.loss_weights`).
+        teacher_resize, teacher_size: the teacher's fixed-resolution view.
+        max_length: LLM row length (packed conversations).
+        llm_rows: one of :data:`LLM_ROWS`.
+        carry: tensors of the init weights written unchanged into the stage output.
+        llm_identity: which LLM the projector and adapter are made for (recorded in the output).
+    """
+
     def __init__(
         self,
         stage: str,
         config: ViQConfig,
         *,
+        parts: tuple[str, ...] | None = None,
         llm: nn.Module | None = None,
         projector: nn.Module | None = None,
         vae: nn.Module | None = None,
+        losses: tuple[str, ...] | None = None,
+        loss_weights: Mapping[str, float] | None = None,
         teacher_resize: str = "bilinear",
         teacher_size: int = 384,
         max_length: int = 4096,
         llm_rows: str = "packed",
-        parts: tuple[str, ...] | None = None,
+        carry: dict[str, torch.Tensor] | None = None,
+        llm_identity: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
         if llm_rows not in LLM_ROWS:
             raise ValueError(f"llm_rows must be one of {LLM_ROWS}, got {llm_rows!r}")
+        spec = get_stage(stage)
+        weights = dict(loss_weights) if loss_weights is not None else {loss: 1.0 for loss in spec.losses}
+        parts = spec.active_parts(weights) if parts is None else tuple(parts)
+        super().__init__(config, parts=tuple(p for p in parts if p != "vae"))
         self.stage = stage
-        self.spec = get_stage(stage)
-        self.config = config
-        width = config.width
-        # The ViQ parts built: the stage's, or those given (viq.train.stages.Stage.active_parts).
-        parts = self.spec.parts if parts is None else tuple(parts)
-        # Without an encoder (stored codes), the embedder turns codes into features: the offline
-        # path whose speed-up the paper reports.
-        self.encoder = ViTEncoder(config.encoder) if "encoder" in parts else None
-        self.embedder = CodeEmbedder(width, config.head) if "embedder" in parts else None
-        self.head = CodeHead(width, config.head) if "head" in parts else None
-        self.dequant = CodeEmbedder(width, config.head) if "dequant" in parts else None
-        self.recon = LatentDecoder(width, config.decoder) if "recon" in parts else None
-        self.drawer = CodeDrawer(width, config.head, config.decoder) if "drawer" in parts else None
+        self.spec = spec
+        computed = spec.computed_losses(weights) if losses is None else tuple(losses)
+        #: the losses this model computes (the stage's, with a weight; text only with an LLM)
+        self.losses = tuple(loss for loss in computed if loss != "text" or llm is not None)
         self.projector = projector
         self.llm = llm
         self.max_length = max_length
         #: one of :data:`LLM_ROWS` (may be switched between steps)
         self.llm_rows = llm_rows
-        # Frozen helpers, kept out of the state dict (plain attributes in a list, not submodules).
-        self._frozen: dict[str, nn.Module | None] = {"teacher": None, "vae": None}
+        self.teacher_resize = teacher_resize
+        self.teacher_size = teacher_size
+        self.carry = dict(carry or {})
+        self.llm_identity = llm_identity
         #: where the teacher came from, written into the stage output (see viq.train.build.setup_teacher)
         self.teacher_record: dict | None = None
         self.set_vae(vae)
-        self.teacher_resize = teacher_resize
-        self.teacher_size = teacher_size
 
     # ------------------------------------------------------------------ frozen helpers
+    # Kept out of the state dict and the optimizer: plain attributes, not submodules.
     @property
     def teacher(self) -> nn.Module | None:
-        return self._frozen["teacher"]
+        return self.__dict__.get("_frozen", {}).get("teacher")
 
     @property
-    def vae(self) -> nn.Module | None:
-        return self._frozen["vae"]
+    def vae(self) -> nn.Module | None:  # ViQModel's "vae" part is, in training, the frozen codec
+        return self.__dict__.get("_frozen", {}).get("vae")
+
+    @vae.setter
+    def vae(self, module: nn.Module | None) -> None:
+        self.set_vae(module)
 
     def set_vae(self, vae: nn.Module | None) -> None:
         if vae is not None:
             vae.requires_grad_(False).eval()
-        self._frozen["vae"] = vae
+        self.__dict__.setdefault("_frozen", {})["vae"] = vae
 
     def snapshot_teacher(self) -> None:
         """Freeze a copy of the current encoder (trunk + MAP head) as the distillation teacher."""
@@ -160,107 +206,113 @@ class TrainModel(nn.Module):
         """Use ``encoder`` (a :class:`ViTEncoder` with its MAP head), frozen, as the distillation teacher."""
         teacher = encoder.requires_grad_(False).eval()
         teacher.gradient_checkpointing = False
-        self._frozen["teacher"] = teacher
+        self.__dict__.setdefault("_frozen", {})["teacher"] = teacher
 
     def _apply(self, fn, recurse=True):  # keep frozen helpers on the model's device/dtype
         super()._apply(fn, recurse)
-        for module in self._frozen.values():
+        for module in self.__dict__.get("_frozen", {}).values():
             if module is not None:
                 module._apply(fn, recurse)
         return self
 
-    # ------------------------------------------------------------------ forward
-    def features(self, images: list[torch.Tensor]) -> dict[str, Any]:
-        """Pixels -> per-image continuous features (x_low, or trunk output in stage 1), grids,
-        code indices and the quantizer's auxiliary loss."""
-        p = self.config.encoder.patch_size
-        padded = [pad_to_patches(x, p) for x in images]
-        tokens, packed = self.encoder(padded)
-        out: dict[str, Any] = {"padded": padded, "grids": list(packed.grids), "aux": tokens.new_zeros(())}
-        if self.head is None:
-            out["features"] = packed.split(tokens)
-            out["indices"] = None
-            return out
-        values, indices, aux = self.head.quantize(tokens, packed)
-        e = self.config.head.codes_per_patch
-        out["aux"] = aux
-        out["indices"] = None if indices is None else packed.split(indices, e)
-        if self.dequant is not None:
-            out["features"] = packed.split(self.dequant.from_code_values(values))
-        return out
+    # ------------------------------------------------------------------ export
+    def inference_model(self) -> ViQModel:
+        """The network this model trains, as ``viq.load`` will read it: its parts' weights, those carried
+        unchanged from the init weights, the frozen VAE, and -- as the official converter does -- an
+        embedder (and, until one is trained, a drawer) derived from the encoder's own dequantiser (and
+        latent decoder). A plain :class:`ViQModel` on the CPU; nothing of the LLM side."""
+        own = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.split(".", 1)[0] in PARTS}
+        # A VAE given by vae.path replaces the one the init weights carried (their architectures may differ).
+        own.update({k: v for k, v in self.carry.items() if not (self.vae is not None and k.startswith("vae."))})
+        state = dict(own)
+        present = {k.split(".", 1)[0] for k in own}
+        if "dequant" in present and "embedder" not in present and self.config.head.quantizer == "fsq":
+            state.update({"embedder." + k[len("dequant."):]: v for k, v in own.items() if k.startswith("dequant.")})
+            if "drawer" not in present and "recon" in present:
+                state.update({"drawer.features." + k[len("dequant."):]: v for k, v in own.items()
+                              if k.startswith("dequant.")})
+                state.update({"drawer.latent." + k[len("recon."):]: v for k, v in own.items() if k.startswith("recon.")})
+        if self.vae is not None:
+            state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()})
+        parts = tuple(p for p in PARTS if any(k.startswith(p + ".") for k in state))
+        return ViQModel.from_state_dict(self.config, state, parts=parts, source=f"stage {self.stage}")
 
-    def forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Loss sums and counts for one micro-batch (see the module docstring)."""
-        if self.drawer is not None:
-            return self._drawer_forward(batch)
-        if self.encoder is None:
-            return self._codes_forward(batch)
-        out: dict[str, torch.Tensor] = {}
-        n_images = len(batch.images)
-        if n_images:
-            feats = self.features(batch.images)
-            features, grids = feats["features"], feats["grids"]
-            zero = features[0].new_zeros(())
+    # ------------------------------------------------------------------ forward
+    #: The order the losses are computed in (the order of the graph's nodes, hence of the float sums of
+    #: the backward pass: kept, so that a run reproduces the runs before it bit for bit).
+    COMPUTE_ORDER = ("distill", "recon", "commit", "text", "pixel")
+
+    def forward(self, batch: TrainBatch) -> StepLosses:
+        """The loss sums of one micro-batch (see the module docstring)."""
+        inputs = self._inputs(batch)
+        sums = {loss: getattr(self, f"_{loss}_sum")(batch, inputs) for loss in self.COMPUTE_ORDER if loss in self.losses}
+        indices = torch.cat(inputs.indices).detach() if inputs.indices else None
+        return StepLosses(sums, batch.num_images, indices)
+
+    def _inputs(self, batch: TrainBatch) -> _Inputs:
+        """The micro-batch through the stage's path (``Stage.path``)."""
+        path = self.spec.path
+        if path == "codes":
+            if batch.codes:
+                features, grids = self.embed_codes(batch.codes)
+                return _Inputs(features, grids, anchor=features[0].new_zeros(()))
+            return _Inputs([], [], anchor=sum(p.sum() for p in self.projector.parameters()) * 0)
+        if path == "drawer":
+            with torch.no_grad():  # the encoder and its head are frozen: only the drawer trains
+                encoded = self.encode_features(batch.images, dequantize=False)
+            features, latents = self.draw_codes(encoded.indices, encoded.grids)
+            return _Inputs(features, encoded.grids, encoded.padded, latents, indices=encoded.indices,
+                           anchor=latents[0].new_zeros(()))
+        if batch.images:
+            encoded = self.encode_features(batch.images)
+            anchor = encoded.features[0].new_zeros(())
         else:
             # A batch of text-only samples still runs the vision side once, on a grey dummy patch,
             # with zero weight: every process must run the same modules (DDP/FSDP collectives).
-            dummy = self.features([self.encoder.pos_embed.new_zeros(3, self.config.encoder.patch_size,
-                                                                    self.config.encoder.patch_size)])
-            zero = sum(f.sum() for f in dummy["features"]) * 0
-            feats, features, grids = {**dummy, "indices": None, "aux": zero}, [], []
-        out["images"] = torch.tensor(float(n_images))
+            p = self.config.encoder.patch_size
+            dummy = self.encode_features([self.encoder.pos_embed.new_zeros(3, p, p)])
+            anchor = sum(f.sum() for f in dummy.features) * 0
+            return _Inputs([], [], aux=anchor, anchor=anchor)
+        return _Inputs(encoded.features, encoded.grids, encoded.padded, None, encoded.aux, encoded.indices, anchor)
 
-        # Self-distillation: student MAP(LN(features)) vs frozen teacher on a fixed-resolution view.
-        if self.teacher is not None and self.encoder.pool is not None and n_images:
-            student = self.encoder.pool(features)
-            with torch.no_grad():
-                views = [self._teacher_view(x) for x in feats["padded"]]
-                t_tokens, t_packed = self.teacher(views)
-                target = self.teacher.pool(t_packed.split(t_tokens))
-            out["distill_sum"] = (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
-        else:
-            out["distill_sum"] = zero
+    # ------------------------------------------------------------------ losses (sums)
+    def _distill_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
+        """Self-distillation: student MAP(LN(features)) vs the frozen teacher on a fixed-resolution view."""
+        if not x.features:
+            return x.anchor
+        student = self.encoder.pool(x.features)
+        with torch.no_grad():
+            views = [self._teacher_view(img) for img in x.padded]
+            t_tokens, t_packed = self.teacher(views)
+            target = self.teacher.pool(t_packed.split(t_tokens))
+        return (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
 
-        # VAE-latent reconstruction (stage 2): predicted latent vs frozen VAE posterior mean.
-        if self.recon is not None and self.vae is not None and n_images:
-            latents = self.recon(features, grids)
-            targets = self.vae_targets(feats["padded"])
-            errors = [F.mse_loss(z.float(), t.float()) for z, t in zip(latents, targets)]
-            out["recon_sum"] = torch.stack(errors).sum()
-        else:
-            out["recon_sum"] = zero
+    def _recon_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
+        """VAE-latent reconstruction: predicted latent vs the frozen VAE's posterior mean."""
+        if not x.features:
+            return x.anchor
+        if x.latents is None:  # the encoder-side latent decoder (the drawer's path brings its own)
+            x.latents = self.recon(x.features, x.grids)
+        targets = self.vae_targets(x.padded)
+        return torch.stack([F.mse_loss(z.float(), t.float()) for z, t in zip(x.latents, targets)]).sum()
 
-        out["commit_sum"] = feats["aux"] * n_images
-        if feats["indices"] is not None:
-            out["indices"] = torch.cat(feats["indices"]).detach()
+    def _commit_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
+        """The quantizer's auxiliary loss (SimVQ commitment; 0 for FSQ and the bottleneck), per image."""
+        return x.aux * len(batch.images) if x.aux is not None else x.anchor
 
-        # Text: projector tokens spliced into each conversation, packed rows, CE on answer tokens.
-        if self.llm is not None and batch.conversations and self.text_loss:
-            ce_sum, ce_count = self._text_loss(batch, features, grids)
-            out["text_sum"], out["text_count"] = ce_sum + zero, ce_count
-        else:
-            out["text_sum"], out["text_count"] = zero, torch.tensor(0.0)
-        return out
+    def _pixel_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
+        """Drawer: pixel MSE of the decoded latents through the frozen VAE decoder."""
+        from viq.model.vae import decode_latents
 
-    def code_features(self, codes: list) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        """Stored codes -> per-image embedder features (h*w, C) and grids (the offline path)."""
-        device = self.embedder.project_out.weight.device
-        flat = torch.cat([c.flat() for c in codes]).to(device)
-        feats = self.embedder(flat)
-        return list(feats.split([c.grid[0] * c.grid[1] for c in codes])), [c.grid for c in codes]
+        errors = [F.mse_loss(decode_latents(self.vae, self.drawer.latent.to_raw(z)).float(), img.float())
+                  for z, img in zip(x.latents, x.padded)]
+        return torch.stack(errors).sum()
 
-    def _codes_forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        if batch.codes:
-            features, grids = self.code_features(batch.codes)
-            zero = features[0].new_zeros(())
-        else:
-            features, grids = [], []
-            zero = sum(p.sum() for p in self.projector.parameters()) * 0
-        out: dict[str, torch.Tensor] = {"images": torch.tensor(float(len(batch.codes))),
-                                        "distill_sum": zero, "recon_sum": zero, "commit_sum": zero}
-        ce_sum, ce_count = self._text_loss(batch, features, grids)
-        out["text_sum"], out["text_count"] = ce_sum + zero, ce_count
-        return out
+    def _text_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
+        """Projector tokens spliced into each conversation, packed rows, cross-entropy on answer tokens."""
+        if not batch.conversations:
+            return x.anchor
+        return self._text_loss(batch, x.features, x.grids)[0] + x.anchor
 
     def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:
         s = self.teacher_size
@@ -326,32 +378,3 @@ class TrainModel(nn.Module):
         labels = torch.stack([F.pad(lab, (0, T - lab.shape[0]), value=IGNORE_INDEX) for _, lab in items])
         mask = torch.stack([torch.arange(T, device=device) < emb.shape[0] for emb, _ in items]).long()
         return self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits, labels
-
-    def _drawer_forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            p = self.config.encoder.patch_size
-            padded = [pad_to_patches(x, p) for x in batch.images]
-            tokens, packed = self.encoder(padded)
-            _, indices = self.head(tokens, packed)
-            indices = packed.split(indices, self.config.head.codes_per_patch)
-        _, latents = self.drawer(list(indices), list(packed.grids))
-        errors, pixel_errors = [], []
-        for z, x, target in zip(latents, padded, self.vae_targets(padded)):
-            errors.append(F.mse_loss(z.float(), target.float()))
-            if self.pixel_loss_weight:
-                from viq.model.vae import decode_latents
-
-                raw = self.drawer.latent.to_raw(z)
-                pixel_errors.append(F.mse_loss(decode_latents(self.vae, raw).float(), x.float()))
-        zero = latents[0].new_zeros(())
-        return {
-            "images": torch.tensor(float(len(latents))),
-            "recon_sum": torch.stack(errors).sum(),
-            "pixel_sum": torch.stack(pixel_errors).sum() if pixel_errors else zero,
-            "indices": torch.cat(indices).detach(),
-        }
-
-    pixel_loss_weight: float = 0.0
-    #: whether :meth:`forward` runs the LLM for the text loss (the build turns it off when the recipe
-    #: gives ``loss.text`` no weight: the LLM is still carried to the stage output, not run)
-    text_loss: bool = True

@@ -24,8 +24,8 @@ from viq.train.model import TrainModel
 __all__ = ["save_stage_output", "check_stage_output", "language_record", "VIQ_CONFIG", "VIQ_WEIGHTS", "TEACHER_WEIGHTS", "STAGE_FILE",
            "PROJECTOR_WEIGHTS", "LLM_DIR"]
 
-VIQ_CONFIG = "config.json"
-VIQ_WEIGHTS = "model.safetensors"
+from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # noqa: E402 - the one spelling of a model folder's files
+from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS  # noqa: E402
 #: the distillation teacher's encoder, written by the stage that chose it (see viq.train.build.setup_teacher)
 TEACHER_WEIGHTS = "teacher.safetensors"
 STAGE_FILE = "stage.json"
@@ -96,37 +96,8 @@ def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: Tra
     """The files of a stage output, written into ``directory`` (which becomes ``final``)."""
     from safetensors.torch import save_file
 
-    from viq.model.viq import COMPONENTS, ViQModel
-
-    own = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-           if not k.startswith(("projector.", "llm."))}
-    carried = getattr(model, "carry", {})
-    # A VAE given by vae.path replaces the one the init weights carried (their architectures may differ).
-    own.update({k: v for k, v in carried.items() if not (model.vae is not None and k.startswith("vae."))})
-    config = model.config
-    components = [c for c in ("encoder", "dequant", "recon", "embedder", "drawer") if any(k.startswith(c + ".") or
-                  (c == "encoder" and k.startswith("head.")) for k in own)]
-    state = dict(own)
-    # Inference copies: the embedder is the encoder's dequantize path, and the drawer (until trained
-    # on its own) is that path plus the encoder's latent decoder -- exactly what the official
-    # converter does.
-    if "dequant" in components and "embedder" not in components and config.head.quantizer == "fsq":
-        state.update({"embedder." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
-        components.append("embedder")
-        if "drawer" not in components and "recon" in components:
-            state.update({"drawer.features." + k[8:]: v for k, v in own.items() if k.startswith("dequant.")})
-            state.update({"drawer.latent." + k[6:]: v for k, v in own.items() if k.startswith("recon.")})
-            components.append("drawer")
-    if model.vae is not None:
-        state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in model.vae.state_dict().items()})
-        components.append("vae")
-    if model.head is not None and config.head.quantizer == "fsq" and "encoder" in components:
-        # Validate against the inference model before writing (catches any naming drift).
-        ordered = [c for c in COMPONENTS if c in components]
-        ViQModel.from_state_dict(config, state, components=ordered, source=str(directory)).save_pretrained(directory)
-    else:
-        save_file(state, str(directory / VIQ_WEIGHTS), metadata={"format": "viq-train", "stage": cfg.stage})
-        config.save(directory / VIQ_CONFIG)
+    # The network as viq.load reads it: exactly what the inference model saves (one class, one writer).
+    model.inference_model().save_pretrained(directory)
     if model.projector is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
                   str(directory / PROJECTOR_WEIGHTS))

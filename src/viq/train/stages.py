@@ -25,13 +25,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Stage", "Handover", "TABLE", "STAGES", "get_stage", "DATA_KINDS", "LOSSES"]
+__all__ = ["Stage", "Handover", "TABLE", "STAGES", "get_stage", "DATA_KINDS", "LOSSES", "LOSS_UNITS", "PATHS"]
 
 #: What a stage reads: LLaVA conversations with images, bare images (a folder), or conversations
 #: whose images are stored codes (a code store made by ``viq extract``).
 DATA_KINDS = ("conversations", "images", "codes")
 #: Every loss a stage can compute (weights in the recipe's ``loss`` section).
 LOSSES = ("text", "distill", "recon", "commit", "pixel")
+#: What each loss is summed over (a step divides each sum by the step's global count of its unit).
+LOSS_UNITS = {"text": "tokens", "distill": "images", "recon": "images", "commit": "images", "pixel": "images"}
+#: Where a stage's features come from: ``trunk`` (pixels -> encoder), ``dequant`` (pixels -> encoder ->
+#: code head -> dequantiser: ``x_low``), ``drawer`` (pixels -> frozen encoder and head -> codes ->
+#: drawer), ``codes`` (stored codes -> embedder).
+PATHS = ("trunk", "dequant", "drawer", "codes")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class Stage:
     vae: bool
     #: the stage whose ``final/`` output this one usually starts from (None: a pre-trained encoder)
     follows: str | None
+    #: where its features come from (one of :data:`PATHS`)
+    path: str = "dequant"
     handover: Handover = field(default_factory=Handover)
     #: (loss, part): parts built only when the recipe gives that loss a positive weight; such a
     #: part brings the frozen VAE with it
@@ -82,6 +90,11 @@ class Stage:
     def active_parts(self, weights: Mapping[str, float]) -> tuple[str, ...]:
         """The parts built for a recipe with these loss weights: ``parts`` + the switched-on optional ones."""
         return self.parts + tuple(part for loss, part in self.optional if weights.get(loss, 0) > 0)
+
+    def computed_losses(self, weights: Mapping[str, float]) -> tuple[str, ...]:
+        """The losses a model of this stage computes for a recipe with these weights: the stage's own,
+        those with a positive weight (a loss with weight 0 is never computed)."""
+        return tuple(loss for loss in self.losses if weights.get(loss, 0) > 0)
 
     def needs_vae(self, weights: Mapping[str, float]) -> bool:
         """Whether a recipe with these loss weights needs the frozen VAE."""
@@ -95,7 +108,7 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
         # The trunk, the MAP head, the projector and the LLM adapter (official defaults).
         trainable=("encoder", "pool", "projector", "llm", "recon"),
         losses=("text", "distill", "recon"),
-        data="conversations", llm=True, vae=False, follows=None,
+        data="conversations", llm=True, vae=False, follows=None, path="trunk",
         # Not in the paper's stage 1 (its trunk starts from SigLIP2, whose features already carry
         # detail): a latent decoder on the trunk features, for encoders trained from scratch.
         optional=(("recon", "recon"),),
@@ -122,7 +135,7 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
         parts=("encoder", "head", "drawer"),
         trainable=("drawer",),
         losses=("recon", "pixel"),
-        data="images", llm=False, vae=True, follows="stage2_2",
+        data="images", llm=False, vae=True, follows="stage2_2", path="drawer",
         handover=Handover(
             # A drawer starts from the encoder-side decoder when none was trained yet.
             seed=(("dequant.", "drawer.features."), ("recon.", "drawer.latent.")),
@@ -136,7 +149,7 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
         # The embedder stays frozen unless optim.trainable lists it.
         trainable=("projector", "llm"),
         losses=("text",),
-        data="codes", llm=True, vae=False, follows="stage2_2",
+        data="codes", llm=True, vae=False, follows="stage2_2", path="codes",
         handover=Handover(skip=("vae.",), only=("embedder.",)),
     ),
 )}
