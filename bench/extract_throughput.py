@@ -122,9 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
                 for kind in args.inputs:  # interleaved, so slow drifts of a shared machine hit every kind alike
                     store = tmp / f"store-{kind}-{workers}-{repeat}"
                     cpu0 = _cpu_s()
-                    r = extract(None, sources[kind], store, model=model, num_workers=workers,
-                                batch_tokens=args.batch_tokens, progress=False, return_timing=True, flush_every=256,
-                                **columns.get(kind, {}))
+                    result = extract(None, sources[kind], store, model=model, num_workers=workers,
+                                     batch_tokens=args.batch_tokens, progress=False, flush_every=256,
+                                     **columns.get(kind, {}))
+                    r = {**result, "wall_s": result.wall_s, "encode_s": result.encode_s}
                     r["cpu_s"] = _cpu_s() - cpu0
                     r["images_per_s"] = r["encoded"] / r["wall_s"]
                     r["images_per_cpu_s"] = r["encoded"] / r["cpu_s"]

@@ -36,32 +36,13 @@ from viq.cli.common import (
 
 
 def _read_records(path: Path) -> list[dict]:
-    """The records of a ``.jsonl`` (one per line) or ``.json`` (one list) file."""
-    if not path.is_file():
-        raise CLIError(f"{path}: no such data file" if not path.exists() else f"{path}: not a file")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        raise CLIError(f"{path}: expected a .jsonl or .json file of LLaVA records")
+    """The records of a ``.jsonl`` (one per line) or ``.json`` (one list) file (the training reader's)."""
+    from viq.data.llava import DataError, read_json_records
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CLIError(f"{path}: cannot read: {e}", EXIT_FAILED) from None
-    if path.suffix.lower() == ".json":
-        try:
-            records = json.loads(text)
-        except ValueError as e:
-            raise CLIError(f"{path}: invalid JSON: {e}", EXIT_FAILED) from None
-        if not isinstance(records, list):
-            raise CLIError(f"{path}: a .json data file must hold one list of records", EXIT_FAILED)
-        return records
-    records = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as e:
-            raise CLIError(f"{path}:{line_no}: invalid JSON: {e}", EXIT_FAILED) from None
-    return records
+        return read_json_records(path)
+    except (DataError, OSError) as e:
+        raise CLIError(str(e), EXIT_FAILED) from None
 
 
 def _fmt(result: dict) -> str:

@@ -93,6 +93,7 @@ __all__ = [
     "load_record_image",
     "record_image_config",
     "header_size",
+    "read_json_records",
     "parse_record",
     "OfficialResize",
     "Sample",
@@ -383,6 +384,25 @@ def _iter_json_list(path: str) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}:{at}: invalid JSON: expected ',' or ']' after a record")
     if i < n:
         raise DataError(f"{path}:{line_at(i)}: invalid JSON: extra data after the top-level list")
+
+
+def read_json_records(path: str | os.PathLike[str]) -> list[Any]:
+    """The JSON values of a ``.jsonl`` (one per line) or ``.json`` (one list) data file, unvalidated:
+    the file reading of :class:`LlavaDataset`, for callers that need the raw records (``viq eval-qa``
+    reads their ``task`` / ``question`` / ``answer`` fields). Raises :class:`DataError` naming the file
+    (and line) for a missing file, another extension, or invalid JSON."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".jsonl"):
+        raise DataError(f"{path}: expected a .jsonl or .json file of LLaVA records")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data file not found" if not os.path.exists(path) else f"{path}: not a file")
+    values = []
+    for _, value in _iter_jsonl(path) if ext == ".jsonl" else _iter_json_list(path):
+        if isinstance(value, DataError):
+            raise value
+        values.append(value)
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
