@@ -179,7 +179,9 @@ def test_concurrent_first_opens_build_the_index_once(tmp_path: Path):
         assert other.stdout.readline().strip() == "ready"
         time.sleep(1.0)
         assert other.poll() is None  # it waits for the lock instead of building
-        st._build_index(index_dirs(st.path), f"{st._key}{INDEX_SUFFIX}")  # this process's build
+        from viq.store.derived import _build
+
+        _build(st.path, st.store_config, st._entries, st._key, index_dirs(st.path), f"{st._key}{INDEX_SUFFIX}")
     out, _ = other.communicate(timeout=120)
     assert other.returncode == 0, out
     assert f"count {len(data)}" in out and "built index" not in out, out
@@ -354,9 +356,9 @@ def test_code_dataset_uses_the_index(tmp_path: Path):
 
 def test_store_scale_bench_small(tmp_path: Path):
     out = tmp_path / "rec.json"
-    res = subprocess.run([sys.executable, str(REPO / "bench" / "store_scale.py"), "--ids", "20000", "--out", str(out),
+    res = subprocess.run([sys.executable, "-m", "bench.store_scale", "--ids", "20000", "--out", str(out),
                           "--workdir", str(tmp_path), "--lookups", "5000", "--gets", "500", "--per-shard", "4000"],
-                         capture_output=True, text=True, timeout=600, check=False)
+                         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads(out.read_text())
     for key in ("ids", "open_s", "rss_bytes_per_id", "lookups_per_s", "build_s", "device", "date", "command",

@@ -135,7 +135,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import lzma
 import math
 import os
 import re
@@ -144,21 +143,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
+from viq.formats.bits import bits_for_levels
 
-from viq.formats.bits import bits_for_levels, pack_bits, unpack_bits
-
-__all__ = [
-    "LZMA_FILTERS",
-    "IndexEntry",
-    "ShardIndex",
-    "StoreConfig",
-    "StoreError",
-    "decode_record",
-    "encode_record",
-    "file_sha256",
-    "parse_shard_index",
-]
+__all__ = ["IndexEntry", "ShardName", "StoreConfig", "StoreError", "file_sha256"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -172,14 +159,6 @@ SHARD_HEADER = struct.Struct("<4sHH")  # magic, version, flags
 SHARD_HEADER_SIZE = SHARD_HEADER.size  # 8: offset of the first record
 FLAG_ENTROPY = 1
 
-#: The LZMA2 filter chain of entropy-coded records (part of format version 1: never change it).
-#: lp=1/pb=1 align the literal/position contexts to the 2-byte code units; lc=0 because the
-#: previous byte (the other half of a code) says little about the next.
-LZMA_FILTERS: tuple[dict[str, int], ...] = (
-    {"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20, "lc": 0, "lp": 1, "pb": 1},
-)
-_TAG_PACKED = 0
-_TAG_LZMA = 1
 
 WRITER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Greedy name, so "a-b-000001.bin" is writer "a-b", seq 1.
@@ -191,6 +170,37 @@ LOOKUP_FILE = re.compile(r"(?P<writer>.+)-(?P<seq>\d{6,})\.lookup")
 LOOKUP_TMP = re.compile(r"\.(?P<writer>.+)-(?P<seq>\d{6,})\.lookup\..+\.tmp")
 #: ``shards/.<writer>.lock``: held (flock) by the one process writing under that name
 WRITER_LOCK = re.compile(r"\.(?P<writer>[A-Za-z0-9][A-Za-z0-9._-]{0,127})\.lock")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardName:
+    """The names of one shard's files: ``<writer>-<seq>`` plus ``.bin`` (records), ``.idx.json`` (its
+    index) and ``.lookup`` (the index as binary columns). The one place these names are spelt."""
+
+    writer: str
+    seq: int
+
+    @property
+    def base(self) -> str:
+        return f"{self.writer}-{self.seq:06d}"
+
+    @property
+    def bin(self) -> str:
+        return self.base + ".bin"
+
+    @property
+    def index(self) -> str:
+        return self.base + ".idx.json"
+
+    @property
+    def lookup(self) -> str:
+        return self.base + ".lookup"
+
+    @classmethod
+    def parse(cls, filename: str) -> ShardName | None:
+        """The shard a ``.bin``, ``.idx.json`` or ``.lookup`` file name belongs to (None: another file)."""
+        m = SHARD_FILE.fullmatch(filename) or INDEX_FILE.fullmatch(filename) or LOOKUP_FILE.fullmatch(filename)
+        return cls(m["writer"], int(m["seq"])) if m else None
 
 
 def writer_lock_name(writer: str) -> str:
@@ -379,65 +389,6 @@ class IndexEntry:
 # --------------------------------------------------------------------------------------
 
 
-def _aligned_dtype(bits: int) -> np.dtype:
-    """Smallest little-endian unsigned dtype holding a ``bits``-bit code."""
-    return np.dtype("<u1" if bits <= 8 else "<u2" if bits <= 16 else "<u4")
-
-
-def encode_record(values: np.ndarray, bits: int, entropy_coding: bool) -> bytes:
-    """Codes ``(N,)`` int32 in ``[0, 2**bits)`` -> record bytes (see the layout above)."""
-    packed = pack_bits(values, bits)
-    if not entropy_coding:
-        return packed
-    aligned = values.astype(_aligned_dtype(bits)).tobytes()
-    compressed = lzma.compress(aligned, format=lzma.FORMAT_RAW, filters=list(LZMA_FILTERS))
-    if len(compressed) < len(packed):
-        return bytes((_TAG_LZMA,)) + compressed
-    return bytes((_TAG_PACKED,)) + packed
-
-
-def decode_record(data: bytes, num_codes: int, bits: int, k: int, entropy_coding: bool) -> np.ndarray:
-    """Record bytes -> ``(num_codes,)`` uint32 codes, validated (length, padding, every code < K).
-
-    Raises:
-        ValueError: describing what is wrong with the record.
-    """
-    packed_len = (num_codes * bits + 7) // 8
-    tag = _TAG_PACKED
-    body = data
-    if entropy_coding:
-        if not data:
-            raise ValueError("empty record (missing codec tag byte)")
-        tag, body = data[0], data[1:]
-    if tag == _TAG_PACKED:
-        if len(body) != packed_len:
-            raise ValueError(f"packed payload is {len(body)} bytes, {num_codes} codes of {bits} bits need {packed_len}")
-        tail_bits = (num_codes * bits) % 8
-        if tail_bits and body[-1] >> tail_bits:
-            raise ValueError("non-zero padding bits after the last code")
-        values = unpack_bits(body, bits, num_codes)
-    elif tag == _TAG_LZMA:
-        dtype = _aligned_dtype(bits)
-        want = num_codes * dtype.itemsize
-        dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=list(LZMA_FILTERS))
-        try:
-            # max_length bounds the output, so a corrupt stream cannot balloon memory.
-            raw = dec.decompress(body, max_length=want + 1)
-        except lzma.LZMAError as exc:
-            raise ValueError(f"corrupt LZMA stream: {exc}") from None
-        if len(raw) != want or not dec.eof or dec.unused_data:
-            raise ValueError(f"LZMA stream does not decode to exactly {num_codes} codes ({want} bytes)")
-        values = np.frombuffer(raw, dtype=dtype).astype(np.uint32)
-    else:
-        raise ValueError(f"unknown codec tag {tag}")
-    if num_codes:
-        top = int(values.max())
-        if top >= k:
-            bad = int(np.count_nonzero(values >= k))
-            raise ValueError(f"{bad} code(s) out of range: max code {top} >= codebook size {k}")
-    return values
-
-
 # --------------------------------------------------------------------------------------
 # Small file helpers
 # --------------------------------------------------------------------------------------
@@ -462,115 +413,56 @@ def file_sha256(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
 # --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class ShardIndex:
-    """One finalised shard's index, parsed into compact columns (row ``i`` = record ``i``)."""
-
-    writer: str
-    seq: int
-    name: str  # "<writer>-<seq>.bin"
-    index_name: str  # "<writer>-<seq>.idx.json"
-    stat_key: tuple[int, int]  # (mtime_ns, size) of the index file, to skip re-parsing
-    size: int  # recorded shard file size in bytes
-    sha256: str
-    ids: list[str]
-    sources: list[str]
-    hashes: list[str]
-    grids: np.ndarray  # (n, 2) int64
-    image_sizes: np.ndarray  # (n, 2) int64, (0, 0) = unknown
-    offsets: np.ndarray  # (n,) int64
-    lengths: np.ndarray  # (n,) int64
-    crcs: np.ndarray  # (n,) int64
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _int_matrix(values: Any, rows: int, what: str, *, allow_null: bool = False) -> np.ndarray:
-    if not isinstance(values, list) or len(values) != rows:
-        raise ValueError(f"records.{what} must be a list of {rows} items")
-    out = np.zeros((rows, 2), dtype=np.int64)
-    for i, v in enumerate(values):
-        if v is None and allow_null:
-            continue
-        if (
-            not isinstance(v, list)
-            or len(v) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x < 2**32 for x in v)
-        ):
-            raise ValueError(f"records.{what}[{i}] must be a pair of positive integers, got {v!r}")
-        out[i] = v
-    return out
-
-
-def _int_vector(values: Any, rows: int, what: str, hi: int) -> np.ndarray:
-    if not isinstance(values, list) or len(values) != rows:
-        raise ValueError(f"records.{what} must be a list of {rows} items")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < hi for v in values):
-        raise ValueError(f"records.{what} must hold integers in [0, {hi})")
-    return np.asarray(values, dtype=np.int64).reshape(rows)
-
-
-def _str_list(values: Any, rows: int, what: str) -> list[str]:
-    if not isinstance(values, list) or len(values) != rows or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"records.{what} must be a list of {rows} strings")
-    return values
-
-
-def parse_shard_index(index_path: Path, writer: str, seq: int, stat_key: tuple[int, int],
-                      config: StoreConfig) -> ShardIndex:
-    """Parse and structurally validate one ``.idx.json`` of a store with ``config``.
-
-    ``writer`` and ``seq`` are what its file name says; ``stat_key`` is ``(mtime_ns, size)`` of the file.
+def read_store_config(path: Path) -> tuple[StoreConfig, dict[str, Any]]:
+    """The configuration of the store at ``path`` (its ``store.json``), checked: (parsed, as stored).
 
     Raises:
-        ValueError: describing what is wrong with the index.
+        StoreError: the directory or ``store.json`` is missing, unreadable, of another format or
+            version, or inconsistent.
     """
+    if not path.is_dir():
+        raise StoreError(path, "no such directory (not a code store)")
+    store_file = path / STORE_FILE
+    if not store_file.is_file():
+        raise StoreError(path, f"not a viq code store (no {STORE_FILE})")
     try:
-        obj = json.loads(index_path.read_bytes().decode("utf-8"))
+        config = json.loads(store_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"unreadable or corrupt index: {exc}") from None
-    if not isinstance(obj, dict) or obj.get("format") != SHARD_INDEX_FORMAT:
-        raise ValueError("not a shard index")
-    if obj.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported shard index version {obj.get('format_version')!r}")
-    expect = {
-        "writer": writer,
-        "seq": seq,
-        "shard": index_path.name[: -len(".idx.json")] + ".bin",
-        "levels": list(config.levels),
-        "codes_per_patch": config.codes_per_patch,
-        "patch_size": config.patch_size,
-        "bits_per_code": config.bits_per_code,
-        "model_fingerprint": config.model_fingerprint,
-        "entropy_coding": config.entropy_coding,
-    }
-    for key, want in expect.items():
-        if obj.get(key) != want:
-            raise ValueError(f"{key} is {obj.get(key)!r} but the store requires {want!r}")
-    n = obj.get("count")
-    recs = obj.get("records")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not isinstance(recs, dict):
-        raise ValueError("missing or invalid count / records")
-    size, digest = obj.get("shard_size"), obj.get("sha256")
-    if isinstance(size, bool) or not isinstance(size, int) or size < SHARD_HEADER_SIZE:
-        raise ValueError(f"invalid shard_size {size!r}")
-    if not isinstance(digest, str) or not HEX64.fullmatch(digest):
-        raise ValueError("invalid sha256")
-    return ShardIndex(
-        writer=writer,
-        seq=seq,
-        name=expect["shard"],
-        index_name=index_path.name,
-        stat_key=stat_key,
-        size=size,
-        sha256=digest,
-        ids=_str_list(recs.get("id"), n, "id"),
-        sources=_str_list(recs.get("source"), n, "source"),
-        hashes=_str_list(recs.get("content_hash"), n, "content_hash"),
-        grids=_int_matrix(recs.get("grid"), n, "grid"),
-        image_sizes=_int_matrix(recs.get("image_size"), n, "image_size", allow_null=True),
-        offsets=_int_vector(recs.get("offset"), n, "offset", 2**63),
-        lengths=_int_vector(recs.get("length"), n, "length", 2**63),
-        crcs=_int_vector(recs.get("crc32"), n, "crc32", 2**32),
-    )
+        raise StoreError(store_file, f"unreadable or corrupt: {exc}") from None
+    if not isinstance(config, dict):
+        raise StoreError(store_file, "corrupt: not a JSON object")
+    if config.get("format") != STORE_FORMAT:
+        raise StoreError(store_file, f"not a viq code store configuration (format {config.get('format')!r})")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(store_file, f"unsupported store format version {version!r} (this reader supports "
+                                     f"{FORMAT_VERSION})")
+    try:
+        parsed = StoreConfig.from_dict(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise StoreError(store_file, f"invalid configuration: {what}") from None
+    if not (path / SHARD_DIR).is_dir():
+        raise StoreError(path, f"corrupt code store: missing {SHARD_DIR}/ directory")
+    return parsed, config
+
+
+def create_store_dir(path: Path, config: StoreConfig) -> bool:
+    """Make ``path`` a store of ``config`` unless it is one already: True when this call created it (of
+    processes creating it at once, exactly one wins; the others then open it)."""
+    from viq._io import create_exclusive
+
+    store_file = path / STORE_FILE
+    if store_file.exists():
+        return False
+    if path.exists() and not path.is_dir():
+        raise StoreError(path, "exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    # Refuse to scatter store files into e.g. an image folder given by mistake.
+    strangers = sorted(e.name for e in os.scandir(path)
+                       if e.name != SHARD_DIR and not e.name.startswith(f".{STORE_FILE}."))
+    if strangers and not store_file.exists():
+        raise StoreError(path, f"not empty and not a code store (contains {', '.join(strangers[:5])})")
+    # shards/ first, so that any visible store.json comes with its shard directory.
+    (path / SHARD_DIR).mkdir(exist_ok=True)
+    return create_exclusive(store_file, json_bytes(config.to_dict()) + b"\n")

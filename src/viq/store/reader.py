@@ -1,22 +1,20 @@
 """Reading a code store: :class:`CodeStore`, memory-mapped random access to the codes of an image
 by its sample id (the layout is described in :mod:`viq.store.format`).
 
-Long because :class:`CodeStore` is one object whose parts share private state (the mapped shards,
-the merged index and its segments, the writer's claim on its names): opening and refreshing, lookup,
-record decoding, pickling for DataLoader workers and the index checks of ``verify`` all read it. The
-merged index itself lives in :mod:`viq.store.index`, the scans behind ``verify`` / ``stats`` in
-:mod:`viq.store.scan`."""
+:class:`CodeStore` opens a store and lists its shards, looks ids up in the merged index, maps the
+shards and decodes records, and pickles itself for DataLoader workers. Around it: the index files and
+their upkeep in :mod:`viq.store.index` and :mod:`viq.store.derived`, one shard's codec and index in
+:mod:`viq.store.shard`, the scans behind ``verify`` / ``stats`` in :mod:`viq.store.scan`, appending in
+:mod:`viq.store.writer`."""
 
 from __future__ import annotations
 
 import collections
 import collections.abc
-import contextlib
 import json
 import logging
 import mmap
 import os
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,40 +23,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from viq._io import create_exclusive, first_lock
 from viq.formats.codes import Codes
+from viq.store.derived import (
+    open_merged_index,
+    repair_lookup,
+    repair_merged_index,
+    shard_columns,
+)
 from viq.store.format import (
-    FORMAT_VERSION,
     INDEX_FILE,
     SHARD_DIR,
     SHARD_HEADER_SIZE,
-    STORE_FILE,
-    STORE_FORMAT,
     IndexEntry,
     PathLike,
-    ShardIndex,
+    ShardName,
     StoreConfig,
     StoreError,
-    decode_record,
-    json_bytes,
-    parse_shard_index,
+    create_store_dir,
+    read_store_config,
 )
-from viq.store.index import (
-    BUILD_LOCK,
-    FLAG_HASH,
-    INDEX_SUFFIX,
-    LOOKUP_SUFFIX,
-    STAMP_SUFFIX,
-    IndexCorrupt,
-    StoreIndex,
-    build_store_index,
-    columns_to_arrays,
-    index_dirs,
-    read_lookup,
-    store_key,
-    write_lookup,
-)
+from viq.store.index import FLAG_HASH, StoreIndex, store_key
 from viq.store.scan import VerifyReport, code_stats, verify_shards
+from viq.store.shard import ShardIndex, decode_record, parse_shard_index
 from viq.store.writer import ShardWriter
 
 __all__ = ["CodeStore", "StoreIds"]
@@ -150,22 +136,9 @@ class CodeStore:
                                    model_fingerprint=model_fingerprint, entropy_coding=entropy_coding,
                                    shard_bytes=shard_bytes)
         wanted = config.to_dict()
-        store_file = path / STORE_FILE
-        if not store_file.exists():
-            if path.exists() and not path.is_dir():
-                raise StoreError(path, "exists and is not a directory")
-            path.mkdir(parents=True, exist_ok=True)
-            # Refuse to scatter store files into e.g. an image folder given by mistake.
-            strangers = sorted(
-                e.name for e in os.scandir(path) if e.name != SHARD_DIR and not e.name.startswith(f".{STORE_FILE}.")
-            )
-            if strangers and not store_file.exists():
-                raise StoreError(path, f"not empty and not a code store (contains {', '.join(strangers[:5])})")
-            # shards/ first, so that any visible store.json comes with its shard directory.
-            (path / SHARD_DIR).mkdir(exist_ok=True)
-            if create_exclusive(store_file, json_bytes(wanted) + b"\n"):
-                log.info("created code store %s (levels %s, %s)", path, config.levels, config.codec)
-                return cls(path, config, "a")
+        if create_store_dir(path, config):
+            log.info("created code store %s (levels %s, %s)", path, config.levels, config.codec)
+            return cls(path, config, "a")
         if not exist_ok:
             raise StoreError(path, "a code store already exists here")
         store = cls.open(path, "a")
@@ -195,32 +168,8 @@ class CodeStore:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         path = Path(path)
-        if not path.is_dir():
-            raise StoreError(path, "no such directory (not a code store)")
-        store_file = path / STORE_FILE
-        if not store_file.is_file():
-            raise StoreError(path, f"not a viq code store (no {STORE_FILE})")
-        try:
-            config = json.loads(store_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise StoreError(store_file, f"unreadable or corrupt: {exc}") from None
-        if not isinstance(config, dict):
-            raise StoreError(store_file, "corrupt: not a JSON object")
-        if config.get("format") != STORE_FORMAT:
-            raise StoreError(store_file, f"not a viq code store configuration (format {config.get('format')!r})")
-        version = config.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(
-                store_file, f"unsupported store format version {version!r} (this reader supports {FORMAT_VERSION})"
-            )
-        try:
-            parsed = StoreConfig.from_dict(config)
-        except (KeyError, TypeError, ValueError) as exc:
-            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise StoreError(store_file, f"invalid configuration: {what}") from None
-        if not (path / SHARD_DIR).is_dir():
-            raise StoreError(path, f"corrupt code store: missing {SHARD_DIR}/ directory")
-        return cls(path, parsed, mode, config)
+        parsed, raw = read_store_config(path)
+        return cls(path, parsed, mode, raw)
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -309,7 +258,7 @@ class CodeStore:
         problems: list[str] = []
         entries: list[tuple[str, tuple[int, int]]] = []
         for _writer, _seq, index_name in found:
-            bin_name = index_name[: -len(".idx.json")] + ".bin"
+            bin_name = ShardName.parse(index_name).bin
             if bin_name not in names:
                 problems.append(f"{index_name}: shard file {bin_name} is missing; its records are unavailable")
                 continue
@@ -327,7 +276,7 @@ class CodeStore:
         if key != self._key:
             self._entries, self._key, self._index = entries, key, None
             # Shard files are immutable, but drop mappings of shards that left the index.
-            live = {n[: -len(".idx.json")] + ".bin" for n, _ in entries}
+            live = {ShardName.parse(n).bin for n, _ in entries}
             for name in [n for n in self._maps if n not in live]:
                 self._maps.pop(name).close()
 
@@ -341,91 +290,12 @@ class CodeStore:
 
     def _segment(self, index_name: str, stat_key: tuple[int, int], *, write: bool = True,
                  trust_file: bool = True) -> dict[str, np.ndarray]:
-        """One shard's columns: its ``.lookup`` file, else parsed from its ``.idx.json`` (and the
-        ``.lookup`` file written for next time). Raises ValueError for an unusable shard index."""
-        shard_dir = self._path / SHARD_DIR
-        base = index_name[: -len(".idx.json")]
-        lookup = shard_dir / (base + LOOKUP_SUFFIX)
-        if trust_file:
-            try:
-                return read_lookup(lookup, base + ".bin", stat_key)
-            except IndexCorrupt as exc:
-                if lookup.exists():
-                    log.info("%s: rebuilding %s (%s)", self._path, lookup.name, exc)
-        m = INDEX_FILE.fullmatch(index_name)
-        shard = parse_shard_index(shard_dir / index_name, m["writer"], int(m["seq"]), stat_key, self._cfg)
-        arrays = columns_to_arrays(shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes,
-                                   shard.offsets, shard.lengths, shard.crcs)
-        if write:
-            try:
-                write_lookup(lookup, shard.name, stat_key, arrays)
-            except OSError as exc:
-                log.debug("%s: cannot write %s: %s", self._path, lookup, exc)
-        return arrays
+        """One shard's columns (:func:`viq.store.derived.shard_columns`)."""
+        return shard_columns(self._path, self._cfg, index_name, stat_key, write=write, trust_file=trust_file)
 
     def _load_index(self, *, rebuild: bool = False) -> StoreIndex:
-        """Open the merged index of ``self._entries``, building it if missing, stale or corrupt.
-
-        The build runs under a lock (``.build.lock`` in the first index directory that takes one), so
-        that processes opening a changed store at once (the ranks of one job) build it once: the
-        others wait, then map the file the first one wrote."""
-        dirs = index_dirs(self._path)
-        fname = f"{self._key}{INDEX_SUFFIX}"
-        if not rebuild and (ix := self._open_index(dirs, fname)) is not None:
-            return ix
-        with first_lock([d / BUILD_LOCK for d in dirs]):
-            if not rebuild and (ix := self._open_index(dirs, fname)) is not None:
-                return ix  # built by another process while this one waited
-            return self._build_index(dirs, fname)
-
-    def _open_index(self, dirs: list[Path], fname: str) -> StoreIndex | None:
-        """The first usable ``fname`` in ``dirs`` (an unusable one is deleted), or None."""
-        for d in dirs:
-            path = d / fname
-            if not path.exists():
-                continue
-            try:
-                return StoreIndex(path, self._key)
-            except IndexCorrupt as exc:
-                log.warning("%s: index file %s is unusable (%s); rebuilding it", self._path, path, exc)
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        return None
-
-    def _build_index(self, dirs: list[Path], fname: str) -> StoreIndex:
-        """Build ``fname`` from the shards' lookup columns into the first writable of ``dirs``."""
-        t0 = time.perf_counter()
-        shards: list[str] = []
-        segments: list[dict[str, np.ndarray]] = []
-        problems: list[str] = []
-        for index_name, stat_key in self._entries:
-            try:
-                segments.append(self._segment(index_name, stat_key))
-            except ValueError as exc:
-                problems.append(f"{index_name}: {exc}; shard skipped")
-                continue
-            shards.append(index_name[: -len(".idx.json")] + ".bin")
-        for p in problems:
-            log.warning("%s: %s", self._path, p)
-        errors = []
-        for d in dirs:
-            path = d / fname
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                build_store_index(path, self._key, shards, self._entries, segments, problems)
-                ix = StoreIndex(path, self._key)
-            except (OSError, IndexCorrupt) as exc:
-                errors.append(f"{path}: {exc}")
-                continue
-            # Superseded indexes of this store (processes that mapped one keep their mapping).
-            for old in [*d.glob(f"*{INDEX_SUFFIX}"), *d.glob(f"*{INDEX_SUFFIX}{STAMP_SUFFIX}")]:
-                if not old.name.startswith(fname):
-                    with contextlib.suppress(OSError):
-                        old.unlink()
-            log.info("%s: built index %s (%d ids, %d shards) in %.2f s", self._path, path, len(ix), len(shards),
-                     time.perf_counter() - t0)
-            return ix
-        raise StoreError(self._path, "cannot write the store index anywhere: " + "; ".join(errors))
+        """The merged index of the listed shards (:func:`viq.store.derived.open_merged_index`)."""
+        return open_merged_index(self._path, self._cfg, self._entries, self._key, rebuild=rebuild)
 
     @property
     def _problems(self) -> list[str]:
@@ -652,90 +522,38 @@ class CodeStore:
         Re-reads the index first, then checks: index files that failed to load or whose shard
         is missing; each finalised shard's size, header and sha256; every record's bounds,
         contiguity, CRC-32 and decoding (length, padding bits, every code < K, image size vs
-        grid); sample ids claimed more than once. Reads every byte of the store.
+        grid); sample ids claimed more than once; the derived index files, rebuilt when damaged
+        (listed in ``report.repaired``). Reads every byte of the store.
         """
         self.refresh()
         shard_dir = self._path / SHARD_DIR
         problems = list(self._list_problems)
         shards: list[ShardIndex] = []
-        notes: list[str] = []
+        repaired: list[str] = []
         for index_name, stat_key in self._entries:
-            m = INDEX_FILE.fullmatch(index_name)
+            name = ShardName.parse(index_name)
             try:
-                shard = parse_shard_index(shard_dir / index_name, m["writer"], int(m["seq"]), stat_key, self._cfg)
+                shard = parse_shard_index(shard_dir / index_name, name.writer, name.seq, stat_key, self._cfg)
             except ValueError as exc:
                 problems.append(f"{index_name}: {exc}; shard skipped")
                 continue
             shards.append(shard)
-            notes += self._verify_lookup(shard, stat_key)
-        if notes:  # a lookup file was rewritten: the merged index (same key) must be derived again
+            repaired += repair_lookup(self._path, shard, stat_key)
+        if repaired:  # a lookup file was rewritten: the merged index (same key) must be derived again
             self._index = self._load_index(rebuild=True)
-        notes += self._verify_index()
+        found = repair_merged_index(self._idx)
+        if found:
+            self._index = self._load_index(rebuild=True)
         report = verify_shards(self._path, self._cfg, shards, problems, progress)
-        report.repaired.extend(notes)
+        report.repaired.extend(repaired + found)
         return report
 
-    def _verify_lookup(self, shard: ShardIndex, stat_key: tuple[int, int]) -> list[str]:
-        """Check a shard's ``.lookup`` file against its ``.idx.json``; rewrite it if it differs."""
-        lookup = self._path / SHARD_DIR / (shard.name[: -len(".bin")] + LOOKUP_SUFFIX)
-        want = columns_to_arrays(shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes,
-                                 shard.offsets, shard.lengths, shard.crcs)
-        try:
-            have = read_lookup(lookup, shard.name, stat_key)
-            if all(np.array_equal(have[k], want[k]) for k in want):
-                return []
-            why = "its contents differ from the shard index"
-        except IndexCorrupt as exc:
-            if not lookup.exists():
-                why = ""
-            else:
-                why = str(exc)
-        try:
-            write_lookup(lookup, shard.name, stat_key, want)
-        except OSError:
-            pass
-        return [f"{lookup.name}: {why}; rewritten from {shard.index_name}"] if why else []
-
-    def _verify_index(self) -> list[str]:
-        """Check the merged index file's checksums; rebuild it if they fail."""
-        try:
-            ix = self._idx
-        except IndexCorrupt as exc:  # pragma: no cover - _load_index rebuilds what it cannot open
-            return [f"merged index: {exc}"]
-        bad = ix.file.check_crcs()
-        if not bad:
-            return []
-        self._index = None
-        with contextlib.suppress(OSError):
-            ix.path.unlink()
-        self._index = self._load_index(rebuild=True)
-        return [f"{ix.path}: checksum mismatch in {', '.join(bad)}; index rebuilt"]
-
     def stats(self, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
-        """Size and code-usage statistics (reads and decodes every record; ``progress(n)`` is called
-        as records are read, n at a time).
-
-        Returns a dict with:
-            images, total_codes: counts (distinct ids).
-            pixels: total image pixels (``image_size`` when known, else the padded grid).
-            padded_pixels: total of ``h * w * patch_size**2``.
-            payload_bytes: sum of record lengths; store_bytes: bytes of all files of the store
-                (shards, indexes, store.json; leftovers of killed writers excluded).
-            bpp: ``store_bytes * 8 / pixels``; bpp_payload: ``payload_bytes * 8 / pixels``;
-                bpp_payload_padded: ``payload_bytes * 8 / padded_pixels`` (the figure of the
-                ``docs/formats.md`` table, e.g. 0.25 for 64k levels without entropy coding).
-            bits_per_code: ``B``; payload_bits_per_code: ``payload_bytes * 8 / total_codes``.
-            histogram: ``(K,)`` int64 ndarray, occurrences of each code.
-            entropy_bits: empirical entropy of the codes, bits/code (<= log2 K).
-            perplexity: ``2 ** entropy_bits``.
-            codebook_used, codebook_used_fraction: number / fraction of the K codes that occur.
-            codebook_size, levels, entropy_coding, shards.
-        Ratios are None for an empty store.
-
-        Raises:
-            StoreError: a corrupt record.
-        """
-        files = [(name, name[: -len(".bin")] + ".idx.json") for name in self._idx.shards]
+        """Size and code-usage statistics (reads and decodes every record; ``progress(n)`` is called as
+        records are read, n at a time): the dict of :func:`viq.store.scan.code_stats` (images, bits per
+        pixel, the code histogram, entropy, perplexity, codebook use, ...). Raises StoreError for a
+        corrupt record."""
+        files = [(name, ShardName.parse(name).index) for name in self._idx.shards]
         return code_stats(self._path, self._cfg, files, self._records(), progress)
 
 

@@ -35,11 +35,11 @@ from viq.store.format import (
     STORE_FILE,
     TMP_SUFFIX,
     WRITER_LOCK,
-    ShardIndex,
+    ShardName,
     StoreConfig,
     StoreError,
-    decode_record,
 )
+from viq.store.shard import ShardIndex, decode_record
 
 __all__ = ["VerifyReport", "code_stats", "verify_shards"]
 
@@ -127,7 +127,7 @@ def verify_shards(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
             report.notes.append(f"{name}: temporary file of an unfinished shard (removed by the next writer "
                                 "with the same name)")
         elif SHARD_FILE.fullmatch(name):
-            if name[: -len(".bin")] + ".idx.json" not in names:
+            if ShardName.parse(name).index not in names:
                 report.notes.append(f"{name}: shard without index (writer killed while finalising; ignored)")
         elif not INDEX_FILE.fullmatch(name) and not LOOKUP_FILE.fullmatch(name) and not WRITER_LOCK.fullmatch(name):
             report.notes.append(f"{name}: unexpected file in {SHARD_DIR}/")

@@ -29,13 +29,14 @@ from viq.store.format import (
     SHARD_MAGIC,
     TMP_SUFFIX,
     WRITER_NAME,
+    ShardName,
     StoreConfig,
     StoreError,
-    encode_record,
     json_bytes,
     writer_lock_name,
 )
 from viq.store.index import LOOKUP_SUFFIX, columns_to_arrays, write_lookup
+from viq.store.shard import encode_record
 
 __all__ = ["ShardWriter"]
 
@@ -126,7 +127,7 @@ class ShardWriter:
         for fname in entries:
             m = LOOKUP_TMP.fullmatch(fname) or LOOKUP_FILE.fullmatch(fname)
             if m and m["writer"] == self._name and (
-                    fname.startswith(".") or fname[: -len(".lookup")] + ".idx.json" not in indexes):
+                    fname.startswith(".") or ShardName.parse(fname).index not in indexes):
                 log.info("%s: removing leftover %s", self._dir, fname)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._dir / fname)
@@ -135,7 +136,7 @@ class ShardWriter:
             m = SHARD_FILE.fullmatch(target or fname) or INDEX_FILE.fullmatch(target or fname)
             if not m or m["writer"] != self._name:
                 continue
-            orphan = target is None and fname.endswith(".bin") and fname[: -len(".bin")] + ".idx.json" not in indexes
+            orphan = target is None and fname.endswith(".bin") and ShardName.parse(fname).index not in indexes
             if target is not None or orphan:
                 log.info("%s: removing leftover %s of an unfinished shard", self._dir, fname)
                 try:
