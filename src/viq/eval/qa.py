@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from viq.eval.intervals import wilson_interval
 from viq.train.evaluate import answer_last_question
 from viq.train.stages import TABLE
 
@@ -44,24 +44,6 @@ __all__ = ["IMAGE_MODES", "evaluate_qa", "find_final", "load_run", "majority_bas
 IMAGE_MODES = ("real", "blank", "shuffled")
 #: The stages whose runs can answer questions: those with an LLM (from the stage table).
 QA_STAGES = tuple(stage.name for stage in TABLE.values() if stage.llm)
-_Z95 = 1.959963984540054
-
-
-# ============================================================================================ statistics
-
-
-def wilson_interval(correct: int, n: int, z: float = _Z95) -> list[float]:
-    """95 % (``z`` = 1.96) Wilson score interval ``[lo, hi]`` of the proportion ``correct / n``;
-    ``[0.0, 1.0]`` when ``n == 0``."""
-    if n < 0 or not 0 <= correct <= max(n, 0):
-        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
-    if n == 0:
-        return [0.0, 1.0]
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def _summary(outcomes: Sequence[tuple[str, bool]]) -> dict[str, Any]:

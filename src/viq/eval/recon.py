@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from viq.eval.intervals import mean_ci95, t_quantile_975
 from viq.formats.image import PreparedImage, PreprocessConfig, to_pil, to_pixels
 from viq.formats.image import preprocess as prepare_image
 
@@ -285,72 +286,6 @@ def bicubic_at_bits(reference: torch.Tensor, bits: float) -> torch.Tensor:
     return to_pixels(back)
 
 
-# ----------------------------------------------------------------------------------------------
-# aggregation
-# ----------------------------------------------------------------------------------------------
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) (continued fraction, Numerical Recipes' betacf)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x > (a + 1.0) / (a + b + 2.0):
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 1000):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * f / a
-
-
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (12.706 for df = 1).
-
-    Solves ``P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2) = 0.05`` by bisection on ``x = df/(df+t^2)``
-    (pure Python, no scipy); accurate to ~1e-9.
-    """
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    lo, hi = 0.0, 1.0  # I_x is increasing in x; want I_x = 0.05
-    for _ in range(100):  # the bracket shrinks below one ulp long before 100 halvings
-        mid = 0.5 * (lo + hi)
-        if _betainc(df / 2.0, 0.5, mid) < 0.05:
-            lo = mid
-        else:
-            hi = mid
-    x = 0.5 * (lo + hi)
-    return math.sqrt(df * (1.0 - x) / x)
-
-
-def _mean_ci95(values: list[float]) -> tuple[float, list[float | None]]:
-    n = len(values)
-    if n == 0:
-        return math.nan, [None, None]
-    if any(math.isinf(v) for v in values):  # an exact reconstruction (PSNR only): mean is inf
-        return sum(values) / n, [None, None]
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, [None, None]
-    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    half = t_quantile_975(n - 1) * math.sqrt(var / n)
-    return mean, [mean - half, mean + half]
-
-
 class ReconStats:
     """Per-image PSNR/SSIM per named method, summarised as means with 95 % intervals.
 
@@ -403,8 +338,8 @@ class ReconStats:
         out: dict[str, dict[str, Any]] = {}
         for method in self._psnr:
             psnrs, ssims = self._psnr[method], self._ssim[method]
-            psnr, psnr_ci = _mean_ci95(psnrs)
-            ssim, ssim_ci = _mean_ci95(ssims)
+            psnr, psnr_ci = mean_ci95(psnrs)
+            ssim, ssim_ci = mean_ci95(ssims)
             out[method] = {
                 "n": len(psnrs),
                 "psnr": psnr,
