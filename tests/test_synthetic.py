@@ -297,7 +297,7 @@ def test_sample_size_bounds():
 def test_place_non_overlapping():
     rng = random.Random(1)
     for w, h, k in [(64, 64, 13), (384, 96, 5), (32, 32, 3)]:
-        discs = D._place(rng, w, h, k)
+        discs = D.place(rng, w, h, k)
         assert len(discs) == k
         for i, (x, y, r) in enumerate(discs):
             assert r <= x <= w - r and r <= y <= h - r

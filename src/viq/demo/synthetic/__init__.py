@@ -17,9 +17,23 @@ Usage::
     records = synthetic.load_split("qa", "train")
 """
 
-from viq.demo.synthetic.draw import CELL_NAMES, DEFAULT_FONTS, PALETTE, PIL_DEFAULT_FONT, SHAPES, resolve_fonts
+from viq.demo.synthetic.draw import (
+    CELL_NAMES,
+    DEFAULT_FONTS,
+    PALETTE,
+    PIL_DEFAULT_FONT,
+    SHAPES,
+    resolve_fonts,
+)
 from viq.demo.synthetic.scoring import normalize_answer, score
-from viq.demo.synthetic.simple import DIGITS, EDGE_NAMES, SIMPLE_ANSWERS, SIMPLE_COLORS, SIMPLE_QUESTIONS, SIMPLE_TASKS
+from viq.demo.synthetic.simple import (
+    DIGITS,
+    EDGE_NAMES,
+    SIMPLE_ANSWERS,
+    SIMPLE_COLORS,
+    SIMPLE_QUESTIONS,
+    SIMPLE_TASKS,
+)
 from viq.demo.synthetic.tasks import (
     ALL_TASKS,
     KNOWN_TASKS,

@@ -60,7 +60,7 @@ def _font_index() -> dict[str, str]:
 
 
 @lru_cache(maxsize=1024)
-def _load_font(font: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def load_font(font: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """Cached font object: ``font`` is a file path or :data:`PIL_DEFAULT_FONT`; ``size`` in px."""
     if font == PIL_DEFAULT_FONT:
         return ImageFont.load_default(size)
@@ -86,7 +86,7 @@ def resolve_fonts(fonts: Sequence[str | os.PathLike[str]] | None = None) -> tupl
                 raise ValueError(f"font not found: {name!s} (searched {[str(d) for d in FONT_DIRS]})")
             continue
         try:
-            _load_font(found, 12)
+            load_font(found, 12)
         except OSError as e:
             if explicit:
                 raise ValueError(f"font cannot be loaded: {found}: {e}") from e
@@ -107,29 +107,31 @@ def _default_fonts() -> tuple[str, ...]:
     return resolve_fonts(None)
 
 
-def _fonts_or_default(fonts: Sequence[str] | None) -> Sequence[str]:
+def fonts_or_default(fonts: Sequence[str] | None) -> Sequence[str]:
+    """``fonts``, or the fonts this machine has (:func:`resolve_fonts`) when none are given."""
     return fonts if fonts else _default_fonts()
 
 
-def _font_label(font: str) -> str:
+def font_label(font: str) -> str:
     """Machine-independent name of a resolved font for ``meta.json`` (the file name)."""
     return font if font == PIL_DEFAULT_FONT else Path(font).name
 
 
-def _bbox(font: Any, text: str) -> tuple[int, int, int, int]:
+def bbox(font: Any, text: str) -> tuple[int, int, int, int]:
     """``(left, top, right, bottom)`` of ``text`` drawn at the origin with anchor "la", in px."""
     l, t, r, b = font.getbbox(text)
     return int(l), int(t), int(r), int(b)
 
 
-def _text_wh(font: Any, text: str) -> tuple[int, int]:
-    l, t, r, b = _bbox(font, text)
+def text_wh(font: Any, text: str) -> tuple[int, int]:
+    """Ink width and height of ``text`` in ``font``, px."""
+    l, t, r, b = bbox(font, text)
     return r - l, b - t
 
 
-def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any, fill: RGB) -> None:
+def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any, fill: RGB) -> None:
     """Draw ``text`` so that its ink bounding box starts exactly at ``xy`` (top-left, px)."""
-    l, t, _, _ = _bbox(font, text)
+    l, t, _, _ = bbox(font, text)
     draw.text((round(xy[0]) - l, round(xy[1]) - t), text, font=font, fill=fill)
 
 
@@ -161,7 +163,7 @@ CELL_NAMES = (
     ("bottom left", "bottom", "bottom right"),
 )
 #: Neutral backgrounds for the colour-sensitive tasks (far from most palette colours).
-_NEUTRALS: tuple[RGB, ...] = ((236, 236, 232), (205, 200, 188), (175, 180, 185), (60, 62, 68), (38, 38, 42))
+NEUTRALS: tuple[RGB, ...] = ((236, 236, 232), (205, 200, 188), (175, 180, 185), (60, 62, 68), (38, 38, 42))
 
 
 def _luma(c: Sequence[float]) -> float:
@@ -172,34 +174,37 @@ def _dist(a: Sequence[float], b: Sequence[float]) -> float:
     return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b)))
 
 
-def _jitter(rng: random.Random, c: RGB, amount: int) -> RGB:
+def jitter(rng: random.Random, c: RGB, amount: int) -> RGB:
+    """``c`` with each channel moved by up to ``amount`` levels either way (clamped to 0..255)."""
     return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in c)  # type: ignore[return-value]
 
 
-def _random_rgb(rng: random.Random) -> RGB:
+def random_rgb(rng: random.Random) -> RGB:
+    """A uniformly random 8-bit RGB colour."""
     return (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
 
 
-def _contrasting_rgb(rng: random.Random, bg: RGB, min_luma_diff: float = 90.0) -> RGB:
+def contrasting_rgb(rng: random.Random, bg: RGB, min_luma_diff: float = 90.0) -> RGB:
     """A random colour whose luma differs from ``bg`` by at least ``min_luma_diff`` (0..255)."""
     for _ in range(100):
-        c = _random_rgb(rng)
+        c = random_rgb(rng)
         if abs(_luma(c) - _luma(bg)) >= min_luma_diff:
             return c
     return (0, 0, 0) if _luma(bg) > 127 else (255, 255, 255)
 
 
-def _colors_far_from(bg: RGB, min_dist: float) -> list[str]:
+def colors_far_from(bg: RGB, min_dist: float) -> list[str]:
+    """Palette names whose colour is at least ``min_dist`` (Euclidean, 8-bit RGB) from ``bg``."""
     return [n for n in COLOR_NAMES if _dist(PALETTE[n], bg) >= min_dist]
 
 
-def _background(rng: random.Random, size: tuple[int, int], base: RGB, gradient: int = 0) -> Image.Image:
+def background(rng: random.Random, size: tuple[int, int], base: RGB, gradient: int = 0) -> Image.Image:
     """``size`` RGB image filled with ``base``, optionally with a linear gradient whose far end
     differs from ``base`` by up to ``gradient`` per channel in a random direction."""
     w, h = size
     if gradient <= 0:
         return Image.new("RGB", size, base)
-    other = np.array(_jitter(rng, base, gradient), dtype=np.float32)
+    other = np.array(jitter(rng, base, gradient), dtype=np.float32)
     angle = rng.uniform(0.0, 2.0 * math.pi)
     x = np.linspace(0.0, 1.0, w, dtype=np.float32) * math.cos(angle)
     y = np.linspace(0.0, 1.0, h, dtype=np.float32) * math.sin(angle)
@@ -215,7 +220,7 @@ def _background(rng: random.Random, size: tuple[int, int], base: RGB, gradient: 
 _NORMAL_QUANTILES = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)], dtype=np.float32)
 
 
-def _add_noise(img: Image.Image, rng: random.Random, sigma: float) -> Image.Image:
+def add_noise(img: Image.Image, rng: random.Random, sigma: float) -> Image.Image:
     """Add i.i.d. per-channel Gaussian-like noise (std ~``sigma`` 8-bit levels), seeded by ``rng``."""
     if sigma <= 0:
         return img
@@ -226,7 +231,7 @@ def _add_noise(img: Image.Image, rng: random.Random, sigma: float) -> Image.Imag
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def _draw_shape(
+def draw_shape(
     draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill: RGB, rotation: float = 0.0
 ) -> None:
     """Draw a filled ``kind`` inscribed in the circle of radius ``r`` px centred at ``(cx, cy)``."""
@@ -240,7 +245,8 @@ def _draw_shape(
         raise ValueError(f"unknown shape {kind!r}")
 
 
-def _shape_rotation(rng: random.Random, kind: str) -> float:
+def shape_rotation(rng: random.Random, kind: str) -> float:
+    """A random rotation in degrees for a ``kind`` shape (0 for circles)."""
     # Squares stay within +-20 deg so they never look like diamonds; triangles turn freely.
     if kind == "square":
         return rng.uniform(-20.0, 20.0)
@@ -249,7 +255,7 @@ def _shape_rotation(rng: random.Random, kind: str) -> float:
     return 0.0
 
 
-def _place(
+def place(
     rng: random.Random, w: int, h: int, k: int, *, r_cap: float = 40.0, gap: float = 3.0
 ) -> list[tuple[float, float, float]]:
     """``k`` non-overlapping discs ``(cx, cy, r)`` (px) fully inside a ``w x h`` image.

@@ -13,21 +13,21 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 from viq.demo.synthetic.draw import (
+    NEUTRALS,
     PALETTE,
     SHAPES,
-    _add_noise,
-    _background,
-    _colors_far_from,
-    _contrasting_rgb,
-    _draw_shape,
-    _draw_text,
-    _fonts_or_default,
-    _jitter,
-    _load_font,
-    _NEUTRALS,
-    _place,
-    _shape_rotation,
-    _text_wh,
+    add_noise,
+    background,
+    colors_far_from,
+    contrasting_rgb,
+    draw_shape,
+    draw_text,
+    fonts_or_default,
+    jitter,
+    load_font,
+    place,
+    shape_rotation,
+    text_wh,
 )
 
 QA = tuple[str, str]
@@ -60,8 +60,8 @@ SIMPLE_ANSWERS: dict[str, tuple[str, ...]] = {
 
 
 def _neutral_background(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int, int]]:
-    bg = _jitter(rng, rng.choice(_NEUTRALS), 10)
-    return _background(rng, size, bg, gradient=rng.choice((0, 15))), bg
+    bg = jitter(rng, rng.choice(NEUTRALS), 10)
+    return background(rng, size, bg, gradient=rng.choice((0, 15))), bg
 
 
 def _one_big_shape(rng: random.Random, size: tuple[int, int], kind: str, rgb: tuple[int, int, int],
@@ -69,8 +69,8 @@ def _one_big_shape(rng: random.Random, size: tuple[int, int], kind: str, rgb: tu
     w, h = size
     r = rng.uniform(lo, hi) * min(w, h)
     cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
-    _draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, _jitter(rng, rgb, 10), _shape_rotation(rng, kind))
-    return _add_noise(img, rng, rng.uniform(1.0, 4.0))
+    draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, jitter(rng, rgb, 10), shape_rotation(rng, kind))
+    return add_noise(img, rng, rng.uniform(1.0, 4.0))
 
 
 def task_shape_color(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
@@ -84,7 +84,7 @@ def task_shape_color(rng: random.Random, size: tuple[int, int], fonts: Sequence[
 def task_shape(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
     """One big circle, square or triangle in a palette colour far from the background."""
     img, bg = _neutral_background(rng, size)
-    kind, color = rng.choice(SHAPES), rng.choice(_colors_far_from(bg, 120.0))
+    kind, color = rng.choice(SHAPES), rng.choice(colors_far_from(bg, 120.0))
     img = _one_big_shape(rng, size, kind, PALETTE[color], img, 0.32, 0.45)
     return img, [(SIMPLE_QUESTIONS["shape"], kind)]
 
@@ -93,15 +93,15 @@ def task_where(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
     """One shape centred in the outer band (28 %) of one edge, along the middle of that edge."""
     w, h = size
     img, bg = _neutral_background(rng, size)
-    kind, color = rng.choice(SHAPES), rng.choice(_colors_far_from(bg, 120.0))
+    kind, color = rng.choice(SHAPES), rng.choice(colors_far_from(bg, 120.0))
     where = rng.choice(EDGE_NAMES)
     r = rng.uniform(0.12, 0.18) * min(w, h)
     along = rng.uniform(0.3, 0.7)
     depth = rng.uniform(r + 1, max(r + 1, 0.28 * (w if where in ("left", "right") else h)))
     cx, cy = {"left": (depth, along * h), "right": (w - depth, along * h),
               "top": (along * w, depth), "bottom": (along * w, h - depth)}[where]
-    _draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, _jitter(rng, PALETTE[color], 10), _shape_rotation(rng, kind))
-    img = _add_noise(img, rng, rng.uniform(1.0, 4.0))
+    draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, jitter(rng, PALETTE[color], 10), shape_rotation(rng, kind))
+    img = add_noise(img, rng, rng.uniform(1.0, 4.0))
     return img, [(SIMPLE_QUESTIONS["where"], where)]
 
 
@@ -109,32 +109,32 @@ def task_count_big(rng: random.Random, size: tuple[int, int], fonts: Sequence[st
     """1-4 large non-overlapping shapes (any kinds and colours far from the background) to count."""
     w, h = size
     img, bg = _neutral_background(rng, size)
-    names = _colors_far_from(bg, 120.0)
+    names = colors_far_from(bg, 120.0)
     n = rng.randint(1, 4)
     draw = ImageDraw.Draw(img)
-    for cx, cy, r in _place(rng, w, h, n, gap=4.0):
+    for cx, cy, r in place(rng, w, h, n, gap=4.0):
         kind = rng.choice(SHAPES)
-        _draw_shape(draw, kind, cx, cy, r, _jitter(rng, PALETTE[rng.choice(names)], 10), _shape_rotation(rng, kind))
-    img = _add_noise(img, rng, rng.uniform(1.0, 4.0))
+        draw_shape(draw, kind, cx, cy, r, jitter(rng, PALETTE[rng.choice(names)], 10), shape_rotation(rng, kind))
+    img = add_noise(img, rng, rng.uniform(1.0, 4.0))
     return img, [(SIMPLE_QUESTIONS["count_big"], str(n))]
 
 
 def task_digit(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
     """One big digit, 55-80 % of the short side (shrunk until it fits), in a contrasting colour."""
     w, h = size
-    font_path = rng.choice(list(_fonts_or_default(fonts)))
+    font_path = rng.choice(list(fonts_or_default(fonts)))
     char = rng.choice(DIGITS)
     px = max(8, int(rng.uniform(0.55, 0.8) * min(w, h)))
     while True:
-        font = _load_font(font_path, px)
-        tw, th = _text_wh(font, char)
+        font = load_font(font_path, px)
+        tw, th = text_wh(font, char)
         if (tw <= w - 4 and th <= h - 4) or px <= 8:
             break
         px = max(8, int(px * 0.9))
     img, bg = _neutral_background(rng, size)
-    fg = _contrasting_rgb(rng, bg, 100.0)
-    _draw_text(ImageDraw.Draw(img), (rng.randint(2, max(2, w - 2 - tw)), rng.randint(2, max(2, h - 2 - th))),
+    fg = contrasting_rgb(rng, bg, 100.0)
+    draw_text(ImageDraw.Draw(img), (rng.randint(2, max(2, w - 2 - tw)), rng.randint(2, max(2, h - 2 - th))),
                char, font, fg)
-    img = _add_noise(img, rng, rng.uniform(1.0, 4.0))
+    img = add_noise(img, rng, rng.uniform(1.0, 4.0))
     return img, [(SIMPLE_QUESTIONS["digit"], char)]
 

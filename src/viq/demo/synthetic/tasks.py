@@ -47,23 +47,23 @@ from PIL import Image, ImageDraw
 
 from viq.demo.synthetic.draw import (
     CELL_NAMES,
+    NEUTRALS,
     PALETTE,
     SHAPES,
-    _add_noise,
-    _background,
-    _bbox,
-    _colors_far_from,
-    _contrasting_rgb,
-    _draw_shape,
-    _draw_text,
-    _fonts_or_default,
-    _jitter,
-    _load_font,
-    _NEUTRALS,
-    _place,
-    _random_rgb,
-    _shape_rotation,
-    _text_wh,
+    add_noise,
+    background,
+    bbox,
+    colors_far_from,
+    contrasting_rgb,
+    draw_shape,
+    draw_text,
+    fonts_or_default,
+    jitter,
+    load_font,
+    place,
+    random_rgb,
+    shape_rotation,
+    text_wh,
 )
 from viq.demo.synthetic.simple import (
     SIMPLE_TASKS,
@@ -109,7 +109,7 @@ def task_ocr(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | N
     text fits inside the image with a 2 px margin, so the answer is always fully visible.
     """
     w, h = size
-    font_path = rng.choice(list(_fonts_or_default(fonts)))
+    font_path = rng.choice(list(fonts_or_default(fonts)))
     if rng.random() < 0.5:
         text = rng.choice(_WORDS)
         case = rng.random()
@@ -121,8 +121,8 @@ def task_ocr(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | N
     px = max(8, min(px, int(h * 0.8)))
     margin = 2
     while True:
-        font = _load_font(font_path, px)
-        tw, th = _text_wh(font, text)
+        font = load_font(font_path, px)
+        tw, th = text_wh(font, text)
         if tw <= w - 2 * margin and th <= h - 2 * margin:
             break
         if px > 8:
@@ -131,16 +131,16 @@ def task_ocr(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | N
             text = text[:-1]
         else:
             raise ValueError(f"image {w}x{h} too small for OCR text")
-    bg = _random_rgb(rng)
+    bg = random_rgb(rng)
     gradient = rng.choice((0, 0, 30, 60))
     # The gradient can move the background towards the text colour: demand extra contrast.
-    fg = _contrasting_rgb(rng, bg, 80.0 + gradient)
-    img = _background(rng, size, bg, gradient=gradient)
+    fg = contrasting_rgb(rng, bg, 80.0 + gradient)
+    img = background(rng, size, bg, gradient=gradient)
     draw = ImageDraw.Draw(img)
     x = rng.randint(margin, w - margin - tw)
     y = rng.randint(margin, h - margin - th)
-    _draw_text(draw, (x, y), text, font, fg)
-    img = _add_noise(img, rng, rng.uniform(1.0, 8.0))
+    draw_text(draw, (x, y), text, font, fg)
+    img = add_noise(img, rng, rng.uniform(1.0, 8.0))
     return img, [("What is written in the image?", text), ("How many characters are in the text?", str(len(text)))]
 
 
@@ -155,18 +155,18 @@ def task_count(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
     kind, other = rng.sample(SHAPES, 2)
     n = rng.randint(1, 9)
     m = 0 if rng.random() < 0.4 else rng.randint(1, 4)
-    bg = _jitter(rng, rng.choice(_NEUTRALS), 12)
-    names = _colors_far_from(bg, 110.0)
+    bg = jitter(rng, rng.choice(NEUTRALS), 12)
+    names = colors_far_from(bg, 110.0)
     same = rng.random() < 0.5
     target_color = rng.choice(names)
     kinds = [kind] * n + [other] * m
     rng.shuffle(kinds)
-    img = _background(rng, size, bg, gradient=rng.choice((0, 20)))
+    img = background(rng, size, bg, gradient=rng.choice((0, 20)))
     draw = ImageDraw.Draw(img)
-    for k, (cx, cy, r) in zip(kinds, _place(rng, w, h, len(kinds))):
+    for k, (cx, cy, r) in zip(kinds, place(rng, w, h, len(kinds))):
         name = target_color if (same and k == kind) else rng.choice(names)
-        _draw_shape(draw, k, cx, cy, r, _jitter(rng, PALETTE[name], 12), _shape_rotation(rng, k))
-    img = _add_noise(img, rng, rng.uniform(1.0, 5.0))
+        draw_shape(draw, k, cx, cy, r, jitter(rng, PALETTE[name], 12), shape_rotation(rng, k))
+    img = add_noise(img, rng, rng.uniform(1.0, 5.0))
     return img, [(f"How many {kind}s are there?", str(n)), (f"How many {other}s are there?", str(m))]
 
 
@@ -190,8 +190,8 @@ def task_locate(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] 
     from the target in colour or kind (the ``<color> <shape>`` phrase is unique).
     """
     w, h = size
-    bg = _jitter(rng, rng.choice(_NEUTRALS), 12)
-    names = _colors_far_from(bg, 110.0)
+    bg = jitter(rng, rng.choice(NEUTRALS), 12)
+    names = colors_far_from(bg, 110.0)
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], rng.randint(1, 4))
     target = (rng.choice(names), rng.choice(SHAPES))
     objects = [target]
@@ -201,14 +201,14 @@ def task_locate(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] 
             objects.append(cand)
     cw, ch = w / 3.0, h / 3.0
     r_hi = max(3.0, 0.22 * min(cw, ch))
-    img = _background(rng, size, bg, gradient=rng.choice((0, 20)))
+    img = background(rng, size, bg, gradient=rng.choice((0, 20)))
     draw = ImageDraw.Draw(img)
     for (color, kind), (row, col) in zip(objects, cells):
         r = rng.uniform(max(3.0, 0.5 * r_hi), r_hi)
         cx = rng.uniform(col * cw + 0.25 * cw, col * cw + 0.75 * cw)
         cy = rng.uniform(row * ch + 0.25 * ch, row * ch + 0.75 * ch)
-        _draw_shape(draw, kind, cx, cy, r, _jitter(rng, PALETTE[color], 12), _shape_rotation(rng, kind))
-    img = _add_noise(img, rng, rng.uniform(1.0, 5.0))
+        draw_shape(draw, kind, cx, cy, r, jitter(rng, PALETTE[color], 12), shape_rotation(rng, kind))
+    img = add_noise(img, rng, rng.uniform(1.0, 5.0))
     where = CELL_NAMES[cells[0][0]][cells[0][1]]
     extra = [
         (f"What shape is at the {where} of the image?", target[1]),
@@ -226,15 +226,15 @@ def task_locate(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] 
 def task_color(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
     """1-3 shapes of distinct kinds and distinct palette colours on a neutral background."""
     w, h = size
-    bg = _jitter(rng, rng.choice(_NEUTRALS), 10)
+    bg = jitter(rng, rng.choice(NEUTRALS), 10)
     k = rng.randint(1, 3)
     kinds = rng.sample(SHAPES, k)
-    colors = rng.sample(_colors_far_from(bg, 120.0), k)
-    img = _background(rng, size, bg, gradient=rng.choice((0, 15)))
+    colors = rng.sample(colors_far_from(bg, 120.0), k)
+    img = background(rng, size, bg, gradient=rng.choice((0, 15)))
     draw = ImageDraw.Draw(img)
-    for kind, color, (cx, cy, r) in zip(kinds, colors, _place(rng, w, h, k, r_cap=60.0)):
-        _draw_shape(draw, kind, cx, cy, r, _jitter(rng, PALETTE[color], 10), _shape_rotation(rng, kind))
-    img = _add_noise(img, rng, rng.uniform(1.0, 4.0))
+    for kind, color, (cx, cy, r) in zip(kinds, colors, place(rng, w, h, k, r_cap=60.0)):
+        draw_shape(draw, kind, cx, cy, r, jitter(rng, PALETTE[color], 10), shape_rotation(rng, kind))
+    img = add_noise(img, rng, rng.uniform(1.0, 4.0))
     qa = [(f"What color is the {kind}?", color) for kind, color in zip(kinds, colors)]
     rng.shuffle(qa)
     if k == 1:
@@ -287,7 +287,7 @@ def _chart_values(rng: random.Random, n: int, mode: str) -> tuple[list[int], int
 def task_chart(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
     """Bar chart (vertical or horizontal) with 3-6 labelled bars and value labels or axis ticks."""
     w, h = size
-    fonts = _fonts_or_default(fonts)
+    fonts = fonts_or_default(fonts)
     font_path = rng.choice(list(fonts))
     mode = "labels" if rng.random() < 0.6 else "ticks"
     aspect = w / h
@@ -297,13 +297,13 @@ def task_chart(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
     n_want = min(rng.randint(3, 6), len(label_pool))
     px = rng.randint(9, 12)
     title = rng.choice(_CHART_TITLES) if rng.random() < 0.5 else None
-    bg = _jitter(rng, (250, 250, 250), 6) if rng.random() < 0.7 else _jitter(rng, (225, 230, 240), 10)
+    bg = jitter(rng, (250, 250, 250), 6) if rng.random() < 0.7 else jitter(rng, (225, 230, 240), 10)
     ink = (30, 30, 30)
     values, top, step = _chart_values(rng, n_want, mode)
     bar_colors = (
-        [rng.choice(_colors_far_from(bg, 140.0))] * n_want
+        [rng.choice(colors_far_from(bg, 140.0))] * n_want
         if rng.random() < 0.6
-        else [rng.choice(_colors_far_from(bg, 140.0)) for _ in range(n_want)]
+        else [rng.choice(colors_far_from(bg, 140.0)) for _ in range(n_want)]
     )
     idx = sorted(rng.sample(range(len(label_pool)), min(n_want, len(label_pool))))
 
@@ -311,7 +311,7 @@ def task_chart(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
     layout = None
     for pool in (label_pool, _LETTER_LABELS):
         for size_px in range(px, 7, -1):
-            font = _load_font(font_path, size_px)
+            font = load_font(font_path, size_px)
             for n in range(n_want, 2, -1):
                 labels = [pool[i] for i in (idx if pool is label_pool else range(len(pool)))][:n]
                 vals = values[:n]
@@ -333,50 +333,50 @@ def task_chart(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
     draw = ImageDraw.Draw(img)
     left, top_y, right, bottom = layout["plot"]
     if title is not None:
-        tw, _ = _text_wh(font, title)
-        _draw_text(draw, ((w - tw) / 2, 3), title, font, ink)
+        tw, _ = text_wh(font, title)
+        draw_text(draw, ((w - tw) / 2, 3), title, font, ink)
     plot_len = (bottom - top_y) if vertical else (right - left)
     if mode == "ticks":
         # Every gridline is drawn; labels are thinned (every 2nd, 3rd, ...) until they no longer
         # overlap. Values always sit on a gridline, so they stay exactly readable.
         spacing = plot_len * step / top
-        need = (_text_wh(font, "0Ag")[1] + 2) if vertical else (max(_text_wh(font, str(top))[0], 1) + 4)
+        need = (text_wh(font, "0Ag")[1] + 2) if vertical else (max(text_wh(font, str(top))[0], 1) + 4)
         every = max(1, math.ceil(need / max(spacing, 1e-6)))
         for k, t in enumerate(range(0, top + 1, step)):
             frac = t / top
             tick = str(t)
-            tw, th = _text_wh(font, tick)
+            tw, th = text_wh(font, tick)
             if vertical:
                 y = bottom - frac * plot_len
                 draw.line((left, y, right, y), fill=(215, 215, 215))
                 if k % every == 0:
-                    _draw_text(draw, (left - 4 - tw, y - th / 2), tick, font, ink)
+                    draw_text(draw, (left - 4 - tw, y - th / 2), tick, font, ink)
             else:
                 x = left + frac * plot_len
                 draw.line((x, top_y, x, bottom), fill=(215, 215, 215))
                 if k % every == 0:
-                    _draw_text(draw, (x - tw / 2, bottom + 4), tick, font, ink)
+                    draw_text(draw, (x - tw / 2, bottom + 4), tick, font, ink)
     slot = ((right - left) if vertical else (bottom - top_y)) / n
     thick = slot * rng.uniform(0.5, 0.8)
     for i, (label, v) in enumerate(zip(labels, vals)):
         length = max(1.0, v / top * plot_len)
         c = slot * (i + 0.5) + (left if vertical else top_y)
-        color = _jitter(rng, PALETTE[bar_colors[i]], 8)
-        lw, lh = _text_wh(font, label)
-        vw, vh = _text_wh(font, str(v))
+        color = jitter(rng, PALETTE[bar_colors[i]], 8)
+        lw, lh = text_wh(font, label)
+        vw, vh = text_wh(font, str(v))
         if vertical:
             draw.rectangle((c - thick / 2, bottom - length, c + thick / 2, bottom), fill=color)
-            _draw_text(draw, (c - lw / 2, bottom + 4), label, font, ink)
+            draw_text(draw, (c - lw / 2, bottom + 4), label, font, ink)
             if mode == "labels":
-                _draw_text(draw, (c - vw / 2, bottom - length - 3 - vh), str(v), font, ink)
+                draw_text(draw, (c - vw / 2, bottom - length - 3 - vh), str(v), font, ink)
         else:
             draw.rectangle((left, c - thick / 2, left + length, c + thick / 2), fill=color)
-            _draw_text(draw, (left - 4 - lw, c - lh / 2), label, font, ink)
+            draw_text(draw, (left - 4 - lw, c - lh / 2), label, font, ink)
             if mode == "labels":
-                _draw_text(draw, (left + length + 3, c - vh / 2), str(v), font, ink)
+                draw_text(draw, (left + length + 3, c - vh / 2), str(v), font, ink)
     draw.line((left, top_y, left, bottom), fill=ink)
     draw.line((left, bottom, right, bottom), fill=ink)
-    img = _add_noise(img, rng, rng.uniform(0.0, 3.0))
+    img = add_noise(img, rng, rng.uniform(0.0, 3.0))
 
     i = rng.randrange(n)
     big, small = ("tallest", "shortest") if vertical else ("longest", "shortest")
@@ -399,14 +399,14 @@ def _chart_layout(
     mode: str, vertical: bool, title: str | None,
 ) -> dict[str, Any] | None:
     """Plot rectangle ``(left, top, right, bottom)`` in px if everything fits, else ``None``."""
-    fh = _text_wh(font, "0Ag")[1]
+    fh = text_wh(font, "0Ag")[1]
     title_h = fh + 5 if title is not None else 0
-    if title is not None and _text_wh(font, title)[0] > w - 6:
+    if title is not None and text_wh(font, title)[0] > w - 6:
         return None
     n = len(labels)
-    label_w = max(_text_wh(font, s)[0] for s in labels)
-    value_w = max(_text_wh(font, str(v))[0] for v in vals)
-    tick_w = max(_text_wh(font, str(t))[0] for t in range(0, top + 1, step)) if mode == "ticks" else 0
+    label_w = max(text_wh(font, s)[0] for s in labels)
+    value_w = max(text_wh(font, str(v))[0] for v in vals)
+    tick_w = max(text_wh(font, str(t))[0] for t in range(0, top + 1, step)) if mode == "ticks" else 0
     if vertical:
         left = 6 + (tick_w + 5 if mode == "ticks" else 0)
         right = w - 6
@@ -485,28 +485,28 @@ def task_document(rng: random.Random, size: tuple[int, int], fonts: Sequence[str
     Only fields that fit on the page are drawn (and asked about); keys are unique per page.
     """
     w, h = size
-    fonts = _fonts_or_default(fonts)
+    fonts = fonts_or_default(fonts)
     font_path = rng.choice(list(fonts))
     px = rng.randint(9, 13)
-    font = _load_font(font_path, px)
-    ink = _jitter(rng, (25, 25, 35), 15)
-    img = Image.new("RGB", size, _jitter(rng, (250, 249, 244), 5))
+    font = load_font(font_path, px)
+    ink = jitter(rng, (25, 25, 35), 15)
+    img = Image.new("RGB", size, jitter(rng, (250, 249, 244), 5))
     draw = ImageDraw.Draw(img)
     x0 = rng.randint(4, max(4, w // 12))
     y = rng.randint(3, max(3, h // 20))
     title = None
     if rng.random() < 0.7:
-        tfont = _load_font(rng.choice(list(fonts)), px + rng.randint(3, 8))
+        tfont = load_font(rng.choice(list(fonts)), px + rng.randint(3, 8))
         cand = rng.choice(_DOC_TITLES)
-        tw, th = _text_wh(tfont, cand)
+        tw, th = text_wh(tfont, cand)
         if tw <= w - x0 - 3 and y + th + 6 < h:
             title = cand
             tx = x0 if rng.random() < 0.5 else (w - tw) // 2
-            _draw_text(draw, (tx, y), title, tfont, ink)
+            draw_text(draw, (tx, y), title, tfont, ink)
             y += th + 4
             draw.line((x0, y, w - x0, y), fill=(150, 150, 150))
             y += 5
-    fh = _text_wh(font, "0Ag")[1]
+    fh = text_wh(font, "0Ag")[1]
     line_h = fh + rng.randint(3, 7)
     aligned = rng.random() < 0.4  # values in a column instead of right after "Key: "
     fields = list(_DOC_FIELDS)
@@ -518,24 +518,24 @@ def task_document(rng: random.Random, size: tuple[int, int], fonts: Sequence[str
             break
         value = make(rng)
         chosen_line = f"{key}: {value}"
-        if _text_wh(font, chosen_line)[0] > w - x0 - 3:
+        if text_wh(font, chosen_line)[0] > w - x0 - 3:
             continue
         chosen.append((key, value))
-    key_w = max((_text_wh(font, f"{k}:")[0] for k, _ in chosen), default=0)
+    key_w = max((text_wh(font, f"{k}:")[0] for k, _ in chosen), default=0)
     for key, value in chosen:
         value_x = x0 + key_w + 8
-        if aligned and value_x + _text_wh(font, value)[0] <= w - 3:
-            _draw_text(draw, (x0, y), f"{key}:", font, ink)
+        if aligned and value_x + text_wh(font, value)[0] <= w - 3:
+            draw_text(draw, (x0, y), f"{key}:", font, ink)
             # Align on the ink box top of the key line so both parts share a baseline band.
-            draw.text((value_x - _bbox(font, value)[0], y - _bbox(font, f"{key}:")[1]), value, font=font, fill=ink)
+            draw.text((value_x - bbox(font, value)[0], y - bbox(font, f"{key}:")[1]), value, font=font, fill=ink)
         else:
-            _draw_text(draw, (x0, y), f"{key}: {value}", font, ink)
+            draw_text(draw, (x0, y), f"{key}: {value}", font, ink)
         y += line_h
     if y + fh + 4 < h and rng.random() < 0.5:
         footer = f"Page 1 of {rng.randint(1, 3)}"
-        if _text_wh(font, footer)[0] <= w - x0 - 3:
-            _draw_text(draw, (x0, h - fh - 4), footer, font, (120, 120, 120))
-    img = _add_noise(img, rng, rng.uniform(0.0, 4.0))
+        if text_wh(font, footer)[0] <= w - x0 - 3:
+            draw_text(draw, (x0, h - fh - 4), footer, font, (120, 120, 120))
+    img = add_noise(img, rng, rng.uniform(0.0, 4.0))
     qa = [(f"What is the {key.lower()}?", value) for key, value in chosen]
     rng.shuffle(qa)
     if title is not None:

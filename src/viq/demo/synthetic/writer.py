@@ -55,8 +55,16 @@ import PIL
 from PIL import Image, features
 
 from viq._io import atomic_write
-from viq.demo.synthetic.draw import _font_label, resolve_fonts
-from viq.demo.synthetic.tasks import ALL_TASKS, KNOWN_TASKS, QA, TASK_MIN_SIDE, TASKS, TEXT_TASK, task_arithmetic
+from viq.demo.synthetic.draw import font_label, resolve_fonts
+from viq.demo.synthetic.tasks import (
+    ALL_TASKS,
+    KNOWN_TASKS,
+    QA,
+    TASK_MIN_SIDE,
+    TASKS,
+    TEXT_TASK,
+    task_arithmetic,
+)
 from viq.mllm.chat import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -299,7 +307,7 @@ def generate(
         "seed": seed,
         "tasks": list(task_list),
         "text_task": TEXT_TASK,
-        "fonts": [_font_label(f) for f in font_paths],
+        "fonts": [font_label(f) for f in font_paths],
         "splits": split_meta,
         "args": {
             "num_train": num_train,
@@ -309,7 +317,7 @@ def generate(
             "tasks": list(task_list),
             "min_side": min_side,
             "max_side": max_side,
-            "fonts": None if fonts is None else [_font_label(f) for f in font_paths],
+            "fonts": None if fonts is None else [font_label(f) for f in font_paths],
             "text_only_fraction": text_only_fraction,
             "multi_turn_fraction": multi_turn_fraction,
         },
