@@ -45,11 +45,14 @@ NUM_TEST = 240
 DEMO_MAX_PIXELS = 96 * 96
 
 
-def _recipe_path(stage: str) -> Path:
+def recipe_path(stage: str) -> Path:
+    """The demo's recipe of ``stage`` (``viq/recipes/demo/<stage>.yaml``)."""
     return Path(str(resources.files("viq") / "recipes" / "demo" / f"{stage}.yaml"))
 
 
-def _stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: int) -> list[str]:
+def stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: int) -> list[str]:
+    """The overrides that point a demo recipe at the demo folder ``out`` (data, init, LLM, output) and
+    scale its steps."""
     data, runs = out / "data", out / "runs"
     spec = get_stage(stage)
     init = out / "init" if spec.follows is None else runs / spec.follows / "final"
@@ -136,8 +139,8 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
         t = time.perf_counter()
         if not (final / "stage.json").is_file():
             log.info("demo 4/6: %s", stage)
-            cfg = load_recipe(_recipe_path(stage), [])
-            cfg = load_recipe(_recipe_path(stage), _stage_overrides(stage, out, scale, seed, cfg.train.max_steps))
+            cfg = load_recipe(recipe_path(stage), [])
+            cfg = load_recipe(recipe_path(stage), stage_overrides(stage, out, scale, seed, cfg.train.max_steps))
             train(cfg, resume=True)  # a demo killed in this stage continues from its checkpoint
         timings[stage] = time.perf_counter() - t
 

@@ -159,6 +159,25 @@ class PackedBatch:
         }
 
 
+def first_fit_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """The rows :func:`pack_sequences` makes of items of these lengths: item indices per row, each item
+    in the first row with room for it (in the given order). Every length must be in [1, max_length]."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i, n in enumerate(lengths):
+        if n < 1 or n > max_length:
+            raise ValueError(f"item {i} has length {n}, outside [1, max_length={max_length}]; truncate it first")
+        for r, used in enumerate(fill):
+            if used + n <= max_length:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    return rows
+
+
 def pack_sequences(
     items: Sequence[tuple[torch.Tensor, torch.Tensor]],
     max_length: int,
@@ -179,22 +198,12 @@ def pack_sequences(
     if not items:
         raise ValueError("nothing to pack")
     hidden = items[0][0].shape[-1]
-    rows: list[list[int]] = []  # item indices per row
-    fill: list[int] = []
     for i, (emb, lab) in enumerate(items):
         n = int(emb.shape[0])
         if emb.ndim != 2 or emb.shape[1] != hidden or lab.shape != (n,):
             raise ValueError(f"item {i}: expected ((L, {hidden}), (L,)), got {tuple(emb.shape)}, {tuple(lab.shape)}")
-        if n == 0 or n > max_length:
-            raise ValueError(f"item {i} has length {n}, outside [1, max_length={max_length}]; truncate it first")
-        for r, used in enumerate(fill):
-            if used + n <= max_length:
-                rows[r].append(i)
-                fill[r] += n
-                break
-        else:
-            rows.append([i])
-            fill.append(n)
+    rows = first_fit_rows([int(emb.shape[0]) for emb, _ in items], max_length)
+    fill = [sum(int(items[i][0].shape[0]) for i in row) for row in rows]
     T = max(fill)
     if pad_to_multiple_of:
         T = math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of
