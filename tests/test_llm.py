@@ -17,6 +17,7 @@ if _missing:
         pytest.fail(f"LLM dependencies missing in CI: {_missing}", pytrace=False)
     pytest.skip(f"LLM dependencies not installed: {_missing}", allow_module_level=True)
 
+from viq.demo.public_checkpoints import QWEN_CHAT_TEMPLATE  # noqa: E402
 from viq.demo.tiny_llm import build_tiny_llm  # noqa: E402
 from viq.mllm.adapters import (  # noqa: E402
     generate_answer,
@@ -224,19 +225,8 @@ def test_fallback_template_warns(llm, caplog):
     assert torch.equal(fb.encode(TWO_ROUNDS).labels, ChatTokenizer(tok).encode(TWO_ROUNDS).labels)
 
 
-QWEN25_STYLE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
-)
+# the published Qwen2.5 template ends with a newline after the generation prompt
+QWEN25_STYLE = QWEN_CHAT_TEMPLATE + "\n"
 
 
 def test_qwen25_style_template(llm):

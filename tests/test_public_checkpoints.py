@@ -16,10 +16,8 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from viq.cli.main import main
 from viq.demo import public_checkpoints as pc
@@ -28,43 +26,20 @@ RECIPES = Path(__file__).resolve().parents[1] / "src" / "viq" / "recipes" / "pap
 VISION = pc.VisionWidths(hidden=64, heads=4, mlp=128, layers=2)
 LLM_A = pc.LLMWidths(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2)
 LLM_B = pc.LLMWidths(hidden=96, heads=4, kv_heads=2, intermediate=160, layers=2)
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
 
 
 def _data(root: Path) -> dict[str, Path]:
     """8 QA records (4 sizes; every other one with the authors' per-record resize), the same images
     as a folder (drawer), and as LLaVA-OneVision-style Parquet with the image bytes in the rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (root / "images").mkdir(parents=True)
-    records = []
-    for i in range(8):
-        h, w = [(96, 144), (150, 100), (64, 64), (200, 120)][i % 4]
-        rng = np.random.default_rng(i)
-        img = rng.integers(200, 250, (h, w, 3), dtype=np.uint8)
-        color = list(COLORS)[i % 4]
-        img[10:40, 10:40] = COLORS[color]
-        Image.fromarray(img).save(root / "images" / f"{i}.jpg", quality=92)
-        image = {"img_path": f"images/{i}.jpg", "resize": "224x32"} if i % 2 == 0 else f"images/{i}.jpg"
-        records.append({"id": f"s{i}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": color}]})
-    jsonl = root / "train.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    parquet = root / "ov.parquet"
-    pq.write_table(pa.table({
-        "id": [r["id"] for r in records],
-        "conversations": [r["conversations"] for r in records],
-        "image": [{"bytes": (root / "images" / f"{i}.jpg").read_bytes(), "path": None} for i in range(8)],
-    }), parquet, row_group_size=3)
-    return {"jsonl": jsonl, "parquet": parquet, "folder": root / "images", "root": root}
+    return pc.colour_square_qa(root, 8, sizes=[(96, 144), (150, 100), (64, 64), (200, 120)], square=(10, 40),
+                               resize="224x32")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("public")
     art = root / "downloads"
-    corpus = ["What color is the square? " + " ".join(COLORS) + " a photo"] * 20
+    corpus = ["What color is the square? " + " ".join(pc.COLOURS) + " a photo"] * 20
     paths = {
         "naflex": pc.hf_siglip2_naflex(art / "siglip2-naflex", VISION),
         "siglip384": pc.hf_siglip(art / "siglip2-384", VISION),
@@ -144,8 +119,9 @@ def test_a_stage_that_needs_a_vae_and_gets_none_stops_before_training(world, cha
 
 
 def test_the_model_carries_the_diffusers_vae(world, chain):
-    import viq
     from safetensors.torch import load_file
+
+    import viq
 
     published = load_file(str(world["paths"]["vae"] / "diffusion_pytorch_model.safetensors"))
     for stage in ("stage2_1", "stage2_2", "drawer"):

@@ -24,6 +24,10 @@ the authors' stage-1 release           :func:`authors_stage1`: the same trunk un
                                        ``<|im_end|>`` (instruct), ``generation_config.json``
 ``Qwen/Qwen-Image`` subfolder ``vae``  :func:`qwen_image_vae`: diffusers ``AutoencoderKLQwenImage``,
                                        ``save_pretrained``
+LLaVA-style training data              :func:`colour_square_qa`: JPEG files, a JSONL of LLaVA
+(JSON/JSONL, LLaVA-OneVision Parquet)  conversations (every other record with the authors'
+                                       ``{"img_path", "resize"}`` form), the same rows as Parquet
+                                       with the image bytes inside
 =====================================  ============================================================
 
 Everything is deterministic for a seed and leaves the global RNG alone.
@@ -39,7 +43,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["VisionWidths", "GIANT_OPT", "QWEN25_05B", "LLMWidths", "QWEN_CHAT_TEMPLATE", "hf_siglip2_naflex",
-           "hf_siglip", "open_clip_siglip", "authors_stage1", "qwen2_llm", "qwen_image_vae", "hub_cache_entry"]
+           "hf_siglip", "open_clip_siglip", "authors_stage1", "qwen2_llm", "qwen_image_vae", "hub_cache_entry",
+           "COLOURS", "colour_square_qa"]
 
 
 @dataclass(frozen=True)
@@ -260,3 +265,51 @@ def hub_cache_entry(cache: str | os.PathLike, repo_id: str, files_from: str | os
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot
+
+
+#: The answers of :func:`colour_square_qa` and the RGB each is drawn in.
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+
+
+def colour_square_qa(root: str | os.PathLike, n: int, *, sizes: Iterable[tuple[int, int]] = (
+        (256, 384), (384, 256), (320, 320), (288, 448)), square: tuple[int, int] = (20, 120),
+        resize: str = "384x32", parquet_row_group: int = 3) -> dict[str, Path]:
+    """``n`` "What color is the square?" conversations in the published data formats, under ``root``.
+
+    Image ``i`` is ``sizes[i % len(sizes)]`` (H, W) of light noise with a square of
+    ``COLOURS[answer]`` from pixel ``square[0]`` to ``square[1]``, saved as ``images/<i>.jpg``. Every
+    other record names its image in the authors' form ``{"img_path": ..., "resize": resize}``.
+
+    Returns ``{"jsonl", "parquet", "folder", "root"}``: ``train.jsonl``, ``ov.parquet`` (LLaVA-OneVision
+    style: ``id``, ``conversations``, ``image`` = ``{"bytes", "path"}``) and the image folder.
+    """
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    sizes = list(sizes)
+    a, b = square
+    records = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        img = np.random.default_rng(i).integers(190, 250, (h, w, 3), dtype=np.uint8)
+        colour = list(COLOURS)[i % len(COLOURS)]
+        img[a:b, a:b] = COLOURS[colour]
+        Image.fromarray(img).save(root / "images" / f"{i}.jpg", quality=92)
+        image = {"img_path": f"images/{i}.jpg", "resize": resize} if i % 2 == 0 else f"images/{i}.jpg"
+        records.append({"id": f"s{i}", "image": image, "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": colour}]})
+    jsonl = root / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    parquet = root / "ov.parquet"
+    pq.write_table(pa.table({
+        "id": [r["id"] for r in records],
+        "conversations": [r["conversations"] for r in records],
+        "image": [{"bytes": (root / "images" / f"{i}.jpg").read_bytes(), "path": None} for i in range(n)],
+    }), parquet, row_group_size=parquet_row_group)
+    return {"jsonl": jsonl, "parquet": parquet, "folder": root / "images", "root": root}
