@@ -27,10 +27,10 @@ or, with ``--drawer`` and for variants whose stage 2-2 has no latent loss, by a 
 frozen codes as in the demo. ``summary.json``: per variant and metric the mean and a 95 % t-interval over seeds, and per
 variant its paired difference from the control (same seed: same data, LLM, codec and stage 1).
 
-    python bench/ablations.py                               # the default axes, 3 seeds
-    python bench/ablations.py --axes position recon --seeds 0 1 --scale 0.25
-    python bench/ablations.py --variant wide stage2_1,stage2_2:model.config.head.bottleneck_dim=64
-    python bench/ablations.py --smoke                       # 2 variants, 1 seed, tiny (the test)
+    python -m bench.ablations                               # the default axes, 3 seeds
+    python -m bench.ablations --axes position recon --seeds 0 1 --scale 0.25
+    python -m bench.ablations --variant wide stage2_1,stage2_2:model.config.head.bottleneck_dim=64
+    python -m bench.ablations --smoke                       # 2 variants, 1 seed, tiny (the test)
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import sys
 import time
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.ablation_summary import CONTROL, markdown_table, print_table, write_summary
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "ablations"
@@ -57,9 +57,6 @@ log = logging.getLogger("ablations")
 
 #: the stages of the demo, in order (viq.demo.run.DEMO_STAGES; repeated to parse before importing torch)
 STAGES = ("stage1", "stage2_1", "stage2_2", "drawer")
-#: the control every axis is compared to: the demo recipes as they are (bottleneck + L-inf in 2-1, FSQ
-#: 4k on the bottleneck with 2D RoPE in 2-2, VAE-latent loss)
-CONTROL = "control"
 
 
 @dataclass
@@ -161,8 +158,9 @@ AXES = ("proximal", "quantizer", "position", "recon", "reference")
 def check_variant(variant: Variant) -> None:
     """Every override key names a field of the recipe (TrainConfig) or, under model.config, of the model
     config (ViQConfig); each stage's recipe with the overrides loads, and its model config builds."""
-    from viq.demo.run import _recipe_path
+    from viq.demo.run import recipe_path
     from viq.model.config import ViQConfig
+    from viq.train.build import merge_config
     from viq.train.config import TrainConfig, load_recipe
 
     for stages, kv in variant.overrides:
@@ -177,12 +175,12 @@ def check_variant(variant: Variant) -> None:
                              f"({', '.join(variant.chain())})")
     for stage in variant.chain():
         try:
-            cfg = load_recipe(_recipe_path(stage), variant.stage_overrides(stage))
+            cfg = load_recipe(recipe_path(stage), variant.stage_overrides(stage))
             if cfg.model.config:
                 from viq.model.config import get_preset
 
                 base = get_preset("viq-demo").to_dict()
-                ViQConfig(**_merge(base, cfg.model.config))
+                ViQConfig(**merge_config(base, cfg.model.config))
         except (TypeError, ValueError) as e:
             raise ValueError(f"variant {variant.name}, {stage}: {e}") from None
 
@@ -208,13 +206,6 @@ def _check_path(cls: type, parts: list[str], where: str, prefix: str) -> None:
             node = inner[0] if len(inner) == 1 else node
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 def _stage_key(stage: str, parent: str | None, overrides: list[str], scale: float, seed: int, device: str) -> str:
@@ -225,7 +216,7 @@ def _stage_key(stage: str, parent: str | None, overrides: list[str], scale: floa
 
 def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, device: str) -> list[dict]:
     """Train (or reuse) the variant's stages; returns one entry per stage: key, dir, time, reused."""
-    from viq.demo.run import _recipe_path, _stage_overrides
+    from viq.demo.run import recipe_path, stage_overrides
     from viq.train.config import load_recipe
     from viq.train.engine import train
 
@@ -240,11 +231,11 @@ def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, de
         reused = (final / "stage.json").is_file()
         if not reused:
             log.info("%s seed %d: training %s -> %s", variant.name, seed, stage, run_dir)
-            base = load_recipe(_recipe_path(stage), [])
-            overrides = [*_stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps),
+            base = load_recipe(recipe_path(stage), [])
+            overrides = [*stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps),
                          f"model.init=viq:{parent_final}", f"train.output_dir={run_dir}", "train.progress=false", *extra]
             t = time.perf_counter()
-            train(load_recipe(_recipe_path(stage), overrides))
+            train(load_recipe(recipe_path(stage), overrides))
             (run_dir / "ablation_stage.json").write_text(json.dumps(
                 {"stage": stage, "key": key, "parent": parent_key, "overrides": extra, "train_s": time.perf_counter() - t,
                  "seed": seed, "scale": scale, "device": device}, indent=1))
@@ -262,7 +253,11 @@ def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: P
     """QA of the last LLM stage, reconstruction + codes of the drawer (when trained), with the demo's
     evaluation functions."""
     import viq
-    from viq.demo.evaluation import code_summary, evaluate_qa_with_baselines, evaluate_reconstruction
+    from viq.demo.evaluation import (
+        code_summary,
+        evaluate_qa_with_baselines,
+        evaluate_reconstruction,
+    )
     from viq.demo.photos import list_photos, load_photo
     from viq.demo.run import DEMO_MAX_PIXELS
     from viq.demo.synthetic import load_split
@@ -299,139 +294,6 @@ def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: P
 def _head_quantizer(final: Path) -> str | None:
     config = final / "config.json"
     return json.loads(config.read_text()).get("head", {}).get("quantizer") if config.is_file() else None
-
-
-#: summary metrics: name -> path into a record
-METRICS = {
-    "qa_real": ("qa", "real"), "qa_blank": ("qa", "blank"),
-    "qa_majority": ("qa", "majority"), "qa_real_minus_blank": ("qa", "real_minus_blank"),
-    "psnr_synthetic": ("recon", "synthetic", "psnr"), "ssim_synthetic": ("recon", "synthetic", "ssim"),
-    "psnr_synthetic_codec": ("recon", "synthetic", "psnr_codec"),
-    "psnr_photos": ("recon", "photos", "psnr"), "ssim_photos": ("recon", "photos", "ssim"),
-    "psnr_photos_codec": ("recon", "photos", "psnr_codec"),
-    "entropy_bits": ("codes", "entropy_bits"), "train_s": ("train_s",),
-}
-
-#: two-sided 97.5 % quantiles of Student's t, df 1..30 (above: normal)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_interval(values: list[float]) -> dict[str, Any]:
-    """Mean and 95 % t-interval over seeds (``ci95`` None with one value)."""
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": None, "ci95": None, "values": []}
-    mean = sum(values) / n
-    if n < 2:
-        return {"n": n, "mean": mean, "ci95": None, "values": values}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "half_width": half, "values": values}
-
-
-def _get(record: dict, path: tuple[str, ...]):
-    node: Any = record
-    for p in path:
-        if not isinstance(node, dict) or node.get(p) is None:
-            return None
-        node = node[p]
-    return node
-
-
-#: how close (in accuracy, 0-1) the codes must stay to the continuous encoder for the paper's
-#: "discrete codes match continuous features" (57.2 vs 57.0) to count as reproduced
-REFERENCE_MARGIN = 0.05
-
-#: the paper's figure for each default variant (Table 4 average over its benchmarks; Table 2 for the
-#: reference), as quoted in ../shared/paper/
-PAPER = {
-    CONTROL: "68.7", "direct_fsq": "60.9", "limit_l2": "—", "limit_tanh": "—", "limit_none": "—",
-    "fsq_16k": "smaller codebooks better (no figure)", "simvq_4k": "FSQ > SimVQ (no figure)",
-    "simvq_16k": "FSQ > SimVQ, worse when larger (no figure)", "no_rope": "65.3",
-    "no_recon": "below 68.7 (no figure); VAE loss costs 1.3x time", "continuous": "57.0 (InternViT) vs ViQ 57.2",
-}
-
-
-def verdict(diff: dict | None, axis: str) -> str:
-    """The verdict on one Table-4 direction from the paired t-interval of (variant - control) over seeds.
-
-    Every default variant departs from the paper's choice (the control), so the paper is *reproduced* when
-    the variant is worse (interval below 0), *reversed* when it is better (above 0), *inconclusive* when
-    the interval holds 0 or there is one seed. The reference axis asks instead whether the codes stay
-    close to the continuous encoder: reproduced when the interval lies within +-REFERENCE_MARGIN,
-    reversed when the continuous encoder is clearly better (interval above 0).
-    """
-    if not diff or diff.get("ci95") is None:
-        return "inconclusive (one seed)" if diff else "not measured"
-    lo, hi = diff["ci95"]
-    if axis == "reference":
-        if -REFERENCE_MARGIN <= lo and hi <= REFERENCE_MARGIN:
-            return "reproduced"
-        return "reversed" if lo > 0 else "inconclusive"
-    if hi < 0:
-        return "reproduced"
-    return "reversed" if lo > 0 else "inconclusive"
-
-
-def summarize(records: list[dict], variants: dict[str, Variant]) -> dict[str, Any]:
-    by_variant: dict[str, list[dict]] = {}
-    for r in records:
-        by_variant.setdefault(r["variant"], []).append(r)
-    summary: dict[str, Any] = {}
-    for name, runs in by_variant.items():
-        runs.sort(key=lambda r: r["seed"])
-        entry = {"axis": runs[0]["axis"], "description": runs[0]["description"], "spec": runs[0]["spec"],
-                 "seeds": [r["seed"] for r in runs], "metrics": {}}
-        for metric, path in METRICS.items():
-            values = [v for v in (_get(r, path) for r in runs) if v is not None]
-            if values:
-                entry["metrics"][metric] = t_interval([float(v) for v in values])
-        control = {r["seed"]: r for r in by_variant.get(CONTROL, [])}
-        if name != CONTROL and control:
-            entry["vs_control"] = {}
-            for metric, path in METRICS.items():
-                diffs = [float(_get(r, path)) - float(_get(control[r["seed"]], path)) for r in runs
-                         if r["seed"] in control and _get(r, path) is not None and _get(control[r["seed"]], path) is not None]
-                if diffs:
-                    entry["vs_control"][metric] = t_interval(diffs)
-            entry["verdict"] = {metric: verdict(entry["vs_control"].get(metric), entry["axis"])
-                                for metric in ("qa_real", "qa_real_minus_blank", "psnr_synthetic")}
-        summary[name] = entry
-    return summary
-
-
-def _mean_pm(m: dict | None, scale: float, digits: int, *, missing: str, one_seed: str) -> str:
-    """A :func:`t_interval` as "mean ± half-width" (scaled), ``one_seed`` appended when there is no
-    interval, ``missing`` when there is no value."""
-    if not m or m.get("mean") is None:
-        return missing
-    out = f"{m['mean'] * scale:.{digits}f}"
-    return out + (f" ± {m['half_width'] * scale:.{digits}f}" if m.get("half_width") is not None else one_seed)
-
-
-def markdown_table(summary: dict) -> str:
-    """The docs/research.md results table of a summary: per variant the means and 95 % intervals over
-    seeds, the paired difference from the control, the paper's figure and the verdicts."""
-    def fmt(m: dict | None, scale: float = 100, digits: int = 1) -> str:
-        return _mean_pm(m, scale, digits, missing="—", one_seed=" (1 seed)")
-
-    rows = ["| axis | variant | seeds | QA real % | QA blank % | Δ real vs control (paired) | PSNR synth dB (codec) "
-            "| Δ PSNR vs control | entropy bits | train s | paper | verdict: QA; PSNR |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    known = list(default_variants())
-    order = lambda item: (known.index(item[0]) if item[0] in known else len(known), item[0])  # noqa: E731
-    for name, e in sorted(summary["variants"].items(), key=order):
-        m, d, v = e["metrics"], e.get("vs_control", {}), e.get("verdict", {})
-        psnr = fmt(m.get("psnr_synthetic"), 1, 2)
-        if m.get("psnr_synthetic_codec"):
-            psnr += f" ({m['psnr_synthetic_codec']['mean']:.1f})"
-        verdicts = "—" if name == CONTROL else f"{v.get('qa_real', '—')}; {v.get('psnr_synthetic', '—')}"
-        rows.append(f"| {e['axis']} | {name} | {len(e['seeds'])} | {fmt(m.get('qa_real'))} | {fmt(m.get('qa_blank'))} "
-                    f"| {'—' if name == CONTROL else fmt(d.get('qa_real'))} | {psnr} "
-                    f"| {'—' if name == CONTROL else fmt(d.get('psnr_synthetic'), 1, 2)} | {fmt(m.get('entropy_bits'), 1, 2)} "
-                    f"| {fmt(m.get('train_s'), 1, 0)} | {PAPER.get(name, '—')} | {verdicts} |")
-    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -523,21 +385,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(str(e))
     import torch  # already loaded by the variant checks
 
-    sys.path.insert(0, str(BENCH))
     label = _label(args)
     results = Path(args.results or RESULTS / label)
     if args.report:
         if not any(results.glob("*-seed*.json")):
             parser.error(f"--report: no records in {results}")
-        summary = write_summary(results, label, args.scale, torch.device(args.device), variants, None)
-        print(markdown_table(summary))
+        summary = write_summary(results, label, args.scale, torch.device(args.device), None)
+        print(markdown_table(summary, list(default_variants())))
         return summary
     if args.dry_run:
         for v in variants.values():
             print(f"{v.name:12s} {v.axis:10s} {' '.join(v.spec()) or '(demo recipes)'}   stages: {' '.join(v.chain())}")
         return {"variants": {k: v.spec() for k, v in variants.items()}}
 
-    from common import write_record
+    from bench.common import write_record
     from viq.demo.run import prepare_demo
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -572,46 +433,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             path = write_record("ablations", device, record, out=str(results / f"{v.name}-seed{seed}.json"))
             log.info("%s seed %d: QA real %.3f blank %.3f -> %s", v.name, seed, ev["qa"]["real"], ev["qa"]["blank"], path)
             records.append(record)
-            write_summary(results, label, args.scale, device, variants, started)  # a stopped sweep keeps one
-    summary = write_summary(results, label, args.scale, device, variants, started)
-    _print_table(summary)
+            write_summary(results, label, args.scale, device, started)  # a stopped sweep keeps one
+    summary = write_summary(results, label, args.scale, device, started)
+    print_table(summary)
     return summary
-
-
-def write_summary(results: Path, label: str, scale: float, device, variants: dict[str, Variant],
-                  started: float | None) -> dict:
-    """summary.json over every record of the label (runs added by earlier invocations included)."""
-    from common import device_description, write_record
-
-    all_records = []
-    for p in sorted(results.glob("*-seed*.json")):
-        r = json.loads(p.read_text())
-        if r.get("benchmark") == "ablations":
-            all_records.append(r)
-    summary = {"label": label, "scale": scale, "device": device_description(device),
-               "seeds": sorted({r["seed"] for r in all_records}), "wall_s_this_invocation": None if started is None else time.perf_counter() - started,
-               # every record's training + evaluation wall time and each seed's preparation, once
-               "wall_s_all_records": sum(r.get("wall_s", {}).get("train", 0) + r.get("wall_s", {}).get("eval", 0)
-                                         for r in all_records)
-               + sum({r["seed"]: sum((r.get("prepare_s") or {}).values()) for r in all_records}.values()),
-               "note": "mean and 95 % t-interval over seeds; vs_control: paired (same seed) differences",
-               "variants": summarize(all_records, variants)}
-    write_record("ablations_summary", device, summary, out=str(results / "summary.json"))
-    return summary
-
-
-def _print_table(summary: dict) -> None:
-    def fmt(m: dict | None, scale: float = 1.0, digits: int = 1) -> str:
-        return _mean_pm(m, scale, digits, missing="-", one_seed="")
-
-    print(f"{'variant':12s} {'seeds':>5s} {'QA real %':>13s} {'blank %':>13s} {'real-blank':>13s} {'d vs control':>13s} "
-          f"{'PSNR syn':>11s} {'codec':>6s} {'H bits':>6s} {'train s':>8s}")
-    for name, e in summary["variants"].items():
-        m = e["metrics"]
-        d = e.get("vs_control", {}).get("qa_real")
-        print(f"{name:12s} {len(e['seeds']):5d} {fmt(m.get('qa_real'), 100):>13s} {fmt(m.get('qa_blank'), 100):>13s} "
-              f"{fmt(m.get('qa_real_minus_blank'), 100):>13s} {fmt(d, 100):>13s} {fmt(m.get('psnr_synthetic'), 1, 2):>11s} "
-              f"{fmt(m.get('psnr_synthetic_codec'), 1, 1):>6s} {fmt(m.get('entropy_bits'), 1, 2):>6s} {fmt(m.get('train_s'), 1, 0):>8s}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +16,14 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as a user would type it (``python -m bench.<name> ...``)."""
+    script = Path(sys.argv[0])
+    if script.parent.resolve() == Path(__file__).resolve().parent:
+        return " ".join(["python", "-m", f"bench.{script.stem}", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
 
 
 def device_description(device: torch.device) -> str:
@@ -55,7 +65,7 @@ def write_record(name: str, device: torch.device, record: dict[str, Any], out: s
     full = {
         "benchmark": name,
         "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         "device": device_description(device),
         "torch": torch.__version__,
         **record,
@@ -64,3 +74,16 @@ def write_record(name: str, device: torch.device, record: dict[str, Any], out: s
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(full, indent=2) + "\n")
     return path
+
+
+def mixed_sizes(n: int, lo: int, hi: int, seed: int) -> list[tuple[int, int]]:
+    """Random (H, W): area drawn between lo^2 and hi^2, aspect ratio between 1:3 and 3:1."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        area = rng.uniform(lo * lo, hi * hi)
+        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+        h = max(16, min(2 * hi, round(math.sqrt(area / aspect))))
+        w = max(16, min(2 * hi, round(math.sqrt(area * aspect))))
+        out.append((h, w))
+    return out

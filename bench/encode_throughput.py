@@ -13,8 +13,8 @@ Reports images/s, tokens/s (real patch tokens; padding does not count) and TFLOP
 ``torch.utils.flop_counter`` on the actual work done, padding included), and the ratios the targets
 are stated in. Writes a JSON record under ``bench/results/``.
 
-    python bench/encode_throughput.py                       # CPU, small config
-    python bench/encode_throughput.py --device cuda --dtype bfloat16 --preset viq-g-16k \\
+    python -m bench.encode_throughput                       # CPU, small config
+    python -m bench.encode_throughput --device cuda --dtype bfloat16 --preset viq-g-16k \\
         --num-images 64 --min-side 224 --max-side 1024 --batch-tokens 32768 --fixed-size 512
 """
 
@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import viq
+from bench.common import best_time, mixed_sizes, write_record
 from viq.formats.image import padded_grid
 from viq.model.config import EncoderConfig, HeadConfig, ViQConfig, get_preset
 from viq.model.encoder import pad_to_patches, resize_pos_embed
 from viq.model.viq import pack_by_budget
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import best_time, write_record
 
 
 def bench_config(name: str) -> ViQConfig:
@@ -47,19 +44,6 @@ def bench_config(name: str) -> ViQConfig:
             head=HeadConfig(attn_dim=64, num_heads=4),
         )
     return get_preset(name)
-
-
-def mixed_sizes(n: int, lo: int, hi: int, seed: int) -> list[tuple[int, int]]:
-    """Random (H, W): area drawn between lo^2 and hi^2, aspect ratio between 1:3 and 3:1."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        area = rng.uniform(lo * lo, hi * hi)
-        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
-        h = max(16, min(2 * hi, round(math.sqrt(area / aspect))))
-        w = max(16, min(2 * hi, round(math.sqrt(area * aspect))))
-        out.append((h, w))
-    return out
 
 
 def count_flops(fn) -> int:

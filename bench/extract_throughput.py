@@ -10,9 +10,9 @@ the steadiest figure), the ratios tar/folder and parquet/folder of each (target 
 share of the wall time spent in the model (how busy the data path keeps the accelerator; the target
 on GPU is >= 90 %).
 
-    python bench/extract_throughput.py                                 # CPU, small config
-    python bench/extract_throughput.py --num-images 600 --min-side 64 --max-side 192 --repeats 3
-    python bench/extract_throughput.py --device cuda --dtype bfloat16 --preset viq-g-16k \\
+    python -m bench.extract_throughput                                 # CPU, small config
+    python -m bench.extract_throughput --num-images 600 --min-side 64 --max-side 192 --repeats 3
+    python -m bench.extract_throughput --device cuda --dtype bfloat16 --preset viq-g-16k \\
         --num-images 2000 --min-side 224 --max-side 1024 --workers 4 8 12 --batch-tokens 32768
 """
 
@@ -34,11 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_record  # noqa: E402
-
-import viq  # noqa: E402
-from viq.extract import extract  # noqa: E402
+import viq
+from bench.common import write_record
+from viq.extract import extract
 
 
 def make_images(folder: Path, n: int, lo: int, hi: int, seed: int) -> None:

@@ -1,6 +1,6 @@
 """The GPU suite (issue 12): the paper's speed promises and bf16 batch invariance, in one prepared run.
 
-    PYTHONPATH=src python bench/gpu_suite.py [--smoke] [--device cuda] [--out bench/results] [--budget-s 480]
+    PYTHONPATH=src python -m bench.gpu_suite [--smoke] [--device cuda] [--out bench/results] [--budget-s 480]
 
 Five parts, each guarded by its own share of ``--budget-s`` and each writing one JSON record
 (``write_record``: device, torch version, date, command, figures) under ``--out``:
@@ -39,17 +39,12 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import encode_throughput  # noqa: E402
-import extract_throughput  # noqa: E402
-import peer_siglip2  # noqa: E402
-import train_efficiency  # noqa: E402
-from common import RESULTS, write_record  # noqa: E402
-
-from viq.formats.image import padded_grid  # noqa: E402
-from viq.model.attention import available_backends  # noqa: E402
-from viq.model.config import get_preset  # noqa: E402
-from viq.model.viq import ViQModel  # noqa: E402
+from bench import encode_throughput, extract_throughput, peer_siglip2, train_efficiency
+from bench.common import RESULTS, best_time, mixed_sizes, write_record
+from viq.formats.image import padded_grid
+from viq.model.attention import available_backends
+from viq.model.config import get_preset
+from viq.model.viq import ViQModel
 
 #: The paper's time reductions (%), 4K / 16K tokens.
 PAPER = {
@@ -119,7 +114,7 @@ def timm_dense(config, device: torch.device, dtype: torch.dtype, n: int, side: i
         with torch.inference_mode():
             vit.forward_features(batch)
 
-    seconds = encode_throughput.best_time(run, device, repeats)
+    seconds = best_time(run, device, repeats)
     tokens = n * (side // enc.patch_size) ** 2
     return {"seconds": seconds, "images_per_s": n / seconds, "tokens_per_s": tokens / seconds}
 
@@ -158,7 +153,7 @@ def part_invariance(args, s: dict, device: torch.device, budget: Budget, tmp: Pa
     config = get_preset(s["preset"])
     model = ViQModel.from_config(config, seed=0, components=["encoder"]).to(device, dtype)
     lo, hi = s["inv_sides"]
-    sizes = encode_throughput.mixed_sizes(s["inv_images"], lo, hi, seed=1)
+    sizes = mixed_sizes(s["inv_images"], lo, hi, seed=1)
     g = torch.Generator().manual_seed(1)
     images = [(torch.rand(3, h, w, generator=g) * 2 - 1).to(device, dtype) for h, w in sizes]
     p = config.encoder.patch_size

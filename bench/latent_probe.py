@@ -8,14 +8,13 @@ images. Reported: the share of the latents' variance the probe leaves unexplaine
 the probe's input (the codec is nearly linear, so this is close to 0). This is the measurement behind
 "stage 1 throws the detail away" in docs/training.md.
 
-    python bench/latent_probe.py viq-demo                      # init + every stage of a demo run
-    python bench/latent_probe.py viq-demo --models init runs/stage1/final
+    python -m bench.latent_probe viq-demo                      # init + every stage of a demo run
+    python -m bench.latent_probe viq-demo --models init runs/stage1/final
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -85,11 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import viq
+    from bench.common import write_record
     from viq.formats.image import PreprocessConfig, preprocess
     from viq.model.encoder import pad_to_patches
-
-    sys.path.insert(0, str(BENCH))
-    from common import write_record
 
     pre = PreprocessConfig(max_pixels=96 * 96)  # the demo's area bound
 

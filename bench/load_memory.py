@@ -17,9 +17,9 @@ Reported: ``peak / model`` (everything resident, interpreter included) and ``(pe
 (what the load added). The files are written under ``--workdir`` (default: a temporary folder in /tmp)
 and deleted at the end.
 
-    python bench/load_memory.py                        # 16k layout: ~16 GB written to /tmp, a few minutes
-    python bench/load_memory.py --layout tiny          # the golden fixture's shapes, seconds
-    python bench/load_memory.py --blocks 4             # 16k widths, 4 of the 40 trunk blocks
+    python -m bench.load_memory                        # 16k layout: ~16 GB written to /tmp, a few minutes
+    python -m bench.load_memory --layout tiny          # the golden fixture's shapes, seconds
+    python -m bench.load_memory --blocks 4             # 16k widths, 4 of the 40 trunk blocks
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_record  # noqa: E402
+from bench.common import write_record
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -104,7 +103,11 @@ def write_official(layout: Layout, out: Path, seed: int = 0) -> None:
 def write_viq(official: Path, out: Path, num_heads: int | None, seed: int = 1) -> None:
     """A float32 viq-format directory of the same architecture, streamed tensor by tensor (the
     safetensors layout: 8-byte header length, JSON header, raw little-endian data)."""
-    from viq.model.official import detect_config, load_official_state_dicts, map_official_state_dicts
+    from viq.model.official import (
+        detect_config,
+        load_official_state_dicts,
+        map_official_state_dicts,
+    )
 
     states = load_official_state_dicts(official)  # memory-mapped: only shapes are used
     config = detect_config(states, size_tag="16k", num_heads=num_heads, source=str(official))

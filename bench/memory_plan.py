@@ -19,7 +19,7 @@ Qwen2.5-7B, full fine-tuning), at 1 M pixels (one 1024x1024 image per micro-batc
   parameters: the root unit (embeddings, output head, projector: gathered for the whole step) and the two
   largest blocks (the current one and the prefetched next).
 
-    python bench/memory_plan.py                     # writes bench/results/memory_plan-<date>.json, prints the table
+    python -m bench.memory_plan                     # writes bench/results/memory_plan-<date>.json, prints the table
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ import argparse
 import contextlib
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_record  # noqa: E402
+from bench.common import write_record
 
 GIB = 1024**3
 #: Published configs (config.json of the Hub repositories).

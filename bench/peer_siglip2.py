@@ -15,8 +15,8 @@ embeddings -- max |difference| over max |value|, float32 -- and images/s of each
 ``--repeats``. The images' grids are at least 16 patches a side, where the two position resizes are the
 same function (antialiasing only changes a downsized table); below that they differ by design.
 
-    python bench/peer_siglip2.py                         # CPU, 4 of giant-opt's 40 layers, float32
-    python bench/peer_siglip2.py --device cuda --layers 40 --dtype bfloat16
+    python -m bench.peer_siglip2                         # CPU, 4 of giant-opt's 40 layers, float32
+    python -m bench.peer_siglip2 --device cuda --layers 40 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, write_record  # noqa: E402
-
-from viq.demo.public_checkpoints import VisionWidths, hf_siglip2_naflex  # noqa: E402
+from bench.common import best_time, write_record
+from viq.demo.public_checkpoints import VisionWidths, hf_siglip2_naflex
 
 #: Image sizes (H, W) in pixels: grids of at least 16 patches a side, mixed aspect ratios.
 SIZES = [(256, 384), (384, 256), (320, 320), (256, 512), (448, 288), (288, 448), (256, 256), (352, 416)]
@@ -59,8 +57,8 @@ def hf_patches(pixels: list[torch.Tensor], patch: int) -> tuple[torch.Tensor, to
 def run(args: argparse.Namespace) -> dict:
     from transformers import Siglip2VisionModel
 
-    from viq.model.encoder import ViTEncoder
     from viq.model.config import EncoderConfig
+    from viq.model.encoder import ViTEncoder
     from viq.train.init import load_siglip
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -12,14 +12,13 @@ command line (``python -m viq``, one process per command) with only paths and st
 
 Recorded per command: exit status, wall time, and the peak resident memory of the processes so far.
 
-    python bench/public_pipeline.py                   # bench/results/public_pipeline-cpu-<time>.json
-    python bench/public_pipeline.py --steps 1 --keep /tmp/pipeline
+    python -m bench.public_pipeline                   # bench/results/public_pipeline-cpu-<time>.json
+    python -m bench.public_pipeline --steps 1 --keep /tmp/pipeline
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -28,36 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_record  # noqa: E402
-
-from viq.demo import public_checkpoints as pc  # noqa: E402
+from bench.common import write_record
+from viq.demo import public_checkpoints as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "src" / "viq" / "recipes" / "paper"
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
-
-
-def make_data(root: Path, n: int) -> tuple[Path, Path]:
-    (root / "images").mkdir(parents=True)
-    records = []
-    for i in range(n):
-        h, w = [(256, 384), (384, 256), (320, 320), (288, 448)][i % 4]
-        img = np.random.default_rng(i).integers(190, 250, (h, w, 3), dtype=np.uint8)
-        color = list(COLORS)[i % 4]
-        img[20:120, 20:120] = COLORS[color]
-        Image.fromarray(img).save(root / "images" / f"{i}.jpg", quality=92)
-        image = {"img_path": f"images/{i}.jpg", "resize": "384x32"} if i % 2 == 0 else f"images/{i}.jpg"
-        records.append({"id": f"s{i}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": color}]})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root / "train.jsonl", root / "images"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2, help="training steps of each stage")
@@ -69,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     art = work / "downloads"
-    corpus = ["What color is the square? " + " ".join(COLORS) + " a photo"] * 20
+    corpus = ["What color is the square? " + " ".join(pc.COLOURS) + " a photo"] * 20
     naflex = pc.hf_siglip2_naflex(art / "siglip2-giant-opt-naflex", pc.GIANT_OPT)
     llm_a = pc.qwen2_llm(art / "Qwen2.5-0.5B", corpus, pc.QWEN25_05B, embedding_rows=151936)
     llm_b = pc.qwen2_llm(art / "Qwen2.5-1.5B-Instruct", corpus,
@@ -79,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = work / "hf-cache"
     pc.hub_cache_entry(cache, "Qwen/Qwen-Image", vae, subfolder="vae")
     pc.hub_cache_entry(cache, "Qwen/Qwen2.5-0.5B", llm_a)
-    data, folder = make_data(work / "data", args.images)
+    made = pc.colour_square_qa(work / "data", args.images)
+    data, folder = made["jsonl"], made["folder"]
     build_s = time.perf_counter() - t0
 
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}

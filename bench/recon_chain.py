@@ -17,14 +17,13 @@ decoder's latent space (0 = exact, 1 = no better than the image's mean latent). 
 says which step loses the detail: between ``stage1`` and ``stage2_1`` the fresh code head, between
 ``stage2_1`` and ``stage2_2`` the rounding, between ``stage2_2`` and ``drawer`` the drawer.
 
-    python bench/recon_chain.py viq-demo
-    python bench/recon_chain.py viq-demo --images 64 --out bench/results/recon_chain-demo.json
+    python -m bench.recon_chain viq-demo
+    python -m bench.recon_chain viq-demo --images 64 --out bench/results/recon_chain-demo.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -110,11 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import viq
+    from bench.common import write_record
     from viq.demo.synthetic import load_split
     from viq.formats.image import PreprocessConfig, preprocess
-
-    sys.path.insert(0, str(BENCH))
-    from common import write_record
 
     data = args.run / "data"
     records = [r for r in load_split(data, "test") if "image" in r][: args.images]

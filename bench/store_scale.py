@@ -21,8 +21,8 @@ interpreter:
 
 Targets: open <= 2 s and <= 40 B of RSS per id at 10 M ids, >= 200 k lookups/s.
 
-    python bench/store_scale.py --ids 1000000
-    python bench/store_scale.py --ids 10000000 --workdir /data/tmp --keep
+    python -m bench.store_scale --ids 1000000
+    python -m bench.store_scale --ids 10000000 --workdir /data/tmp --keep
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ID_FORMAT = "shard-{:05d}.tar/{:09d}.jpg"
 LEVELS = (8, 8, 4, 3, 3)  # 2304 codes, 12 bits: a 4-code record is 6 bytes
@@ -72,8 +70,7 @@ def build(path: Path, n: int, writers: int, per_shard: int) -> float:
 PROBE = r"""
 import json, random, sys, time, hashlib
 import psutil
-sys.path.insert(0, {bench!r})
-from store_scale import sample_id
+from bench.store_scale import sample_id
 from viq.store import CodeStore
 n, lookups, gets = {n}, {lookups}, {gets}
 rnd = random.Random(1)
@@ -112,9 +109,11 @@ print("RESULT " + json.dumps(out))
 
 
 def probe(path: Path, n: int, lookups: int, gets: int, measure: bool) -> dict:
-    code = PROBE.format(bench=str(Path(__file__).resolve().parent), n=n, lookups=lookups, gets=gets,
+    code = PROBE.format(n=n, lookups=lookups, gets=gets,
                         path=str(path), measure=measure)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    # run from the repository root: `python -c` puts the working directory first on the path (bench.*)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                         cwd=Path(__file__).resolve().parents[1])
     if res.returncode:
         raise RuntimeError(f"probe failed:\n{res.stdout}\n{res.stderr}")
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -136,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from common import write_record
+
+    from bench.common import write_record
 
     n = args.ids
     tmp = Path(tempfile.mkdtemp(prefix="store_scale-", dir=args.workdir))

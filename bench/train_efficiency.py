@@ -10,8 +10,8 @@ Each micro-batch is one packed row of ``--seq-len`` tokens filled with conversat
 (``--image-size`` square) and random text. Reported: forward time and full training-step time
 (forward + backward + AdamW), and the time reduction ``1 - offline / online`` in %.
 
-    python bench/train_efficiency.py                                  # CPU, tiny shapes
-    python bench/train_efficiency.py --device cuda --llm 0.5b 1.5b 3b 7b --seq-len 4096 16384
+    python -m bench.train_efficiency                                  # CPU, tiny shapes
+    python -m bench.train_efficiency --device cuda --llm 0.5b 1.5b 3b 7b --seq-len 4096 16384
 
 The paper's reductions (4K / 16K): forward 0.5B 71/79 %, 1.5B 69/77 %, 3B 62/73 %, 7B 47/65 %;
 full step 0.5B 50/70 %, 1.5B 46/63 %, 3B 36/54 %, 7B 23/42 %.
@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, write_record  # noqa: E402
-
-from viq.formats.codes import Codes  # noqa: E402
-from viq.model.config import EncoderConfig, HeadConfig, ViQConfig, get_preset  # noqa: E402
-from viq.mllm.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID  # noqa: E402
-from viq.mllm.projector import MMProjector  # noqa: E402
-from viq.train.model import TrainBatch, TrainModel  # noqa: E402
+from bench.common import best_time, write_record
+from viq.formats.codes import Codes
+from viq.mllm.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from viq.mllm.projector import MMProjector
+from viq.model.config import EncoderConfig, HeadConfig, ViQConfig, get_preset
+from viq.train.model import TrainBatch, TrainModel
 
 #: Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate); vocab 151936.
 QWEN = {
@@ -50,7 +47,8 @@ def llm_config(name: str, vocab: int):
     hidden, layers, heads, kv, inter = QWEN[name]
     return Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=32768,
-                       tie_word_embeddings=name in ("0.5b", "1.5b", "3b", "tiny"), rope_theta=1e6, use_cache=False)
+                       tie_word_embeddings=name in ("0.5b", "1.5b", "3b", "tiny"), rope_theta=1e6, use_cache=False,
+                       attn_implementation="sdpa")
 
 
 def vision_config(shape: str) -> ViQConfig:

@@ -25,15 +25,14 @@ LLM tokens/s counts the spliced tokens of the native-size samples (text + native
 padding), patch tokens/s the native images' patches, for both variants. The work actually done
 (padding included) is recorded too. Peak memory (``torch.cuda.max_memory_allocated``) on CUDA.
 
-    python bench/train_step.py                                 # CPU, small config, float32
-    python bench/train_step.py --shape gpu                     # CUDA: SigLIP2-g 16k + Qwen2.5-0.5B, bf16
-    python bench/train_step.py --shape gpu --llm-mode lora
+    python -m bench.train_step                                 # CPU, small config, float32
+    python -m bench.train_step --shape gpu                     # CUDA: SigLIP2-g 16k + Qwen2.5-0.5B, bf16
+    python -m bench.train_step --shape gpu --llm-mode lora
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from collections.abc import Callable
@@ -43,7 +42,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.common import best_time, mixed_sizes, write_record
 from viq.formats.image import padded_grid
+from viq.mllm.adapters import prepare_llm, trainable_parameter_count
+from viq.mllm.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from viq.mllm.packing import first_fit_rows
+from viq.mllm.projector import MMProjector
 from viq.model.config import (
     DecoderConfig,
     EncoderConfig,
@@ -53,16 +57,16 @@ from viq.model.config import (
     get_preset,
 )
 from viq.model.vae import build_vae
-from viq.mllm.adapters import prepare_llm, trainable_parameter_count
-from viq.mllm.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from viq.mllm.projector import MMProjector
 from viq.train.config import TrainConfig
-from viq.train.engine import autocast_context, combine_losses, loss_weights, prepare_model, train_step
+from viq.train.engine import (
+    autocast_context,
+    combine_losses,
+    loss_weights,
+    prepare_model,
+    train_step,
+)
 from viq.train.model import TrainBatch, TrainModel
 from viq.train.optim import build_optimizer, build_scheduler
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import best_time, write_record
 
 
 @dataclass
@@ -104,20 +108,6 @@ def make_shape(name: str) -> Shape:
         return Shape(config, llm, "cpu", False, False, samples=8, min_side=64, max_side=192,
                      max_length=1024, teacher_size=128)
     raise ValueError(f"unknown shape {name!r}")
-
-
-def mixed_sizes(n: int, lo: int, hi: int, seed: int) -> list[tuple[int, int]]:
-    """Random (H, W): area drawn between lo^2 and hi^2, aspect ratio between 1:3 and 3:1
-    (as in encode_throughput.py)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        area = rng.uniform(lo * lo, hi * hi)
-        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
-        h = max(16, min(2 * hi, round(math.sqrt(area / aspect))))
-        w = max(16, min(2 * hi, round(math.sqrt(area * aspect))))
-        out.append((h, w))
-    return out
 
 
 def conversations(n: int, vocab: int, prompt: tuple[int, int], answer: tuple[int, int], seed: int
@@ -174,9 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    llm_config = Qwen2Config(**shape.llm)
-    llm_config._attn_implementation = "sdpa"
-    llm = Qwen2ForCausalLM(llm_config)
+    llm_config = Qwen2Config(**shape.llm, attn_implementation="sdpa")
+    llm = prepare_llm(Qwen2ForCausalLM(llm_config), args.llm_mode)
     projector = MMProjector(config.width, llm_config.hidden_size)
     # The default recipe's losses and optimiser, at a constant learning rate.
     cfg = TrainConfig.from_dict({
@@ -187,7 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
     })
     model = TrainModel(cfg.stage, config, llm=llm, projector=projector, vae=build_vae(config.vae),
                        teacher_size=args.teacher_size, max_length=args.max_length)
-    model.llm = prepare_llm(llm, args.llm_mode)
     model.snapshot_teacher()
     prepare_model(model, cfg)
     model.to(device)
@@ -223,15 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     padded_llm = [len(ids_) - 1 + projector.num_tokens(pad_grid) for ids_, _ in convs]
     n_tokens = float(batches["packed"].num_supervised_tokens)
     n_images = float(args.samples)
-    # Rows of the packed LLM batch, replaying pack_sequences' first fit.
-    fill: list[int] = []
-    for n in real_llm:
-        for r, used in enumerate(fill):
-            if used + n <= args.max_length:
-                fill[r] += n
-                break
-        else:
-            fill.append(n)
+    # Rows of the packed LLM batch: pack_sequences' own first fit.
+    fill = [sum(real_llm[i] for i in row) for row in first_fit_rows(real_llm, args.max_length)]
     work = {
         "packed": {"patch_tokens": real_patches, "llm_rows": len(fill), "llm_row_length": max(fill),
                    "llm_positions": len(fill) * max(fill)},

@@ -5,14 +5,11 @@ reach the saved model configs."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import ablations  # noqa: E402
+from bench import ablation_summary, ablations
 
 
 def test_variant_tokens():
@@ -93,22 +90,22 @@ def test_smoke(tmp_path):
 
 
 def test_t_interval():
-    assert ablations.t_interval([1.0])["ci95"] is None
-    m = ablations.t_interval([1.0, 2.0, 3.0])
-    assert m["mean"] == 2.0 and m["ci95"][0] == pytest.approx(2.0 - 4.303 / 3 ** 0.5)
+    assert ablation_summary.t_interval([1.0])["ci95"] is None
+    m = ablation_summary.t_interval([1.0, 2.0, 3.0])
+    assert m["mean"] == 2.0 and m["ci95"][0] == pytest.approx(2.0 - 4.3026527 / 3 ** 0.5, abs=1e-6)  # t(0.975, 2)
 
 
 def test_verdicts_follow_the_paired_interval():
     ci = lambda lo, hi: {"mean": (lo + hi) / 2, "ci95": [lo, hi], "half_width": (hi - lo) / 2}  # noqa: E731
-    assert ablations.verdict(ci(-0.10, -0.02), "position") == "reproduced"  # the variant is worse
-    assert ablations.verdict(ci(0.01, 0.08), "position") == "reversed"
-    assert ablations.verdict(ci(-0.05, 0.03), "proximal") == "inconclusive"
-    assert ablations.verdict({"mean": -0.1, "ci95": None}, "recon") == "inconclusive (one seed)"
-    assert ablations.verdict(None, "recon") == "not measured"
+    assert ablation_summary.verdict(ci(-0.10, -0.02), "position") == "reproduced"  # the variant is worse
+    assert ablation_summary.verdict(ci(0.01, 0.08), "position") == "reversed"
+    assert ablation_summary.verdict(ci(-0.05, 0.03), "proximal") == "inconclusive"
+    assert ablation_summary.verdict({"mean": -0.1, "ci95": None}, "recon") == "inconclusive (one seed)"
+    assert ablation_summary.verdict(None, "recon") == "not measured"
     # Reference: the codes should stay within REFERENCE_MARGIN of the continuous encoder.
-    assert ablations.verdict(ci(-0.02, 0.03), "reference") == "reproduced"
-    assert ablations.verdict(ci(0.06, 0.12), "reference") == "reversed"
-    assert ablations.verdict(ci(-0.02, 0.09), "reference") == "inconclusive"
+    assert ablation_summary.verdict(ci(-0.02, 0.03), "reference") == "reproduced"
+    assert ablation_summary.verdict(ci(0.06, 0.12), "reference") == "reversed"
+    assert ablation_summary.verdict(ci(-0.02, 0.09), "reference") == "inconclusive"
 
 
 def test_report_rebuilds_the_summary_and_prints_the_table(tmp_path, capsys):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 @pytest.mark.parametrize("script, argv", [
@@ -21,7 +18,7 @@ def test_benchmark_runs(script, argv, tmp_path):
     import json
     import math
 
-    module = __import__(script)
+    module = importlib.import_module(f"bench.{script}")
     record = module.main([*argv, "--out", str(tmp_path / "r.json")])
     written = json.loads((tmp_path / "r.json").read_text())
     for key in ("benchmark", "date", "command", "device", "torch"):
@@ -51,7 +48,7 @@ def test_load_memory_quick_mode(tmp_path, official_dir):
     """bench/load_memory.py --layout tiny (the golden fixture's shapes): each load in a fresh process."""
     import json
 
-    module = __import__("load_memory")
+    from bench import load_memory as module
     work, out = tmp_path / "work", tmp_path / "load_memory.json"
     work.mkdir()
     returned = module.main(["--layout", "tiny", "--loads", "official:float32", "viq:bfloat16",
@@ -79,7 +76,7 @@ def test_latent_probe(tmp_path):
     record names every model it probed."""
     import torch
 
-    import latent_probe
+    from bench import latent_probe
     from viq.formats.image import to_pil
     from viq.model.viq import ViQModel
 
@@ -110,8 +107,8 @@ def test_recon_chain(tmp_path):
 
     import torch
 
-    import recon_chain
     import viq
+    from bench import recon_chain
     from viq.demo.evaluation import evaluate_reconstruction
     from viq.formats.image import to_pil
     from viq.model.viq import ViQModel

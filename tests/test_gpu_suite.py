@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_suite_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--smoke", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--smoke", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for letter, name in [("a", "encode"), ("b", "invariance"), ("c", "train"), ("d", "extract"), ("e", "peer")]:
@@ -40,7 +40,7 @@ def test_gpu_suite_smoke_default_out_is_temporary():
     """Without --out, smoke records go to a temp folder, never bench/results (budget 0: parts skip)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     before = set((ROOT / "bench" / "results").iterdir())
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--smoke", "--budget-s", "0"],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--smoke", "--budget-s", "0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set((ROOT / "bench" / "results").iterdir()) == before
