@@ -290,6 +290,8 @@ def colour_square_qa(root: str | os.PathLike, n: int, *, sizes: Iterable[tuple[i
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from viq.mllm.chat import IMAGE_TOKEN
+
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     sizes = list(sizes)
@@ -303,7 +305,7 @@ def colour_square_qa(root: str | os.PathLike, n: int, *, sizes: Iterable[tuple[i
         Image.fromarray(img).save(root / "images" / f"{i}.jpg", quality=92)
         image = {"img_path": f"images/{i}.jpg", "resize": resize} if i % 2 == 0 else f"images/{i}.jpg"
         records.append({"id": f"s{i}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": colour}]})
+            {"from": "human", "value": f"{IMAGE_TOKEN}\nWhat color is the square?"}, {"from": "gpt", "value": colour}]})
     jsonl = root / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     parquet = root / "ov.parquet"
