@@ -29,7 +29,7 @@ from torch import nn
 
 from viq.model.config import ViQConfig
 
-__all__ = ["PARTS", "COMPONENTS", "COMPONENT_PARTS", "build_part", "parts_of", "components_of", "part_of_key"]
+__all__ = ["PARTS", "COMPONENTS", "COMPONENT_PARTS", "build_part", "parts_of", "components_of", "parts_in"]
 
 #: Every part, in the order a network builds them (random initialisation draws in this order).
 PARTS = ("encoder", "head", "dequant", "recon", "embedder", "drawer", "vae")
@@ -84,7 +84,8 @@ def components_of(parts: Iterable[str]) -> tuple[str, ...]:
     return tuple(c for c, ps in COMPONENT_PARTS.items() if set(ps) <= have)
 
 
-def part_of_key(key: str) -> str | None:
-    """The part a state-dict key belongs to (its first name component), or None."""
-    head = key.split(".", 1)[0]
-    return head if head in PARTS else None
+def parts_in(keys: Iterable[str]) -> tuple[str, ...]:
+    """The parts that state-dict ``keys`` hold weights of (a key's part is its first name component),
+    in :data:`PARTS` order."""
+    present = {key.split(".", 1)[0] for key in keys}
+    return tuple(p for p in PARTS if p in present)

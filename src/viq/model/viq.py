@@ -36,7 +36,7 @@ from viq.model.config import ViQConfig, get_preset
 from viq.model.encoder import Packed, pad_to_patches
 from viq.model.head import CodeHead
 from viq.model.layers import set_attention_backend
-from viq.model.parts import COMPONENT_PARTS, COMPONENTS, PARTS, build_part, components_of, parts_of
+from viq.model.parts import COMPONENT_PARTS, COMPONENTS, PARTS, build_part, components_of, parts_in, parts_of
 from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
 from viq.model.vae import decode_latents
@@ -453,7 +453,7 @@ class ViQModel(nn.Module):
                 raise FileNotFoundError(f"{path}: missing (a viq model directory has {CONFIG_NAME} and {WEIGHTS_NAME})")
         config = ViQConfig.load(config_path)
         keys, meta = safetensors_index(weights_path)
-        stored_parts = tuple(p for p in PARTS if any(k.startswith(p + ".") for k in keys))
+        stored_parts = parts_in(keys)
         if components is None:
             parts = stored_parts
         else:
@@ -546,7 +546,7 @@ def check_weights(config: ViQConfig, state: dict[str, torch.Tensor], components:
     shapes of a model of ``config`` with ``components``: the check :meth:`ViQModel.from_state_dict`
     makes, without loading anything (the modules are built on the meta device)."""
     with torch.device("meta"):
-        expected = ViQModel(config, parts=parts_of(components)).state_dict()
+        expected = ViQModel(config, components).state_dict()
     _check_state(expected, state, source)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from viq.model.config import ViQConfig
-from viq.model.parts import PARTS
+from viq.model.parts import parts_in
 from viq.model.viq import ViQModel
 from viq.train.stages import get_stage
 
@@ -180,14 +180,19 @@ class TrainModel(ViQModel):
         self.set_vae(vae)
 
     # ------------------------------------------------------------------ frozen helpers
-    # Kept out of the state dict and the optimizer: plain attributes, not submodules.
+    @property
+    def _frozen(self) -> dict[str, nn.Module]:
+        """The frozen helpers by name, kept out of the state dict and the optimizer (in ``__dict__``,
+        not submodules; created on first use, since ViQModel's constructor already sets ``vae``)."""
+        return self.__dict__.setdefault("_frozen_helpers", {})
+
     @property
     def teacher(self) -> nn.Module | None:
-        return self.__dict__.get("_frozen", {}).get("teacher")
+        return self._frozen.get("teacher")
 
     @property
     def vae(self) -> nn.Module | None:  # ViQModel's "vae" part is, in training, the frozen codec
-        return self.__dict__.get("_frozen", {}).get("vae")
+        return self._frozen.get("vae")
 
     @vae.setter
     def vae(self, module: nn.Module | None) -> None:
@@ -196,7 +201,7 @@ class TrainModel(ViQModel):
     def set_vae(self, vae: nn.Module | None) -> None:
         if vae is not None:
             vae.requires_grad_(False).eval()
-        self.__dict__.setdefault("_frozen", {})["vae"] = vae
+        self._frozen["vae"] = vae
 
     def snapshot_teacher(self) -> None:
         """Freeze a copy of the current encoder (trunk + MAP head) as the distillation teacher."""
@@ -206,11 +211,11 @@ class TrainModel(ViQModel):
         """Use ``encoder`` (a :class:`ViTEncoder` with its MAP head), frozen, as the distillation teacher."""
         teacher = encoder.requires_grad_(False).eval()
         teacher.gradient_checkpointing = False
-        self.__dict__.setdefault("_frozen", {})["teacher"] = teacher
+        self._frozen["teacher"] = teacher
 
     def _apply(self, fn, recurse=True):  # keep frozen helpers on the model's device/dtype
         super()._apply(fn, recurse)
-        for module in self.__dict__.get("_frozen", {}).values():
+        for module in self._frozen.values():
             if module is not None:
                 module._apply(fn, recurse)
         return self
@@ -221,11 +226,11 @@ class TrainModel(ViQModel):
         unchanged from the init weights, the frozen VAE, and -- as the official converter does -- an
         embedder (and, until one is trained, a drawer) derived from the encoder's own dequantiser (and
         latent decoder). A plain :class:`ViQModel` on the CPU; nothing of the LLM side."""
-        own = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.split(".", 1)[0] in PARTS}
+        own = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if parts_in([k])}
         # A VAE given by vae.path replaces the one the init weights carried (their architectures may differ).
         own.update({k: v for k, v in self.carry.items() if not (self.vae is not None and k.startswith("vae."))})
         state = dict(own)
-        present = {k.split(".", 1)[0] for k in own}
+        present = parts_in(own)
         if "dequant" in present and "embedder" not in present and self.config.head.quantizer == "fsq":
             state.update({"embedder." + k[len("dequant."):]: v for k, v in own.items() if k.startswith("dequant.")})
             if "drawer" not in present and "recon" in present:
@@ -234,8 +239,7 @@ class TrainModel(ViQModel):
                 state.update({"drawer.latent." + k[len("recon."):]: v for k, v in own.items() if k.startswith("recon.")})
         if self.vae is not None:
             state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()})
-        parts = tuple(p for p in PARTS if any(k.startswith(p + ".") for k in state))
-        return ViQModel.from_state_dict(self.config, state, parts=parts, source=f"stage {self.stage}")
+        return ViQModel.from_state_dict(self.config, state, parts=parts_in(state), source=f"stage {self.stage}")
 
     # ------------------------------------------------------------------ forward
     #: The order the losses are computed in (the order of the graph's nodes, hence of the float sums of
