@@ -141,9 +141,9 @@ def levels_arg(text: str) -> tuple[int, ...]:
 
 
 def torch_dtype(name: str):
-    import torch
+    from viq.model.weights import TORCH_DTYPES
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return TORCH_DTYPES[name]
 
 
 def torch_device(name: str):

@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 __all__ = ["MappedFile", "convert", "convert_state", "read_safetensors", "safetensors_index", "write_safetensors",
-           "CHUNK_BYTES"]
+           "CHUNK_BYTES", "TORCH_DTYPES"]
+
+#: The dtypes weights are loaded in, by the name recipes and the command line give them.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: File pages resident at once while reading a safetensors file (bytes).
 CHUNK_BYTES = 64 << 20

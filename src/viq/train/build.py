@@ -4,8 +4,8 @@ Initial ViQ weights (``model.init``):
 
 * ``preset:<name>``: random init of a viq preset.
 * ``viq:<dir>``: a viq model directory, or a previous stage's ``final/`` output, or a Hugging Face Hub
-  id ``owner/name[@revision][/subfolder]`` (:mod:`viq.model.hub`; so are ``hf-siglip:`` and ``llm.path``). Weights are matched
-  by name; what the new stage adds (e.g. the FSQ attention blocks in 2-2) starts fresh, and what no
+  id ``owner/name[@revision][/subfolder]`` (:mod:`viq.model.hub`; so are ``hf-siglip:`` and ``llm.path``).
+  Weights are matched by name; what the new stage adds (e.g. the FSQ attention blocks in 2-2) starts fresh, and what no
   longer fits (e.g. the 2-1 bottleneck projections, D wide, vs the FSQ's d) is dropped. Both lists
   are logged: the 2-1 -> 2-2 hand-over needs no key surgery.
 * ``hf-siglip:<dir>``: a Hugging Face ``SiglipVisionModel`` / ``SiglipModel`` checkpoint (encoder
@@ -27,7 +27,7 @@ from torch import nn
 from viq.model.config import ViQConfig, get_preset
 from viq.model.hub import resolve, resolve_model
 from viq.model.viq import check_weights
-from viq.train.config import TrainConfig
+from viq.train.config import TrainConfig, parse_init
 from viq.train.matching import load_matching
 from viq.train.output import STAGE_FILE, VIQ_CONFIG, VIQ_WEIGHTS, check_stage_output
 from viq.train.model import TrainModel
@@ -38,19 +38,11 @@ log = logging.getLogger(__name__)
 __all__ = ["build_model", "load_matching", "merge_config"]
 
 
-
 def merge_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in changes.items():
         out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def _init_source(spec: str) -> tuple[str, str]:
-    kind, _, value = spec.partition(":")
-    if kind not in ("preset", "viq", "hf-siglip", "timm-siglip") or not value:
-        raise ValueError(f"model.init {spec!r}: expected preset:<name>, viq:<dir>, hf-siglip:<dir> or timm-siglip:<file>")
-    return kind, value
 
 
 def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
@@ -146,7 +138,7 @@ def _check_carry(config: ViQConfig, carry: dict[str, torch.Tensor], source: str)
 def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
     """The stage's TrainModel (on ``device``, float32 master weights) and its ChatTokenizer (or None)."""
     stage = get_stage(cfg.stage)
-    kind, value = _init_source(cfg.model.init)
+    kind, value = parse_init(cfg.model.init)
     state: dict[str, torch.Tensor] = {}
     init_dir: Path | None = None
     published = None  # a SigLIP init as published: the default distillation teacher
@@ -237,9 +229,7 @@ def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None,
     spec = cfg.loss.teacher
     record = _teacher_record(init_dir) if spec == "auto" else None
     if spec == "auto" and record is None and published is not None:
-        encoder_config, encoder_state = published
-        model.set_teacher(_encoder_from(dataclasses.asdict(encoder_config), encoder_state, cfg.model.init))
-        return {"source": cfg.model.init, "weights": None, "encoder": dataclasses.asdict(encoder_config)}
+        return _teacher_from(model, *published, cfg.model.init)
     if spec == "auto" and record is None:
         model.snapshot_teacher()  # this stage's starting encoder becomes the recipe's teacher
         return {"source": cfg.model.init, "weights": None, "encoder": dataclasses.asdict(model.config.encoder)}
@@ -253,19 +243,26 @@ def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None,
         state = {"encoder." + k: v for k, v in load_file(str(weights)).items()}
         model.set_teacher(_encoder_from(record["encoder"], state, str(weights)))
         return record
-    kind, value = _init_source(spec)
+    kind, value = parse_init(spec, "loss.teacher")
     if kind == "preset":
         raise ValueError(f"loss.teacher {spec!r}: a teacher needs trained weights (viq:, hf-siglip:, timm-siglip:)")
     if kind == "viq":
         config, state = _read_viq_dir(resolve_model(value))
+        encoder_config = config.encoder
     else:
         from viq.train.init import load_siglip
 
         encoder_config, state = load_siglip(kind, value, {}).native_encoder()
-        model.set_teacher(_encoder_from(dataclasses.asdict(encoder_config), state, spec))
-        return {"source": spec, "weights": None, "encoder": dataclasses.asdict(encoder_config)}
-    model.set_teacher(_encoder_from(dataclasses.asdict(config.encoder), state, spec))
-    return {"source": spec, "weights": None, "encoder": dataclasses.asdict(config.encoder)}
+    return _teacher_from(model, encoder_config, state, spec)
+
+
+def _teacher_from(model: TrainModel, encoder_config: Any, state: dict[str, torch.Tensor],
+                  source: str) -> dict[str, Any]:
+    """Give ``model`` the teacher of ``encoder_config`` holding the ``encoder.*`` tensors of ``state``;
+    the record of a teacher chosen here (its weights are written with this stage's output)."""
+    encoder = dataclasses.asdict(encoder_config)
+    model.set_teacher(_encoder_from(encoder, state, source))
+    return {"source": source, "weights": None, "encoder": encoder}
 
 
 def _handed_over(handover: Handover, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

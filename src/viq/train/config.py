@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from viq.model.config import dataclass_from_dict
+from viq.model.weights import TORCH_DTYPES
 from viq.train.stages import LOSSES, STAGES, get_stage
 
-__all__ = ["TrainConfig", "load_recipe", "apply_overrides", "STAGES", "TRACKERS"]
+__all__ = ["TrainConfig", "load_recipe", "apply_overrides", "parse_init", "STAGES", "TRACKERS"]
 
 #: the optional loggers a recipe may name in ``train.trackers`` (metrics.jsonl is always written)
 TRACKERS = ("tensorboard", "wandb")
@@ -189,8 +190,8 @@ class TrainConfig:
             raise ValueError(f"stage: expected a string, got {self.stage!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.llm.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"llm.dtype must be float32, bfloat16 or float16, got {self.llm.dtype!r}")
+        if self.llm.dtype not in TORCH_DTYPES:
+            raise ValueError(f"llm.dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.llm.dtype!r}")
         if self.llm.attention not in ("sdpa", "eager", "flash_attention_2"):
             raise ValueError(f"llm.attention must be sdpa, eager or flash_attention_2, got {self.llm.attention!r}")
         if self.llm.inherit not in ("auto", True, False, "true", "false"):
@@ -367,12 +368,14 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
         unknown = sorted(set(cfg.optim.trainable) - set(GROUPS))
         need(not unknown, "optim.trainable", f"groups among {', '.join(GROUPS)}", unknown)
-    _check_init(cfg.model.init, "model.init")
+    parse_init(cfg.model.init, "model.init")
     if cfg.loss.teacher != "auto":
-        _check_init(cfg.loss.teacher, "loss.teacher")
+        parse_init(cfg.loss.teacher, "loss.teacher")
 
 
-def _check_init(spec: str, key: str) -> None:
+def parse_init(spec: str, key: str = "model.init") -> tuple[str, str]:
+    """``(kind, value)`` of a weights source ``<kind>:<value>`` (``model.init``, ``loss.teacher``);
+    ValueError naming ``key`` for an unknown kind, an empty value or an unknown preset."""
     kind, _, value = spec.partition(":")
     if kind not in ("preset", "viq", "hf-siglip", "timm-siglip") or not value:
         raise ValueError(f"{key} {spec!r}: expected preset:<name>, viq:<dir>, hf-siglip:<dir> or timm-siglip:<file>")
@@ -381,6 +384,7 @@ def _check_init(spec: str, key: str) -> None:
 
         if value not in PRESETS:
             raise ValueError(f"{key} {spec!r}: unknown preset; known: {', '.join(sorted(PRESETS))}")
+    return kind, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

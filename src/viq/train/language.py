@@ -24,17 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from viq.model.hub import resolve
+from viq.model.weights import TORCH_DTYPES
 from viq.train.config import TrainConfig
 from viq.train.output import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE, check_stage_output
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LanguageSide", "build_language_side"]
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -62,17 +61,20 @@ def _describe(identity: dict[str, Any], path: str | None) -> str:
             f"{identity.get('num_layers')} layers, vocabulary {identity.get('vocab_size')})")
 
 
-def _projector_misfit(projector: nn.Module, path: Path) -> str | None:
+def _misfit(module: nn.Module, path: Path, what: str, *, every_key: bool) -> str | None:
+    """Why the tensors of the safetensors file ``path`` do not fit ``module`` (None: they do): one of
+    another shape, or -- with ``every_key`` -- one that ``module`` does not have. Reads shapes only."""
     from safetensors import safe_open
 
-    own = projector.state_dict()
+    own = module.state_dict()
     with safe_open(str(path), "pt") as f:
         for key in f.keys():
             shape = tuple(f.get_slice(key).get_shape())
             if key not in own:
-                return f"{path}: {key} is not a projector tensor"
-            if tuple(own[key].shape) != shape:
-                return f"{path}: {key} has shape {shape}, this projector {tuple(own[key].shape)}"
+                if every_key:
+                    return f"{path}: {key} is not a {what} tensor"
+            elif tuple(own[key].shape) != shape:
+                return f"{path}: {key} has shape {shape}, this {what} {tuple(own[key].shape)}"
     return None
 
 
@@ -93,7 +95,7 @@ def _why_not(cfg: TrainConfig, directory: Path, identity: dict[str, Any], projec
         log.info("%s records no LLM (an output of an earlier viq): checking that its tensors fit", directory)
     weights = directory / PROJECTOR_WEIGHTS
     if weights.is_file():
-        misfit = _projector_misfit(projector, weights)
+        misfit = _misfit(projector, weights, "projector", every_key=True)
         if misfit:
             return misfit
     adapter = directory / LLM_DIR
@@ -104,14 +106,7 @@ def _why_not(cfg: TrainConfig, directory: Path, identity: dict[str, Any], projec
             return f"its adapter has {settings}, this recipe asks for {wanted} (llm.lora_r, llm.lora_alpha, llm.mode)"
     full = adapter / "model.safetensors"
     if full.is_file() and not (adapter / "adapter_config.json").is_file():
-        from safetensors import safe_open
-
-        own = llm.state_dict()
-        with safe_open(str(full), "pt") as f:
-            for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                if key in own and tuple(own[key].shape) != shape:
-                    return f"{full}: {key} has shape {shape}, this LLM {tuple(own[key].shape)}"
+        return _misfit(llm, full, "LLM", every_key=False)
     return None
 
 

@@ -18,14 +18,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # the one spelling of a model folder's files
+from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 
-__all__ = ["save_stage_output", "check_stage_output", "language_record", "VIQ_CONFIG", "VIQ_WEIGHTS", "TEACHER_WEIGHTS", "STAGE_FILE",
-           "PROJECTOR_WEIGHTS", "LLM_DIR"]
+__all__ = ["save_stage_output", "check_stage_output", "language_record", "VIQ_CONFIG", "VIQ_WEIGHTS",
+           "TEACHER_WEIGHTS", "STAGE_FILE", "PROJECTOR_WEIGHTS", "LLM_DIR"]
 
-from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # noqa: E402 - the one spelling of a model folder's files
-from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS  # noqa: E402
 #: the distillation teacher's encoder, written by the stage that chose it (see viq.train.build.setup_teacher)
 TEACHER_WEIGHTS = "teacher.safetensors"
 STAGE_FILE = "stage.json"
@@ -58,11 +58,10 @@ def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> N
         with writing(tmp):
             remove_tree(tmp)
             tmp.mkdir(parents=True)
-            _write_stage_files(model, tmp, directory, cfg)
+            stage = _write_stage_files(model, tmp, directory, cfg)
             fault_point("final.write")
-            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            stage = json.loads((tmp / STAGE_FILE).read_text())
-            stage["files"] = {name: size for name, size in files.items() if name != STAGE_FILE}
+            stage["files"] = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                              if p.is_file()}
             (tmp / STAGE_FILE).write_text(json.dumps(stage, indent=2))
             fsync_tree(tmp)
             fault_point("final.written")
@@ -92,8 +91,9 @@ def check_stage_output(directory: Path) -> None:
                              f"{directory} is damaged; re-run the stage that wrote it")
 
 
-def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: TrainConfig) -> None:
-    """The files of a stage output, written into ``directory`` (which becomes ``final``)."""
+def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """The files of a stage output but ``stage.json``, written into ``directory`` (which becomes ``final``);
+    returns what ``stage.json`` says of them."""
     from safetensors.torch import save_file
 
     # The network as viq.load reads it: exactly what the inference model saves (one class, one writer).
@@ -110,12 +110,11 @@ def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: Tra
             # clone: tied embeddings share storage, which safetensors refuses to write twice
             save_file({k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
                       str(llm_dir / "model.safetensors"))
-    record = getattr(model, "teacher_record", None)
+    record = model.teacher_record
     if record is not None and record["weights"] is None and model.teacher is not None:
         # This stage chose the teacher: its encoder travels with the output, for every later stage.
         teacher_state = {k: v.detach().cpu().contiguous() for k, v in model.teacher.state_dict().items()}
         save_file(teacher_state, str(directory / TEACHER_WEIGHTS), metadata={"source": record["source"]})
         record = {**record, "weights": str((final / TEACHER_WEIGHTS).resolve())}
-    (directory / STAGE_FILE).write_text(json.dumps({"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record,
-                                                    "llm": language_record(cfg, getattr(model, "llm_identity", None))},
-                                                   indent=2))
+    return {"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record,
+            "llm": language_record(cfg, model.llm_identity)}
