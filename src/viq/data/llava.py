@@ -173,12 +173,13 @@ def header_size(ref: ImageRef | str) -> tuple[int, int] | str:
 
 def load_record_image(ref: ImageRef, preprocess: PreprocessConfig) -> torch.Tensor:
     """A record's image (a file, or bytes in a columnar file) -> float32 ``(3, H, W)`` in [-1, 1], sized
-    by ``preprocess`` (give :meth:`LlavaDataset.image_config`: the record's own ``resize`` applies). The
-    one way from a LLaVA record to pixels, for training, validation and ``viq eval-qa``.
+    by the record's own ``resize`` when it has one, else by ``preprocess`` (:func:`record_image_config`).
+    The one way from a LLaVA record to pixels, for training, validation and ``viq eval-qa``.
 
     Raises:
         ImageError, OSError: the image cannot be read (messages start with ``ref.path``).
     """
+    preprocess = record_image_config(ref, preprocess)
     if ref.cell is None:
         return preprocess_image(ref.path, preprocess).pixels
     from viq.data.columnar import read_cell
@@ -310,7 +311,7 @@ class LlavaDataset(Dataset):
 
     def _load_pixels(self, ref: ImageRef) -> torch.Tensor:
         """Decode one image -> float32 ``(3, H, W)`` in [-1, 1]. Raises ImageError."""
-        return load_record_image(ref, self.image_config(ref))
+        return load_record_image(ref, self.preprocess)
 
     def image_config(self, ref: ImageRef) -> PreprocessConfig:
         """How image ``ref`` is sized: the dataset's preprocessing, or the record's own ``resize``."""

@@ -134,12 +134,12 @@ def _load_pixels(parsed: Any, k: int, pre) -> torch.Tensor:
     """Image ``k`` of a parsed record as the training data loader decodes it (official ``resize``
     specs honoured, otherwise ``pre``) -> float32 ``(3, H, W)`` in [-1, 1]. DataError naming the
     sample and the file if it cannot be read."""
-    from viq.data.llava import DataError, load_record_image, record_image_config
+    from viq.data.llava import DataError, load_record_image
     from viq.formats.image import ImageError
 
     ref = parsed.images[k]
     try:
-        return load_record_image(ref, record_image_config(ref, pre))
+        return load_record_image(ref, pre)
     except (ImageError, OSError) as e:
         reason = str(e).removeprefix(f"{ref.path}: ")
         raise DataError(f"{parsed.label}: image {k + 1} of {len(parsed.images)} ({ref.path}): {reason}") from e
