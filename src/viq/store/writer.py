@@ -35,7 +35,7 @@ from viq.store.format import (
     json_bytes,
     writer_lock_name,
 )
-from viq.store.index import LOOKUP_SUFFIX, columns_to_arrays, write_lookup
+from viq.store.index import columns_to_arrays, write_lookup
 from viq.store.shard import encode_record
 
 __all__ = ["ShardWriter"]
@@ -111,8 +111,8 @@ class ShardWriter:
     def name(self) -> str:
         return self._name
 
-    def _base(self, seq: int) -> str:
-        return f"{self._name}-{seq:06d}"
+    def _shard(self, seq: int) -> ShardName:
+        return ShardName(self._name, seq)
 
     def _clean_up_and_number(self) -> int:
         """Delete own leftovers; return the next shard number (after the last finalised one)."""
@@ -233,7 +233,7 @@ class ShardWriter:
             self.flush()
 
     def _open_shard(self) -> None:
-        tmp = self._dir / f"{self._base(self._seq)}.bin{TMP_SUFFIX}"
+        tmp = self._dir / (self._shard(self._seq).bin + TMP_SUFFIX)
         # "xb": never silently reuse a temp file, e.g. of a concurrent writer given the same name.
         self._fh = open(tmp, "xb")  # noqa: SIM115  # stays open across add() calls until flush()
         header = SHARD_HEADER.pack(SHARD_MAGIC, FORMAT_VERSION, FLAG_ENTROPY if self._cfg.entropy_coding else 0)
@@ -247,7 +247,7 @@ class ShardWriter:
         readers, is deleted (its samples are redone by the next run), the lock is released, and the
         error names the shard file."""
         try:
-            with writing(self._dir / f"{self._base(self._seq)}.bin{TMP_SUFFIX}"):
+            with writing(self._dir / (self._shard(self._seq).bin + TMP_SUFFIX)):
                 yield
         except OSError:
             self._abort()
@@ -257,10 +257,10 @@ class ShardWriter:
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
-        base = self._base(self._seq)
-        leftovers = [f"{base}.bin{TMP_SUFFIX}", f"{base}.idx.json{TMP_SUFFIX}"]
-        if not (self._dir / f"{base}.idx.json").exists():
-            leftovers.append(f"{base}.bin")  # renamed, but its index never made it visible
+        shard = self._shard(self._seq)
+        leftovers = [shard.bin + TMP_SUFFIX, shard.index + TMP_SUFFIX]
+        if not (self._dir / shard.index).exists():
+            leftovers.append(shard.bin)  # renamed, but its index never made it visible
         for name in leftovers:
             with contextlib.suppress(OSError):
                 os.unlink(self._dir / name)
@@ -268,7 +268,7 @@ class ShardWriter:
         self._closed = True
         self._lock.release()
         log.warning("%s: writer %r stopped after a failed write; its unfinished shard %s was removed",
-                  self._store.path, self._name, base)
+                  self._store.path, self._name, shard.base)
 
     def flush(self) -> None:
         """Finalise the current shard (atomic, durable); no-op if nothing was added since."""
@@ -279,16 +279,16 @@ class ShardWriter:
 
     def _flush(self) -> None:
         cfg = self._cfg
-        base = self._base(self._seq)
-        bin_tmp = self._dir / f"{base}.bin{TMP_SUFFIX}"
-        idx_tmp = self._dir / f"{base}.idx.json{TMP_SUFFIX}"
+        shard = self._shard(self._seq)
+        bin_tmp = self._dir / (shard.bin + TMP_SUFFIX)
+        idx_tmp = self._dir / (shard.index + TMP_SUFFIX)
         n = len(self._cols["id"])
         index = {
             "format": SHARD_INDEX_FORMAT,
             "format_version": FORMAT_VERSION,
             "writer": self._name,
             "seq": self._seq,
-            "shard": f"{base}.bin",
+            "shard": shard.bin,
             "shard_size": self._size,
             "sha256": self._hasher.hexdigest(),
             "levels": list(cfg.levels),
@@ -308,29 +308,29 @@ class ShardWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         # Shard first, index last: the index's appearance is the commit point for readers.
-        os.replace(bin_tmp, self._dir / f"{base}.bin")
+        os.replace(bin_tmp, self._dir / shard.bin)
         fault_point("store.flush")
-        os.replace(idx_tmp, self._dir / f"{base}.idx.json")
+        os.replace(idx_tmp, self._dir / shard.index)
         fsync_dir(self._dir)
-        self._write_lookup(base)
-        log.debug("%s: finalised shard %s.bin (%d records, %d bytes)", self._store.path, base, n, self._size)
+        self._write_lookup(shard)
+        log.debug("%s: finalised shard %s (%d records, %d bytes)", self._store.path, shard.bin, n, self._size)
         self.records_written += n
         self.shards_written += 1
         self._seq += 1
         self._reset_shard()
 
-    def _write_lookup(self, base: str) -> None:
+    def _write_lookup(self, shard: ShardName) -> None:
         """The shard's binary lookup file (a cache of its index for the compact store index: if this
         fails, the first reader derives it from the ``.idx.json``)."""
         cols = self._cols
         try:
-            st = os.stat(self._dir / f"{base}.idx.json")
+            st = os.stat(self._dir / shard.index)
             arrays = columns_to_arrays(cols["id"], cols["source"], cols["content_hash"], cols["grid"],
                                        cols["image_size"], cols["offset"], cols["length"], cols["crc32"])
-            write_lookup(self._dir / f"{base}{LOOKUP_SUFFIX}", f"{base}.bin", (st.st_mtime_ns, st.st_size), arrays)
+            write_lookup(self._dir / shard.lookup, shard.bin, (st.st_mtime_ns, st.st_size), arrays)
         except (OSError, ValueError) as exc:
             log.warning("%s: could not write the lookup file of %s (readers will derive it): %s",
-                        self._store.path, base, exc)
+                        self._store.path, shard.base, exc)
 
     def close(self) -> None:
         """Flush, mark the writer closed (further :meth:`add` calls raise) and refresh the store
