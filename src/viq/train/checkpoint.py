@@ -57,7 +57,7 @@ from viq.train.parallel import Dist, strip_wrapper_prefix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "resume_point", "check_checkpoint", "load_checkpoint", "seed_step",
+__all__ = ["save_checkpoint", "latest_checkpoint", "resume_point", "run_started", "check_checkpoint", "load_checkpoint", "seed_step",
            "full_state", "materialise"]
 
 #: progress.json "format": 2 = DCP directory + scheduler.pt; 1 (no field) = gathered state.pt (read only)
@@ -246,17 +246,22 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def run_started(output_dir: Path) -> bool:
+    """Whether a run has trained into ``output_dir``: it holds a checkpoint folder or metrics."""
+    ckpts = output_dir / "checkpoints"
+    metrics = output_dir / "metrics.jsonl"
+    return (ckpts.is_dir() and any(ckpts.glob("step-*"))) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
 def resume_point(output_dir: Path) -> Path | None:
     """The checkpoint ``--resume`` continues from: :func:`latest_checkpoint`, or None for a run that
-    has not started (no checkpoint, no metrics). A run that has written checkpoints or metrics but
-    left no usable checkpoint is an error naming the folder -- never a silent restart from step 0."""
+    has not started (:func:`run_started`). A run that has written checkpoints or metrics but left no
+    usable checkpoint is an error naming the folder -- never a silent restart from step 0."""
     found = latest_checkpoint(output_dir)
     if found is not None:
         return found
-    ckpts = output_dir / "checkpoints"
-    written = sorted(p.name for p in ckpts.glob("step-*")) if ckpts.is_dir() else []
-    metrics = output_dir / "metrics.jsonl"
-    if written or (metrics.is_file() and metrics.stat().st_size > 0):
+    if run_started(output_dir):
+        written = sorted(p.name for p in (output_dir / "checkpoints").glob("step-*"))
         what = f"checkpoints {', '.join(written)} are unusable (see the warnings)" if written else \
             "it has metrics.jsonl but no checkpoint"
         raise ValueError(f"{output_dir}: nothing to resume from: {what}; refusing to start again from step 0 "

@@ -199,18 +199,24 @@ def max_pixels_at(cfg: TrainConfig, step: int) -> int:
 class BatchStream:
     """Micro-batches for this rank from global micro-batch ``start`` on, rebuilt when the
     progressive-resolution schedule changes the preprocessing. ``index`` is the next global
-    micro-batch (saved in checkpoints)."""
+    micro-batch (saved in checkpoints). ``built``: ``(max_pixels, dataset)``, the training data already
+    built (and checked) at that resolution, used instead of building it again when the stream starts
+    there."""
 
-    def __init__(self, cfg: TrainConfig, dist_info: Dist, collator: Collator, start: int) -> None:
+    def __init__(self, cfg: TrainConfig, dist_info: Dist, collator: Collator, start: int,
+                 built: tuple[int, torch.utils.data.Dataset] | None = None) -> None:
         self.cfg, self.dist, self.collator = cfg, dist_info, collator
         self.index = start
         self._iter = None
         self._pixels = None
+        self._built = built
 
     def next(self, step: int) -> TrainBatch:
         pixels = max_pixels_at(self.cfg, step)
         if self._iter is None or pixels != self._pixels:
-            dataset = build_dataset(self.cfg.data.train, self.cfg, pixels)
+            built, self._built = self._built, None
+            dataset = built[1] if built is not None and built[0] == pixels else \
+                build_dataset(self.cfg.data.train, self.cfg, pixels)
             order = ShardedBatchOrder(len(dataset), self.cfg.train.batch_size, rank=self.dist.rank,
                                       world=self.dist.world, seed=self.cfg.train.seed, start=self.index)
             # Its own generator: creating a DataLoader iterator draws a seed, which must not consume the

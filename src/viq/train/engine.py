@@ -40,7 +40,7 @@ from viq.train.build import build_model
 from viq.train.output import save_stage_output
 from viq._io import writing
 from viq.train.checkpoint import (full_state, load_checkpoint, load_extra, materialise, resume_point,
-                                  save_checkpoint, seed_step)
+                                  run_started, save_checkpoint, seed_step)
 from viq.train.config import TrainConfig
 from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
 from viq.train.evaluate import evaluate
@@ -234,9 +234,7 @@ def _starting_point(out_dir: Path, resume: bool) -> Path | None:
     checkpoints would mix with the new run's) or a resume with nothing usable to resume from."""
     if resume:
         return resume_point(out_dir)
-    ckpts = out_dir / "checkpoints"
-    metrics = out_dir / "metrics.jsonl"
-    if (ckpts.is_dir() and any(ckpts.glob("step-*"))) or (metrics.is_file() and metrics.stat().st_size > 0):
+    if run_started(out_dir):
         raise ValueError(f"{out_dir}: holds a run already (checkpoints / metrics.jsonl): continue it with "
                          f"--resume, or remove the folder / set another train.output_dir to start afresh")
     return None
@@ -246,9 +244,10 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
            stop_after: int | None) -> dict[str, Any]:
     checkpoint = _starting_point(out_dir, resume)
     # The data before the model: a missing file or a bad image stops the run now, not when drawn.
-    for path in (cfg.data.train, cfg.data.val):
-        if path:
-            build_dataset(path, cfg, max_pixels_at(cfg, 0), progress=cfg.train.progress and dist_info.main)
+    first_pixels = max_pixels_at(cfg, 0)
+    train_data = build_dataset(cfg.data.train, cfg, first_pixels, progress=cfg.train.progress and dist_info.main)
+    if cfg.data.val:
+        build_dataset(cfg.data.val, cfg, first_pixels, progress=cfg.train.progress and dist_info.main)
     seed_everything(cfg.train.seed)  # identical initialisation on every rank
     model, tokenizer = build_model(cfg, device=device)
     prepare_model(model, cfg)
@@ -266,7 +265,7 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
     image_tokens = model.projector.num_tokens if model.projector is not None else None
     collator = Collator(tokenizer, cfg.llm.max_length, image_tokens=image_tokens,
                         patch_size=model.config.encoder.patch_size)
-    stream = BatchStream(cfg, dist_info, collator, start_micro)
+    stream = BatchStream(cfg, dist_info, collator, start_micro, built=(first_pixels, train_data))
     autocast = autocast_context(cfg, device)
     run_log = RunLogger(out_dir, cfg, main=dist_info.main, start_step=step)  # drops records after `step`
     clock = time.perf_counter() - (history[-1].get("time", 0.0) if history else 0.0)  # run time, resumes included
