@@ -106,6 +106,8 @@ class Extraction:
         self.done_own: dict[str, int] = {}
         self.since_flush = 0
         self.reading_s = 0.0
+        #: whether the input comes in units (tar shards, columnar files; set by :meth:`plan`)
+        self.streamed = False
         self.store = self.writer = self.bar = None
 
     # ------------------------------------------------------------------ steps
