@@ -14,6 +14,7 @@ inside each conversation (see :class:`PackedBatch` for how that works in transfo
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "pack_sequences",
     "LossOutput",
     "causal_lm_loss",
+    "supervised_lm_loss",
 ]
 
 
@@ -271,3 +273,37 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossOutput:
     loss_sum = F.cross_entropy(picked, targets[keep], reduction="sum") if picked.numel() else logits.sum() * 0.0
     count = keep.sum()
     return LossOutput(loss_sum / count.clamp_min(1), loss_sum, count)
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward (through a PEFT wrapper) accepts ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def supervised_lm_loss(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> LossOutput:
+    """:func:`causal_lm_loss` of ``model(**inputs)``, with logits computed only where they are scored.
+
+    A training row holds a few answer tokens among many prompt and image tokens; projecting every
+    position onto the vocabulary (152k entries for Qwen2.5) is most of the LM head's time and memory
+    and all of the zero-filled gradient of the full ``(B, T, V)`` logits. transformers' causal LMs take
+    ``logits_to_keep``: a boolean ``(B, T)`` mask keeps exactly the positions whose next token is
+    supervised, and the logits come back flattened, ``(N, V)``. Models without it (or a transformers
+    that reads the mask otherwise) get the full logits and :func:`causal_lm_loss`; the loss is the same.
+
+    Args:
+        model: a causal LM (or a PEFT model around one).
+        inputs: its keyword arguments (``PackedBatch.model_inputs()``, or padded rows with a mask).
+        labels: (B, T) unshifted labels matching ``inputs_embeds``.
+    """
+    keep = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t+1
+    if _takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+        if logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
+            targets = labels[:, 1:][keep[:, :-1]]
+            count = keep.sum()
+            if not targets.numel():
+                return LossOutput(logits.sum() * 0.0, logits.sum() * 0.0, count)
+            loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+            return LossOutput(loss_sum / count.clamp_min(1), loss_sum, count)
+    return causal_lm_loss(model(**inputs).logits, labels)

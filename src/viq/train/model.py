@@ -345,7 +345,7 @@ class TrainModel(ViQModel):
         return [decoder.from_raw(raw) for raw in raws] if decoder is not None else raws
 
     def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
-        from viq.mllm.packing import causal_lm_loss, pack_sequences, splice_image_features
+        from viq.mllm.packing import pack_sequences, splice_image_features, supervised_lm_loss
 
         image_embeds = self.projector(features, grids) if features else []
         embed = self.llm.get_input_embeddings()
@@ -363,17 +363,17 @@ class TrainModel(ViQModel):
             anchor = sum(e.sum() for e in image_embeds) * 0
             items[0] = (items[0][0] + anchor, items[0][1])
         if self.llm_rows == "padded":
-            logits, labels = self._padded_rows(items)
+            inputs, labels = self._padded_rows(items)
         else:
             packed = pack_sequences(items, self.max_length)
-            logits, labels = self.llm(**packed.model_inputs()).logits, packed.labels
-        _, ce_sum, count = causal_lm_loss(logits, labels)
+            inputs, labels = packed.model_inputs(), packed.labels
+        _, ce_sum, count = supervised_lm_loss(self.llm, inputs, labels)
         return ce_sum, count.float()
 
-    def _padded_rows(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _padded_rows(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, Any], torch.Tensor]:
         """LLaVA-style layout: one conversation per row, right-padded to the longest with zero
-        embeddings and IGNORE_INDEX labels, and a 2-D padding attention mask. Returns logits
-        (N, T, V) and labels (N, T)."""
+        embeddings and IGNORE_INDEX labels, and a 2-D padding attention mask. Returns the LLM's
+        inputs and the labels (N, T)."""
         from viq.mllm.chat import IGNORE_INDEX
 
         device = items[0][0].device
@@ -381,4 +381,4 @@ class TrainModel(ViQModel):
         embeds = torch.stack([F.pad(emb, (0, 0, 0, T - emb.shape[0])) for emb, _ in items])
         labels = torch.stack([F.pad(lab, (0, T - lab.shape[0]), value=IGNORE_INDEX) for _, lab in items])
         mask = torch.stack([torch.arange(T, device=device) < emb.shape[0] for emb, _ in items]).long()
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits, labels
+        return {"inputs_embeds": embeds, "attention_mask": mask, "use_cache": False}, labels
