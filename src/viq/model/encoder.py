@@ -14,7 +14,7 @@ from torch import nn
 
 from viq.model.attention import Segments
 from viq.model.config import EncoderConfig
-from viq.model.layers import MIN_ROWS, Block, Mlp
+from viq.model.layers import MIN_ROWS, Block, Mlp, pad_rows
 
 __all__ = ["Packed", "ViTEncoder", "AttentionPool", "pad_to_patches", "resize_pos_embed", "FILLER_SEGMENT"]
 
@@ -126,25 +126,34 @@ class ViTEncoder(nn.Module):
 
         Returns:
             tokens: (T, C) packed, T = sum of h*w (+ filler); layout: the :class:`Packed` pack.
+
+        The patch embedding (a conv with stride = kernel = patch size) is one matrix product over the
+        patches of all images: (T, 3*p*p) x (3*p*p, C). Each row is one patch, so an image's tokens do not
+        depend on its companions (GEMM rows are independent; see viq.model.layers.MIN_ROWS), and a batch
+        of small images costs one kernel instead of one convolution each. Each distinct grid's position
+        table is resized once per call.
         """
         p = self.cfg.patch_size
-        weight = self.patch_embed.proj.weight
-        tokens, grids = [], []
+        weight = self.patch_embed.proj.weight  # (C, 3, p, p)
+        patches, grids = [], []
         for img in images:
             if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % p or img.shape[2] % p:
                 raise ValueError(f"expected (3, H, W) pixels padded to multiples of {p}, got {tuple(img.shape)}")
-            grid = (img.shape[1] // p, img.shape[2] // p)
-            x = self.patch_embed.proj(img[None].to(weight.dtype))  # (1, C, h, w)
-            x = x.flatten(2)[0].T  # (h*w, C), row-major (y, x)
-            tokens.append(x + self.position_table(grid))
-            grids.append(grid)
-        total = sum(t.shape[0] for t in tokens)
+            h, w = img.shape[1] // p, img.shape[2] // p
+            # (3, h*p, w*p) -> (h, w, 3, p, p) -> (h*w, 3*p*p): row-major patches, channels-first inside
+            patches.append(img.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p))
+            grids.append((h, w))
+        total = sum(h * w for h, w in grids)
         # A pack shorter than MIN_ROWS gets a filler segment (its own attention segment, so it
         # touches no image), keeping every GEMM on the same kernel path (see viq.model.layers.MIN_ROWS).
         filler = max(0, max(min_rows, MIN_ROWS) - total)
+        x = torch.cat(patches).to(weight.dtype)
+        x = F.linear(pad_rows(x, total + filler), weight.flatten(1), self.patch_embed.proj.bias)
+        tables = {grid: self.position_table(grid) for grid in dict.fromkeys(grids)}
+        positions = [tables[grid] for grid in grids]
         if filler:
-            tokens.append(tokens[0].new_zeros(filler, tokens[0].shape[1]))
-        return torch.cat(tokens), Packed(tuple(grids), filler)
+            positions.append(x.new_zeros(filler, x.shape[1]))
+        return x + torch.cat(positions), Packed(tuple(grids), filler)
 
     def forward(self, images: list[torch.Tensor], min_rows: int = MIN_ROWS) -> tuple[torch.Tensor, Packed]:
         """list of (3, H, W) -> packed (T, C) last-block tokens (no final norm), and the layout
@@ -177,15 +186,27 @@ class AttentionPool(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden, approximate=approximate)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """list of (N_i, C) per-image features -> (B, C) pooled embeddings."""
-        out = []
+        """list of (N_i, C) per-image features -> (B, C) pooled embeddings.
+
+        Per-token work (norm, key/value projection) runs once over all images; images with the same
+        number of tokens share one attention call (one query each), like the packed trunk attention.
+        """
         c = self.latent.shape[-1]
         dh = c // self.num_heads
+        lengths = [f.shape[0] for f in features]
         q = self.q(self.latent[0]).view(1, self.num_heads, dh).transpose(0, 1)  # (H, 1, dh)
-        for f in features:
-            x = self.norm_in(f)
-            k, v = self.kv(x).view(-1, 2, self.num_heads, dh).permute(1, 2, 0, 3)  # (H, N, dh) each
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]  # (H, 1, dh)
-            o = self.proj(o.transpose(0, 1).reshape(1, c))
-            out.append(o + self.mlp(self.norm(o)))
-        return torch.cat(out)
+        kv = self.kv(self.norm_in(torch.cat(features)))
+        pooled = kv.new_empty(len(features), c)
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(i)
+        for n, members in by_length.items():
+            rows = torch.cat([torch.arange(offsets[i], offsets[i] + n, device=kv.device) for i in members])
+            k, v = kv[rows].view(len(members), n, 2, self.num_heads, dh).permute(2, 0, 3, 1, 4)  # (B, H, n, dh)
+            o = F.scaled_dot_product_attention(q[None].expand(len(members), -1, -1, -1), k, v)  # (B, H, 1, dh)
+            pooled = pooled.index_copy(0, torch.tensor(members, device=kv.device), o.reshape(len(members), c))
+        o = self.proj(pooled)
+        return o + self.mlp(self.norm(o))
