@@ -45,15 +45,20 @@ class RegionalPooler(nn.Module):
         self.predictor = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool one image.
+        """Pool one image, or a batch of images of the same grid.
 
         Args:
-            x: (h, w, D) features of one image.
+            x: (h, w, D) features of one image, or (B, h, w, D) of B images.
 
         Returns:
-            (ceil(h/2), ceil(w/2), D) pooled features.
+            (ceil(h/2), ceil(w/2), D) pooled features (with the leading B when given).
         """
-        h, w, d = x.shape
+        if x.ndim == 4:
+            return self._pool(x)
+        return self._pool(x[None])[0]
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, d = x.shape
         h2, w2 = math.ceil(h / 2), math.ceil(w / 2)
         ph, pw = 2 * h2 - h, 2 * w2 - w
         # Zero-pad odd grids to even; a validity mask keeps padded slots out of the mean and softmax.
@@ -61,19 +66,19 @@ class RegionalPooler(nn.Module):
         if ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
             valid = F.pad(valid, (0, pw, 0, ph), value=False)
-        # (h2, 2, w2, 2, D) -> (h2, w2, 4, D); window position k = 2*dy + dx (row-major in the window).
-        v = x.reshape(h2, 2, w2, 2, d).permute(0, 2, 1, 3, 4).reshape(h2, w2, 4, d)
+        # (B, h2, 2, w2, 2, D) -> (B, h2, w2, 4, D); window position k = 2*dy + dx (row-major in the window).
+        v = x.reshape(b, h2, 2, w2, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4, d)
         valid = valid.reshape(h2, 2, w2, 2).permute(0, 2, 1, 3).reshape(h2, w2, 4, 1)
         if ph or pw:
             count = valid.sum(dim=2, keepdim=True).to(v.dtype)  # >= 1: every window has its top-left
-            mean = (v * valid).sum(dim=2, keepdim=True) / count
+            mean = (v * valid).sum(dim=3, keepdim=True) / count
         else:
-            mean = v.mean(dim=2, keepdim=True)  # the official formula, bit for bit on even grids
-        scores = self.predictor(torch.cat([v, mean.expand_as(v)], dim=-1))  # (h2, w2, 4, D)
+            mean = v.mean(dim=3, keepdim=True)  # the official formula, bit for bit on even grids
+        scores = self.predictor(torch.cat([v, mean.expand_as(v)], dim=-1))  # (B, h2, w2, 4, D)
         if ph or pw:
             scores = scores.masked_fill(~valid, float("-inf"))
-        weights = scores.softmax(dim=2)  # over the window positions, per channel
-        return (weights * v).sum(dim=2)
+        weights = scores.softmax(dim=3)  # over the window positions, per channel
+        return (weights * v).sum(dim=3)
 
 
 class MMProjector(nn.Module):
@@ -128,15 +133,27 @@ class MMProjector(nn.Module):
                 raise ValueError(f"image {i}: features {tuple(f.shape)} do not match grid ({h}, {w}) x {self.in_dim}")
         if not features:
             return []
-        # proj1 is per-token, so run it once over all images.
+        # proj1 and proj2 are per-token, so each runs once over all images; images of the same grid
+        # are pooled together.
         x_all = self.proj1(torch.cat(list(features)))
-        out = []
-        for x, (h, w) in zip(x_all.split([h * w for h, w in grids]), grids):
-            x = x.reshape(h, w, self.out_dim)
+        per_image = x_all.split([h * w for h, w in grids])
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i, grid in enumerate(grids):
+            by_grid.setdefault(tuple(grid), []).append(i)
+        pooled: list[torch.Tensor | None] = [None] * len(grids)
+        for (h, w), members in by_grid.items():
+            x = torch.stack([per_image[i] for i in members]).reshape(len(members), h, w, self.out_dim)
             if self.pooler is not None:
                 x = self.pooler(x)
-            x = self.proj2(F.gelu(x))
-            rows, cols, d = x.shape
-            x = torch.cat([x, self.image_newline.to(x.dtype).expand(rows, 1, d)], dim=1).reshape(rows * (cols + 1), d)
-            out.append(torch.cat([self.image_begin.to(x.dtype)[None], x, self.image_end.to(x.dtype)[None]]))
+            for i, y in zip(members, x.unbind(0)):
+                pooled[i] = y
+        sizes = [y.shape[0] * y.shape[1] for y in pooled]
+        x_all = self.proj2(F.gelu(torch.cat([y.reshape(-1, self.out_dim) for y in pooled])))
+        out = []
+        for x, y in zip(x_all.split(sizes), pooled):
+            rows, cols = y.shape[:2]
+            d = self.out_dim
+            x = torch.cat([x.reshape(rows, cols, d), self.image_newline.to(x.dtype).expand(rows, 1, d)], dim=1)
+            out.append(torch.cat([self.image_begin.to(x.dtype)[None], x.reshape(rows * (cols + 1), d),
+                                  self.image_end.to(x.dtype)[None]]))
         return out

@@ -137,11 +137,17 @@ class LatentDecoder(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, segments, use_reentrant=False)
             else:
                 x = block(x, segments)
-        out = []
-        for f, (h, w) in zip(x[:total].split(list(lengths)), grids):
-            grid = f.T.reshape(1, -1, h, w)
-            y = self.conv_out(F.silu(self.norm_out(grid)))
-            out.append(F.pixel_shuffle(y, self.cfg.latent_upscale)[0])
+        # The output convolution runs once per distinct grid, on all images of that grid.
+        per_image = x[:total].split(list(lengths))
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i, grid in enumerate(grids):
+            by_grid.setdefault(tuple(grid), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(grids)
+        for (h, w), members in by_grid.items():
+            batch = torch.stack([per_image[i].T.reshape(-1, h, w) for i in members])
+            y = F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(batch))), self.cfg.latent_upscale)
+            for i, latent in zip(members, y.unbind(0)):
+                out[i] = latent
         return out
 
 
