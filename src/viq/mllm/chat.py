@@ -19,6 +19,7 @@ Differences from the official recipe (``official-viq-training.md`` §9.3-§9.4),
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -75,6 +76,8 @@ CHATML_TEMPLATE = (
 )
 
 _ROLES = ("system", "user", "assistant")
+#: conversations whose encoding :meth:`ChatTokenizer.encode` keeps (least recently used dropped first)
+ENCODE_CACHE_SIZE = 65536
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -177,6 +180,8 @@ class ChatTokenizer:
         if span_method not in ("generation", "prefix"):
             raise ValueError(f"span_method must be 'auto', 'generation' or 'prefix', got {span_method!r}")
         self.span_method = span_method
+        #: conversation (its (role, content) pairs) -> its encoding; see :meth:`encode`
+        self._encoded: collections.OrderedDict[tuple, TokenizedConversation] = collections.OrderedDict()
 
     # -- rendering ----------------------------------------------------------------------------------
 
@@ -320,8 +325,20 @@ class ChatTokenizer:
             :class:`TokenizedConversation` with labels on every answer (reply + end-of-turn marker).
         """
         msgs = self._check(messages)
+        # Training reads the same conversations every epoch, and synthetic or templated data repeats
+        # whole conversations; rendering the template and tokenising costs about a millisecond each.
+        # The result is a pure function of the messages, so the last ENCODE_CACHE_SIZE are kept. The
+        # returned tensors are shared: callers must not modify them in place.
+        key = tuple((m["role"], m["content"]) for m in msgs)
+        cached = self._encoded.get(key)
+        if cached is not None:
+            self._encoded.move_to_end(key)
+            return cached
         text, spans = self._answer_spans(msgs, add_generation_prompt=False)
-        return self._tokenize(text, spans)
+        encoded = self._encoded[key] = self._tokenize(text, spans)
+        if len(self._encoded) > ENCODE_CACHE_SIZE:
+            self._encoded.popitem(last=False)
+        return encoded
 
     def encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> torch.Tensor:
         """Tokenise an inference prompt: messages up to the last user turn plus the generation prompt.
