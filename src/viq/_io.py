@@ -223,9 +223,9 @@ def _default_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _write_temporary(path: Path, content: bytes | Writer, mode: int) -> str:
+def _write_temporary(path: Path, content: bytes | Writer, mode: int, sync: bool = True) -> str:
     """Write ``content`` (bytes, or a function that writes the file at the path it is given) to a
-    fresh temporary sibling of ``path``, fsynced, with ``mode``; returns its path."""
+    fresh temporary sibling of ``path``, fsynced (unless ``sync`` is false), with ``mode``; returns its path."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         if isinstance(content, (bytes, bytearray, memoryview)):
@@ -233,13 +233,15 @@ def _write_temporary(path: Path, content: bytes | Writer, mode: int) -> str:
                 fd = -1  # closed by fh
                 fh.write(content)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if sync:
+                    os.fsync(fh.fileno())
         else:
             os.close(fd)
             fd = -1
             content(tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            if sync:
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
         # mkstemp creates 0600 files; permissions are cosmetic, never fail a write over them.
         with contextlib.suppress(OSError):
             os.chmod(tmp, mode)
@@ -252,22 +254,27 @@ def _write_temporary(path: Path, content: bytes | Writer, mode: int) -> str:
     return tmp
 
 
-def atomic_write(path: str | os.PathLike, content: bytes | Writer) -> Path:
+def atomic_write(path: str | os.PathLike, content: bytes | Writer, *, sync: bool = True) -> Path:
     """Write ``path`` so that readers see the old file or the whole new one, never a part.
 
     ``content`` is the bytes, or a function called with a temporary path that writes the file there
     (e.g. ``lambda p: image.save(p, format="PNG")``). On any failure the temporary file is removed
     and an existing ``path`` is left untouched. Returns ``path`` as a :class:`~pathlib.Path`.
+
+    ``sync=False`` skips the two fsyncs (file and directory): the write is still all-or-nothing for
+    readers and against a killed process, but survives a power loss only once something flushes it
+    (``os.sync()``). For writers of many small files that flush once at the end.
     """
     path = Path(path)
-    tmp = _write_temporary(path, content, _default_mode(path))
+    tmp = _write_temporary(path, content, _default_mode(path), sync)
     try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
     return path
 
 
