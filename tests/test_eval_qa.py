@@ -118,13 +118,13 @@ def test_load_run(run):
 def test_evaluate_qa_real_blank_shuffled(run, monkeypatch):
     model, tokenizer, records, root = run["model"], run["tokenizer"], run["records"], run["data"].parent
     seen: dict[str, list[torch.Tensor]] = {}
-    real_answer = QA.answer_last_question
+    real_answer = QA.answer_last_questions
 
-    def spy(model_, tokenizer_, messages, images, device, *, codes=None):
-        seen.setdefault(mode, []).append(images[0].clone())
-        return real_answer(model_, tokenizer_, messages, images, device, codes=codes)
+    def spy(model_, tokenizer_, conversations, images, device, *, codes=None):
+        seen.setdefault(mode, []).extend(xs[0].clone() for xs in images)
+        return real_answer(model_, tokenizer_, conversations, images, device, codes=codes)
 
-    monkeypatch.setattr(QA, "answer_last_question", spy)
+    monkeypatch.setattr(QA, "answer_last_questions", spy)
     results, examples = {}, {}
     for mode in QA.IMAGE_MODES:
         examples[mode] = []
@@ -191,8 +191,10 @@ def test_cli_eval_qa(run, tmp_path, capsys):
     assert all({"n", "accuracy"} <= set(v) for v in result["per_task"].values())
     assert result["per_task"]["color"]["n"] == 2 and result["per_task"]["all"]["n"] == 1
     assert set(result["baselines"]) == {"blank", "shuffled"} and result["baselines"]["blank"]["n"] == 3
+    assert set(result["nll"]) == {"real", "blank"} and set(result["nll"]["real"]["per_task"]) == {"color", "all"}
+    assert all(v["nll"] > 0 for v in result["nll"].values())
     printed = capsys.readouterr().out
-    assert "color" in printed and "overall" in printed and "blank" in printed
+    assert "color" in printed and "overall" in printed and "blank" in printed and "nll real" in printed
 
     # Image root: the images elsewhere -> --image-root; a missing image names the sample.
     moved = tmp_path / "moved"
@@ -317,3 +319,71 @@ def test_cli_plot(run, tmp_path, capsys):
         assert im.width > 200 and im.height > 200
     assert main(["plot", str(tmp_path)]) == 1
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_answers_in_batches_are_the_answers_alone(run):
+    """Questions answered together get what each gets alone (left padding + mask; each answer cut to its
+    own budget). The LM head is scaled so that greedy choices are far from ties: batched arithmetic
+    differs from one-by-one in the last bits only, which cannot flip a choice with a margin this wide."""
+    model, tokenizer, records, root = run["model"], run["tokenizer"], run["records"], run["data"].parent
+    head = model.llm.get_output_embeddings().weight
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.mul_(100)
+        one, together = [], []
+        QA.evaluate_qa(model, tokenizer, records, root, batch_size=1, examples=one)
+        QA.evaluate_qa(model, tokenizer, records, root, batch_size=3, examples=together)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    assert [e["prediction"] for e in one] == [e["prediction"] for e in together]
+    assert len(one) == 4
+
+
+def test_generate_answers_cuts_each_answer_to_its_budget(run, monkeypatch):
+    from viq.mllm.adapters import generate_answers
+
+    model, tokenizer = run["model"], run["tokenizer"]
+    prompt = tokenizer.encode_prompt([{"role": "user", "content": "What is 1 + 1?"}])
+    longer = tokenizer.encode_prompt([{"role": "user", "content": "What is 1 + 1? Say it twice, then once."}])
+    decoded: list[int] = []
+    decode = tokenizer.tokenizer.decode
+    monkeypatch.setattr(tokenizer.tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
+    # The same prompt twice in one batch (identical rows), with budgets 1 and 6, beside a longer prompt
+    # (so both are left-padded): the first answer is the one-token start of the second.
+    one, six, _ = generate_answers(model.llm.eval(), tokenizer, [prompt, prompt, longer], [[], [], []],
+                                   max_new_tokens=[1, 6, 6])
+    assert decoded[0] == 1 and 1 <= decoded[1] <= 6 and six.startswith(one)
+    with pytest.raises(ValueError, match="one positive budget per prompt"):
+        generate_answers(model.llm, tokenizer, [prompt], [[]], max_new_tokens=[1, 2])
+
+
+def test_answer_nll_is_the_per_token_loss_of_the_answers(run):
+    """answer_nll in batches equals the training loss of each conversation computed alone."""
+    from viq.mllm.packing import splice_image_features, supervised_lm_loss
+
+    model, tokenizer, records, root = run["model"], run["tokenizer"], run["records"], run["data"].parent
+    result = QA.answer_nll(model, tokenizer, records, root, batch_size=3)
+    assert result["n"] == 4 and result["images"] == "real" and set(result["per_task"]) == {"color", "all"}
+    pre = QA.run_preprocess(model.recipe)
+    from viq.formats.image import preprocess
+
+    sums: dict[str, list[float]] = {}
+    model.eval()
+    with torch.no_grad():
+        for r in (r for r in records if "image" in r):
+            messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                        for t in r["conversations"]]
+            enc = tokenizer.encode(messages)
+            encoded = model.encode_features([preprocess(root / r["image"], pre).pixels])
+            embeds = model.projector(encoded.features, encoded.grids)
+            emb, lab = splice_image_features(model.llm.get_input_embeddings(), enc.input_ids, enc.labels, embeds)
+            out = supervised_lm_loss(model.llm, {"inputs_embeds": emb[None], "use_cache": False}, lab[None])
+            entry = sums.setdefault(r.get("task", "all"), [0.0, 0])
+            entry[0] += float(out.loss_sum)
+            entry[1] += int(out.num_tokens)
+    for task, (total, tokens) in sums.items():
+        assert result["per_task"][task]["nll"] == pytest.approx(total / tokens, rel=1e-4)
+    blank = QA.answer_nll(model, tokenizer, records, root, images="blank")
+    assert blank["n"] == 4 and blank["nll"] != result["nll"]

@@ -50,20 +50,24 @@ def _fmt(result: dict) -> str:
     return f"{result['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _table(results: dict[str, dict]) -> str:
-    """One row per task and one ``overall``; one column per image mode (accuracy [95 % CI])."""
+def _table(results: dict[str, dict], nll: dict[str, dict] | None = None) -> str:
+    """One row per task and one ``overall``; one column per image mode (accuracy [95 % CI]), then the
+    answer NLL (nats per answer token) per image mode in ``nll``."""
     modes = list(results)
+    nll = nll or {}
     tasks = sorted(results[modes[0]]["per_task"])
     if tasks == ["all"]:  # no task field in the data: the overall row says it all
         tasks = []
     width = max([len("task"), len("overall"), *(len(t) for t in tasks)])
     cell = 22
-    lines = [f"{'task':<{width}}  {'n':>5}  " + "  ".join(f"{m:<{cell}}" for m in modes).rstrip()]
+    header = "  ".join(f"{m:<{cell}}" for m in modes) + "".join(f"  {'nll ' + m:>10}" for m in nll)
+    lines = [f"{'task':<{width}}  {'n':>5}  " + header.rstrip()]
     for task in tasks:
         n = results[modes[0]]["per_task"][task]["n"]
         row = "  ".join(f"{_fmt(results[m]['per_task'][task]):<{cell}}" for m in modes)
+        row += "".join(f"  {r['per_task'][task]['nll']:>10.3f}" for r in nll.values())
         lines.append(f"{task:<{width}}  {n:>5}  {row}".rstrip())
-    row = "  ".join(f"{_fmt(results[m]):<{cell}}" for m in modes)
+    row = "  ".join(f"{_fmt(results[m]):<{cell}}" for m in modes) + "".join(f"  {r['nll']:>10.3f}" for r in nll.values())
     lines.append(f"{'overall':<{width}}  {results[modes[0]]['n']:>5}  {row}".rstrip())
     return "\n".join(lines)
 
@@ -76,7 +80,7 @@ def _json_result(result: dict) -> dict:
 
 def cmd_eval_qa(args: argparse.Namespace) -> int:
     from viq.data.llava import DataError
-    from viq.eval.qa import evaluate_qa, load_run
+    from viq.eval.qa import answer_nll, evaluate_qa, load_run
 
     data = Path(args.data)
     all_records = _read_records(data)
@@ -106,15 +110,20 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
                 log.warning("shuffled images need at least 2 questions: skipped")
                 continue
             results[mode] = evaluate_qa(model, tokenizer, records, image_root, images=mode, seed=args.seed,
-                                        device=device, source=str(data))
+                                        device=device, source=str(data), batch_size=args.batch_size)
+        # Does the image change how likely the right answer is? (real vs blank, nats per answer token)
+        nll = {mode: answer_nll(model, tokenizer, records, image_root, images=mode, device=device, source=str(data),
+                                batch_size=args.batch_size) for mode in modes if mode != "shuffled" and args.baselines}
     except (DataError, ValueError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None
-    print(_table(results))
+    print(_table(results, nll))
     if args.json is not None:
         out = _json_result(results["real"])
         out.update({"run": str(args.run), "data": str(data), "stage": model.stage})
         if args.baselines:
             out["baselines"] = {m: _json_result(r) for m, r in results.items() if m != "real"}
+            out["nll"] = {m: {"nll": r["nll"], "per_task": {t: v["nll"] for t, v in r["per_task"].items()}}
+                          for m, r in nll.items()}
         path = Path(args.json)
         try:
             if path.parent != Path(""):
@@ -294,9 +303,12 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--image-root", metavar="DIR", help="folder relative image paths are resolved against "
                                                       "(default: the data file's folder)")
     p.add_argument("--baselines", action="store_true",
-                   help="also answer with blank (mid-grey) and shuffled (another record's) images")
+                   help="also answer with blank (mid-grey) and shuffled (another record's) images, and give the "
+                        "answer NLL (nats per answer token) with real and blank images")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled-image derangement (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
+                   help="questions answered together (default 32)")
     p.set_defaults(func=cmd_eval_qa)
 
     p = sub.add_parser("eval-recon", parents=[common], help="reconstruction quality beside JPEG / WebP at equal bpp",

@@ -28,17 +28,18 @@ import json
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from viq.eval.intervals import wilson_interval
-from viq.train.evaluate import answer_last_question
+from viq.train.evaluate import answer_last_questions
 from viq.train.stages import TABLE
 
-__all__ = ["IMAGE_MODES", "evaluate_qa", "find_final", "load_run", "majority_baseline", "wilson_interval"]
+__all__ = ["IMAGE_MODES", "answer_nll", "evaluate_qa", "find_final", "load_run", "majority_baseline", "wilson_interval"]
 
 #: What the model is shown with each question: the real image, a mid-grey one, another sample's.
 IMAGE_MODES = ("real", "blank", "shuffled")
@@ -238,7 +239,8 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
 @torch.no_grad()
 def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.PathLike[str], *,
                 images: str = "real", seed: int = 0, preprocess=None, device: torch.device | None = None,
-                examples: list[dict] | None = None, encoder=None, source: str | None = None) -> dict[str, Any]:
+                examples: list[dict] | None = None, encoder=None, source: str | None = None,
+                batch_size: int = 32) -> dict[str, Any]:
     """QA accuracy of a stage model on the image records of ``records``.
 
     Args:
@@ -257,6 +259,8 @@ def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.
         encoder: for stages that read codes (``mllm``): the ViQ model that encodes the images
             (default: ``model.qa_encoder`` set by :func:`load_run`).
         source: name of the records' file, for error messages.
+        batch_size: questions answered together (:func:`viq.train.evaluate.answer_last_questions`);
+            each answer is the one it gets alone, up to the last bits of batched arithmetic.
 
     Returns:
         ``{"n", "accuracy", "ci95": [lo, hi], "per_task": {task: {"n", "accuracy", "ci95"}}, "images"}``.
@@ -268,10 +272,47 @@ def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.
     """
     from viq.train.metrics import answer_matches
 
+    outcomes: list[tuple[str, bool]] = []
+    for chunk in _chunks(model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source,
+                         batch_size):
+        answers = answer_last_questions(model, tokenizer, chunk.conversations, chunk.pixels, chunk.device,
+                                        codes=chunk.codes)
+        for (record, parsed), shown, (prediction, answer) in zip(chunk.items, chunk.shown, answers):
+            ok = bool(answer_matches(prediction, answer))
+            task = _task(record)
+            outcomes.append((task, ok))
+            if examples is not None:
+                examples.append({"id": parsed.id, "task": task, "question": _question(record), "answer": answer,
+                                 "prediction": prediction, "correct": ok,
+                                 "image": None if images == "blank" else [ref.path for ref in shown.images]})
+    result = _summary(outcomes)
+    result["images"] = images
+    return result
+
+
+@dataclass
+class _Chunk:
+    """Questions answered together: their (record, parsed record), the record whose images are shown,
+    the pixels shown, the chat messages, the codes (stages that read codes) and the device."""
+
+    items: list[tuple[dict, Any]]
+    shown: list[Any]
+    pixels: list[list[torch.Tensor]]
+    conversations: list[list[dict]]
+    codes: list[list] | None
+    device: torch.device
+
+
+def _chunks(model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source,
+            batch_size) -> Iterator[_Chunk]:
+    """The image records of ``records`` in chunks of ``batch_size``, each with what it is shown
+    (``images``: real, blank or shuffled); the model is in eval mode while the chunks are used."""
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     if getattr(model, "llm", None) is None or getattr(model, "projector", None) is None or tokenizer is None:
-        raise ValueError("evaluate_qa needs a stage model with its projector, LLM and tokenizer")
+        raise ValueError("evaluating QA needs a stage model with its projector, LLM and tokenizer")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if preprocess is None:
         recipe = getattr(model, "recipe", None)
         if recipe is not None:
@@ -299,33 +340,65 @@ def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.
 
     was_training = model.training
     model.eval()
-    outcomes: list[tuple[str, bool]] = []
     try:
-        for i, (record, parsed) in enumerate(items):
-            shown = items[order[i]][1]
-            pixels = [_load_pixels(shown, k, preprocess) for k in range(len(shown.images))]
+        for start in range(0, len(items), batch_size):
+            chunk = range(start, min(start + batch_size, len(items)))
+            shown = [items[order[i]][1] for i in chunk]
+            pixels = [[_load_pixels(s, k, preprocess) for k in range(len(s.images))] for s in shown]
             if images == "blank":
-                pixels = [torch.zeros_like(x) for x in pixels]
-            messages = [{"role": role, "content": text} for role, text in parsed.messages]
-            codes = None
-            if reads_codes:
-                codes = encoder.encode_pixels([x.to(device) for x in pixels])
-            prediction, answer = answer_last_question(model, tokenizer, messages, pixels, device, codes=codes)
-            ok = bool(answer_matches(prediction, answer))
-            task = _task(record)
-            outcomes.append((task, ok))
-            if examples is not None:
-                examples.append({"id": parsed.id, "task": task, "question": _question(record), "answer": answer,
-                                 "prediction": prediction, "correct": ok,
-                                 "image": None if images == "blank" else [ref.path for ref in shown.images]})
+                pixels = [[torch.zeros_like(x) for x in xs] for xs in pixels]
+            codes = [encoder.encode_pixels([x.to(device) for x in xs]) for xs in pixels] if reads_codes else None
+            conversations = [[{"role": role, "content": text} for role, text in items[i][1].messages] for i in chunk]
+            yield _Chunk([items[i] for i in chunk], shown, pixels, conversations, codes, device)
     finally:
         model.train(was_training)
         for helper in (getattr(model, "teacher", None), getattr(model, "vae", None)):
             if helper is not None:
                 helper.eval()
-    result = _summary(outcomes)
-    result["images"] = images
-    return result
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, records: Sequence[dict], image_root: str | os.PathLike[str], *,
+               images: str = "real", seed: int = 0, preprocess=None, device: torch.device | None = None,
+               encoder=None, source: str | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """How surprised the model is by the reference answers: their negative log-likelihood in nats per
+    answer token (the answer and its end-of-turn marker, teacher-forced), with the image shown as in
+    :func:`evaluate_qa` (same arguments). A model that reads the image gives the right answer a lower
+    NLL with the real image than with a blank one; one that answers from the question alone gives both
+    the same.
+
+    Returns:
+        ``{"n", "nll", "per_task": {task: {"n", "nll"}}, "images"}``.
+    """
+    from viq.mllm.packing import answer_log_likelihoods, splice_image_features
+
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for chunk in _chunks(model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source,
+                         batch_size):
+        flat_codes = [c for cs in chunk.codes for c in cs] if chunk.codes else []
+        if flat_codes:
+            features, grids = model.embed_codes(flat_codes)
+        else:
+            encoded = model.encode_features([x.to(chunk.device) for xs in chunk.pixels for x in xs])
+            features, grids = encoded.features, encoded.grids
+        embeds = model.projector(features, grids)
+        embed_tokens = model.llm.get_input_embeddings()
+        items, start = [], 0
+        for conversation, xs in zip(chunk.conversations, chunk.pixels):
+            encoded_text = tokenizer.encode(conversation)
+            items.append(splice_image_features(embed_tokens, encoded_text.input_ids.to(chunk.device),
+                                               encoded_text.labels.to(chunk.device), embeds[start : start + len(xs)]))
+            start += len(xs)
+        nll, tokens = answer_log_likelihoods(model.llm, items)
+        for (record, _), value, count in zip(chunk.items, nll.tolist(), tokens.tolist()):
+            entry = per[_task(record)]
+            entry[0] += value
+            entry[1] += count
+            entry[2] += 1
+    total_nll, total_tokens = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+    return {"n": sum(v[2] for v in per.values()), "nll": total_nll / max(1, total_tokens),
+            "per_task": {t: {"n": v[2], "nll": v[0] / max(1, v[1])} for t, v in sorted(per.items())},
+            "images": images}
 
 
 def majority_baseline(train_records: Sequence[dict], test_records: Sequence[dict]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ __all__ = [
     "linear_leaf_names",
     "trainable_parameter_count",
     "generate_answer",
+    "generate_answers",
 ]
 
 
@@ -203,7 +204,7 @@ def generate_answer(
     *,
     max_new_tokens: int = 64,
 ) -> str:
-    """Greedy answer to a prompt with images.
+    """Greedy answer to a prompt with images (:func:`generate_answers` with one prompt).
 
     Args:
         model: causal LM (optionally peft-wrapped); put it in eval mode first (dropout).
@@ -215,9 +216,49 @@ def generate_answer(
     Returns:
         the decoded answer without special tokens.
     """
+    return generate_answers(model, tokenizer, [input_ids], [image_embeds], max_new_tokens=max_new_tokens)[0]
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer: ChatTokenizer,
+    prompts: Sequence[torch.Tensor],
+    image_embeds: Sequence[Sequence[torch.Tensor]],
+    *,
+    max_new_tokens: int | Sequence[int] = 64,
+) -> list[str]:
+    """Greedy answers to several prompts with images, generated together.
+
+    The prompts (each spliced with its images' projector outputs) are left-padded to the longest, with
+    an attention mask, so one ``generate`` call decodes them all: position ids follow the mask, so each
+    answer is the one its prompt gets alone, up to the last bits of batched arithmetic. Each stops at
+    the chat template's end-of-turn marker or at eos.
+
+    Args:
+        model: causal LM (optionally peft-wrapped); put it in eval mode first (dropout).
+        tokenizer: the :class:`viq.mllm.chat.ChatTokenizer` that made the prompts.
+        prompts: per prompt (L_i,) ids from :meth:`ChatTokenizer.encode_prompt`.
+        image_embeds: per prompt, per image (n_i, H) projector outputs.
+        max_new_tokens: generation budget, for all prompts or one per prompt (an answer is cut to its
+            own budget, as if generated alone).
+
+    Returns:
+        one decoded answer per prompt, without special tokens.
+    """
     from transformers import GenerationConfig
 
-    embeds, _ = splice_image_features(model.get_input_embeddings(), input_ids, None, image_embeds)
+    if len(prompts) != len(image_embeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(image_embeds)} image lists")
+    if not prompts:
+        return []
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts) or min(budgets) < 1:
+        raise ValueError(f"max_new_tokens: one positive budget per prompt, got {max_new_tokens}")
+    embed = model.get_input_embeddings()
+    rows = [splice_image_features(embed, ids, None, images)[0] for ids, images in zip(prompts, image_embeds)]
+    longest = max(r.shape[0] for r in rows)
+    padded = torch.stack([torch.cat([r.new_zeros(longest - r.shape[0], r.shape[1]), r]) for r in rows])
+    mask = torch.stack([torch.arange(longest, device=padded.device) >= longest - r.shape[0] for r in rows]).long()
     hf_tok = tokenizer.tokenizer
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
@@ -226,20 +267,21 @@ def generate_answer(
     eos_ids.update(tokenizer.end_of_turn_ids)
     marker = tokenizer.end_of_turn
     stop_strings = [marker] if marker and len(hf_tok(marker, add_special_tokens=False)["input_ids"]) > 1 else None
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else min(eos_ids) if eos_ids else 0
     # A fresh config: the checkpoint's sampling defaults (temperature, top_p, ...) do not apply.
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(budgets),
         do_sample=False,
         eos_token_id=sorted(eos_ids) or None,
-        pad_token_id=hf_tok.pad_token_id,
+        pad_token_id=pad,
         stop_strings=stop_strings,
     )
     out = model.generate(
-        inputs_embeds=embeds[None],
-        attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long, device=embeds.device),
+        inputs_embeds=padded,
+        attention_mask=mask,
         generation_config=config,
         **({"tokenizer": hf_tok} if stop_strings else {}),
     )
     # With only inputs_embeds, decoder-only generate returns just the new tokens.
-    text = hf_tok.decode(out[0], skip_special_tokens=True)
-    return text.partition(marker)[0] if stop_strings else text
+    texts = [hf_tok.decode(row[:budget], skip_special_tokens=True) for row, budget in zip(out, budgets)]
+    return [t.partition(marker)[0] for t in texts] if stop_strings else texts

@@ -33,6 +33,7 @@ __all__ = [
     "LossOutput",
     "causal_lm_loss",
     "supervised_lm_loss",
+    "answer_log_likelihoods",
 ]
 
 
@@ -307,3 +308,38 @@ def supervised_lm_loss(model: nn.Module, inputs: dict[str, Any], labels: torch.T
             loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
             return LossOutput(loss_sum / count.clamp_min(1), loss_sum, count)
     return causal_lm_loss(model(**inputs).logits, labels)
+
+
+@torch.no_grad()
+def answer_log_likelihoods(model: nn.Module, items: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, the summed negative log-likelihood (nats) of its supervised tokens and their count.
+
+    Args:
+        model: a causal LM (or a PEFT model around one), in eval mode.
+        items: per conversation (inputs_embeds (L_i, H), labels (L_i,)), e.g. from
+            :func:`splice_image_features`; each runs in its own right-padded row.
+
+    Returns:
+        (nll (N,) float64, tokens (N,) int64).
+    """
+    if not items:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    T = max(emb.shape[0] for emb, _ in items)
+    device = items[0][0].device
+    embeds = torch.stack([F.pad(emb, (0, 0, 0, T - emb.shape[0])) for emb, _ in items])
+    labels = torch.stack([F.pad(lab, (0, T - lab.shape[0]), value=IGNORE_INDEX) for _, lab in items])
+    mask = torch.stack([torch.arange(T, device=device) < emb.shape[0] for emb, _ in items]).long()
+    keep = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t+1
+    inputs = {"inputs_embeds": embeds, "attention_mask": mask, "use_cache": False}
+    if _takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+        if not (logits.ndim == 2 and logits.shape[0] == int(keep.sum())):
+            logits = model(**inputs).logits[keep]
+    else:
+        logits = model(**inputs).logits[keep]
+    targets = labels[:, 1:][keep[:, :-1]]
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none").double()
+    rows = keep.nonzero()[:, 0]
+    nll = torch.zeros(len(items), dtype=torch.float64, device=device).index_add_(0, rows, per_token)
+    return nll.cpu(), keep.sum(1).cpu()
