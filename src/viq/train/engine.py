@@ -112,6 +112,8 @@ def train_step(model: nn.Module, batch: TrainBatch | Sequence[TrainBatch], optim
                            sum(len(b.ids) for b in micro)], dtype=torch.float64, device=device)
     dist_info.all_reduce(counts)
     n_tokens, n_images, n_samples = (max(1.0, float(c)) for c in counts)
+    # The step's loss parts stay on the device until the step is done: reading each one back (float())
+    # would make the host wait for the device once per loss and micro-batch.
     sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=device)
     for i, b in enumerate(micro):
         # Gradients are all-reduced once per step, on the last micro-batch.
@@ -120,8 +122,7 @@ def train_step(model: nn.Module, batch: TrainBatch | Sequence[TrainBatch], optim
             out = model(b)
             loss, parts = combine_losses(out, weights, n_tokens, n_images)
             (loss * dist_info.world).backward()
-        sums += torch.tensor([float(torch.as_tensor(parts[k]).detach()) for k in LOSSES],
-                             dtype=torch.float64, device=device)
+        sums += torch.stack([torch.as_tensor(parts[k], device=device).detach().to(torch.float64) for k in LOSSES])
         if usage is not None and out.indices is not None:
             usage.add(out.indices)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -133,9 +134,10 @@ def train_step(model: nn.Module, batch: TrainBatch | Sequence[TrainBatch], optim
     scheduler.step()
 
     dist_info.all_reduce(sums)
-    result = {k: float(v) for k, v in zip(LOSSES, sums) if weights[k]}
+    values = torch.cat([sums, grad_norm.detach().to(torch.float64).reshape(1)]).tolist()  # one read-back a step
+    result = {k: v for k, v in zip(LOSSES, values) if weights[k]}
     result["loss"] = sum(weights[k] * result[k] for k in LOSSES if weights[k])
-    result["grad_norm"] = float(grad_norm)
+    result["grad_norm"] = values[-1]
     result.update(tokens=n_tokens, images=n_images, samples=n_samples)
     return result
 
