@@ -47,3 +47,24 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
             for stage in results["stages"]} == finals
     again = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert again["qa"] == results["qa"] and again["recon"] == results["recon"] and again["codes"] == results["codes"]
+
+
+def test_synth_demo_makes_fresh_sets_with_the_demos_mix(tmp_path):
+    """``viq synth --demo``: the demo's task mix at another seed (the fresh-seed test set of docs/training.md)."""
+    from viq.cli.main import main
+    from viq.demo.run import TASK_WEIGHTS
+    from viq.demo.synthetic import load_split
+
+    out = tmp_path / "fresh"
+    assert main(["synth", str(out), "--demo", "--seed", "1", "--train", "0", "--val", "0", "--test", "40"]) == 0
+    test = load_split(out, "test")
+    assert len(test) == 40 and {r["task"] for r in test} == set(TASK_WEIGHTS)
+    from PIL import Image
+
+    assert all(48 <= min(Image.open(out / r["image"]).size) and max(Image.open(out / r["image"]).size) <= 64 for r in test)
+    assert all(len(r["conversations"]) == 2 and "image" in r for r in test)
+    # Another seed, other images; the same seed again, the same set (and no overwrite without the flag).
+    assert main(["synth", str(out), "--demo", "--seed", "1", "--train", "0", "--val", "0", "--test", "40"]) == 1
+    again = tmp_path / "again"
+    assert main(["synth", str(again), "--demo", "--seed", "1", "--train", "0", "--val", "0", "--test", "40"]) == 0
+    assert (again / "test.jsonl").read_text() == (out / "test.jsonl").read_text()

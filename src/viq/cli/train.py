@@ -33,8 +33,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from viq.demo.synthetic import generate
 
     try:
-        meta = generate(args.out_dir, num_train=args.train, num_val=args.val, num_test=args.test, seed=args.seed,
-                        min_side=args.min_side, max_side=args.max_side, overwrite=args.overwrite)
+        if args.demo:
+            from viq.demo.run import generate_demo_set
+
+            out = Path(args.out_dir)
+            if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+                raise FileExistsError(f"{out} is not empty (pass --overwrite to replace the dataset)")
+            meta = generate_demo_set(out, num_train=args.train, num_val=args.val, num_test=args.test, seed=args.seed)
+        else:
+            meta = generate(args.out_dir, num_train=args.train, num_val=args.val, num_test=args.test, seed=args.seed,
+                            min_side=args.min_side, max_side=args.max_side, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None
     print(json.dumps(meta.get("counts", meta), indent=1))
@@ -106,6 +114,10 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--min-side", type=positive_int, default=64)
     p.add_argument("--max-side", type=positive_int, default=384)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--demo", action="store_true",
+                   help="the demo's set: its task mix (shape, colour, position, count, digit), 48-64 px images, one "
+                        "question each (--min-side / --max-side are ignored); e.g. a fresh-seed test set for a demo "
+                        "run: viq synth fresh --demo --seed 1 --train 0 --val 0 --test 1000")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", parents=[common], help="train a tiny ViQ end to end on CPU and write a report",

@@ -26,13 +26,17 @@ __all__ = ["evaluate_qa_with_baselines", "evaluate_reconstruction", "code_summar
 
 def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_records: list[dict], image_root: Path,
                                *, seed: int = 0, device: torch.device | None = None,
-                               modes: tuple[str, ...] | None = None) -> dict[str, Any]:
+                               modes: tuple[str, ...] | None = None, nll: bool = True) -> dict[str, Any]:
     """QA accuracy of the run's final model with real / blank / shuffled images (``modes``: a subset of
     :data:`viq.eval.qa.IMAGE_MODES` that includes "real"; default all), and the majority baseline:
-    ``{"n", "real", "blank", "shuffled", "majority", "margin", "ci95": {mode: [lo, hi]},
-    "per_task": {task: {"n", mode: accuracy, ...}}, "examples": [...]}`` (``margin``: real minus the
-    best baseline evaluated)."""
-    from viq.eval.qa import IMAGE_MODES, evaluate_qa, load_run, majority_baseline
+    ``{"n", "real", "blank", "shuffled", "majority", "margin", "ci95": {mode: [lo, hi]}, "per_task": {task:
+    {"n", mode: accuracy, ..., "ci95": {mode: [lo, hi]}, "nll": {"real", "blank"}, "reads"}}, "examples"}``.
+
+    ``margin``: real minus the best baseline evaluated. Per task, ``nll`` is the answer NLL (nats per answer
+    token, :func:`viq.eval.qa.answer_nll`) with real and blank images (``nll=True`` and "blank" in
+    ``modes``), and ``reads`` says whether the model reads the image for that task: the 95 % interval of
+    its accuracy with real images lies wholly above the interval of every baseline evaluated."""
+    from viq.eval.qa import IMAGE_MODES, answer_nll, evaluate_qa, load_run, majority_baseline
 
     modes = IMAGE_MODES if modes is None else tuple(modes)
     if "real" not in modes or set(modes) - set(IMAGE_MODES):
@@ -45,13 +49,27 @@ def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_record
         results[mode] = evaluate_qa(model, tokenizer, test_records, image_root, images=mode, seed=seed, device=device,
                                     examples=examples if mode == "real" else None)
     results["majority"] = majority_baseline(train_records, test_records)
+    nlls = {mode: answer_nll(model, tokenizer, test_records, image_root, images=mode, seed=seed, device=device)
+            for mode in ("real", "blank") if nll and mode in modes}
     out: dict[str, Any] = {"n": results["real"]["n"]}
     out.update({mode: r["accuracy"] for mode, r in results.items()})
     out["ci95"] = {mode: r["ci95"] for mode, r in results.items()}
-    tasks = sorted(results["real"]["per_task"])
-    out["per_task"] = {task: {"n": results["real"]["per_task"][task]["n"],
-                              **{mode: r["per_task"].get(task, {}).get("accuracy") for mode, r in results.items()}}
-                       for task in tasks}
+    if nlls:
+        out["nll"] = {mode: r["nll"] for mode, r in nlls.items()}
+    out["per_task"] = {}
+    for task in sorted(results["real"]["per_task"]):
+        entry: dict[str, Any] = {"n": results["real"]["per_task"][task]["n"]}
+        ci = {}
+        for mode, r in results.items():
+            task_result = r["per_task"].get(task, {})
+            entry[mode] = task_result.get("accuracy")
+            ci[mode] = task_result.get("ci95")
+        entry["ci95"] = ci
+        if nlls:
+            entry["nll"] = {mode: r["per_task"].get(task, {}).get("nll") for mode, r in nlls.items()}
+        baselines = [ci[m] for m in results if m != "real" and ci.get(m)]
+        entry["reads"] = bool(ci["real"]) and all(ci["real"][0] > hi for _, hi in baselines)
+        out["per_task"][task] = entry
     out["margin"] = out["real"] - max(out[mode] for mode in results if mode != "real")
     out["examples"] = examples[:24]
     return out
