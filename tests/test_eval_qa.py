@@ -26,6 +26,8 @@ def test_wilson_interval():
     lo, hi = QA.wilson_interval(50, 50)
     assert hi == 1.0 and lo == pytest.approx(0.9286524, abs=1e-6)
     assert QA.wilson_interval(0, 0) == [0.0, 1.0]
+    # Exactly 0 / 1 at no / every success, for every n (computed, 0 successes of 3 gave 5.6e-17).
+    assert all(QA.wilson_interval(0, n)[0] == 0.0 and QA.wilson_interval(n, n)[1] == 1.0 for n in range(1, 200))
     lo, hi = QA.wilson_interval(120, 240)  # symmetric around 0.5, about +-6 points
     assert lo + hi == pytest.approx(1.0) and 0.06 < 0.5 - lo < 0.065
     with pytest.raises(ValueError):

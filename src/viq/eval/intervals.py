@@ -26,7 +26,10 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> list[float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # At 0 (or n) successes the bound is exactly 0 (1); computed, it can come out a rounding error away.
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == n else min(1.0, centre + half)
+    return [lo, hi]
 
 
 def _betainc(a: float, b: float, x: float) -> float:
