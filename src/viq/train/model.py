@@ -286,7 +286,7 @@ class TrainModel(ViQModel):
             return x.anchor
         student = self.encoder.pool(x.features)
         with torch.no_grad():
-            views = [self._teacher_view(img) for img in x.padded]
+            views = self._teacher_views(x.padded)
             t_tokens, t_packed = self.teacher(views)
             target = self.teacher.pool(t_packed.split(t_tokens))
         return (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
@@ -318,16 +318,30 @@ class TrainModel(ViQModel):
             return x.anchor
         return self._text_loss(batch, x.features, x.grids)[0] + x.anchor
 
+    def _teacher_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The teacher's fixed-resolution view of each (3, H, W) image; images of one size are resized
+        together (one call instead of one per image; each result is the same)."""
+        views: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
+        for members in by_size.values():
+            batch = torch.stack([images[i] for i in members])
+            for i, view in zip(members, self._teacher_view(batch).unbind(0)):
+                views[i] = view
+        return views
+
     def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images of one size -> (B, 3, h, w) teacher views."""
         s = self.teacher_size
         if self.teacher_resize == "bilinear":
             # Official: any image -> s x s, bilinear, no antialias, aspect ratio not kept, in float32.
-            return F.interpolate(x[None].float(), size=(s, s), mode="bilinear", align_corners=False)[0].to(x.dtype)
+            return F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=False).to(x.dtype)
         h, w = x.shape[-2:]
         scale = math.sqrt(s * s / (h * w))
         p = self.config.encoder.patch_size
         size = (max(p, round(h * scale / p) * p), max(p, round(w * scale / p) * p))
-        return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0].to(x.dtype)
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
 
     @torch.no_grad()
     def vae_target(self, x: torch.Tensor) -> torch.Tensor:
