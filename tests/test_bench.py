@@ -140,3 +140,37 @@ def test_recon_chain(tmp_path):
     assert summary["drawer"]["psnr"] == pytest.approx(demo["psnr"], abs=1e-9)
     assert summary["codec"]["psnr"] == pytest.approx(demo["psnr_codec"], abs=1e-9)
     assert (tmp_path / "r.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """The data, LLM and init of a tiny demo (viq.demo.run.prepare_demo at 2 % scale)."""
+    from viq.demo.run import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    prepare_demo(out, scale=0.02, seed=0)
+    return out
+
+
+def test_demo_step(tiny_demo, tmp_path):
+    """bench/demo_step.py measures a demo stage-1 step phase by phase (no timing asserted)."""
+    from bench import demo_step
+
+    record = demo_step.main([str(tiny_demo), "--batch-size", "4", "--steps", "2", "--out", str(tmp_path / "r.json")])
+    current = record["variants"]["current"]
+    assert set(current["phases_s"]) == {"data", "forward", "backward", "optimizer"}
+    assert all(v > 0 for v in current["phases_s"].values()) and current["gflop_per_step"] > 0
+    assert 0 < current["kernel_share"] <= 1 and record["matmul_gflop_s"]["float32"] > 0
+    assert "baseline" not in record["variants"] and (tmp_path / "r.json").is_file()
+
+
+def test_plain_classifier(tiny_demo, tmp_path):
+    """bench/plain_classifier.py: per budget and task an accuracy with its interval, for both classifiers."""
+    from bench import plain_classifier
+
+    record = plain_classifier.main([str(tiny_demo), "--budgets", "0.2", "--out", str(tmp_path / "r.json")])
+    for model in ("cnn", "siglip"):
+        (row,) = record["models"][model]
+        assert row["seconds"] > 0 and row["steps"] >= 1
+        for task, v in row["per_task"].items():
+            assert v["n"] > 0 and 0 <= v["accuracy"] <= 1 and v["ci95"][0] <= v["accuracy"] <= v["ci95"][1], task
