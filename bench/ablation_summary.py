@@ -25,6 +25,9 @@ METRICS = {
     "psnr_photos": ("recon", "photos", "psnr"), "ssim_photos": ("recon", "photos", "ssim"),
     "psnr_photos_codec": ("recon", "photos", "psnr_codec"),
     "entropy_bits": ("codes", "entropy_bits"), "train_s": ("train_s",),
+    "stage2_s_per_step": ("stage2_s_per_step",),
+    "nll_real": ("qa", "nll", "real"), "nll_blank": ("qa", "nll", "blank"),
+    **{f"qa_{task}": ("qa", "per_task", task, "real") for task in ("where", "shape", "count_big", "digit", "shape_color")},
 }
 
 
@@ -63,6 +66,9 @@ PAPER = {
     "fsq_16k": "smaller codebooks better (no figure)", "simvq_4k": "FSQ > SimVQ (no figure)",
     "simvq_16k": "FSQ > SimVQ, worse when larger (no figure)", "no_rope": "65.3",
     "no_recon": "below 68.7 (no figure); VAE loss costs 1.3x time", "continuous": "57.0 (InternViT) vs ViQ 57.2",
+    "recon_pixel": "MSE below the VAE latent loss (no figure)",
+    "width_8": "a much narrower bottleneck comparable to the widest (no figure)",
+    "width_16": "comparable (no figure)", "width_64": "comparable (no figure)",
 }
 
 

@@ -121,7 +121,8 @@ def _check_stages(name: str, stages: tuple[str, ...], token: str) -> None:
 
 
 def default_variants() -> dict[str, Variant]:
-    """The five axes of issue 11 (Table 4 of the paper), each compared to the control."""
+    """The axes of the paper's Table 4 (issue 11) and its bottleneck-width and reconstruction-loss
+    comparisons (issue 24), each compared to the control."""
     both = "stage2_1,stage2_2"
     table = [
         (CONTROL, "control", [], "demo recipes: bottleneck + L-inf (2-1), FSQ 4k on the bottleneck, 2D RoPE, VAE-latent loss"),
@@ -142,15 +143,21 @@ def default_variants() -> dict[str, Variant]:
          "SimVQ, 16384 codes (QA only)"),
         # 3. position
         ("no_rope", "position", ["stage2_2:model.config.head.rope=false"], "no 2D RoPE in the code blocks"),
-        # 4. reconstruction loss
+        # 4. reconstruction loss (time per step: the stages' train_s over their steps)
         ("no_recon", "recon", [f"{both}:loss.recon=0"], "no VAE-latent loss in stage 2 (the drawer still trains)"),
-        # 5. reference
+        ("recon_pixel", "recon", [f"{both}:loss.recon=0", f"{both}:loss.pixel=1"],
+         "pixel MSE through the frozen codec's decoder in stage 2 instead of the VAE-latent loss"),
+        # 5. bottleneck width D (the control: 32)
+        ("width_8", "width", [f"{both}:model.config.head.bottleneck_dim=8"], "bottleneck width D = 8"),
+        ("width_16", "width", [f"{both}:model.config.head.bottleneck_dim=16"], "bottleneck width D = 16"),
+        ("width_64", "width", [f"{both}:model.config.head.bottleneck_dim=64"], "bottleneck width D = 64"),
+        # 6. reference
         ("continuous", "reference", ["until=stage1"], "the continuous stage-1 encoder (no quantization)"),
     ]
     return {name: parse_variant(name, tokens, axis=axis, description=d) for name, axis, tokens, d in table}
 
 
-AXES = ("proximal", "quantizer", "position", "recon", "reference")
+AXES = ("proximal", "quantizer", "position", "recon", "width", "reference")
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -238,10 +245,11 @@ def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, de
             train(load_recipe(recipe_path(stage), overrides))
             (run_dir / "ablation_stage.json").write_text(json.dumps(
                 {"stage": stage, "key": key, "parent": parent_key, "overrides": extra, "train_s": time.perf_counter() - t,
+                 "steps": load_recipe(recipe_path(stage), overrides).train.max_steps,
                  "seed": seed, "scale": scale, "device": device}, indent=1))
         info = json.loads((run_dir / "ablation_stage.json").read_text()) if (run_dir / "ablation_stage.json").is_file() else {}
         entries.append({"stage": stage, "key": key, "dir": str(run_dir), "overrides": extra, "reused": reused,
-                        "train_s": info.get("train_s")})
+                        "train_s": info.get("train_s"), "steps": info.get("steps")})
         parent_key, parent_final = key, final
     return entries
 
@@ -289,6 +297,12 @@ def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: P
         out["codes"] = code_summary(hist + hist_photo)
         out["codes"]["codebook_size"] = model.config.head.codebook_size
     return out
+
+
+def _seconds_per_step(chain: list[dict], stages: tuple[str, ...]) -> float | None:
+    """Training seconds per step over the given stages of a chain (stage start-up included)."""
+    picked = [e for e in chain if e["stage"] in stages and e.get("train_s") and e.get("steps")]
+    return sum(e["train_s"] for e in picked) / sum(e["steps"] for e in picked) if picked else None
 
 
 def _head_quantizer(final: Path) -> str | None:
@@ -426,6 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "scale": args.scale, "smoke": args.smoke, "num_questions": ev["qa"]["n"],
                 **ev,
                 "train_s": sum(e["train_s"] or 0.0 for e in chain),
+                "stage2_s_per_step": _seconds_per_step(chain, ("stage2_1", "stage2_2")),
                 "stages": chain, "prepare_s": prep,
                 "wall_s": {"train": train_wall, "eval": time.perf_counter() - t},
                 "model_config": json.loads(last.read_text()) if last.is_file() else None,

@@ -92,3 +92,26 @@ def test_grouped_latents_match_one_image_at_a_time(kind):
             assert z.shape == one.shape
             # Batched and single-image kernels may round differently; both are float32 convolutions.
             torch.testing.assert_close(z, one, rtol=1e-4, atol=1e-4)
+
+
+def test_stage2_pixel_loss_alone_trains_the_latent_decoder(stage1_runs, tmp_path):
+    """loss.pixel in stage 2 (with loss.recon=0): the paper's pixel-MSE reconstruction loss, through the
+    frozen VAE decoder; it is the only loss that reaches the encoder-side latent decoder."""
+    import json
+
+    root, runs = stage1_runs
+    cfg, summary = runs["recon"]
+    r = recipe("stage2_1", tmp_path / "s21", Path(cfg.data.train), Path(cfg.llm.path),
+               train={"max_steps": 2, "batch_size": 2}, optim={"trainable": ["recon"]},
+               loss={"teacher_size": 32, "recon": 0.0, "pixel": 1.0, "text": 0.0, "distill": 0.0})
+    r["model"] = {"init": f"viq:{summary['final']}", "config": {"head": {"quantizer": "bottleneck"}}}
+    s21 = TrainConfig.from_dict(r)
+    model, _ = build_model(s21, device=CPU)
+    assert model.losses == ("commit", "pixel")  # commit: 0 for the continuous bottleneck
+    result = train(s21)
+    logged = [json.loads(line) for line in (tmp_path / "s21" / "metrics.jsonl").read_text().splitlines()]
+    assert all(rec["pixel"] > 0 and "recon" not in rec for rec in logged if rec["kind"] == "train")
+    before = load_file(str(Path(summary["final"]) / "model.safetensors"))
+    after = load_file(str(Path(result["final"]) / "model.safetensors"))
+    changed = [k for k in after if k.startswith("recon.") and not torch.equal(after[k], before[k])]
+    assert changed and all(torch.equal(after[k], before[k]) for k in after if k.startswith("encoder.blocks."))

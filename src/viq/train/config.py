@@ -119,7 +119,8 @@ class LossSection:
     teacher: str = "auto"
     #: VAE latent target normalisation: "none" (official: raw latents) or "mean_std"
     latent_norm: str = "none"
-    #: drawer stage: weight of an extra pixel-space MSE through the frozen VAE decoder (0 = off)
+    #: stages 2-1, 2-2 and drawer: weight of a pixel-space MSE of the decoded latents through the frozen VAE
+    #: decoder (0 = off; with loss.recon=0 in stage 2, the reconstruction loss "MSE" of the paper's Table 4)
     pixel: float = 0.0
 
 

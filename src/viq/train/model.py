@@ -305,10 +305,16 @@ class TrainModel(ViQModel):
         return x.aux * len(batch.images) if x.aux is not None else x.anchor
 
     def _pixel_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
-        """Drawer: pixel MSE of the decoded latents through the frozen VAE decoder."""
+        """Pixel MSE of the decoded latents through the frozen VAE decoder: the drawer's, or in stage 2 the
+        encoder-side latent decoder's (the paper's "MSE" reconstruction loss of its Table 4)."""
         from viq.model.vae import decode_latents
 
-        errors = [F.mse_loss(decode_latents(self.vae, self.drawer.latent.to_raw(z)).float(), img.float())
+        if not x.features:
+            return x.anchor
+        decoder = self.drawer.latent if self.drawer is not None else self.recon
+        if x.latents is None:
+            x.latents = self.recon(x.features, x.grids)
+        errors = [F.mse_loss(decode_latents(self.vae, decoder.to_raw(z)).float(), img.float())
                   for z, img in zip(x.latents, x.padded)]
         return torch.stack(errors).sum()
 

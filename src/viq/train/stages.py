@@ -120,14 +120,14 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
         parts=("encoder", "head", "dequant", "recon"),
         # Everything but the frozen teacher/VAE (the released example also trains the trunk).
         trainable=("encoder", "pool", "head", "dequant", "recon", "projector", "llm"),
-        losses=("text", "distill", "recon", "commit"),
+        losses=("text", "distill", "recon", "commit", "pixel"),
         data="conversations", llm=True, vae=True, follows="stage1",
     ),
     Stage(
         "stage2_2",
         parts=("encoder", "head", "dequant", "recon"),
         trainable=("encoder", "pool", "head", "dequant", "recon", "projector", "llm"),
-        losses=("text", "distill", "recon", "commit"),
+        losses=("text", "distill", "recon", "commit", "pixel"),
         data="conversations", llm=True, vae=True, follows="stage2_1",
     ),
     Stage(
