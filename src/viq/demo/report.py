@@ -112,11 +112,15 @@ def qa_tables(qa: dict[str, Any], direct: dict[str, Any] | None = None) -> str:
     return "".join(parts)
 
 
+def _db_ci(ci: Any) -> str:
+    return "" if not ci or ci[0] is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def recon_table(recon: dict[str, Any], codes: dict[str, Any]) -> str:
     rows = []
     for name, r in recon.items():
         ci = r.get("ci95", {})
-        rows.append([name, r["n"], r.get("bpp"), r["psnr"], str(ci.get("viq", {}).get("psnr")), r["ssim"],
+        rows.append([name, r["n"], r.get("bpp"), r["psnr"], _db_ci(ci.get("viq", {}).get("psnr")), r["ssim"],
                      r["psnr_mean_colour"], r["psnr_bicubic_equal_bits"], r["psnr_codec"],
                      r["ssim_bicubic_equal_bits"], r["ssim_codec"]])
     table = _table(rows, ["images", "n", "bits/pixel", "ViQ PSNR (dB)", "95 % CI", "ViQ SSIM", "mean colour PSNR",
