@@ -164,6 +164,25 @@ def test_demo_step(tiny_demo, tmp_path):
     assert "baseline" not in record["variants"] and (tmp_path / "r.json").is_file()
 
 
+def test_demo_step_baseline_and_compile(tiny_demo, tmp_path):
+    """The documented comparison (`--baseline REV --compile`) runs as written: the baseline tree is a
+    git worktree of REV (here HEAD, the same code, so the same FLOPs), the compiled variant reports its
+    compile time apart."""
+    import shutil
+
+    from bench import demo_step
+
+    if shutil.which("git") is None or not (demo_step.REPO / ".git").exists():
+        pytest.skip("needs a git checkout (the baseline is a git worktree)")
+    record = demo_step.main([str(tiny_demo), "--baseline", "HEAD", "--compile", "--batch-size", "4", "--steps", "2",
+                             "--out", str(tmp_path / "r.json")])
+    variants = record["variants"]
+    assert set(variants) == {"baseline", "current", "compiled"}
+    assert variants["baseline"]["gflop_per_step"] == pytest.approx(variants["current"]["gflop_per_step"])
+    assert variants["compiled"]["compile"] and variants["compiled"]["warmup_s"] > 0
+    assert record["speedup"] > 0
+
+
 def test_plain_classifier(tiny_demo, tmp_path):
     """bench/plain_classifier.py: per budget and task an accuracy with its interval, for both classifiers."""
     from bench import plain_classifier

@@ -180,8 +180,6 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
     }))
     return timings
 
-    return timings
-
 
 def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
     """Run the demo into ``out`` and return the path of the HTML report. Steps already done (their
