@@ -68,3 +68,30 @@ def test_synth_demo_makes_fresh_sets_with_the_demos_mix(tmp_path):
     again = tmp_path / "again"
     assert main(["synth", str(again), "--demo", "--seed", "1", "--train", "0", "--val", "0", "--test", "40"]) == 0
     assert (again / "test.jsonl").read_text() == (out / "test.jsonl").read_text()
+
+
+def test_demo_without_standin(tmp_path):
+    """bench/demo_without_standin.py: the same demo with a random encoder in place of the SigLIP stand-in
+    (everything else copied), both runs' figures in one record."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bench import demo_without_standin
+    from viq.model.config import get_preset
+    from viq.model.viq import ViQModel
+
+    run_demo(tmp_path / "demo", scale=0.02, seed=1)
+    work = tmp_path / "variant"
+    record = demo_without_standin.main([str(tmp_path / "demo"), "--work", str(work), "--scale", "0.02", "--seed", "1",
+                                        "--out", str(tmp_path / "r.json")])
+    fresh = ViQModel.from_config(get_preset("viq-demo"), seed=1).encoder.state_dict()
+    standin, variant = (load_file(p / "init" / "model.safetensors") for p in (tmp_path / "demo", work))
+    key = "encoder.patch_embed.proj.weight" if "encoder.patch_embed.proj.weight" in variant else next(
+        k for k in variant if k.startswith("encoder."))
+    assert torch.equal(variant[key], fresh[key.removeprefix("encoder.")])
+    assert not torch.equal(variant[key], standin[key])
+    assert all(torch.equal(variant[k], standin[k]) for k in variant if not k.startswith("encoder."))
+    for label in ("with_standin", "without_standin"):
+        final = record[label]["final"]
+        assert 0 <= final["all"] <= 1 and final["per_task"] and record[label]["recon_psnr"]["synthetic"] > 0
+    assert (work / "results.json").is_file() and (tmp_path / "r.json").is_file()
