@@ -36,6 +36,21 @@ TMP_SUFFIX = ".tmp"
 Writer = Callable[[str], None]
 
 
+#: Opening with this flag refuses a final path component that is a symlink (ELOOP) instead of writing
+#: to wherever it points: lock files and logs in a downloaded or shared folder may have been planted.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` (a newline added) to the log file ``path``, created if missing, never through
+    a symlink (``O_NOFOLLOW``: a planted link is an ``OSError`` naming ``path``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename in ``directory`` durable (POSIX); silently skipped where unsupported."""
     try:
@@ -67,8 +82,8 @@ def first_lock(candidates: list[Path]) -> Iterator[Path | None]:
     for path in candidates:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+        except OSError:  # taken as a symlink too: a planted link is never written through
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -113,7 +128,8 @@ class OwnerLock:
         except ImportError:  # not POSIX
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        # O_NOFOLLOW: a lock file planted as a symlink is refused (ELOOP), never written through.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -166,6 +182,34 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         if e.filename is None:
             raise type(e)(e.errno, e.strerror or str(e), os.fspath(path)) from e
         raise
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        # Library writers do not always say so: torch's zip writer on a full disk raises
+        # RuntimeError("[enforce fail at inline_container.cc] unexpected pos ..."), wrapped by the
+        # checkpoint writer. A failed write on a file system with (almost) no space left is reported
+        # as what it is.
+        full = disk_full(path)
+        if full is not None:
+            raise full from e
+        raise
+
+
+def disk_full(path: str | os.PathLike, *, below: int = 1 << 20) -> OSError | None:
+    """``OSError(ENOSPC)`` naming ``path`` when the file system that holds it (or its nearest existing
+    parent) has less than ``below`` bytes free for this user; None otherwise or when unknown."""
+    import errno
+
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except (OSError, AttributeError):  # no statvfs (Windows), or the path vanished
+        return None
+    if st.f_bavail * st.f_frsize >= below:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
 
 
 def fsync_tree(directory: str | os.PathLike) -> None:

@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from viq._untrusted import UntrustedFileError
 from viq.cli import ask, codes, info, plot, store, train
 from viq.cli import eval as evaluation
 from viq.cli.common import EXIT_FAILED, EXIT_USAGE, CLIError, log, stderr_logging
@@ -95,6 +96,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f"{e.filename}: " if e.filename else ""
             log.error("%s%s", where, e.strerror or e)
             return EXIT_FAILED
+        except UntrustedFileError as e:  # a file refused unread (it would run code, or declares too much)
+            log.error("%s", e)
+            return EXIT_FAILED
+        except BaseException as e:
+            # torch's checkpoint writer wraps each rank's OSError (a full disk) in a CheckpointException
+            # (a BaseException).
+            if isinstance(e, (SystemExit, GeneratorExit)):
+                raise
+            cause = _os_error_inside(e)
+            if cause is None:
+                raise
+            where = f"{cause.filename}: " if cause.filename else ""
+            log.error("%s%s (while writing a checkpoint)", where, cause.strerror or cause)
+            return EXIT_FAILED
+
+
+def _os_error_inside(error: BaseException) -> OSError | None:
+    """The OSError a wrapper exception carries (``__cause__`` / ``__context__`` chains and
+    ``torch.distributed.checkpoint``'s per-rank ``failures``), if any."""
+    seen: set[int] = set()
+    todo: list[object] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [getattr(e, "__cause__", None), getattr(e, "__context__", None), getattr(e, "exception", None)]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

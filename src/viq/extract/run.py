@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from viq._io import append_line
+from viq._untrusted import loads_json, printable
 from viq.extract.inputs import DONE_FILE, Item, ReadDataset, StreamDataset, list_items, list_units
 from viq.formats.codes import Codes
 
@@ -144,9 +146,8 @@ class Extraction:
     def record_error(self, sample_id: str, source: str, error: str, *, level: int = logging.WARNING) -> None:
         """Every failure, in one place: a line of ``errors-rank<r>.jsonl``, a count, a log line."""
         self.counts["failed"] += 1
-        with open(self.errors_path, "a") as f:
-            f.write(json.dumps({"id": sample_id, "source": source, "error": error}) + "\n")
-        log.log(level, "%s: %s", source, error)
+        append_line(self.errors_path, json.dumps({"id": sample_id, "source": source, "error": error}))
+        log.log(level, "%s: %s", printable(source), error)
 
     def add(self, item: Item, codes: Codes, content_hash: str) -> None:
         """Store ``codes`` under ``item``'s id (with this model's fingerprint and the item's source)."""
@@ -352,7 +353,7 @@ def read_done(out: Path, rank: int) -> tuple[dict[str, int], dict[str, int]]:
     for path in sorted(out.glob(DONE_FILE.format(rank="*"))):
         for line in path.read_text().splitlines():
             if line.strip():
-                entry = json.loads(line)
+                entry = loads_json(line, path)
                 every[entry["unit"]] = entry["images"]
                 if path.name == DONE_FILE.format(rank=rank):
                     own[entry["unit"]] = entry["images"]

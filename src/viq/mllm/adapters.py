@@ -36,6 +36,31 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
+def check_llm_config(path: Path) -> dict:
+    """Read a Hugging Face ``config.json`` (bounded JSON) and refuse one whose sizes put the model (an
+    estimate: embeddings + layers x 12 hidden^2, or the MLP's width where given) above
+    ``LIMITS.max_model_parameters``, before transformers builds anything of that size."""
+    from viq._untrusted import LIMITS, UntrustedFileError, read_json
+
+    config = read_json(path, max_bytes=16 << 20)
+    if not isinstance(config, dict):
+        raise UntrustedFileError(f"{path}: expected a JSON object")
+    sizes = {}
+    for key, default in (("hidden_size", 0), ("num_hidden_layers", 0), ("vocab_size", 0), ("intermediate_size", 0)):
+        value = config.get(key, config.get("text_config", {}).get(key, default) if isinstance(config.get("text_config"), dict) else default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UntrustedFileError(f"{path}: {key} = {value!r} is not a size")
+        sizes[key] = value
+    h, layers = sizes["hidden_size"], sizes["num_hidden_layers"]
+    mlp = sizes["intermediate_size"] or 4 * h
+    estimate = 2 * sizes["vocab_size"] * h + layers * (4 * h * h + 3 * h * mlp)
+    if estimate > LIMITS.max_model_parameters:
+        raise UntrustedFileError(
+            f"{path}: hidden_size {h}, {layers} layers, vocabulary {sizes['vocab_size']}: about {estimate:.3g} parameters, "
+            f"more than the limit of {LIMITS.max_model_parameters:.3g} (raise it with VIQ_LIMITS=max_model_parameters=N)")
+    return config
+
+
 def load_causal_lm(
     path: str | os.PathLike,
     *,
@@ -65,10 +90,23 @@ def load_causal_lm(
         raise FileNotFoundError(f"LLM directory not found: {path} (models are loaded from local directories only)")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory: it has no config.json")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
-    )
+    import pickle
+
+    from viq._untrusted import UntrustedFileError
+
+    check_llm_config(path / "config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # transformers reads safetensors, or a pytorch_model.bin with torch.load(weights_only=True);
+        # remote code is never trusted (trust_remote_code stays False).
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+    except pickle.UnpicklingError as e:
+        raise UntrustedFileError(f"{path}: refused: its weights pickle more than tensors and plain values, and "
+                                 f"loading them could run code ({str(e).strip().splitlines()[0][:160]})") from None
+    except (OSError, RecursionError) as e:
+        raise UntrustedFileError(f"{path}: cannot load the LLM ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
     if tokenizer.pad_token is None:
         for name in ("eos_token", "bos_token", "unk_token"):
             token = getattr(tokenizer, name)

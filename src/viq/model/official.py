@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from viq._untrusted import UntrustedFileError, torch_load
 from viq.model.config import (
     FSQ_LEVELS,
     DecoderConfig,
@@ -166,7 +167,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         # mmap: a 6.7 GB encoder file is paged in lazily, one tensor at a time, instead of read into
         # memory up front (load_official hands each tensor's pages back once it is converted).
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch_load(path, mmap=True)
+    except UntrustedFileError:
+        raise
     except Exception as e:  # torch raises many types for corrupt pickles/zips
         raise ValueError(f"{path}: cannot read official weights ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import warnings
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from viq._faults import fault_point
+from viq._untrusted import UntrustedFileError, read_json, restricted_unpickle, torch_load
 from viq._io import atomic_write, fsync_tree, recover_dir, remove_tree, replace_dir, writing
 from viq.train.build import build_model
 from viq.train.config import TrainConfig
@@ -157,6 +159,47 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, str
     return final
 
 
+def _reader(path: Path):
+    """A DCP reader of ``path`` that never runs code from it: torch's own reader unpickles ``.metadata``
+    with plain ``pickle.load``; this one builds only checkpoint-metadata classes
+    (:func:`viq._untrusted.restricted_unpickle`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            metadata = restricted_unpickle((Path(path) / name).read_bytes(), Path(path) / name)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _planner():
+    """DCP's default load planner, except that non-tensor entries (optimizer hyper-parameters: numbers,
+    strings, lists) are read with ``torch.load(weights_only=True)``; torch's own unpickles them with no restriction."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise UntrustedFileError(f"checkpoint entry {read_item.dest_index.fqn}: refused: it pickles more than "
+                                         f"tensors and plain values ({str(e).splitlines()[0][:120]})") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
+
+
 def _step_of(path: Path) -> int:
     try:
         return int(path.name.split("-", 1)[1])
@@ -172,10 +215,12 @@ def check_checkpoint(path: Path) -> str | None:
         return "missing"
     progress = path / "progress.json"
     try:
-        info = json.loads(progress.read_text())
+        info = read_json(progress)
         step = int(info["step"])
     except FileNotFoundError:
         return f"{progress.name} is missing (the checkpoint was not completely written)"
+    except UntrustedFileError as e:
+        return str(e)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return f"{progress} is unreadable ({type(e).__name__}: {str(e)[:80]})"
     if step != _step_of(path):
@@ -183,9 +228,9 @@ def check_checkpoint(path: Path) -> str | None:
     if (path / "state.pt").is_file():  # format 1
         return None
     try:
-        import torch.distributed.checkpoint as dcp
-
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = _reader(path).read_metadata()
+    except UntrustedFileError as e:
+        return str(e)
     except Exception as e:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
         return f"{path / '.metadata'} is unreadable ({type(e).__name__}: {str(e)[:80]})"
     needed: dict[str, int] = {}
@@ -203,7 +248,9 @@ def check_checkpoint(path: Path) -> str | None:
         if name == "extra.pt" and not f.is_file():
             continue
         try:
-            torch.load(f, map_location="cpu", weights_only=True)
+            torch_load(f)
+        except UntrustedFileError as e:
+            return str(e)
         except Exception as e:  # noqa: BLE001
             return f"{f} is unreadable ({type(e).__name__}: {str(e)[:80]})"
     return None
@@ -212,7 +259,7 @@ def check_checkpoint(path: Path) -> str | None:
 def load_extra(path: Path) -> dict:
     """The ``extra`` state a checkpoint was saved with ({} for checkpoints without one)."""
     f = Path(path) / "extra.pt"
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else {}
+    return torch_load(f) if f.is_file() else {}
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -292,10 +339,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, dist_info: Dist, cf
     history, ...) with ``micro_batch``, this rank's next micro-batch index, for this run's layout."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    progress = json.loads((path / "progress.json").read_text())
+    progress = read_json(path / "progress.json")
     _check_layout(path, progress, cfg, dist_info)
     if (path / "state.pt").is_file():  # format 1: the gathered state, read by every rank
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = torch_load(path / "state.pt")  # tensors and plain values only: a pickled object is refused
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         scheduler.load_state_dict(state["scheduler"])
@@ -303,7 +350,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, dist_info: Dist, cf
         model_state, optim_state = _load_sharded(path, model, optimizer)
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(strict=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(torch_load(path / "scheduler.pt"))
     # Each step reads grad_accum micro-batches on every rank: the position follows from the step.
     progress["micro_batch"] = progress["step"] * cfg.train.grad_accum
     return progress
@@ -319,7 +366,7 @@ def _load_sharded(path: Path, model, optimizer) -> tuple[dict, dict]:
     # for parameters that never had a gradient, and those must stay without state.
     model_state, optim_state = get_state_dict(model, optimizer)
     model_state = _kept(model, model_state)
-    saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    saved = set(_reader(path).read_metadata().state_dict_metadata)
     missing = sorted(k for k in model_state if f"model.{k}" not in saved)
     if missing:
         raise ValueError(f"{path}: has no {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
@@ -332,7 +379,7 @@ def _load_sharded(path: Path, model, optimizer) -> tuple[dict, dict]:
     optim_state["state"] = per_param
     state = {"model": model_state, "optimizer": optim_state}
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, storage_reader=_reader(path), planner=_planner())
     return state["model"], state["optimizer"]
 
 

@@ -38,7 +38,7 @@ from viq.launch import DistEnv
 from viq.model.layers import set_attention_backend
 from viq.train.build import build_model
 from viq.train.output import save_stage_output
-from viq._io import writing
+from viq._io import append_line, writing
 from viq.train.checkpoint import (full_state, load_checkpoint, load_extra, materialise, resume_point,
                                   run_started, save_checkpoint, seed_step)
 from viq.train.config import TrainConfig
@@ -293,8 +293,8 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
         seed_step(cfg.train.seed, step, dist_info.rank)
         micro = [stream.next(step).to(device) for _ in range(cfg.train.grad_accum)]
         if cfg.train.log_samples:
-            with open(out_dir / f"samples-rank{dist_info.rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": step + 1, "rank": dist_info.rank, "ids": [i for b in micro for i in b.ids]}) + "\n")
+            append_line(out_dir / f"samples-rank{dist_info.rank}.jsonl",
+                        json.dumps({"step": step + 1, "rank": dist_info.rank, "ids": [i for b in micro for i in b.ids]}))
         lrs = learning_rates(optimizer)  # the rates this step uses
         stats = train_step(wrapped, micro, optimizer, scheduler, cfg, dist_info=dist_info, device=device,
                            autocast=autocast, usage=usage)

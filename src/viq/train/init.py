@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from viq._untrusted import read_json
 from viq.model.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
 from viq.model.hub import resolve
 
@@ -86,7 +87,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from viq._untrusted import torch_load
+
+    state = torch_load(path)  # weights_only: a file that pickles an object is refused, never run
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -98,7 +101,7 @@ def hf_siglip_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    hf_cfg = json.loads(cfg_path.read_text())
+    hf_cfg = read_json(cfg_path)
     vision = hf_cfg.get("vision_config", hf_cfg)
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from viq._io import atomic_write
+from viq._io import append_line, atomic_write
 from viq.train.config import TrainConfig
 from viq.train.stages import LOSSES
 
@@ -182,8 +182,7 @@ class RunLogger:
     def _write(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.out_dir / METRICS_FILE, json.dumps(record))
         step, kind = record["step"], record["kind"]
         scalars = {}
         for key, value in record.items():
