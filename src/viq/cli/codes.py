@@ -23,6 +23,7 @@ from viq.cli.common import (
     progress_bar,
     reason,
 )
+from viq._untrusted import LIMITS
 from viq.formats.image import IMAGE_EXTENSIONS
 
 #: The extension of code files, written by ``viq encode`` and picked up in folders by ``viq decode``.
@@ -228,7 +229,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
                     log.debug("%s: codes from a different model (%s)", job.source, source_model)
                 foreign.append(str(job.source))
             try:
-                image = model.reconstruct([codes], crop=not args.no_crop)[0]
+                image = model.reconstruct([codes], crop=not args.no_crop, max_pixels=args.max_pixels)[0]
             except (RuntimeError, ValueError) as e:
                 run.fail(job.source, f"decoding failed: {reason(e, job.source)}")
                 bar.update(1)
@@ -302,5 +303,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
     p.add_argument("--no-crop", action="store_true",
                    help="keep the zero-padded canvas (multiple of 16) instead of cropping to the image size")
+    p.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
+                   help="refuse code files whose image is larger than N pixels, before decoding "
+                        f"(default {LIMITS.max_decode_pixels:,}, as Pillow refuses decompression bombs)")
     add_model_options(p)
     p.set_defaults(func=cmd_decode)

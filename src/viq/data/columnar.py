@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from viq._untrusted import read_json
 
 __all__ = ["COLUMNAR_SUFFIXES", "Cell", "Part", "image_value", "is_columnar_source", "iter_records", "iter_rows",
            "list_parts", "read_cell", "row_id"]
@@ -105,7 +106,7 @@ def _arrow_batches(path: Path) -> Iterator[Any]:
 def _files(source: Path) -> list[tuple[Path, str]]:
     """(path, name relative to the source) of every data file of a columnar source, in order."""
     if _is_hf_saved(source):
-        state = json.loads((source / "state.json").read_text())
+        state = read_json(source / "state.json")
         names = [f["filename"] for f in state.get("_data_files", [])] or sorted(
             p.name for p in source.glob("data-*.arrow"))
         if not names:

@@ -45,6 +45,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from viq._untrusted import LIMITS, json_depth
 from viq.formats.resize import OfficialResize, parse_resize
 from viq.mllm.chat import IMAGE_TOKEN, LLAVA_ROLES
 
@@ -207,17 +208,38 @@ def parse_record(obj: Any, where: str, root: str) -> Record:
 def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
     """``(line_number, value)`` per non-blank line; a bad line yields a :class:`DataError` value."""
     lineno = 0
+    limit = LIMITS.max_json_line_bytes
     try:
         # utf-8-sig: tolerate a BOM written by some editors.
         with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
+            while True:
+                line = f.readline(limit + 1)  # bounded: a 1 GB line is never held whole
+                if not line:
+                    break
+                lineno += 1
+                if len(line) > limit and not line.endswith("\n"):
+                    while line and not line.endswith("\n"):  # skip the rest of the line, in pieces
+                        line = f.readline(1 << 20)
+                    yield lineno, DataError(f"{path}:{lineno}: line longer than {limit} characters "
+                                            f"(VIQ_LIMITS=max_json_line_bytes=N raises the limit)")
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield lineno, json.loads(line)
+                    value = json.loads(line)
                 except json.JSONDecodeError as e:
                     # A broken line only spoils itself: hand it back as a (skippable) error.
                     yield lineno, DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
+                    continue
+                except RecursionError:
+                    value = None  # nested past Python's recursion limit: refused below like any deep record
+                    depth = LIMITS.max_json_depth + 1
+                else:
+                    depth = json_depth(value)
+                if depth > LIMITS.max_json_depth:  # too deeply nested: also only this line
+                    yield lineno, DataError(f"{path}:{lineno}: record nested deeper than {LIMITS.max_json_depth} levels")
+                else:
+                    yield lineno, value
     except UnicodeDecodeError as e:
         raise DataError(f"{path}:{lineno + 1}: not valid UTF-8 text ({e.reason})") from None
 
@@ -263,7 +285,14 @@ def iter_json_list(path: str) -> Iterator[tuple[int, Any]]:
                 value, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            yield line_at(i), value
+            except RecursionError:
+                raise DataError(f"{path}:{line_at(i)}: JSON nested too deeply to read (the rest of the list "
+                                f"cannot be trusted)") from None
+            if json_depth(value) > LIMITS.max_json_depth:
+                yield line_at(i), DataError(f"{path}:{line_at(i)}: record nested deeper than "
+                                            f"{LIMITS.max_json_depth} levels")
+            else:
+                yield line_at(i), value
             i = skip_ws(end)
             if i < n and text[i] == ",":
                 i = skip_ws(i + 1)  # a trailing comma then fails in raw_decode ("Expecting value")

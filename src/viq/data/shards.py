@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from viq._untrusted import LIMITS, printable
+
 __all__ = ["SHARD_SUFFIXES", "WdsSample", "expand_braces", "is_shard_source", "iter_samples", "list_shards",
            "split_member"]
 
@@ -160,10 +162,14 @@ def iter_samples(shard: str | os.PathLike, wanted: set[str] | None = None) -> It
                 current = WdsSample(shard, key)
             if wanted is not None and fld not in wanted:
                 continue
+            if member.size > LIMITS.max_member_bytes:  # declared in the header: refused before reading
+                raise tarfile.TarError(
+                    f"{shard}: member {printable(member.name)} declares {member.size} bytes, more than the "
+                    f"{LIMITS.max_member_bytes} a sample field may have (VIQ_LIMITS=max_member_bytes=N raises it)")
             handle = tar.extractfile(member)
             if handle is None:
                 continue
-            current.fields[fld] = handle.read()
+            current.fields[fld] = handle.read(member.size)
             current.members[fld] = member.name
     if current is not None and current.fields:
         yield current

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from viq._untrusted import read_json
 from viq.eval.intervals import wilson_interval
 from viq.train.evaluate import answer_last_questions
 from viq.train.stages import TABLE
@@ -199,7 +200,7 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
 
     final = find_final(run)
     try:
-        info = json.loads((final / STAGE_FILE).read_text())
+        info = read_json(final / STAGE_FILE)
         data = copy.deepcopy(info["recipe"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{final / STAGE_FILE}: unreadable stage record ({e})") from None

@@ -77,6 +77,7 @@ import numpy as np
 import torch
 
 from viq._io import atomic_write
+from viq._untrusted import loads_json
 from viq.formats.bits import bits_for_levels, normalize_levels, pack_bits, unpack_bits
 from viq.formats.image import padded_grid
 
@@ -466,10 +467,9 @@ class Codes:
         metadata: dict[str, Any] = {}
         if meta_len:
             try:
-                metadata = json.loads(
-                    bytes(mv[meta_off:payload_off]).decode("utf-8"), parse_constant=_reject_constant
-                )
-            except (UnicodeDecodeError, ValueError) as exc:
+                metadata = loads_json(bytes(mv[meta_off:payload_off]).decode("utf-8"), "metadata",
+                                      parse_constant=_reject_constant)
+            except (UnicodeDecodeError, ValueError) as exc:  # UntrustedFileError included: too deep
                 raise fail(f"bad metadata JSON: {exc}") from None
             if not isinstance(metadata, dict):
                 raise fail(f"bad metadata JSON: expected an object, got {type(metadata).__name__}")

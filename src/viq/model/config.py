@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from viq._untrusted import LIMITS, loads_json
+
 __all__ = [
     "EncoderConfig",
     "HeadConfig",
@@ -72,6 +74,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "patch_size", "width", "depth", "num_heads", "mlp_hidden", "pos_grid")
+        _check_at_most(self)
         if self.width % self.num_heads:
             raise ValueError(f"encoder width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.mlp_act not in ("gelu", "gelu_tanh"):
@@ -130,6 +133,9 @@ class HeadConfig:
         if not self.levels or any(not 2 <= v <= 255 for v in self.levels):
             raise ValueError(f"FSQ levels must be 1+ integers in [2, 255], got {self.levels}")
         _check_positive(self, "num_heads", "codes_per_patch", "attn_dim")
+        _check_at_most(self)
+        if len(self.levels) > 32:
+            raise ValueError(f"FSQ levels: at most 32 dimensions, got {len(self.levels)}")
         if self.attn_dim % 2:
             raise ValueError(f"attn_dim must be even for RoPE, got {self.attn_dim}")
         if self.quantizer not in ("fsq", "bottleneck", "simvq"):
@@ -176,6 +182,7 @@ class DecoderConfig:
     latent_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        _check_at_most(self)
         if (self.latent_mean is None) != (self.latent_std is None):
             raise ValueError("decoder.latent_mean and decoder.latent_std go together (both or neither)")
         if self.latent_mean is not None:
@@ -213,6 +220,9 @@ class VAEConfig:
         self.dim_mult = tuple(int(v) for v in self.dim_mult)
         self.attn_scales = tuple(float(v) for v in self.attn_scales)
         self.temperal_downsample = tuple(bool(v) for v in self.temperal_downsample)
+        _check_at_most(self)
+        if len(self.dim_mult) > 16 or any(not 1 <= v <= 64 for v in self.dim_mult):
+            raise ValueError(f"vae.dim_mult: at most 16 values in [1, 64], got {self.dim_mult}")
         if self.kind not in ("qwen-image", "pixel-codec"):
             raise ValueError(f"vae.kind must be 'qwen-image' or 'pixel-codec', got {self.kind!r}")
 
@@ -242,6 +252,12 @@ class ViQConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, f"config.{name}"))
+        estimate = self.approx_parameters()
+        if estimate > LIMITS.max_model_parameters:
+            raise ValueError(
+                f"config {self.name!r}: about {estimate:.3g} parameters, more than the limit of "
+                f"{LIMITS.max_model_parameters:.3g} (a config this size is refused before anything is built; "
+                f"raise it with VIQ_LIMITS=max_model_parameters=N if it is meant)")
         if self.encoder.patch_size != self.decoder.latent_upscale * self.vae.scale_factor:
             raise ValueError(
                 f"patch_size {self.encoder.patch_size} must equal latent_upscale {self.decoder.latent_upscale} "
@@ -252,6 +268,19 @@ class ViQConfig:
     def width(self) -> int:
         """Feature width shared by the trunk, the code head and the decoders."""
         return self.encoder.width
+
+    def approx_parameters(self) -> int:
+        """A cheap estimate of the parameter count (the large matrices only), computed from the
+        config alone: what is refused before a model of an absurd config is built."""
+        e, h, d, v = self.encoder, self.head, self.decoder, self.vae
+        w = e.width
+        trunk = e.depth * (4 * w * w + 2 * w * e.mlp_hidden) + e.pos_grid ** 2 * w + 3 * e.patch_size ** 2 * w
+        head = h.num_blocks * int((4 + 2 * h.mlp_ratio) * w * w) + h.codes_per_patch * w * w \
+            + h.code_blocks * int((4 + 2 * h.mlp_ratio) * h.attn_dim ** 2) + h.res_blocks * int(2 * h.res_mlp_ratio * w * w) \
+            + (h.simvq_codebook_size * h.simvq_dim if h.quantizer == "simvq" else 0) + 2 * h.bottleneck_dim * w
+        decoders = 2 * d.latent_blocks * int((4 + 2 * d.latent_mlp_ratio) * w * w)
+        vae = 50 * (v.base_dim * max(v.dim_mult, default=1)) ** 2 * (v.num_res_blocks + v.decoder_res_blocks + 2)
+        return int(trunk + head + decoders + vae)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,10 +294,7 @@ class ViQConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<config>") -> "ViQConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: invalid JSON ({e})") from None
+        data = loads_json(text, source)  # malformed or too deep: a ValueError naming source
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object")
         data = dict(data)
@@ -291,6 +317,30 @@ class ViQConfig:
     def replace(self, **changes: Any) -> "ViQConfig":
         """A copy with top-level fields replaced (sub-configs are deep-copied)."""
         return ViQConfig.from_dict({**self.to_dict(), **changes})
+
+
+#: The largest value each size field of a config may take: far above any real model (the paper's
+#: giant trunk is 1536 wide and 40 deep), low enough that a crafted config.json is refused before it is
+#: built. The product of sizes is bounded too (:meth:`ViQConfig.approx_parameters`).
+SIZE_LIMITS: dict[str, int | float] = {
+    "patch_size": 256, "width": 32768, "depth": 1024, "num_heads": 1024, "mlp_hidden": 262144, "pos_grid": 4096,
+    "bottleneck_dim": 32768, "simvq_codebook_size": 1 << 24, "simvq_dim": 32768, "num_blocks": 1024,
+    "mlp_ratio": 64.0, "codes_per_patch": 256, "code_blocks": 1024, "attn_dim": 32768, "res_blocks": 1024,
+    "res_mlp_ratio": 64.0, "latent_blocks": 1024, "latent_heads": 1024, "latent_mlp_ratio": 64.0,
+    "latent_channels": 4096, "latent_upscale": 64, "groupnorm_groups": 4096, "base_dim": 8192, "z_dim": 4096,
+    "num_res_blocks": 64, "scale_factor": 64, "decoder_res_blocks": 64,
+}
+
+
+def _check_at_most(obj: Any) -> None:
+    """Every field of ``obj`` named in :data:`SIZE_LIMITS` is a number no larger than its limit."""
+    for f in dataclasses.fields(obj):
+        if f.name not in SIZE_LIMITS:
+            continue
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value <= SIZE_LIMITS[f.name]:
+            raise ValueError(f"{type(obj).__name__}.{f.name} = {value!r}: must be a number no larger than "
+                             f"{SIZE_LIMITS[f.name]} (refused before anything is built)")
 
 
 def _check_positive(obj: Any, *names: str) -> None:

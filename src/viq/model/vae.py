@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from viq._untrusted import read_json
 from viq.model.config import VAEConfig, dataclass_from_dict
 from viq.model.pixel_codec import PixelCodec
 
@@ -69,7 +70,7 @@ def load_vae(directory: str | os.PathLike) -> tuple[VAEConfig, nn.Module]:
         what = "no such folder" if not path.exists() else "no config.json in it"
         raise FileNotFoundError(f"{path}: not a VAE folder ({what}); expected a diffusers {QWEN_IMAGE_CLASS} "
                                 f"folder (e.g. the vae/ subfolder of Qwen/Qwen-Image) or a pixel-codec folder")
-    raw = json.loads(config_file.read_text())
+    raw = read_json(config_file)
     if "_class_name" in raw:
         if raw["_class_name"] != QWEN_IMAGE_CLASS:
             raise ValueError(f"{config_file}: a diffusers {raw['_class_name']}, but viq's latent codec is the "

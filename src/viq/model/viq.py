@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from viq._io import atomic_write
+from viq._untrusted import check_image_size
 from viq.formats.codes import Codes
 from viq.formats.image import PreparedImage, PreprocessConfig, padded_grid
 from viq.formats.image import preprocess as prepare
@@ -379,13 +380,18 @@ class ViQModel(nn.Module):
         return self.embed_codes(codes)[0]
 
     @torch.inference_mode()
-    def draw(self, codes: Codes | Sequence[Codes]) -> list[torch.Tensor]:
+    def draw(self, codes: Codes | Sequence[Codes], *, max_pixels: int | None = None) -> list[torch.Tensor]:
         """Codes -> raw VAE latents (what :meth:`decode_latents` takes): one (16, 2h, 2w) tensor per
-        image. A drawer trained on normalised latents (``config.decoder.latent_mean``) is inverted here."""
+        image. A drawer trained on normalised latents (``config.decoder.latent_mean``) is inverted here.
+        Codes whose image (grid x patch size) exceeds ``max_pixels`` (default
+        ``viq._untrusted.LIMITS.max_decode_pixels``) are refused before anything is computed."""
         self._require("drawer")
         codes = self._codes_list(codes)
         if not codes:
             return []
+        for i, c in enumerate(codes):
+            check_image_size(c.grid[0] * c.patch_size, c.grid[1] * c.patch_size, f"codes {i} (grid {c.grid})",
+                         limit=max_pixels, flag="max_pixels / --max-pixels")
         _, latents = self.draw_codes([c.flat().to(self.device) for c in codes], [c.grid for c in codes])
         return [self.drawer.latent.to_raw(z) for z in latents]
 
@@ -396,8 +402,9 @@ class ViQModel(nn.Module):
         return [decode_latents(self.vae, z) for z in latents]
 
     @torch.inference_mode()
-    def reconstruct(self, codes: Codes | Sequence[Codes], *, crop: bool = True) -> list["Any"]:
-        """Codes -> PIL RGB images.
+    def reconstruct(self, codes: Codes | Sequence[Codes], *, crop: bool = True,
+                    max_pixels: int | None = None) -> list["Any"]:
+        """Codes -> PIL RGB images (refused above ``max_pixels`` a canvas, as in :meth:`draw`).
 
         Pixels are rounded to the nearest uint8 level (the official code truncates, which darkens by
         half a level on average). With ``crop`` (default) each image is cut back to
@@ -407,7 +414,7 @@ class ViQModel(nn.Module):
 
         codes = self._codes_list(codes)
         images = []
-        for c, latent in zip(codes, self.draw(codes)):
+        for c, latent in zip(codes, self.draw(codes, max_pixels=max_pixels)):
             x = self.decode_latents([latent])[0].float()
             arr = ((x * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             if crop and c.image_size is not None:

@@ -143,6 +143,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from viq._untrusted import loads_json
 from viq.formats.bits import bits_for_levels
 
 __all__ = ["IndexEntry", "ShardName", "StoreConfig", "StoreError", "file_sha256"]
@@ -426,7 +427,7 @@ def read_store_config(path: Path) -> tuple[StoreConfig, dict[str, Any]]:
     if not store_file.is_file():
         raise StoreError(path, f"not a viq code store (no {STORE_FILE})")
     try:
-        config = json.loads(store_file.read_text(encoding="utf-8"))
+        config = loads_json(store_file.read_text(encoding="utf-8"), store_file)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise StoreError(store_file, f"unreadable or corrupt: {exc}") from None
     if not isinstance(config, dict):

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from viq._untrusted import loads_json
 from viq._io import atomic_write
 from viq.store import ids as _ids
 
@@ -156,7 +157,7 @@ class IndexFile:
         if magic != MAGIC or hlen > self.size - _HEAD.size:
             raise IndexCorrupt("not a viq store index file (bad magic or header)")
         try:
-            header = json.loads(self.mm[_HEAD.size:_HEAD.size + hlen].decode("utf-8"))
+            header = loads_json(self.mm[_HEAD.size:_HEAD.size + hlen].decode("utf-8"), "header")
         except (UnicodeDecodeError, ValueError) as exc:
             raise IndexCorrupt(f"corrupt header: {exc}") from None
         if not isinstance(header, dict) or header.get("format") != INDEX_FORMAT:

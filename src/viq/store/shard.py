@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from viq._untrusted import loads_json
 from viq.formats.bits import pack_bits, unpack_bits
 from viq.store.format import (
     FORMAT_VERSION,
@@ -162,7 +163,7 @@ def parse_shard_index(index_path: Path, writer: str, seq: int, stat_key: tuple[i
         ValueError: describing what is wrong with the index.
     """
     try:
-        obj = json.loads(index_path.read_bytes().decode("utf-8"))
+        obj = loads_json(index_path.read_bytes().decode("utf-8"), index_path.name)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"unreadable or corrupt index: {exc}") from None
     if not isinstance(obj, dict) or obj.get("format") != SHARD_INDEX_FORMAT:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from viq._untrusted import read_json
 from viq.model.config import ViQConfig, get_preset
 from viq.model.hub import resolve, resolve_model
 from viq.model.viq import check_weights
@@ -190,7 +191,7 @@ def _teacher_record(directory: Path | None) -> dict[str, Any] | None:
     path = directory / STAGE_FILE if directory is not None else None
     if path is None or not path.is_file():
         return None
-    return json.loads(path.read_text()).get("teacher")
+    return read_json(path).get("teacher")
 
 
 def _encoder_from(config_dict: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> nn.Module:

@@ -24,6 +24,10 @@ from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
+#: A conversation longer than this many characters per ``llm.max_length`` token is refused before it
+#: is tokenised (BPE tokens of real text average 3-5 characters; 32 leaves room for long runs).
+MAX_CHARS_PER_TOKEN = 32
+
 __all__ = ["ShardedBatchOrder", "Collator", "BatchStream", "build_dataset", "max_pixels_at"]
 
 
@@ -107,6 +111,13 @@ class Collator:
             if hasattr(item, "messages"):
                 item_codes = getattr(item, "codes", None) or []
                 if self.tokenizer is not None:
+                    # Bounded before tokenising: an 8 MB turn would cost seconds and GBs only to be refused.
+                    chars = sum(len(content) for _, content in item.messages)
+                    if chars > MAX_CHARS_PER_TOKEN * self.max_length:
+                        raise ValueError(
+                            f"{item.where} (id={item.id}): {chars} characters of text cannot fit llm.max_length="
+                            f"{self.max_length} tokens (refused before tokenising: more than {MAX_CHARS_PER_TOKEN} "
+                            f"characters a token)")
                     tok = self.tokenizer.encode(item.messages)
                     input_ids, labels = tok.input_ids, tok.labels
                     length = self._llm_length(len(input_ids), item.images, item_codes)

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from viq._untrusted import read_json
 from viq.model.hub import resolve
 from viq.model.weights import TORCH_DTYPES
 from viq.train.config import TrainConfig
@@ -53,7 +54,7 @@ def _recorded(directory: Path) -> tuple[bool, dict[str, Any] | None]:
     path = directory / STAGE_FILE
     if not path.is_file():
         return False, None
-    return True, json.loads(path.read_text()).get("llm")
+    return True, read_json(path).get("llm")
 
 
 def _describe(identity: dict[str, Any], path: str | None) -> str:
@@ -79,7 +80,7 @@ def _misfit(module: nn.Module, path: Path, what: str, *, every_key: bool) -> str
 
 
 def _adapter_settings(adapter: Path) -> dict[str, Any]:
-    raw = json.loads((adapter / "adapter_config.json").read_text())
+    raw = read_json(adapter / "adapter_config.json")
     return {"r": raw.get("r"), "alpha": raw.get("lora_alpha"), "dora": bool(raw.get("use_dora"))}
 
 

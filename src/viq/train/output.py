@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from viq._untrusted import read_json
 from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # the one spelling of a model folder's files
 from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS
 from viq.train.config import TrainConfig
@@ -78,7 +79,7 @@ def check_stage_output(directory: Path) -> None:
     if not stage.is_file():
         return
     try:
-        files = json.loads(stage.read_text()).get("files")
+        files = read_json(stage).get("files")
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{stage}: unreadable ({e}); the output is incomplete") from None
     for name, size in (files or {}).items():
