@@ -396,3 +396,38 @@ def test_verify_exit_status_after_a_repair(tmp_path: Path):
     rot()
     assert main(["store", "verify", str(tmp_path / "st"), "-q", "--repair"]) == 0
     assert main(["store", "verify", str(tmp_path / "st"), "-q"]) == 0
+
+
+def test_a_crafted_index_with_valid_checksums(tmp_path: Path):
+    """An index whose entries point elsewhere but whose CRCs were recomputed: `viq store verify` checks
+    every entry against the shard indexes, rebuilds it and says so (exit 1); the store answers right after."""
+    import struct
+    import zlib
+
+    from viq.cli.main import main
+
+    data = _fill(tmp_path / "st", {"w": _ids(60)})
+    st = CodeStore.open(tmp_path / "st")
+    len(st)
+    path = _index_file(st)
+    raw = bytearray(path.read_bytes())
+    magic, hlen = struct.unpack_from("<8sQ", raw, 0)
+    header = json.loads(raw[16:16 + hlen].decode())
+    dtype, shape, offset, _ = header["arrays"]["offset"]
+    values = np.frombuffer(bytes(raw[offset:offset + 8 * int(np.prod(shape))]), dtype=dtype).copy()
+    values[[3, 4]] = values[[4, 3]]  # two records swapped: every byte a valid offset, but the wrong one
+    raw[offset:offset + values.nbytes] = values.tobytes()
+    header["arrays"]["offset"][3] = zlib.crc32(values.tobytes())
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= hlen
+    raw[16:16 + hlen] = text + b" " * (hlen - len(text))
+    before = path.stat()
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    path.with_name(path.name + ".ok").write_text(json.dumps([after.st_size, after.st_mtime_ns, after.st_ino]))
+    assert not IndexFile(path, "store").check_crcs()  # the crafted case: checksums alone say it is fine
+    report = CodeStore.open(tmp_path / "st").verify()
+    assert report.ok and any("is not a record of its shard index" in r for r in report.repaired), report.summary()
+    _check_all(CodeStore.open(tmp_path / "st"), data)
+    assert main(["store", "verify", str(tmp_path / "st"), "-q"]) == 0

@@ -163,12 +163,50 @@ def repair_lookup(store: Path, shard: ShardIndex, stat_key: tuple[int, int]) -> 
     return [f"{lookup.name}: {why}; rewritten from {shard.index_name}"] if why else []
 
 
-def repair_merged_index(ix: StoreIndex) -> list[str]:
-    """Check every checksum of a merged index file (reads it whole); delete it when one fails, so that
-    the next open rebuilds it. Returns what was found."""
+def repair_merged_index(ix: StoreIndex, shards: Sequence[ShardIndex] | None = None) -> list[str]:
+    """Check every checksum of a merged index file (reads it whole) and, given the parsed ``shards``,
+    every entry against them (shard number, offset, length, CRC of each record, in order): an index
+    crafted with valid checksums is caught too. Delete it when anything fails, so that the next open
+    rebuilds it from the shard indexes. Returns what was found."""
     bad = ix.file.check_crcs()
-    if not bad:
+    why = f"checksum mismatch in {', '.join(bad)}" if bad else None
+    if why is None and shards is not None:
+        why = _entries_differ(ix, {s.name: s for s in shards})
+    if why is None:
         return []
     with contextlib.suppress(OSError):
         ix.path.unlink()
-    return [f"{ix.path}: checksum mismatch in {', '.join(bad)}; index rebuilt"]
+    return [f"{ix.path}: {why}; index rebuilt"]
+
+
+def _entries_differ(ix: StoreIndex, by_name: dict[str, ShardIndex]) -> str | None:
+    """How the merged index's entries differ from the shard indexes they were derived from (None: equal)."""
+    n = len(ix)
+    shard_no = np.asarray(ix.shard_no, dtype=np.int64)
+    if n and (shard_no.min() < 0 or shard_no.max() >= len(ix.shards)):
+        return f"an entry names shard number {int(shard_no.max())} of {len(ix.shards)}"
+    missing = [name for name in ix.shards if name not in by_name]
+    if missing:
+        return f"it lists shard(s) {', '.join(missing[:3])} that have no usable index"
+    if n and np.any(np.diff(shard_no) < 0):
+        return "its entries are not in shard order"
+    have = {c: np.asarray(getattr(ix, c), dtype=np.int64) for c in ("offset", "length", "crc")}
+    bounds = np.searchsorted(shard_no, np.arange(len(ix.shards) + 1))
+    for i, name in enumerate(ix.shards):
+        # Entry rows of shard i: its records in order, less the ids another shard claimed first.
+        part, lo, hi = by_name[name], int(bounds[i]), int(bounds[i + 1])
+        offsets = np.asarray(part.offsets, dtype=np.int64)
+        at = np.searchsorted(offsets, have["offset"][lo:hi])
+        at_ok = np.minimum(at, max(len(offsets) - 1, 0))
+        good = (at < len(offsets)) & (offsets[at_ok] == have["offset"][lo:hi]) if len(offsets) else \
+            np.zeros(hi - lo, dtype=bool)
+        if good.all():
+            good &= (np.asarray(part.lengths, dtype=np.int64)[at_ok] == have["length"][lo:hi]) & \
+                (np.asarray(part.crcs, dtype=np.int64)[at_ok] == have["crc"][lo:hi])
+        if hi > lo + 1 and good.all():
+            good[1:] &= np.diff(at) > 0
+        if not good.all():
+            row = lo + int(np.flatnonzero(~good)[0])
+            return (f"entry {row} (shard {name}: offset {int(have['offset'][row])}, length {int(have['length'][row])}) "
+                    f"is not a record of its shard index")
+    return None

@@ -541,7 +541,7 @@ class CodeStore:
             repaired += repair_lookup(self._path, shard, stat_key)
         if repaired:  # a lookup file was rewritten: the merged index (same key) must be derived again
             self._index = self._load_index(rebuild=True)
-        found = repair_merged_index(self._idx)
+        found = repair_merged_index(self._idx, shards)
         if found:
             self._index = self._load_index(rebuild=True)
         report = verify_shards(self._path, self._cfg, shards, problems, progress)
@@ -554,7 +554,11 @@ class CodeStore:
         pixel, the code histogram, entropy, perplexity, codebook use, ...). Raises StoreError for a
         corrupt record."""
         files = [(name, ShardName.parse(name).index) for name in self._idx.shards]
-        return code_stats(self._path, self._cfg, files, self._records(), progress)
+        try:
+            return code_stats(self._path, self._cfg, files, self._records(), progress)
+        except IndexError as exc:  # an index that names a shard or record that is not there
+            raise StoreError(self._path, f"its index does not match its shards ({exc}); `viq store verify` "
+                                         f"checks every entry and rebuilds it") from None
 
 
 class StoreIds(collections.abc.Sequence):
