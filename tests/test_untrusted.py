@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import make_llm, make_qa, recipe
@@ -440,3 +441,32 @@ def test_archive_member_bomb_is_refused_from_its_header(tmp_path):
     with pytest.raises(tarfile.TarError, match="000.jpg declares 314572800 bytes"):
         list(iter_samples(shard))
     assert time.perf_counter() - start < 10
+
+
+def test_store_whose_levels_imply_billions_of_codes(tmp_path):
+    """A store.json whose levels make a 2.1e9-code codebook: `viq store stats` refuses before it
+    allocates a histogram of that size (15.9 GiB), in one line, inside the address-space limit."""
+    from viq.store import CodeStore
+
+    store = CodeStore.create(tmp_path / "st", levels=(8, 8, 4, 3, 3), model_fingerprint="0123456789abcdef")
+    rng = np.random.default_rng(0)
+    from viq.formats.codes import Codes
+
+    with store.writer(name="w") as w:
+        for i in range(3):
+            w.add(f"img{i}", Codes(torch.from_numpy(rng.integers(0, 2304, (2, 2, 4)).astype(np.int32)), (8, 8, 4, 3, 3)))
+    config = json.loads((tmp_path / "st" / "store.json").read_text())
+    config.update(levels=[255, 255, 255, 129], codebook_size=255 ** 3 * 129, bits_per_code=31)
+    (tmp_path / "st" / "store.json").write_text(json.dumps(config))
+    proc, seconds = _viq("store", "stats", str(tmp_path / "st"))
+    _one_clear_line(proc, "store.json")
+    assert seconds < 60
+
+
+def test_a_record_declaring_too_many_codes_is_refused_before_decoding():
+    from viq.store.shard import decode_record
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="declares 875000000 codes"):
+        decode_record(b"\x01" + bytes(100), 875_000_000, 14, 15360, True)
+    assert time.perf_counter() - start < 1

@@ -49,6 +49,11 @@ class Limits:
     max_json_line_bytes: int = 64 << 20
     #: Decompressed bytes of one record or archive member read into memory.
     max_member_bytes: int = 256 << 20
+    #: Codes one stored record may declare (its grid x codes per patch): 2^24 is a 16k x 16k image.
+    max_record_codes: int = 1 << 24
+    #: Entries of a dense code histogram (``viq store stats``: int64 each), i.e. the largest codebook
+    #: whose usage is counted.
+    max_histogram_codes: int = 1 << 24
     #: Parameters of a model built from a config (an estimate from the config alone): 20 billion.
     max_model_parameters: int = 20_000_000_000
 

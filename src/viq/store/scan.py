@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from viq._untrusted import LIMITS
 from viq.formats.bits import usage_stats
 from viq.formats.image import padded_grid
 from viq.store.format import (
@@ -206,6 +207,10 @@ def code_stats(path: Path, config: StoreConfig, files: Sequence[tuple[str, str]]
         StoreError: a record that does not decode.
     """
     k = config.codebook_size
+    if k > LIMITS.max_histogram_codes:  # checked before a K-entry histogram is allocated
+        raise StoreError(path / STORE_FILE, f"levels {list(config.levels)} make a codebook of {k} codes; counting their "
+                                            f"use needs a histogram larger than {LIMITS.max_histogram_codes} entries "
+                                            f"(VIQ_LIMITS=max_histogram_codes=N raises the limit)")
     hist = np.zeros(k, dtype=np.int64)
     pending: list[np.ndarray] = []
     pending_n = 0

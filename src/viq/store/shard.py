@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from viq._untrusted import loads_json
+from viq._untrusted import LIMITS, loads_json
 from viq.formats.bits import pack_bits, unpack_bits
 from viq.store.format import (
     FORMAT_VERSION,
@@ -62,6 +62,9 @@ def decode_record(data: bytes, num_codes: int, bits: int, k: int, entropy_coding
     Raises:
         ValueError: describing what is wrong with the record.
     """
+    if num_codes > LIMITS.max_record_codes:  # the grid comes from an index file: bounded before decoding
+        raise ValueError(f"the index declares {num_codes} codes for this record, more than {LIMITS.max_record_codes} "
+                         f"(VIQ_LIMITS=max_record_codes=N raises the limit)")
     packed_len = (num_codes * bits + 7) // 8
     tag = _TAG_PACKED
     body = data
