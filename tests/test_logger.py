@@ -86,6 +86,11 @@ def test_records_every_log_every_steps_with_window_means(logged):
         # entropy of the window's codes: at most log2 of the number of distinct codes seen
         assert 0 < record["code_entropy_bits"] <= math.log2(record["code_usage"] * codebook) + 1e-9
         assert record["code_perplexity"] == pytest.approx(2 ** record["code_entropy_bits"])
+        # Per slot (the codes_per_patch sub-positions): each slot's usage at most the overall one.
+        slots = get_preset("viq-test").head.codes_per_patch
+        assert {f"code_usage_slot{j}" for j in range(slots)} <= set(record), sorted(record)
+        assert all(0 < record[f"code_usage_slot{j}"] <= record["code_usage"] + 1e-12 for j in range(slots))
+        assert all(record[f"code_entropy_bits_slot{j}"] <= math.log2(codebook) for j in range(slots))
     assert records[0]["time"] < records[1]["time"] < records[2]["time"]
     assert records[0]["wall_time"] <= records[-1]["wall_time"]
     # The LR a step used: constant schedule here (warmup 0, min_lr_ratio 1) -> the recipe's rate.
@@ -252,3 +257,33 @@ def test_missing_tracker_package_warns_and_jsonl_goes_on(assets, tmp_path, monke
     log.log_step([{"step": 1, "loss": 1.0, "lr": {}, "step_time": 1.0, "samples_per_s": 1.0, "time": 1.0}])
     assert read_metrics(tmp_path / "run")[0]["loss"] == 1.0
     assert os.listdir(tmp_path / "run") == ["metrics.jsonl"]
+
+
+def test_code_usage_per_slot_and_the_collapse_warning():
+    """CodeUsage counts each slot of a patch apart and warns once, naming the step, when the window's
+    codebook share falls below the threshold."""
+    from viq.train.metrics import CodeUsage
+    from viq.train.parallel import Dist
+
+    import torch
+
+    single = Dist()
+    usage = CodeUsage(16, torch.device("cpu"), window=3, collapse_usage=0.2)
+    warnings = []
+    for step in range(1, 6):
+        if step <= 2:  # healthy: slot 0 uses 8 codes, slot 1 uses 4
+            usage.add(torch.stack([torch.arange(8), torch.arange(8) % 4], dim=1))
+        else:  # collapsed: one code everywhere
+            usage.add(torch.zeros(8, 2, dtype=torch.long))
+        metrics = usage.summary(single)
+        warnings.append(usage.collapse(step, metrics))
+        if step == 1:
+            assert metrics["code_usage"] == 0.5 and metrics["code_usage_slot0"] == 0.5
+            assert metrics["code_usage_slot1"] == 0.25 and metrics["code_entropy_bits_slot1"] == pytest.approx(2.0)
+    # The window (3 steps) holds the healthy steps until step 4; from step 5 only one code is used.
+    assert warnings[:4] == [None] * 4 and warnings[4] is not None
+    assert warnings[4].startswith("step 5: the codebook is collapsing: 1 of 16 codes")
+    assert usage.collapse(6, {"code_usage": 0.0, "code_entropy_bits": 0.0}) is None  # once
+    again = CodeUsage(16, torch.device("cpu"), window=3, collapse_usage=0.2)
+    again.load_state_dict(usage.state_dict())
+    assert again.collapsed_at == 5 and len(again.counts) == 3

@@ -167,6 +167,9 @@ class TrainSection:
     progress: bool = True
     #: write the sample ids of every step, per rank, to samples-rank<r>.jsonl (debugging data order)
     log_samples: bool = False
+    #: quantizing stages: warn once when the share of the codebook used over the usage window (20
+    #: steps) falls below this (codebook collapse); 0 turns the warning off
+    collapse_usage: float = 0.01
 
 
 @dataclass
@@ -208,6 +211,8 @@ class TrainConfig:
         if self.train.eval_every and not self.data.val:
             raise ValueError(f"train.eval_every={self.train.eval_every} needs data.val, the held-out data to validate "
                              f"on (or set train.eval_every=0)")
+        if not 0 <= self.train.collapse_usage <= 1:
+            raise ValueError(f"train.collapse_usage must be in [0, 1], got {self.train.collapse_usage}")
         if self.train.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1, got {self.train.log_every}")
         if isinstance(self.train.trackers, str):

@@ -271,7 +271,8 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
     autocast = autocast_context(cfg, device)
     run_log = RunLogger(out_dir, cfg, main=dist_info.main, start_step=step)  # drops records after `step`
     clock = time.perf_counter() - (history[-1].get("time", 0.0) if history else 0.0)  # run time, resumes included
-    usage = CodeUsage(model.config.head.codebook_size if model.head is not None else 0, device)
+    usage = CodeUsage(model.config.head.codebook_size if model.head is not None else 0, device,
+                      collapse_usage=cfg.train.collapse_usage)
     saved_usage = load_extra(checkpoint).get("code_usage") if checkpoint is not None else None
     if saved_usage is not None:
         usage.load_state_dict(saved_usage)
@@ -310,6 +311,9 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
         record.update(step_time=elapsed, time=time.perf_counter() - clock)
         if usage.size:
             record.update(usage.summary(dist_info))
+            warning = usage.collapse(step, record)
+            if warning and dist_info.main:
+                log.warning("%s", warning)
         history.append(record)
         run_log.log_step(history)
         bar.update(1)

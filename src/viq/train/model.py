@@ -250,7 +250,9 @@ class TrainModel(ViQModel):
         """The loss sums of one micro-batch (see the module docstring)."""
         inputs = self._inputs(batch)
         sums = {loss: getattr(self, f"_{loss}_sum")(batch, inputs) for loss in self.COMPUTE_ORDER if loss in self.losses}
-        indices = torch.cat(inputs.indices).detach() if inputs.indices else None
+        # (patches, slots): official order puts a patch's codes_per_patch codes side by side.
+        slots = self.config.head.codes_per_patch if self.head is not None else 1
+        indices = torch.cat([i.reshape(-1, slots) for i in inputs.indices]).detach() if inputs.indices else None
         return StepLosses(sums, batch.num_images, indices)
 
     def _inputs(self, batch: TrainBatch) -> _Inputs:
