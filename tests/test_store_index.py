@@ -431,3 +431,23 @@ def test_a_crafted_index_with_valid_checksums(tmp_path: Path):
     assert report.ok and any("is not a record of its shard index" in r for r in report.repaired), report.summary()
     _check_all(CodeStore.open(tmp_path / "st"), data)
     assert main(["store", "verify", str(tmp_path / "st"), "-q"]) == 0
+
+
+def test_a_skipped_shard_is_named_by_every_reading_command(tmp_path: Path, caplog):
+    """A shard index with a negative offset: the shard is skipped, and every later `stats` says so
+    again (it used to warn once, when the merged index was built, then report a smaller store quietly)."""
+    import logging
+
+    from viq.cli.main import main
+
+    _fill(tmp_path / "st", {"w": _ids(20)}, shard_bytes=1 << 20)
+    idx_json = next((tmp_path / "st" / "shards").glob("*.idx.json"))
+    obj = json.loads(idx_json.read_text())
+    offsets = next(k for k in obj["records"] if k.startswith("offset"))
+    obj["records"][offsets][0] = -5
+    idx_json.write_text(json.dumps(obj))
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            main(["store", "stats", str(tmp_path / "st")])
+        assert any(idx_json.name in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records), caplog.text

@@ -98,11 +98,17 @@ def _open_existing(store: Path, dirs: list[Path], fname: str, key: str) -> Store
         if not path.exists():
             continue
         try:
-            return StoreIndex(path, key)
+            ix = StoreIndex(path, key)
         except IndexCorrupt as exc:
             log.warning("%s: index file %s is unusable (%s); rebuilding it", store, path, exc)
             with contextlib.suppress(OSError):
                 path.unlink()
+            continue
+        # Shards skipped when the index was built are named by every command that reads the store,
+        # not only the one that built it (a damaged store never reads as a quietly smaller one).
+        for problem in ix.problems:
+            log.warning("%s: %s", store, problem)
+        return ix
     return None
 
 
