@@ -470,3 +470,25 @@ def test_a_record_declaring_too_many_codes_is_refused_before_decoding():
     with pytest.raises(ValueError, match="declares 875000000 codes"):
         decode_record(b"\x01" + bytes(100), 875_000_000, 14, 15360, True)
     assert time.perf_counter() - start < 1
+
+
+def test_extract_on_a_full_disk_stops_in_one_line_then_resumes(model_dir, tmp_path, small_tmpfs):
+    """`viq extract` into a store on a really full tmpfs: one `viq: error:` line naming a path and the
+    full disk, nothing half-written left as data; with space freed, the same command completes and the
+    store verifies."""
+    from test_extract import make_images
+
+    from viq.store import CodeStore
+
+    make_images(tmp_path / "imgs", 12, bad=False)
+    args = ("extract", str(model_dir), str(tmp_path / "imgs"), "-o", str(small_tmpfs / "store"), "--workers", "0",
+            "--flush-every", "3", "-q", "--device", "cpu")
+    ballast = _fill(small_tmpfs, 8 << 10)
+    proc, _ = _viq(*args)
+    line = _one_clear_line(proc, "No space left on device")
+    assert str(small_tmpfs) in line, line
+    ballast.unlink()
+    again, _ = _viq(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    store = CodeStore.open(small_tmpfs / "store")
+    assert len(store) == 12 and store.verify().ok

@@ -144,9 +144,13 @@ class OwnerLock:
             os.close(fd)
             logging.getLogger(__name__).warning("%s: cannot lock (%s); not guarded against a second owner", path, e)
             return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                      .encode(), 0)
+        except OSError as e:  # a full disk: name the lock file (pwrite's error names nothing)
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self._fd, self.held = fd, True
 
     def release(self) -> None:
