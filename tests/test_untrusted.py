@@ -492,3 +492,22 @@ def test_extract_on_a_full_disk_stops_in_one_line_then_resumes(model_dir, tmp_pa
     assert again.returncode == 0, again.stderr[-3000:]
     store = CodeStore.open(small_tmpfs / "store")
     assert len(store) == 12 and store.verify().ok
+
+
+def test_a_huge_conversation_is_refused_before_tokenising():
+    """An 8 MB turn costs seconds and gigabytes to tokenise only to be refused for length: its characters
+    are checked against llm.max_length first."""
+    from types import SimpleNamespace
+
+    from viq.train.data import MAX_CHARS_PER_TOKEN, Collator
+
+    class NeverCalled:
+        def encode(self, messages):
+            raise AssertionError("tokenised")
+
+    collate = Collator(NeverCalled(), max_length=4096)
+    item = SimpleNamespace(messages=(("user", "<image>\n" + "x" * (8 << 20)), ("assistant", "a")), images=[], codes=[],
+                           where="train.jsonl:7", id="x")
+    with pytest.raises(ValueError, match=r"train.jsonl:7 \(id=x\): 8388617 characters of text cannot fit llm.max_length=4096"):
+        collate([item])
+    assert MAX_CHARS_PER_TOKEN * 4096 < 8 << 20
