@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
@@ -196,3 +197,18 @@ def test_plain_classifier(tiny_demo, tmp_path):
         assert row["seconds"] > 0 and row["steps"] >= 1
         for task, v in row["per_task"].items():
             assert v["n"] > 0 and 0 <= v["accuracy"] <= 1 and v["ci95"][0] <= v["accuracy"] <= v["ci95"][1], task
+
+
+def test_show_page_benchmark(tmp_path):
+    """bench/show_page.py as docs/benchmarks.md runs it (sizes substituted): viq show vs eval-recon per
+    image in one run, and the size of a many-image page."""
+    from bench import show_page
+
+    record = show_page.main(["--images", "3", "--min-side", "32", "--max-side", "48", "--page-images", "7",
+                             "--thumb", "128", "--out", str(tmp_path / "r.json")])
+    assert record["images"] == 3 and record["thumb"] == 128
+    assert record["show_s_per_image"] > 0 and record["eval_recon_s_per_image"] > 0
+    assert record["show_vs_eval_recon"] == pytest.approx(
+        record["show_s_per_image"] / record["eval_recon_s_per_image"])
+    assert record["big_page"]["images"] == 7 and record["big_page"]["bytes"] > record["page_bytes"]
+    assert json.loads((tmp_path / "r.json").read_text())["benchmark"] == "show_page"

@@ -91,6 +91,8 @@ def test_records_every_log_every_steps_with_window_means(logged):
         assert {f"code_usage_slot{j}" for j in range(slots)} <= set(record), sorted(record)
         assert all(0 < record[f"code_usage_slot{j}"] <= record["code_usage"] + 1e-12 for j in range(slots))
         assert all(record[f"code_entropy_bits_slot{j}"] <= math.log2(codebook) for j in range(slots))
+        assert all(record[f"code_perplexity_slot{j}"] == pytest.approx(2 ** record[f"code_entropy_bits_slot{j}"])
+                   for j in range(slots))
     assert records[0]["time"] < records[1]["time"] < records[2]["time"]
     assert records[0]["wall_time"] <= records[-1]["wall_time"]
     # The LR a step used: constant schedule here (warmup 0, min_lr_ratio 1) -> the recipe's rate.

@@ -250,3 +250,56 @@ def reason(exc: BaseException, source: Path | str) -> str:
         if msg.startswith(prefix):
             return msg[len(prefix):]
     return msg
+
+
+# ============================================================================================ inputs and outputs
+
+
+def list_images(inputs: list[str], run) -> list[Path]:
+    """Image files named directly, and every image file under named folders (recursive, sorted,
+    hidden files and folders left out: the listing of image-folder training data); each file once."""
+    from viq.data.folder import find_images
+
+    seen: set[str] = set()
+    files: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found = [Path(f) for f in find_images(str(path), "skip")]
+            if not found:
+                log.warning("%s: no image files found", path)
+        elif path.is_file():
+            found = [path]
+        else:
+            run.fail(path, "not a regular file or folder" if path.exists() else "no such file or folder")
+            continue
+        for f in found:
+            key = os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files
+
+
+def write_output(path: Path, content, what: str) -> None:
+    """Write ``content`` (bytes, or a callable writing a temporary path) to ``path`` atomically, creating
+    its folder; failures are one CLIError naming the file and what it was."""
+    from viq._io import atomic_write
+
+    try:
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, content)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{path}: cannot write the {what}: {e}", EXIT_FAILED) from None
+
+
+def open_store(path: str):
+    """A code store opened for reading; a store that cannot be opened is a usage error naming the problem."""
+    from viq.store.format import StoreError
+    from viq.store.reader import CodeStore
+
+    try:
+        return CodeStore.open(path, "r")
+    except StoreError as e:  # the message names the file and the problem
+        raise CLIError(str(e)) from None

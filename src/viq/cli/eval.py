@@ -25,6 +25,7 @@ from viq.cli.common import (
     add_model_options,
     add_preprocess_options,
     int_list_arg,
+    list_images,
     load_model,
     log,
     positive_int,
@@ -32,6 +33,7 @@ from viq.cli.common import (
     progress_bar,
     reason,
     torch_device,
+    write_output,
 )
 
 
@@ -139,32 +141,6 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
 # ============================================================================================ eval-recon
 
 
-def _list_images(inputs: list[str], run) -> list[Path]:
-    """Image files named directly, and every image file under named folders (recursive, sorted,
-    hidden files and folders left out: the listing of image-folder training data); each file once."""
-    from viq.data.folder import find_images
-
-    seen: set[str] = set()
-    files: list[Path] = []
-    for text in inputs:
-        path = Path(text)
-        if path.is_dir():
-            found = [Path(f) for f in find_images(str(path), "skip")]
-            if not found:
-                log.warning("%s: no image files found", path)
-        elif path.is_file():
-            found = [path]
-        else:
-            run.fail(path, "not a regular file or folder" if path.exists() else "no such file or folder")
-            continue
-        for f in found:
-            key = os.path.realpath(f)
-            if key not in seen:
-                seen.add(key)
-                files.append(f)
-    return files
-
-
 def _recon_table(result: dict) -> str:
     """One row per method: bpp, PSNR, SSIM and what qualifies the numbers."""
     from viq.eval.rate_distortion import BPP_TOLERANCE, CODEC_LABELS
@@ -201,23 +177,12 @@ def _json_safe(value):
     return value
 
 
-def _write(path: Path, content, what: str) -> None:
-    from viq._io import atomic_write
-
-    try:
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, content)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"{path}: cannot write the {what}: {e}", EXIT_FAILED) from None
-
-
 def cmd_eval_recon(args: argparse.Namespace) -> int:
     from viq.eval.rate_distortion import comparison_grid, plot_rate_distortion
     from viq.eval.recon import evaluate_reconstruction
 
     run = FileRun()
-    files = _list_images(args.images, run)
+    files = list_images(args.images, run)
     model = load_model(args, ("encoder", "drawer", "vae"))
     cfg = preprocess_config(args, model.patch_size)
     extractor = None
@@ -248,12 +213,12 @@ def cmd_eval_recon(args: argparse.Namespace) -> int:
         print(_recon_table(result))
     if args.json is not None:
         out = _json_safe({"model": str(args.model), **result})
-        _write(Path(args.json), (json.dumps(out, indent=1, allow_nan=False) + "\n").encode(), "JSON results")
+        write_output(Path(args.json), (json.dumps(out, indent=1, allow_nan=False) + "\n").encode(), "JSON results")
     if args.plot is not None and result["n"]:
-        _write(Path(args.plot), lambda tmp: plot_rate_distortion(result, tmp), "plot")
+        write_output(Path(args.plot), lambda tmp: plot_rate_distortion(result, tmp), "plot")
     if args.grid is not None and examples:
         grid = comparison_grid(examples)
-        _write(Path(args.grid), lambda tmp: grid.save(tmp, format="PNG"), "grid")
+        write_output(Path(args.grid), lambda tmp: grid.save(tmp, format="PNG"), "grid")
     if not result["n"] and not run.failures:
         raise CLIError("no images to evaluate", EXIT_FAILED)
     log.info("evaluated %d, failed %d", result["n"], len(run.failures))

@@ -1,6 +1,6 @@
 """The ``viq`` command line: the parser and the dispatch; each command group lives in its own module
 (:mod:`~viq.cli.codes`, :mod:`~viq.cli.info`, :mod:`~viq.cli.train`, :mod:`~viq.cli.eval`,
-:mod:`~viq.cli.ask`, :mod:`~viq.cli.plot`, :mod:`~viq.cli.store`).
+:mod:`~viq.cli.show`, :mod:`~viq.cli.ask`, :mod:`~viq.cli.plot`, :mod:`~viq.cli.store`).
 
 ::
 
@@ -13,6 +13,7 @@
     viq demo [-o OUTDIR]                     train a tiny ViQ end to end on CPU, write a report
     viq eval-qa RUN DATA.jsonl [--json OUT]  QA accuracy of a trained run, per task, with 95 % CIs
     viq eval-recon MODEL IMAGES... [--json]  PSNR / SSIM / bpp / rFID beside JPEG and WebP at equal bpp
+    viq show MODEL IMAGES... -o PAGE.html    an HTML page: reconstructions, error and code maps, codebook
     viq ask RUN IMAGE "QUESTION" [--json]    a trained run's answer to one question about an image
     viq plot RUN_DIR [-o PNG]                a run's training curves (losses, LR, code usage)
     viq extract MODEL INPUT -o STORE         many images -> a code store
@@ -34,7 +35,7 @@ import sys
 from collections.abc import Sequence
 
 from viq._untrusted import UntrustedFileError
-from viq.cli import ask, codes, info, plot, store, train
+from viq.cli import ask, codes, info, plot, show, store, train
 from viq.cli import eval as evaluation
 from viq.cli.common import EXIT_FAILED, EXIT_USAGE, CLIError, log, stderr_logging
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    for group in (codes, info, train, evaluation, ask, plot, store):
+    for group in (codes, info, train, evaluation, show, ask, plot, store):
         group.add_parsers(sub, common)
     return parser
 

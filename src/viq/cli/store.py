@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from viq.cli.common import (
     EXIT_FAILED,
@@ -15,8 +16,10 @@ from viq.cli.common import (
     add_preprocess_options,
     load_model,
     log,
+    open_store,
     positive_int,
     preprocess_config,
+    write_output,
 )
 
 
@@ -64,16 +67,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
-def _open_store(path: str):
-    from viq.store.format import StoreError
-    from viq.store.reader import CodeStore
-
-    try:
-        return CodeStore.open(path, "r")
-    except StoreError as e:  # the message names the file and the problem
-        raise CLIError(str(e)) from None
-
-
 def _records_bar(store, desc: str, quiet: bool):
     from tqdm import tqdm
 
@@ -85,7 +78,7 @@ def _records_bar(store, desc: str, quiet: bool):
 def cmd_store_verify(args: argparse.Namespace) -> int:
     """Exit 0 = sound, 1 = problems found (or damaged derived files rebuilt, unless --repair), 2 = the
     store cannot be opened."""
-    store = _open_store(args.path)
+    store = open_store(args.path)
     with _records_bar(store, "verify", args.quiet) as bar:
         report = store.verify(progress=bar.update)
     print(report.summary())
@@ -100,11 +93,32 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _write_codebook_page(store, args: argparse.Namespace) -> None:
+    """The codebook part of ``viq show``'s page for every record of the store (a second pass: the per-head
+    histograms), written atomically to ``--page``."""
+    from viq.eval.codebook import CodebookCounter
+    from viq.eval.show import render_codebook_page
+    from viq.store.format import StoreError
+
+    counter = CodebookCounter(store.levels, store.codes_per_patch)
+    try:
+        with _records_bar(store, "page", args.quiet) as bar:
+            for i in range(len(store)):
+                counter.add(store.get_at(i))
+                bar.update(1)
+    except StoreError as e:
+        raise CLIError(f"{e} (viq store verify {args.path} lists every problem)", EXIT_FAILED) from None
+    page = render_codebook_page(counter, title=f"codebook of {store.path}",
+                                note=f"Every record of the store. Patch galleries need the images: viq show MODEL "
+                                     f"{args.path} -o PAGE.html")
+    write_output(Path(args.page), page.encode(), "page")
+
+
 def cmd_store_stats(args: argparse.Namespace) -> int:
     from viq.store.check import plot_stats
     from viq.store.format import StoreError
 
-    store = _open_store(args.path)
+    store = open_store(args.path)
     try:
         with _records_bar(store, "stats", args.quiet) as bar:
             stats = store.stats(progress=bar.update)
@@ -115,6 +129,8 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
             plot_stats(stats, args.plot)
         except ImportError as e:
             raise CLIError(f"--plot needs matplotlib (pip install matplotlib): {e}", EXIT_FAILED) from None
+    if args.page:
+        _write_codebook_page(store, args)
     if args.json:
         print(json.dumps({k: v for k, v in stats.items() if k != "histogram"}, indent=2))
         return EXIT_OK
@@ -134,6 +150,8 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
     ]
     if args.plot:
         lines.append(f"plot:        {args.plot}")
+    if args.page:
+        lines.append(f"page:        {args.page} (per head; image galleries: viq show MODEL {args.path} -o PAGE.html)")
     print("\n".join(lines))
     return EXIT_OK
 
@@ -201,6 +219,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     q = store_sub.add_parser("stats", help="images, bits per pixel, code usage, entropy, perplexity")
     q.add_argument("path", metavar="STORE")
     q.add_argument("--plot", metavar="PNG", help="write the code-usage histogram to this PNG")
+    q.add_argument("--page", metavar="HTML", help="write the codebook page (usage, entropy, dead codes per head, the "
+                                                  "most used codes) to this self-contained HTML file")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_store_stats)

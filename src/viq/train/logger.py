@@ -11,7 +11,8 @@ every other rank does nothing.
   rates the step used); ``samples_per_s`` and, for stages with an LLM, ``tokens_per_s``, over the
   covered steps; ``time`` (seconds of the run so far, resumed runs included) and ``wall_time`` (Unix
   time); for stages that quantize, ``code_usage``, ``code_perplexity`` and ``code_entropy_bits`` of the
-  last 20 steps' codes, and per code slot of a patch ``code_usage_slot<j>`` / ``code_entropy_bits_slot<j>``
+  last 20 steps' codes, and per code slot of a patch ``code_usage_slot<j>`` / ``code_entropy_bits_slot<j>`` /
+  ``code_perplexity_slot<j>``
   (a warning is logged once if usage falls below ``train.collapse_usage``).
 * ``"eval"``, at each validation: ``step`` and the results of :func:`viq.train.evaluate.evaluate`.
   When the stage reconstructs, the first ``train.log_images`` validation images and their
@@ -105,7 +106,7 @@ def _window_record(window: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if key in last:
             record[key] = last[key]
     for key in last:  # per-slot code usage (code_usage_slot<j>, code_entropy_bits_slot<j>): a window already
-        if key.startswith(("code_usage_slot", "code_entropy_bits_slot")):
+        if key.startswith(("code_usage_slot", "code_entropy_bits_slot", "code_perplexity_slot")):
             record[key] = last[key]
     record["wall_time"] = time.time()
     return record

@@ -28,7 +28,7 @@ def code_usage_metrics(hist: torch.Tensor) -> dict[str, float]:
 class CodeUsage:
     """Code histograms over a window of steps, per code slot: share of the codebook used, perplexity
     and entropy, overall and for each of the ``codes_per_patch`` slots (the 2x2 sub-positions of a
-    patch), and a warning when the codebook collapses.
+    patch, which are the head's attention heads), and a warning when the codebook collapses.
 
     ``size``: codebook size K (0: the stage has no codes, nothing is counted). Indices come as
     ``(N, slots)`` (one row per patch, official slot order) or any shape (one slot).
@@ -57,7 +57,8 @@ class CodeUsage:
     def summary(self, dist_info: Dist) -> dict[str, float]:
         """Close the current step (summed over ranks: a collective) and report the last ``window``
         steps: ``code_usage``, ``code_perplexity``, ``code_entropy_bits`` and, with several slots,
-        ``code_usage_slot<j>`` / ``code_entropy_bits_slot<j>``."""
+        ``code_usage_slot<j>`` / ``code_entropy_bits_slot<j>`` / ``code_perplexity_slot<j>`` (slot j = head j:
+        the head's streams never mix)."""
         if self.current is None:
             return {}
         dist_info.all_reduce(self.current)
@@ -70,6 +71,7 @@ class CodeUsage:
                 stats = code_usage_metrics(hist)
                 out[f"code_usage_slot{j}"] = stats["code_usage"]
                 out[f"code_entropy_bits_slot{j}"] = stats["code_entropy_bits"]
+                out[f"code_perplexity_slot{j}"] = stats["code_perplexity"]
         return out
 
     def collapse(self, step: int, metrics: dict[str, float]) -> str | None:
