@@ -223,3 +223,77 @@ def test_generation_stops_at_the_end_of_the_turn_with_a_base_tokenizer(world, tm
     out = model.generate(inputs_embeds=model.get_input_embeddings()(prompt)[None], max_new_tokens=12,
                          do_sample=False, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
     assert hf.decode(out[0], skip_special_tokens=True).count("red") > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docs/training.md "From public checkpoints", the command block as written
+# ---------------------------------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+
+
+def documented_commands() -> list[str]:
+    """The commands of the first bash block under "## From public checkpoints", continuation lines joined,
+    comments and blank lines left out."""
+    text = DOCS.read_text()
+    section = text[text.index("## From public checkpoints"):]
+    block = section[section.index("```bash\n") + 8: section.index("\n```", section.index("```bash\n"))]
+    joined = block.replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_documented_commands_run_as_written(tmp_path):
+    """Every command of the block runs in a project folder laid out as the block expects, with only paths
+    and sizes changed: the downloads are a Hugging Face cache holding small checkpoints in the published
+    formats under the block's Hub ids (``hf download`` itself runs, offline, and finds them there; the
+    dataset's ``--local-dir`` download is the folder made here), ``<subset>`` is named, 8 processes are 2
+    and each training command gets ``train.max_steps=2``. Nothing else is added: the paper recipes'
+    precision, parallelism, resolution schedule and LLM modes run as they are."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commands = documented_commands()
+    assert any(c.startswith("hf download") for c in commands) and any("train-mllm" in c for c in commands)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "recipes").symlink_to(RECIPES.parent)  # the repository root's recipes/ (a link there too)
+
+    # the downloads: the Hub ids the block names, in a cache laid out as `hf download` leaves it
+    cache, art = tmp_path / "hf-cache", tmp_path / "artifacts"
+    corpus = ["What color is the square? " + " ".join(pc.COLOURS) + " a photo"] * 20
+    siglip = pc.open_clip_siglip(art / "siglip", VISION)
+    pc.hub_cache_entry(cache, "timm/ViT-gopt-16-SigLIP2-384", siglip.parent)
+    pc.hub_cache_entry(cache, "Qwen/Qwen2.5-0.5B", pc.qwen2_llm(art / "qwen-0.5b", corpus, LLM_A))
+    pc.hub_cache_entry(cache, "Qwen/Qwen-Image", pc.qwen_image_vae(art / "vae", base_dim=16), subfolder="vae")
+    pc.hub_cache_entry(cache, "Qwen/Qwen2.5-7B-Instruct",
+                       pc.qwen2_llm(art / "qwen-7b", corpus, LLM_B, instruct=True, seed=1))
+    # the data: LLaVA-OneVision-style Parquet (data/ov/<subset>), LLaVA JSONL, an image folder, photos
+    data = pc.colour_square_qa(project / "data", 8, sizes=[(96, 144), (150, 100), (64, 64), (200, 120)],
+                               square=(10, 40), resize="224x32")
+    (project / "data" / "ov" / "tiny").mkdir(parents=True)
+    data["parquet"].rename(project / "data" / "ov" / "tiny" / "ov.parquet")
+    for name in ("val.jsonl", "mllm.jsonl", "test.jsonl"):
+        shutil.copy(data["jsonl"], project / "data" / name)
+    shutil.copytree(data["folder"], project / "photos")
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "HF_HUB_CACHE": str(cache),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        run = command.replace("<subset>", "tiny").replace("--nproc_per_node 8", "--nproc_per_node 2")
+        if " --local-dir " in run:  # a download into a folder: that folder is the one made above
+            target = run.split(" --local-dir ")[1].split()[0]
+            assert (project / target).is_dir() and any((project / target).iterdir()), target
+            continue
+        if " viq train" in run or " viq train-mllm" in run:
+            run += " train.max_steps=2"
+        done = subprocess.run(["bash", "-c", run], cwd=project, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{run}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+    for stage in ("stage1", "stage2_1", "stage2_2", "drawer", "mllm"):
+        assert (project / "runs" / "paper" / stage / "final" / "stage.json").is_file(), stage
+    assert len(list((project / "recon").glob("*.png"))) == 8
+    assert (project / "codes.store" / "store.json").is_file()

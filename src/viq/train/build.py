@@ -10,7 +10,8 @@ Initial ViQ weights (``model.init``):
   are logged: the 2-1 -> 2-2 hand-over needs no key surgery.
 * ``hf-siglip:<dir>``: a Hugging Face ``SiglipVisionModel`` / ``SiglipModel`` checkpoint (encoder
   and MAP head).
-* ``timm-siglip:<file>``: a timm / open_clip SigLIP2 state dict (see :mod:`viq.train.init`).
+* ``timm-siglip:<file>``: a timm / open_clip SigLIP2 state dict, local or ``owner/name/<file>`` on the Hub
+  (see :mod:`viq.train.init`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class ModelSection:
     #:   "preset:<name>"        random init of a viq preset (tests, demo)
     #:   "viq:<dir>"            a viq model directory or a previous stage's output directory
     #:   "hf-siglip:<dir>"      a Hugging Face SigLIP / SigLIP2 vision checkpoint (encoder only)
-    #:   "timm-siglip:<file>"   a timm / open_clip SigLIP2 state dict (.pth / .bin / .safetensors)
+    #:   "timm-siglip:<file>"   a timm / open_clip SigLIP2 state dict (.pth / .bin / .safetensors), local or
+    #:                          one file of a Hub repository: owner/name/<file>
     init: str = "preset:viq-test"
     #: ViQConfig changes applied after loading, e.g. {"head": {"quantizer": "fsq", "code_blocks": 3}}
     #: (nested dicts merge into the config).

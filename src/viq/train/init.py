@@ -26,7 +26,8 @@ head.layernorm / head.mlp.fc{1,2}                           encoder.pool.norm / 
 
 Hugging Face SigLIP uses the tanh GELU; the config records it (``encoder.mlp_act = "gelu_tanh"``).
 
-**timm / open_clip** (``timm-siglip:<file>``, .pth/.bin/.safetensors): timm ``VisionTransformer``
+**timm / open_clip** (``timm-siglip:<file>``, .pth/.bin/.safetensors, or one file of a Hub repository:
+``timm-siglip:owner/name/<file>``, see :func:`timm_siglip_file`): timm ``VisionTransformer``
 names, optionally under ``visual.trunk.`` (open_clip) or ``base_model.model.model.vision_tower.vision_tower.``
 (the authors' training layout, e.g. their stage-1 release ``siglip2_g_anyres_s4.pth``, whose teacher
 and LPIPS keys are left out), which are viq's own: ``patch_embed.proj``,
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 
 from viq._untrusted import read_json
 from viq.model.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
-from viq.model.hub import resolve
+from viq.model.hub import parse_hub_id, resolve
 
 __all__ = ["SiglipCheckpoint", "load_siglip", "hf_siglip_state", "timm_siglip_state", "resize_pos_table",
            "AUTHORS_PREFIX"]
@@ -212,6 +213,22 @@ class SiglipCheckpoint:
         return dataclasses.replace(self.config.encoder, pos_grid=grid), state
 
 
+#: File endings a ``timm-siglip:`` location names.
+TIMM_SIGLIP_SUFFIXES = (".bin", ".pth", ".pt", ".safetensors")
+
+
+def timm_siglip_file(location: str) -> Path:
+    """The file of a ``timm-siglip:`` location: a local file as it is, else ``owner/name[@revision]/<file>``
+    (e.g. ``timm/ViT-gopt-16-SigLIP2-384/open_clip_pytorch_model.bin``) is that one file of a Hub
+    repository, fetched into the Hugging Face cache or found there (offline: ``HF_HUB_OFFLINE=1``), as
+    ``hf download timm/ViT-gopt-16-SigLIP2-384 open_clip_pytorch_model.bin`` leaves it."""
+    path = Path(location)
+    if path.exists() or path.suffix not in TIMM_SIGLIP_SUFFIXES or parse_hub_id(str(path.parent)) is None:
+        return path
+    return resolve(str(path.parent), allow_patterns=(path.name,), ignore_patterns=None,
+                   what="SigLIP checkpoint") / path.name
+
+
 def load_siglip(kind: str, location: str, overrides: dict[str, Any]) -> SiglipCheckpoint:
     """The ``hf-siglip`` / ``timm-siglip`` init sources, read into viq names.
 
@@ -220,8 +237,8 @@ def load_siglip(kind: str, location: str, overrides: dict[str, Any]) -> SiglipCh
     """
     if kind == "hf-siglip":  # a local directory, or a Hub id owner/name[@revision][/subfolder]
         state, fields = hf_siglip_state(resolve(location, what="SigLIP checkpoint"))
-    else:
-        state, fields = timm_siglip_state(Path(location))
+    else:  # a local file, or a file of a Hub repository owner/name[@revision]/<file>
+        state, fields = timm_siglip_state(timm_siglip_file(location))
     native = state["encoder.pos_embed"]
     fields["pos_grid"] = math.isqrt(native.shape[1])
     fields.update(overrides.get("encoder", {}))
