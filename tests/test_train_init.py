@@ -112,3 +112,28 @@ def test_hf_siglip2_matches_transformers(tmp_path):
         tokens, packed = enc([image])
     torch.testing.assert_close(enc.pool.norm_in(tokens)[:16], ref.last_hidden_state[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(enc.pool(packed.split(tokens)), ref.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_siglip_file_on_the_hub(tmp_path, monkeypatch):
+    """``timm-siglip:owner/name/<file>``: that one file of a Hub repository, from the Hugging Face cache
+    (offline here); a local file is used as it is; a file that is not cached is one error naming the
+    repository and the download command."""
+    from viq.demo.public_checkpoints import hub_cache_entry, open_clip_siglip, VisionWidths
+    from viq.model.hub import HubNotCachedError
+    from viq.train.init import timm_siglip_file
+
+    widths = VisionWidths(hidden=32, heads=2, mlp=64, layers=1)
+    local = open_clip_siglip(tmp_path / "dl", widths, image_size=64)
+    cache = tmp_path / "cache"
+    hub_cache_entry(cache, "timm/ViT-tiny-SigLIP2", local.parent)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert timm_siglip_file(str(local)) == local
+    found = timm_siglip_file("timm/ViT-tiny-SigLIP2/open_clip_pytorch_model.bin")
+    assert found.is_file() and found.read_bytes() == local.read_bytes() and str(cache) in str(found)
+    from_hub = load_siglip("timm-siglip", "timm/ViT-tiny-SigLIP2/open_clip_pytorch_model.bin", {})
+    from_file = load_siglip("timm-siglip", str(local), {})
+    assert from_hub.state.keys() == from_file.state.keys()
+    assert all(torch.equal(from_hub.state[k], from_file.state[k]) for k in from_file.state)
+    with pytest.raises(HubNotCachedError, match="timm/ViT-other.*hf download"):
+        load_siglip("timm-siglip", "timm/ViT-other/open_clip_pytorch_model.bin", {})
