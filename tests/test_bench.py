@@ -165,11 +165,15 @@ def test_demo_step(tiny_demo, tmp_path):
     assert "baseline" not in record["variants"] and (tmp_path / "r.json").is_file()
 
 
-def test_demo_step_baseline_and_compile(tiny_demo, tmp_path):
+def test_demo_step_baseline_and_compile(tiny_demo, tmp_path, monkeypatch):
     """The documented comparison (`--baseline REV --compile`) runs as written: the baseline tree is a
     git worktree of REV (here HEAD, the same code, so the same FLOPs), the compiled variant reports its
     compile time apart."""
     import shutil
+
+    # A private inductor cache: the shared /tmp/torchinductor_<user> one is written by any other process
+    # compiling at the same time, and a half-written kernel there failed this test once ("file too short").
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
     from bench import demo_step
 

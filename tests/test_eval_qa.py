@@ -106,7 +106,7 @@ def run(tmp_path_factory):
 def test_load_run(run):
     model, tokenizer = run["model"], run["tokenizer"]
     assert model.stage == "stage1" and model.llm is not None and model.projector is not None
-    assert not model.training and model.teacher is None
+    assert not model.training and not hasattr(model, "teacher")  # a chat model: nothing of training
     assert QA.find_final(run["final"]) == run["final"] == QA.find_final(run["final"].parent)
     # The same weights as the run's output.
     from safetensors.torch import load_file
@@ -144,9 +144,8 @@ def test_evaluate_qa_real_blank_shuffled(run, monkeypatch):
     real, blank, shuffled = seen["real"], seen["blank"], seen["shuffled"]
     # Real: the images as the training loader prepares them (the run's preprocessing).
     from viq.formats.image import preprocess
-    from viq.eval.qa import run_preprocess
 
-    pre = run_preprocess(model.recipe)
+    pre = model.preprocess
     for x, r in zip(real, records):
         assert torch.equal(x, preprocess(root / r["image"], pre).pixels)
     # Blank: mid-grey (0 in [-1, 1]) of the same size.
@@ -214,21 +213,66 @@ def test_cli_eval_qa(run, tmp_path, capsys):
     assert "cannot load run" in capsys.readouterr().err
 
 
+def _stage_model(final: Path):
+    """The run's model as training builds it (viq.train.build.build_model from the recipe in stage.json,
+    starting from final/ itself, no teacher): what validation answers with."""
+    import copy
+
+    from viq.train.build import build_model
+
+    data = copy.deepcopy(json.loads((final / "stage.json").read_text())["recipe"])
+    data["model"].update({"init": f"viq:{final}", "config": {}, "previous": None})
+    data["loss"]["distill"] = 0.0
+    cfg = TrainConfig.from_dict(data)
+    model, tokenizer = build_model(cfg, device=torch.device("cpu"))
+    return model.eval(), tokenizer, cfg
+
+
 def test_same_answers_as_training_validation(run):
-    """Real images: the very predictions of the training validation (same preprocessing and path)."""
+    """Real images: the chat model (ViQForConditionalGeneration) gives the very predictions of the training
+    validation, which answers with the stage's training model (same preprocessing and generation path), and
+    its preprocessing is the recipe's at the end of training."""
     import dataclasses
 
+    from viq.train.data import max_pixels_at
     from viq.train.evaluate import evaluate
 
-    model, tokenizer = run["model"], run["tokenizer"]
-    cfg = model.recipe
+    stage_model, tokenizer, cfg = _stage_model(run["final"])
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=str(run["data"])),
                               train=dataclasses.replace(cfg.train, eval_samples=10))
     val_examples, qa_examples = [], []
-    metrics = evaluate(model, cfg, tokenizer, torch.device("cpu"), examples=val_examples)
-    result = QA.evaluate_qa(model, tokenizer, run["records"], run["data"].parent, examples=qa_examples)
+    metrics = evaluate(stage_model, cfg, tokenizer, torch.device("cpu"), examples=val_examples)
+    result = QA.evaluate_qa(run["model"], run["tokenizer"], run["records"], run["data"].parent, examples=qa_examples)
     assert [e["prediction"] for e in val_examples] == [e["prediction"] for e in qa_examples]
     assert metrics["answer_accuracy"] == result["accuracy"]
+    assert run["model"].preprocess.max_pixels == max_pixels_at(cfg, cfg.train.max_steps)
+    assert run["model"].preprocess.min_pixels == cfg.data.min_pixels
+
+
+def test_chat_model_equals_the_stage_model_and_round_trips(run, tmp_path):
+    """The same image features and the same next-token logits as the training-built model, and
+    save_pretrained -> from_pretrained gives the same answers."""
+    from viq.formats.image import preprocess
+    from viq.mllm.model import ViQForConditionalGeneration
+
+    chat = run["model"]
+    stage_model, _, _ = _stage_model(run["final"])
+    record = next(r for r in run["records"] if "image" in r)
+    pixels = preprocess(run["data"].parent / record["image"], chat.preprocess).pixels
+    with torch.no_grad():
+        a = chat.projector(chat.encode_features([pixels]).features, chat.encode_features([pixels]).grids)
+        b = stage_model.projector(stage_model.encode_features([pixels]).features,
+                                  stage_model.encode_features([pixels]).grids)
+    assert len(a) == len(b) == 1 and torch.equal(a[0], b[0])
+    question = record["conversations"][0]["value"].replace("<image>", "").strip()
+    answer = chat.answer(run["data"].parent / record["image"], question, max_new_tokens=6)
+    chat.save_pretrained(tmp_path / "saved")
+    again = ViQForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert again.answer(run["data"].parent / record["image"], question, max_new_tokens=6) == answer
+    assert again.preprocess == chat.preprocess and again.stage == "stage1"
+    saved = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert {"config.json", "model.safetensors", "projector.safetensors", "stage.json"} <= saved
+    assert ("llm" in saved) == (run["final"] / "llm").is_dir()
 
 
 def test_mllm_run_answers_from_codes(tmp_path, run):
@@ -244,7 +288,16 @@ def test_mllm_run_answers_from_codes(tmp_path, run):
     r["data"]["codes"] = str(root / "store")
     train(TrainConfig.from_dict(r))
     model, tokenizer = QA.load_run(root / "mllm", "cpu")
-    assert model.encoder is None and model.qa_encoder is not None
+    assert model.encoder is None and model.image_encoder is not None and model.reads_codes
+    # README's example, as written (paths substituted)
+    from viq.mllm.model import ViQForConditionalGeneration
+
+    chat = ViQForConditionalGeneration.from_pretrained(root / "mllm")
+    answer = chat.answer(run["data"].parent / run["records"][0]["image"], "What color is the square?")
+    assert isinstance(answer, str)
+    chat.save_pretrained(root / "my-chat-model")
+    assert ViQForConditionalGeneration.from_pretrained(root / "my-chat-model").answer(
+        run["data"].parent / run["records"][0]["image"], "What color is the square?") == answer
     examples = []
     result = QA.evaluate_qa(model, tokenizer, run["records"], run["data"].parent, images="blank", examples=examples)
     assert result["n"] == 4 and len(examples) == 4
@@ -368,7 +421,7 @@ def test_answer_nll_is_the_per_token_loss_of_the_answers(run):
     model, tokenizer, records, root = run["model"], run["tokenizer"], run["records"], run["data"].parent
     result = QA.answer_nll(model, tokenizer, records, root, batch_size=3)
     assert result["n"] == 4 and result["images"] == "real" and set(result["per_task"]) == {"color", "all"}
-    pre = QA.run_preprocess(model.recipe)
+    pre = model.preprocess
     from viq.formats.image import preprocess
 
     sums: dict[str, list[float]] = {}

@@ -185,3 +185,18 @@ def test_image_token_written_once():
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Constant) and node.value == "<image>"]
     assert len(found) == 1 and found[0].startswith("viq/mllm/chat.py:"), found
+
+
+def test_evaluation_never_imports_training():
+    """The layers, bottom up: core (model, formats, store) < data, mllm < eval < train < demo, cli.
+    Evaluation answers with the chat model (viq.mllm.model) and scores with viq.eval.answers; training
+    imports evaluation (its validation uses the same metrics), never the other way round."""
+    bad = [f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
+           for m, edges in GRAPH.items() if _within(m, ("viq.eval",))
+           for t, line in edges if _within(t, ("viq.train", "viq.demo", "viq.cli"))]
+    assert not bad, "\n".join(bad)
+    below_eval = ("viq.mllm", "viq.data", *CORE)
+    bad = [f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
+           for m, edges in GRAPH.items() if _within(m, below_eval)
+           for t, line in edges if _within(t, ("viq.eval", "viq.train"))]
+    assert not bad, "\n".join(bad)

@@ -9,10 +9,10 @@
     ask("runs/stage1", "photo.png", "How many circles?", max_new_tokens=16)  # one-off (loads each call)
 
 Answers come from the same path as validation and ``viq eval-qa``: the run's model from
-:func:`viq.eval.qa.load_run`, the image preprocessed as the run's recipe did at the end of training
-(:func:`viq.eval.qa.run_preprocess`), and greedy generation by
-:func:`viq.train.evaluate.generate_reply`. Asked with the budget of ``eval-qa``
-(:func:`viq.train.evaluate.answer_budget` of the reference answer), the answer is the one ``eval-qa``
+:class:`viq.mllm.model.ViQForConditionalGeneration`, the image preprocessed as the run's recipe did at
+the end of training (``model.preprocess``), and greedy generation by
+:func:`viq.mllm.generation.generate_reply`. Asked with the budget of ``eval-qa``
+(:func:`viq.mllm.generation.answer_budget` of the reference answer), the answer is the one ``eval-qa``
 records; a larger budget lets a greedy answer run on past it.
 """
 
@@ -37,29 +37,26 @@ def _sources(image: Any) -> list[Any]:
 
 
 class Asker:
-    """A stage model with an LLM (stages ``stage1``, ``stage2_1``, ``stage2_2``, ``mllm``) ready to
-    answer questions about images.
+    """A chat model (:class:`viq.mllm.model.ViQForConditionalGeneration`, or a training stage's model with
+    its projector and LLM) ready to answer questions about images.
 
     Args:
-        model, tokenizer: the stage model and its chat tokenizer, as :func:`viq.eval.qa.load_run`
-            returns them.
+        model, tokenizer: the chat model and its chat tokenizer (``model.tokenizer``).
         preprocess: :class:`viq.formats.image.PreprocessConfig` (default: the run's, when the model
             carries its recipe, else the library default).
         The model is put in eval mode.
         encoder: for stages that read codes (``mllm``): the ViQ model that encodes images (default:
-            ``model.qa_encoder``, set by ``load_run``).
+            ``model.image_encoder``).
     """
 
     def __init__(self, model, tokenizer, *, preprocess=None, encoder=None) -> None:
-        from viq.eval.qa import run_preprocess
         from viq.formats.image import PreprocessConfig
 
         if getattr(model, "llm", None) is None or getattr(model, "projector", None) is None or tokenizer is None:
             raise ValueError("asking needs a stage model with its projector, LLM and tokenizer")
-        recipe = getattr(model, "recipe", None)
         self.model, self.tokenizer = model, tokenizer
-        self.preprocess = preprocess or (run_preprocess(recipe) if recipe is not None else PreprocessConfig())
-        self.encoder = encoder if encoder is not None else getattr(model, "qa_encoder", None)
+        self.preprocess = preprocess or getattr(model, "preprocess", None) or PreprocessConfig()
+        self.encoder = encoder if encoder is not None else getattr(model, "image_encoder", None)
         if getattr(model, "encoder", None) is None and self.encoder is None:
             raise ValueError("this stage model answers from codes: pass encoder= (a ViQ model) to encode the images")
         self.device = next(model.parameters()).device
@@ -67,8 +64,8 @@ class Asker:
 
     @classmethod
     def from_run(cls, run: str | os.PathLike[str], device: torch.device | str | None = None) -> Asker:
-        """Load a training run (its output folder or ``final/``) once; see :func:`viq.eval.qa.load_run`
-        for what is loaded and what it raises."""
+        """Load a training run (its output folder or ``final/``) once, as
+        :class:`viq.mllm.model.ViQForConditionalGeneration` (see there for what it raises)."""
         from viq.eval.qa import load_run
 
         model, tokenizer = load_run(run, device)
@@ -82,15 +79,9 @@ class Asker:
         """The chat of one question: a user turn with ``num_images`` ``<image>`` placeholders in front
         of the question (the LLaVA convention: ``"<image>\\nquestion"``), unless the question places
         them itself."""
-        from viq.mllm.chat import IMAGE_TOKEN
+        from viq.mllm.model import question_messages
 
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question is empty")
-        placed = question.count(IMAGE_TOKEN)
-        if placed and placed != num_images:
-            raise ValueError(f"the question has {placed} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)")
-        content = question if placed else "\n".join([IMAGE_TOKEN] * num_images + [question.strip()])
-        return [{"role": "user", "content": content}]
+        return question_messages(question, num_images)
 
     @torch.no_grad()
     def ask(self, image: Any | Sequence[Any], question: str, *, max_new_tokens: int = 64) -> str:
@@ -107,7 +98,7 @@ class Asker:
             ValueError: an empty question, placeholders that do not match the images, a budget < 1.
         """
         from viq.formats.image import preprocess
-        from viq.train.evaluate import generate_reply
+        from viq.mllm.generation import generate_reply
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

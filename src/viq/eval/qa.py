@@ -1,12 +1,12 @@
 """Does a trained stage model read the image? Held-out QA accuracy with real, blank and shuffled
 images, beside a blind baseline, with 95 % confidence intervals.
 
-* :func:`load_run`: the stage model (:class:`viq.train.model.TrainModel`: encoder or embedder,
-  projector, LLM) and its chat tokenizer, rebuilt from a training run's ``final/`` output and the
-  recipe recorded in its ``stage.json`` (stages ``stage1``, ``stage2_1``, ``stage2_2``, ``mllm``).
+* :func:`load_run`: the chat model of a training run (:class:`viq.mllm.model.ViQForConditionalGeneration`:
+  ViQ network from pixels or codes, projector, LLM) and its chat tokenizer, from the run's ``final/``
+  output (stages ``stage1``, ``stage2_1``, ``stage2_2``, ``mllm``).
 * :func:`evaluate_qa`: greedy answers to the last question of each image record, through the
   training code's path (the image preprocessing of the run's recipe,
-  :func:`viq.train.evaluate.answer_last_question`, scored by :func:`viq.train.metrics.answer_matches`),
+  :func:`viq.mllm.generation.answer_last_question`, scored by :func:`viq.eval.answers.answer_matches`),
   with ``images="real"`` (the record's image), ``"blank"`` (a mid-grey image of the same size: pixel
   value 0 in [-1, 1]) or ``"shuffled"`` (the image of another record: a fixed derangement drawn from
   ``seed``). A model that uses the image scores clearly higher with real images than with the other
@@ -23,8 +23,6 @@ per-task results) is its ``"task"`` field, else ``"all"``.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import random
 from collections import Counter, defaultdict
@@ -35,17 +33,15 @@ from typing import Any
 
 import torch
 
-from viq._untrusted import read_json
 from viq.eval.intervals import wilson_interval
-from viq.train.evaluate import answer_last_questions
-from viq.train.stages import TABLE
+from viq.eval.answers import answer_matches, normalize_answer
+from viq.mllm.generation import answer_last_questions
+from viq.mllm.model import find_final
 
 __all__ = ["IMAGE_MODES", "answer_nll", "evaluate_qa", "find_final", "load_run", "majority_baseline", "wilson_interval"]
 
 #: What the model is shown with each question: the real image, a mid-grey one, another sample's.
 IMAGE_MODES = ("real", "blank", "shuffled")
-#: The stages whose runs can answer questions: those with an LLM (from the stage table).
-QA_STAGES = tuple(stage.name for stage in TABLE.values() if stage.llm)
 
 
 def _summary(outcomes: Sequence[tuple[str, bool]]) -> dict[str, Any]:
@@ -150,88 +146,15 @@ def _load_pixels(parsed: Any, k: int, pre) -> torch.Tensor:
 # ============================================================================================ the run
 
 
-def find_final(run: str | os.PathLike[str]) -> Path:
-    """The ``final/`` output of a training run: ``run`` itself when it holds ``stage.json``, else
-    ``run/final``. FileNotFoundError otherwise."""
-    from viq.train.output import STAGE_FILE
-
-    path = Path(run)
-    for candidate in (path, path / "final"):
-        if (candidate / STAGE_FILE).is_file():
-            return candidate
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run directory")
-    raise FileNotFoundError(f"{path}: not a training run (no {STAGE_FILE} in it or in its final/ folder)")
-
-
-def run_preprocess(cfg) -> Any:
-    """The image preprocessing of a recipe at the end of its training (progressive-resolution
-    schedule included): what the run's model last saw."""
-    from viq.formats.image import PreprocessConfig
-    from viq.train.data import max_pixels_at
-
-    return PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels_at(cfg, cfg.train.max_steps))
-
-
 def load_run(run: str | os.PathLike[str], device: torch.device | str | None = None) -> tuple[Any, Any]:
-    """The stage model and chat tokenizer of a training run, ready to answer questions.
+    """The chat model of a training run and its tokenizer, ready to answer questions:
+    ``(ViQForConditionalGeneration.from_pretrained(run), model.tokenizer)``
+    (:class:`viq.mllm.model.ViQForConditionalGeneration`: stages ``stage1``, ``stage2_1``, ``stage2_2``,
+    ``mllm``; a run's output folder or its ``final/``). Raises FileNotFoundError / ValueError as that does."""
+    from viq.mllm.model import ViQForConditionalGeneration
 
-    Args:
-        run: a run's output directory (``train.output_dir``) or its ``final/`` folder, of stage
-            ``stage1``, ``stage2_1``, ``stage2_2`` or ``mllm``.
-        device: where to put the model (default: CPU).
-
-    The model is rebuilt with :func:`viq.train.build.build_model` from the recipe recorded in
-    ``final/stage.json``, starting from ``final/`` itself (its ViQ weights, projector and LLM weights
-    or adapter; the base LLM is the recipe's ``llm.path``); the distillation teacher is not loaded.
-    The model is in eval mode and carries ``model.recipe`` (the run's :class:`TrainConfig`). A
-    stage that reads stored codes (``mllm``) also carries ``model.qa_encoder``: the ViQ model of
-    its recipe's ``model.init`` (encoder only), which turns images into codes.
-
-    Raises:
-        FileNotFoundError: not a run, or the recipe's LLM (or encoder) is gone.
-        ValueError: a stage without an LLM (``drawer``) or a recipe without ``llm.path``.
-    """
-    from viq.model.hub import parse_hub_id
-    from viq.train.build import build_model
-    from viq.train.output import STAGE_FILE
-    from viq.train.config import TrainConfig
-    from viq.train.stages import get_stage
-
-    final = find_final(run)
-    try:
-        info = read_json(final / STAGE_FILE)
-        data = copy.deepcopy(info["recipe"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{final / STAGE_FILE}: unreadable stage record ({e})") from None
-    stage = data.get("stage")
-    if stage not in QA_STAGES:
-        raise ValueError(f"{final}: a {stage} run has no LLM to answer questions (QA needs one of {QA_STAGES})")
-    llm_path = (data.get("llm") or {}).get("path")
-    if not llm_path:
-        raise ValueError(f"{final}: the run's recipe has no llm.path (it was trained without an LLM)")
-    if not Path(llm_path).exists() and parse_hub_id(llm_path) is None:  # a Hub id is resolved when built
-        raise FileNotFoundError(f"{final}: the run's LLM {llm_path} (llm.path of its recipe) is not found")
-    original_init = (data.get("model") or {}).get("init", "")
-    # The final output already holds the merged config and every trained weight.
-    data.setdefault("model", {}).update({"init": f"viq:{final}", "config": {}, "previous": None})
-    data.setdefault("loss", {})["distill"] = 0.0  # no teacher needed to answer questions
-    cfg = TrainConfig.from_dict(data)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    model, tokenizer = build_model(cfg, device=device)
-    model.eval()
-    model.recipe = TrainConfig.from_dict(copy.deepcopy(info["recipe"]))
-    if get_stage(stage).data == "codes":
-        import viq
-
-        kind, _, value = original_init.partition(":")
-        if kind != "viq" or not (Path(value).is_dir() or parse_hub_id(value) is not None):
-            raise FileNotFoundError(f"{final}: a {stage} run answers from codes; its encoder (model.init "
-                                    f"{original_init!r} of the recipe) is needed to encode images and is not found")
-        encoder = viq.load(value, device=device, components=("encoder",))
-        encoder.eval()
-        object.__setattr__(model, "qa_encoder", encoder)  # a plain attribute, not a submodule
-    return model, tokenizer
+    model = ViQForConditionalGeneration.from_pretrained(run, device=device if device is not None else "cpu")
+    return model, model.tokenizer
 
 
 # ============================================================================================ evaluation
@@ -245,22 +168,22 @@ def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.
     """QA accuracy of a stage model on the image records of ``records``.
 
     Args:
-        model, tokenizer: the stage model (with its projector and LLM) and its
+        model, tokenizer: the chat model (or a training stage's model: projector and LLM) and its
             :class:`viq.mllm.chat.ChatTokenizer`, e.g. from :func:`load_run`.
         records: LLaVA records (e.g. :func:`viq.demo.synthetic.load_split`); records without an
             image are ignored. The last question of each is answered, the earlier turns are context.
         image_root: folder that relative image paths are resolved against.
         images: ``"real"``, ``"blank"`` (mid-grey, same size as the real image) or ``"shuffled"``
             (another record's image, by a fixed derangement from ``seed``; single-image records).
-        preprocess: :class:`viq.formats.image.PreprocessConfig` (default: the run's recipe when the
-            model comes from :func:`load_run`, else the library default).
+        preprocess: :class:`viq.formats.image.PreprocessConfig` (default: ``model.preprocess``, the
+            run's recipe at the end of training for a model from :func:`load_run`, else the library default).
         device: default: the model's.
         examples: if given, one ``{id, task, question, answer, prediction, correct, image}`` per
             question is appended (``image``: the file shown, ``None`` for blank images).
         encoder: for stages that read codes (``mllm``): the ViQ model that encodes the images
-            (default: ``model.qa_encoder`` set by :func:`load_run`).
+            (default: ``model.image_encoder``, which :func:`load_run`'s model carries).
         source: name of the records' file, for error messages.
-        batch_size: questions answered together (:func:`viq.train.evaluate.answer_last_questions`);
+        batch_size: questions answered together (:func:`viq.mllm.generation.answer_last_questions`);
             each answer is the one it gets alone, up to the last bits of batched arithmetic.
 
     Returns:
@@ -271,7 +194,6 @@ def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.
             unreadable (the message names the sample: its id and the file).
         ValueError: an unknown ``images`` mode, a model without LLM, fewer than 2 records to shuffle.
     """
-    from viq.train.metrics import answer_matches
 
     outcomes: list[tuple[str, bool]] = []
     for chunk in _chunks(model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source,
@@ -315,16 +237,12 @@ def _chunks(model, tokenizer, records, image_root, images, seed, preprocess, dev
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if preprocess is None:
-        recipe = getattr(model, "recipe", None)
-        if recipe is not None:
-            preprocess = run_preprocess(recipe)
-        else:
-            from viq.formats.image import PreprocessConfig
+        from viq.formats.image import PreprocessConfig
 
-            preprocess = PreprocessConfig()
+        preprocess = getattr(model, "preprocess", None) or PreprocessConfig()
     device = device if device is not None else next(model.parameters()).device
     reads_codes = getattr(model, "encoder", None) is None
-    encoder = encoder if encoder is not None else getattr(model, "qa_encoder", None)
+    encoder = encoder if encoder is not None else getattr(model, "image_encoder", None)
     if reads_codes and encoder is None:
         raise ValueError("this stage model answers from codes: pass encoder= (a ViQ model) to encode the images")
 
@@ -406,10 +324,9 @@ def majority_baseline(train_records: Sequence[dict], test_records: Sequence[dict
     """Accuracy of answering every test question (image records) with the most frequent training
     answer (image records) of its template ``(task, question)``; a template not seen in training
     falls back to the task's most frequent answer, then to the overall one. Answers are counted
-    after :func:`viq.train.metrics.normalize_answer` (ties: the answer seen first) and scored with
-    :func:`viq.train.metrics.answer_matches`. Same return format as :func:`evaluate_qa`
+    after :func:`viq.eval.answers.normalize_answer` (ties: the answer seen first) and scored with
+    :func:`viq.eval.answers.answer_matches`. Same return format as :func:`evaluate_qa`
     (``"images": "majority"``)."""
-    from viq.train.metrics import answer_matches, normalize_answer
 
     by_template: dict[tuple[str, str], Counter] = defaultdict(Counter)
     by_task: dict[str, Counter] = defaultdict(Counter)

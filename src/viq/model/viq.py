@@ -450,9 +450,12 @@ class ViQModel(nn.Module):
         components: Iterable[str] | None = None,
         revision: str | None = None,
         subfolder: str | None = None,
+        parts: Iterable[str] | None = None,
     ) -> "ViQModel":
         """Load a viq-format directory (``config.json`` + ``model.safetensors``) or Hub repository
-        (``owner/name``, :mod:`viq.model.hub`), tensor by tensor (:func:`viq.model.weights.read_safetensors`)."""
+        (``owner/name``, :mod:`viq.model.hub`), tensor by tensor (:func:`viq.model.weights.read_safetensors`).
+
+        ``components`` (or, finer, ``parts``) selects what to load; default: every part stored."""
         directory = hub.resolve_model(directory, revision=revision, subfolder=subfolder)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
@@ -461,7 +464,12 @@ class ViQModel(nn.Module):
         config = ViQConfig.load(config_path)
         keys, meta = safetensors_index(weights_path)
         stored_parts = parts_in(keys)
-        if components is None:
+        if parts is not None:
+            parts = tuple(parts)
+            if set(parts) - set(stored_parts):
+                raise ValueError(f"{weights_path}: has no weights for the parts {sorted(set(parts) - set(stored_parts))} "
+                                 f"(has {stored_parts})")
+        elif components is None:
             parts = stored_parts
         else:
             stored = components_of(stored_parts)

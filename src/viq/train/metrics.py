@@ -4,10 +4,10 @@ go to :mod:`viq.train.logger`)."""
 from __future__ import annotations
 
 import math
-import unicodedata
 
 import torch
 
+from viq.eval.answers import answer_matches, normalize_answer  # scoring lives with evaluation; named here too
 from viq.formats.bits import usage_stats
 from viq.train.config import TrainConfig
 from viq.train.parallel import Dist
@@ -99,22 +99,6 @@ class CodeUsage:
         if self.counts:
             self.current = torch.zeros_like(self.counts[0])
         self.collapsed_at = state.get("collapsed_at")
-
-
-# ------------------------------------------------------------------------------ answer scoring
-
-def normalize_answer(text: str) -> str:
-    """NFKC, case-folded, with everything but letters and digits (spaces, punctuation) removed."""
-    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
-
-
-def answer_matches(prediction: str, answer: str) -> bool:
-    """Exact match after :func:`normalize_answer` (case/whitespace/punctuation-insensitive).
-
-    ``"Top-Left."`` matches ``"top left"``; ``"3"`` does not match ``"three"``. Since separators
-    are dropped, ``"$12.50"`` also matches ``"1250"``.
-    """
-    return normalize_answer(prediction) == normalize_answer(answer)
 
 
 # ------------------------------------------------------------------------------- progress

@@ -21,6 +21,8 @@ from typing import Any
 from viq._untrusted import read_json
 from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # the one spelling of a model folder's files
 from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS
+# the chat model's folder layout: a stage output with an LLM is what ViQForConditionalGeneration loads
+from viq.mllm.model import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 
@@ -29,9 +31,6 @@ __all__ = ["save_stage_output", "check_stage_output", "language_record", "VIQ_CO
 
 #: the distillation teacher's encoder, written by the stage that chose it (see viq.train.build.setup_teacher)
 TEACHER_WEIGHTS = "teacher.safetensors"
-STAGE_FILE = "stage.json"
-PROJECTOR_WEIGHTS = "projector.safetensors"
-LLM_DIR = "llm"
 
 
 def language_record(cfg: TrainConfig, identity: dict[str, Any] | None) -> dict[str, Any] | None:
