@@ -22,11 +22,9 @@ training steps only (data are decoded once, before the clock starts). One record
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import viq.model.attention as attention_module
+from conftest import random_pixels
 from viq import ViQModel
 from viq.model.attention import Segments, attention
 from viq.model.encoder import FILLER_SEGMENT, Packed
-
-from conftest import random_pixels
 
 SIZES = [(32, 48), (16, 16), (64, 32), (48, 48), (16, 80), (32, 32)]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from train_helpers import make_llm, make_qa, recipe
 from train_helpers import run_recipe as _run
-
 from viq.train.checkpoint import latest_checkpoint, seed_step
 from viq.train.config import TrainConfig
 from viq.train.engine import train

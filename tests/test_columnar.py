@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from test_extract import _cli, make_images, store_content
 from viq.data.columnar import list_parts
 from viq.data.llava import LlavaDataset
 from viq.extract import DONE_FILE, extract
 from viq.store.reader import CodeStore
 from viq.train.config import TrainConfig
 from viq.train.data import build_dataset
-from test_extract import _cli, make_images, store_content
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_llm, make_qa, recipe
 
+from train_helpers import make_llm, make_qa, recipe
 from viq.cli.main import main
 from viq.data.llava import DataError
 from viq.eval import qa as QA
@@ -104,7 +104,7 @@ def run(tmp_path_factory):
 
 
 def test_load_run(run):
-    model, tokenizer = run["model"], run["tokenizer"]
+    model, _tokenizer = run["model"], run["tokenizer"]
     assert model.stage == "stage1" and model.llm is not None and model.projector is not None
     assert not model.training and not hasattr(model, "teacher")  # a chat model: nothing of training
     assert QA.find_final(run["final"]) == run["final"] == QA.find_final(run["final"].parent)

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 import viq
-from viq.formats.codes import bits_for_levels
 from viq.extract import extract, list_items
+from viq.formats.codes import bits_for_levels
 from viq.store.reader import CodeStore
 
 
@@ -94,7 +94,7 @@ def test_kill_and_resume_gives_the_uninterrupted_store(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     subprocess.run(_cli(model_dir, tmp_path / "imgs", tmp_path / "ref"), env=env, check=True, capture_output=True)
     rng = random.Random(0)
-    for attempt in range(4):  # killed with SIGKILL at random moments, then re-run
+    for _attempt in range(4):  # killed with SIGKILL at random moments, then re-run
         proc = subprocess.Popen(_cli(model_dir, tmp_path / "imgs", tmp_path / "killed"), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(1.5, 5.0))

@@ -17,10 +17,10 @@ import pytest
 
 import viq
 import viq.data.shards as shards_module
+from test_extract import _cli, make_images, store_content
 from viq.data.shards import expand_braces, iter_samples, list_shards, split_member
 from viq.extract import DONE_FILE, extract
 from viq.store.reader import CodeStore
-from test_extract import _cli, make_images, store_content
 
 
 def write_shards(folder: Path, images: list[Path], per_shard: int, sidecars: bool = True) -> list[Path]:

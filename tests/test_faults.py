@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import make_llm, make_qa, recipe
 
 import viq
+from train_helpers import make_llm, make_qa, recipe
 from viq.cli.main import main
 from viq.store.reader import CodeStore
 

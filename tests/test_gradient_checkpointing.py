@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import make_llm, make_qa, recipe, run_recipe
 
+from train_helpers import make_llm, make_qa, recipe, run_recipe
 from viq.train.build import build_model
 from viq.train.config import TrainConfig
 from viq.train.data import BatchStream, Collator

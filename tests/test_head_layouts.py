@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import random_pixels
 
+from conftest import random_pixels
 from viq.model.config import get_preset
 from viq.model.viq import ViQModel
 

@@ -261,8 +261,8 @@ def test_push_to_hub_with_stub_api(viq_dirs, monkeypatch):
 def test_llm_path_hub_id_from_cache(cache, tmp_path):
     """A recipe's ``llm.path`` may be a Hub id: the tiny Qwen2 model is found in the cache offline."""
     import torch
-    from train_helpers import make_llm, recipe
 
+    from train_helpers import make_llm, recipe
     from viq.train.build import build_model
     from viq.train.config import TrainConfig
 
@@ -280,7 +280,6 @@ def test_llm_path_hub_id_from_cache(cache, tmp_path):
 
     # a run trained with it answers questions: load_run takes the recipe's Hub id as it is
     from train_helpers import make_qa
-
     from viq.eval.qa import load_run
     from viq.train.engine import train
 

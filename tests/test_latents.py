@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import random_pixels
-from train_helpers import make_qa, recipe
 
 import viq
+from conftest import random_pixels
+from train_helpers import make_qa, recipe
 from viq.demo.pixel_codec import DEMO_CODEC, train_pixel_codec
 from viq.formats.image import to_pil
 from viq.model.config import get_preset
@@ -19,8 +19,8 @@ from viq.model.pixel_codec import PixelCodec
 from viq.model.vae import build_vae, decode_latents, encode_latents, latent_statistics
 from viq.model.viq import ViQModel
 from viq.train.build import build_model
-from viq.train.output import save_stage_output
 from viq.train.config import TrainConfig
+from viq.train.output import save_stage_output
 
 CPU = torch.device("cpu")
 
@@ -66,7 +66,7 @@ def test_mean_std_latents_are_inverted_end_to_end(tmp_path):
     with a Qwen-Image VAE whose published statistics are far from 0 / 1."""
     config = get_preset("viq-test")
     ViQModel.from_config(config, seed=0).save_pretrained(tmp_path / "init")
-    data = make_qa(tmp_path / "qa", n=2, size=(32, 48))
+    make_qa(tmp_path / "qa", n=2, size=(32, 48))
     r = recipe("drawer", tmp_path / "run", tmp_path / "qa" / "images", None, loss={"latent_norm": "mean_std"})
     r["model"] = {"init": f"viq:{tmp_path / 'init'}"}
     cfg = TrainConfig.from_dict(r)

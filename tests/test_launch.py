@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from test_extract import make_images, store_content
+from test_extract_shards import OpenLog, write_shards
 from viq.cli.main import main as cli_main
 from viq.extract import DONE_FILE, extract
 from viq.launch import DistEnv, export_torch_env, first_host, resolve_distributed
 from viq.store.reader import CodeStore
-from test_extract import make_images, store_content
-from test_extract_shards import OpenLog, write_shards
 
 SHARDS = [f"shard-{i:05d}.tar" for i in range(8)]
 #: every launcher variable resolve_distributed reads, cleared so the host's environment cannot leak in

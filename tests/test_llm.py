@@ -74,9 +74,9 @@ def chat(llm):
 def supervised_runs(ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
     """Contiguous runs of supervised tokens."""
     runs, cur = [], []
-    for i, l in zip(ids.tolist(), labels.tolist()):
-        if l != IGNORE_INDEX:
-            assert l == i
+    for i, label in zip(ids.tolist(), labels.tolist()):
+        if label != IGNORE_INDEX:
+            assert label == i
             cur.append(i)
         elif cur:
             runs.append(cur)
@@ -154,9 +154,10 @@ def test_two_round_labels_exact(chat, llm):
     # Supervised: exactly each reply + <|im_end|> (no "assistant", no "\n" header or trailing "\n").
     runs = supervised_runs(conv.input_ids, conv.labels)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    def enc(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
     assert runs == [enc("A cat sitting on a mat.") + [im_end], enc("The dog is small.") + [im_end]]
-    decoded = tok.decode([i for i, l in zip(conv.input_ids.tolist(), conv.labels.tolist()) if l != IGNORE_INDEX])
+    decoded = tok.decode([i for i, label in zip(conv.input_ids.tolist(), conv.labels.tolist()) if label != IGNORE_INDEX])
     assert decoded == "A cat sitting on a mat.<|im_end|>The dog is small.<|im_end|>"
     # Everything before the first answer (system, user, image, header) is ignored, and the header
     # "<|im_start|>assistant\n" ends right before the first supervised token.

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import make_llm, make_qa, recipe
 
+from train_helpers import make_llm, make_qa, recipe
 from viq.model.config import get_preset
 from viq.train.config import TrainConfig
 from viq.train.engine import train
@@ -264,10 +264,10 @@ def test_missing_tracker_package_warns_and_jsonl_goes_on(assets, tmp_path, monke
 def test_code_usage_per_slot_and_the_collapse_warning():
     """CodeUsage counts each slot of a patch apart and warns once, naming the step, when the window's
     codebook share falls below the threshold."""
+    import torch
+
     from viq.train.metrics import CodeUsage
     from viq.train.parallel import Dist
-
-    import torch
 
     single = Dist()
     usage = CodeUsage(16, torch.device("cpu"), window=3, collapse_usage=0.2)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import make_llm, make_qa, recipe
 
 import viq
+from train_helpers import make_llm, make_qa, recipe
 from viq.extract import extract
 from viq.train.build import build_model
 from viq.train.config import TrainConfig

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_pixels
 from PIL import Image
 
 import viq
+from conftest import random_pixels
+from viq.formats.image import ImageError, PreprocessConfig, padded_grid, target_size
 from viq.model.attention import available_backends
 from viq.model.encoder import pad_to_patches
-from viq.formats.image import ImageError, PreprocessConfig, padded_grid, target_size
 from viq.model.viq import pack_by_budget
 
 SIZES = [(16, 16), (5, 7), (37, 100), (64, 48), (20, 530), (80, 80), (33, 17)]

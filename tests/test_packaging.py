@@ -4,8 +4,9 @@ extras exist under the names the docs use."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import viq
 

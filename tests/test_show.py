@@ -172,9 +172,9 @@ def test_code_colours_follow_fsq_values():
     assert (code_colours(np.array([123, 123]), levels)[0] == code_colours(np.array([123]), levels)[0]).all()
     step = np.abs(colours[1] - colours[0])
     assert step.sum() > 0 and step.max() <= 64
-    from viq.model.quantizer import FSQ
-
     import torch
+
+    from viq.model.quantizer import FSQ
 
     np.testing.assert_allclose(values, FSQ(levels).indices_to_codes(torch.arange(k)).numpy(), atol=1e-6)
 

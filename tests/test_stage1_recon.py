@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_start, recipe
 
-from viq.model.viq import ViQModel
+from train_helpers import make_start, recipe
 from viq.model.vae import encode_latents, encode_latents_grouped
+from viq.model.viq import ViQModel
 from viq.train.build import build_model
 from viq.train.config import TrainConfig
 from viq.train.engine import train

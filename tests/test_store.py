@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from viq.cli.main import main as cli_main
+from viq.data.codes import CodeDataset
 from viq.formats.codes import Codes, bits_for_levels, pack_bits
 from viq.model.config import FSQ_LEVELS
-from viq.data.codes import CodeDataset
 from viq.store import CodeStore, StoreError
-from viq.cli.main import main as cli_main
 from viq.store.check import plot_stats
 from viq.store.format import file_sha256
 

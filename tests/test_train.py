@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_llm, make_qa, recipe
 
 import viq
+from train_helpers import make_llm, make_qa, recipe
 from viq.train.config import TrainConfig, apply_overrides, load_recipe
 from viq.train.data import ShardedBatchOrder
 from viq.train.engine import train

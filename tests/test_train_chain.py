@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_start, recipe
 
+from train_helpers import make_start, recipe
 from viq.train.build import build_model
 from viq.train.config import TrainConfig
 from viq.train.engine import train

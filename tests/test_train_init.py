@@ -26,7 +26,7 @@ def test_hf_siglip_matches_transformers(tmp_path):
                                 image_size=64, patch_size=16)
     hf = SiglipVisionModel(hf_cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a swapped weight would show
-        for name, p in hf.named_parameters():
+        for _name, p in hf.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path / "siglip")
@@ -118,7 +118,7 @@ def test_timm_siglip_file_on_the_hub(tmp_path, monkeypatch):
     """``timm-siglip:owner/name/<file>``: that one file of a Hub repository, from the Hugging Face cache
     (offline here); a local file is used as it is; a file that is not cached is one error naming the
     repository and the download command."""
-    from viq.demo.public_checkpoints import hub_cache_entry, open_clip_siglip, VisionWidths
+    from viq.demo.public_checkpoints import VisionWidths, hub_cache_entry, open_clip_siglip
     from viq.model.hub import HubNotCachedError
     from viq.train.init import timm_siglip_file
 

@@ -9,9 +9,9 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_llm, make_qa, recipe
 
 import viq
+from train_helpers import make_llm, make_qa, recipe
 from viq.demo import public_checkpoints as pc
 from viq.model.config import VAEConfig
 from viq.model.pixel_codec import PixelCodec

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_llm, make_qa, recipe
 
+from train_helpers import make_llm, make_qa, recipe
 from viq._untrusted import LIMITS, UntrustedFileError, restricted_unpickle, torch_load
 from viq.cli.main import main
 
@@ -97,7 +97,12 @@ def test_restricted_unpickle_refuses_any_other_global(tmp_path):
         restricted_unpickle(_crafted_pickle(marker), tmp_path / ".metadata")
     assert not marker.exists()
     # What torch's checkpoint metadata is made of still loads.
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorProperties, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
 
     meta = Metadata({"w": TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size([2, 3]),
                                                 [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 3]))])})
@@ -263,11 +268,10 @@ def test_long_lines_are_refused_without_reading_them_whole(tmp_path, monkeypatch
 
 
 def test_deep_json_in_codes_config_and_store_is_one_line(model_dir, tmp_path):
-    from viq.formats.codes import Codes, CodesFormatError
-
     import zlib
 
     from viq.formats import codes as codes_format
+    from viq.formats.codes import Codes, CodesFormatError
 
     codes = Codes(torch.zeros(2, 2, 4, dtype=torch.int32), (8, 8, 8, 5, 5, 5), patch_size=16)
     meta = ('{"x":' + DEEP + "}").encode()
@@ -477,7 +481,6 @@ def test_extract_on_a_full_disk_stops_in_one_line_then_resumes(model_dir, tmp_pa
     full disk, nothing half-written left as data; with space freed, the same command completes and the
     store verifies."""
     from test_extract import make_images
-
     from viq.store import CodeStore
 
     make_images(tmp_path / "imgs", 12, bad=False)

@@ -12,7 +12,7 @@ Public API::
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

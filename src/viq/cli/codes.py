@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from viq._untrusted import LIMITS
 from viq.cli.common import (
     CLIError,
     FileRun,
@@ -23,7 +24,6 @@ from viq.cli.common import (
     progress_bar,
     reason,
 )
-from viq._untrusted import LIMITS
 from viq.formats.image import IMAGE_EXTENSIONS
 
 #: The extension of code files, written by ``viq encode`` and picked up in folders by ``viq decode``.
@@ -253,18 +253,18 @@ def cmd_decode(args: argparse.Namespace) -> int:
 # ============================================================================================ parser
 
 
-_EPILOG_ENCODE = """\
+_EPILOG_ENCODE = f"""\
 examples:
   viq encode weights/viq-16k cat.jpg dog.png -o codes/
   viq encode weights/viq-16k photos/ -o codes/ -r --device cuda --dtype bfloat16
   viq encode weights/converted_16k photos/ -o codes/ --max-pixels 262144 --multiple resize
 
-Folders contribute their image files (%s,
+Folders contribute their image files ({' '.join(sorted(IMAGE_EXTENSIONS))},
 any case) in sorted order; with -r also those in sub-folders, written under the same relative path
 in OUTDIR. Each .viq records the model
 fingerprint, the source path and the source size in its metadata. Unreadable images are reported
 and skipped; the exit status is then 1.
-""" % " ".join(sorted(IMAGE_EXTENSIONS))
+"""
 
 _EPILOG_DECODE = """\
 examples:

@@ -12,17 +12,17 @@ from viq.cli.common import (
     CLIError,
     FileRun,
     HelpFormatter,
-    list_images,
-    open_store,
-    write_output,
     add_model_options,
     add_preprocess_options,
+    list_images,
     load_model,
     log,
+    open_store,
     positive_int,
     preprocess_config,
     progress_bar,
     reason,
+    write_output,
 )
 
 _EPILOG = """examples:

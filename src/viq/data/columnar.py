@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from viq._untrusted import read_json
 
 __all__ = ["COLUMNAR_SUFFIXES", "Cell", "Part", "image_value", "is_columnar_source", "iter_records", "iter_rows",

@@ -128,7 +128,6 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
     zero-shot answers on the test split)."""
     import numpy as np
     import torch
-
     from transformers import AutoTokenizer
 
     from viq.demo.pixel_codec import train_pixel_codec

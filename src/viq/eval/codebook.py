@@ -110,6 +110,6 @@ class CodebookCounter:
             "overall": health(total),
             "heads": [health(h) for h in self.counts] if self.codes_per_patch > 1 else [],
             "top": [{"index": int(i), "count": int(total[i]), "share": float(total[i]) / n,
-                     "values": [round(float(v), 4) for v in values[r]], "colour": "#%02x%02x%02x" % tuple(colours[r])}
+                     "values": [round(float(v), 4) for v in values[r]], "colour": "#" + "".join(f"{int(c):02x}" for c in colours[r])}
                     for r, i in enumerate(order)],
         }

@@ -28,13 +28,12 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from viq.eval.intervals import wilson_interval
 from viq.eval.answers import answer_matches, normalize_answer
+from viq.eval.intervals import wilson_interval
 from viq.mllm.generation import answer_last_questions
 from viq.mllm.model import find_final
 

@@ -380,8 +380,8 @@ def codebook_section(summary: dict[str, Any], galleries: dict[int, list[dict[str
             f'{summary["codebook_size"]} (levels {tuple(summary["levels"])}). Usage: share of the K codes seen; dead: '
             f"never seen; entropy of the empirical code distribution in bits per code; perplexity = 2^entropy. "
             f"{note}</div>" + _health_table(summary)
-            + f'<h2>Most used codes</h2><div class="note">Each with the patches that receive it (the whole patch: '
-              f"the codes of a patch are its heads, not sub-patches).</div>" + "".join(items))
+            + '<h2>Most used codes</h2><div class="note">Each with the patches that receive it (the whole patch: '
+              "the codes of a patch are its heads, not sub-patches).</div>" + "".join(items))
 
 
 def render_page(views: Sequence[ImageView], *, title: str, model_name: str = "", thumb: int = THUMB,

@@ -161,8 +161,8 @@ def prepare(item: Item, data: bytes | None, cfg) -> dict[str, Any]:
             cfg = dataclasses.replace(cfg, resize=item.resize)
         try:
             prepared = preprocess(data, cfg)
-        except Exception as e:  # re-label the "<bytes>" source with the real name
-            raise type(e)(str(e).replace("<bytes>", item.name)) if isinstance(e, ValueError) else e
+        except ValueError as e:  # re-label the "<bytes>" source with the real name
+            raise type(e)(str(e).replace("<bytes>", item.name)) from e
         # named after the file, so that an encoding error from ViQModel.encode_stream names it too
         out["prepared"] = dataclasses.replace(prepared, source=item.name)
     except Exception as e:  # noqa: BLE001 - one bad image must not stop the run

@@ -7,7 +7,8 @@ training metrics, so that every place packs bits and measures codebook use the s
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ MAX_CODEBOOK = 1 << 31
 # codes keeps the (count, 32) uint8 temporaries at ~2 MiB.
 _CHUNK = 1 << 16
 
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any]]
+ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
 
 
 # --------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def pack_bits(values: ArrayLike, bits: int) -> bytes:
     return out.tobytes()
 
 
-def unpack_bits(data: Union[bytes, bytearray, memoryview, np.ndarray], bits: int, count: int) -> np.ndarray:
+def unpack_bits(data: bytes | bytearray | memoryview | np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: read ``count`` values of ``bits`` bits each (LSB-first).
 
     Args:

@@ -70,8 +70,9 @@ import operator
 import os
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ _CRC = struct.Struct("<I")
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFFFFFF
 PathLike = Union[str, "os.PathLike[str]"]
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any]]
+ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
 
 
 class CodesFormatError(ValueError):
@@ -289,7 +290,7 @@ class Codes:
         """Codes in official flat order: a new 1-D ``torch.int32`` tensor of shape ``(num_codes,)``."""
         return self.indices.reshape(-1).clone()
 
-    def same_codes(self, other: "Codes") -> bool:
+    def same_codes(self, other: Codes) -> bool:
         """True if ``other`` has equal indices, levels, image_size and patch_size (metadata ignored)."""
         return (
             isinstance(other, Codes)
@@ -335,7 +336,7 @@ class Codes:
         image_size: tuple[int, int] | None = None,
         patch_size: int = 16,
         metadata: Mapping[str, Any] | None = None,
-    ) -> "Codes":
+    ) -> Codes:
         """Build from codes in official flat order.
 
         Args:
@@ -386,7 +387,7 @@ class Codes:
         return body + _CRC.pack(zlib.crc32(body))
 
     @classmethod
-    def from_bytes(cls, data: Union[bytes, bytearray, memoryview], *, source: str = "<bytes>") -> "Codes":
+    def from_bytes(cls, data: bytes | bytearray | memoryview, *, source: str = "<bytes>") -> Codes:
         """Parse a ``.viq`` byte string.
 
         Args:
@@ -502,7 +503,7 @@ class Codes:
         return atomic_write(path, self.to_bytes())
 
     @classmethod
-    def load(cls, path: PathLike) -> "Codes":
+    def load(cls, path: PathLike) -> Codes:
         """Read a ``.viq`` file. OS errors (e.g. missing file) propagate unchanged; format
         problems raise :class:`CodesFormatError` whose message names ``path``."""
         with open(path, "rb") as fh:

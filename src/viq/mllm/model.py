@@ -182,7 +182,7 @@ class ViQForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ persistence
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
-                        ) -> "ViQForConditionalGeneration":
+                        ) -> ViQForConditionalGeneration:
         """Load a stage output with an LLM (``stage1``, ``stage2_1``, ``stage2_2``, ``mllm``; a run folder
         or its ``final/``), or a folder :meth:`save_pretrained` wrote. The base LLM is the recipe's
         ``llm.path`` (a local folder or a cached Hub id); the LLM's trained part is ``llm/``.

@@ -59,7 +59,7 @@ class Segments:
             out.append(out[-1] + n)
         return out
 
-    def scaled(self, factor: int) -> "Segments":
+    def scaled(self, factor: int) -> Segments:
         """The same segments with every length multiplied (e.g. 4 codes per patch)."""
         return Segments(tuple(n * factor for n in self.lengths))
 

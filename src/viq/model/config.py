@@ -286,14 +286,14 @@ class ViQConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ViQConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ViQConfig:
         return _from_dict(cls, data, "config")
 
     def to_json(self) -> str:
         return json.dumps({"format": "viq", "format_version": 1, **self.to_dict()}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "<config>") -> "ViQConfig":
+    def from_json(cls, text: str, source: str = "<config>") -> ViQConfig:
         data = loads_json(text, source)  # malformed or too deep: a ValueError naming source
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object")
@@ -311,10 +311,10 @@ class ViQConfig:
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ViQConfig":
+    def load(cls, path: str | Path) -> ViQConfig:
         return cls.from_json(Path(path).read_text(), source=str(path))
 
-    def replace(self, **changes: Any) -> "ViQConfig":
+    def replace(self, **changes: Any) -> ViQConfig:
         """A copy with top-level fields replaced (sub-configs are deep-copied)."""
         return ViQConfig.from_dict({**self.to_dict(), **changes})
 

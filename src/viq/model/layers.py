@@ -100,5 +100,5 @@ class ResidualMlp(nn.Module):
 def set_attention_backend(module: nn.Module, backend: str) -> None:
     """Set the attention backend of every attention layer under ``module``."""
     for m in module.modules():
-        if hasattr(m, "backend") and isinstance(getattr(m, "backend"), str):
+        if hasattr(m, "backend") and isinstance(m.backend, str):
             m.backend = backend

@@ -33,6 +33,17 @@ from viq._untrusted import check_image_size
 from viq.formats.codes import Codes
 from viq.formats.image import PreparedImage, PreprocessConfig, padded_grid
 from viq.formats.image import preprocess as prepare
+from viq.model import hub
+from viq.model.batching import (
+    EncodeError,
+    all_or_raise,
+    check_pixels,
+    exact_float32,
+    num_tokens,
+    pack_by_budget,
+    per_image_attention,
+    progress_bar,
+)
 from viq.model.config import ViQConfig, get_preset
 from viq.model.encoder import Packed, pad_to_patches
 from viq.model.head import CodeHead
@@ -42,9 +53,6 @@ from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
 from viq.model.vae import decode_latents
 from viq.model.weights import convert_state, read_safetensors, safetensors_index, write_safetensors
-from viq.model import hub
-from viq.model.batching import (EncodeError, all_or_raise, check_pixels, exact_float32, num_tokens,
-                                pack_by_budget, per_image_attention, progress_bar)
 
 __all__ = ["ViQModel", "Encoded", "COMPONENTS", "PARTS", "EncodeError", "check_weights", "pack_by_budget",
            "code_fingerprint"]
@@ -194,7 +202,7 @@ class ViQModel(nn.Module):
         self,
         images: Any,
         *,
-        preprocess: "PreprocessConfig | None" = None,
+        preprocess: PreprocessConfig | None = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: bool = False,
         batch_invariant: bool | None = None,
@@ -249,7 +257,7 @@ class ViQModel(nn.Module):
         self,
         items: Iterable[Any],
         *,
-        preprocess: "PreprocessConfig | None" = None,
+        preprocess: PreprocessConfig | None = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: bool = False,
         batch_invariant: bool | None = None,
@@ -403,7 +411,7 @@ class ViQModel(nn.Module):
 
     @torch.inference_mode()
     def reconstruct(self, codes: Codes | Sequence[Codes], *, crop: bool = True,
-                    max_pixels: int | None = None) -> list["Any"]:
+                    max_pixels: int | None = None) -> list[Any]:
         """Codes -> PIL RGB images (refused above ``max_pixels`` a canvas, as in :meth:`draw`).
 
         Pixels are rounded to the nearest uint8 level (the official code truncates, which darkens by
@@ -451,7 +459,7 @@ class ViQModel(nn.Module):
         revision: str | None = None,
         subfolder: str | None = None,
         parts: Iterable[str] | None = None,
-    ) -> "ViQModel":
+    ) -> ViQModel:
         """Load a viq-format directory (``config.json`` + ``model.safetensors``) or Hub repository
         (``owner/name``, :mod:`viq.model.hub`), tensor by tensor (:func:`viq.model.weights.read_safetensors`).
 
@@ -499,7 +507,7 @@ class ViQModel(nn.Module):
         source: str = "<state dict>",
         fingerprint: str | None = None,
         release: Callable[[torch.Tensor], None] | None = None,
-    ) -> "ViQModel":
+    ) -> ViQModel:
         """Build a model whose weights are exactly ``state`` (viq key names), checking every key.
 
         ``fingerprint``: the code-space id, for models loaded without their encoder. ``release``: see
@@ -532,7 +540,7 @@ class ViQModel(nn.Module):
                 )
 
     @classmethod
-    def from_config(cls, config: ViQConfig | str, *, seed: int | None = None, components: Iterable[str] = COMPONENTS) -> "ViQModel":
+    def from_config(cls, config: ViQConfig | str, *, seed: int | None = None, components: Iterable[str] = COMPONENTS) -> ViQModel:
         """A randomly initialised model (tests, benchmarks, training from scratch)."""
         if isinstance(config, str):
             config = get_preset(config)

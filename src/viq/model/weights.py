@@ -73,7 +73,7 @@ class MappedFile:
         self.path, self.start, self.end = path, start, end
 
     @classmethod
-    def find(cls, path: str | os.PathLike, tensors: Iterable[torch.Tensor]) -> "MappedFile | None":
+    def find(cls, path: str | os.PathLike, tensors: Iterable[torch.Tensor]) -> MappedFile | None:
         """The mapping of ``path`` that holds ``tensors`` (None off Linux or if they are not mapped)."""
         if not sys.platform.startswith("linux"):
             return None

@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from viq._untrusted import loads_json
 from viq._io import atomic_write
+from viq._untrusted import loads_json
 from viq.store import ids as _ids
 
 __all__ = ["IndexCorrupt", "IndexFile", "StoreIndex", "build_store_index", "columns_to_arrays",

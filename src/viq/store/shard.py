@@ -4,7 +4,6 @@ read and checked. The layout itself is described in :mod:`viq.store.format`."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import lzma
 from pathlib import Path
 from typing import Any

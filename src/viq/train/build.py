@@ -17,7 +17,6 @@ Initial ViQ weights (``model.init``):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from viq.model.hub import resolve, resolve_model
 from viq.model.viq import check_weights
 from viq.train.config import TrainConfig, parse_init
 from viq.train.matching import load_matching
-from viq.train.output import STAGE_FILE, VIQ_CONFIG, VIQ_WEIGHTS, check_stage_output
 from viq.train.model import TrainModel
+from viq.train.output import STAGE_FILE, VIQ_CONFIG, VIQ_WEIGHTS, check_stage_output
 from viq.train.stages import Handover, get_stage
 
 log = logging.getLogger(__name__)

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 from viq._faults import fault_point
-from viq._untrusted import UntrustedFileError, read_json, restricted_unpickle, torch_load
 from viq._io import atomic_write, fsync_tree, recover_dir, remove_tree, replace_dir, writing
+from viq._untrusted import UntrustedFileError, read_json, restricted_unpickle, torch_load
 from viq.train.build import build_model
 from viq.train.config import TrainConfig
 from viq.train.data import BatchStream

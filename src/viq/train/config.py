@@ -241,7 +241,7 @@ class TrainConfig:
         return weights
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         train = data.get("train") if isinstance(data, dict) else None
         if isinstance(train, dict) and "tensorboard" in train:
             # recipes written before train.trackers: `tensorboard: true` still means TensorBoard

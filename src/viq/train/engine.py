@@ -34,13 +34,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from viq._io import append_line, writing
 from viq.launch import DistEnv
 from viq.model.layers import set_attention_backend
 from viq.train.build import build_model
-from viq.train.output import save_stage_output
-from viq._io import append_line, writing
-from viq.train.checkpoint import (full_state, load_checkpoint, load_extra, materialise, resume_point,
-                                  run_started, save_checkpoint, seed_step)
+from viq.train.checkpoint import (
+    full_state,
+    load_checkpoint,
+    load_extra,
+    materialise,
+    resume_point,
+    run_started,
+    save_checkpoint,
+    seed_step,
+)
 from viq.train.config import TrainConfig
 from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
 from viq.train.evaluate import evaluate
@@ -48,6 +55,7 @@ from viq.train.logger import RunLogger, learning_rates
 from viq.train.metrics import CodeUsage, progress_bar
 from viq.train.model import StepLosses, TrainBatch, TrainModel
 from viq.train.optim import build_optimizer, build_scheduler, set_trainable
+from viq.train.output import save_stage_output
 from viq.train.parallel import Dist, setup_distributed, wrap_parallel
 from viq.train.stages import LOSS_UNITS, LOSSES, get_stage
 

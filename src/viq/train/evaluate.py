@@ -43,8 +43,8 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     the CPU) of the first ``train.log_images`` reconstructed samples are appended.
     """
     from viq.eval.recon import encoded_area_scores
-    from viq.model.vae import decode_latents
     from viq.mllm.chat import IMAGE_TOKEN
+    from viq.model.vae import decode_latents
 
     was_training = model.training
     model.eval()

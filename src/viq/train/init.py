@@ -46,7 +46,6 @@ SigLIP widths (768: 12, 1152: 16, 1536: 16).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass

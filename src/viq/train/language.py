@@ -18,7 +18,6 @@ They are read from ``model.previous`` (default: the ``model.init`` folder).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path

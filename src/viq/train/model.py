@@ -81,7 +81,7 @@ class TrainBatch:
     def num_images(self) -> int:
         return len(self.images) + len(self.codes)
 
-    def to(self, device: torch.device) -> "TrainBatch":
+    def to(self, device: torch.device) -> TrainBatch:
         return dataclasses.replace(self, images=[x.to(device, non_blocking=True) for x in self.images])
 
     @property

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from viq._untrusted import read_json
-from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # the one spelling of a model folder's files
-from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS
+
 # the chat model's folder layout: a stage output with an LLM is what ViQForConditionalGeneration loads
 from viq.mllm.model import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE
+from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # the one spelling of a model folder's files
+from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 

@@ -119,20 +119,20 @@ def font_label(font: str) -> str:
 
 def bbox(font: Any, text: str) -> tuple[int, int, int, int]:
     """``(left, top, right, bottom)`` of ``text`` drawn at the origin with anchor "la", in px."""
-    l, t, r, b = font.getbbox(text)
-    return int(l), int(t), int(r), int(b)
+    left, top, right, bottom = font.getbbox(text)
+    return int(left), int(top), int(right), int(bottom)
 
 
 def text_wh(font: Any, text: str) -> tuple[int, int]:
     """Ink width and height of ``text`` in ``font``, px."""
-    l, t, r, b = bbox(font, text)
-    return r - l, b - t
+    left, top, right, bottom = bbox(font, text)
+    return right - left, bottom - top
 
 
 def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any, fill: RGB) -> None:
     """Draw ``text`` so that its ink bounding box starts exactly at ``xy`` (top-left, px)."""
-    l, t, _, _ = bbox(font, text)
-    draw.text((round(xy[0]) - l, round(xy[1]) - t), text, font=font, fill=fill)
+    left, top, _, _ = bbox(font, text)
+    draw.text((round(xy[0]) - left, round(xy[1]) - top), text, font=font, fill=fill)
 
 
 # --------------------------------------------------------------------------------------------
