@@ -26,7 +26,9 @@ def assets(tmp_path_factory):
 
 
 def run(stage, tmp_path, assets, *, use_llm=True, **sections):
-    cfg = TrainConfig.from_dict(recipe(stage, tmp_path / stage, assets["data"], assets["llm"] if use_llm else None, **sections))
+    cfg = TrainConfig.from_dict(
+        recipe(stage, tmp_path / stage, assets["data"], assets["llm"] if use_llm else None, **sections)
+    )
     return train(cfg)
 
 
@@ -53,8 +55,9 @@ def test_zero_text_weight_does_not_run_the_llm(tmp_path, assets, monkeypatch):
     calls = []
     text_loss = TrainModel._text_loss
     monkeypatch.setattr(TrainModel, "_text_loss", lambda self, *a: calls.append(1) or text_loss(self, *a))
-    summary = run("stage2_1", tmp_path / "off", assets, loss={"text": 0.0},
-                  optim={"trainable": ["head", "dequant", "recon"]})
+    summary = run(
+        "stage2_1", tmp_path / "off", assets, loss={"text": 0.0}, optim={"trainable": ["head", "dequant", "recon"]}
+    )
     assert calls == []
     assert all("text" not in h and h["recon"] > 0 for h in summary["history"])
     assert (Path(summary["final"]) / "llm").is_dir()
@@ -64,8 +67,14 @@ def test_zero_text_weight_does_not_run_the_llm(tmp_path, assets, monkeypatch):
 
 def test_handover_2_1_to_2_2_and_inference_load(tmp_path, assets):
     s21 = run("stage2_1", tmp_path, assets)
-    s22 = run("stage2_2", tmp_path, assets, model={"init": f"viq:{s21['final']}", "config": {"head": {"quantizer": "fsq", "code_blocks": 2}}},
-              data={"val": str(assets["data"])}, train={"max_steps": 2})
+    s22 = run(
+        "stage2_2",
+        tmp_path,
+        assets,
+        model={"init": f"viq:{s21['final']}", "config": {"head": {"quantizer": "fsq", "code_blocks": 2}}},
+        data={"val": str(assets["data"])},
+        train={"max_steps": 2},
+    )
     # The 2-2 output is a complete viq model: it loads with viq.load and encodes.
     model = viq.load(s22["final"])
     assert set(model.components) >= {"encoder", "embedder", "drawer", "vae"}
@@ -73,14 +82,26 @@ def test_handover_2_1_to_2_2_and_inference_load(tmp_path, assets):
     assert codes[0].grid == (3, 4)
     assert model.reconstruct(codes)[0].size == (56, 40)
     assert "code_usage" in s22["val"] and "answer_accuracy" in s22["val"] and "psnr" in s22["val"]
+    # Validation's code figures are over the codebook (all heads together): a perplexity can never exceed the
+    # number of codes used (it did when the per-head histograms were scored as one 4K-long codebook).
+    val, size = s22["val"], model.config.head.codebook_size
+    assert val["code_perplexity"] <= val["code_usage"] * size + 1e-6
+    assert val["code_perplexity"] == pytest.approx(2 ** val["code_entropy_bits"])
     # ... and its encoder/head came from stage 2-1 where shapes allow.
     from safetensors.torch import load_file
 
     before = load_file(str(Path(s21["final"]) / "model.safetensors"))
     assert "head.blocks.0.attn.qkv.weight" in before  # trained in 2-1, reused by 2-2
     # Drawer stage on the frozen 2-2 model: only the drawer changes.
-    drawer = run("drawer", tmp_path, assets, use_llm=False, model={"init": f"viq:{s22['final']}"},
-                 data={"train": str(assets["data"].parent / "images")}, train={"max_steps": 8, "batch_size": 4})
+    drawer = run(
+        "drawer",
+        tmp_path,
+        assets,
+        use_llm=False,
+        model={"init": f"viq:{s22['final']}"},
+        data={"train": str(assets["data"].parent / "images")},
+        train={"max_steps": 8, "batch_size": 4},
+    )
     trained = viq.load(drawer["final"])
     assert set(trained.components) >= {"encoder", "embedder", "drawer", "vae"}
     assert drawer["history"][-1]["recon"] < drawer["history"][0]["recon"]
@@ -90,15 +111,24 @@ def test_handover_2_1_to_2_2_and_inference_load(tmp_path, assets):
     assert not torch.equal(a["drawer.latent.conv_out.weight"], b["drawer.latent.conv_out.weight"])
     # A drawer recipe that reshapes the decoder it shares with the carried recon.* fails before training.
     with pytest.raises(ValueError, match=r"recon\.\* weights.*model\.config\.decoder"):
-        run("drawer", tmp_path / "deeper", assets, use_llm=False,
+        run(
+            "drawer",
+            tmp_path / "deeper",
+            assets,
+            use_llm=False,
             model={"init": f"viq:{s22['final']}", "config": {"decoder": {"latent_blocks": 2}}},
-            data={"train": str(assets["data"].parent / "images")}, train={"max_steps": 8, "batch_size": 4})
+            data={"train": str(assets["data"].parent / "images")},
+            train={"max_steps": 8, "batch_size": 4},
+        )
     assert not any((tmp_path / "deeper").rglob("*.safetensors"))  # nothing was trained or written
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, assets):
-    sections = {"train": {"max_steps": 6, "batch_size": 2, "save_every": 3}, "optim": {"warmup_ratio": 0.3, "min_lr_ratio": 0.1},
-                "llm": {"lora_dropout": 0.1}}
+    sections = {
+        "train": {"max_steps": 6, "batch_size": 2, "save_every": 3},
+        "optim": {"warmup_ratio": 0.3, "min_lr_ratio": 0.1},
+        "llm": {"lora_dropout": 0.1},
+    }
     full = run("stage2_2", tmp_path / "a", assets, **sections)
     cfg = TrainConfig.from_dict(recipe("stage2_2", tmp_path / "b", assets["data"], assets["llm"], **sections))
     first = train(cfg, stop_after=3)
@@ -141,11 +171,14 @@ def test_recipe_overrides_and_errors(tmp_path):
         apply_overrides({}, ["nonsense"])
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("malformed", "train.jsonl:2"),
-    ("missing-image", "nope.png"),
-    ("image-count", "<image>"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("malformed", "train.jsonl:2"),
+        ("missing-image", "nope.png"),
+        ("image-count", "<image>"),
+    ],
+)
 def test_data_errors_are_named(problem, message, tmp_path, assets):
     data = make_qa(tmp_path / "qa", n=2)
     lines = data.read_text().splitlines()
@@ -169,8 +202,20 @@ def _torchrun(tmp_path: Path, recipe_dict: dict, nproc: int) -> list[dict]:
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe_dict))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "viq", "train", "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "viq",
+        "train",
+        "--config",
+        str(path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = Path(recipe_dict["train"]["output_dir"])
@@ -189,7 +234,11 @@ def test_two_process_run_matches_one_process(parallel, tmp_path, assets):
     double = _torchrun(tmp_path / "2", two, 2)
     for a, b in zip(single, double):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
-    seen = [json.loads(line) for r in (0, 1) for line in (tmp_path / "two" / f"samples-rank{r}.jsonl").read_text().splitlines()]
+    seen = [
+        json.loads(line)
+        for r in (0, 1)
+        for line in (tmp_path / "two" / f"samples-rank{r}.jsonl").read_text().splitlines()
+    ]
     for step in range(1, 4):
         r0 = next(s["ids"] for s in seen if s["rank"] == 0 and s["step"] == step)
         r1 = next(s["ids"] for s in seen if s["rank"] == 1 and s["step"] == step)

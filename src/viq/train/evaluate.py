@@ -20,13 +20,25 @@ from viq.train.model import TrainModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["answer_budget", "answer_last_question", "answer_last_questions", "evaluate", "generate_reply",
-           "generate_replies"]
+__all__ = [
+    "answer_budget",
+    "answer_last_question",
+    "answer_last_questions",
+    "evaluate",
+    "generate_reply",
+    "generate_replies",
+]
 
 
 @torch.no_grad()
-def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.device,
-             examples: list[dict] | None = None, reconstructions: list | None = None) -> dict[str, float]:
+def evaluate(
+    model: TrainModel,
+    cfg: TrainConfig,
+    tokenizer,
+    device: torch.device,
+    examples: list[dict] | None = None,
+    reconstructions: list | None = None,
+) -> dict[str, float]:
     """Validation on the first ``train.eval_samples`` samples of ``data.val``:
 
     * ``val_<loss>``: the training losses (means over tokens / images),
@@ -50,9 +62,12 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
     model.eval()
     dataset = build_dataset(cfg.data.val, cfg, max_pixels_at(cfg, cfg.train.max_steps))
     n = min(len(dataset), cfg.train.eval_samples)
-    collator = Collator(tokenizer, cfg.llm.max_length,
-                        image_tokens=model.projector.num_tokens if model.projector is not None else None,
-                        patch_size=model.config.encoder.patch_size)
+    collator = Collator(
+        tokenizer,
+        cfg.llm.max_length,
+        image_tokens=model.projector.num_tokens if model.projector is not None else None,
+        patch_size=model.config.encoder.patch_size,
+    )
     sums = {"text": 0.0, "distill": 0.0, "recon": 0.0}
     tokens = images = 0.0
     correct = asked = 0
@@ -92,17 +107,25 @@ def evaluate(model: TrainModel, cfg: TrainConfig, tokenizer, device: torch.devic
         if model.llm is not None and tokenizer is not None and hasattr(item, "messages") and batch.num_images:
             messages = item.messages
             last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prediction, answer = answer_last_question(model, tokenizer, messages, batch.images, device,
-                                                      codes=batch.codes)
+            prediction, answer = answer_last_question(
+                model, tokenizer, messages, batch.images, device, codes=batch.codes
+            )
             ok = bool(answer_matches(prediction, answer))
             correct += int(ok)
             asked += 1
             if examples is not None:
                 question = next(m["content"] for m in reversed(messages[:last_answer]) if m["role"] == "user")
-                examples.append({"id": item.id, "question": question.replace(IMAGE_TOKEN, "").strip(),
-                                 "answer": answer, "prediction": prediction, "correct": ok})
-    if usage.size:
-        hist = usage.current
+                examples.append(
+                    {
+                        "id": item.id,
+                        "question": question.replace(IMAGE_TOKEN, "").strip(),
+                        "answer": answer,
+                        "prediction": prediction,
+                        "correct": ok,
+                    }
+                )
+    if usage.size and usage.current is not None:
+        hist = usage.current.sum(0)  # (slots, K) -> (K,): the codebook's use over every slot
     result: dict[str, float] = {"val_samples": float(n)}
     if tokens:
         result["val_text"] = sums["text"] / tokens
