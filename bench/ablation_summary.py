@@ -18,16 +18,25 @@ CONTROL = "control"
 
 #: summary metrics: name -> path into a record
 METRICS = {
-    "qa_real": ("qa", "real"), "qa_blank": ("qa", "blank"),
-    "qa_majority": ("qa", "majority"), "qa_real_minus_blank": ("qa", "real_minus_blank"),
-    "psnr_synthetic": ("recon", "synthetic", "psnr"), "ssim_synthetic": ("recon", "synthetic", "ssim"),
+    "qa_real": ("qa", "real"),
+    "qa_blank": ("qa", "blank"),
+    "qa_majority": ("qa", "majority"),
+    "qa_real_minus_blank": ("qa", "real_minus_blank"),
+    "psnr_synthetic": ("recon", "synthetic", "psnr"),
+    "ssim_synthetic": ("recon", "synthetic", "ssim"),
     "psnr_synthetic_codec": ("recon", "synthetic", "psnr_codec"),
-    "psnr_photos": ("recon", "photos", "psnr"), "ssim_photos": ("recon", "photos", "ssim"),
+    "psnr_photos": ("recon", "photos", "psnr"),
+    "ssim_photos": ("recon", "photos", "ssim"),
     "psnr_photos_codec": ("recon", "photos", "psnr_codec"),
-    "entropy_bits": ("codes", "entropy_bits"), "train_s": ("train_s",),
+    "entropy_bits": ("codes", "entropy_bits"),
+    "train_s": ("train_s",),
     "stage2_s_per_step": ("stage2_s_per_step",),
-    "nll_real": ("qa", "nll", "real"), "nll_blank": ("qa", "nll", "blank"),
-    **{f"qa_{task}": ("qa", "per_task", task, "real") for task in ("where", "shape", "count_big", "digit", "shape_color")},
+    "nll_real": ("qa", "nll", "real"),
+    "nll_blank": ("qa", "nll", "blank"),
+    **{
+        f"qa_{task}": ("qa", "per_task", task, "real")
+        for task in ("where", "shape", "count_big", "digit", "shape_color")
+    },
 }
 
 
@@ -62,13 +71,21 @@ REFERENCE_MARGIN = 0.05
 #: the paper's figure for each default variant (Table 4 average over its benchmarks; Table 2 for the
 #: reference), as quoted in ../shared/paper/
 PAPER = {
-    CONTROL: "68.7", "direct_fsq": "60.9", "limit_l2": "—", "limit_tanh": "—", "limit_none": "—",
-    "fsq_16k": "smaller codebooks better (no figure)", "simvq_4k": "FSQ > SimVQ (no figure)",
-    "simvq_16k": "FSQ > SimVQ, worse when larger (no figure)", "no_rope": "65.3",
-    "no_recon": "below 68.7 (no figure); VAE loss costs 1.3x time", "continuous": "57.0 (InternViT) vs ViQ 57.2",
+    CONTROL: "68.7",
+    "direct_fsq": "60.9",
+    "limit_l2": "—",
+    "limit_tanh": "—",
+    "limit_none": "—",
+    "fsq_16k": "smaller codebooks better (no figure)",
+    "simvq_4k": "FSQ > SimVQ (no figure)",
+    "simvq_16k": "FSQ > SimVQ, worse when larger (no figure)",
+    "no_rope": "65.3",
+    "no_recon": "below 68.7 (no figure); VAE loss costs 1.3x time",
+    "continuous": "57.0 (InternViT) vs ViQ 57.2",
     "recon_pixel": "MSE below the VAE latent loss (no figure)",
     "width_8": "a much narrower bottleneck comparable to the widest (no figure)",
-    "width_16": "comparable (no figure)", "width_64": "comparable (no figure)",
+    "width_16": "comparable (no figure)",
+    "width_64": "comparable (no figure)",
 }
 
 
@@ -102,8 +119,13 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, runs in by_variant.items():
         runs.sort(key=lambda r: r["seed"])
-        entry = {"axis": runs[0]["axis"], "description": runs[0]["description"], "spec": runs[0]["spec"],
-                 "seeds": [r["seed"] for r in runs], "metrics": {}}
+        entry = {
+            "axis": runs[0]["axis"],
+            "description": runs[0]["description"],
+            "spec": runs[0]["spec"],
+            "seeds": [r["seed"] for r in runs],
+            "metrics": {},
+        }
         for metric, path in METRICS.items():
             values = [v for v in (_get(r, path) for r in runs) if v is not None]
             if values:
@@ -112,12 +134,17 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         if name != CONTROL and control:
             entry["vs_control"] = {}
             for metric, path in METRICS.items():
-                diffs = [float(_get(r, path)) - float(_get(control[r["seed"]], path)) for r in runs
-                         if r["seed"] in control and _get(r, path) is not None and _get(control[r["seed"]], path) is not None]
+                diffs = [
+                    float(_get(r, path)) - float(_get(control[r["seed"]], path))
+                    for r in runs
+                    if r["seed"] in control and _get(r, path) is not None and _get(control[r["seed"]], path) is not None
+                ]
                 if diffs:
                     entry["vs_control"][metric] = t_interval(diffs)
-            entry["verdict"] = {metric: verdict(entry["vs_control"].get(metric), entry["axis"])
-                                for metric in ("qa_real", "qa_real_minus_blank", "psnr_synthetic")}
+            entry["verdict"] = {
+                metric: verdict(entry["vs_control"].get(metric), entry["axis"])
+                for metric in ("qa_real", "qa_real_minus_blank", "psnr_synthetic")
+            }
         summary[name] = entry
     return summary
 
@@ -135,12 +162,15 @@ def markdown_table(summary: dict, known: list[str] = ()) -> str:
     """The docs/research.md results table of a summary: per variant the means and 95 % intervals over
     seeds, the paired difference from the control, the paper's figure and the verdicts; variants in the
     order of ``known`` first."""
+
     def fmt(m: dict | None, scale: float = 100, digits: int = 1) -> str:
         return _mean_pm(m, scale, digits, missing="—", one_seed=" (1 seed)")
 
-    rows = ["| axis | variant | seeds | QA real % | QA blank % | Δ real vs control (paired) | PSNR synth dB (codec) "
-            "| Δ PSNR vs control | entropy bits | train s | paper | verdict: QA; PSNR |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| axis | variant | seeds | QA real % | QA blank % | Δ real vs control (paired) | PSNR synth dB (codec) "
+        "| Δ PSNR vs control | entropy bits | train s | paper | verdict: QA; PSNR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     known = list(known)
     order = lambda item: (known.index(item[0]) if item[0] in known else len(known), item[0])  # noqa: E731
     for name, e in sorted(summary["variants"].items(), key=order):
@@ -149,10 +179,12 @@ def markdown_table(summary: dict, known: list[str] = ()) -> str:
         if m.get("psnr_synthetic_codec"):
             psnr += f" ({m['psnr_synthetic_codec']['mean']:.1f})"
         verdicts = "—" if name == CONTROL else f"{v.get('qa_real', '—')}; {v.get('psnr_synthetic', '—')}"
-        rows.append(f"| {e['axis']} | {name} | {len(e['seeds'])} | {fmt(m.get('qa_real'))} | {fmt(m.get('qa_blank'))} "
-                    f"| {'—' if name == CONTROL else fmt(d.get('qa_real'))} | {psnr} "
-                    f"| {'—' if name == CONTROL else fmt(d.get('psnr_synthetic'), 1, 2)} | {fmt(m.get('entropy_bits'), 1, 2)} "
-                    f"| {fmt(m.get('train_s'), 1, 0)} | {PAPER.get(name, '—')} | {verdicts} |")
+        rows.append(
+            f"| {e['axis']} | {name} | {len(e['seeds'])} | {fmt(m.get('qa_real'))} | {fmt(m.get('qa_blank'))} "
+            f"| {'—' if name == CONTROL else fmt(d.get('qa_real'))} | {psnr} "
+            f"| {'—' if name == CONTROL else fmt(d.get('psnr_synthetic'), 1, 2)} | {fmt(m.get('entropy_bits'), 1, 2)} "
+            f"| {fmt(m.get('train_s'), 1, 0)} | {PAPER.get(name, '—')} | {verdicts} |"
+        )
     return "\n".join(rows)
 
 
@@ -165,14 +197,20 @@ def write_summary(results: Path, label: str, scale: float, device, started: floa
         r = json.loads(p.read_text())
         if r.get("benchmark") == "ablations":
             all_records.append(r)
-    summary = {"label": label, "scale": scale, "device": device_description(device),
-               "seeds": sorted({r["seed"] for r in all_records}), "wall_s_this_invocation": None if started is None else time.perf_counter() - started,
-               # every record's training + evaluation wall time and each seed's preparation, once
-               "wall_s_all_records": sum(r.get("wall_s", {}).get("train", 0) + r.get("wall_s", {}).get("eval", 0)
-                                         for r in all_records)
-               + sum({r["seed"]: sum((r.get("prepare_s") or {}).values()) for r in all_records}.values()),
-               "note": "mean and 95 % t-interval over seeds; vs_control: paired (same seed) differences",
-               "variants": summarize(all_records)}
+    summary = {
+        "label": label,
+        "scale": scale,
+        "device": device_description(device),
+        "seeds": sorted({r["seed"] for r in all_records}),
+        "wall_s_this_invocation": None if started is None else time.perf_counter() - started,
+        # every record's training + evaluation wall time and each seed's preparation, once
+        "wall_s_all_records": sum(
+            r.get("wall_s", {}).get("train", 0) + r.get("wall_s", {}).get("eval", 0) for r in all_records
+        )
+        + sum({r["seed"]: sum((r.get("prepare_s") or {}).values()) for r in all_records}.values()),
+        "note": "mean and 95 % t-interval over seeds; vs_control: paired (same seed) differences",
+        "variants": summarize(all_records),
+    }
     write_record("ablations_summary", device, summary, out=str(results / "summary.json"))
     return summary
 
@@ -181,11 +219,15 @@ def print_table(summary: dict) -> None:
     def fmt(m: dict | None, scale: float = 1.0, digits: int = 1) -> str:
         return _mean_pm(m, scale, digits, missing="-", one_seed="")
 
-    print(f"{'variant':12s} {'seeds':>5s} {'QA real %':>13s} {'blank %':>13s} {'real-blank':>13s} {'d vs control':>13s} "
-          f"{'PSNR syn':>11s} {'codec':>6s} {'H bits':>6s} {'train s':>8s}")
+    print(
+        f"{'variant':12s} {'seeds':>5s} {'QA real %':>13s} {'blank %':>13s} {'real-blank':>13s} {'d vs control':>13s} "
+        f"{'PSNR syn':>11s} {'codec':>6s} {'H bits':>6s} {'train s':>8s}"
+    )
     for name, e in summary["variants"].items():
         m = e["metrics"]
         d = e.get("vs_control", {}).get("qa_real")
-        print(f"{name:12s} {len(e['seeds']):5d} {fmt(m.get('qa_real'), 100):>13s} {fmt(m.get('qa_blank'), 100):>13s} "
-              f"{fmt(m.get('qa_real_minus_blank'), 100):>13s} {fmt(d, 100):>13s} {fmt(m.get('psnr_synthetic'), 1, 2):>11s} "
-              f"{fmt(m.get('psnr_synthetic_codec'), 1, 1):>6s} {fmt(m.get('entropy_bits'), 1, 2):>6s} {fmt(m.get('train_s'), 1, 0):>8s}")
+        print(
+            f"{name:12s} {len(e['seeds']):5d} {fmt(m.get('qa_real'), 100):>13s} {fmt(m.get('qa_blank'), 100):>13s} "
+            f"{fmt(m.get('qa_real_minus_blank'), 100):>13s} {fmt(d, 100):>13s} {fmt(m.get('psnr_synthetic'), 1, 2):>11s} "
+            f"{fmt(m.get('psnr_synthetic_codec'), 1, 1):>6s} {fmt(m.get('entropy_bits'), 1, 2):>6s} {fmt(m.get('train_s'), 1, 0):>8s}"
+        )

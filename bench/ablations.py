@@ -70,7 +70,7 @@ class Variant:
     description: str = ""
 
     def chain(self) -> list[str]:
-        stages = list(STAGES[:STAGES.index(self.until) + 1])
+        stages = list(STAGES[: STAGES.index(self.until) + 1])
         return [s for s in stages if s not in self.skip]
 
     def stage_overrides(self, stage: str) -> list[str]:
@@ -117,7 +117,9 @@ def parse_variant(name: str, tokens: list[str], *, axis: str = "custom", descrip
 def _check_stages(name: str, stages: tuple[str, ...], token: str) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
-        raise ValueError(f"variant {name}: {token!r}: unknown stage {unknown or stages} (stages: {', '.join(STAGES)}, all)")
+        raise ValueError(
+            f"variant {name}: {token!r}: unknown stage {unknown or stages} (stages: {', '.join(STAGES)}, all)"
+        )
 
 
 def default_variants() -> dict[str, Variant]:
@@ -125,28 +127,55 @@ def default_variants() -> dict[str, Variant]:
     comparisons (issue 24), each compared to the control."""
     both = "stage2_1,stage2_2"
     table = [
-        (CONTROL, "control", [], "demo recipes: bottleneck + L-inf (2-1), FSQ 4k on the bottleneck, 2D RoPE, VAE-latent loss"),
+        (
+            CONTROL,
+            "control",
+            [],
+            "demo recipes: bottleneck + L-inf (2-1), FSQ 4k on the bottleneck, 2D RoPE, VAE-latent loss",
+        ),
         # 1. proximal representation
-        ("direct_fsq", "proximal", ["skip=stage2_1", "stage2_2:model.config.head.fsq_on_bottleneck=false"],
-         "no proximal stage: FSQ (released layout C -> d -> FSQ) trained straight on the stage-1 features"),
+        (
+            "direct_fsq",
+            "proximal",
+            ["skip=stage2_1", "stage2_2:model.config.head.fsq_on_bottleneck=false"],
+            "no proximal stage: FSQ (released layout C -> d -> FSQ) trained straight on the stage-1 features",
+        ),
         ("limit_l2", "proximal", [f"{both}:model.config.head.bottleneck_limit=l2"], "bottleneck limited by L2 norm"),
         ("limit_tanh", "proximal", [f"{both}:model.config.head.bottleneck_limit=tanh"], "bottleneck limited by tanh"),
         ("limit_none", "proximal", [f"{both}:model.config.head.bottleneck_limit=none"], "bottleneck without a limit"),
         # 2. quantizer. SimVQ stops after stage 2-2: the drawer stage and the full model's encode path
         # quantize with FSQ only (CodeHead.fsq), so SimVQ has QA but no reconstruction / code entropy here.
         ("fsq_16k", "quantizer", ["stage2_2:model.config.head.levels=[8,8,8,6,5]"], "FSQ, 15360 codes"),
-        ("simvq_4k", "quantizer", ["stage2_2:model.config.head.quantizer=simvq",
-                                   "stage2_2:model.config.head.simvq_codebook_size=4096", "until=stage2_2"],
-         "SimVQ, 4096 codes (QA only)"),
-        ("simvq_16k", "quantizer", ["stage2_2:model.config.head.quantizer=simvq",
-                                    "stage2_2:model.config.head.simvq_codebook_size=16384", "until=stage2_2"],
-         "SimVQ, 16384 codes (QA only)"),
+        (
+            "simvq_4k",
+            "quantizer",
+            [
+                "stage2_2:model.config.head.quantizer=simvq",
+                "stage2_2:model.config.head.simvq_codebook_size=4096",
+                "until=stage2_2",
+            ],
+            "SimVQ, 4096 codes (QA only)",
+        ),
+        (
+            "simvq_16k",
+            "quantizer",
+            [
+                "stage2_2:model.config.head.quantizer=simvq",
+                "stage2_2:model.config.head.simvq_codebook_size=16384",
+                "until=stage2_2",
+            ],
+            "SimVQ, 16384 codes (QA only)",
+        ),
         # 3. position
         ("no_rope", "position", ["stage2_2:model.config.head.rope=false"], "no 2D RoPE in the code blocks"),
         # 4. reconstruction loss (time per step: the stages' train_s over their steps)
         ("no_recon", "recon", [f"{both}:loss.recon=0"], "no VAE-latent loss in stage 2 (the drawer still trains)"),
-        ("recon_pixel", "recon", [f"{both}:loss.recon=0", f"{both}:loss.pixel=1"],
-         "pixel MSE through the frozen codec's decoder in stage 2 instead of the VAE-latent loss"),
+        (
+            "recon_pixel",
+            "recon",
+            [f"{both}:loss.recon=0", f"{both}:loss.pixel=1"],
+            "pixel MSE through the frozen codec's decoder in stage 2 instead of the VAE-latent loss",
+        ),
         # 5. bottleneck width D (the control: 32)
         ("width_8", "width", [f"{both}:model.config.head.bottleneck_dim=8"], "bottleneck width D = 8"),
         ("width_16", "width", [f"{both}:model.config.head.bottleneck_dim=16"], "bottleneck width D = 16"),
@@ -161,6 +190,7 @@ AXES = ("proximal", "quantizer", "position", "recon", "width", "reference")
 
 
 # ---------------------------------------------------------------------------------------------- checks
+
 
 def check_variant(variant: Variant) -> None:
     """Every override key names a field of the recipe (TrainConfig) or, under model.config, of the model
@@ -178,8 +208,10 @@ def check_variant(variant: Variant) -> None:
         else:
             _check_path(TrainConfig, parts, f"variant {variant.name}: {kv!r}", prefix="")
         if not any(s in variant.chain() for s in stages):
-            raise ValueError(f"variant {variant.name}: {kv!r} applies to {','.join(stages)}, none of which it trains "
-                             f"({', '.join(variant.chain())})")
+            raise ValueError(
+                f"variant {variant.name}: {kv!r} applies to {','.join(stages)}, none of which it trains "
+                f"({', '.join(variant.chain())})"
+            )
     for stage in variant.chain():
         try:
             cfg = load_recipe(recipe_path(stage), variant.stage_overrides(stage))
@@ -215,9 +247,12 @@ def _check_path(cls: type, parts: list[str], where: str, prefix: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 
+
 def _stage_key(stage: str, parent: str | None, overrides: list[str], scale: float, seed: int, device: str) -> str:
-    text = json.dumps({"stage": stage, "parent": parent, "overrides": overrides, "scale": scale, "seed": seed,
-                       "device": device}, sort_keys=True)
+    text = json.dumps(
+        {"stage": stage, "parent": parent, "overrides": overrides, "scale": scale, "seed": seed, "device": device},
+        sort_keys=True,
+    )
     return f"{stage}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
@@ -239,25 +274,66 @@ def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, de
         if not reused:
             log.info("%s seed %d: training %s -> %s", variant.name, seed, stage, run_dir)
             base = load_recipe(recipe_path(stage), [])
-            overrides = [*stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps),
-                         f"model.init=viq:{parent_final}", f"train.output_dir={run_dir}", "train.progress=false", *extra]
+            overrides = [
+                *stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps),
+                f"model.init=viq:{parent_final}",
+                f"train.output_dir={run_dir}",
+                "train.progress=false",
+                *extra,
+            ]
             t = time.perf_counter()
             train(load_recipe(recipe_path(stage), overrides))
-            (run_dir / "ablation_stage.json").write_text(json.dumps(
-                {"stage": stage, "key": key, "parent": parent_key, "overrides": extra, "train_s": time.perf_counter() - t,
-                 "steps": load_recipe(recipe_path(stage), overrides).train.max_steps,
-                 "seed": seed, "scale": scale, "device": device}, indent=1))
-        info = json.loads((run_dir / "ablation_stage.json").read_text()) if (run_dir / "ablation_stage.json").is_file() else {}
-        entries.append({"stage": stage, "key": key, "dir": str(run_dir), "overrides": extra, "reused": reused,
-                        "train_s": info.get("train_s"), "steps": info.get("steps")})
+            (run_dir / "ablation_stage.json").write_text(
+                json.dumps(
+                    {
+                        "stage": stage,
+                        "key": key,
+                        "parent": parent_key,
+                        "overrides": extra,
+                        "train_s": time.perf_counter() - t,
+                        "steps": load_recipe(recipe_path(stage), overrides).train.max_steps,
+                        "seed": seed,
+                        "scale": scale,
+                        "device": device,
+                    },
+                    indent=1,
+                )
+            )
+        info = (
+            json.loads((run_dir / "ablation_stage.json").read_text())
+            if (run_dir / "ablation_stage.json").is_file()
+            else {}
+        )
+        entries.append(
+            {
+                "stage": stage,
+                "key": key,
+                "dir": str(run_dir),
+                "overrides": extra,
+                "reused": reused,
+                "train_s": info.get("train_s"),
+                "steps": info.get("steps"),
+            }
+        )
         parent_key, parent_final = key, final
     return entries
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
-def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: Path, *, seed: int, device,
-                 num_images: int, num_photos: int, num_questions: int | None = None) -> dict[str, Any]:
+
+def evaluate_run(
+    variant: Variant,
+    chain: list[dict],
+    seed_dir: Path,
+    run_out: Path,
+    *,
+    seed: int,
+    device,
+    num_images: int,
+    num_photos: int,
+    num_questions: int | None = None,
+) -> dict[str, Any]:
     """QA of the last LLM stage, reconstruction + codes of the drawer (when trained), with the demo's
     evaluation functions."""
     import viq
@@ -276,8 +352,15 @@ def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: P
     questions = test[:num_questions] if num_questions else test
     llm_stage = "stage2_2" if "stage2_2" in dirs else ("stage2_1" if "stage2_1" in dirs else "stage1")
     # Real and blank images (what the codes carry) and the majority answer; the demo adds shuffled images.
-    qa = evaluate_qa_with_baselines(dirs[llm_stage] / "final", load_split(data, "train"), questions, data, seed=seed,
-                                    device=device, modes=("real", "blank"))
+    qa = evaluate_qa_with_baselines(
+        dirs[llm_stage] / "final",
+        load_split(data, "train"),
+        questions,
+        data,
+        seed=seed,
+        device=device,
+        modes=("real", "blank"),
+    )
     qa.pop("examples", None)
     qa["stage"] = llm_stage
     out: dict[str, Any] = {"qa": qa, "recon": None, "codes": None, "recon_from": None}
@@ -289,10 +372,12 @@ def evaluate_run(variant: Variant, chain: list[dict], seed_dir: Path, run_out: P
         model = viq.load(dirs[drawn] / "final")
         synthetic = [(Path(r["image"]).stem, str(data / r["image"])) for r in test[:num_images]]
         photos = [(p.file_stem, load_photo(p)) for p in list_photos()[:num_photos]]
-        recon_syn, _, hist = evaluate_reconstruction(model, synthetic, run_out / "reconstructions",
-                                                     max_pixels=DEMO_MAX_PIXELS, kind="test")
-        recon_photo, _, hist_photo = evaluate_reconstruction(model, photos, run_out / "reconstructions",
-                                                             max_pixels=DEMO_MAX_PIXELS, kind="photo")
+        recon_syn, _, hist = evaluate_reconstruction(
+            model, synthetic, run_out / "reconstructions", max_pixels=DEMO_MAX_PIXELS, kind="test"
+        )
+        recon_photo, _, hist_photo = evaluate_reconstruction(
+            model, photos, run_out / "reconstructions", max_pixels=DEMO_MAX_PIXELS, kind="photo"
+        )
         out["recon"] = {"synthetic": recon_syn, "photos": recon_photo}
         out["codes"] = code_summary(hist + hist_photo)
         out["codes"]["codebook_size"] = model.config.head.codebook_size
@@ -312,6 +397,7 @@ def _head_quantizer(final: Path) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- main
 
+
 def _label(args) -> str:
     if args.label:
         return args.label
@@ -320,33 +406,67 @@ def _label(args) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--axes", nargs="*", choices=AXES, default=None,
-                        help="default axes to run (default: all; the control always runs)")
+    parser.add_argument(
+        "--axes",
+        nargs="*",
+        choices=AXES,
+        default=None,
+        help="default axes to run (default: all; the control always runs)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names)")
-    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "TOKEN"),
-                        help="add a variant: NAME then STAGE[,STAGE]:KEY=VALUE, KEY=VALUE (all stages), skip=STAGE, until=STAGE")
-    parser.add_argument("--set", nargs="+", default=[], metavar="TOKEN",
-                        help="overrides added to every variant (same syntax as --variant), e.g. train.batch_size=8")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "TOKEN"),
+        help="add a variant: NAME then STAGE[,STAGE]:KEY=VALUE, KEY=VALUE (all stages), skip=STAGE, until=STAGE",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="TOKEN",
+        help="overrides added to every variant (same syntax as --variant), e.g. train.batch_size=8",
+    )
     parser.add_argument("--no-defaults", action="store_true", help="run only the control and --variant ones")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--scale", type=float, default=1.0, help="step / data multiplier of the demo recipes (1: the demo's own budget)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="step / data multiplier of the demo recipes (1: the demo's own budget)"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--work", default=None, help="work dir for data, models and stage runs (default runs/ablations/<label>)")
-    parser.add_argument("--results", default=None, help="records + summary.json (default bench/results/ablations/<label>)")
+    parser.add_argument(
+        "--work", default=None, help="work dir for data, models and stage runs (default runs/ablations/<label>)"
+    )
+    parser.add_argument(
+        "--results", default=None, help="records + summary.json (default bench/results/ablations/<label>)"
+    )
     parser.add_argument("--label", default=None)
     parser.add_argument("--num-images", type=int, default=32, help="held-out synthetic images reconstructed")
     parser.add_argument("--num-photos", type=int, default=8)
-    parser.add_argument("--num-questions", type=int, default=None,
-                        help="held-out questions answered (default: all of the test split, 240 at scale >= 1)")
-    parser.add_argument("--drawer", action="store_true",
-                        help="train the drawer stage for every variant, as the demo does (default: judge "
-                             "reconstruction with stage 2-2's own latent decoder, ~25 %% cheaper)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny check: control + no_rope, the first seed, scale 0.01, batch 4, 12 questions")
+    parser.add_argument(
+        "--num-questions",
+        type=int,
+        default=None,
+        help="held-out questions answered (default: all of the test split, 240 at scale >= 1)",
+    )
+    parser.add_argument(
+        "--drawer",
+        action="store_true",
+        help="train the drawer stage for every variant, as the demo does (default: judge "
+        "reconstruction with stage 2-2's own latent decoder, ~25 %% cheaper)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny check: control + no_rope, the first seed, scale 0.01, batch 4, 12 questions",
+    )
     parser.add_argument("--dry-run", action="store_true", help="check the variants and print them; train nothing")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing: rebuild summary.json from the label's records and print the "
-                             "docs/research.md table")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: rebuild summary.json from the label's records and print the docs/research.md table",
+    )
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -388,8 +508,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.drawer:
         for v in variants.values():
             # A variant whose stage 2-2 trains no latent decoder (loss.recon=0) keeps its drawer.
-            no_decoder = any("stage2_2" in stages and kv.replace(" ", "") in ("loss.recon=0", "loss.recon=0.0")
-                             for stages, kv in v.overrides)
+            no_decoder = any(
+                "stage2_2" in stages and kv.replace(" ", "") in ("loss.recon=0", "loss.recon=0.0")
+                for stages, kv in v.overrides
+            )
             if v.until == "drawer" and not no_decoder:
                 v.until = "stage2_2"
     for v in variants.values():
@@ -431,22 +553,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train_wall = time.perf_counter() - t
             t = time.perf_counter()
             run_out = work / "eval" / f"{v.name}-seed{seed}"
-            ev = evaluate_run(v, chain, seed_dir, run_out, seed=seed, device=device, num_images=args.num_images,
-                              num_photos=args.num_photos, num_questions=args.num_questions)
+            ev = evaluate_run(
+                v,
+                chain,
+                seed_dir,
+                run_out,
+                seed=seed,
+                device=device,
+                num_images=args.num_images,
+                num_photos=args.num_photos,
+                num_questions=args.num_questions,
+            )
             ev["qa"]["real_minus_blank"] = ev["qa"]["real"] - ev["qa"]["blank"]
             last = Path(chain[-1]["dir"]) / "final" / "config.json"
             record = {
-                "variant": v.name, "axis": v.axis, "description": v.description, "spec": v.spec(), "seed": seed,
-                "scale": args.scale, "smoke": args.smoke, "num_questions": ev["qa"]["n"],
+                "variant": v.name,
+                "axis": v.axis,
+                "description": v.description,
+                "spec": v.spec(),
+                "seed": seed,
+                "scale": args.scale,
+                "smoke": args.smoke,
+                "num_questions": ev["qa"]["n"],
                 **ev,
                 "train_s": sum(e["train_s"] or 0.0 for e in chain),
                 "stage2_s_per_step": _seconds_per_step(chain, ("stage2_1", "stage2_2")),
-                "stages": chain, "prepare_s": prep,
+                "stages": chain,
+                "prepare_s": prep,
                 "wall_s": {"train": train_wall, "eval": time.perf_counter() - t},
                 "model_config": json.loads(last.read_text()) if last.is_file() else None,
             }
             path = write_record("ablations", device, record, out=str(results / f"{v.name}-seed{seed}.json"))
-            log.info("%s seed %d: QA real %.3f blank %.3f -> %s", v.name, seed, ev["qa"]["real"], ev["qa"]["blank"], path)
+            log.info(
+                "%s seed %d: QA real %.3f blank %.3f -> %s", v.name, seed, ev["qa"]["real"], ev["qa"]["blank"], path
+            )
             records.append(record)
             write_summary(results, label, args.scale, device, started)  # a stopped sweep keeps one
     summary = write_summary(results, label, args.scale, device, started)

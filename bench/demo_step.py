@@ -70,7 +70,10 @@ def measure(run: Path, batch_size: int, steps: int, compile_: bool = False) -> d
     recipe = REPO / "src" / "viq" / "recipes" / "demo" / "stage1.yaml"  # this tree's recipe, for every revision
     out = Path(tempfile.mkdtemp(prefix="demo-step-"))
     overrides = stage_overrides("stage1", run, 1.0, 0, 1000) + [
-        f"train.output_dir={out}", f"train.batch_size={batch_size}", "train.progress=false"]
+        f"train.output_dir={out}",
+        f"train.batch_size={batch_size}",
+        "train.progress=false",
+    ]
     cfg = load_recipe(recipe, overrides)
     torch.manual_seed(0)
     pixels = max_pixels_at(cfg, 0)
@@ -86,8 +89,12 @@ def measure(run: Path, batch_size: int, steps: int, compile_: bool = False) -> d
         compile_s = time.perf_counter() - t  # lazy: the first steps compile; measured below
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    collator = Collator(tokenizer, cfg.llm.max_length, image_tokens=model.projector.num_tokens,
-                        patch_size=model.config.encoder.patch_size)
+    collator = Collator(
+        tokenizer,
+        cfg.llm.max_length,
+        image_tokens=model.projector.num_tokens,
+        patch_size=model.config.encoder.patch_size,
+    )
     stream = BatchStream(cfg, Dist(), collator, 0, built=(pixels, dataset))
     weights = engine.loss_weights(cfg)
 
@@ -155,21 +162,38 @@ def _baseline(rev: str, run: Path, args) -> dict:
     """:func:`measure` with viq at git revision ``rev`` (a temporary worktree), in a subprocess."""
     with tempfile.TemporaryDirectory(prefix="viq-baseline-") as tmp:
         tree = Path(tmp) / "tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True
+        )
         try:
             result = Path(tmp) / "result.json"
             env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{REPO}"}
-            subprocess.run([sys.executable, "-m", "bench.demo_step", str(run), "--measure-only", str(result),
-                            "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
-                           check=True, env=env, cwd=REPO)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.demo_step",
+                    str(run),
+                    "--measure-only",
+                    str(result),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--steps",
+                    str(args.steps),
+                ],
+                check=True,
+                env=env,
+                cwd=REPO,
+            )
             record = json.loads(result.read_text())
-            record["revision"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], check=True,
-                                                capture_output=True, text=True).stdout.strip()
+            record["revision"] = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", rev], check=True, capture_output=True, text=True
+            ).stdout.strip()
             return record
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False,
-                           capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False, capture_output=True
+            )
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -192,9 +216,12 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     from bench.common import write_record
 
-    record: dict = {"run": str(run), "threads": torch.get_num_threads(),
-                    "matmul_gflop_s": {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)},
-                    "variants": {}}
+    record: dict = {
+        "run": str(run),
+        "threads": torch.get_num_threads(),
+        "matmul_gflop_s": {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)},
+        "variants": {},
+    }
     if args.baseline:
         record["variants"]["baseline"] = _baseline(args.baseline, run, args)
     record["variants"]["current"] = measure(run, args.batch_size, args.steps)
@@ -204,12 +231,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"matmul: fp32 {peak:.0f} GFLOP/s, bf16 {record['matmul_gflop_s']['bfloat16']:.0f} GFLOP/s")
     for name, v in record["variants"].items():
         p = v["phases_s"]
-        print(f"{name:9s} {v['samples_per_s']:6.0f} samples/s  step {1000 * v['step_s']:6.1f} ms = data {1000 * p['data']:.1f}"
-              f" + fwd {1000 * p['forward']:.1f} + bwd {1000 * p['backward']:.1f} + opt {1000 * p['optimizer']:.1f};"
-              f" {v['gflop_per_step']:.1f} GFLOP/step, {v['achieved_gflop_s']:.0f} GFLOP/s "
-              f"({100 * v['achieved_gflop_s'] / peak:.0f} % of the matmul rate), kernels {100 * v['kernel_share']:.0f} %")
+        print(
+            f"{name:9s} {v['samples_per_s']:6.0f} samples/s  step {1000 * v['step_s']:6.1f} ms = data {1000 * p['data']:.1f}"
+            f" + fwd {1000 * p['forward']:.1f} + bwd {1000 * p['backward']:.1f} + opt {1000 * p['optimizer']:.1f};"
+            f" {v['gflop_per_step']:.1f} GFLOP/step, {v['achieved_gflop_s']:.0f} GFLOP/s "
+            f"({100 * v['achieved_gflop_s'] / peak:.0f} % of the matmul rate), kernels {100 * v['kernel_share']:.0f} %"
+        )
     if "baseline" in record["variants"]:
-        record["speedup"] = record["variants"]["current"]["samples_per_s"] / record["variants"]["baseline"]["samples_per_s"]
+        record["speedup"] = (
+            record["variants"]["current"]["samples_per_s"] / record["variants"]["baseline"]["samples_per_s"]
+        )
         print(f"current / baseline: {record['speedup']:.2f}x samples/s")
     path = write_record("demo_step", torch.device("cpu"), record, out=args.out)
     print(path)

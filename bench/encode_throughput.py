@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/encode_throughput-<device>-<time>.json)")
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default: bench/results/encode_throughput-<device>-<time>.json)"
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -106,28 +108,38 @@ def main(argv: list[str] | None = None) -> dict:
     max_h = max(padded_grid(h, w, p)[0] for h, w in sizes) * p
     max_w = max(padded_grid(h, w, p)[1] for h, w in sizes) * p
     padded = [F.pad(x, (0, max_w - x.shape[2], 0, max_h - x.shape[1])) for x in images]
-    fixed = [torch.rand(3, args.fixed_size, args.fixed_size, generator=g).mul(2).sub(1).to(device, dtype)
-             for _ in range(args.num_images)]
+    fixed = [
+        torch.rand(3, args.fixed_size, args.fixed_size, generator=g).mul(2).sub(1).to(device, dtype)
+        for _ in range(args.num_images)
+    ]
     fixed_tokens = args.num_images * (args.fixed_size // p) ** 2
 
     def encode_all(pixels):
         def run():
-            for pack in pack_by_budget([math.prod(padded_grid(x.shape[1], x.shape[2], p)) for x in pixels], args.batch_tokens):
+            for pack in pack_by_budget(
+                [math.prod(padded_grid(x.shape[1], x.shape[2], p)) for x in pixels], args.batch_tokens
+            ):
                 model.indices_packed([pixels[i] for i in pack])
+
         return run
 
     def trunk_packed(pixels):
         def run():
             with torch.inference_mode():
-                for pack in pack_by_budget([math.prod(padded_grid(x.shape[1], x.shape[2], p)) for x in pixels], args.batch_tokens):
+                for pack in pack_by_budget(
+                    [math.prod(padded_grid(x.shape[1], x.shape[2], p)) for x in pixels], args.batch_tokens
+                ):
                     model.encoder([pad_to_patches(pixels[i], p) for i in pack])
+
         return run
 
     def trunk_dense(pixels):
         per = max(1, args.batch_tokens // ((pixels[0].shape[1] // p) * (pixels[0].shape[2] // p)))
+
         def run():
             for i in range(0, len(pixels), per):
                 dense_vit_trunk(model.encoder, torch.stack(pixels[i : i + per]))
+
         return run
 
     runs = {
@@ -148,12 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
             "tflops_per_s": flops / seconds / 1e12,
             "gflops": flops / 1e9,
         }
-        print(f"{name:12s} {seconds:8.3f} s  {args.num_images / seconds:8.2f} img/s  {tokens / seconds:10.0f} tok/s  "
-              f"{flops / seconds / 1e12:7.3f} TFLOP/s", file=sys.stderr)
+        print(
+            f"{name:12s} {seconds:8.3f} s  {args.num_images / seconds:8.2f} img/s  {tokens / seconds:10.0f} tok/s  "
+            f"{flops / seconds / 1e12:7.3f} TFLOP/s",
+            file=sys.stderr,
+        )
     ratios = {
         "packed_vs_padded_images_per_s": figures["packed"]["images_per_s"] / figures["padded"]["images_per_s"],
-        "packed_trunk_vs_dense_vit_fixed": figures["fixed_trunk"]["seconds"] and
-        figures["dense_vit"]["seconds"] / figures["fixed_trunk"]["seconds"],
+        "packed_trunk_vs_dense_vit_fixed": figures["fixed_trunk"]["seconds"]
+        and figures["dense_vit"]["seconds"] / figures["fixed_trunk"]["seconds"],
         "padding_waste": 1 - real_tokens / (args.num_images * (max_h // p) * (max_w // p)),
     }
     for k, v in ratios.items():

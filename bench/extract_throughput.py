@@ -83,8 +83,9 @@ def make_tar_and_parquet(folder: Path, tar_dir: Path, parquet_dir: Path, per_uni
     per_file = 4 * per_unit
     for s in range(0, len(files), per_file):
         chunk = files[s : s + per_file]
-        table = pa.table({"image": pa.array([f.read_bytes() for f in chunk], pa.binary()),
-                          "id": [f.name for f in chunk]})
+        table = pa.table(
+            {"image": pa.array([f.read_bytes() for f in chunk], pa.binary()), "id": [f.name for f in chunk]}
+        )
         pq.write_table(table, parquet_dir / f"{s // per_file:05d}.parquet", row_group_size=per_unit)
 
 
@@ -120,9 +121,17 @@ def main(argv: list[str] | None = None) -> dict:
                 for kind in args.inputs:  # interleaved, so slow drifts of a shared machine hit every kind alike
                     store = tmp / f"store-{kind}-{workers}-{repeat}"
                     cpu0 = _cpu_s()
-                    result = extract(None, sources[kind], store, model=model, num_workers=workers,
-                                     batch_tokens=args.batch_tokens, progress=False, flush_every=256,
-                                     **columns.get(kind, {}))
+                    result = extract(
+                        None,
+                        sources[kind],
+                        store,
+                        model=model,
+                        num_workers=workers,
+                        batch_tokens=args.batch_tokens,
+                        progress=False,
+                        flush_every=256,
+                        **columns.get(kind, {}),
+                    )
                     r = {**result, "wall_s": result.wall_s, "encode_s": result.encode_s}
                     r["cpu_s"] = _cpu_s() - cpu0
                     r["images_per_s"] = r["encoded"] / r["wall_s"]
@@ -132,27 +141,39 @@ def main(argv: list[str] | None = None) -> dict:
             for kind, rs in runs.items():
                 median = statistics.median(x["images_per_s"] for x in rs)
                 run = min(rs, key=lambda x: abs(x["images_per_s"] - median))
-                f = {**run, "images_per_s": median, "model_busy_share": run["encode_s"] / run["wall_s"],
-                     "images_per_s_best": max(x["images_per_s"] for x in rs),
-                     "images_per_cpu_s": statistics.median(x["images_per_cpu_s"] for x in rs),
-                     "runs_images_per_s": [x["images_per_s"] for x in rs],
-                     "runs_images_per_cpu_s": [x["images_per_cpu_s"] for x in rs]}
+                f = {
+                    **run,
+                    "images_per_s": median,
+                    "model_busy_share": run["encode_s"] / run["wall_s"],
+                    "images_per_s_best": max(x["images_per_s"] for x in rs),
+                    "images_per_cpu_s": statistics.median(x["images_per_cpu_s"] for x in rs),
+                    "runs_images_per_s": [x["images_per_s"] for x in rs],
+                    "runs_images_per_cpu_s": [x["images_per_cpu_s"] for x in rs],
+                }
                 figures[f"{kind}/workers={workers}"] = f
-                print(f"{kind:8s} workers {workers}: {median:.2f} img/s (median of {len(rs)}; best "
-                      f"{f['images_per_s_best']:.2f}; {f['images_per_cpu_s']:.2f} img per CPU-s), model busy "
-                      f"{100 * f['model_busy_share']:.0f}% ({run['encoded']} images, {run['wall_s']:.1f} s)",
-                      file=sys.stderr)
+                print(
+                    f"{kind:8s} workers {workers}: {median:.2f} img/s (median of {len(rs)}; best "
+                    f"{f['images_per_s_best']:.2f}; {f['images_per_cpu_s']:.2f} img per CPU-s), model busy "
+                    f"{100 * f['model_busy_share']:.0f}% ({run['encoded']} images, {run['wall_s']:.1f} s)",
+                    file=sys.stderr,
+                )
             if "folder" in runs:
                 for kind in runs:
                     if kind == "folder":
                         continue
                     for metric in ("images_per_s", "images_per_s_best", "images_per_cpu_s"):
                         ratios[f"{kind}/folder/workers={workers}/{metric}"] = (
-                            figures[f"{kind}/workers={workers}"][metric] / figures[f"folder/workers={workers}"][metric])
+                            figures[f"{kind}/workers={workers}"][metric] / figures[f"folder/workers={workers}"][metric]
+                        )
         for name, value in ratios.items():
             print(f"{name}: {value:.3f} (target >= 0.9)", file=sys.stderr)
-        record = {"args": vars(args), "config": model.config.to_dict(), "figures": figures, "ratios": ratios,
-                  "target": "tar and parquet >= 0.9x folder images/s"}
+        record = {
+            "args": vars(args),
+            "config": model.config.to_dict(),
+            "figures": figures,
+            "ratios": ratios,
+            "target": "tar and parquet >= 0.9x folder images/s",
+        }
         path = write_record("extract_throughput", device, record, args.out)
         print(f"wrote {path}", file=sys.stderr)
         return record

@@ -73,26 +73,91 @@ class Budget:
 def settings(smoke: bool, device: torch.device) -> dict:
     if smoke:
         return {
-            "preset": "viq-test", "dtype": "float32",
-            "encode": ["--num-images", "4", "--min-side", "32", "--max-side", "64", "--fixed-size", "32",
-                       "--batch-tokens", "1024", "--repeats", "1"],
+            "preset": "viq-test",
+            "dtype": "float32",
+            "encode": [
+                "--num-images",
+                "4",
+                "--min-side",
+                "32",
+                "--max-side",
+                "64",
+                "--fixed-size",
+                "32",
+                "--batch-tokens",
+                "1024",
+                "--repeats",
+                "1",
+            ],
             "timm_fixed": (2, 32),
-            "inv_images": 8, "inv_sides": (32, 80),
+            "inv_images": 8,
+            "inv_sides": (32, 80),
             "train": {"llm": ["tiny"], "seq_lens": [256], "shape": "cpu", "image_size": 64},
-            "extract": ["--num-images", "16", "--min-side", "32", "--max-side", "96", "--workers", "2",
-                        "--batch-tokens", "2048", "--inputs", "folder"],
-            "peer": ["--width", "64", "--heads", "4", "--mlp", "128", "--layers", "2", "--images", "4",
-                     "--repeats", "1"],
+            "extract": [
+                "--num-images",
+                "16",
+                "--min-side",
+                "32",
+                "--max-side",
+                "96",
+                "--workers",
+                "2",
+                "--batch-tokens",
+                "2048",
+                "--inputs",
+                "folder",
+            ],
+            "peer": [
+                "--width",
+                "64",
+                "--heads",
+                "4",
+                "--mlp",
+                "128",
+                "--layers",
+                "2",
+                "--images",
+                "4",
+                "--repeats",
+                "1",
+            ],
         }
     return {
-        "preset": "viq-g-16k", "dtype": "bfloat16",
-        "encode": ["--num-images", "64", "--min-side", "224", "--max-side", "1024", "--fixed-size", "512",
-                   "--batch-tokens", "32768", "--repeats", "2"],
+        "preset": "viq-g-16k",
+        "dtype": "bfloat16",
+        "encode": [
+            "--num-images",
+            "64",
+            "--min-side",
+            "224",
+            "--max-side",
+            "1024",
+            "--fixed-size",
+            "512",
+            "--batch-tokens",
+            "32768",
+            "--repeats",
+            "2",
+        ],
         "timm_fixed": (32, 512),
-        "inv_images": 32, "inv_sides": (224, 768),
+        "inv_images": 32,
+        "inv_sides": (224, 768),
         "train": {"llm": ["0.5b", "7b"], "seq_lens": [4096, 16384], "shape": "gpu", "image_size": 448},
-        "extract": ["--num-images", "512", "--min-side", "224", "--max-side", "1024", "--workers", "4", "8",
-                    "--batch-tokens", "32768", "--inputs", "folder"],
+        "extract": [
+            "--num-images",
+            "512",
+            "--min-side",
+            "224",
+            "--max-side",
+            "1024",
+            "--workers",
+            "4",
+            "8",
+            "--batch-tokens",
+            "32768",
+            "--inputs",
+            "folder",
+        ],
         "peer": ["--layers", "40", "--images", "32", "--repeats", "3", "--dtype", "bfloat16"],
     }
 
@@ -105,9 +170,21 @@ def timm_dense(config, device: torch.device, dtype: torch.dtype, n: int, side: i
     except ImportError as e:
         return {"skipped": f"timm not installed ({e})"}
     enc = config.encoder
-    vit = VisionTransformer(img_size=side, patch_size=enc.patch_size, embed_dim=enc.width, depth=enc.depth,
-                            num_heads=enc.num_heads, mlp_ratio=enc.mlp_hidden / enc.width, num_classes=0,
-                            global_pool="", class_token=False).to(device, dtype).eval()
+    vit = (
+        VisionTransformer(
+            img_size=side,
+            patch_size=enc.patch_size,
+            embed_dim=enc.width,
+            depth=enc.depth,
+            num_heads=enc.num_heads,
+            mlp_ratio=enc.mlp_hidden / enc.width,
+            num_classes=0,
+            global_pool="",
+            class_token=False,
+        )
+        .to(device, dtype)
+        .eval()
+    )
     batch = torch.rand(n, 3, side, side, device=device, dtype=dtype)
 
     def run():
@@ -120,8 +197,17 @@ def timm_dense(config, device: torch.device, dtype: torch.dtype, n: int, side: i
 
 
 def part_encode(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
-    argv = ["--preset", s["preset"], "--device", str(device), "--dtype", s["dtype"], *s["encode"],
-            "--out", str(tmp / "encode.json")]
+    argv = [
+        "--preset",
+        s["preset"],
+        "--device",
+        str(device),
+        "--dtype",
+        s["dtype"],
+        *s["encode"],
+        "--out",
+        str(tmp / "encode.json"),
+    ]
     r = encode_throughput.main(argv)
     figures, ratios = r["figures"], dict(r["ratios"])
     skipped = {}
@@ -140,11 +226,19 @@ def part_encode(args, s: dict, device: torch.device, budget: Budget, tmp: Path) 
     else:
         skipped["timm_vit"] = "skipped: time budget"
     ratios["targets"] = {"packed_vs_padded": ">= 1.5", "packed_trunk_vs_dense_vit": ">= 0.9"}
-    summary = (f"packed/padded {ratios['packed_vs_padded_images_per_s']:.2f}x, "
-               f"trunk/dense {ratios['packed_trunk_vs_dense_vit_fixed']:.2f}x, "
-               f"packed {figures['packed']['tokens_per_s']:.0f} tok/s")
-    return {"args": r["args"], "image_sizes": r["image_sizes"], "figures": figures, "ratios": ratios,
-            "skipped": skipped, "summary": summary}
+    summary = (
+        f"packed/padded {ratios['packed_vs_padded_images_per_s']:.2f}x, "
+        f"trunk/dense {ratios['packed_trunk_vs_dense_vit_fixed']:.2f}x, "
+        f"packed {figures['packed']['tokens_per_s']:.0f} tok/s"
+    )
+    return {
+        "args": r["args"],
+        "image_sizes": r["image_sizes"],
+        "figures": figures,
+        "ratios": ratios,
+        "skipped": skipped,
+        "summary": summary,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- b
@@ -172,10 +266,18 @@ def part_invariance(args, s: dict, device: torch.device, budget: Budget, tmp: Pa
                 torch.cuda.empty_cache()
             except Exception as e:  # a backend that cannot run here (e.g. flex without a compiler)
                 skipped[key] = f"skipped: {type(e).__name__}: {str(e)[:200]}"
-    summary = ", ".join(f"{k}: {100 * f['identical_all_three']:.0f}% identical, packed encode "
-                        f"{f['packed_seconds']:.3f} s" for k, f in figures.items())
-    return {"dtype": s["dtype"], "preset": s["preset"], "image_sizes": sizes, "figures": figures,
-            "skipped": skipped, "summary": summary or "no backend ran"}
+    summary = ", ".join(
+        f"{k}: {100 * f['identical_all_three']:.0f}% identical, packed encode {f['packed_seconds']:.3f} s"
+        for k, f in figures.items()
+    )
+    return {
+        "dtype": s["dtype"],
+        "preset": s["preset"],
+        "image_sizes": sizes,
+        "figures": figures,
+        "skipped": skipped,
+        "summary": summary or "no backend ran",
+    }
 
 
 def _invariance_run(model, images, backend: str, invariant: bool, all_tokens: int, device) -> dict:
@@ -202,14 +304,17 @@ def _invariance_run(model, images, backend: str, invariant: bool, all_tokens: in
     packed_seconds = time.perf_counter() - t
     n = len(images)
     return {
-        "images": n, "tokens": all_tokens, "batch_invariant": invariant,
+        "images": n,
+        "tokens": all_tokens,
+        "batch_invariant": invariant,
         "identical_alone_vs_packed": sum(torch.equal(a, b) for a, b in zip(alone, packed)) / n,
         "identical_alone_vs_reversed": sum(torch.equal(a, b) for a, b in zip(alone, rev)) / n,
         "identical_all_three": sum(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(alone, packed, rev)) / n,
         "differing_codes_alone_vs_packed": sum(int((a != b).sum()) for a, b in zip(alone, packed)),
         "total_codes": sum(a.numel() for a in alone),
         "seconds": seconds,
-        "packed_seconds": packed_seconds, "packed_batch_tokens": quarter,
+        "packed_seconds": packed_seconds,
+        "packed_batch_tokens": quarter,
     }
 
 
@@ -217,9 +322,16 @@ def _invariance_run(model, images, backend: str, invariant: bool, all_tokens: in
 def part_train(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
     t = s["train"]
     gpu = device.type == "cuda"
-    ns = SimpleNamespace(shape=t["shape"], image_size=t["image_size"], text_min=64, text_max=512,
-                         dtype="bfloat16" if gpu else "float32", gradient_checkpointing=False, repeats=2,
-                         seq_len=None)
+    ns = SimpleNamespace(
+        shape=t["shape"],
+        image_size=t["image_size"],
+        text_min=64,
+        text_max=512,
+        dtype="bfloat16" if gpu else "float32",
+        gradient_checkpointing=False,
+        repeats=2,
+        seq_len=None,
+    )
     if t["shape"] == "cpu":
         ns.text_min, ns.text_max, ns.repeats = 32, 128, 1
     figures, skipped = {}, {}
@@ -243,8 +355,9 @@ def part_train(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -
                 # the forward may have been measured before the step ran out of memory
                 if "forward_s" in on and "forward_s" in off:
                     r["forward_reduction_pct"] = 100 * (1 - off["forward_s"] / on["forward_s"])
-                skipped[key] = "step skipped: out of memory" if "forward_reduction_pct" in r \
-                    else "skipped: out of memory"
+                skipped[key] = (
+                    "step skipped: out of memory" if "forward_reduction_pct" in r else "skipped: out of memory"
+                )
                 r["measured"] = "forward only" if "forward_reduction_pct" in r else "nothing"
             else:
                 r["measured"] = "forward; forward+backward+AdamW step"
@@ -260,8 +373,13 @@ def part_train(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -
     for k, r in figures.items():
         fw, st = r.get("forward_reduction_pct"), r.get("step_reduction_pct")
         parts.append(f"{k} fwd {'-' if fw is None else f'{fw:.0f}%'} step {'-' if st is None else f'{st:.0f}%'}")
-    return {"args": vars(ns), "paper_reduction_pct": PAPER, "figures": figures, "skipped": skipped,
-            "summary": "; ".join(parts) or "no point ran"}
+    return {
+        "args": vars(ns),
+        "paper_reduction_pct": PAPER,
+        "figures": figures,
+        "skipped": skipped,
+        "summary": "; ".join(parts) or "no point ran",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- d
@@ -307,30 +425,57 @@ class UtilSampler:
 
 
 def part_extract(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
-    argv = ["--preset", s["preset"], "--device", str(device), "--dtype", s["dtype"], *s["extract"],
-            "--out", str(tmp / "extract.json")]
+    argv = [
+        "--preset",
+        s["preset"],
+        "--device",
+        str(device),
+        "--dtype",
+        s["dtype"],
+        *s["extract"],
+        "--out",
+        str(tmp / "extract.json"),
+    ]
     with UtilSampler(device) as sampler:
         r = extract_throughput.main(argv)
     figures = r["figures"]
     util = sampler.result()
     best = max(figures.values(), key=lambda f: f["images_per_s"])
-    summary = (f"{best['images_per_s']:.1f} img/s, model busy {100 * best['model_busy_share']:.0f}%, GPU util "
-               + ("n/a" if util["gpu_busy_share"] is None else f"{100 * util['gpu_busy_share']:.0f}%"))
-    return {"args": r["args"], "figures": figures, "gpu_utilization": util,
-            "target": "model/GPU busy >= 90 %", "skipped": {}, "summary": summary}
+    summary = f"{best['images_per_s']:.1f} img/s, model busy {100 * best['model_busy_share']:.0f}%, GPU util " + (
+        "n/a" if util["gpu_busy_share"] is None else f"{100 * util['gpu_busy_share']:.0f}%"
+    )
+    return {
+        "args": r["args"],
+        "figures": figures,
+        "gpu_utilization": util,
+        "target": "model/GPU busy >= 90 %",
+        "skipped": {},
+        "summary": summary,
+    }
 
 
 def part_peer(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
     r = peer_siglip2.run(peer_siglip2.parse_args(["--device", str(device), *s["peer"]]))
     a = r["agreement"]
-    summary = (f"viq {r['viq']['images_per_s']:.1f} img/s vs transformers {r['transformers']['images_per_s']:.1f} "
-               f"({r['speedup']:.2f}x); features agree to {a['features_relative']:.1e}")
-    return {"figures": r, "target": "features agree (relative 1e-5 in float32); viq >= transformers", "skipped": {},
-            "summary": summary}
+    summary = (
+        f"viq {r['viq']['images_per_s']:.1f} img/s vs transformers {r['transformers']['images_per_s']:.1f} "
+        f"({r['speedup']:.2f}x); features agree to {a['features_relative']:.1e}"
+    )
+    return {
+        "figures": r,
+        "target": "features agree (relative 1e-5 in float32); viq >= transformers",
+        "skipped": {},
+        "summary": summary,
+    }
 
 
-PARTS = {"a": ("encode", part_encode), "b": ("invariance", part_invariance), "c": ("train", part_train),
-         "d": ("extract", part_extract), "e": ("peer", part_peer)}
+PARTS = {
+    "a": ("encode", part_encode),
+    "b": ("invariance", part_invariance),
+    "c": ("train", part_train),
+    "d": ("extract", part_extract),
+    "e": ("peer", part_peer),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
             record["status"], record["seconds"] = status, budget.elapsed()
             if budget.left() < 0:
                 record["over_budget_s"] = -budget.left()
-            path = write_record(f"gpu_suite-{name}", device, record,
-                                str(out / f"gpu_suite-{letter}-{name}-{device.type}-{stamp}.json"))
+            path = write_record(
+                f"gpu_suite-{name}", device, record, str(out / f"gpu_suite-{letter}-{name}-{device.type}-{stamp}.json")
+            )
             rows.append((letter, name, status, record["seconds"], record.get("summary", ""), path))
     total = time.perf_counter() - t0
     print(f"\nGPU suite on {device} ({'smoke' if args.smoke else 'full'}), {total:.1f} s; records in {out}")

@@ -33,7 +33,7 @@ def _trunk(directory: Path):
 
     encoder = ViTEncoder(ViQConfig.load(directory / "config.json").encoder)
     state = load_file(str(directory / "model.safetensors"))
-    encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+    encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")})
     return encoder.eval()
 
 
@@ -61,8 +61,9 @@ def patch_pixels(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.unfold(x[None], 16, stride=16)[0].T for x in images])
 
 
-def ridge_nmse(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-               alpha: float = 1e-2) -> float:
+def ridge_nmse(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, alpha: float = 1e-2
+) -> float:
     """Held-out MSE of a ridge fit (standardised inputs, bias, penalty alpha * n) over the targets'
     variance, averaged over target dimensions."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
@@ -76,7 +77,9 @@ def ridge_nmse(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tenso
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a demo output folder (viq demo -o RUN)")
-    parser.add_argument("--models", nargs="+", default=None, help=f"model dirs inside RUN (default: {' '.join(STAGES)})")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help=f"model dirs inside RUN (default: {' '.join(STAGES)})"
+    )
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--out", default=None, help="record path (default bench/results/latent_probe-...json)")
@@ -106,8 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = ridge_nmse(patch_features(encoder, train), y_train, patch_features(encoder, test), y_test)
     for name, value in results.items():
         print(f"{name:28s} unexplained latent variance {value:.3f}")
-    record = {"run": str(args.run), "note": args.note, "train_images": len(train), "test_images": len(test),
-              "train_patches": len(y_train), "test_patches": len(y_test), "unexplained_variance": results}
+    record = {
+        "run": str(args.run),
+        "note": args.note,
+        "train_images": len(train),
+        "test_images": len(test),
+        "train_patches": len(y_train),
+        "test_patches": len(y_test),
+        "unexplained_variance": results,
+    }
     path = write_record("latent_probe", torch.device("cpu"), record, out=args.out)
     print(path)
     return record

@@ -66,7 +66,9 @@ def layout_16k(tsv: Path = KEYS_16K, blocks: int | None = None) -> Layout:
             if blocks is not None and key.startswith("blocks.") and int(key.split(".")[1]) >= blocks:
                 continue
             name = ENCODER_FILE if row["file"].startswith("model_viq_fsq_") else row["file"]
-            layout.setdefault(name, []).append((key, tuple(json.loads(row["shape_16k"])), DTYPES[row["dtype_as_written_by_converter"]]))
+            layout.setdefault(name, []).append(
+                (key, tuple(json.loads(row["shape_16k"])), DTYPES[row["dtype_as_written_by_converter"]])
+            )
     return layout
 
 
@@ -223,11 +225,19 @@ def _gb(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", choices=("16k", "tiny"), default="16k",
-                   help="16k: the real release's keys and shapes; tiny: the golden fixture's (quick mode)")
+    p.add_argument(
+        "--layout",
+        choices=("16k", "tiny"),
+        default="16k",
+        help="16k: the real release's keys and shapes; tiny: the golden fixture's (quick mode)",
+    )
     p.add_argument("--blocks", type=int, help="16k layout: keep only this many of the 40 trunk blocks")
-    p.add_argument("--loads", nargs="+", default=["official:bfloat16", "official:float32", "viq:bfloat16"],
-                   help="FORMAT:DTYPE loads to measure (formats official, viq; dtypes float32, bfloat16)")
+    p.add_argument(
+        "--loads",
+        nargs="+",
+        default=["official:bfloat16", "official:float32", "viq:bfloat16"],
+        help="FORMAT:DTYPE loads to measure (formats official, viq; dtypes float32, bfloat16)",
+    )
     p.add_argument("--workdir", help="where to write the weights (default: a new folder in /tmp, deleted after)")
     p.add_argument("--out", help="JSON record path (default: bench/results/load_memory-cpu-<time>.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -256,17 +266,26 @@ def main(argv: list[str] | None = None) -> dict:
             r = measure(work / fmt, dtype, num_heads)
             r["format"] = fmt
             results.append(r)
-            print(f"{fmt:>8} -> {dtype:<8}  model {_gb(r['model_bytes'])}  peak RSS {_gb(r['peak_rss'])} "
-                  f"({r['peak_over_model']:.3f}x; added {r['added_over_model']:.3f}x over a {_gb(r['baseline_rss'])} "
-                  f"baseline)  sampled peak anon {_gb(r['sampled_peak_rss_anon'])} file {_gb(r['sampled_peak_rss_file'])}"
-                  f"  {r['seconds']} s", flush=True)
+            print(
+                f"{fmt:>8} -> {dtype:<8}  model {_gb(r['model_bytes'])}  peak RSS {_gb(r['peak_rss'])} "
+                f"({r['peak_over_model']:.3f}x; added {r['added_over_model']:.3f}x over a {_gb(r['baseline_rss'])} "
+                f"baseline)  sampled peak anon {_gb(r['sampled_peak_rss_anon'])} file {_gb(r['sampled_peak_rss_file'])}"
+                f"  {r['seconds']} s",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record = {
-        "config": {"layout": args.layout, "blocks": args.blocks, "parameters": parameters(layout),
-                   "files_bytes": files, "loads": args.loads, **timings},
+        "config": {
+            "layout": args.layout,
+            "blocks": args.blocks,
+            "parameters": parameters(layout),
+            "files_bytes": files,
+            "loads": args.loads,
+            **timings,
+        },
         "measures": "VmHWM of a fresh process (reset after imports) = peak resident set incl. file-backed pages; "
-                    "baseline = VmRSS after importing torch and viq; model = parameters + buffers as loaded",
+        "baseline = VmRSS after importing torch and viq; model = parameters + buffers as loaded",
         "figures": results,
     }
     path = write_record("load_memory", torch.device("cpu"), record, args.out)

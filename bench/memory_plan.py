@@ -37,10 +37,24 @@ from bench.common import write_record
 GIB = 1024**3
 #: Published configs (config.json of the Hub repositories).
 QWEN = {
-    "Qwen2.5-0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "Qwen2.5-7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "Qwen2.5-0.5B": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "Qwen2.5-7B": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 #: (stage, LLM, llm.mode, the head's quantizer) of the paper recipes.
 STAGES = [
@@ -51,8 +65,14 @@ STAGES = [
     ("mllm", "Qwen2.5-7B", "full", "fsq"),
 ]
 #: Block stacks: state-dict prefix of their blocks (the "<n>" is the block index).
-STACKS = {"encoder": "encoder.blocks.", "head": "head.blocks.", "code": "head.code_blocks.",
-          "recon": "recon.blocks.", "drawer": "drawer.latent.blocks.", "llm": "llm."}
+STACKS = {
+    "encoder": "encoder.blocks.",
+    "head": "head.blocks.",
+    "code": "head.code_blocks.",
+    "recon": "recon.blocks.",
+    "drawer": "drawer.latent.blocks.",
+    "llm": "llm.",
+}
 
 
 def viq_config(quantizer: str | None, depth: int | None = None):
@@ -62,19 +82,32 @@ def viq_config(quantizer: str | None, depth: int | None = None):
 
     config = get_preset("viq-g-16k")
     if quantizer == "bottleneck":
-        config = dataclasses.replace(config, head=dataclasses.replace(config.head, quantizer="bottleneck",
-                                                                      code_blocks=0))
+        config = dataclasses.replace(
+            config, head=dataclasses.replace(config.head, quantizer="bottleneck", code_blocks=0)
+        )
     if depth is not None:  # one block per stack: the activation measurement
         config = dataclasses.replace(
-            config, encoder=dataclasses.replace(config.encoder, depth=depth),
-            head=dataclasses.replace(config.head, num_blocks=min(depth, config.head.num_blocks),
-                                     code_blocks=min(depth, config.head.code_blocks)),
-            decoder=dataclasses.replace(config.decoder, latent_blocks=depth))
+            config,
+            encoder=dataclasses.replace(config.encoder, depth=depth),
+            head=dataclasses.replace(
+                config.head,
+                num_blocks=min(depth, config.head.num_blocks),
+                code_blocks=min(depth, config.head.code_blocks),
+            ),
+            decoder=dataclasses.replace(config.decoder, latent_blocks=depth),
+        )
     return config
 
 
-def build(stage: str, llm_name: str | None, mode: str | None, quantizer: str | None, *, depth: int | None = None,
-          device: str = "meta"):
+def build(
+    stage: str,
+    llm_name: str | None,
+    mode: str | None,
+    quantizer: str | None,
+    *,
+    depth: int | None = None,
+    device: str = "meta",
+):
     """The stage's TrainModel (+ the frozen teacher's and VAE's parameter counts) on ``device``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -98,8 +131,11 @@ def build(stage: str, llm_name: str | None, mode: str | None, quantizer: str | N
         weights = {"text": 1.0, "distill": 10.0, "recon": 1.0}
         model = TrainModel(stage, config, llm=llm, projector=projector, parts=spec.active_parts(weights))
     set_trainable(model, list(spec.trainable))
-    teacher = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder.")) \
-        if "distill" in spec.losses and model.encoder is not None else 0
+    teacher = (
+        sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder."))
+        if "distill" in spec.losses and model.encoder is not None
+        else 0
+    )
     vae = 0
     if spec.vae:
         from viq.model.vae import build_vae
@@ -121,8 +157,14 @@ def parameter_plan(stage, llm_name, mode, quantizer, gpus: int) -> dict:
         else:
             frozen += size
             frozen_bytes += size * p.element_size()
-        unit = next((name[: name.index(".", len(prefix)) + 1] for prefix in STACKS.values()
-                     if name.startswith(prefix) and prefix != "llm." and "." in name[len(prefix):]), None)
+        unit = next(
+            (
+                name[: name.index(".", len(prefix)) + 1]
+                for prefix in STACKS.values()
+                if name.startswith(prefix) and prefix != "llm." and "." in name[len(prefix) :]
+            ),
+            None,
+        )
         if unit is None and ".layers." in name:
             cut = name.index(".layers.") + len(".layers.")
             unit = name[: name.index(".", cut) + 1]
@@ -133,8 +175,13 @@ def parameter_plan(stage, llm_name, mode, quantizer, gpus: int) -> dict:
     # backward passes; blocks are gathered one at a time, the next one prefetched.
     gathered = units["root"] + sum(sorted((v for k, v in units.items() if k != "root"), reverse=True)[:2])
     return {
-        "trainable_params": trainable, "frozen_params": frozen, "teacher_params": teacher, "vae_params": vae,
-        "weights_gib": sharded / GIB, "grads_gib": grads / GIB, "optimizer_gib": optimizer / GIB,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "teacher_params": teacher,
+        "vae_params": vae,
+        "weights_gib": sharded / GIB,
+        "grads_gib": grads / GIB,
+        "optimizer_gib": optimizer / GIB,
         "helpers_gib": (teacher + vae) * 4 / GIB,
         "per_gpu_states_gib": (sharded + grads + optimizer) / gpus / GIB,
         "fsdp_gathered_gib": gathered / GIB,
@@ -189,8 +236,9 @@ def activation_plan(stage, llm_name, mode, quantizer, side: int, text_tokens: in
 
         g = side // 16
         levels = model.config.head.levels
-        batch = TrainBatch(images=[], codes=[Codes(torch.zeros(g, g, 4, dtype=torch.int32), levels)],
-                           images_per_sample=[1], ids=["x"])
+        batch = TrainBatch(
+            images=[], codes=[Codes(torch.zeros(g, g, 4, dtype=torch.int32), levels)], images_per_sample=[1], ids=["x"]
+        )
     if model.llm is not None:
         ids = torch.randint(0, 1000, (text_tokens,))
         ids[5] = IMAGE_PLACEHOLDER_ID
@@ -218,8 +266,13 @@ def activation_plan(stage, llm_name, mode, quantizer, side: int, text_tokens: in
     # the residual stream entering each block (float32, tokens x width): what checkpointing keeps
     patches = (side // 16) ** 2
     width = model.config.width
-    block_input.update(encoder=patches * width * 4, head=patches * width * 4, code=4 * patches * width * 4,
-                       recon=patches * width * 4, drawer=patches * width * 4)
+    block_input.update(
+        encoder=patches * width * 4,
+        head=patches * width * 4,
+        code=4 * patches * width * 4,
+        recon=patches * width * 4,
+        drawer=patches * width * 4,
+    )
     if model.llm is not None:
         hidden = model.llm.config.hidden_size if hasattr(model.llm, "config") else QWEN[llm_name]["hidden_size"]
         tokens = text_tokens - 1 + model.projector.num_tokens((side // 16, side // 16))
@@ -229,8 +282,13 @@ def activation_plan(stage, llm_name, mode, quantizer, side: int, text_tokens: in
 
 def stage_depths(quantizer: str | None, llm_name: str | None) -> dict[str, int]:
     config = viq_config(quantizer)
-    depths = {"encoder": config.encoder.depth, "head": config.head.num_blocks, "code": config.head.code_blocks,
-              "recon": config.decoder.latent_blocks, "drawer": config.decoder.latent_blocks}
+    depths = {
+        "encoder": config.encoder.depth,
+        "head": config.head.num_blocks,
+        "code": config.head.code_blocks,
+        "recon": config.decoder.latent_blocks,
+        "drawer": config.decoder.latent_blocks,
+    }
     if llm_name:
         depths["llm"] = QWEN[llm_name]["num_hidden_layers"]
     return depths
@@ -246,13 +304,26 @@ def plan(gpus: int, side: int, text_tokens: int) -> list[dict]:
         recompute = max(acts["per_block"].values(), default=0)
         no_ckpt = acts["rest"] + sum(depths[s] * acts["per_block"][s] for s in acts["per_block"])
         vae_transient = 3 * 96 * side * side * 4 if stage in ("stage2_1", "stage2_2", "drawer") else 0
-        total = (params["per_gpu_states_gib"] + params["helpers_gib"] + params["fsdp_gathered_gib"]
-                 + (kept + recompute + vae_transient) / GIB)
-        rows.append({"stage": stage, "llm": llm_name, "llm_mode": mode, **params,
-                     "activations_checkpointed_gib": (kept + recompute) / GIB,
-                     "activations_without_checkpointing_gib": no_ckpt / GIB,
-                     "vae_transient_gib": vae_transient / GIB, "per_gpu_total_gib": total,
-                     "activation_detail": acts, "depths": depths})
+        total = (
+            params["per_gpu_states_gib"]
+            + params["helpers_gib"]
+            + params["fsdp_gathered_gib"]
+            + (kept + recompute + vae_transient) / GIB
+        )
+        rows.append(
+            {
+                "stage": stage,
+                "llm": llm_name,
+                "llm_mode": mode,
+                **params,
+                "activations_checkpointed_gib": (kept + recompute) / GIB,
+                "activations_without_checkpointing_gib": no_ckpt / GIB,
+                "vae_transient_gib": vae_transient / GIB,
+                "per_gpu_total_gib": total,
+                "activation_detail": acts,
+                "depths": depths,
+            }
+        )
     return rows
 
 
@@ -264,15 +335,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     args = p.parse_args(argv)
     rows = plan(args.gpus, args.side, args.text_tokens)
-    print(f"{'stage':9} {'trainable':>10} {'frozen':>10} {'states/GPU':>11} {'helpers':>8} {'acts(ckpt)':>11} "
-          f"{'acts(none)':>11} {'total/GPU':>10}  (GiB; {args.gpus} GPUs, FSDP2, {args.side}^2 px)")
+    print(
+        f"{'stage':9} {'trainable':>10} {'frozen':>10} {'states/GPU':>11} {'helpers':>8} {'acts(ckpt)':>11} "
+        f"{'acts(none)':>11} {'total/GPU':>10}  (GiB; {args.gpus} GPUs, FSDP2, {args.side}^2 px)"
+    )
     for r in rows:
-        print(f"{r['stage']:9} {r['trainable_params'] / 1e6:9.0f}M {r['frozen_params'] / 1e6:9.0f}M "
-              f"{r['per_gpu_states_gib']:11.2f} {r['helpers_gib']:8.2f} {r['activations_checkpointed_gib']:11.2f} "
-              f"{r['activations_without_checkpointing_gib']:11.2f} {r['per_gpu_total_gib']:10.2f}")
-    path = write_record("memory_plan", torch.device("cpu"), {"gpus": args.gpus, "side": args.side,
-                                                             "text_tokens": args.text_tokens, "stages": rows},
-                        args.out)
+        print(
+            f"{r['stage']:9} {r['trainable_params'] / 1e6:9.0f}M {r['frozen_params'] / 1e6:9.0f}M "
+            f"{r['per_gpu_states_gib']:11.2f} {r['helpers_gib']:8.2f} {r['activations_checkpointed_gib']:11.2f} "
+            f"{r['activations_without_checkpointing_gib']:11.2f} {r['per_gpu_total_gib']:10.2f}"
+        )
+    path = write_record(
+        "memory_plan",
+        torch.device("cpu"),
+        {"gpus": args.gpus, "side": args.side, "text_tokens": args.text_tokens, "stages": rows},
+        args.out,
+    )
     print(path)
     return 0
 

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         encoder_config, state = load_siglip("hf-siglip", str(folder), {}).native_encoder()
     hf = hf.to(device).eval()
     encoder = ViTEncoder(EncoderConfig(**{**encoder_config.__dict__}))
-    missing, unexpected = encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items()}, strict=False)
+    missing, unexpected = encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state.items()}, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     encoder = encoder.to(device, dtype).eval()
 
@@ -102,12 +102,22 @@ def run(args: argparse.Namespace) -> dict:
     patches = sum((h // widths.patch) * (w // widths.patch) for h, w in sizes)
     padded = values.shape[0] * values.shape[1]
     return {
-        "config": {"widths": widths.__dict__, "images": len(sizes), "sizes": sizes, "dtype": args.dtype,
-                   "patches": patches, "padded_patches": padded},
-        "agreement": {"features_max_abs_diff": feature_err, "features_max_abs": feature_scale,
-                      "features_relative": feature_err / feature_scale,
-                      "pooled_max_abs_diff": pooled_err, "pooled_max_abs": pooled_scale,
-                      "pooled_relative": pooled_err / pooled_scale},
+        "config": {
+            "widths": widths.__dict__,
+            "images": len(sizes),
+            "sizes": sizes,
+            "dtype": args.dtype,
+            "patches": patches,
+            "padded_patches": padded,
+        },
+        "agreement": {
+            "features_max_abs_diff": feature_err,
+            "features_max_abs": feature_scale,
+            "features_relative": feature_err / feature_scale,
+            "pooled_max_abs_diff": pooled_err,
+            "pooled_max_abs": pooled_scale,
+            "pooled_relative": pooled_err / pooled_scale,
+        },
         "transformers": {"seconds": t_hf, "images_per_s": len(sizes) / t_hf, "patches_per_s": patches / t_hf},
         "viq": {"seconds": t_viq, "images_per_s": len(sizes) / t_viq, "patches_per_s": patches / t_viq},
         "speedup": t_hf / t_viq,
@@ -133,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     record = run(args)
     path = write_record("peer_siglip2", torch.device(args.device), record, args.out)
     a = record["agreement"]
-    print(f"features: max |diff| {a['features_max_abs_diff']:.2e} of {a['features_max_abs']:.2f} "
-          f"({a['features_relative']:.1e}); pooled {a['pooled_relative']:.1e}")
-    print(f"images/s: viq {record['viq']['images_per_s']:.2f}, transformers {record['transformers']['images_per_s']:.2f} "
-          f"(viq {record['speedup']:.2f}x)")
+    print(
+        f"features: max |diff| {a['features_max_abs_diff']:.2e} of {a['features_max_abs']:.2f} "
+        f"({a['features_relative']:.1e}); pooled {a['pooled_relative']:.1e}"
+    )
+    print(
+        f"images/s: viq {record['viq']['images_per_s']:.2f}, transformers {record['transformers']['images_per_s']:.2f} "
+        f"(viq {record['speedup']:.2f}x)"
+    )
     print(path)
     return 0
 

@@ -92,8 +92,11 @@ def run_cnn(data: Path, answers, budgets: list[float], seed: int) -> list[dict]:
         t = time.perf_counter()
         idx = torch.randint(len(x), (128,), generator=g)
         h = model(x[idx])
-        loss = sum(F.cross_entropy(model.heads[name](h[tid[idx] == k]), train_y[idx][tid[idx] == k], reduction="sum")
-                   for k, name in enumerate(task_names) if (tid[idx] == k).any()) / len(idx)
+        loss = sum(
+            F.cross_entropy(model.heads[name](h[tid[idx] == k]), train_y[idx][tid[idx] == k], reduction="sum")
+            for k, name in enumerate(task_names)
+            if (tid[idx] == k).any()
+        ) / len(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -106,8 +109,17 @@ def run_cnn(data: Path, answers, budgets: list[float], seed: int) -> list[dict]:
                 h = model(xt)
                 pred = [int(model.heads[task_names[k]](h[i : i + 1]).argmax()) for i, k in enumerate(tid_test)]
             model.train()
-            rows.append({"seconds": clock, "steps": step, "per_task": _per_task(test_t, [p == int(y) for p, y in zip(pred, test_y)])})
-            print(f"cnn {clock:6.1f} s ({step} steps): " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rows[-1]["per_task"].items()))
+            rows.append(
+                {
+                    "seconds": clock,
+                    "steps": step,
+                    "per_task": _per_task(test_t, [p == int(y) for p, y in zip(pred, test_y)]),
+                }
+            )
+            print(
+                f"cnn {clock:6.1f} s ({step} steps): "
+                + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rows[-1]["per_task"].items())
+            )
     return rows
 
 
@@ -126,27 +138,52 @@ def run_siglip(data: Path, answers, budgets: list[float], seed: int, llm: Path) 
     rows = []
     # The stand-in has a step schedule (warm-up, cosine): each budget is its own run, its steps chosen from
     # the measured step time, so every point is a complete schedule of about that length.
-    probe = train_tiny_siglip(images, texts, tokenize, get_preset("viq-demo").encoder, vocab_size=len(tokenizer),
-                              steps=20, batch_size=SIGLIP_BATCH, seed=seed, progress=False)
+    probe = train_tiny_siglip(
+        images,
+        texts,
+        tokenize,
+        get_preset("viq-demo").encoder,
+        vocab_size=len(tokenizer),
+        steps=20,
+        batch_size=SIGLIP_BATCH,
+        seed=seed,
+        progress=False,
+    )
     step_time = probe.seconds / 20
     for budget in sorted(budgets):
         steps = max(20, round(budget / step_time))
-        result = train_tiny_siglip(images, texts, tokenize, get_preset("viq-demo").encoder, vocab_size=len(tokenizer),
-                                   steps=steps, batch_size=SIGLIP_BATCH, seed=seed, progress=False)
+        result = train_tiny_siglip(
+            images,
+            texts,
+            tokenize,
+            get_preset("viq-demo").encoder,
+            vocab_size=len(tokenizer),
+            steps=steps,
+            batch_size=SIGLIP_BATCH,
+            seed=seed,
+            progress=False,
+        )
         cands = [[torch.tensor(tokenize(contrastive_text(r["question"], a))) for a in answers[r["task"]]] for r in test]
         picks = result.zero_shot(test_images, cands)
         correct = [answers[r["task"]][p] == r["answer"] for r, p in zip(test, picks)]
         rows.append({"seconds": result.seconds, "steps": steps, "per_task": _per_task(test_tasks, correct)})
-        print(f"siglip {result.seconds:6.1f} s ({steps} steps): "
-              + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rows[-1]["per_task"].items()))
+        print(
+            f"siglip {result.seconds:6.1f} s ({steps} steps): "
+            + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rows[-1]["per_task"].items())
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a demo output folder (viq demo -o RUN): its data/ and llm/")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[15, 30, 60, 120, 240],
-                        help="training seconds at which to evaluate (default 15 30 60 120 240)")
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[15, 30, 60, 120, 240],
+        help="training seconds at which to evaluate (default 15 30 60 120 240)",
+    )
     parser.add_argument("--models", nargs="+", choices=("cnn", "siglip"), default=["cnn", "siglip"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="record path (default bench/results/plain_classifier-...json)")

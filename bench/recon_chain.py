@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = {"psnr": scores["psnr"], "psnr_ci95": ci, "ssim": scores["ssim"], "latent_error": error}
         interval = f"({ci[0]:.2f}-{ci[1]:.2f})" if ci[0] is not None else ""
         print(f"{name:10s} {scores['psnr']:10.2f} {interval:>13s} {scores['ssim']:6.3f} {error:13.3f}")
-    per_image = {name: {"psnr": [p for p, _ in row["scores"]], "latent_error": row["latent_error"]}
-                 for name, row in rows.items()}
-    record = {"run": str(args.run), "note": args.note, "images": len(refs), "summary": summary,
-              "per_image": per_image}
+    per_image = {
+        name: {"psnr": [p for p, _ in row["scores"]], "latent_error": row["latent_error"]} for name, row in rows.items()
+    }
+    record = {"run": str(args.run), "note": args.note, "images": len(refs), "summary": summary, "per_image": per_image}
     path = write_record("recon_chain", torch.device("cpu"), record, out=args.out)
     print(path)
     return record

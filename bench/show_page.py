@@ -30,16 +30,24 @@ def _texture(h: int, w: int, seed: int) -> Image.Image:
     """Smooth colour waves plus fine noise: compresses like a photograph, not like white noise."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    base = np.stack([np.sin(rng.uniform(3, 12) * x + c) * np.cos(rng.uniform(2, 9) * y - c)
-                     for c in rng.uniform(0, 3, 3)], -1) * 0.4 + 0.5
+    base = (
+        np.stack(
+            [np.sin(rng.uniform(3, 12) * x + c) * np.cos(rng.uniform(2, 9) * y - c) for c in rng.uniform(0, 3, 3)], -1
+        )
+        * 0.4
+        + 0.5
+    )
     arr = np.clip(base + rng.normal(0, 0.03, base.shape), 0, 1)
     return Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None,
-                        help="a model directory (default: the viq-demo preset, random weights: the demo's compute)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model directory (default: the viq-demo preset, random weights: the demo's compute)",
+    )
     parser.add_argument("--images", type=int, default=100, help="images timed (default 100)")
     parser.add_argument("--min-side", type=int, default=128, help="smallest typical side (default 128)")
     parser.add_argument("--max-side", type=int, default=384, help="largest typical side (default 384)")
@@ -86,7 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     pixels = sum(h * w for h, w in sizes)
     record = {
         "model": args.model or "viq-demo preset (random weights)",
-        "thumb": args.thumb, "images": n, "sides": [args.min_side, args.max_side], "megapixels": pixels / 1e6,
+        "thumb": args.thumb,
+        "images": n,
+        "sides": [args.min_side, args.max_side],
+        "megapixels": pixels / 1e6,
         "show_s_per_image": (inspect_s + render_s) / n,
         "show_inspect_s_per_image": inspect_s / n,
         "show_render_s_per_image": render_s / n,
@@ -97,11 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
         "big_page": big,
     }
     path = write_record("show_page", torch.device("cpu"), record, out=args.out)
-    print(f"{n} images ({pixels / 1e6:.1f} Mpx): viq show {record['show_s_per_image'] * 1e3:.0f} ms/image "
-          f"(render {record['show_render_s_per_image'] * 1e3:.1f}), viq eval-recon {record['eval_recon_s_per_image'] * 1e3:.0f} "
-          f"ms/image: ratio {record['show_vs_eval_recon']:.2f}; page {record['page_bytes'] / 1e6:.2f} MB, "
-          f"{record['page_bytes_per_image'] / 1e3:.0f} kB/image"
-          + (f"; {big['images']} images: {big['bytes'] / 1e6:.1f} MB in {big['render_s']:.1f} s" if big else ""))
+    print(
+        f"{n} images ({pixels / 1e6:.1f} Mpx): viq show {record['show_s_per_image'] * 1e3:.0f} ms/image "
+        f"(render {record['show_render_s_per_image'] * 1e3:.1f}), viq eval-recon {record['eval_recon_s_per_image'] * 1e3:.0f} "
+        f"ms/image: ratio {record['show_vs_eval_recon']:.2f}; page {record['page_bytes'] / 1e6:.2f} MB, "
+        f"{record['page_bytes_per_image'] / 1e3:.0f} kB/image"
+        + (f"; {big['images']} images: {big['bytes'] / 1e6:.1f} MB in {big['render_s']:.1f} s" if big else "")
+    )
     print(path)
     return record
 

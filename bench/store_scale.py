@@ -62,8 +62,9 @@ def build(path: Path, n: int, writers: int, per_shard: int) -> float:
             for i in range(w * per_writer, min(n, (w + 1) * per_writer)):
                 sid = sample_id(i)
                 wr.add(sid, pool[i & 255], content_hash=hashlib.sha256(sid.encode()).hexdigest())
-        print(f"  writer rank{w} done: {min(n, (w + 1) * per_writer)} ids, {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(
+            f"  writer rank{w} done: {min(n, (w + 1) * per_writer)} ids, {time.perf_counter() - t0:.1f} s", flush=True
+        )
     return time.perf_counter() - t0
 
 
@@ -109,15 +110,19 @@ print("RESULT " + json.dumps(out))
 
 
 def probe(path: Path, n: int, lookups: int, gets: int, measure: bool) -> dict:
-    code = PROBE.format(n=n, lookups=lookups, gets=gets,
-                        path=str(path), measure=measure)
+    code = PROBE.format(n=n, lookups=lookups, gets=gets, path=str(path), measure=measure)
     # run from the repository root: `python -c` puts the working directory first on the path (bench.*)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                         cwd=Path(__file__).resolve().parents[1])
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if res.returncode:
         raise RuntimeError(f"probe failed:\n{res.stdout}\n{res.stderr}")
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-shard", type=int, default=100_000, help="records per shard (about)")
     ap.add_argument("--lookups", type=int, default=200_000)
     ap.add_argument("--gets", type=int, default=20_000)
-    ap.add_argument("--legacy", action="store_true", help="also time building the index of a store "
-                    "without lookup files (the format before the compact index)")
+    ap.add_argument(
+        "--legacy",
+        action="store_true",
+        help="also time building the index of a store without lookup files (the format before the compact index)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the store")
     args = ap.parse_args(argv)
 
@@ -177,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 f.unlink()
             shutil.rmtree(path / "index")
             record["legacy_open_s"] = round(probe(path, n, args.lookups, args.gets, measure=False)["open_s"], 2)
-        record["meets_targets"] = (record["open_s"] <= 2.0 and record["rss_bytes_per_id"] <= 40
-                                   and record["lookups_per_s"] >= 200_000)
+        record["meets_targets"] = (
+            record["open_s"] <= 2.0 and record["rss_bytes_per_id"] <= 40 and record["lookups_per_s"] >= 200_000
+        )
         out = args.out or str(Path(__file__).resolve().parent / "results" / f"store_scale-{n}.json")
         written = write_record("store_scale", torch.device("cpu"), record, out)
         print(json.dumps(record, indent=2))

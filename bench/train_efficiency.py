@@ -45,10 +45,19 @@ def llm_config(name: str, vocab: int):
     from transformers import Qwen2Config
 
     hidden, layers, heads, kv, inter = QWEN[name]
-    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=32768,
-                       tie_word_embeddings=name in ("0.5b", "1.5b", "3b", "tiny"), rope_theta=1e6, use_cache=False,
-                       attn_implementation="sdpa")
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        max_position_embeddings=32768,
+        tie_word_embeddings=name in ("0.5b", "1.5b", "3b", "tiny"),
+        rope_theta=1e6,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
 
 
 def vision_config(shape: str) -> ViQConfig:
@@ -56,12 +65,16 @@ def vision_config(shape: str) -> ViQConfig:
         return get_preset("viq-g-16k")
     # CPU: encoder and LLM scaled down together (the encoder keeps several times the LLM's compute per
     # image token, as SigLIP2-g has next to a Qwen2.5-0.5B).
-    return ViQConfig(name="bench-tiny", encoder=EncoderConfig(width=192, depth=8, num_heads=4, mlp_hidden=768, pos_grid=32,
-                                                              pool_head=False),
-                     head=HeadConfig(attn_dim=32, num_heads=4))
+    return ViQConfig(
+        name="bench-tiny",
+        encoder=EncoderConfig(width=192, depth=8, num_heads=4, mlp_hidden=768, pos_grid=32, pool_head=False),
+        head=HeadConfig(attn_dim=32, num_heads=4),
+    )
 
 
-def make_batch(args, config: ViQConfig, vocab: int, tokens_per_image: int, offline: bool, g: torch.Generator) -> TrainBatch:
+def make_batch(
+    args, config: ViQConfig, vocab: int, tokens_per_image: int, offline: bool, g: torch.Generator
+) -> TrainBatch:
     """One packed row of ``seq_len`` tokens: conversations of one image + random text. The text (and
     so the number of samples) comes from ``g`` alone, identical for both variants; pixels or codes
     come from a separate generator."""
@@ -82,25 +95,38 @@ def make_batch(args, config: ViQConfig, vocab: int, tokens_per_image: int, offli
         conversations.append((ids, labels))
         if offline:
             k = config.head.codebook_size
-            codes.append(Codes(torch.randint(0, k, (*grid, config.head.codes_per_patch), generator=g_image),
-                               config.head.levels))
+            codes.append(
+                Codes(torch.randint(0, k, (*grid, config.head.codes_per_patch), generator=g_image), config.head.levels)
+            )
         else:
             images.append(torch.rand(3, args.image_size, args.image_size, generator=g_image) * 2 - 1)
         used += text + tokens_per_image - 1
-    return TrainBatch(images=images, codes=codes, conversations=conversations,
-                      images_per_sample=[1] * len(conversations), ids=[str(i) for i in range(len(conversations))])
+    return TrainBatch(
+        images=images,
+        codes=codes,
+        conversations=conversations,
+        images_per_sample=[1] * len(conversations),
+        ids=[str(i) for i in range(len(conversations))],
+    )
 
 
-def _run_variant(args, variant: str, llm_name: str, seq_len: int, config: ViQConfig, vocab: int,
-                 device: torch.device) -> dict:
+def _run_variant(
+    args, variant: str, llm_name: str, seq_len: int, config: ViQConfig, vocab: int, device: torch.device
+) -> dict:
     """Build one variant's model, time it, and free it on return (one model in memory at a time)."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(0)
     llm = Qwen2ForCausalLM(llm_config(llm_name, vocab))
     projector = MMProjector(config.width, llm.config.hidden_size)
-    model = TrainModel("stage1" if variant == "online" else "mllm", config, llm=llm, projector=projector,
-                       max_length=seq_len, losses=("text",))  # the LLM's step, with and without the encoder
+    model = TrainModel(
+        "stage1" if variant == "online" else "mllm",
+        config,
+        llm=llm,
+        projector=projector,
+        max_length=seq_len,
+        losses=("text",),
+    )  # the LLM's step, with and without the encoder
     if variant == "offline":
         model.embedder.requires_grad_(False)  # the stored-codes path keeps the embedder frozen
     if args.gradient_checkpointing:
@@ -114,8 +140,11 @@ def _run_variant(args, variant: str, llm_name: str, seq_len: int, config: ViQCon
     tokens_per_image = projector.num_tokens((args.image_size // 16, args.image_size // 16))
     args.seq_len = seq_len
     batch = make_batch(args, config, vocab, tokens_per_image, variant == "offline", g).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else torch.autocast(
-        device.type, enabled=False)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.dtype == "bfloat16"
+        else torch.autocast(device.type, enabled=False)
+    )
 
     def forward():
         with autocast:
@@ -130,8 +159,11 @@ def _run_variant(args, variant: str, llm_name: str, seq_len: int, config: ViQCon
     def forward_only():
         forward()
 
-    entry = {"images": len(batch.codes) + len(batch.images), "conversations": len(batch.conversations),
-             "trainable_params": sum(p.numel() for p in params)}
+    entry = {
+        "images": len(batch.codes) + len(batch.images),
+        "conversations": len(batch.conversations),
+        "trainable_params": sum(p.numel() for p in params),
+    }
     try:
         entry["forward_s"] = best_time(forward_only, device, args.repeats)
         entry["step_s"] = best_time(step, device, args.repeats)
@@ -143,8 +175,10 @@ def _run_variant(args, variant: str, llm_name: str, seq_len: int, config: ViQCon
 def measure(args, llm_name: str, seq_len: int, device: torch.device) -> dict:
     config = vision_config(args.shape)
     vocab = 151936 if args.shape == "gpu" else 1000
-    results = {variant: _run_variant(args, variant, llm_name, seq_len, config, vocab, device)
-               for variant in ("online", "offline")}
+    results = {
+        variant: _run_variant(args, variant, llm_name, seq_len, config, vocab, device)
+        for variant in ("online", "offline")
+    }
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if "error" not in results["online"] and "error" not in results["offline"]:
@@ -184,11 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
         for seq_len in seq_lens:
             r = measure(args, name, seq_len, device)
             figures[f"{name}@{seq_len}"] = r
-            print(f"{name:5s} {seq_len:6d}  online fwd {r['online'].get('forward_s', float('nan')):.3f}s "
-                  f"step {r['online'].get('step_s', float('nan')):.3f}s | offline fwd "
-                  f"{r['offline'].get('forward_s', float('nan')):.3f}s step {r['offline'].get('step_s', float('nan')):.3f}s | "
-                  f"reduction fwd {r.get('forward_reduction_pct', float('nan')):.1f}% "
-                  f"step {r.get('step_reduction_pct', float('nan')):.1f}%", file=sys.stderr)
+            print(
+                f"{name:5s} {seq_len:6d}  online fwd {r['online'].get('forward_s', float('nan')):.3f}s "
+                f"step {r['online'].get('step_s', float('nan')):.3f}s | offline fwd "
+                f"{r['offline'].get('forward_s', float('nan')):.3f}s step {r['offline'].get('step_s', float('nan')):.3f}s | "
+                f"reduction fwd {r.get('forward_reduction_pct', float('nan')):.1f}% "
+                f"step {r.get('step_reduction_pct', float('nan')):.1f}%",
+                file=sys.stderr,
+            )
     record = {"args": {k: v for k, v in vars(args).items()}, "seq_lens": seq_lens, "figures": figures}
     path = write_record("train_efficiency", device, record, args.out)
     print(f"wrote {path}", file=sys.stderr)

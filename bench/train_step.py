@@ -88,11 +88,31 @@ class Shape:
 def make_shape(name: str) -> Shape:
     if name == "gpu":
         # SigLIP2-g/16 + the 16k FSQ head; Qwen2.5-0.5B's architecture (random weights).
-        llm = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-               "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1e6,
-               "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "use_sliding_window": False}
-        return Shape(get_preset("viq-g-16k"), llm, "cuda", True, True, samples=16, min_side=224, max_side=768,
-                     max_length=4096, teacher_size=384)
+        llm = {
+            "hidden_size": 896,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "intermediate_size": 4864,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+            "rope_theta": 1e6,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "use_sliding_window": False,
+        }
+        return Shape(
+            get_preset("viq-g-16k"),
+            llm,
+            "cuda",
+            True,
+            True,
+            samples=16,
+            min_side=224,
+            max_side=768,
+            max_length=4096,
+            teacher_size=384,
+        )
     if name == "cpu":
         # Small enough for a 2-core CPU; every part of the stage 2-2 model is present.
         config = ViQConfig(
@@ -102,16 +122,26 @@ def make_shape(name: str) -> Shape:
             decoder=DecoderConfig(latent_heads=4),
             vae=VAEConfig(base_dim=4),
         )
-        llm = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "intermediate_size": 512, "vocab_size": 1000, "tie_word_embeddings": True, "rope_theta": 1e6,
-               "max_position_embeddings": 4096}
-        return Shape(config, llm, "cpu", False, False, samples=8, min_side=64, max_side=192,
-                     max_length=1024, teacher_size=128)
+        llm = {
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 512,
+            "vocab_size": 1000,
+            "tie_word_embeddings": True,
+            "rope_theta": 1e6,
+            "max_position_embeddings": 4096,
+        }
+        return Shape(
+            config, llm, "cpu", False, False, samples=8, min_side=64, max_side=192, max_length=1024, teacher_size=128
+        )
     raise ValueError(f"unknown shape {name!r}")
 
 
-def conversations(n: int, vocab: int, prompt: tuple[int, int], answer: tuple[int, int], seed: int
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def conversations(
+    n: int, vocab: int, prompt: tuple[int, int], answer: tuple[int, int], seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random (input_ids, labels): a prompt with one image placeholder, then a supervised answer."""
     rng = random.Random(seed + 1)
     g = torch.Generator().manual_seed(seed + 1)
@@ -128,20 +158,33 @@ def conversations(n: int, vocab: int, prompt: tuple[int, int], answer: tuple[int
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="cpu", choices=["cpu", "gpu"],
-                    help="cpu: small config, float32 (default); gpu: SigLIP2-g 16k + Qwen2.5-0.5B, bf16 autocast, "
-                         "gradient checkpointing")
+    ap.add_argument(
+        "--shape",
+        default="cpu",
+        choices=["cpu", "gpu"],
+        help="cpu: small config, float32 (default); gpu: SigLIP2-g 16k + Qwen2.5-0.5B, bf16 autocast, "
+        "gradient checkpointing",
+    )
     ap.add_argument("--device", default=None, help="default: cpu for --shape cpu, cuda for --shape gpu")
     ap.add_argument("--llm-mode", default="full", choices=["full", "lora"])
     ap.add_argument("--samples", type=int, default=None, help="samples per micro-batch (default 8 cpu / 16 gpu)")
     ap.add_argument("--min-side", type=int, default=None, help="smallest sqrt(area) (default 64 cpu / 224 gpu)")
     ap.add_argument("--max-side", type=int, default=None, help="largest sqrt(area) (default 192 cpu / 768 gpu)")
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"),
-                    help="prompt text tokens (the image placeholder is one of them)")
-    ap.add_argument("--answer-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"),
-                    help="supervised answer tokens")
+    ap.add_argument(
+        "--prompt-len",
+        type=int,
+        nargs=2,
+        default=(16, 128),
+        metavar=("MIN", "MAX"),
+        help="prompt text tokens (the image placeholder is one of them)",
+    )
+    ap.add_argument(
+        "--answer-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"), help="supervised answer tokens"
+    )
     ap.add_argument("--max-length", type=int, default=None, help="packed LLM row length (default 1024 cpu / 4096 gpu)")
-    ap.add_argument("--teacher-size", type=int, default=None, help="distillation teacher view (default 128 cpu / 384 gpu)")
+    ap.add_argument(
+        "--teacher-size", type=int, default=None, help="distillation teacher view (default 128 cpu / 384 gpu)"
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--attention", default="auto", help="viq attention backend")
     ap.add_argument("--no-checkpointing", action="store_true", help="gpu shape: turn gradient checkpointing off")
@@ -168,14 +211,26 @@ def main(argv: list[str] | None = None) -> dict:
     llm = prepare_llm(Qwen2ForCausalLM(llm_config), args.llm_mode)
     projector = MMProjector(config.width, llm_config.hidden_size)
     # The default recipe's losses and optimiser, at a constant learning rate.
-    cfg = TrainConfig.from_dict({
-        "stage": "stage2_2",
-        "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
-        "train": {"precision": "bf16" if shape.autocast else "fp32", "gradient_checkpointing": checkpointing,
-                  "attention": args.attention},
-    })
-    model = TrainModel(cfg.stage, config, llm=llm, projector=projector, vae=build_vae(config.vae),
-                       teacher_size=args.teacher_size, max_length=args.max_length)
+    cfg = TrainConfig.from_dict(
+        {
+            "stage": "stage2_2",
+            "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
+            "train": {
+                "precision": "bf16" if shape.autocast else "fp32",
+                "gradient_checkpointing": checkpointing,
+                "attention": args.attention,
+            },
+        }
+    )
+    model = TrainModel(
+        cfg.stage,
+        config,
+        llm=llm,
+        projector=projector,
+        vae=build_vae(config.vae),
+        teacher_size=args.teacher_size,
+        max_length=args.max_length,
+    )
     model.snapshot_teacher()
     prepare_model(model, cfg)
     model.to(device)
@@ -189,8 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = mixed_sizes(args.samples, args.min_side, args.max_side, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     images = [torch.rand(3, h, w, generator=g).mul(2).sub(1) for h, w in sizes]
-    convs = conversations(args.samples, llm_config.vocab_size, tuple(args.prompt_len), tuple(args.answer_len),
-                          args.seed)
+    convs = conversations(
+        args.samples, llm_config.vocab_size, tuple(args.prompt_len), tuple(args.answer_len), args.seed
+    )
     max_h = max(padded_grid(h, w, p)[0] for h, w in sizes) * p
     max_w = max(padded_grid(h, w, p)[1] for h, w in sizes) * p
     padded_images = [F.pad(x, (0, max_w - x.shape[2], 0, max_h - x.shape[1])) for x in images]
@@ -198,8 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [str(i) for i in range(args.samples)]
     batches = {
         "packed": TrainBatch(images=images, conversations=convs, images_per_sample=per_sample, ids=ids).to(device),
-        "padded": TrainBatch(images=padded_images, conversations=convs, images_per_sample=per_sample,
-                             ids=ids).to(device),
+        "padded": TrainBatch(images=padded_images, conversations=convs, images_per_sample=per_sample, ids=ids).to(
+            device
+        ),
     }
 
     grids = [padded_grid(h, w, p) for h, w in sizes]
@@ -214,10 +271,18 @@ def main(argv: list[str] | None = None) -> dict:
     # Rows of the packed LLM batch: pack_sequences' own first fit.
     fill = [sum(real_llm[i] for i in row) for row in first_fit_rows(real_llm, args.max_length)]
     work = {
-        "packed": {"patch_tokens": real_patches, "llm_rows": len(fill), "llm_row_length": max(fill),
-                   "llm_positions": len(fill) * max(fill)},
-        "padded": {"patch_tokens": args.samples * pad_grid[0] * pad_grid[1], "llm_rows": args.samples,
-                   "llm_row_length": max(padded_llm), "llm_positions": args.samples * max(padded_llm)},
+        "packed": {
+            "patch_tokens": real_patches,
+            "llm_rows": len(fill),
+            "llm_row_length": max(fill),
+            "llm_positions": len(fill) * max(fill),
+        },
+        "padded": {
+            "patch_tokens": args.samples * pad_grid[0] * pad_grid[1],
+            "llm_rows": args.samples,
+            "llm_row_length": max(padded_llm),
+            "llm_positions": args.samples * max(padded_llm),
+        },
     }
 
     # ---------------------------------------------------------------- timing
@@ -228,11 +293,13 @@ def main(argv: list[str] | None = None) -> dict:
             with autocast:
                 loss, _ = combine_losses(model(batches[name]), weights, n_tokens, n_images)
             losses[name] = float(loss.detach())
+
         return run
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
             train_step(model, batches[name], optimizer, scheduler, cfg, device=device, autocast=autocast)
+
         return run
 
     figures: dict[str, dict[str, Any]] = {}
@@ -264,24 +331,30 @@ def main(argv: list[str] | None = None) -> dict:
             figures[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
 
     # ---------------------------------------------------------------- report
-    print(f"{'variant':8s} {'step s':>8s} {'fwd s':>8s} {'samples/s':>10s} {'LLM tok/s':>10s} {'patch tok/s':>11s} "
-          f"{'LLM rows x len':>15s} {'patches':>8s}" + (f" {'peak GiB':>9s}" if device.type == "cuda" else ""),
-          file=sys.stderr)
+    print(
+        f"{'variant':8s} {'step s':>8s} {'fwd s':>8s} {'samples/s':>10s} {'LLM tok/s':>10s} {'patch tok/s':>11s} "
+        f"{'LLM rows x len':>15s} {'patches':>8s}" + (f" {'peak GiB':>9s}" if device.type == "cuda" else ""),
+        file=sys.stderr,
+    )
     for name, f in figures.items():
         rows = f"{f['llm_rows']} x {f['llm_row_length']}"
         if "error" in f:
             print(f"{name:8s} {f['error']:>41s} {'':10s} {'':11s} {rows:>15s} {f['patch_tokens']:8d}", file=sys.stderr)
             continue
-        print(f"{name:8s} {f['step_s']:8.3f} {f['forward_s']:8.3f} {f['samples_per_s']:10.2f} "
-              f"{f['llm_tokens_per_s']:10.0f} {f['patch_tokens_per_s']:11.0f} {rows:>15s} {f['patch_tokens']:8d}"
-              + (f" {f['peak_memory_gib']:9.2f}" if "peak_memory_gib" in f else ""), file=sys.stderr)
+        print(
+            f"{name:8s} {f['step_s']:8.3f} {f['forward_s']:8.3f} {f['samples_per_s']:10.2f} "
+            f"{f['llm_tokens_per_s']:10.0f} {f['patch_tokens_per_s']:11.0f} {rows:>15s} {f['patch_tokens']:8d}"
+            + (f" {f['peak_memory_gib']:9.2f}" if "peak_memory_gib" in f else ""),
+            file=sys.stderr,
+        )
     ok = all("error" not in f for f in figures.values())
     pk, pd = figures["packed"], figures["padded"]
     ratios = {
         "packed_vs_padded_step_speedup": pd["step_s"] / pk["step_s"] if ok else None,
         "packed_vs_padded_forward_speedup": pd["forward_s"] / pk["forward_s"] if ok else None,
-        "packed_vs_padded_peak_memory": (pk["peak_memory_gib"] / pd["peak_memory_gib"]
-                                         if ok and "peak_memory_gib" in pk else None),
+        "packed_vs_padded_peak_memory": (
+            pk["peak_memory_gib"] / pd["peak_memory_gib"] if ok and "peak_memory_gib" in pk else None
+        ),
         "patch_padding_waste": 1 - real_patches / pd["patch_tokens"],
         "llm_padding_waste_padded": 1 - sum(real_llm) / pd["llm_positions"],
         "llm_padding_waste_packed": 1 - sum(real_llm) / pk["llm_positions"],

@@ -26,14 +26,17 @@ def test_variant_tokens():
         ablations.check_variant(variant)
 
 
-@pytest.mark.parametrize("tokens, message", [
-    (["stage2_2:model.config.head.ropez=false"], "unknown key 'ropez' in model.config.head"),
-    (["loss.recn=0"], "unknown key 'recn' in loss"),
-    (["stage9:loss.recon=0"], "unknown stage"),
-    (["stage2_2:model.config.head.bottleneck_limit=foo"], "bottleneck_limit must be"),
-    (["until=stage1", "stage2_2:loss.recon=0"], "none of which it trains"),
-    (["skip=stage1"], "cannot be skipped"),
-])
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (["stage2_2:model.config.head.ropez=false"], "unknown key 'ropez' in model.config.head"),
+        (["loss.recn=0"], "unknown key 'recn' in loss"),
+        (["stage9:loss.recon=0"], "unknown stage"),
+        (["stage2_2:model.config.head.bottleneck_limit=foo"], "bottleneck_limit must be"),
+        (["until=stage1", "stage2_2:loss.recon=0"], "none of which it trains"),
+        (["skip=stage1"], "cannot be skipped"),
+    ],
+)
 def test_bad_variants_fail_early(tokens, message):
     with pytest.raises(ValueError, match=message):
         ablations.check_variant(ablations.parse_variant("bad", tokens))
@@ -83,8 +86,15 @@ def test_smoke(tmp_path):
     assert saved["variants"] == json.loads(json.dumps(summary["variants"]))
     entry = saved["variants"]["no_rope"]
     assert entry["seeds"] == [0] and entry["axis"] == "position"
-    for metric in ("qa_real", "qa_blank", "qa_real_minus_blank", "psnr_synthetic", "psnr_synthetic_codec",
-                   "entropy_bits", "train_s"):
+    for metric in (
+        "qa_real",
+        "qa_blank",
+        "qa_real_minus_blank",
+        "psnr_synthetic",
+        "psnr_synthetic_codec",
+        "entropy_bits",
+        "train_s",
+    ):
         assert entry["metrics"][metric]["n"] == 1 and entry["metrics"][metric]["ci95"] is None  # one seed: no interval
     assert "qa_real" in entry["vs_control"]
 
@@ -92,7 +102,7 @@ def test_smoke(tmp_path):
 def test_t_interval():
     assert ablation_summary.t_interval([1.0])["ci95"] is None
     m = ablation_summary.t_interval([1.0, 2.0, 3.0])
-    assert m["mean"] == 2.0 and m["ci95"][0] == pytest.approx(2.0 - 4.3026527 / 3 ** 0.5, abs=1e-6)  # t(0.975, 2)
+    assert m["mean"] == 2.0 and m["ci95"][0] == pytest.approx(2.0 - 4.3026527 / 3**0.5, abs=1e-6)  # t(0.975, 2)
 
 
 def test_verdicts_follow_the_paired_interval():
@@ -110,10 +120,20 @@ def test_verdicts_follow_the_paired_interval():
 
 def test_report_rebuilds_the_summary_and_prints_the_table(tmp_path, capsys):
     def record(variant, axis, seed, real, psnr):
-        return {"benchmark": "ablations", "variant": variant, "axis": axis, "description": "", "spec": [], "seed": seed,
-                "qa": {"real": real, "blank": 0.2, "majority": 0.2, "real_minus_blank": real - 0.2},
-                "recon": {"synthetic": {"psnr": psnr, "psnr_codec": 27.0}}, "train_s": 10.0,
-                "wall_s": {"train": 10.0, "eval": 2.0}, "prepare_s": {"data": 1.0}}
+        return {
+            "benchmark": "ablations",
+            "variant": variant,
+            "axis": axis,
+            "description": "",
+            "spec": [],
+            "seed": seed,
+            "qa": {"real": real, "blank": 0.2, "majority": 0.2, "real_minus_blank": real - 0.2},
+            "recon": {"synthetic": {"psnr": psnr, "psnr_codec": 27.0}},
+            "train_s": 10.0,
+            "wall_s": {"train": 10.0, "eval": 2.0},
+            "prepare_s": {"data": 1.0},
+        }
+
     results = tmp_path / "r"
     results.mkdir()
     for seed, (c, v) in enumerate([(0.50, 0.40), (0.48, 0.41), (0.52, 0.43)]):

@@ -42,8 +42,10 @@ def test_sdpa_backward():
     base = [torch.randn(9, 2, 8) for _ in range(3)]
     weights = torch.randn(9, 2, 8)  # a loss that weighs every output differently
     grads = []
-    for fn in (lambda q, k, v: attention(q, k, v, Segments((4, 5)), "sdpa"),
-               lambda q, k, v: reference(q, k, v, [4, 5])):
+    for fn in (
+        lambda q, k, v: attention(q, k, v, Segments((4, 5)), "sdpa"),
+        lambda q, k, v: reference(q, k, v, [4, 5]),
+    ):
         q, k, v = (t.clone().requires_grad_() for t in base)
         (fn(q, k, v) * weights).sum().backward()
         grads.append((q.grad, k.grad, v.grad))

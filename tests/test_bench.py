@@ -8,13 +8,40 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("script, argv", [
-    ("encode_throughput", ["--num-images", "2", "--min-side", "32", "--max-side", "64", "--fixed-size", "32", "--repeats", "1"]),
-    ("train_efficiency", ["--seq-len", "256", "--repeats", "1"]),
-    ("extract_throughput", ["--num-images", "4", "--min-side", "32", "--max-side", "64", "--workers", "0"]),
-    ("train_step", ["--samples", "2", "--min-side", "32", "--max-side", "48", "--prompt-len", "4", "8",
-                    "--answer-len", "4", "8", "--max-length", "128", "--teacher-size", "32", "--repeats", "1"]),
-])
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        (
+            "encode_throughput",
+            ["--num-images", "2", "--min-side", "32", "--max-side", "64", "--fixed-size", "32", "--repeats", "1"],
+        ),
+        ("train_efficiency", ["--seq-len", "256", "--repeats", "1"]),
+        ("extract_throughput", ["--num-images", "4", "--min-side", "32", "--max-side", "64", "--workers", "0"]),
+        (
+            "train_step",
+            [
+                "--samples",
+                "2",
+                "--min-side",
+                "32",
+                "--max-side",
+                "48",
+                "--prompt-len",
+                "4",
+                "8",
+                "--answer-len",
+                "4",
+                "8",
+                "--max-length",
+                "128",
+                "--teacher-size",
+                "32",
+                "--repeats",
+                "1",
+            ],
+        ),
+    ],
+)
 def test_benchmark_runs(script, argv, tmp_path):
     import json
     import math
@@ -50,10 +77,12 @@ def test_load_memory_quick_mode(tmp_path, official_dir):
     import json
 
     from bench import load_memory as module
+
     work, out = tmp_path / "work", tmp_path / "load_memory.json"
     work.mkdir()
-    returned = module.main(["--layout", "tiny", "--loads", "official:float32", "viq:bfloat16",
-                            "--workdir", str(work), "--out", str(out)])
+    returned = module.main(
+        ["--layout", "tiny", "--loads", "official:float32", "viq:bfloat16", "--workdir", str(work), "--out", str(out)]
+    )
     record = json.loads(out.read_text())
     assert record["benchmark"] == "load_memory" and record["figures"] == returned["figures"]
     assert record["config"]["layout"] == "tiny" and record["config"]["loads"] == ["official:float32", "viq:bfloat16"]
@@ -181,8 +210,20 @@ def test_demo_step_baseline_and_compile(tiny_demo, tmp_path, monkeypatch):
         pytest.skip("needs a git checkout (the baseline is a git worktree)")
     # torch.compile on CPU needs a C++ compiler; without one the documented command runs without --compile.
     compile_flag = ["--compile"] if shutil.which("g++") or shutil.which("c++") else []
-    record = demo_step.main([str(tiny_demo), "--baseline", "HEAD", *compile_flag, "--batch-size", "4", "--steps", "2",
-                             "--out", str(tmp_path / "r.json")])
+    record = demo_step.main(
+        [
+            str(tiny_demo),
+            "--baseline",
+            "HEAD",
+            *compile_flag,
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     variants = record["variants"]
     assert set(variants) == {"baseline", "current"} | ({"compiled"} if compile_flag else set())
     assert variants["baseline"]["gflop_per_step"] == pytest.approx(variants["current"]["gflop_per_step"])
@@ -208,11 +249,24 @@ def test_show_page_benchmark(tmp_path):
     image in one run, and the size of a many-image page."""
     from bench import show_page
 
-    record = show_page.main(["--images", "3", "--min-side", "32", "--max-side", "48", "--page-images", "7",
-                             "--thumb", "128", "--out", str(tmp_path / "r.json")])
+    record = show_page.main(
+        [
+            "--images",
+            "3",
+            "--min-side",
+            "32",
+            "--max-side",
+            "48",
+            "--page-images",
+            "7",
+            "--thumb",
+            "128",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert record["images"] == 3 and record["thumb"] == 128
     assert record["show_s_per_image"] > 0 and record["eval_recon_s_per_image"] > 0
-    assert record["show_vs_eval_recon"] == pytest.approx(
-        record["show_s_per_image"] / record["eval_recon_s_per_image"])
+    assert record["show_vs_eval_recon"] == pytest.approx(record["show_s_per_image"] / record["eval_recon_s_per_image"])
     assert record["big_page"]["images"] == 7 and record["big_page"]["bytes"] > record["page_bytes"]
     assert json.loads((tmp_path / "r.json").read_text())["benchmark"] == "show_page"

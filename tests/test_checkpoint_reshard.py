@@ -31,9 +31,14 @@ def assets(tmp_path_factory):
 
 def _recipe(out: Path, assets, world: int, parallel: str = "ddp", **train_keys) -> dict:
     # The same global batch on any number of processes: 4 samples per step.
-    return recipe("stage2_2", out, assets["data"], assets["llm"], optim={"lr": 1e-3},
-                  train={"max_steps": STEPS, "parallel": parallel, "batch_size": 4 // world, "log_samples": True,
-                         **train_keys})
+    return recipe(
+        "stage2_2",
+        out,
+        assets["data"],
+        assets["llm"],
+        optim={"lr": 1e-3},
+        train={"max_steps": STEPS, "parallel": parallel, "batch_size": 4 // world, "log_samples": True, **train_keys},
+    )
 
 
 def _samples(out: Path) -> dict[int, set]:
@@ -84,7 +89,9 @@ def test_resume_on_another_number_of_processes(parallel, tmp_path, assets):
     _run(_recipe(tmp_path / "a", assets, 1, parallel), 1, resume=True, stop_after=STOP)
     again = _tensors(tmp_path / "a" / "checkpoints" / name, tmp_path / "again.pt")
     assert written.keys() == again.keys()
-    assert all(torch.equal(written[k], again[k]) for k in written), [k for k in written if not torch.equal(written[k], again[k])]
+    assert all(torch.equal(written[k], again[k]) for k in written), [
+        k for k in written if not torch.equal(written[k], again[k])
+    ]
     resumed = _run(_recipe(tmp_path / "a", assets, 1, parallel), 1, resume=True)
     _assert_continues(resumed, ref2, ref2)
     _assert_continues(resumed, ref2, ref1)
@@ -114,7 +121,9 @@ def test_single_process_checkpoints(tmp_path, assets):
     assert latest_checkpoint(tmp_path / "run") == checkpoint
     assert (checkpoint / ".metadata").is_file() and not list(checkpoint.glob("rng-*"))
 
-    bigger = recipe("stage2_2", tmp_path / "run", assets["data"], assets["llm"], train={"max_steps": STEPS, "batch_size": 4})
+    bigger = recipe(
+        "stage2_2", tmp_path / "run", assets["data"], assets["llm"], train={"max_steps": STEPS, "batch_size": 4}
+    )
     with pytest.raises(ValueError, match=r"global batch of 2 samples per step .* this run has 4"):
         train(TrainConfig.from_dict(bigger), resume=True)
 

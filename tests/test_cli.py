@@ -222,8 +222,11 @@ def test_decode_corrupt_file(capsys, tmp_path, model_dir, encoded):
     assert f"{src / 'b.viq'}: checksum mismatch" in err
     assert str(src / "sub" / "zero.viq") in err
     assert "decoded 3, skipped 0 (exist), failed 2" in err
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.png", "sub/c.png",
-                                                                                  "sub/deeper/D.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "a.png",
+        "sub/c.png",
+        "sub/deeper/D.png",
+    ]
 
 
 def test_decode_codes_from_another_model_warns(capsys, tmp_path, encoded):
@@ -336,7 +339,9 @@ def test_synth_store_and_stage_check_commands(tmp_path, capsys):
     """viq synth writes the QA set; viq store verify/stats read a store; train-mllm insists on stage mllm."""
     from viq.cli.main import main as cli_main
 
-    assert cli_main(["synth", str(tmp_path / "qa"), "--train", "6", "--val", "2", "--test", "2", "--max-side", "128"]) == 0
+    assert (
+        cli_main(["synth", str(tmp_path / "qa"), "--train", "6", "--val", "2", "--test", "2", "--max-side", "128"]) == 0
+    )
     assert (tmp_path / "qa" / "train.jsonl").is_file()
     assert cli_main(["synth", str(tmp_path / "qa"), "--train", "6"]) == 1  # refuses a non-empty folder
 

@@ -41,9 +41,26 @@ def images(tmp_path_factory) -> Path:
 
 def test_eval_recon_folder_outputs_and_failures(capsys, model_dir, images, tmp_path):
     out = tmp_path / "results"  # created by the command
-    code = main(["eval-recon", str(model_dir), str(images), "--json", str(out / "r.json"), "--plot",
-                 str(out / "rd.png"), "--grid", str(out / "grid.png"), "--qualities", "5,40", "--fid-features", "viq",
-                 "-q", "--device", "cpu"])
+    code = main(
+        [
+            "eval-recon",
+            str(model_dir),
+            str(images),
+            "--json",
+            str(out / "r.json"),
+            "--plot",
+            str(out / "rd.png"),
+            "--grid",
+            str(out / "grid.png"),
+            "--qualities",
+            "5,40",
+            "--fid-features",
+            "viq",
+            "-q",
+            "--device",
+            "cpu",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1  # the broken file
     assert "broken.png" in captured.err and "not a recognised image format" in captured.err
@@ -83,8 +100,20 @@ def test_eval_recon_folder_outputs_and_failures(capsys, model_dir, images, tmp_p
 
 
 def test_eval_recon_single_file_succeeds_without_fid(capsys, model_dir, images, tmp_path):
-    code = main(["eval-recon", str(model_dir), str(images / "a.png"), "--qualities", "10", "--max-pixels", "1024",
-                 "--json", str(tmp_path / "r.json"), "-q"])
+    code = main(
+        [
+            "eval-recon",
+            str(model_dir),
+            str(images / "a.png"),
+            "--qualities",
+            "10",
+            "--max-pixels",
+            "1024",
+            "--json",
+            str(tmp_path / "r.json"),
+            "-q",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads((tmp_path / "r.json").read_text())

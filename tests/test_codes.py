@@ -47,9 +47,7 @@ def _reference_pack(values: np.ndarray, bits: int) -> bytes:
     return acc.to_bytes((len(values) * bits + 7) // 8, "little")
 
 
-def _random_codes(
-    levels: tuple[int, ...], grid: tuple[int, int], seed: int, cpp: int = 4, **kwargs
-) -> Codes:
+def _random_codes(levels: tuple[int, ...], grid: tuple[int, int], seed: int, cpp: int = 4, **kwargs) -> Codes:
     g = torch.Generator().manual_seed(seed)
     k = math.prod(levels)
     idx = torch.randint(0, k, (*grid, cpp), generator=g)

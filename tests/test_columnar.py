@@ -45,15 +45,19 @@ def _table(images: list[Path], kind: str) -> pa.Table:
         return pa.table({"jpg": pa.array(data, pa.binary()), "key": names})
     if kind == "path":
         return pa.table({"image": [f"imgs/{n}" for n in names]})
-    return pa.table({"image": pa.array([{"bytes": b, "path": n} for b, n in zip(data, names)], IMAGE_STRUCT),
-                     "key": names})
+    return pa.table(
+        {"image": pa.array([{"bytes": b, "path": n} for b, n in zip(data, names)], IMAGE_STRUCT), "key": names}
+    )
 
 
-@pytest.mark.parametrize("kind, columns", [
-    ("bytes", {"image_column": "jpg", "id_column": "key"}),
-    ("path", {}),  # image paths relative to the table's folder (the default --image-root)
-    ("struct", {"id_column": "key"}),  # datasets' Image feature
-])
+@pytest.mark.parametrize(
+    "kind, columns",
+    [
+        ("bytes", {"image_column": "jpg", "id_column": "key"}),
+        ("path", {}),  # image paths relative to the table's folder (the default --image-root)
+        ("struct", {"id_column": "key"}),  # datasets' Image feature
+    ],
+)
 def test_parquet_extraction_equals_folder_extraction(kind, columns, model_dir, folder, tmp_path):
     root, images, expected = folder
     table = root / f"{kind}.parquet"
@@ -73,8 +77,7 @@ def test_parquet_without_id_column_uses_file_and_row(model_dir, folder, tmp_path
     got = store_content(tmp_path / "store")
     assert got == {f"t.parquet/{i}": expected[p.name] for i, p in enumerate(images)}
     with pytest.raises(ValueError, match="no column 'photo'"):
-        extract(model_dir, tmp_path / "t.parquet", tmp_path / "s2", image_column="photo", num_workers=0,
-                progress=False)
+        extract(model_dir, tmp_path / "t.parquet", tmp_path / "s2", image_column="photo", num_workers=0, progress=False)
 
 
 def test_kill_and_resume_parquet_gives_the_uninterrupted_store(model_dir, tmp_path):
@@ -83,16 +86,32 @@ def test_kill_and_resume_parquet_gives_the_uninterrupted_store(model_dir, tmp_pa
     data.mkdir()
     for f in range(4):  # 4 files of 10 rows in row groups of 5: 8 units
         chunk = images[f * 10 : (f + 1) * 10]
-        pq.write_table(pa.table({"png": pa.array([p.read_bytes() for p in chunk], pa.binary()),
-                                 "name": [p.stem for p in chunk]}), data / f"part-{f}.parquet", row_group_size=5)
+        pq.write_table(
+            pa.table({"png": pa.array([p.read_bytes() for p in chunk], pa.binary()), "name": [p.stem for p in chunk]}),
+            data / f"part-{f}.parquet",
+            row_group_size=5,
+        )
     extra = ["--image-column", "png", "--id-column", "name"]
-    extract(model_dir, data, tmp_path / "ref", image_column="png", id_column="name", num_workers=0, flush_every=3,
-            batch_tokens=40, progress=False)
+    extract(
+        model_dir,
+        data,
+        tmp_path / "ref",
+        image_column="png",
+        id_column="name",
+        num_workers=0,
+        flush_every=3,
+        batch_tokens=40,
+        progress=False,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     rng = random.Random(2)
     for _ in range(4):  # SIGKILL at random moments, then re-run
-        proc = subprocess.Popen(_cli(model_dir, data, tmp_path / "killed", *extra), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cli(model_dir, data, tmp_path / "killed", *extra),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(1.5, 5.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -115,12 +134,16 @@ def test_kill_and_resume_parquet_gives_the_uninterrupted_store(model_dir, tmp_pa
 def _records(images: list[Path]) -> list[dict]:
     records = []
     for i, p in enumerate(images[:6]):
-        turns = [{"from": "human", "value": f"<image>\nWhat is picture {i}?"}, {"from": "gpt", "value": f"Picture {i}."}]
+        turns = [
+            {"from": "human", "value": f"<image>\nWhat is picture {i}?"},
+            {"from": "gpt", "value": f"Picture {i}."},
+        ]
         if i % 2:
             turns += [{"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Nothing."}]
         records.append({"id": f"s{i}", "image": f"imgs/{p.name}", "conversations": turns})
-    records.append({"id": "text-only", "conversations": [{"from": "human", "value": "Hi"},
-                                                          {"from": "gpt", "value": "Hello"}]})
+    records.append(
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    )
     return records
 
 
@@ -140,21 +163,48 @@ def test_training_data_from_parquet_equals_jsonl(folder):
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     turn = pa.struct([("from", pa.string()), ("value", pa.string())])
     # default column names, conversations as a list of structs, row groups of 3
-    pq.write_table(pa.table({"id": [r["id"] for r in records], "image": [r.get("image") for r in records],
-                             "conversations": pa.array([r["conversations"] for r in records], pa.list_(turn))}),
-                   root / "train.parquet", row_group_size=3)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [r["id"] for r in records],
+                "image": [r.get("image") for r in records],
+                "conversations": pa.array([r["conversations"] for r in records], pa.list_(turn)),
+            }
+        ),
+        root / "train.parquet",
+        row_group_size=3,
+    )
     # other column names, conversations as JSON text, named from the recipe
-    pq.write_table(pa.table({"key": [r["id"] for r in records], "picture": [r.get("image") for r in records],
-                             "dialog": [json.dumps(r["conversations"]) for r in records]}), root / "named.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "key": [r["id"] for r in records],
+                "picture": [r.get("image") for r in records],
+                "dialog": [json.dumps(r["conversations"]) for r in records],
+            }
+        ),
+        root / "named.parquet",
+    )
     reference = LlavaDataset(jsonl)
     _same_samples(reference, LlavaDataset(root / "train.parquet"))
-    cfg = TrainConfig.from_dict({"stage": "stage2_2", "data": {
-        "train": str(root / "named.parquet"), "conversations_column": "dialog", "image_column": "picture",
-        "id_column": "key"}})
+    cfg = TrainConfig.from_dict(
+        {
+            "stage": "stage2_2",
+            "data": {
+                "train": str(root / "named.parquet"),
+                "conversations_column": "dialog",
+                "image_column": "picture",
+                "id_column": "key",
+            },
+        }
+    )
     _same_samples(reference, build_dataset(cfg.data.train, cfg, cfg.data.max_pixels))
     default = TrainConfig()
     assert (default.data.conversations_column, default.data.image_column, default.data.id_column) == (
-        "conversations", "image", "id")
+        "conversations",
+        "image",
+        "id",
+    )
 
 
 def test_codes_stage_reads_image_bytes_by_the_extracted_id(model_dir, folder, tmp_path):
@@ -163,12 +213,23 @@ def test_codes_stage_reads_image_bytes_by_the_extracted_id(model_dir, folder, tm
     _, images, expected = folder
     records = _records(images)[:6]
     table = tmp_path / "train.parquet"
-    pq.write_table(pa.table({"uid": [p.name for p in images[:6]],
-                             "img": pa.array([p.read_bytes() for p in images[:6]], pa.binary()),
-                             "conversations": [json.dumps(r["conversations"]) for r in records]}), table)
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [p.name for p in images[:6]],
+                "img": pa.array([p.read_bytes() for p in images[:6]], pa.binary()),
+                "conversations": [json.dumps(r["conversations"]) for r in records],
+            }
+        ),
+        table,
+    )
     extract(model_dir, table, tmp_path / "codes", image_column="img", id_column="uid", num_workers=0, progress=False)
-    cfg = TrainConfig.from_dict({"stage": "mllm", "data": {
-        "train": str(table), "codes": str(tmp_path / "codes"), "image_column": "img", "id_column": "uid"}})
+    cfg = TrainConfig.from_dict(
+        {
+            "stage": "mllm",
+            "data": {"train": str(table), "codes": str(tmp_path / "codes"), "image_column": "img", "id_column": "uid"},
+        }
+    )
     dataset = build_dataset(cfg.data.train, cfg, cfg.data.max_pixels)
     assert len(dataset) == 6
     for i in range(6):

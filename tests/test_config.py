@@ -23,7 +23,12 @@ def test_official_sizes():
     for size, k in sizes.items():
         cfg = get_preset(f"viq-g-{size}")
         assert cfg.head.codebook_size == k == math.prod(FSQ_LEVELS[size])
-        assert (cfg.encoder.width, cfg.encoder.depth, cfg.encoder.num_heads, cfg.encoder.pos_grid) == (1536, 40, 16, 128)
+        assert (cfg.encoder.width, cfg.encoder.depth, cfg.encoder.num_heads, cfg.encoder.pos_grid) == (
+            1536,
+            40,
+            16,
+            128,
+        )
         assert (cfg.head.attn_dim, cfg.head.num_heads, cfg.head.codes_per_patch) == (256, 16, 4)
     so400m = get_preset("viq-so400m-16k")
     assert (so400m.encoder.width, so400m.encoder.depth, so400m.encoder.mlp_hidden) == (1152, 27, 4304)

@@ -73,9 +73,14 @@ def images(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize(
     ("size", "expected"),
-    [((512, 320), (480, 288)), ((448, 448), (384, 384)), ((384, 384), (384, 384)),
-     # small images are up-scaled toward base**2 too; a tiny side is clamped to one patch
-     ((100, 100), (384, 384)), ((4000, 10), (7680, 16))],
+    [
+        ((512, 320), (480, 288)),
+        ((448, 448), (384, 384)),
+        ((384, 384), (384, 384)),
+        # small images are up-scaled toward base**2 too; a tiny side is clamped to one patch
+        ((100, 100), (384, 384)),
+        ((4000, 10), (7680, 16)),
+    ],
 )
 def test_official_area_resize_examples(size: tuple[int, int], expected: tuple[int, int]) -> None:
     assert parse_resize("384x16").target_size(*size) == expected
@@ -132,7 +137,11 @@ def test_json_list_path_forms_and_text_only(tmp_path: Path, images: dict[str, Pa
         {"id": 7, "image": "img/small.jpg", "conversations": qa()},
         # list of paths, mixed with an official entry and a list resize
         {
-            "image": ["img/sq384.png", {"img_path": "img/wide.png", "resize": [100, 40]}, {"img_path": "img/small.jpg"}],
+            "image": [
+                "img/sq384.png",
+                {"img_path": "img/wide.png", "resize": [100, 40]},
+                {"img_path": "img/small.jpg"},
+            ],
             "conversations": qa("Compare <image> and <image>.", "Similar.") + qa("And <image>?", "Small."),
         },
         # text-only: no image key, no placeholder
@@ -223,7 +232,7 @@ def test_json_syntax_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bad\.json:3: invalid JSON"):
         LlavaDataset(path, on_error="skip")  # a broken .json list cannot be skipped around
     good = json.dumps({"conversations": qa("q", "a")})
-    path.write_text(f'[{good}\n {good}]', encoding="utf-8")
+    path.write_text(f"[{good}\n {good}]", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.json:2: invalid JSON: expected ',' or '\]'"):
         LlavaDataset(path)
     path.write_text('{"conversations": []}\n', encoding="utf-8")
@@ -240,39 +249,59 @@ def test_json_syntax_errors(tmp_path: Path) -> None:
 
 
 BAD_RECORDS: list[tuple[dict[str, Any], str]] = [
-    ({"id": "cnt", "image": "img/small.jpg", "conversations": qa("no placeholder", "a")},
-     r"0 '<image>' placeholder\(s\) in the text but 1 image\(s\)"),
+    (
+        {"id": "cnt", "image": "img/small.jpg", "conversations": qa("no placeholder", "a")},
+        r"0 '<image>' placeholder\(s\) in the text but 1 image\(s\)",
+    ),
     ({"id": "cnt2", "conversations": qa("<image> and <image>", "a")}, r"2 '<image>' placeholder\(s\).* but 0"),
-    ({"id": "order", "conversations": conv(("gpt", "a"), ("human", "q"))},
-     "the first non-system turn must be user, got assistant"),
-    ({"id": "alt", "conversations": conv(("human", "q"), ("human", "q2"), ("gpt", "a"))},
-     r"turns must alternate user/assistant; conversations\[1\] must be assistant, got user"),
-    ({"id": "last", "conversations": conv(("human", "q"), ("gpt", "a"), ("human", "q2"))},
-     "the last turn must be assistant"),
-    ({"id": "sys", "conversations": conv(("human", "q"), ("system", "s"), ("gpt", "a"))},
-     r"conversations\[1\]: a system turn is only allowed as the first turn"),
+    (
+        {"id": "order", "conversations": conv(("gpt", "a"), ("human", "q"))},
+        "the first non-system turn must be user, got assistant",
+    ),
+    (
+        {"id": "alt", "conversations": conv(("human", "q"), ("human", "q2"), ("gpt", "a"))},
+        r"turns must alternate user/assistant; conversations\[1\] must be assistant, got user",
+    ),
+    (
+        {"id": "last", "conversations": conv(("human", "q"), ("gpt", "a"), ("human", "q2"))},
+        "the last turn must be assistant",
+    ),
+    (
+        {"id": "sys", "conversations": conv(("human", "q"), ("system", "s"), ("gpt", "a"))},
+        r"conversations\[1\]: a system turn is only allowed as the first turn",
+    ),
     ({"id": "empty", "conversations": []}, "empty 'conversations'"),
     ({"id": "none", "image": "img/small.jpg"}, "record has no 'conversations' \\(or 'messages'\\)"),
     ({"id": "role", "conversations": conv(("human", "q"), ("bot", "a"))}, r"conversations\[1\]: unknown role 'bot'"),
-    ({"id": "type", "conversations": [{"from": "human", "value": ["q"]}, {"from": "gpt", "value": "a"}]},
-     r"conversations\[0\]: 'value' must be a string, got list"),
+    (
+        {"id": "type", "conversations": [{"from": "human", "value": ["q"]}, {"from": "gpt", "value": "a"}]},
+        r"conversations\[0\]: 'value' must be a string, got list",
+    ),
     ({"id": "blank", "conversations": qa("q", "  ")}, r"conversations\[1\]: empty assistant turn"),
-    ({"id": "rs", "image": {"img_path": "img/small.jpg", "resize": "big"}, "conversations": qa()},
-     r"image\[0\]: invalid resize 'big'"),
-    ({"id": "packed", "image": {"patch": "p.bin", "start_num": 0}, "conversations": qa()},
-     r"image\[0\]: packed image entries"),
+    (
+        {"id": "rs", "image": {"img_path": "img/small.jpg", "resize": "big"}, "conversations": qa()},
+        r"image\[0\]: invalid resize 'big'",
+    ),
+    (
+        {"id": "packed", "image": {"patch": "p.bin", "start_num": 0}, "conversations": qa()},
+        r"image\[0\]: packed image entries",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("record", "problem"), BAD_RECORDS, ids=[r["id"] for r, _ in BAD_RECORDS])
-def test_invalid_record_raises_naming_sample(tmp_path: Path, images: dict[str, Path], record: dict, problem: str) -> None:
+def test_invalid_record_raises_naming_sample(
+    tmp_path: Path, images: dict[str, Path], record: dict, problem: str
+) -> None:
     good = {"id": "good", "conversations": qa("q", "a")}
     path = write_jsonl(tmp_path / "d.jsonl", [good, record])
     with pytest.raises(DataError, match=rf"d\.jsonl:2 \(id={record['id']}\): {problem}"):
         LlavaDataset(path)
 
 
-def test_skip_mode_counts_invalid_records(tmp_path: Path, images: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+def test_skip_mode_counts_invalid_records(
+    tmp_path: Path, images: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     good = [{"id": f"g{k}", "image": "img/small.jpg", "conversations": qa()} for k in range(2)]
     bad = [r for r, _ in BAD_RECORDS]
     path = write_jsonl(tmp_path / "d.jsonl", good[:1] + bad + good[1:] + ["not an object"])
@@ -334,10 +363,15 @@ def test_approx_lengths(tmp_path: Path, images: dict[str, Path]) -> None:
     exif[0x0112] = 6
     Image.open(images["small"]).save(tmp_path / "img" / "rot.jpg", exif=exif)
     recs = [
-        {"image": {"img_path": "img/wide.png", "resize": "384x16"}, "conversations": qa("<image>" + "x" * 30, "y" * 30)},
+        {
+            "image": {"img_path": "img/wide.png", "resize": "384x16"},
+            "conversations": qa("<image>" + "x" * 30, "y" * 30),
+        },
         {"conversations": qa("q" * 10, "a" * 5)},
-        {"image": ["img/sq448.png", "img/small.jpg", "img/rot.jpg"],
-         "conversations": qa("<image><image><image>", "ok")},
+        {
+            "image": ["img/sq448.png", "img/small.jpg", "img/rot.jpg"],
+            "conversations": qa("<image><image><image>", "ok"),
+        },
     ]
     ds = LlavaDataset(write_jsonl(tmp_path / "d.jsonl", recs))
     # 480x288 -> 30*18 patches; 448x448 native -> 28*28; 40x24 -> 3*2; rotated 24x40 -> 2*3

@@ -12,8 +12,14 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     report = run_demo(tmp_path / "demo", scale=0.02, seed=1)
     assert report.is_file()
     text = report.read_text()
-    for section in ("Training stages", "Loss curves", "input | reconstruction", "Held-out questions",
-                    "blank image", "bicubic at equal bits"):
+    for section in (
+        "Training stages",
+        "Loss curves",
+        "input | reconstruction",
+        "Held-out questions",
+        "blank image",
+        "bicubic at equal bits",
+    ):
         assert section in text
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["stages"]) == {"stage1", "stage2_1", "stage2_2", "drawer"}
@@ -35,16 +41,20 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert {"encoder", "embedder", "drawer", "vae"} <= set(model.components)
     # Re-running reuses every finished stage: no stage trains again, their outputs stay as they were,
     # and the report is rebuilt from them with the same figures.
-    finals = {stage: (tmp_path / "demo" / "runs" / stage / "final" / "model.safetensors").stat().st_mtime_ns
-              for stage in results["stages"]}
+    finals = {
+        stage: (tmp_path / "demo" / "runs" / stage / "final" / "model.safetensors").stat().st_mtime_ns
+        for stage in results["stages"]
+    }
     calls = []
     from viq.train import engine
 
     monkeypatch.setattr(engine, "train", lambda *a, **k: calls.append(a))
     run_demo(tmp_path / "demo", scale=0.02, seed=1)
     assert calls == []
-    assert {stage: (tmp_path / "demo" / "runs" / stage / "final" / "model.safetensors").stat().st_mtime_ns
-            for stage in results["stages"]} == finals
+    assert {
+        stage: (tmp_path / "demo" / "runs" / stage / "final" / "model.safetensors").stat().st_mtime_ns
+        for stage in results["stages"]
+    } == finals
     again = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert again["qa"] == results["qa"] and again["recon"] == results["recon"] and again["codes"] == results["codes"]
 
@@ -61,7 +71,9 @@ def test_synth_demo_makes_fresh_sets_with_the_demos_mix(tmp_path):
     assert len(test) == 40 and {r["task"] for r in test} == set(TASK_WEIGHTS)
     from PIL import Image
 
-    assert all(48 <= min(Image.open(out / r["image"]).size) and max(Image.open(out / r["image"]).size) <= 64 for r in test)
+    assert all(
+        48 <= min(Image.open(out / r["image"]).size) and max(Image.open(out / r["image"]).size) <= 64 for r in test
+    )
     assert all(len(r["conversations"]) == 2 and "image" in r for r in test)
     # Another seed, other images; the same seed again, the same set (and no overwrite without the flag).
     assert main(["synth", str(out), "--demo", "--seed", "1", "--train", "0", "--val", "0", "--test", "40"]) == 1
@@ -82,12 +94,26 @@ def test_demo_without_standin(tmp_path):
 
     run_demo(tmp_path / "demo", scale=0.02, seed=1)
     work = tmp_path / "variant"
-    record = demo_without_standin.main([str(tmp_path / "demo"), "--work", str(work), "--scale", "0.02", "--seed", "1",
-                                        "--out", str(tmp_path / "r.json")])
+    record = demo_without_standin.main(
+        [
+            str(tmp_path / "demo"),
+            "--work",
+            str(work),
+            "--scale",
+            "0.02",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     fresh = ViQModel.from_config(get_preset("viq-demo"), seed=1).encoder.state_dict()
     standin, variant = (load_file(p / "init" / "model.safetensors") for p in (tmp_path / "demo", work))
-    key = "encoder.patch_embed.proj.weight" if "encoder.patch_embed.proj.weight" in variant else next(
-        k for k in variant if k.startswith("encoder."))
+    key = (
+        "encoder.patch_embed.proj.weight"
+        if "encoder.patch_embed.proj.weight" in variant
+        else next(k for k in variant if k.startswith("encoder."))
+    )
     assert torch.equal(variant[key], fresh[key.removeprefix("encoder.")])
     assert not torch.equal(variant[key], standin[key])
     assert all(torch.equal(variant[k], standin[k]) for k in variant if not k.startswith("encoder."))

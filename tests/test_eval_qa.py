@@ -35,8 +35,12 @@ def test_wilson_interval():
 
 
 def _rec(task, question, answer, image="x.png"):
-    rec = {"task": task, "question": question, "answer": answer,
-           "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+    rec = {
+        "task": task,
+        "question": question,
+        "answer": answer,
+        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+    }
     if image:
         rec["image"] = image
     return rec
@@ -57,14 +61,14 @@ def test_majority_baseline():
         _rec("count", "How many?", "7", image=None),
     ]
     test_set = [
-        _rec("color", "What color is the shape?", "blue."),   # template majority: blue -> right
-        _rec("color", "What color is the shape?", "red"),     # wrong
+        _rec("color", "What color is the shape?", "blue."),  # template majority: blue -> right
+        _rec("color", "What color is the shape?", "red"),  # wrong
         _rec("color", "What color is the circle?", "green"),  # its own template -> right
-        _rec("color", "What color is the square?", "blue"),   # unseen template: task majority (blue) -> right
-        _rec("shape", "What shape is this?", "circle"),       # tie -> circle -> right
-        _rec("count", "How many?", "3"),                      # right (text-only 7s not counted)
-        _rec("other", "Which?", "blue"),                      # unseen task: overall majority (blue) -> right
-        _rec("count", "How many?", "3", image=None),          # text-only: not asked
+        _rec("color", "What color is the square?", "blue"),  # unseen template: task majority (blue) -> right
+        _rec("shape", "What shape is this?", "circle"),  # tie -> circle -> right
+        _rec("count", "How many?", "3"),  # right (text-only 7s not counted)
+        _rec("other", "Which?", "blue"),  # unseen task: overall majority (blue) -> right
+        _rec("count", "How many?", "3", image=None),  # text-only: not asked
     ]
     result = QA.majority_baseline(train_set, test_set)
     assert result["n"] == 7 and result["images"] == "majority"
@@ -91,16 +95,26 @@ def run(tmp_path_factory):
     for i, r in enumerate(records):
         if i % 2 == 0:
             r["task"] = "color"
-    records.append({"id": "text", "conversations": [{"from": "human", "value": "What is 1 + 1?"},
-                                                    {"from": "gpt", "value": "2"}]})
+    records.append(
+        {"id": "text", "conversations": [{"from": "human", "value": "What is 1 + 1?"}, {"from": "gpt", "value": "2"}]}
+    )
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     llm = make_llm(root / "llm")
-    cfg = TrainConfig.from_dict(recipe("stage1", root / "runs" / "stage1", data, llm,
-                                       train={"max_steps": 4, "batch_size": 4, "eval_samples": 0}))
+    cfg = TrainConfig.from_dict(
+        recipe(
+            "stage1", root / "runs" / "stage1", data, llm, train={"max_steps": 4, "batch_size": 4, "eval_samples": 0}
+        )
+    )
     summary = train(cfg)
     model, tokenizer = QA.load_run(root / "runs" / "stage1", "cpu")
-    return {"root": root, "data": data, "records": records, "final": Path(summary["final"]),
-            "model": model, "tokenizer": tokenizer}
+    return {
+        "root": root,
+        "data": data,
+        "records": records,
+        "final": Path(summary["final"]),
+        "model": model,
+        "tokenizer": tokenizer,
+    }
 
 
 def test_load_run(run):
@@ -139,8 +153,10 @@ def test_evaluate_qa_real_blank_shuffled(run, monkeypatch):
         k = round(result["accuracy"] * 4)
         assert math.isclose(result["accuracy"], k / 4) and result["ci95"] == QA.wilson_interval(k, 4)
         assert [e["id"] for e in examples[mode]] == ["s0", "s1", "s2", "s3"]
-        assert all(isinstance(e["prediction"], str) and e["answer"] == r["conversations"][-1]["value"]
-                   for e, r in zip(examples[mode], records))
+        assert all(
+            isinstance(e["prediction"], str) and e["answer"] == r["conversations"][-1]["value"]
+            for e, r in zip(examples[mode], records)
+        )
     real, blank, shuffled = seen["real"], seen["blank"], seen["shuffled"]
     # Real: the images as the training loader prepares them (the run's preprocessing).
     from viq.formats.image import preprocess
@@ -182,8 +198,20 @@ def test_evaluate_qa_errors_name_the_sample(run, tmp_path):
 
 def test_cli_eval_qa(run, tmp_path, capsys):
     out = tmp_path / "qa.json"
-    code = main(["eval-qa", str(run["final"].parent), str(run["data"]), "--json", str(out), "--device", "cpu",
-                 "--baselines", "--limit", "3"])
+    code = main(
+        [
+            "eval-qa",
+            str(run["final"].parent),
+            str(run["data"]),
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+            "--baselines",
+            "--limit",
+            "3",
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert {"n", "accuracy", "ci95", "per_task", "baselines"} <= set(result)
@@ -238,8 +266,11 @@ def test_same_answers_as_training_validation(run):
     from viq.train.evaluate import evaluate
 
     stage_model, tokenizer, cfg = _stage_model(run["final"])
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=str(run["data"])),
-                              train=dataclasses.replace(cfg.train, eval_samples=10))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, val=str(run["data"])),
+        train=dataclasses.replace(cfg.train, eval_samples=10),
+    )
     val_examples, qa_examples = [], []
     metrics = evaluate(stage_model, cfg, tokenizer, torch.device("cpu"), examples=val_examples)
     result = QA.evaluate_qa(run["model"], run["tokenizer"], run["records"], run["data"].parent, examples=qa_examples)
@@ -261,8 +292,9 @@ def test_chat_model_equals_the_stage_model_and_round_trips(run, tmp_path):
     pixels = preprocess(run["data"].parent / record["image"], chat.preprocess).pixels
     with torch.no_grad():
         a = chat.projector(chat.encode_features([pixels]).features, chat.encode_features([pixels]).grids)
-        b = stage_model.projector(stage_model.encode_features([pixels]).features,
-                                  stage_model.encode_features([pixels]).grids)
+        b = stage_model.projector(
+            stage_model.encode_features([pixels]).features, stage_model.encode_features([pixels]).grids
+        )
     assert len(a) == len(b) == 1 and torch.equal(a[0], b[0])
     question = record["conversations"][0]["value"].replace("<image>", "").strip()
     answer = chat.answer(run["data"].parent / record["image"], question, max_new_tokens=6)
@@ -296,8 +328,12 @@ def test_mllm_run_answers_from_codes(tmp_path, run):
     answer = chat.answer(run["data"].parent / run["records"][0]["image"], "What color is the square?")
     assert isinstance(answer, str)
     chat.save_pretrained(root / "my-chat-model")
-    assert ViQForConditionalGeneration.from_pretrained(root / "my-chat-model").answer(
-        run["data"].parent / run["records"][0]["image"], "What color is the square?") == answer
+    assert (
+        ViQForConditionalGeneration.from_pretrained(root / "my-chat-model").answer(
+            run["data"].parent / run["records"][0]["image"], "What color is the square?"
+        )
+        == answer
+    )
     examples = []
     result = QA.evaluate_qa(model, tokenizer, run["records"], run["data"].parent, images="blank", examples=examples)
     assert result["n"] == 4 and len(examples) == 4
@@ -328,8 +364,11 @@ def test_ask_gives_the_answers_of_eval_qa(run):
     assert len(examples) == 4
     for e in examples:
         shown = e["image"] if isinstance(e["image"], list) else [e["image"]]
-        got = asker.ask([run["data"].parent / name for name in shown], e["question"],
-                        max_new_tokens=answer_budget(tokenizer, e["answer"]))
+        got = asker.ask(
+            [run["data"].parent / name for name in shown],
+            e["question"],
+            max_new_tokens=answer_budget(tokenizer, e["answer"]),
+        )
         assert got == e["prediction"], e["id"]
 
 
@@ -352,8 +391,22 @@ def test_cli_ask(run, tmp_path, capsys):
     image = run["data"].parent / _first_image(run["records"][0])
     question = "What color is it?"
     expected = ask(run["root"] / "runs" / "stage1", image, question, max_new_tokens=5, device="cpu")
-    assert main(["ask", str(run["root"] / "runs" / "stage1"), str(image), question, "--json",
-                 "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "ask",
+                str(run["root"] / "runs" / "stage1"),
+                str(image),
+                question,
+                "--json",
+                "--max-new-tokens",
+                "5",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["answer"] == expected and out["stage"] == "stage1" and out["question"] == question
     assert main(["ask", str(tmp_path / "nope"), str(image), question]) == 2
@@ -407,8 +460,9 @@ def test_generate_answers_cuts_each_answer_to_its_budget(run, monkeypatch):
     monkeypatch.setattr(tokenizer.tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
     # The same prompt twice in one batch (identical rows), with budgets 1 and 6, beside a longer prompt
     # (so both are left-padded): the first answer is the one-token start of the second.
-    one, six, _ = generate_answers(model.llm.eval(), tokenizer, [prompt, prompt, longer], [[], [], []],
-                                   max_new_tokens=[1, 6, 6])
+    one, six, _ = generate_answers(
+        model.llm.eval(), tokenizer, [prompt, prompt, longer], [[], [], []], max_new_tokens=[1, 6, 6]
+    )
     assert decoded[0] == 1 and 1 <= decoded[1] <= 6 and six.startswith(one)
     with pytest.raises(ValueError, match="one positive budget per prompt"):
         generate_answers(model.llm, tokenizer, [prompt], [[]], max_new_tokens=[1, 2])
@@ -428,8 +482,10 @@ def test_answer_nll_is_the_per_token_loss_of_the_answers(run):
     model.eval()
     with torch.no_grad():
         for r in (r for r in records if "image" in r):
-            messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                        for t in r["conversations"]]
+            messages = [
+                {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                for t in r["conversations"]
+            ]
             enc = tokenizer.encode(messages)
             encoded = model.encode_features([preprocess(root / r["image"], pre).pixels])
             embeds = model.projector(encoded.features, encoded.grids)

@@ -249,9 +249,7 @@ def _all_sizes(height: int, width: int) -> set[tuple[int, int]]:
     return sizes
 
 
-@pytest.mark.parametrize(
-    ("height", "width"), [(16, 16), (30, 17), (9, 40), (1, 25), (48, 32), (7, 7), (13, 50)]
-)
+@pytest.mark.parametrize(("height", "width"), [(16, 16), (30, 17), (9, 40), (1, 25), (48, 32), (7, 7), (13, 50)])
 @pytest.mark.parametrize("pixels_budget", [0.5, 1, 2, 3, 5.5, 17, 64, 100, 257, 10_000])
 def test_bicubic_size_is_the_largest_that_fits_the_budget(height, width, pixels_budget):
     bits = pixels_budget * 24
@@ -467,8 +465,10 @@ def test_jpeg_and_webp_are_matched_to_the_codes_bpp_and_scored_on_the_same_crop(
             assert r["bpp"] == pytest.approx(8 * len(buf.getvalue()) / (h * w), rel=1e-12)
             decoded = to_pixels(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
             assert abs(r["psnr"] - float(peak_signal_noise_ratio(unit(decoded), unit(ref), data_range=1.0))) <= 1e-4
-            assert abs(r["ssim"] - float(structural_similarity_index_measure(unit(decoded), unit(ref),
-                                                                             data_range=1.0))) <= 1e-4
+            assert (
+                abs(r["ssim"] - float(structural_similarity_index_measure(unit(decoded), unit(ref), data_range=1.0)))
+                <= 1e-4
+            )
     for codec in ("jpeg", "webp"):
         assert result[codec]["n"] == 2 and result[codec]["matched"] == 2
         assert result[codec]["bpp"] == pytest.approx(np.mean([r[codec]["bpp"] for r in result["images"]]))
@@ -537,8 +537,9 @@ def test_rfid_with_a_local_transformers_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     from viq.eval.fid import load_feature_extractor, rfid
 
-    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                 image_size=32, patch_size=8)
+    cfg = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     transformers.ViTModel(cfg).save_pretrained(tmp_path / "vit")
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
@@ -581,8 +582,13 @@ def test_failing_images_are_reported_and_the_others_still_scored(test_model, tmp
     bad.write_bytes(b"not an image")
     good = to_pil(pixels(32, 48, seed=5))
     seen = []
-    result = evaluate_reconstruction(test_model, [str(bad), good], curve_qualities=(), codecs=("jpeg",),
-                                     on_error=lambda source, e: seen.append((source, str(e))))
+    result = evaluate_reconstruction(
+        test_model,
+        [str(bad), good],
+        curve_qualities=(),
+        codecs=("jpeg",),
+        on_error=lambda source, e: seen.append((source, str(e))),
+    )
     assert result["n"] == 1 and result["curves"] == {} and "webp" not in result
     assert [f["source"] for f in result["failed"]] == [str(bad)] and seen[0][0] == str(bad)
     assert str(bad) in seen[0][1]

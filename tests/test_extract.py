@@ -69,8 +69,14 @@ def test_folder_with_bad_files(model_dir, tmp_path):
 
 def test_llava_and_webdataset_inputs(model_dir, tmp_path):
     paths = make_images(tmp_path / "imgs", 4, bad=False)
-    records = [{"id": str(i), "image": f"imgs/{p.name}", "conversations": [
-        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]} for i, p in enumerate(paths)]
+    records = [
+        {
+            "id": str(i),
+            "image": f"imgs/{p.name}",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        }
+        for i, p in enumerate(paths)
+    ]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + records[:1]))
     assert [it.sample_id for it in list_items(tmp_path / "data.jsonl")] == [f"imgs/{p.name}" for p in paths]
     with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
@@ -85,8 +91,26 @@ def test_llava_and_webdataset_inputs(model_dir, tmp_path):
 
 
 def _cli(model_dir, inputs, out, *extra):
-    return [sys.executable, "-m", "viq", "extract", "--model", str(model_dir), "--input", str(inputs), "--out", str(out),
-            "--workers", "0", "--flush-every", "3", "--batch-tokens", "40", "-q", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "viq",
+        "extract",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(inputs),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--flush-every",
+        "3",
+        "--batch-tokens",
+        "40",
+        "-q",
+        *extra,
+    ]
 
 
 def test_kill_and_resume_gives_the_uninterrupted_store(model_dir, tmp_path):
@@ -95,8 +119,12 @@ def test_kill_and_resume_gives_the_uninterrupted_store(model_dir, tmp_path):
     subprocess.run(_cli(model_dir, tmp_path / "imgs", tmp_path / "ref"), env=env, check=True, capture_output=True)
     rng = random.Random(0)
     for _attempt in range(4):  # killed with SIGKILL at random moments, then re-run
-        proc = subprocess.Popen(_cli(model_dir, tmp_path / "imgs", tmp_path / "killed"), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cli(model_dir, tmp_path / "imgs", tmp_path / "killed"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(1.5, 5.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -111,8 +139,19 @@ def test_two_process_extraction_equals_one(model_dir, tmp_path):
     make_images(tmp_path / "imgs", 10, seed=2, bad=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     subprocess.run(_cli(model_dir, tmp_path / "imgs", tmp_path / "one"), env=env, check=True, capture_output=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 200), "-m", "viq", "extract", *_cli(model_dir, tmp_path / "imgs", tmp_path / "two")[4:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29700 + os.getpid() % 200),
+        "-m",
+        "viq",
+        "extract",
+        *_cli(model_dir, tmp_path / "imgs", tmp_path / "two")[4:],
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = CodeStore.open(tmp_path / "two")
@@ -131,13 +170,41 @@ def test_cli_convention_positional_and_old_flags(model_dir, tmp_path, capsys):
     common = ["--workers", "0", "-q", "--device", "cpu"]
     assert main(["extract", str(model_dir), str(tmp_path / "imgs"), "-o", str(tmp_path / "new"), *common]) == 0
     assert json.loads(capsys.readouterr().out)["encoded"] == 6
-    assert main(["extract", "--model", str(model_dir), "--input", str(tmp_path / "imgs"), "--out",
-                 str(tmp_path / "old"), *common]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(model_dir),
+                "--input",
+                str(tmp_path / "imgs"),
+                "--out",
+                str(tmp_path / "old"),
+                *common,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert store_content(tmp_path / "new") == store_content(tmp_path / "old")
     # Preprocessing flags shared with encode: --square 16 gives every image a 1x1-patch grid.
-    assert main(["extract", str(model_dir), str(tmp_path / "imgs"), "-o", str(tmp_path / "sq"), "--square", "16",
-                 "--attention", "sdpa", *common]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(model_dir),
+                str(tmp_path / "imgs"),
+                "-o",
+                str(tmp_path / "sq"),
+                "--square",
+                "16",
+                "--attention",
+                "sdpa",
+                *common,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert {tuple(c.grid) for _, c in CodeStore.open(tmp_path / "sq")} == {(1, 1)}
     # The same value twice, or one missing: usage errors naming the problem.
@@ -157,9 +224,14 @@ def test_llava_records_with_their_own_resize(model_dir, tmp_path):
 
     paths = make_images(tmp_path / "imgs", 3, bad=False, seed=3)
     resizes = [[96, 64], None, "64x16"]
-    records = [{"id": str(i), "image": {"img_path": f"imgs/{p.name}", "resize": resizes[i]} if resizes[i] else f"imgs/{p.name}",
-                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
-               for i, p in enumerate(paths)]
+    records = [
+        {
+            "id": str(i),
+            "image": {"img_path": f"imgs/{p.name}", "resize": resizes[i]} if resizes[i] else f"imgs/{p.name}",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        }
+        for i, p in enumerate(paths)
+    ]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     extract(model_dir, data, tmp_path / "store", num_workers=0, progress=False)
@@ -184,8 +256,15 @@ def test_one_id_for_two_different_images_is_an_error(model_dir, tmp_path):
     paths = make_images(tmp_path / "imgs", 3, bad=False, seed=5)
     table = pa.table({"key": ["a", "b", "a"], "jpg": [p.read_bytes() for p in paths]})
     pq.write_table(table, tmp_path / "rows.parquet")
-    counts = extract(model_dir, tmp_path / "rows.parquet", tmp_path / "store", image_column="jpg", id_column="key",
-                     num_workers=0, progress=False)
+    counts = extract(
+        model_dir,
+        tmp_path / "rows.parquet",
+        tmp_path / "store",
+        image_column="jpg",
+        id_column="key",
+        num_workers=0,
+        progress=False,
+    )
     assert counts["encoded"] == 2 and counts["failed"] == 1
     errors = [json.loads(line) for line in (tmp_path / "store" / "errors-rank0.jsonl").read_text().splitlines()]
     assert len(errors) == 1 and errors[0]["id"] == "a"
@@ -194,6 +273,13 @@ def test_one_id_for_two_different_images_is_an_error(model_dir, tmp_path):
     assert CodeStore.open(tmp_path / "store").get("a").same_codes(model.encode([str(paths[0])])[0])
     # The same bytes under the same id again is no error (a repeated row).
     pq.write_table(pa.table({"key": ["a"], "jpg": [paths[0].read_bytes()]}), tmp_path / "again.parquet")
-    again = extract(model_dir, tmp_path / "again.parquet", tmp_path / "store", image_column="jpg", id_column="key",
-                    num_workers=0, progress=False)
+    again = extract(
+        model_dir,
+        tmp_path / "again.parquet",
+        tmp_path / "store",
+        image_column="jpg",
+        id_column="key",
+        num_workers=0,
+        progress=False,
+    )
     assert again["failed"] == 0 and again["existing"] == 1

@@ -33,8 +33,10 @@ def write_shards(folder: Path, images: list[Path], per_shard: int, sidecars: boo
             for img in images[s : s + per_shard]:
                 members = [(f"{img.stem}.png", img.read_bytes())]
                 if sidecars:
-                    members += [(f"{img.stem}.json", json.dumps({"caption": img.stem}).encode()),
-                                (f"{img.stem}.txt", img.stem.encode())]
+                    members += [
+                        (f"{img.stem}.json", json.dumps({"caption": img.stem}).encode()),
+                        (f"{img.stem}.txt", img.stem.encode()),
+                    ]
                 for name, data in members:
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -105,8 +107,14 @@ def test_each_shard_read_once_in_stream_mode_and_resume_skips_done_shards(model_
     (tmp_path / "imgs" / "img000.png").write_bytes(images[0].read_bytes())
     shards = write_shards(tmp_path / "shards", images, 3)
     log = OpenLog(monkeypatch)
-    counts = extract(model_dir, str(tmp_path / "shards" / "shard-{00000..00003}.tar"), tmp_path / "store",
-                     num_workers=0, flush_every=2, progress=False)
+    counts = extract(
+        model_dir,
+        str(tmp_path / "shards" / "shard-{00000..00003}.tar"),
+        tmp_path / "store",
+        num_workers=0,
+        flush_every=2,
+        progress=False,
+    )
     assert counts == {"images": 12, "encoded": 12, "existing": 0, "deduplicated": 0, "failed": 0}
     assert sorted(log.calls) == sorted((p.name, "r|*") for p in shards)  # once each, sequentially
     store = CodeStore.open(tmp_path / "store")
@@ -181,8 +189,9 @@ def test_kill_and_resume_tar_shards_gives_the_uninterrupted_store(model_dir, tmp
     extract(model_dir, pattern, tmp_path / "ref", num_workers=0, flush_every=3, batch_tokens=40, progress=False)
     rng = random.Random(1)
     for _ in range(4):  # SIGKILL at random moments, then re-run
-        proc = subprocess.Popen(_cli(model_dir, pattern, tmp_path / "killed"), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cli(model_dir, pattern, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(rng.uniform(1.5, 5.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

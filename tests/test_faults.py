@@ -37,8 +37,13 @@ def assets(tmp_path_factory):
 
 
 def _recipe(tmp_path: Path, assets, name: str = "run", **train) -> Path:
-    r = recipe("stage2_2", tmp_path / name, assets["data"], assets["llm"],
-               train={"max_steps": STEPS, "save_every": 2, "keep_checkpoints": 5, **train})
+    r = recipe(
+        "stage2_2",
+        tmp_path / name,
+        assets["data"],
+        assets["llm"],
+        train={"max_steps": STEPS, "save_every": 2, "keep_checkpoints": 5, **train},
+    )
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(r))
     return path
@@ -49,8 +54,9 @@ def _viq(*args: str, faults: str | None = None, cwd: Path | None = None) -> subp
     env.update(PYTHONWARNINGS="ignore")  # the threads of this process: the same float sums as the reference
     if faults:
         env["VIQ_FAULTS"] = faults
-    return subprocess.run([sys.executable, "-m", "viq", *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "viq", *args], env=env, capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 def _errors(stderr: str) -> list[str]:
@@ -68,7 +74,9 @@ def _one_clear_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def _losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    return [
+        r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +125,17 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(assets, reference, tm
     config = _recipe(tmp_path, assets, save_every=1)
     assert main(["train", "--config", str(config), "--stop-after", "3"]) == 0
     step3 = tmp_path / "run" / "checkpoints" / "step-00000003"
-    victim = {"shard": step3 / "__0_0.distcp", "progress": step3 / "progress.json",
-              "scheduler": step3 / "scheduler.pt"}[damage]
+    victim = {
+        "shard": step3 / "__0_0.distcp",
+        "progress": step3 / "progress.json",
+        "scheduler": step3 / "scheduler.pt",
+    }[damage]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     caplog.set_level(logging.WARNING)
     assert main(["train", "--config", str(config), "--resume"]) == 0
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "step-00000003" in r.getMessage()]
+    warned = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "step-00000003" in r.getMessage()
+    ]
     assert warned and victim.name in warned[0], warned
     assert _losses(tmp_path / "run") == reference
 
@@ -156,8 +169,7 @@ def test_kill_while_writing_final_then_resume(assets, reference, tmp_path):
     nxt = recipe("stage2_2", tmp_path / "next", assets["data"], assets["llm"])
     nxt["model"] = {"init": f"viq:{run / 'final'}"}
     (tmp_path / "next.json").write_text(json.dumps(nxt))
-    _one_clear_line(_viq("train", "--config", str(tmp_path / "next.json")), "adapter_model.safetensors",
-                    "incomplete")
+    _one_clear_line(_viq("train", "--config", str(tmp_path / "next.json")), "adapter_model.safetensors", "incomplete")
     assert not (tmp_path / "next" / "checkpoints").exists()
 
 
@@ -171,17 +183,19 @@ def test_disk_full_while_checkpointing(assets, tmp_path):
 
 def test_two_training_jobs_on_one_folder(assets, tmp_path):
     config = _recipe(tmp_path, assets)
-    first = subprocess.Popen([sys.executable, "-m", "viq", "train", "--config", str(config)],
-                             env={**os.environ, "VIQ_FAULTS": "checkpoint.written=sleep:20", "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "viq", "train", "--config", str(config)],
+        env={**os.environ, "VIQ_FAULTS": "checkpoint.written=sleep:20", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         lock = tmp_path / "run" / ".train.lock"
         deadline = time.time() + 120
         while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.2)
-        _one_clear_line(_viq("train", "--config", str(config), "--resume"), "another training job",
-                        f"pid {first.pid}")
+        _one_clear_line(_viq("train", "--config", str(config), "--resume"), "another training job", f"pid {first.pid}")
     finally:
         first.kill()
         first.wait()
@@ -190,19 +204,22 @@ def test_two_training_jobs_on_one_folder(assets, tmp_path):
 # ------------------------------------------------------------------------------------------ recipes, data
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("optim.betas=abc", "optim.betas"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.save_every=[1,2]", "train.save_every"),
-    ("train=3", "train"),
-    ("model.init=preset:nope", "model.init"),
-    ("train.max_steps=0", "train.max_steps"),
-    ("train.max_steps=-5", "train.max_steps"),
-    ("train.max_steps=1.5", "train.max_steps"),
-    ("train.progress=maybe", "train.progress"),
-    ("optim.lr=fast", "optim.lr"),
-    ("loss.distill=-1", "loss.distill"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.betas=abc", "optim.betas"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.save_every=[1,2]", "train.save_every"),
+        ("train=3", "train"),
+        ("model.init=preset:nope", "model.init"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.max_steps=-5", "train.max_steps"),
+        ("train.max_steps=1.5", "train.max_steps"),
+        ("train.progress=maybe", "train.progress"),
+        ("optim.lr=fast", "optim.lr"),
+        ("loss.distill=-1", "loss.distill"),
+    ],
+)
 def test_bad_recipe_values_are_one_line_naming_the_key(assets, tmp_path, caplog, override, key):
     config = _recipe(tmp_path, assets)
     assert main(["train", "--config", str(config), override]) != 0
@@ -245,10 +262,13 @@ def test_two_extractions_on_one_store(model_dir, tmp_path):
     common = ["--workers", "0", "--flush-every", "4", "-q"]
     # The first holds rank 0 of the store (pausing after its 3rd record); the second, also rank 0,
     # is refused with one line naming the store, the writer and the holder; the first is unaffected.
-    first = subprocess.Popen([sys.executable, "-m", "viq", "extract", str(model_dir), str(tmp_path / "a"), "-o",
-                              str(store), *common],
-                             env={**os.environ, "VIQ_FAULTS": "store.record@3=sleep:8", "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "viq", "extract", str(model_dir), str(tmp_path / "a"), "-o", str(store), *common],
+        env={**os.environ, "VIQ_FAULTS": "store.record@3=sleep:8", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lock = store / "shards" / ".rank0.lock"
     deadline = time.time() + 120
     while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
@@ -267,8 +287,20 @@ def test_two_extractions_on_one_store(model_dir, tmp_path):
 def test_disk_full_and_kill_during_extraction_lose_nothing(model_dir, tmp_path):
     _images(tmp_path / "imgs", 20, seed=3)
     store = tmp_path / "codes.store"
-    args = ["extract", str(model_dir), str(tmp_path / "imgs"), "-o", str(store), "--workers", "0",
-            "--flush-every", "5", "--batch-tokens", "16", "-q"]
+    args = [
+        "extract",
+        str(model_dir),
+        str(tmp_path / "imgs"),
+        "-o",
+        str(store),
+        "--workers",
+        "0",
+        "--flush-every",
+        "5",
+        "--batch-tokens",
+        "16",
+        "-q",
+    ]
     full = _viq(*args, faults="store.record@8=enospc")
     _one_clear_line(full, "No space left on device", "rank0-")
     assert not list((store / "shards").glob("*.tmp"))  # the unfinished shard is gone

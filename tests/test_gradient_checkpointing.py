@@ -72,11 +72,24 @@ def test_an_llm_that_cannot_checkpoint_is_refused(assets, tmp_path):
 def test_dora_checkpointing_fsdp2_on_two_processes(assets, tmp_path):
     """DoRA adapters, activation checkpointing and FSDP2 sharding together: two processes give the
     losses of one (the same tolerance as every 1- vs 2-process comparison: float32 sums in another order)."""
+
     def make(out, world):
-        return recipe("stage2_2", out, assets["data"], assets["llm"], optim={"lr": 1e-3},
-                      llm={"mode": "dora", "lora_dropout": 0.0},
-                      train={"max_steps": 3, "parallel": "fsdp", "batch_size": 4 // world,
-                             "gradient_checkpointing": True, "save_every": 0})
+        return recipe(
+            "stage2_2",
+            out,
+            assets["data"],
+            assets["llm"],
+            optim={"lr": 1e-3},
+            llm={"mode": "dora", "lora_dropout": 0.0},
+            train={
+                "max_steps": 3,
+                "parallel": "fsdp",
+                "batch_size": 4 // world,
+                "gradient_checkpointing": True,
+                "save_every": 0,
+            },
+        )
+
     one = run_recipe(make(tmp_path / "one", 1), 1)
     two = run_recipe(make(tmp_path / "two", 2), 2)
     assert len(one) == len(two) == 3

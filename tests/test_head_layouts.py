@@ -15,8 +15,9 @@ from viq.model.viq import ViQModel
 
 def _config(on_bottleneck: bool, dim: int = 24):
     cfg = get_preset("viq-test")
-    return dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, fsq_on_bottleneck=on_bottleneck,
-                                                             bottleneck_dim=dim))
+    return dataclasses.replace(
+        cfg, head=dataclasses.replace(cfg.head, fsq_on_bottleneck=on_bottleneck, bottleneck_dim=dim)
+    )
 
 
 def test_paper_layout_shapes_and_parameters():

@@ -27,8 +27,9 @@ def commit_hash(label: str) -> str:
     return hashlib.sha1(label.encode()).hexdigest()
 
 
-def cache_repo(cache: Path, repo_id: str, files: dict[str, Path], *, commit: str,
-               refs: tuple[str, ...] = ("main",)) -> Path:
+def cache_repo(
+    cache: Path, repo_id: str, files: dict[str, Path], *, commit: str, refs: tuple[str, ...] = ("main",)
+) -> Path:
     """Put ``files`` (path in the repository -> local file) into ``cache`` as huggingface_hub does:
     blobs named by content hash, the snapshot's files linking to them, ``refs/<ref>`` holding the commit."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
@@ -113,8 +114,13 @@ def test_viq_repo_matches_local_directory(cache, viq_dirs, capsys):
 def test_revision_and_subfolder(cache, viq_dirs, capsys):
     a, b = commit_hash("a"), commit_hash("b")
     cache_repo(cache, "owner/tiny", folder_files(viq_dirs["a"]), commit=a)
-    cache_repo(cache, "owner/tiny", {**folder_files(viq_dirs["b"]), **folder_files(viq_dirs["a"], "sub/dir/")},
-               commit=b, refs=("v2",))
+    cache_repo(
+        cache,
+        "owner/tiny",
+        {**folder_files(viq_dirs["b"]), **folder_files(viq_dirs["a"], "sub/dir/")},
+        commit=b,
+        refs=("v2",),
+    )
     fa, fb = viq.load(viq_dirs["a"]).fingerprint(), viq.load(viq_dirs["b"]).fingerprint()
     assert fa != fb
 
@@ -231,6 +237,7 @@ def test_push_to_hub_with_stub_api(viq_dirs, monkeypatch):
 
             class Info:
                 commit_url = f"https://huggingface.co/{repo_id}/commit/{'0' * 40}"
+
             return Info()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", StubApi)
@@ -268,12 +275,16 @@ def test_llm_path_hub_id_from_cache(cache, tmp_path):
 
     llm_dir = make_llm(tmp_path / "llm")
     cache_repo(cache, "owner/tiny-llm", folder_files(llm_dir), commit=commit_hash("llm"))
-    cfg = TrainConfig.from_dict(recipe("stage1", tmp_path / "out", tmp_path / "unused.json", None,
-                                       llm={"path": "owner/tiny-llm", "mode": "frozen"}))
+    cfg = TrainConfig.from_dict(
+        recipe(
+            "stage1", tmp_path / "out", tmp_path / "unused.json", None, llm={"path": "owner/tiny-llm", "mode": "frozen"}
+        )
+    )
     model, tokenizer = build_model(cfg, device=torch.device("cpu"))
     assert model.llm is not None and tokenizer is not None
-    local = TrainConfig.from_dict(recipe("stage1", tmp_path / "out2", tmp_path / "unused.json", llm_dir,
-                                         llm={"mode": "frozen"}))
+    local = TrainConfig.from_dict(
+        recipe("stage1", tmp_path / "out2", tmp_path / "unused.json", llm_dir, llm={"mode": "frozen"})
+    )
     reference, _ = build_model(local, device=torch.device("cpu"))
     ours, theirs = model.llm.state_dict(), reference.llm.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -283,13 +294,20 @@ def test_llm_path_hub_id_from_cache(cache, tmp_path):
     from viq.eval.qa import load_run
     from viq.train.engine import train
 
-    run = recipe("stage1", tmp_path / "run", make_qa(tmp_path / "qa", n=2), None,
-                 llm={"path": "owner/tiny-llm"}, train={"max_steps": 1, "batch_size": 2, "eval_samples": 0})
+    run = recipe(
+        "stage1",
+        tmp_path / "run",
+        make_qa(tmp_path / "qa", n=2),
+        None,
+        llm={"path": "owner/tiny-llm"},
+        train={"max_steps": 1, "batch_size": 2, "eval_samples": 0},
+    )
     train(TrainConfig.from_dict(run))
     answerer, _ = load_run(tmp_path / "run", "cpu")
     assert answerer.llm is not None
 
-    missing = TrainConfig.from_dict(recipe("stage1", tmp_path / "out3", tmp_path / "unused.json", None,
-                                           llm={"path": "owner/no-llm"}))
+    missing = TrainConfig.from_dict(
+        recipe("stage1", tmp_path / "out3", tmp_path / "unused.json", None, llm={"path": "owner/no-llm"})
+    )
     with pytest.raises(hub.HubNotCachedError, match="owner/no-llm"):
         build_model(missing, device=torch.device("cpu"))

@@ -90,7 +90,12 @@ def png16(arr: np.ndarray, color_type: int) -> bytes:
     h, w = arr.shape[:2]
     raw = b"".join(b"\x00" + arr[i].astype(">u2").tobytes() for i in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def save(image: Image.Image, path: Path, **kw) -> Path:

@@ -21,8 +21,17 @@ from viq.store.reader import CodeStore
 
 SHARDS = [f"shard-{i:05d}.tar" for i in range(8)]
 #: every launcher variable resolve_distributed reads, cleared so the host's environment cannot leak in
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+)
 
 # Runs `viq extract` with tarfile.open recorded: one line per opened file into $VIQ_TEST_OPEN_LOG.
 _SPY = """
@@ -83,11 +92,34 @@ def test_two_processes_with_rank_flags(model_dir, shards, reference, tmp_path):
     procs, logs = [], {}
     for rank in (0, 1):  # both ranks at once, as two independent processes
         logs[rank] = tmp_path / f"opened-{rank}.txt"
-        cmd = [sys.executable, "-c", _SPY, "extract", "--model", str(model_dir), "--input",
-               str(shards / "shard-{00000..00007}.tar"), "--out", str(tmp_path / "store"), "--workers", "0", "-q",
-               "--rank", str(rank), "--world-size", "2"]
-        procs.append(subprocess.Popen(cmd, env={**env, "VIQ_TEST_OPEN_LOG": str(logs[rank])},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cmd = [
+            sys.executable,
+            "-c",
+            _SPY,
+            "extract",
+            "--model",
+            str(model_dir),
+            "--input",
+            str(shards / "shard-{00000..00007}.tar"),
+            "--out",
+            str(tmp_path / "store"),
+            "--workers",
+            "0",
+            "-q",
+            "--rank",
+            str(rank),
+            "--world-size",
+            "2",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env={**env, "VIQ_TEST_OPEN_LOG": str(logs[rank])},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -103,8 +135,13 @@ def test_two_ranks_from_launcher_variables(launcher, model_dir, shards, referenc
     opened = {}
     for rank in (0, 1):
         if launcher == "torchrun":
-            variables = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
-                         "MASTER_PORT": 29511}
+            variables = {
+                "RANK": rank,
+                "WORLD_SIZE": 2,
+                "LOCAL_RANK": rank,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": 29511,
+            }
         else:
             variables = {"SLURM_PROCID": rank, "SLURM_NTASKS": 2, "SLURM_LOCALID": rank, "SLURM_NNODES": 1}
         for name, value in variables.items():
@@ -151,16 +188,27 @@ def test_a_launcher_needs_both_rank_and_world_size():
     assert resolve_distributed(environ={"RANK": "1", "WORLD_SIZE": "2"}).local_rank == 0  # default local rank
 
 
-@pytest.mark.parametrize("kwargs, environ, message", [
-    ({"rank": 2, "world_size": 2}, {}, r"flags: --rank=2 is not a rank of a world of --world-size=2 \(expected 0..1\)"),
-    ({"rank": -1, "world_size": 2}, {}, r"--rank=-1 is not a rank"),
-    ({"rank": 0, "world_size": 0}, {}, r"--world-size=0, the world size must be at least 1"),
-    ({"rank": 1}, {}, r"give both --rank and --world-size \(got rank=1, world_size=None\)"),
-    ({"world_size": 4}, TORCHRUN, r"give both --rank and --world-size \(got rank=None, world_size=4\)"),
-    ({}, {"RANK": "8", "WORLD_SIZE": "8"}, r"torchrun: RANK=8 is not a rank of a world of WORLD_SIZE=8"),
-    ({}, {"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, r"slurm: SLURM_PROCID must be an integer, got 'x'"),
-    ({}, {**OMPI, "OMPI_COMM_WORLD_LOCAL_RANK": "32"}, r"openmpi: OMPI_COMM_WORLD_LOCAL_RANK=32 is not a valid local"),
-])
+@pytest.mark.parametrize(
+    "kwargs, environ, message",
+    [
+        (
+            {"rank": 2, "world_size": 2},
+            {},
+            r"flags: --rank=2 is not a rank of a world of --world-size=2 \(expected 0..1\)",
+        ),
+        ({"rank": -1, "world_size": 2}, {}, r"--rank=-1 is not a rank"),
+        ({"rank": 0, "world_size": 0}, {}, r"--world-size=0, the world size must be at least 1"),
+        ({"rank": 1}, {}, r"give both --rank and --world-size \(got rank=1, world_size=None\)"),
+        ({"world_size": 4}, TORCHRUN, r"give both --rank and --world-size \(got rank=None, world_size=4\)"),
+        ({}, {"RANK": "8", "WORLD_SIZE": "8"}, r"torchrun: RANK=8 is not a rank of a world of WORLD_SIZE=8"),
+        ({}, {"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, r"slurm: SLURM_PROCID must be an integer, got 'x'"),
+        (
+            {},
+            {**OMPI, "OMPI_COMM_WORLD_LOCAL_RANK": "32"},
+            r"openmpi: OMPI_COMM_WORLD_LOCAL_RANK=32 is not a valid local",
+        ),
+    ],
+)
 def test_inconsistent_inputs_are_errors(kwargs, environ, message):
     with pytest.raises(ValueError, match=message):
         resolve_distributed(**kwargs, environ=environ)
@@ -169,8 +217,13 @@ def test_inconsistent_inputs_are_errors(kwargs, environ, message):
 def test_export_torch_env_and_slurm_master():
     env: dict[str, str] = {"SLURM_JOB_NODELIST": "gpu[003-005,9]", "SLURM_NNODES": "3"}
     values = export_torch_env(DistEnv(4, 24, 0, "slurm"), environ=env)
-    assert values == {"RANK": "4", "WORLD_SIZE": "24", "LOCAL_RANK": "0", "MASTER_ADDR": "gpu003",
-                      "MASTER_PORT": "29500"}
+    assert values == {
+        "RANK": "4",
+        "WORLD_SIZE": "24",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "gpu003",
+        "MASTER_PORT": "29500",
+    }
     assert env["MASTER_ADDR"] == "gpu003"
     with pytest.raises(ValueError, match="no MASTER_ADDR"):
         export_torch_env(DistEnv(1, 16, 1, "slurm"), environ={"SLURM_NNODES": "2"})

@@ -78,16 +78,24 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def test_core_never_imports_the_layers_above():
-    bad = [f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
-           for m, edges in GRAPH.items() if _within(m, CORE)
-           for t, line in edges if _within(t, ABOVE_CORE)]
+    bad = [
+        f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
+        for m, edges in GRAPH.items()
+        if _within(m, CORE)
+        for t, line in edges
+        if _within(t, ABOVE_CORE)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_only_the_demo_and_cli_import_the_demo():
-    bad = [f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
-           for m, edges in GRAPH.items() if not _within(m, DEMO_USERS)
-           for t, line in edges if _within(t, ("viq.demo",))]
+    bad = [
+        f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
+        for m, edges in GRAPH.items()
+        if not _within(m, DEMO_USERS)
+        for t, line in edges
+        if _within(t, ("viq.demo",))
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -130,8 +138,11 @@ def test_no_import_cycles():
 def test_modules_are_small():
     """One file per idea: no module of the package or of the benchmarks passes MAX_LINES (no waivers --
     a file that grows past it is split along its ideas)."""
-    long = [f"{path.relative_to(ROOT)}: {path.read_text().count(chr(10))} lines"
-            for path in [*MODULES.values(), *BENCH_MODULES] if path.read_text().count("\n") > MAX_LINES]
+    long = [
+        f"{path.relative_to(ROOT)}: {path.read_text().count(chr(10))} lines"
+        for path in [*MODULES.values(), *BENCH_MODULES]
+        if path.read_text().count("\n") > MAX_LINES
+    ]
     assert not long, f"over {MAX_LINES} lines:\n" + "\n".join(long)
 
 
@@ -142,8 +153,11 @@ def test_no_private_names_across_modules():
     for path in [*MODULES.values(), *BENCH_MODULES]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("viq", "bench"):
-                bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
-                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                bad += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not bad, "\n".join(bad)
 
 
@@ -151,8 +165,13 @@ def test_benchmarks_are_a_package():
     """The benchmarks run as ``python -m bench.<name>`` and import ``bench.common`` and the installed
     ``viq``; none edits ``sys.path``, so each runs the same from any folder, in the tests or by hand."""
     assert (ROOT / "bench" / "__init__.py").is_file()
-    bad = [f"{path.relative_to(ROOT)}:{i}" for path in [*BENCH_MODULES, *(ROOT / "tests").glob("*.py")] if path.name != "test_layout.py"
-           for i, line in enumerate(path.read_text().splitlines(), 1) if "sys.path.insert" in line]
+    bad = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for path in [*BENCH_MODULES, *(ROOT / "tests").glob("*.py")]
+        if path.name != "test_layout.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if "sys.path.insert" in line
+    ]
     assert not bad, "sys.path edited in " + ", ".join(bad)
 
 
@@ -163,17 +182,28 @@ def test_few_modules_at_the_package_root():
 
 def _occurrences(pattern: str) -> list[str]:
     regex = re.compile(pattern)
-    return [f"{path.relative_to(SRC)}:{i}" for path in MODULES.values()
-            for i, line in enumerate(path.read_text().splitlines(), 1) if regex.search(line)]
+    return [
+        f"{path.relative_to(SRC)}:{i}"
+        for path in MODULES.values()
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if regex.search(line)
+    ]
 
 
-@pytest.mark.parametrize(("what", "pattern", "home"), [
-    ("image extensions", r"^\s*IMAGE_EXTENSIONS\s*[:=]", "viq/formats/image.py"),
-    ("temporary files of atomic writes", r"mkstemp\(", "viq/_io.py"),
-    ("the image-id rule (relative path, or the full path outside the root)", r"""startswith\(\s*["']\.\.""", "viq/store/ids.py"),
-    ("code-usage entropy", r"log2?\(p\)", "viq/formats/bits.py"),
-    ("the stage table", r"^\s*STAGES\s*[:=]", "viq/train/stages.py"),
-])
+@pytest.mark.parametrize(
+    ("what", "pattern", "home"),
+    [
+        ("image extensions", r"^\s*IMAGE_EXTENSIONS\s*[:=]", "viq/formats/image.py"),
+        ("temporary files of atomic writes", r"mkstemp\(", "viq/_io.py"),
+        (
+            "the image-id rule (relative path, or the full path outside the root)",
+            r"""startswith\(\s*["']\.\.""",
+            "viq/store/ids.py",
+        ),
+        ("code-usage entropy", r"log2?\(p\)", "viq/formats/bits.py"),
+        ("the stage table", r"^\s*STAGES\s*[:=]", "viq/train/stages.py"),
+    ],
+)
 def test_invariant_defined_once(what, pattern, home):
     found = _occurrences(pattern)
     assert len(found) == 1 and found[0].startswith(home + ":"), f"{what}: expected once in {home}, found {found}"
@@ -181,9 +211,12 @@ def test_invariant_defined_once(what, pattern, home):
 
 def test_image_token_written_once():
     """The ``<image>`` placeholder is one constant; every other module imports it."""
-    found = [f"{path.relative_to(SRC)}:{node.lineno}" for path in MODULES.values()
-             for node in ast.walk(ast.parse(path.read_text()))
-             if isinstance(node, ast.Constant) and node.value == "<image>"]
+    found = [
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in MODULES.values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value == "<image>"
+    ]
     assert len(found) == 1 and found[0].startswith("viq/mllm/chat.py:"), found
 
 
@@ -191,12 +224,20 @@ def test_evaluation_never_imports_training():
     """The layers, bottom up: core (model, formats, store) < data, mllm < eval < train < demo, cli.
     Evaluation answers with the chat model (viq.mllm.model) and scores with viq.eval.answers; training
     imports evaluation (its validation uses the same metrics), never the other way round."""
-    bad = [f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
-           for m, edges in GRAPH.items() if _within(m, ("viq.eval",))
-           for t, line in edges if _within(t, ("viq.train", "viq.demo", "viq.cli"))]
+    bad = [
+        f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
+        for m, edges in GRAPH.items()
+        if _within(m, ("viq.eval",))
+        for t, line in edges
+        if _within(t, ("viq.train", "viq.demo", "viq.cli"))
+    ]
     assert not bad, "\n".join(bad)
     below_eval = ("viq.mllm", "viq.data", *CORE)
-    bad = [f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
-           for m, edges in GRAPH.items() if _within(m, below_eval)
-           for t, line in edges if _within(t, ("viq.eval", "viq.train"))]
+    bad = [
+        f"{MODULES[m].relative_to(SRC)}:{line} imports {t}"
+        for m, edges in GRAPH.items()
+        if _within(m, below_eval)
+        for t, line in edges
+        if _within(t, ("viq.eval", "viq.train"))
+    ]
     assert not bad, "\n".join(bad)

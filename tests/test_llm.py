@@ -154,10 +154,14 @@ def test_two_round_labels_exact(chat, llm):
     # Supervised: exactly each reply + <|im_end|> (no "assistant", no "\n" header or trailing "\n").
     runs = supervised_runs(conv.input_ids, conv.labels)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
+
     def enc(s):
         return tok(s, add_special_tokens=False)["input_ids"]
+
     assert runs == [enc("A cat sitting on a mat.") + [im_end], enc("The dog is small.") + [im_end]]
-    decoded = tok.decode([i for i, label in zip(conv.input_ids.tolist(), conv.labels.tolist()) if label != IGNORE_INDEX])
+    decoded = tok.decode(
+        [i for i, label in zip(conv.input_ids.tolist(), conv.labels.tolist()) if label != IGNORE_INDEX]
+    )
     assert decoded == "A cat sitting on a mat.<|im_end|>The dog is small.<|im_end|>"
     # Everything before the first answer (system, user, image, header) is ignored, and the header
     # "<|im_start|>assistant\n" ends right before the first supervised token.
@@ -281,7 +285,7 @@ def test_truncate(chat):
     assert truncate(ids, labels, ph[2] + 1 + 2 * 39 + 10, [40, 40, 40]) is None  # last image cut
     assert truncate(ids, labels, ph[2], [1, 1, 1]) is None  # last image dropped
     first_answer = int((labels != IGNORE_INDEX).nonzero()[0])
-    assert truncate(ids[:first_answer + 5], labels[:first_answer + 5], first_answer) is None  # no target left
+    assert truncate(ids[: first_answer + 5], labels[: first_answer + 5], first_answer) is None  # no target left
     with pytest.raises(ValueError, match="placeholders"):
         truncate(ids, labels, 10, [1])
 

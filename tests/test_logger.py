@@ -40,8 +40,14 @@ def wandb_offline(tmp_path_factory):
 
 
 def _cfg(assets, out: Path, stage: str = "stage2_2", **train_section) -> TrainConfig:
-    r = recipe(stage, out, assets["data"], assets["llm"], data={"val": str(assets["data"])},
-               train={"eval_samples": 2, **train_section})
+    r = recipe(
+        stage,
+        out,
+        assets["data"],
+        assets["llm"],
+        data={"val": str(assets["data"])},
+        train={"eval_samples": 2, **train_section},
+    )
     return TrainConfig.from_dict(r)
 
 
@@ -61,8 +67,17 @@ def logged(assets, wandb_offline, tmp_path_factory):
     """A stage 2-2 run (LLM, codes, reconstructions) of 5 steps, logged every 2, validated every 2,
     with TensorBoard and W&B offline."""
     out = tmp_path_factory.mktemp("logged") / "run"
-    cfg = _cfg(assets, out, max_steps=5, log_every=2, eval_every=2, log_images=2,
-               trackers=["tensorboard", "wandb"], wandb_mode="offline", wandb_project="viq-test")
+    cfg = _cfg(
+        assets,
+        out,
+        max_steps=5,
+        log_every=2,
+        eval_every=2,
+        log_images=2,
+        trackers=["tensorboard", "wandb"],
+        wandb_mode="offline",
+        wandb_project="viq-test",
+    )
     summary = train(cfg)
     return {"out": out, "summary": summary, "cfg": cfg}
 
@@ -75,7 +90,7 @@ def test_records_every_log_every_steps_with_window_means(logged):
     assert [r["step"] for r in records] == [2, 4, 5]  # every 2 steps, and the last one
     assert [r["steps"] for r in records] == [2, 2, 1]
     for record in records:
-        window = history[record["step"] - record["steps"]: record["step"]]
+        window = history[record["step"] - record["steps"] : record["step"]]
         for key in WINDOW_MEANS:
             assert record[key] == pytest.approx(sum(h[key] for h in window) / len(window), rel=1e-12), key
         last = window[-1]
@@ -91,8 +106,10 @@ def test_records_every_log_every_steps_with_window_means(logged):
         assert {f"code_usage_slot{j}" for j in range(slots)} <= set(record), sorted(record)
         assert all(0 < record[f"code_usage_slot{j}"] <= record["code_usage"] + 1e-12 for j in range(slots))
         assert all(record[f"code_entropy_bits_slot{j}"] <= math.log2(codebook) for j in range(slots))
-        assert all(record[f"code_perplexity_slot{j}"] == pytest.approx(2 ** record[f"code_entropy_bits_slot{j}"])
-                   for j in range(slots))
+        assert all(
+            record[f"code_perplexity_slot{j}"] == pytest.approx(2 ** record[f"code_entropy_bits_slot{j}"])
+            for j in range(slots)
+        )
     assert records[0]["time"] < records[1]["time"] < records[2]["time"]
     assert records[0]["wall_time"] <= records[-1]["wall_time"]
     # The LR a step used: constant schedule here (warmup 0, min_lr_ratio 1) -> the recipe's rate.
@@ -118,7 +135,7 @@ def test_eval_records_and_reconstruction_images(logged, assets):
         h, w = original.shape[:2]
         assert picture.shape == (h, 2 * w + 2, 3)
         assert np.array_equal(picture[:, :w], original)  # the validation image itself, then its reconstruction
-        assert not np.array_equal(picture[:, w + 2:], original)
+        assert not np.array_equal(picture[:, w + 2 :], original)
 
 
 def test_tensorboard_events(logged):
@@ -153,8 +170,15 @@ def test_curves_of_the_run(logged, tmp_path):
 def test_resume_appends_without_duplicates(assets, tmp_path):
     """A run that logged past its last checkpoint, then resumed: the log reads as the uninterrupted
     run's (same records, same values: the window of step 2 spans the resume), TensorBoard included."""
-    common = {"max_steps": 4, "log_every": 2, "save_every": 1, "keep_checkpoints": 5, "eval_every": 2,
-              "eval_samples": 1, "log_images": 1}
+    common = {
+        "max_steps": 4,
+        "log_every": 2,
+        "save_every": 1,
+        "keep_checkpoints": 5,
+        "eval_every": 2,
+        "eval_samples": 1,
+        "log_images": 1,
+    }
     train(_cfg(assets, tmp_path / "full", **common))
     assert not (tmp_path / "full" / "tensorboard").exists() and not (tmp_path / "full" / "wandb").exists()
     cfg = _cfg(assets, tmp_path / "cut", trackers=["tensorboard"], **common)
@@ -168,8 +192,11 @@ def test_resume_appends_without_duplicates(assets, tmp_path):
     resumed = train(cfg, resume=True)
     assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
     a, b = read_metrics(tmp_path / "full"), read_metrics(out)
-    assert [(r["kind"], r["step"]) for r in b] == [(r["kind"], r["step"]) for r in a] == [
-        ("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
+    assert (
+        [(r["kind"], r["step"]) for r in b]
+        == [(r["kind"], r["step"]) for r in a]
+        == [("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
+    )
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for key in ("loss", "text", "recon", "grad_norm", "code_usage", "val_text", "latent_mse", "psnr"):
@@ -200,8 +227,16 @@ def test_window_arithmetic_and_truncation(assets, tmp_path):
     log = RunLogger(tmp_path / "run", cfg, main=True)
     history = []
     for step in range(1, 8):
-        history.append({"step": step, "loss": float(step), "lr": {"encoder": 0.1 * step}, "step_time": float(step),
-                        "samples_per_s": 2.0 if step % 2 else 4.0, "time": float(step * step)})
+        history.append(
+            {
+                "step": step,
+                "loss": float(step),
+                "lr": {"encoder": 0.1 * step},
+                "step_time": float(step),
+                "samples_per_s": 2.0 if step % 2 else 4.0,
+                "time": float(step * step),
+            }
+        )
         log.log_step(history)
         if step % 3 == 0:
             log.log_eval({"val_text": float(step)}, step)
@@ -230,12 +265,15 @@ def test_read_metrics_errors(tmp_path):
         read_metrics(tmp_path)
 
 
-@pytest.mark.parametrize("train_section, message", [
-    ({"trackers": ["tensorboard", "mlflow"]}, r"train.trackers: unknown \['mlflow'\]"),
-    ({"log_every": 0}, "train.log_every must be >= 1"),
-    ({"wandb_mode": "cloud"}, "train.wandb_mode must be offline, online or disabled"),
-    ({"tensorboard": "yes", "trackers": ["neptune"]}, r"train.trackers: unknown \['neptune'\]"),
-])
+@pytest.mark.parametrize(
+    "train_section, message",
+    [
+        ({"trackers": ["tensorboard", "mlflow"]}, r"train.trackers: unknown \['mlflow'\]"),
+        ({"log_every": 0}, "train.log_every must be >= 1"),
+        ({"wandb_mode": "cloud"}, "train.wandb_mode must be offline, online or disabled"),
+        ({"tensorboard": "yes", "trackers": ["neptune"]}, r"train.trackers: unknown \['neptune'\]"),
+    ],
+)
 def test_logging_options_are_checked(train_section, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict({"train": train_section})

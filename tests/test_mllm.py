@@ -33,8 +33,9 @@ def mllm_recipe(setup, out, **sections):
 
 
 def test_llm_learns_from_stored_codes(setup, tmp_path):
-    cfg = TrainConfig.from_dict(mllm_recipe(setup, tmp_path / "run", train={"max_steps": 40, "batch_size": 4,
-                                                                             "eval_samples": 4}))
+    cfg = TrainConfig.from_dict(
+        mllm_recipe(setup, tmp_path / "run", train={"max_steps": 40, "batch_size": 4, "eval_samples": 4})
+    )
     before_model, tokenizer = build_model(cfg, device=torch.device("cpu"))
     before = evaluate(before_model, cfg, tokenizer, torch.device("cpu"))
     summary = train(cfg)
@@ -64,8 +65,14 @@ def test_offline_path_equals_online_path(setup, tmp_path):
     r["model"]["init"] = f"viq:{tmp_path / 'viq'}"
     r["data"]["codes"] = str(tmp_path / "store")
     offline, tokenizer = build_model(TrainConfig.from_dict(r), device=torch.device("cpu"))
-    s22 = recipe("stage2_2", tmp_path / "online", setup["data"], setup["llm"], llm={"mode": "full"},
-                 loss={"distill": 0.0, "recon": 0.0, "commit": 0.0})
+    s22 = recipe(
+        "stage2_2",
+        tmp_path / "online",
+        setup["data"],
+        setup["llm"],
+        llm={"mode": "full"},
+        loss={"distill": 0.0, "recon": 0.0, "commit": 0.0},
+    )
     s22["model"] = {"init": f"viq:{tmp_path / 'viq'}"}
     online, _ = build_model(TrainConfig.from_dict(s22), device=torch.device("cpu"))
     online.projector.load_state_dict(offline.projector.state_dict())

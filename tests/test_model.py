@@ -51,8 +51,13 @@ def test_codes_identical_across_attention_backends(test_model, backend):
     ref = test_model.encode_pixels(pixels)
     with torch.no_grad():
         tokens, packed = test_model.encoder([pad_to_patches(p, 16) for p in pixels])
-        margins = packed.split(0.5 - (lambda b: (b - b.round()).abs())(test_model.head.fsq.bound(
-            test_model.head.pre_quantize(tokens, packed))).amin(-1), 4)
+        margins = packed.split(
+            0.5
+            - (lambda b: (b - b.round()).abs())(
+                test_model.head.fsq.bound(test_model.head.pre_quantize(tokens, packed))
+            ).amin(-1),
+            4,
+        )
     test_model.set_attention_backend(backend)
     try:
         other = test_model.encode_pixels(pixels)
@@ -183,8 +188,14 @@ def test_encode_stream_yields_codes_or_error_per_item_in_order(test_model, tmp_p
     pulled = []
 
     def items():  # a generator: read lazily, a pack at a time
-        for item in [tmp_path / "a.png", tmp_path / "bad.png", arrays[1],
-                     torch.zeros(4, 8, 8), prepared, ref[0].flat()]:
+        for item in [
+            tmp_path / "a.png",
+            tmp_path / "bad.png",
+            arrays[1],
+            torch.zeros(4, 8, 8),
+            prepared,
+            ref[0].flat(),
+        ]:
             pulled.append(item)
             yield item
 
@@ -242,9 +253,11 @@ def test_fingerprint_is_the_same_for_every_component_subset(test_model, official
     assert viq.load(tmp_path / "d").fingerprint() == expected
     # Official directory, any dtype, any components, and its viq conversion: one id.
     official = viq.load(official_dir, num_heads=4, components=["encoder"])
-    ids = {official.fingerprint(),
-           viq.load(official_dir, num_heads=4, components=["embedder"]).fingerprint(),
-           viq.load(official_dir, num_heads=4, dtype=torch.bfloat16, components=["encoder"]).fingerprint()}
+    ids = {
+        official.fingerprint(),
+        viq.load(official_dir, num_heads=4, components=["embedder"]).fingerprint(),
+        viq.load(official_dir, num_heads=4, dtype=torch.bfloat16, components=["encoder"]).fingerprint(),
+    }
     assert len(ids) == 1 and expected not in ids
     bare = viq.ViQModel.from_config("viq-test", components=["embedder"])
     with pytest.raises(RuntimeError, match="no encoder"):

@@ -181,7 +181,8 @@ def test_bfloat16_load_agrees_with_float32(official_dir, fixture):
     images = pixels(fixture)
     codes32, b32 = _codes_and_bounded(viq.load(official_dir, num_heads=4, components=["encoder"]), images)
     codes16, b16 = _codes_and_bounded(
-        viq.load(official_dir, dtype=torch.bfloat16, num_heads=4, components=["encoder"]), images)
+        viq.load(official_dir, dtype=torch.bfloat16, num_heads=4, components=["encoder"]), images
+    )
     for i, c in enumerate(codes32):  # the float32 load is the golden one
         assert torch.equal(c, fixture["expected"][f"indices_{i}"].flatten())
     margin = 0.5 - (b32 - b32.round()).abs()  # distance of each value to its rounding boundary

@@ -36,8 +36,14 @@ def test_constraints_pin_this_machines_torch_and_forbid_torchvision():
 
     from packaging.requirements import Requirement
 
-    pins = {r.name: r.specifier for r in (Requirement(ln.split("#")[0].strip()) for ln in
-            (REPO / "constraints.txt").read_text().splitlines() if ln.split("#")[0].strip())}
+    pins = {
+        r.name: r.specifier
+        for r in (
+            Requirement(ln.split("#")[0].strip())
+            for ln in (REPO / "constraints.txt").read_text().splitlines()
+            if ln.split("#")[0].strip()
+        )
+    }
     assert str(pins["torch"]) == "==2.13.0"
     # torchvision / torchaudio: a pin no published release can satisfy, so any package pulling them in
     # fails to resolve instead of installing a CUDA build...

@@ -126,8 +126,15 @@ def test_parameter_names_and_init():
     torch.manual_seed(0)
     proj = MMProjector(8, 256)
     names = set(dict(proj.named_parameters()))
-    assert {"proj1.weight", "pooler.predictor.0.weight", "pooler.predictor.2.weight", "proj2.weight",
-            "image_newline", "image_begin", "image_end"} <= names
+    assert {
+        "proj1.weight",
+        "pooler.predictor.0.weight",
+        "pooler.predictor.2.weight",
+        "proj2.weight",
+        "image_newline",
+        "image_begin",
+        "image_end",
+    } <= names
     assert proj.pooler.predictor[0].in_features == 512
     # N(0, 1/D): std ~ 1/16
     assert abs(proj.image_newline.std().item() - 1 / 16) < 0.02

@@ -31,8 +31,9 @@ LLM_B = pc.LLMWidths(hidden=96, heads=4, kv_heads=2, intermediate=160, layers=2)
 def _data(root: Path) -> dict[str, Path]:
     """8 QA records (4 sizes; every other one with the authors' per-record resize), the same images
     as a folder (drawer), and as LLaVA-OneVision-style Parquet with the image bytes in the rows."""
-    return pc.colour_square_qa(root, 8, sizes=[(96, 144), (150, 100), (64, 64), (200, 120)], square=(10, 40),
-                               resize="224x32")
+    return pc.colour_square_qa(
+        root, 8, sizes=[(96, 144), (150, 100), (64, 64), (200, 120)], square=(10, 40), resize="224x32"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,13 @@ def world(tmp_path_factory, request):
 def _train(world, recipe: str, out: str, *overrides: str, command: str = "train") -> int:
     """``viq train --config recipes/paper/<recipe>.yaml`` with paths and step counts changed."""
     d = world["data"]
-    common = [f"train.output_dir={world['runs'] / out}", "train.max_steps=2", "train.save_every=0",
-              "train.precision=fp32", "train.progress=false"]
+    common = [
+        f"train.output_dir={world['runs'] / out}",
+        "train.max_steps=2",
+        "train.save_every=0",
+        "train.precision=fp32",
+        "train.progress=false",
+    ]
     if recipe != "drawer":
         common += [f"data.train={d['jsonl']}", f"data.image_root={d['root']}", "data.resolution_schedule=[]"]
     if recipe == "stage1":
@@ -78,8 +84,13 @@ def chain(world):
     codes["stage1"] = _train(world, "stage1", "stage1", f"model.init=hf-siglip:{paths['naflex']}")
     codes["stage2_1"] = _train(world, "stage2_1", "stage2_1", f"model.init=viq:{runs / 'stage1' / 'final'}")
     codes["stage2_2"] = _train(world, "stage2_2", "stage2_2", f"model.init=viq:{runs / 'stage2_1' / 'final'}")
-    codes["drawer"] = _train(world, "drawer", "drawer", f"model.init=viq:{runs / 'stage2_2' / 'final'}",
-                             f"data.train={world['data']['folder']}")
+    codes["drawer"] = _train(
+        world,
+        "drawer",
+        "drawer",
+        f"model.init=viq:{runs / 'stage2_2' / 'final'}",
+        f"data.train={world['data']['folder']}",
+    )
     return codes
 
 
@@ -88,9 +99,15 @@ def test_every_stage_runs_from_public_checkpoints(chain, world):
     runs = world["runs"]
     stage1 = json.loads((runs / "stage1" / "final" / "stage.json").read_text())
     # the teacher is SigLIP2 as published: its own 16x16 NaFlex table, not the student's 128x128 resize
-    assert stage1["teacher"]["encoder"]["pos_grid"] == 16 and stage1["recipe"]["model"]["config"]["encoder"]["pos_grid"] == 128
-    evals = [json.loads(line) for line in (runs / "stage1" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "eval"]
+    assert (
+        stage1["teacher"]["encoder"]["pos_grid"] == 16
+        and stage1["recipe"]["model"]["config"]["encoder"]["pos_grid"] == 128
+    )
+    evals = [
+        json.loads(line)
+        for line in (runs / "stage1" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "eval"
+    ]
     assert evals, "stage 1 validated (eval_every with data.val)"
     assert stage1["llm"]["identity"]["hidden_size"] == LLM_A.hidden
 
@@ -101,8 +118,18 @@ def test_stage1_from_the_other_siglip_formats(world, source):
     extra = []
     if source == "authors":  # the authors' stage-1 file is not the teacher: the published SigLIP2 is
         extra = [f"loss.teacher=timm-siglip:{world['paths']['open_clip']}"]
-    assert _train(world, "stage1", f"stage1-{source}", f"model.init={spec}{world['paths'][source]}",
-                  "train.max_steps=1", "train.eval_every=0", *extra) == 0
+    assert (
+        _train(
+            world,
+            "stage1",
+            f"stage1-{source}",
+            f"model.init={spec}{world['paths'][source]}",
+            "train.max_steps=1",
+            "train.eval_every=0",
+            *extra,
+        )
+        == 0
+    )
     final = world["runs"] / f"stage1-{source}" / "final"
     teacher = json.loads((final / "stage.json").read_text())["teacher"]
     assert teacher["encoder"]["pos_grid"] == 24  # 384 / 16: the published table, unresized
@@ -160,30 +187,64 @@ def test_encode_decode_extract_and_an_mllm_with_another_llm(world, chain, caplog
     # An MLLM on the stored codes, with an LLM of another width than the tokenizer stages used,
     # starting from stage 2-2's output (which holds a projector and adapter for the first LLM).
     caplog.set_level(logging.INFO)
-    rc = _train(world, "mllm", "mllm", f"model.init=viq:{runs / 'stage2_2' / 'final'}",
-                f"llm.path={world['paths']['llm_b']}", "llm.mode=dora", "llm.lora_r=8", f"data.codes={store}",
-                f"data.val={d['jsonl']}", "train.eval_every=0", "train.batch_size=2", "train.grad_accum=1",
-                "train.parallel=ddp", "train.gradient_checkpointing=false", command="train-mllm")
+    rc = _train(
+        world,
+        "mllm",
+        "mllm",
+        f"model.init=viq:{runs / 'stage2_2' / 'final'}",
+        f"llm.path={world['paths']['llm_b']}",
+        "llm.mode=dora",
+        "llm.lora_r=8",
+        f"data.codes={store}",
+        f"data.val={d['jsonl']}",
+        "train.eval_every=0",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.parallel=ddp",
+        "train.gradient_checkpointing=false",
+        command="train-mllm",
+    )
     assert rc == 0
     assert any("start fresh" in r.getMessage() and "made for" in r.getMessage() for r in caplog.records)
     # Taking them over anyway is an explicit choice, refused with one line when they do not fit.
     caplog.clear()
-    rc = _train(world, "mllm", "mllm-inherit", f"model.init=viq:{runs / 'stage2_2' / 'final'}",
-                f"llm.path={world['paths']['llm_b']}", "llm.inherit=true", f"data.codes={store}",
-                f"data.val={d['jsonl']}", "train.eval_every=0", "train.parallel=ddp", command="train-mllm")
+    rc = _train(
+        world,
+        "mllm",
+        "mllm-inherit",
+        f"model.init=viq:{runs / 'stage2_2' / 'final'}",
+        f"llm.path={world['paths']['llm_b']}",
+        "llm.inherit=true",
+        f"data.codes={store}",
+        f"data.val={d['jsonl']}",
+        "train.eval_every=0",
+        "train.parallel=ddp",
+        command="train-mllm",
+    )
     assert rc != 0
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "llm.inherit=true" in errors[0] and "made for" in errors[0]
-    assert main(["eval-qa", str(runs / "mllm"), str(d["jsonl"]), "--baselines", "--json",
-                 str(tmp_path / "qa.json")]) == 0
+    assert (
+        main(["eval-qa", str(runs / "mllm"), str(d["jsonl"]), "--baselines", "--json", str(tmp_path / "qa.json")]) == 0
+    )
     result = json.loads((tmp_path / "qa.json").read_text())
     assert result["n"] == 8 and set(result["baselines"]) == {"blank", "shuffled"}
 
 
 def test_stage1_reads_parquet_with_image_bytes(world):
     d = world["data"]
-    assert _train(world, "stage1", "stage1-parquet", f"model.init=hf-siglip:{world['paths']['naflex']}",
-                  f"data.train={d['parquet']}", "train.max_steps=1", "train.eval_every=0") == 0
+    assert (
+        _train(
+            world,
+            "stage1",
+            "stage1-parquet",
+            f"model.init=hf-siglip:{world['paths']['naflex']}",
+            f"data.train={d['parquet']}",
+            "train.max_steps=1",
+            "train.eval_every=0",
+        )
+        == 0
+    )
 
 
 def test_generation_stops_at_the_end_of_the_turn_with_a_base_tokenizer(world, tmp_path):
@@ -204,9 +265,19 @@ def test_generation_stops_at_the_end_of_the_turn_with_a_base_tokenizer(world, tm
     red = hf("red", add_special_tokens=False)["input_ids"]
     assert newline not in red and len(set(red)) == len(red)
     n = len(hf)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=n, hidden_size=n, num_hidden_layers=0, num_attention_heads=1,
-                                         num_key_value_heads=1, intermediate_size=4, tie_word_embeddings=False,
-                                         eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=n,
+            hidden_size=n,
+            num_hidden_layers=0,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            intermediate_size=4,
+            tie_word_embeddings=False,
+            eos_token_id=hf.eos_token_id,
+            pad_token_id=hf.pad_token_id,
+        )
+    ).eval()
     chain = [newline, *red, im_end]
     following = dict(zip(chain, chain[1:] + [newline]))
     with torch.no_grad():
@@ -220,8 +291,13 @@ def test_generation_stops_at_the_end_of_the_turn_with_a_base_tokenizer(world, tm
     answer = generate_answer(model, chat, prompt, max_new_tokens=12)
     assert answer == "red"
     # Stopping at eos alone (what a base model's generation config says) runs into the next turns.
-    out = model.generate(inputs_embeds=model.get_input_embeddings()(prompt)[None], max_new_tokens=12,
-                         do_sample=False, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
+    out = model.generate(
+        inputs_embeds=model.get_input_embeddings()(prompt)[None],
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=hf.eos_token_id,
+        pad_token_id=hf.pad_token_id,
+    )
     assert hf.decode(out[0], skip_special_tokens=True).count("red") > 1
 
 
@@ -236,10 +312,12 @@ def documented_commands() -> list[str]:
     """The commands of the first bash block under "## From public checkpoints", continuation lines joined,
     comments and blank lines left out."""
     text = DOCS.read_text()
-    section = text[text.index("## From public checkpoints"):]
-    block = section[section.index("```bash\n") + 8: section.index("\n```", section.index("```bash\n"))]
+    section = text[text.index("## From public checkpoints") :]
+    block = section[section.index("```bash\n") + 8 : section.index("\n```", section.index("```bash\n"))]
     joined = block.replace("\\\n", " ")
-    return [" ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        " ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_the_documented_commands_run_as_written(tmp_path):
@@ -267,11 +345,13 @@ def test_the_documented_commands_run_as_written(tmp_path):
     pc.hub_cache_entry(cache, "timm/ViT-gopt-16-SigLIP2-384", siglip.parent)
     pc.hub_cache_entry(cache, "Qwen/Qwen2.5-0.5B", pc.qwen2_llm(art / "qwen-0.5b", corpus, LLM_A))
     pc.hub_cache_entry(cache, "Qwen/Qwen-Image", pc.qwen_image_vae(art / "vae", base_dim=16), subfolder="vae")
-    pc.hub_cache_entry(cache, "Qwen/Qwen2.5-7B-Instruct",
-                       pc.qwen2_llm(art / "qwen-7b", corpus, LLM_B, instruct=True, seed=1))
+    pc.hub_cache_entry(
+        cache, "Qwen/Qwen2.5-7B-Instruct", pc.qwen2_llm(art / "qwen-7b", corpus, LLM_B, instruct=True, seed=1)
+    )
     # the data: LLaVA-OneVision-style Parquet (data/ov/<subset>), LLaVA JSONL, an image folder, photos
-    data = pc.colour_square_qa(project / "data", 8, sizes=[(96, 144), (150, 100), (64, 64), (200, 120)],
-                               square=(10, 40), resize="224x32")
+    data = pc.colour_square_qa(
+        project / "data", 8, sizes=[(96, 144), (150, 100), (64, 64), (200, 120)], square=(10, 40), resize="224x32"
+    )
     (project / "data" / "ov" / "tiny").mkdir(parents=True)
     data["parquet"].rename(project / "data" / "ov" / "tiny" / "ov.parquet")
     for name in ("val.jsonl", "mllm.jsonl", "test.jsonl"):
@@ -279,8 +359,13 @@ def test_the_documented_commands_run_as_written(tmp_path):
     shutil.copytree(data["folder"], project / "photos")
 
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "HF_HUB_CACHE": str(cache),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     for command in commands:
         run = command.replace("<subset>", "tiny").replace("--nproc_per_node 8", "--nproc_per_node 2")
         if " --local-dir " in run:  # a download into a folder: that folder is the one made above
@@ -289,8 +374,7 @@ def test_the_documented_commands_run_as_written(tmp_path):
             continue
         if " viq train" in run or " viq train-mllm" in run:
             run += " train.max_steps=2"
-        done = subprocess.run(["bash", "-c", run], cwd=project, env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(["bash", "-c", run], cwd=project, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{run}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
     for stage in ("stage1", "stage2_1", "stage2_2", "drawer", "mllm"):

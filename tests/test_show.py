@@ -74,8 +74,25 @@ def test_model(lively):
 def page(model_dir, images, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("show-page") / "page.html"
     # docs/show.md's command (paths substituted)
-    assert main(["show", str(model_dir), str(images), "--limit", "4", "--top-codes", "6", "-o", str(out), "-q",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "show",
+                str(model_dir),
+                str(images),
+                "--limit",
+                "4",
+                "--top-codes",
+                "6",
+                "-o",
+                str(out),
+                "-q",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -89,7 +106,7 @@ def _sections(html_text: str) -> list[dict[str, str]]:
 
 def _card_html(html_text: str, i: int) -> str:
     start = html_text.index(f'<section class="card" id="img{i}"')
-    return html_text[start: html_text.index("</section>", start)]
+    return html_text[start : html_text.index("</section>", start)]
 
 
 def _codes_of(section: dict[str, str]) -> np.ndarray:
@@ -100,8 +117,23 @@ def _codes_of(section: dict[str, str]) -> np.ndarray:
 
 def test_page_figures_equal_eval_recon(page, model_dir, images, tmp_path):
     result_path = tmp_path / "r.json"
-    assert main(["eval-recon", str(model_dir), str(images), "--json", str(result_path), "-q", "--device", "cpu",
-                 "--qualities", "50"]) == 0
+    assert (
+        main(
+            [
+                "eval-recon",
+                str(model_dir),
+                str(images),
+                "--json",
+                str(result_path),
+                "-q",
+                "--device",
+                "cpu",
+                "--qualities",
+                "50",
+            ]
+        )
+        == 0
+    )
     records = json.loads(result_path.read_text())["images"]
     text = page.read_text()
     sections = _sections(text)
@@ -136,7 +168,7 @@ def test_code_maps_equal_model_encode(page, test_model, images):
         assert drawn.shape == (h * rows, w * cols, 3)
         colours = code_colours(codes, test_model.levels)
         for j in range(c):
-            np.testing.assert_array_equal(drawn[j // cols::rows, j % cols::cols], colours[:, :, j])
+            np.testing.assert_array_equal(drawn[j // cols :: rows, j % cols :: cols], colours[:, :, j])
 
 
 def test_python_example_of_the_docs(model_dir, images, tmp_path, monkeypatch):
@@ -260,7 +292,11 @@ def test_page_in_a_real_browser(page, test_model, images, tmp_path):
                 codes = _codes_of(section)
                 h, w, c = codes.shape
                 rows, cols = slot_grid(c)
-                for slot, (y, x, j) in ((-1, (h - 1, w // 2, c - 1)), (-1, (0, 0, 1 % c)), (c - 1, (h // 2, w - 1, c - 1))):
+                for slot, (y, x, j) in (
+                    (-1, (h - 1, w // 2, c - 1)),
+                    (-1, (0, 0, 1 % c)),
+                    (c - 1, (h // 2, w - 1, c - 1)),
+                ):
                     image = tab.locator(f'#img{section["i"]} img.codemap[data-slot="{slot}"]')
                     image.scroll_into_view_if_needed()
                     box = image.bounding_box()

@@ -37,8 +37,9 @@ def stage1_runs(tmp_path_factory):
     runs = {}
     for name, weight in (("plain", None), ("recon", 1.0)):
         loss = {"teacher_size": 32, "distill": 0.0} | ({"recon": weight} if weight is not None else {})
-        r = recipe("stage1", root / name, data, llm, train={"max_steps": 3, "batch_size": 2}, loss=loss,
-                   llm={"mode": "full"})
+        r = recipe(
+            "stage1", root / name, data, llm, train={"max_steps": 3, "batch_size": 2}, loss=loss, llm={"mode": "full"}
+        )
         r["model"] = {"init": f"viq:{start}"}
         runs[name] = (TrainConfig.from_dict(r), train(TrainConfig.from_dict(r)))
     return root, runs
@@ -67,8 +68,10 @@ def test_stage1_recon_trains_a_latent_decoder_that_stage2_starts_from(stage1_run
     # The VAE still travels with the output, unchanged, and stage 2-1 takes the trained decoder.
     assert all(torch.equal(saved[k], start[k]) for k in start if k.startswith("vae."))
     r = cfg.to_dict()
-    r.update(stage="stage2_1", model={"init": f"viq:{final}", "config": {"head": {"quantizer": "bottleneck",
-                                                                                   "code_blocks": 0}}})
+    r.update(
+        stage="stage2_1",
+        model={"init": f"viq:{final}", "config": {"head": {"quantizer": "bottleneck", "code_blocks": 0}}},
+    )
     r["train"] = {**r["train"], "output_dir": str(tmp_path / "s21")}
     r["loss"] = {**r["loss"], "recon": None}
     stage2, _ = build_model(TrainConfig.from_dict(r), device=CPU)
@@ -101,9 +104,15 @@ def test_stage2_pixel_loss_alone_trains_the_latent_decoder(stage1_runs, tmp_path
 
     root, runs = stage1_runs
     cfg, summary = runs["recon"]
-    r = recipe("stage2_1", tmp_path / "s21", Path(cfg.data.train), Path(cfg.llm.path),
-               train={"max_steps": 2, "batch_size": 2}, optim={"trainable": ["recon"]},
-               loss={"teacher_size": 32, "recon": 0.0, "pixel": 1.0, "text": 0.0, "distill": 0.0})
+    r = recipe(
+        "stage2_1",
+        tmp_path / "s21",
+        Path(cfg.data.train),
+        Path(cfg.llm.path),
+        train={"max_steps": 2, "batch_size": 2},
+        optim={"trainable": ["recon"]},
+        loss={"teacher_size": 32, "recon": 0.0, "pixel": 1.0, "text": 0.0, "distill": 0.0},
+    )
     r["model"] = {"init": f"viq:{summary['final']}", "config": {"head": {"quantizer": "bottleneck"}}}
     s21 = TrainConfig.from_dict(r)
     model, _ = build_model(s21, device=CPU)

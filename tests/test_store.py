@@ -203,8 +203,13 @@ def test_killed_writer_leftovers_are_ignored_and_cleaned(tmp_path: Path):
     names = sorted(p.name for p in shards.iterdir())
     # (.lookup: the shard's binary lookup file, a cache of its index for the compact store index)
     # (.rank0.lock: held by the one process writing as rank0; it stays, the kernel drops the lock)
-    assert names == [".rank0.lock", "rank0-000000.bin", "rank0-000000.idx.json", "rank0-000000.lookup",
-                     "rank1-000000.bin.tmp"]
+    assert names == [
+        ".rank0.lock",
+        "rank0-000000.bin",
+        "rank0-000000.idx.json",
+        "rank0-000000.lookup",
+        "rank1-000000.bin.tmp",
+    ]
     with pytest.raises(ValueError, match="duplicate"):
         w2.add("k0", kept["k0"])  # finalised by the previous run of the same writer name
     redo = {f"lost{i}": _random_codes(levels, rng) for i in range(5)}

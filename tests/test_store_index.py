@@ -43,9 +43,15 @@ def _ids(n: int, prefix: str = "") -> list[str]:
     out = []
     for i in range(n):
         kind = i % 4
-        out.append(f"{prefix}shard-{i // 50:05d}.tar/{i:06d}.jpg" if kind == 0 else
-                   f"{prefix}images/sub{i % 7}/img_{i}.png" if kind == 1 else
-                   f"{prefix}photos/été/{i}.jpeg" if kind == 2 else f"{prefix}{i}")
+        out.append(
+            f"{prefix}shard-{i // 50:05d}.tar/{i:06d}.jpg"
+            if kind == 0
+            else f"{prefix}images/sub{i % 7}/img_{i}.png"
+            if kind == 1
+            else f"{prefix}photos/été/{i}.jpeg"
+            if kind == 2
+            else f"{prefix}{i}"
+        )
     return out
 
 
@@ -105,8 +111,9 @@ def test_all_ids_found_with_their_codes_and_misses(tmp_path: Path):
     assert [sid for sid, _ in st] == ids_a + ids_b
     # Every shard got its lookup file from the writer; one merged index.
     shards = st.path / "shards"
-    assert sorted(p.stem for p in shards.glob("*.lookup")) == sorted(p.name[: -len(".idx.json")]
-                                                                    for p in shards.glob("*.idx.json"))
+    assert sorted(p.stem for p in shards.glob("*.lookup")) == sorted(
+        p.name[: -len(".idx.json")] for p in shards.glob("*.idx.json")
+    )
     assert isinstance(st._idx, StoreIndex) and _index_file(st).name.endswith(INDEX_SUFFIX)
     # has_hash: the first id (index order) stored with the digest.
     first = {}
@@ -166,16 +173,19 @@ def test_concurrent_first_opens_build_the_index_once(tmp_path: Path):
     for f in (tmp_path / "st" / INDEX_DIR).glob(f"*{INDEX_SUFFIX}"):
         f.unlink()
     st = CodeStore.open(tmp_path / "st")  # the index is loaded lazily
-    code = ("import logging, sys\n"
-            "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
-            "from viq.store import CodeStore\n"
-            f"st = CodeStore.open({str(tmp_path / 'st')!r})\n"
-            "print('ready', flush=True)\n"
-            "print('count', len(st), flush=True)\n")
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
+        "from viq.store import CodeStore\n"
+        f"st = CodeStore.open({str(tmp_path / 'st')!r})\n"
+        "print('ready', flush=True)\n"
+        "print('count', len(st), flush=True)\n"
+    )
     with first_lock([tmp_path / "st" / INDEX_DIR / BUILD_LOCK]) as held:
         assert held is not None
-        other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
+        other = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         assert other.stdout.readline().strip() == "ready"
         time.sleep(1.0)
         assert other.poll() is None  # it waits for the lock instead of building
@@ -324,8 +334,9 @@ def test_index_is_shared_by_forked_dataloader_workers(tmp_path: Path):
     data = _fill(tmp_path / "st", {"w": _ids(64)})
     st = CodeStore.open(tmp_path / "st")
     assert str(st._idx.path) in Path("/proc/self/maps").read_text()  # memory-mapped, not read
-    loader = torch.utils.data.DataLoader(_Probe(st), batch_size=8, num_workers=2, collate_fn=list,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        _Probe(st), batch_size=8, num_workers=2, collate_fn=list, multiprocessing_context="fork"
+    )
     rows = [r for batch in loader for r in batch]
     assert {pid for pid, *_ in rows}.isdisjoint({os.getpid()}) and len({pid for pid, *_ in rows}) == 2
     assert all(inherited and mapped for _, inherited, mapped, _, _ in rows)
@@ -356,13 +367,46 @@ def test_code_dataset_uses_the_index(tmp_path: Path):
 
 def test_store_scale_bench_small(tmp_path: Path):
     out = tmp_path / "rec.json"
-    res = subprocess.run([sys.executable, "-m", "bench.store_scale", "--ids", "20000", "--out", str(out),
-                          "--workdir", str(tmp_path), "--lookups", "5000", "--gets", "500", "--per-shard", "4000"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.store_scale",
+            "--ids",
+            "20000",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path),
+            "--lookups",
+            "5000",
+            "--gets",
+            "500",
+            "--per-shard",
+            "4000",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads(out.read_text())
-    for key in ("ids", "open_s", "rss_bytes_per_id", "lookups_per_s", "build_s", "device", "date", "command",
-                "first_open_s", "misses_per_s", "gets_per_s", "shards"):
+    for key in (
+        "ids",
+        "open_s",
+        "rss_bytes_per_id",
+        "lookups_per_s",
+        "build_s",
+        "device",
+        "date",
+        "command",
+        "first_open_s",
+        "misses_per_s",
+        "gets_per_s",
+        "shards",
+    ):
         assert key in rec, key
     assert rec["ids"] == 20000 and rec["shards"] >= 8 and rec["open_s"] > 0 and rec["lookups_per_s"] > 0
     assert not list(tmp_path.glob("store_scale-*"))  # the store is removed
@@ -412,15 +456,15 @@ def test_a_crafted_index_with_valid_checksums(tmp_path: Path):
     path = _index_file(st)
     raw = bytearray(path.read_bytes())
     magic, hlen = struct.unpack_from("<8sQ", raw, 0)
-    header = json.loads(raw[16:16 + hlen].decode())
+    header = json.loads(raw[16 : 16 + hlen].decode())
     dtype, shape, offset, _ = header["arrays"]["offset"]
-    values = np.frombuffer(bytes(raw[offset:offset + 8 * int(np.prod(shape))]), dtype=dtype).copy()
+    values = np.frombuffer(bytes(raw[offset : offset + 8 * int(np.prod(shape))]), dtype=dtype).copy()
     values[[3, 4]] = values[[4, 3]]  # two records swapped: every byte a valid offset, but the wrong one
-    raw[offset:offset + values.nbytes] = values.tobytes()
+    raw[offset : offset + values.nbytes] = values.tobytes()
     header["arrays"]["offset"][3] = zlib.crc32(values.tobytes())
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) <= hlen
-    raw[16:16 + hlen] = text + b" " * (hlen - len(text))
+    raw[16 : 16 + hlen] = text + b" " * (hlen - len(text))
     before = path.stat()
     path.write_bytes(bytes(raw))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))

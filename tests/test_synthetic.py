@@ -67,7 +67,9 @@ def test_layout_and_meta(small_ds):
     for split, records in _all_records(root).items():
         m = meta["splits"][split]
         assert m["num_samples"] == len(records) == SMALL[f"num_{split}"]
-        assert m["num_images"] == sum("image" in r for r in records) == len(list((root / "images" / split).glob("*.png")))
+        assert (
+            m["num_images"] == sum("image" in r for r in records) == len(list((root / "images" / split).glob("*.png")))
+        )
         assert sum(m["tasks"].values()) == len(records)
         for task, n in m["tasks"].items():
             assert n == sum(r["task"] == task for r in records)
@@ -130,8 +132,17 @@ def test_splits_disjoint(small_ds):
 
 def test_text_only_and_multi_turn(tmp_path):
     out = tmp_path / "mt"
-    meta = S.generate(out, num_train=16, num_val=4, num_test=0, tasks=("count", "ocr"), seed=3,
-                      text_only_fraction=0.25, multi_turn_fraction=1.0, max_side=160)
+    meta = S.generate(
+        out,
+        num_train=16,
+        num_val=4,
+        num_test=0,
+        tasks=("count", "ocr"),
+        seed=3,
+        text_only_fraction=0.25,
+        multi_turn_fraction=1.0,
+        max_side=160,
+    )
     train = S.load_split(out, "train")
     assert meta["tasks"] == ["ocr", "count"]  # canonical order
     assert sum(r["task"] == S.TEXT_TASK for r in train) == 4
@@ -360,7 +371,10 @@ def test_debian_wallpaper_scan(tmp_path):
         Image.new("RGB", (w, h)).save(images / f"{w}x{h}.png", compress_level=1)
     Image.new("RGB", (400, 300)).save(root / "Next" / "contents" / "screenshot.png")
     found = P._debian_photos([root])
-    assert sorted(p.name for p in found) == ["backgrounds/Next/contents/images/1920x1080.png", "backgrounds/mate/nature/Aqua.jpg"]
+    assert sorted(p.name for p in found) == [
+        "backgrounds/Next/contents/images/1920x1080.png",
+        "backgrounds/mate/nature/Aqua.jpg",
+    ]
     assert all(p.source.startswith("debian:") for p in found)
     aqua = next(p for p in found if p.name.endswith("Aqua.jpg"))
     assert aqua.size == (300, 200) and P.load_photo(aqua).size == (300, 200)
@@ -369,7 +383,11 @@ def test_debian_wallpaper_scan(tmp_path):
     assert aqua.file_stem == "backgrounds_mate_nature_Aqua.jpg"
     assert P.Photo(name="../x y", source="t", size=(1, 1)).file_stem == "_x_y"
     assert P.Photo(name="..", source="t", size=(1, 1)).file_stem == "photo"
-    assert set(P.DEBIAN_PHOTO_PACKAGES) == {"mate-backgrounds", "lomiri-wallpapers-16.04", "plasma-workspace-wallpapers"}
+    assert set(P.DEBIAN_PHOTO_PACKAGES) == {
+        "mate-backgrounds",
+        "lomiri-wallpapers-16.04",
+        "plasma-workspace-wallpapers",
+    }
 
 
 def test_load_photo_alpha_and_loader():
@@ -402,12 +420,30 @@ def test_shape_color_draws_its_colour():
 
 def test_generate_simple_tasks_with_weights_and_sizes(tmp_path):
     weights = {"shape_color": 3, "where": 1, "digit": 0, "chart": 1}
-    meta = S.generate(tmp_path / "ds", num_train=50, num_val=10, num_test=0, seed=2, min_side=32, max_side=48,
-                      tasks=("chart", *S.SIMPLE_TASKS), task_weights=weights, task_max_side={"chart": 112},
-                      text_only_fraction=0.0, multi_turn_fraction=0.0)
+    meta = S.generate(
+        tmp_path / "ds",
+        num_train=50,
+        num_val=10,
+        num_test=0,
+        seed=2,
+        min_side=32,
+        max_side=48,
+        tasks=("chart", *S.SIMPLE_TASKS),
+        task_weights=weights,
+        task_max_side={"chart": 112},
+        text_only_fraction=0.0,
+        multi_turn_fraction=0.0,
+    )
     assert meta["tasks"] == ["chart", *S.SIMPLE_TASKS]  # canonical order
-    assert meta["splits"]["train"]["tasks"] == {"chart": 10, "shape_color": 30, "shape": 0, "where": 10,
-                                                "count_big": 0, "digit": 0, "arithmetic": 0}
+    assert meta["splits"]["train"]["tasks"] == {
+        "chart": 10,
+        "shape_color": 30,
+        "shape": 0,
+        "where": 10,
+        "count_big": 0,
+        "digit": 0,
+        "arithmetic": 0,
+    }
     assert meta["args"]["task_weights"]["shape_color"] == 3.0 and meta["args"]["task_max_side"] == {"chart": 112}
     for r in S.load_split(tmp_path / "ds", "train"):
         with Image.open(tmp_path / "ds" / r["image"]) as im:

@@ -26,10 +26,20 @@ def chain(tmp_path_factory):
     runs = {}
     init = f"viq:{start}"
     head = {"bottleneck_dim": 16, "bottleneck_limit": "linf"}
-    for stage, head_cfg in (("stage1", None), ("stage2_1", {**head, "quantizer": "bottleneck", "code_blocks": 0}),
-                            ("stage2_2", {**head, "quantizer": "fsq", "fsq_on_bottleneck": True, "code_blocks": 1})):
-        r = recipe(stage, root / stage, data, llm, train={"max_steps": 4, "batch_size": 2},
-                   loss={"teacher_size": 32}, llm={"mode": "full"})
+    for stage, head_cfg in (
+        ("stage1", None),
+        ("stage2_1", {**head, "quantizer": "bottleneck", "code_blocks": 0}),
+        ("stage2_2", {**head, "quantizer": "fsq", "fsq_on_bottleneck": True, "code_blocks": 1}),
+    ):
+        r = recipe(
+            stage,
+            root / stage,
+            data,
+            llm,
+            train={"max_steps": 4, "batch_size": 2},
+            loss={"teacher_size": 32},
+            llm={"mode": "full"},
+        )
         r["model"] = {"init": init, "config": {"head": head_cfg} if head_cfg else {}}
         runs[stage] = {"cfg": TrainConfig.from_dict(r), "summary": train(TrainConfig.from_dict(r))}
         init = f"viq:{runs[stage]['summary']['final']}"
@@ -37,7 +47,7 @@ def chain(tmp_path_factory):
 
 
 def _encoder_state(path: Path) -> dict[str, torch.Tensor]:
-    return {k[len("encoder."):]: v for k, v in load_file(str(path)).items() if k.startswith("encoder.")}
+    return {k[len("encoder.") :]: v for k, v in load_file(str(path)).items() if k.startswith("encoder.")}
 
 
 def test_every_stage_distils_towards_the_stage1_starting_encoder(chain):
@@ -59,14 +69,17 @@ def test_every_stage_distils_towards_the_stage1_starting_encoder(chain):
 
 def test_explicit_teacher_and_missing_teacher_weights(chain, tmp_path):
     cfg = chain["runs"]["stage2_1"]["cfg"]
-    explicit = TrainConfig.from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"],
-                                                               "teacher": f"viq:{chain['root'] / 'stage1' / 'final'}"}})
+    explicit = TrainConfig.from_dict(
+        {**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"], "teacher": f"viq:{chain['root'] / 'stage1' / 'final'}"}}
+    )
     model, _ = build_model(explicit, device=CPU)
     trained = _encoder_state(chain["root"] / "stage1" / "final" / "model.safetensors")
     assert all(torch.equal(model.teacher.state_dict()[k], trained[k]) for k in trained)
     with pytest.raises(ValueError, match="trained weights"):
-        build_model(TrainConfig.from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"],
-                                                                     "teacher": "preset:viq-test"}}), device=CPU)
+        build_model(
+            TrainConfig.from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"], "teacher": "preset:viq-test"}}),
+            device=CPU,
+        )
     # A chain whose recorded teacher file has gone says which file and how to name another.
     moved = tmp_path / "stage1-final"
     stage1 = Path(chain["runs"]["stage1"]["summary"]["final"])

@@ -12,7 +12,7 @@ from viq.train.init import load_siglip, resize_pos_table
 
 def _encoder_from(config, state):
     enc = ViTEncoder(config.encoder)
-    own = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    own = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     missing, unexpected = enc.load_state_dict(own, strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     return enc.eval()
@@ -22,8 +22,9 @@ def test_hf_siglip_matches_transformers(tmp_path):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(0)
-    hf_cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=64, patch_size=16)
+    hf_cfg = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
+    )
     hf = SiglipVisionModel(hf_cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a swapped weight would show
         for _name, p in hf.named_parameters():
@@ -32,7 +33,12 @@ def test_hf_siglip_matches_transformers(tmp_path):
     hf.save_pretrained(tmp_path / "siglip")
     c = load_siglip("hf-siglip", str(tmp_path / "siglip"), {})
     config, state = c.config, c.state
-    assert (config.encoder.width, config.encoder.depth, config.encoder.num_heads, config.encoder.pos_grid) == (32, 2, 2, 4)
+    assert (config.encoder.width, config.encoder.depth, config.encoder.num_heads, config.encoder.pos_grid) == (
+        32,
+        2,
+        2,
+        4,
+    )
     assert config.encoder.mlp_act == "gelu_tanh"
     enc = _encoder_from(config, state)
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -53,9 +59,9 @@ def test_timm_open_clip_layout(tmp_path):
     timm_state = {}
     for k, v in source.state_dict().items():
         if k.startswith("pool.norm_in."):
-            k = "norm." + k[len("pool.norm_in."):]
+            k = "norm." + k[len("pool.norm_in.") :]
         elif k.startswith("pool."):
-            k = "attn_pool." + k[len("pool."):]
+            k = "attn_pool." + k[len("pool.") :]
         timm_state["visual.trunk." + k] = v
     timm_state["visual.trunk.head.weight"] = torch.zeros(3, 32)  # a classifier head is ignored
     timm_state["text.token_embedding.weight"] = torch.zeros(5, 32)  # so is open_clip's text tower
@@ -66,8 +72,9 @@ def test_timm_open_clip_layout(tmp_path):
     for (k, a), (k2, b) in zip(source.state_dict().items(), enc.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     # Resizing the position table to a larger grid, as the official converter does (24x24 -> 128x128).
-    c = load_siglip("timm-siglip", str(tmp_path / "open_clip_pytorch_model.bin"),
-                    {"encoder": {"num_heads": 2, "pos_grid": 8}})
+    c = load_siglip(
+        "timm-siglip", str(tmp_path / "open_clip_pytorch_model.bin"), {"encoder": {"num_heads": 2, "pos_grid": 8}}
+    )
     assert c.state["encoder.pos_embed"].shape == (1, 64, 32)
     assert c.config.encoder.pos_grid == 8
     # ... while the checkpoint as published (the teacher) keeps its own table, unresized.
@@ -96,8 +103,9 @@ def test_hf_siglip2_matches_transformers(tmp_path):
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
     torch.manual_seed(0)
-    hf_cfg = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 num_patches=16, patch_size=16)
+    hf_cfg = Siglip2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_patches=16, patch_size=16
+    )
     hf = Siglip2VisionModel(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "siglip2")
     c = load_siglip("hf-siglip", str(tmp_path / "siglip2"), {})
@@ -107,8 +115,11 @@ def test_hf_siglip2_matches_transformers(tmp_path):
     # Siglip2 takes patches flattened as (py, px, channel), row-major over the 4x4 grid.
     patches = image.view(3, 4, 16, 4, 16).permute(1, 3, 2, 4, 0).reshape(1, 16, 16 * 16 * 3)
     with torch.no_grad():
-        ref = hf(pixel_values=patches, pixel_attention_mask=torch.ones(1, 16, dtype=torch.long),
-                 spatial_shapes=torch.tensor([[4, 4]]))
+        ref = hf(
+            pixel_values=patches,
+            pixel_attention_mask=torch.ones(1, 16, dtype=torch.long),
+            spatial_shapes=torch.tensor([[4, 4]]),
+        )
         tokens, packed = enc([image])
     torch.testing.assert_close(enc.pool.norm_in(tokens)[:16], ref.last_hidden_state[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(enc.pool(packed.split(tokens)), ref.pooler_output, atol=1e-5, rtol=1e-5)

@@ -27,8 +27,12 @@ CPU = torch.device("cpu")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     viq.ViQModel.from_config("viq-test", seed=0).save_pretrained(root / "init")
-    return {"root": root, "data": make_qa(root / "qa", n=4), "llm": make_llm(root / "llm"),
-            "vae": pc.qwen_image_vae(root / "qwen-vae", base_dim=4, seed=3)}
+    return {
+        "root": root,
+        "data": make_qa(root / "qa", n=4),
+        "llm": make_llm(root / "llm"),
+        "vae": pc.qwen_image_vae(root / "qwen-vae", base_dim=4, seed=3),
+    }
 
 
 def test_vae_folders_round_trip(tmp_path, assets):
@@ -54,8 +58,14 @@ def test_vae_folders_round_trip(tmp_path, assets):
 def test_vae_path_is_the_target_and_travels_with_the_output(tmp_path, assets):
     """vae.path replaces the init's vae.* and is written into the output; the next stage and viq.load
     use exactly those weights."""
-    r = recipe("stage2_1", tmp_path / "s21", assets["data"], assets["llm"], train={"max_steps": 1},
-               vae={"path": str(assets["vae"])})
+    r = recipe(
+        "stage2_1",
+        tmp_path / "s21",
+        assets["data"],
+        assets["llm"],
+        train={"max_steps": 1},
+        vae={"path": str(assets["vae"])},
+    )
     r["model"]["init"] = f"viq:{assets['root'] / 'init'}"
     model, _ = build_model(TrainConfig.from_dict(r), device=CPU)
     published = load_file(str(assets["vae"] / "diffusion_pytorch_model.safetensors"))
@@ -85,8 +95,13 @@ def test_a_random_vae_only_for_presets(tmp_path, assets, caplog):
 
 
 def test_llm_dtype_attention_and_system_prompt(tmp_path, assets):
-    r = recipe("stage1", tmp_path / "run", assets["data"], assets["llm"],
-               llm={"mode": "dora", "dtype": "bfloat16", "attention": "eager"})
+    r = recipe(
+        "stage1",
+        tmp_path / "run",
+        assets["data"],
+        assets["llm"],
+        llm={"mode": "dora", "dtype": "bfloat16", "attention": "eager"},
+    )
     model, tokenizer = build_model(TrainConfig.from_dict(r), device=CPU)
     base = model.llm.get_base_model()
     assert base.config._attn_implementation == "eager"
@@ -114,15 +129,23 @@ def test_llm_identity_does_not_depend_on_dtype_or_place(tmp_path, assets):
 
 
 def test_projector_and_adapter_carry_over_only_when_they_fit(tmp_path, assets, caplog):
-    s1 = recipe("stage1", tmp_path / "s1", assets["data"], assets["llm"], train={"max_steps": 2},
-                llm={"mode": "lora", "lora_r": 4})
+    s1 = recipe(
+        "stage1",
+        tmp_path / "s1",
+        assets["data"],
+        assets["llm"],
+        train={"max_steps": 2},
+        llm={"mode": "lora", "lora_r": 4},
+    )
     s1["model"]["init"] = f"viq:{assets['root'] / 'init'}"
     final = train(TrainConfig.from_dict(s1))["final"]
     projector = load_file(f"{final}/projector.safetensors")
     adapter = load_file(f"{final}/llm/adapter_model.safetensors")
 
     def built(**llm):
-        r = recipe("stage2_1", tmp_path / "s21", assets["data"], assets["llm"], llm={"mode": "lora", "lora_r": 4, **llm})
+        r = recipe(
+            "stage2_1", tmp_path / "s21", assets["data"], assets["llm"], llm={"mode": "lora", "lora_r": 4, **llm}
+        )
         r["model"]["init"] = f"viq:{final}"
         return build_model(TrainConfig.from_dict(r), device=CPU)[0]
 

@@ -58,11 +58,19 @@ def _limit_memory() -> None:
 
 
 def _viq(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VIQ_FAULTS", "VIQ_LIMITS")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VIQ_FAULTS", "VIQ_LIMITS")
+    }
     env.update(PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "viq", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_limit_memory)
+    proc = subprocess.run(
+        [sys.executable, "-m", "viq", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limit_memory,
+    )
     return proc, time.perf_counter() - start
 
 
@@ -104,8 +112,15 @@ def test_restricted_unpickle_refuses_any_other_global(tmp_path):
         TensorStorageMetadata,
     )
 
-    meta = Metadata({"w": TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size([2, 3]),
-                                                [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 3]))])})
+    meta = Metadata(
+        {
+            "w": TensorStorageMetadata(
+                TensorProperties(dtype=torch.bfloat16),
+                torch.Size([2, 3]),
+                [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 3]))],
+            )
+        }
+    )
     again = restricted_unpickle(pickle.dumps(meta), "meta")
     assert again.state_dict_metadata["w"].size == torch.Size([2, 3])
     assert again.state_dict_metadata["w"].properties.dtype == torch.bfloat16
@@ -136,8 +151,13 @@ def assets(tmp_path_factory):
 
 def _run(tmp_path: Path, assets) -> tuple[Path, Path]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    r = recipe("stage2_2", tmp_path / "run", assets["data"], assets["llm"],
-               train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5})
+    r = recipe(
+        "stage2_2",
+        tmp_path / "run",
+        assets["data"],
+        assets["llm"],
+        train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5},
+    )
     config = tmp_path / "run.json"
     config.write_text(json.dumps(r))
     assert main(["train", "--config", str(config), "--stop-after", "2"]) == 0
@@ -204,7 +224,9 @@ def test_decode_bomb_is_refused_before_decoding(model_dir, tmp_path):
     assert main(["decode", str(model_dir), str(small), "-o", str(tmp_path / "o3"), "-q"]) == 0
 
 
-@pytest.mark.parametrize("change", [{"width": 10**7}, {"depth": 10**5}, {"width": 16384, "num_heads": 16, "depth": 1000}])
+@pytest.mark.parametrize(
+    "change", [{"width": 10**7}, {"depth": 10**5}, {"width": 16384, "num_heads": 16, "depth": 1000}]
+)
 def test_absurd_model_config_is_refused_before_building(model_dir, tmp_path, change):
     bad = tmp_path / "model"
     shutil.copytree(model_dir, bad)
@@ -275,9 +297,26 @@ def test_deep_json_in_codes_config_and_store_is_one_line(model_dir, tmp_path):
 
     codes = Codes(torch.zeros(2, 2, 4, dtype=torch.int32), (8, 8, 8, 5, 5, 5), patch_size=16)
     meta = ('{"x":' + DEEP + "}").encode()
-    header = codes_format._HEADER.pack(codes_format.MAGIC, codes_format.FORMAT_VERSION, 0, len(codes.levels),
-                                       codes.bits_per_code, 4, 16, 2, 2, 0, 0, len(meta))
-    body = header + bytes(codes.levels) + meta + codes_format.pack_bits(codes.indices.numpy().reshape(-1), codes.bits_per_code)
+    header = codes_format._HEADER.pack(
+        codes_format.MAGIC,
+        codes_format.FORMAT_VERSION,
+        0,
+        len(codes.levels),
+        codes.bits_per_code,
+        4,
+        16,
+        2,
+        2,
+        0,
+        0,
+        len(meta),
+    )
+    body = (
+        header
+        + bytes(codes.levels)
+        + meta
+        + codes_format.pack_bits(codes.indices.numpy().reshape(-1), codes.bits_per_code)
+    )
     crafted = body + zlib.crc32(body).to_bytes(4, "little")  # a valid checksum: the crafted case
     path = tmp_path / "deep.viq"
     path.write_bytes(bytes(crafted))
@@ -307,8 +346,12 @@ def small_tmpfs(tmp_path):
     """A real 64 MiB tmpfs (needs root: skipped elsewhere, with the reason)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("needs permission to mount a tmpfs (run as root) for the real full-disk cases")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
@@ -348,8 +391,13 @@ def test_training_on_a_full_disk_stops_in_one_line_then_resumes(assets, tmp_path
     finishes the run."""
     _, step = _run(tmp_path / "probe", assets)
     size = sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
-    r = recipe("stage2_2", small_tmpfs / "run", assets["data"], assets["llm"],
-               train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5})
+    r = recipe(
+        "stage2_2",
+        small_tmpfs / "run",
+        assets["data"],
+        assets["llm"],
+        train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5},
+    )
     config = tmp_path / "full.json"
     config.write_text(json.dumps(r))
     ballast = _fill(small_tmpfs, int(1.5 * size) + (256 << 10))  # room for one checkpoint, not two
@@ -407,8 +455,13 @@ def test_viq_limits_environment_variable(tmp_path):
     with pytest.raises(ValueError, match="unknown limit 'max_pixels'"):
         _limits_from_environment("max_pixels=3")
     env = {**os.environ, "VIQ_LIMITS": "max_decode_pixels=1e9,max_json_depth=128"}
-    out = subprocess.run([sys.executable, "-c", "from viq._untrusted import LIMITS; print(LIMITS.max_decode_pixels)"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "from viq._untrusted import LIMITS; print(LIMITS.max_decode_pixels)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.stdout.strip() == "1000000000", out.stderr
 
 
@@ -458,9 +511,11 @@ def test_store_whose_levels_imply_billions_of_codes(tmp_path):
 
     with store.writer(name="w") as w:
         for i in range(3):
-            w.add(f"img{i}", Codes(torch.from_numpy(rng.integers(0, 2304, (2, 2, 4)).astype(np.int32)), (8, 8, 4, 3, 3)))
+            w.add(
+                f"img{i}", Codes(torch.from_numpy(rng.integers(0, 2304, (2, 2, 4)).astype(np.int32)), (8, 8, 4, 3, 3))
+            )
     config = json.loads((tmp_path / "st" / "store.json").read_text())
-    config.update(levels=[255, 255, 255, 129], codebook_size=255 ** 3 * 129, bits_per_code=31)
+    config.update(levels=[255, 255, 255, 129], codebook_size=255**3 * 129, bits_per_code=31)
     (tmp_path / "st" / "store.json").write_text(json.dumps(config))
     proc, seconds = _viq("store", "stats", str(tmp_path / "st"))
     _one_clear_line(proc, "store.json")
@@ -484,8 +539,20 @@ def test_extract_on_a_full_disk_stops_in_one_line_then_resumes(model_dir, tmp_pa
     from viq.store import CodeStore
 
     make_images(tmp_path / "imgs", 12, bad=False)
-    args = ("extract", str(model_dir), str(tmp_path / "imgs"), "-o", str(small_tmpfs / "store"), "--workers", "0",
-            "--flush-every", "3", "-q", "--device", "cpu")
+    args = (
+        "extract",
+        str(model_dir),
+        str(tmp_path / "imgs"),
+        "-o",
+        str(small_tmpfs / "store"),
+        "--workers",
+        "0",
+        "--flush-every",
+        "3",
+        "-q",
+        "--device",
+        "cpu",
+    )
     ballast = _fill(small_tmpfs, 8 << 10)
     proc, _ = _viq(*args)
     line = _one_clear_line(proc, "No space left on device")
@@ -509,8 +576,15 @@ def test_a_huge_conversation_is_refused_before_tokenising():
             raise AssertionError("tokenised")
 
     collate = Collator(NeverCalled(), max_length=4096)
-    item = SimpleNamespace(messages=(("user", "<image>\n" + "x" * (8 << 20)), ("assistant", "a")), images=[], codes=[],
-                           where="train.jsonl:7", id="x")
-    with pytest.raises(ValueError, match=r"train.jsonl:7 \(id=x\): 8388617 characters of text cannot fit llm.max_length=4096"):
+    item = SimpleNamespace(
+        messages=(("user", "<image>\n" + "x" * (8 << 20)), ("assistant", "a")),
+        images=[],
+        codes=[],
+        where="train.jsonl:7",
+        id="x",
+    )
+    with pytest.raises(
+        ValueError, match=r"train.jsonl:7 \(id=x\): 8388617 characters of text cannot fit llm.max_length=4096"
+    ):
         collate([item])
     assert MAX_CHARS_PER_TOKEN * 4096 < 8 << 20

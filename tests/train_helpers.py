@@ -32,14 +32,16 @@ def make_qa(root: Path, n: int = 4, seed: int = 0, size: tuple[int, int] = (40, 
         y, x = int(rng.integers(0, h - 16)), int(rng.integers(0, w - 16))
         img[y : y + 16, x : x + 16] = COLORS[color]
         Image.fromarray(img).save(root / "images" / f"{i}.png")
-        records.append({
-            "id": f"s{i}",
-            "image": f"images/{i}.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat color is the square?"},
-                {"from": "gpt", "value": color},
-            ],
-        })
+        records.append(
+            {
+                "id": f"s{i}",
+                "image": f"images/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is the square?"},
+                    {"from": "gpt", "value": color},
+                ],
+            }
+        )
     path = root / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -49,8 +51,17 @@ def make_llm(root: Path) -> Path:
     from viq.demo.tiny_llm import build_tiny_llm
 
     corpus = ["What color is the square? " + " ".join(COLORS)] * 20
-    return build_tiny_llm(root, corpus, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                          intermediate_size=64, initializer_range=0.2)
+    return build_tiny_llm(
+        root,
+        corpus,
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        initializer_range=0.2,
+    )
 
 
 def make_start(root: Path, seed: int = 3) -> tuple[Path, Path, Path]:
@@ -69,12 +80,24 @@ def recipe(stage: str, out: Path, data_path: Path, llm_path: Path | None, **sect
     base = {
         "stage": stage,
         "model": {"init": "preset:viq-test", "config": {"head": head} if head else {}},
-        "llm": {"path": str(llm_path) if llm_path else None, "mode": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-                "max_length": 256},
+        "llm": {
+            "path": str(llm_path) if llm_path else None,
+            "mode": "lora",
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.0,
+            "max_length": 256,
+        },
         "data": {"train": str(data_path), "max_pixels": 64 * 64},
         "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
-        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 2, "save_every": 0, "progress": False,
-                  "eval_samples": 2},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 3,
+            "batch_size": 2,
+            "save_every": 0,
+            "progress": False,
+            "eval_samples": 2,
+        },
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
@@ -87,8 +110,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_recipe(r: dict, world: int, *, resume: bool = False, stop_after: int | None = None,
-               launcher: str = "torchrun") -> list[dict]:
+def run_recipe(
+    r: dict, world: int, *, resume: bool = False, stop_after: int | None = None, launcher: str = "torchrun"
+) -> list[dict]:
     """Run recipe ``r`` on ``world`` processes (1: in this process; else gloo, started by
     ``launcher``: torchrun, SLURM's variables, or ``--rank`` / ``--world-size`` flags); the history
     kept in its newest checkpoint."""
@@ -99,22 +123,52 @@ def run_recipe(r: dict, world: int, *, resume: bool = False, stop_after: int | N
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}-recipe-{world}.json"
     path.write_text(json.dumps(r))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "OMPI_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     port = str(free_port())
     args = ["-m", "viq", "train", "--config", str(path)]
     args += (["--resume"] if resume else []) + (["--stop-after", str(stop_after)] if stop_after else [])
     if launcher == "torchrun":
-        commands = [([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-                      port, *args], env)]
+        commands = [
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    str(world),
+                    "--master_port",
+                    port,
+                    *args,
+                ],
+                env,
+            )
+        ]
     elif launcher == "slurm":  # what srun sets on one node
-        commands = [([sys.executable, *args], {**env, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world),
-                                                "SLURM_LOCALID": str(rank), "SLURM_NNODES": "1", "MASTER_PORT": port})
-                    for rank in range(world)]
+        commands = [
+            (
+                [sys.executable, *args],
+                {
+                    **env,
+                    "SLURM_PROCID": str(rank),
+                    "SLURM_NTASKS": str(world),
+                    "SLURM_LOCALID": str(rank),
+                    "SLURM_NNODES": "1",
+                    "MASTER_PORT": port,
+                },
+            )
+            for rank in range(world)
+        ]
     else:
-        commands = [([sys.executable, *args, "--rank", str(rank), "--world-size", str(world)],
-                     {**env, "MASTER_PORT": port}) for rank in range(world)]
+        commands = [
+            ([sys.executable, *args, "--rank", str(rank), "--world-size", str(world)], {**env, "MASTER_PORT": port})
+            for rank in range(world)
+        ]
     logs = [out.parent / f"{out.name}-{launcher}-{i}.log" for i in range(len(commands))]
     procs = []
     for (cmd, e), log in zip(commands, logs):

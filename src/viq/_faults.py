@@ -41,6 +41,6 @@ def fault_point(name: str) -> None:
         elif action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         elif action.startswith("sleep:"):
-            time.sleep(float(action[len("sleep:"):]))
+            time.sleep(float(action[len("sleep:") :]))
         else:
             raise ValueError(f"{ENV}: unknown action {action!r} at {name!r} (kill, enospc, sleep:<s>)")

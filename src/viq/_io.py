@@ -28,8 +28,20 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "create_exclusive", "fsync_dir", "first_lock", "OwnerLock", "LockHeld", "remove_tree",
-           "writing", "fsync_tree", "replace_dir", "recover_dir", "TMP_SUFFIX"]
+__all__ = [
+    "atomic_write",
+    "create_exclusive",
+    "fsync_dir",
+    "first_lock",
+    "OwnerLock",
+    "LockHeld",
+    "remove_tree",
+    "writing",
+    "fsync_tree",
+    "replace_dir",
+    "recover_dir",
+    "TMP_SUFFIX",
+]
 
 TMP_SUFFIX = ".tmp"
 
@@ -146,8 +158,11 @@ class OwnerLock:
             return
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                      .encode(), 0)
+            os.pwrite(
+                fd,
+                f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+                0,
+            )
         except OSError as e:  # a full disk: name the lock file (pwrite's error names nothing)
             os.close(fd)
             raise OSError(e.errno, e.strerror, str(self.path)) from None
@@ -218,7 +233,7 @@ def disk_full(path: str | os.PathLike, *, below: int = 1 << 20) -> OSError | Non
 
 def fsync_tree(directory: str | os.PathLike) -> None:
     """fsync every file under ``directory`` and the directories themselves."""
-    for root, _dirs, files in os.walk(directory):
+    for root, _dirs, files in os.walk(os.fspath(directory)):
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())

@@ -27,8 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["UntrustedFileError", "Limits", "LIMITS", "loads_json", "read_json", "json_depth", "torch_load",
-           "restricted_unpickle", "check_image_size"]
+__all__ = [
+    "UntrustedFileError",
+    "Limits",
+    "LIMITS",
+    "loads_json",
+    "read_json",
+    "json_depth",
+    "torch_load",
+    "restricted_unpickle",
+    "check_image_size",
+]
 
 
 class UntrustedFileError(ValueError):
@@ -126,9 +135,13 @@ def torch_load(path: str | Path, **kwargs: Any) -> Any:
         return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
-        why = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise UntrustedFileError(f"{path}: refused: it pickles more than tensors and plain values, and loading "
-                                 f"it could run code ({why[:160]}); convert it to safetensors where it was made") from None
+        why = next(
+            (line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else ""
+        )
+        raise UntrustedFileError(
+            f"{path}: refused: it pickles more than tensors and plain values, and loading "
+            f"it could run code ({why[:160]}); convert it to safetensors where it was made"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -165,8 +178,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             value = getattr(torch, name, None)
             if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
                 return value
-        raise UntrustedFileError(f"{self._source}: refused: the pickle asks for {module}.{name}, which is not "
-                                 f"checkpoint metadata (loading it could run code)")
+        raise UntrustedFileError(
+            f"{self._source}: refused: the pickle asks for {module}.{name}, which is not "
+            f"checkpoint metadata (loading it could run code)"
+        )
 
 
 def restricted_unpickle(data: bytes | BinaryIO, source: str | Path, allowed: dict[str, set[str]] | None = None) -> Any:
@@ -178,7 +193,9 @@ def restricted_unpickle(data: bytes | BinaryIO, source: str | Path, allowed: dic
     except UntrustedFileError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a damaged pickle raises, it is one error about the file
-        raise UntrustedFileError(f"{source}: not a readable checkpoint metadata file ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UntrustedFileError(
+            f"{source}: not a readable checkpoint metadata file ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
 
 
 def printable(text: str, limit: int = 300) -> str:
@@ -191,12 +208,16 @@ def printable(text: str, limit: int = 300) -> str:
     return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
-def check_image_size(height: int, width: int, source: str | Path, *, limit: int | None = None, flag: str = "--max-pixels") -> None:
+def check_image_size(
+    height: int, width: int, source: str | Path, *, limit: int | None = None, flag: str = "--max-pixels"
+) -> None:
     """Refuse an image of ``height`` x ``width`` that a file declares when it exceeds ``limit`` pixels
     (default :data:`LIMITS`), before anything of that size is allocated."""
     limit = LIMITS.max_decode_pixels if limit is None else limit
     if height <= 0 or width <= 0:
         raise UntrustedFileError(f"{source}: declares an image of {height} x {width} pixels")
     if height * width > limit:
-        raise UntrustedFileError(f"{source}: declares an image of {height} x {width} = {height * width:,} pixels, more "
-                                 f"than the limit of {limit:,} (raise it with {flag} if the file is yours)")
+        raise UntrustedFileError(
+            f"{source}: declares an image of {height} x {width} = {height * width:,} pixels, more "
+            f"than the limit of {limit:,} (raise it with {flag} if the file is yours)"
+        )

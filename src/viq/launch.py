@@ -89,15 +89,26 @@ def resolve_distributed(
         if local_rank is None:
             detected = resolve_distributed(environ=env)
             local_rank = detected.local_rank if detected.source != "single" else 0
-        return _checked(_int(rank, "rank", "flags"), _int(world_size, "world size", "flags"),
-                        _int(local_rank, "local rank", "flags"), "flags", ("--rank", "--world-size", "--local-rank"))
+        return _checked(
+            _int(rank, "rank", "flags"),
+            _int(world_size, "world size", "flags"),
+            _int(local_rank, "local rank", "flags"),
+            "flags",
+            ("--rank", "--world-size", "--local-rank"),
+        )
     for source, r, w, lr in _LAUNCHERS:
         if r in env and w in env:
             local = local_rank if local_rank is not None else env.get(lr, "0")
-            return _checked(_int(env[r], r, source), _int(env[w], w, source), _int(local, lr, source), source,
-                            (r, w, lr))
-    return _checked(0, 1, 0 if local_rank is None else _int(local_rank, "local rank", "flags"), "single",
-                    ("rank", "world size", "local rank"))
+            return _checked(
+                _int(env[r], r, source), _int(env[w], w, source), _int(local, lr, source), source, (r, w, lr)
+            )
+    return _checked(
+        0,
+        1,
+        0 if local_rank is None else _int(local_rank, "local rank", "flags"),
+        "single",
+        ("rank", "world size", "local rank"),
+    )
 
 
 _NODELIST_GROUP = re.compile(r"^([^\[,]*)(?:\[([^\]]*)\])?")
@@ -161,11 +172,18 @@ def export_torch_env(
             addr = first_host(nodelist)
     if not addr:
         if env.world_size > 1 and _several_nodes(env.source, target):
-            raise ValueError(f"{env.source}: {env.world_size} processes on several nodes and no MASTER_ADDR; "
-                             "pass master_addr (the first node's host name)")
+            raise ValueError(
+                f"{env.source}: {env.world_size} processes on several nodes and no MASTER_ADDR; "
+                "pass master_addr (the first node's host name)"
+            )
         addr = "127.0.0.1"
     port = master_port if master_port is not None else target.get("MASTER_PORT", str(DEFAULT_MASTER_PORT))
-    values = {"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
-              "MASTER_ADDR": str(addr), "MASTER_PORT": str(_int(port, "MASTER_PORT", env.source))}
+    values = {
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "MASTER_ADDR": str(addr),
+        "MASTER_PORT": str(_int(port, "MASTER_PORT", env.source)),
+    }
     target.update(values)
     return values

@@ -36,8 +36,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     if args.json:
-        print(json.dumps({"run": str(args.run), "stage": asker.stage, "image": str(args.image),
-                          "question": args.question, "answer": answer}))
+        print(
+            json.dumps(
+                {
+                    "run": str(args.run),
+                    "stage": asker.stage,
+                    "image": str(args.image),
+                    "question": args.question,
+                    "answer": answer,
+                }
+            )
+        )
     else:
         print(answer)
     return EXIT_OK
@@ -53,16 +62,23 @@ The image is preprocessed as the run's recipe did at the end of training; the an
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``ask``."""
-    p = sub.add_parser("ask", parents=[common], help="ask a trained run a question about an image",
-                       description="Answer a question about an image with a training run's final model (stage1, "
-                                   "stage2_1, stage2_2 or mllm): greedy generation, as viq eval-qa does.",
-                       epilog=_EPILOG, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "ask",
+        parents=[common],
+        help="ask a trained run a question about an image",
+        description="Answer a question about an image with a training run's final model (stage1, "
+        "stage2_1, stage2_2 or mllm): greedy generation, as viq eval-qa does.",
+        epilog=_EPILOG,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("run", metavar="RUN", help="a run's output folder (train.output_dir) or its final/ folder")
     p.add_argument("image", metavar="IMAGE", help="the image file")
     p.add_argument("question", metavar="QUESTION", help="the question (quote it)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
-                   help="generation budget in tokens (default 64)")
-    p.add_argument("--json", action="store_true",
-                   help='print {"run", "stage", "image", "question", "answer"} as one JSON line')
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, metavar="N", help="generation budget in tokens (default 64)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help='print {"run", "stage", "image", "question", "answer"} as one JSON line'
+    )
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
     p.set_defaults(func=cmd_ask)

@@ -71,8 +71,11 @@ def _plan(
             if os.path.realpath(first) == os.path.realpath(source):
                 log.debug("%s: named more than once, processed once", source)
             else:
-                run.fail(source, f"output {output} would also be written for {first}; not overwriting it "
-                                 f"(rename one of the inputs or process them separately)")
+                run.fail(
+                    source,
+                    f"output {output} would also be written for {first}; not overwriting it "
+                    f"(rename one of the inputs or process them separately)",
+                )
             return
         claimed[key] = source
         jobs.append(_Job(source, output))
@@ -82,8 +85,11 @@ def _plan(
         if path.is_dir():
             pattern = path.rglob("*") if recursive else path.iterdir()
             found = sorted(
-                (f for f in pattern
-                 if f.suffix.lower() in exts and not _is_hidden(f.relative_to(path)) and f.is_file()),
+                (
+                    f
+                    for f in pattern
+                    if f.suffix.lower() in exts and not _is_hidden(f.relative_to(path)) and f.is_file()
+                ),
                 key=lambda f: f.relative_to(path).parts,
             )
             if not found:
@@ -150,8 +156,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model = load_model(args, ("encoder",))
     cfg = preprocess_config(args, model.patch_size)
     fingerprint = model.fingerprint()
-    log.debug("model %s (fingerprint %s), %d to encode, batch budget %d tokens", args.model, fingerprint, len(todo),
-              batch_tokens)
+    log.debug(
+        "model %s (fingerprint %s), %d to encode, batch budget %d tokens",
+        args.model,
+        fingerprint,
+        len(todo),
+        batch_tokens,
+    )
 
     bar = progress_bar(len(todo), "encode", args.quiet)
     # Images handed to the model, in order: encode_stream answers them in the same order.
@@ -223,8 +234,13 @@ def cmd_decode(args: argparse.Namespace) -> int:
             source_model = codes.metadata.get("model")
             if fingerprint is not None and isinstance(source_model, str) and source_model != fingerprint:
                 if not foreign:
-                    log.warning("%s: codes come from a different model (fingerprint %s, %s has %s); decoding anyway",
-                                job.source, source_model, args.model, fingerprint)
+                    log.warning(
+                        "%s: codes come from a different model (fingerprint %s, %s has %s); decoding anyway",
+                        job.source,
+                        source_model,
+                        args.model,
+                        fingerprint,
+                    )
                 else:
                     log.debug("%s: codes from a different model (%s)", job.source, source_model)
                 foreign.append(str(job.source))
@@ -259,7 +275,7 @@ examples:
   viq encode weights/viq-16k photos/ -o codes/ -r --device cuda --dtype bfloat16
   viq encode weights/converted_16k photos/ -o codes/ --max-pixels 262144 --multiple resize
 
-Folders contribute their image files ({' '.join(sorted(IMAGE_EXTENSIONS))},
+Folders contribute their image files ({" ".join(sorted(IMAGE_EXTENSIONS))},
 any case) in sorted order; with -r also those in sub-folders, written under the same relative path
 in OUTDIR. Each .viq records the model
 fingerprint, the source path and the source size in its metadata. Unreadable images are reported
@@ -277,34 +293,57 @@ Needs the model's drawer and vae components (and the diffusers package for the V
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``encode`` and ``decode``."""
-    p = sub.add_parser("encode", parents=[common], help="images -> .viq code files",
-                       description="Encode images into .viq code files, one per image, at native resolution.",
-                       epilog=_EPILOG_ENCODE, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "encode",
+        parents=[common],
+        help="images -> .viq code files",
+        description="Encode images into .viq code files, one per image, at native resolution.",
+        epilog=_EPILOG_ENCODE,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("model", metavar="MODEL", help="model directory (viq format or official release)")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files and/or folders of images")
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder (created if needed)")
     p.add_argument("-r", "--recursive", action="store_true", help="also search sub-folders of INPUT folders")
     p.add_argument("--overwrite", action="store_true", help="re-encode images whose .viq file exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
-    p.add_argument("--batch-tokens", type=positive_int, default=None, metavar="N",
-                   help="patch tokens per forward pass (default: the model's, 8192)")
+    p.add_argument(
+        "--batch-tokens",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="patch tokens per forward pass (default: the model's, 8192)",
+    )
     add_preprocess_options(p)
     add_model_options(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", parents=[common], help=".viq code files -> PNG images",
-                       description="Reconstruct PNG images from .viq code files.",
-                       epilog=_EPILOG_DECODE, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "decode",
+        parents=[common],
+        help=".viq code files -> PNG images",
+        description="Reconstruct PNG images from .viq code files.",
+        epilog=_EPILOG_DECODE,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("model", metavar="MODEL", help="model directory with the drawer and vae components")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help=".viq files and/or folders of them")
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder (created if needed)")
     p.add_argument("-r", "--recursive", action="store_true", help="also search sub-folders of INPUT folders")
     p.add_argument("--overwrite", action="store_true", help="re-decode files whose .png exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
-    p.add_argument("--no-crop", action="store_true",
-                   help="keep the zero-padded canvas (multiple of 16) instead of cropping to the image size")
-    p.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
-                   help="refuse code files whose image is larger than N pixels, before decoding "
-                        f"(default {LIMITS.max_decode_pixels:,}, as Pillow refuses decompression bombs)")
+    p.add_argument(
+        "--no-crop",
+        action="store_true",
+        help="keep the zero-padded canvas (multiple of 16) instead of cropping to the image size",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="refuse code files whose image is larger than N pixels, before decoding "
+        f"(default {LIMITS.max_decode_pixels:,}, as Pillow refuses decompression bombs)",
+    )
     add_model_options(p)
     p.set_defaults(func=cmd_decode)

@@ -107,8 +107,15 @@ def progress_bar(total: int, desc: str, quiet: bool):
     from tqdm import tqdm
 
     # disable=None: tqdm shows the bar only when stderr is a terminal.
-    return tqdm(total=total, desc=desc, unit="file", file=sys.stderr, disable=True if quiet else None,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="file",
+        file=sys.stderr,
+        disable=True if quiet else None,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 # ============================================================================================ arguments
@@ -177,11 +184,21 @@ def add_model_options(p: argparse.ArgumentParser, *, attention: bool = True) -> 
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight / activation dtype (default: float32)")
     if attention:
-        g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention kernel (default: auto)")
-    g.add_argument("--num-heads", type=positive_int, metavar="N",
-                   help="official directories with a non-official width only: attention heads of the trunk")
-    g.add_argument("--levels", type=levels_arg, metavar="L,L,...",
-                   help="official directories only: FSQ levels, e.g. 8,8,8,6,5, when they cannot be detected")
+        g.add_argument(
+            "--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention kernel (default: auto)"
+        )
+    g.add_argument(
+        "--num-heads",
+        type=positive_int,
+        metavar="N",
+        help="official directories with a non-official width only: attention heads of the trunk",
+    )
+    g.add_argument(
+        "--levels",
+        type=levels_arg,
+        metavar="L,L,...",
+        help="official directories only: FSQ levels, e.g. 8,8,8,6,5, when they cannot be detected",
+    )
 
 
 def add_preprocess_options(p: argparse.ArgumentParser) -> None:
@@ -191,8 +208,12 @@ def add_preprocess_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-pixels", type=positive_int, metavar="N", help="upscale smaller images to at least this area")
     g.add_argument("--multiple", choices=("pad", "resize"), help="pad (official) or resize sides to multiples of 16")
     g.add_argument("--resample", choices=("bicubic", "bilinear", "lanczos", "nearest"), help="resize filter")
-    g.add_argument("--square", type=positive_int, metavar="N",
-                   help="official demo mode: shorter side -> N, centre crop N x N (N even)")
+    g.add_argument(
+        "--square",
+        type=positive_int,
+        metavar="N",
+        help="official demo mode: shorter side -> N, centre crop N x N (N even)",
+    )
 
 
 def preprocess_config(args: argparse.Namespace, patch_size: int):
@@ -236,7 +257,9 @@ def load_model(args: argparse.Namespace, components: tuple[str, ...]):
 
         available = available_backends(device)
         if backend not in available:
-            raise CLIError(f"attention backend {backend!r} is not available on {device} (available: {', '.join(available)})")
+            raise CLIError(
+                f"attention backend {backend!r} is not available on {device} (available: {', '.join(available)})"
+            )
         model.set_attention_backend(backend)
     return model
 
@@ -248,7 +271,7 @@ def reason(exc: BaseException, source: Path | str) -> str:
         msg = msg.replace("pass num_heads=", "pass --num-heads N").replace("pass levels=", "pass --levels L1,L2,...")
     for prefix in (f"{source}: ", f"{os.fspath(source)}: "):
         if msg.startswith(prefix):
-            return msg[len(prefix):]
+            return msg[len(prefix) :]
     return msg
 
 

@@ -69,15 +69,22 @@ def _table(results: dict[str, dict], nll: dict[str, dict] | None = None) -> str:
         row = "  ".join(f"{_fmt(results[m]['per_task'][task]):<{cell}}" for m in modes)
         row += "".join(f"  {r['per_task'][task]['nll']:>10.3f}" for r in nll.values())
         lines.append(f"{task:<{width}}  {n:>5}  {row}".rstrip())
-    row = "  ".join(f"{_fmt(results[m]):<{cell}}" for m in modes) + "".join(f"  {r['nll']:>10.3f}" for r in nll.values())
+    row = "  ".join(f"{_fmt(results[m]):<{cell}}" for m in modes) + "".join(
+        f"  {r['nll']:>10.3f}" for r in nll.values()
+    )
     lines.append(f"{'overall':<{width}}  {results[modes[0]]['n']:>5}  {row}".rstrip())
     return "\n".join(lines)
 
 
 def _json_result(result: dict) -> dict:
-    return {"n": result["n"], "accuracy": result["accuracy"], "ci95": result["ci95"],
-            "per_task": {t: {"n": r["n"], "accuracy": r["accuracy"], "ci95": r["ci95"]}
-                         for t, r in result["per_task"].items()}}
+    return {
+        "n": result["n"],
+        "accuracy": result["accuracy"],
+        "ci95": result["ci95"],
+        "per_task": {
+            t: {"n": r["n"], "accuracy": r["accuracy"], "ci95": r["ci95"]} for t, r in result["per_task"].items()
+        },
+    }
 
 
 def cmd_eval_qa(args: argparse.Namespace) -> int:
@@ -111,11 +118,32 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
             if mode == "shuffled" and len(records) < 2:
                 log.warning("shuffled images need at least 2 questions: skipped")
                 continue
-            results[mode] = evaluate_qa(model, tokenizer, records, image_root, images=mode, seed=args.seed,
-                                        device=device, source=str(data), batch_size=args.batch_size)
+            results[mode] = evaluate_qa(
+                model,
+                tokenizer,
+                records,
+                image_root,
+                images=mode,
+                seed=args.seed,
+                device=device,
+                source=str(data),
+                batch_size=args.batch_size,
+            )
         # Does the image change how likely the right answer is? (real vs blank, nats per answer token)
-        nll = {mode: answer_nll(model, tokenizer, records, image_root, images=mode, device=device, source=str(data),
-                                batch_size=args.batch_size) for mode in modes if mode != "shuffled" and args.baselines}
+        nll = {
+            mode: answer_nll(
+                model,
+                tokenizer,
+                records,
+                image_root,
+                images=mode,
+                device=device,
+                source=str(data),
+                batch_size=args.batch_size,
+            )
+            for mode in modes
+            if mode != "shuffled" and args.baselines
+        }
     except (DataError, ValueError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None
     print(_table(results, nll))
@@ -124,8 +152,10 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
         out.update({"run": str(args.run), "data": str(data), "stage": model.stage})
         if args.baselines:
             out["baselines"] = {m: _json_result(r) for m, r in results.items() if m != "real"}
-            out["nll"] = {m: {"nll": r["nll"], "per_task": {t: v["nll"] for t, v in r["per_task"].items()}}
-                          for m, r in nll.items()}
+            out["nll"] = {
+                m: {"nll": r["nll"], "per_task": {t: v["nll"] for t, v in r["per_task"].items()}}
+                for m, r in nll.items()
+            }
         path = Path(args.json)
         try:
             if path.parent != Path(""):
@@ -149,8 +179,14 @@ def _recon_table(result: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     usage = result["usage"]
-    rows = [("ViQ codes", result, f"entropy {usage['entropy_bits']:.2f} of {usage['log2_codebook']:.0f} bits/code, "
-                                  f"{usage['usage']:.2%} of the codebook used")]
+    rows = [
+        (
+            "ViQ codes",
+            result,
+            f"entropy {usage['entropy_bits']:.2f} of {usage['log2_codebook']:.0f} bits/code, "
+            f"{usage['usage']:.2%} of the codebook used",
+        )
+    ]
     for codec in ("jpeg", "webp"):
         if codec in result:
             r = result[codec]
@@ -159,10 +195,14 @@ def _recon_table(result: dict) -> str:
             rows.append((CODEC_LABELS[codec], r, note + (f" ({others})" if others else "")))
     lines = [f"{'method':<10} {'bpp':>7} {'PSNR dB':>8} {'SSIM':>6}  notes"]
     for name, r, note in rows:
-        lines.append(f"{name:<10} {num(r['bpp'], '.4f'):>7} {num(r['psnr'], '.2f'):>8} {num(r['ssim'], '.3f'):>6}  {note}")
+        lines.append(
+            f"{name:<10} {num(r['bpp'], '.4f'):>7} {num(r['psnr'], '.2f'):>8} {num(r['ssim'], '.3f'):>6}  {note}"
+        )
     if result["fid_features"] is not None:
-        lines.append(f"rFID ({result['fid_features']} features): {num(result['rfid'], '.3f')}"
-                     + (" (needs at least 2 images)" if result["rfid"] is None else ""))
+        lines.append(
+            f"rFID ({result['fid_features']} features): {num(result['rfid'], '.3f')}"
+            + (" (needs at least 2 images)" if result["rfid"] is None else "")
+        )
     return "\n".join(lines)
 
 
@@ -201,9 +241,16 @@ def cmd_eval_recon(args: argparse.Namespace) -> int:
         run.fail(source, reason(error, source))
 
     try:
-        result = evaluate_reconstruction(model, [str(f) for f in files], preprocess=cfg, fid_features=extractor,
-                                         curve_qualities=args.qualities, examples=args.grid_images if args.grid else 0,
-                                         on_error=failed, progress=bar.update)
+        result = evaluate_reconstruction(
+            model,
+            [str(f) for f in files],
+            preprocess=cfg,
+            fid_features=extractor,
+            curve_qualities=args.qualities,
+            examples=args.grid_images if args.grid else 0,
+            on_error=failed,
+            progress=bar.update,
+        )
     finally:
         bar.close()
     if extractor is not None:
@@ -255,46 +302,74 @@ status is then 1.
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``eval-qa`` and ``eval-recon``."""
-    p = sub.add_parser("eval-qa", parents=[common], help="QA accuracy of a trained run on a LLaVA-format set",
-                       description="Answer every question of a LLaVA-format set (the last question of each record "
-                                   "with an image; greedy) with a training run's final model (stage1, stage2_1, "
-                                   "stage2_2 or mllm), score it like the training validation (normalised exact "
-                                   "match) and print the accuracy per task and overall with 95 % Wilson intervals.",
-                       epilog=_EPILOG, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "eval-qa",
+        parents=[common],
+        help="QA accuracy of a trained run on a LLaVA-format set",
+        description="Answer every question of a LLaVA-format set (the last question of each record "
+        "with an image; greedy) with a training run's final model (stage1, stage2_1, "
+        "stage2_2 or mllm), score it like the training validation (normalised exact "
+        "match) and print the accuracy per task and overall with 95 % Wilson intervals.",
+        epilog=_EPILOG,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("run", metavar="RUN", help="a run's output folder (train.output_dir) or its final/ folder")
     p.add_argument("data", metavar="DATA", help="LLaVA records: a .jsonl file (or a .json list)")
     p.add_argument("--json", metavar="OUT", help='write {"n", "accuracy", "ci95", "per_task"} to this file')
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N records with an image")
-    p.add_argument("--image-root", metavar="DIR", help="folder relative image paths are resolved against "
-                                                      "(default: the data file's folder)")
-    p.add_argument("--baselines", action="store_true",
-                   help="also answer with blank (mid-grey) and shuffled (another record's) images, and give the "
-                        "answer NLL (nats per answer token) with real and blank images")
+    p.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="folder relative image paths are resolved against (default: the data file's folder)",
+    )
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also answer with blank (mid-grey) and shuffled (another record's) images, and give the "
+        "answer NLL (nats per answer token) with real and blank images",
+    )
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled-image derangement (default 0)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
-                   help="questions answered together (default 32)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, metavar="N", help="questions answered together (default 32)"
+    )
     p.set_defaults(func=cmd_eval_qa)
 
-    p = sub.add_parser("eval-recon", parents=[common], help="reconstruction quality beside JPEG / WebP at equal bpp",
-                       description="Encode and reconstruct every image with a model and score the reconstruction "
-                                   "on the encoded area (PSNR, SSIM; torchmetrics), with the bits per pixel of its "
-                                   ".viq file, code usage and entropy, optionally rFID, and the same images as JPEG "
-                                   "and WebP at the codes' bitrate (quality searched per image).",
-                       epilog=_EPILOG_RECON, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "eval-recon",
+        parents=[common],
+        help="reconstruction quality beside JPEG / WebP at equal bpp",
+        description="Encode and reconstruct every image with a model and score the reconstruction "
+        "on the encoded area (PSNR, SSIM; torchmetrics), with the bits per pixel of its "
+        ".viq file, code usage and entropy, optionally rFID, and the same images as JPEG "
+        "and WebP at the codes' bitrate (quality searched per image).",
+        epilog=_EPILOG_RECON,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("model", metavar="MODEL", help="model directory with the encoder, drawer and vae components")
     p.add_argument("images", metavar="IMAGES", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--json", metavar="OUT", help='write {"n", "bpp", "psnr", "ssim", "rfid", "jpeg", "webp", ..., '
-                                                  '"images": [per image]} to this file')
+    p.add_argument(
+        "--json",
+        metavar="OUT",
+        help='write {"n", "bpp", "psnr", "ssim", "rfid", "jpeg", "webp", ..., "images": [per image]} to this file',
+    )
     p.add_argument("--plot", metavar="OUT.png", help="PSNR against bpp: ViQ as a point, JPEG and WebP as curves")
     p.add_argument("--grid", metavar="OUT.png", help="input | reconstruction | JPEG at equal bpp, side by side")
-    p.add_argument("--grid-images", type=positive_int, default=4, metavar="N",
-                   help="images (the first N) in --grid (default 4)")
-    p.add_argument("--qualities", type=_qualities, metavar="Q,Q,...",
-                   help="JPEG / WebP qualities of the --plot curves (default 2,5,10,20,30,50,70,90)")
-    p.add_argument("--fid-features", metavar="SPEC",
-                   help="also compute rFID with these features: viq, hf:<dir or hub id>, timm:<hub id or arch=file>, "
-                        "open_clip:<hub id or arch=file> (local or cached only; nothing is downloaded)")
+    p.add_argument(
+        "--grid-images", type=positive_int, default=4, metavar="N", help="images (the first N) in --grid (default 4)"
+    )
+    p.add_argument(
+        "--qualities",
+        type=_qualities,
+        metavar="Q,Q,...",
+        help="JPEG / WebP qualities of the --plot curves (default 2,5,10,20,30,50,70,90)",
+    )
+    p.add_argument(
+        "--fid-features",
+        metavar="SPEC",
+        help="also compute rFID with these features: viq, hf:<dir or hub id>, timm:<hub id or arch=file>, "
+        "open_clip:<hub id or arch=file> (local or cached only; nothing is downloaded)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
     add_preprocess_options(p)
     add_model_options(p)

@@ -113,34 +113,44 @@ def cmd_info(args: argparse.Namespace) -> int:
         h, w = info["grid"]
         image = "unknown" if info["image_size"] is None else "{} x {}".format(*info["image_size"])
         meta = json.dumps(info["metadata"], ensure_ascii=False) if info["metadata"] else "{}"
-        _print_table([
-            ("file", f"{info['path']} ({info['file_size']} bytes)"),
-            ("levels", ",".join(map(str, info["levels"]))),
-            ("codebook size", info["codebook_size"]),
-            ("bits per code", info["bits_per_code"]),
-            ("grid", f"{h} x {w} patches of {info['patch_size']} px"),
-            ("codes", f"{info['num_codes']} ({info['codes_per_patch']} per patch)"),
-            ("image size", f"{image} (h x w; padded {info['padded_size'][0]} x {info['padded_size'][1]})"),
-            ("bits per pixel", f"{info['bpp_file']:.4f} (file), {info['bpp_payload']:.4f} (payload)"
-                               + ("" if info["bpp_basis"] == "image" else " over the padded canvas")),
-            ("metadata", meta),
-        ])
+        _print_table(
+            [
+                ("file", f"{info['path']} ({info['file_size']} bytes)"),
+                ("levels", ",".join(map(str, info["levels"]))),
+                ("codebook size", info["codebook_size"]),
+                ("bits per code", info["bits_per_code"]),
+                ("grid", f"{h} x {w} patches of {info['patch_size']} px"),
+                ("codes", f"{info['num_codes']} ({info['codes_per_patch']} per patch)"),
+                ("image size", f"{image} (h x w; padded {info['padded_size'][0]} x {info['padded_size'][1]})"),
+                (
+                    "bits per pixel",
+                    f"{info['bpp_file']:.4f} (file), {info['bpp_payload']:.4f} (payload)"
+                    + ("" if info["bpp_basis"] == "image" else " over the padded canvas"),
+                ),
+                ("metadata", meta),
+            ]
+        )
     else:
         params = ", ".join(f"{c} {_human(n)}" for c, n in info["parameters"].items())
-        _print_table([
-            ("model", f"{info['path']} ({info['format']} format)"),
-            ("name", info["name"]),
-            ("width", info["width"]),
-            ("depth", info["depth"]),
-            ("heads", info["num_heads"]),
-            ("patch size", info["patch_size"]),
-            ("levels", ",".join(map(str, info["levels"]))),
-            ("codebook size", f"{info['codebook_size']} ({info['bits_per_code']} bits/code, "
-                              f"{info['codes_per_patch']} codes/patch)"),
-            ("components", ", ".join(info["components"])),
-            ("parameters", f"{_human(info['total_parameters'])} ({params})"),
-            ("fingerprint", info["fingerprint"] or "unknown"),
-        ])
+        _print_table(
+            [
+                ("model", f"{info['path']} ({info['format']} format)"),
+                ("name", info["name"]),
+                ("width", info["width"]),
+                ("depth", info["depth"]),
+                ("heads", info["num_heads"]),
+                ("patch size", info["patch_size"]),
+                ("levels", ",".join(map(str, info["levels"]))),
+                (
+                    "codebook size",
+                    f"{info['codebook_size']} ({info['bits_per_code']} bits/code, "
+                    f"{info['codes_per_patch']} codes/patch)",
+                ),
+                ("components", ", ".join(info["components"])),
+                ("parameters", f"{_human(info['total_parameters'])} ({params})"),
+                ("fingerprint", info["fingerprint"] or "unknown"),
+            ]
+        )
     return EXIT_OK
 
 
@@ -198,25 +208,45 @@ float32 (the default) stores the official bfloat16/float32 weights exactly.
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``info`` and ``convert``."""
-    p = sub.add_parser("info", parents=[common], help="describe a .viq file or a model directory",
-                       description="Describe a .viq file (levels, grid, bits per pixel, metadata) or a model "
-                                   "directory (architecture, components, parameters, fingerprint).",
-                       epilog=_EPILOG_INFO, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "info",
+        parents=[common],
+        help="describe a .viq file or a model directory",
+        description="Describe a .viq file (levels, grid, bits per pixel, metadata) or a model "
+        "directory (architecture, components, parameters, fingerprint).",
+        epilog=_EPILOG_INFO,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("path", metavar="PATH", help=".viq file, model directory or Hub id owner/name")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--num-heads", type=positive_int, metavar="N", help="official directories with a non-official width only")
+    p.add_argument(
+        "--num-heads", type=positive_int, metavar="N", help="official directories with a non-official width only"
+    )
     p.add_argument("--levels", type=levels_arg, metavar="L,L,...", help="official directories only: FSQ levels")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", parents=[common], help="official release directory -> viq format",
-                       description="Convert an official ViQ release (model_viq_fsq_<size>.pth [+ embedder.pth, "
-                                   "index_drawer.pth]) into a viq directory (config.json + model.safetensors).",
-                       epilog=_EPILOG_CONVERT, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="official release directory -> viq format",
+        description="Convert an official ViQ release (model_viq_fsq_<size>.pth [+ embedder.pth, "
+        "index_drawer.pth]) into a viq directory (config.json + model.safetensors).",
+        epilog=_EPILOG_CONVERT,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("official_dir", metavar="OFFICIAL_DIR", help="official release directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
-    p.add_argument("--num-heads", type=positive_int, metavar="N", help="attention heads of the trunk (non-official widths only)")
-    p.add_argument("--levels", type=levels_arg, metavar="L,L,...", help="FSQ levels, e.g. 8,8,8,6,5, when they cannot be detected")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="stored weight dtype (default: float32, lossless)")
+    p.add_argument(
+        "--num-heads", type=positive_int, metavar="N", help="attention heads of the trunk (non-official widths only)"
+    )
+    p.add_argument(
+        "--levels", type=levels_arg, metavar="L,L,...", help="FSQ levels, e.g. 8,8,8,6,5, when they cannot be detected"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="stored weight dtype (default: float32, lossless)",
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     p.set_defaults(func=cmd_convert)

@@ -63,16 +63,30 @@ def cmd_show(args: argparse.Namespace) -> int:
     log.info("%d image(s) to show with %s", n, args.model)
     bar = progress_bar(n, "show", args.quiet)
     try:
-        views = show_images(model, items, preprocess=cfg, thumb=args.thumb, lossless=args.lossless,
-                            on_error=lambda source, e: run.fail(source, reason(e, source)), progress=bar.update)
+        views = show_images(
+            model,
+            items,
+            preprocess=cfg,
+            thumb=args.thumb,
+            lossless=args.lossless,
+            on_error=lambda source, e: run.fail(source, reason(e, source)),
+            progress=bar.update,
+        )
     finally:
         bar.close()
     if not views:
         if run.failures:
             log.error("%d file(s) failed:%s", len(run.failures), "".join(f"\n  {s}: {w}" for s, w in run.failures))
         raise CLIError("no images to show", EXIT_FAILED)
-    page = render_page(views, title=title, model_name=str(args.model), thumb=args.thumb, top_codes=args.top_codes,
-                       gallery=args.gallery, preprocess=cfg)
+    page = render_page(
+        views,
+        title=title,
+        model_name=str(args.model),
+        thumb=args.thumb,
+        top_codes=args.top_codes,
+        gallery=args.gallery,
+        preprocess=cfg,
+    )
     write_output(Path(args.output), page.encode(), "page")
     log.info("wrote %s (%d image(s), %.1f MB)", args.output, len(views), len(page) / 1e6)
     if run.failures:
@@ -83,22 +97,40 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``show``."""
-    p = sub.add_parser("show", parents=[common], help="an HTML page: reconstructions, error maps, code maps, codebook",
-                       description="Encode and reconstruct images with a model and write one self-contained HTML "
-                                   "page: per image the input, the reconstruction, an error heat map, PSNR / SSIM / "
-                                   "bpp and the code maps (hover names a code); then codebook usage, entropy and "
-                                   "dead codes per head and the most used codes with the patches that receive them.",
-                       epilog=_EPILOG, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "show",
+        parents=[common],
+        help="an HTML page: reconstructions, error maps, code maps, codebook",
+        description="Encode and reconstruct images with a model and write one self-contained HTML "
+        "page: per image the input, the reconstruction, an error heat map, PSNR / SSIM / "
+        "bpp and the code maps (hover names a code); then codebook usage, entropy and "
+        "dead codes per head and the most used codes with the patches that receive them.",
+        epilog=_EPILOG,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("model", metavar="MODEL", help="model directory (or Hub id) with the encoder, drawer and vae")
-    p.add_argument("inputs", metavar="IMAGES", nargs="+",
-                   help="image files and/or folders (searched recursively), or one code store")
+    p.add_argument(
+        "inputs",
+        metavar="IMAGES",
+        nargs="+",
+        help="image files and/or folders (searched recursively), or one code store",
+    )
     p.add_argument("-o", "--output", required=True, metavar="PAGE.html", help="the page to write")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images (or store records)")
-    p.add_argument("--thumb", type=positive_int, default=256, metavar="PX",
-                   help="longest side of the embedded pictures (default 256)")
+    p.add_argument(
+        "--thumb",
+        type=positive_int,
+        default=256,
+        metavar="PX",
+        help="longest side of the embedded pictures (default 256)",
+    )
     p.add_argument("--lossless", action="store_true", help="embed pictures as PNG (default WebP quality 90: smaller)")
-    p.add_argument("--top-codes", type=positive_int, default=16, metavar="N", help="most used codes listed (default 16)")
-    p.add_argument("--gallery", type=int, default=8, metavar="N", help="patches shown per listed code (default 8; 0: none)")
+    p.add_argument(
+        "--top-codes", type=positive_int, default=16, metavar="N", help="most used codes listed (default 16)"
+    )
+    p.add_argument(
+        "--gallery", type=int, default=8, metavar="N", help="patches shown per listed code (default 8; 0: none)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_preprocess_options(p)
     add_model_options(p)

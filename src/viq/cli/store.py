@@ -54,15 +54,35 @@ def cmd_extract(args: argparse.Namespace) -> int:
     model = load_model(args, ("encoder",))
     preprocess = preprocess_config(args, model.patch_size)
     try:
-        counts = extract(args.model, source, args.out, model=model, image_root=args.image_root,
-                         image_column=args.image_column, id_column=args.id_column, rank=launch.rank,
-                         world_size=launch.world_size, device=str(model.device), dtype=model.dtype,
-                         batch_tokens=args.batch_tokens, num_workers=args.workers, preprocess=preprocess,
-                         flush_every=args.flush_every, entropy_coding=args.entropy_coding, progress=not args.quiet)
+        counts = extract(
+            args.model,
+            source,
+            args.out,
+            model=model,
+            image_root=args.image_root,
+            image_column=args.image_column,
+            id_column=args.id_column,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            device=str(model.device),
+            dtype=model.dtype,
+            batch_tokens=args.batch_tokens,
+            num_workers=args.workers,
+            preprocess=preprocess,
+            flush_every=args.flush_every,
+            entropy_coding=args.entropy_coding,
+            progress=not args.quiet,
+        )
     except (ValueError, FileNotFoundError, StoreError) as e:
         raise CLIError(str(e), EXIT_FAILED) from None
-    log.info("encoded %d, already stored %d, deduplicated %d, failed %d (of %d on this rank)", counts["encoded"],
-             counts["existing"], counts["deduplicated"], counts["failed"], counts["images"])
+    log.info(
+        "encoded %d, already stored %d, deduplicated %d, failed %d (of %d on this rank)",
+        counts["encoded"],
+        counts["existing"],
+        counts["deduplicated"],
+        counts["failed"],
+        counts["images"],
+    )
     print(json.dumps(counts))
     return EXIT_FAILED if counts["failed"] else EXIT_OK
 
@@ -71,8 +91,15 @@ def _records_bar(store, desc: str, quiet: bool):
     from tqdm import tqdm
 
     # A bar over records (every byte is read); shown only when stderr is a terminal.
-    return tqdm(total=len(store), desc=desc, unit="img", file=sys.stderr, disable=True if quiet else None,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=len(store),
+        desc=desc,
+        unit="img",
+        file=sys.stderr,
+        disable=True if quiet else None,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
@@ -83,8 +110,12 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
         report = store.verify(progress=bar.update)
     print(report.summary())
     if report.repaired and not args.repair:
-        log.error("%s: %d damaged index file(s) were rebuilt (listed above); the store is sound now. Something "
-                  "damaged them: check the disk (--repair: rebuild without failing)", args.path, len(report.repaired))
+        log.error(
+            "%s: %d damaged index file(s) were rebuilt (listed above); the store is sound now. Something "
+            "damaged them: check the disk (--repair: rebuild without failing)",
+            args.path,
+            len(report.repaired),
+        )
         return EXIT_FAILED
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -108,9 +139,11 @@ def _write_codebook_page(store, args: argparse.Namespace) -> None:
                 bar.update(1)
     except StoreError as e:
         raise CLIError(f"{e} (viq store verify {args.path} lists every problem)", EXIT_FAILED) from None
-    page = render_codebook_page(counter, title=f"codebook of {store.path}",
-                                note=f"Every record of the store. Patch galleries need the images: viq show MODEL "
-                                     f"{args.path} -o PAGE.html")
+    page = render_codebook_page(
+        counter,
+        title=f"codebook of {store.path}",
+        note=f"Every record of the store. Patch galleries need the images: viq show MODEL {args.path} -o PAGE.html",
+    )
     write_output(Path(args.page), page.encode(), "page")
 
 
@@ -136,17 +169,27 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
         return EXIT_OK
     lines = [
         f"store:       {store.path}",
-        (f"codes:       levels {tuple(stats['levels'])}, K = {stats['codebook_size']}, "
-         f"{stats['bits_per_code']} bits/code, {'lzma' if stats['entropy_coding'] else 'packed'} records"),
-        (f"images:      {stats['images']} in {stats['shards']} shard(s), {stats['total_codes']} codes, "
-         f"{stats['pixels']} pixels"),
+        (
+            f"codes:       levels {tuple(stats['levels'])}, K = {stats['codebook_size']}, "
+            f"{stats['bits_per_code']} bits/code, {'lzma' if stats['entropy_coding'] else 'packed'} records"
+        ),
+        (
+            f"images:      {stats['images']} in {stats['shards']} shard(s), {stats['total_codes']} codes, "
+            f"{stats['pixels']} pixels"
+        ),
         f"size:        {stats['store_bytes']} bytes on disk, {stats['payload_bytes']} bytes of payload",
-        (f"bits/pixel:  {_fmt(stats['bpp'], '.4f')} (store), {_fmt(stats['bpp_payload'], '.4f')} (payload), "
-         f"{_fmt(stats['bpp_payload_padded'], '.4f')} (payload per padded pixel)"),
-        (f"bits/code:   {_fmt(stats['payload_bits_per_code'], '.3f')} stored, "
-         f"{_fmt(stats['entropy_bits'], '.3f')} entropy"),
-        (f"usage:       perplexity {_fmt(stats['perplexity'], '.1f')}, {stats['codebook_used']} of "
-         f"{stats['codebook_size']} codes used ({stats['codebook_used_fraction']:.1%})"),
+        (
+            f"bits/pixel:  {_fmt(stats['bpp'], '.4f')} (store), {_fmt(stats['bpp_payload'], '.4f')} (payload), "
+            f"{_fmt(stats['bpp_payload_padded'], '.4f')} (payload per padded pixel)"
+        ),
+        (
+            f"bits/code:   {_fmt(stats['payload_bits_per_code'], '.3f')} stored, "
+            f"{_fmt(stats['entropy_bits'], '.3f')} entropy"
+        ),
+        (
+            f"usage:       perplexity {_fmt(stats['perplexity'], '.1f')}, {stats['codebook_used']} of "
+            f"{stats['codebook_size']} codes used ({stats['codebook_used_fraction']:.1%})"
+        ),
     ]
     if args.plot:
         lines.append(f"plot:        {args.plot}")
@@ -168,59 +211,96 @@ _EPILOG_EXTRACT = """examples:
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``extract`` and ``store`` (with its actions ``verify`` and ``stats``)."""
-    p = sub.add_parser("extract", parents=[common], help="extract codes of many images into a code store",
-                       description="Encode every image of an input (folder, LLaVA JSON/JSONL, WebDataset .tar shards, "
-                                   "Parquet / Arrow / saved datasets) into a code store. Resumable: re-run the same "
-                                   "command after an interruption. Multi-GPU / multi-node: torchrun, srun or mpirun "
-                                   "... -m viq extract ... (rank and world size read from the launcher), or "
-                                   "--rank/--world-size.",
-                       epilog=_EPILOG_EXTRACT, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "extract",
+        parents=[common],
+        help="extract codes of many images into a code store",
+        description="Encode every image of an input (folder, LLaVA JSON/JSONL, WebDataset .tar shards, "
+        "Parquet / Arrow / saved datasets) into a code store. Resumable: re-run the same "
+        "command after an interruption. Multi-GPU / multi-node: torchrun, srun or mpirun "
+        "... -m viq extract ... (rank and world size read from the launcher), or "
+        "--rank/--world-size.",
+        epilog=_EPILOG_EXTRACT,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("model", nargs="?", metavar="MODEL", help="model: a directory (viq or official) or a Hub id")
-    p.add_argument("input", nargs="?", metavar="INPUT",
-                   help="image folder, LLaVA .json/.jsonl, tar shards (file, folder or 'shards/{00000..00999}.tar'), "
-                        ".parquet / .arrow file or folder, or a folder saved by datasets.save_to_disk")
+    p.add_argument(
+        "input",
+        nargs="?",
+        metavar="INPUT",
+        help="image folder, LLaVA .json/.jsonl, tar shards (file, folder or 'shards/{00000..00999}.tar'), "
+        ".parquet / .arrow file or folder, or a folder saved by datasets.save_to_disk",
+    )
     p.add_argument("-o", "--output", dest="out", metavar="STORE", help="code store directory (created or appended to)")
     # the flags of earlier releases, still accepted
     p.add_argument("--model", dest="model_flag", help=argparse.SUPPRESS)
     p.add_argument("--input", dest="input_flag", help=argparse.SUPPRESS)
     p.add_argument("--out", dest="out", help=argparse.SUPPRESS)
-    p.add_argument("--image-root", metavar="DIR", help="LLaVA inputs and image-path columns: folder the paths are "
-                                                       "relative to")
-    p.add_argument("--image-column", default="image", metavar="NAME",
-                   help="columnar inputs: column with the image bytes, path or {bytes, path} struct (default image)")
-    p.add_argument("--id-column", metavar="NAME",
-                   help="columnar inputs: column with the store id (default: the image path, else <file>/<row>)")
-    p.add_argument("--rank", type=int, metavar="R", help="this process's rank (default: from torchrun / SLURM / "
-                                                          "OpenMPI, else 0); give with --world-size")
+    p.add_argument(
+        "--image-root", metavar="DIR", help="LLaVA inputs and image-path columns: folder the paths are relative to"
+    )
+    p.add_argument(
+        "--image-column",
+        default="image",
+        metavar="NAME",
+        help="columnar inputs: column with the image bytes, path or {bytes, path} struct (default image)",
+    )
+    p.add_argument(
+        "--id-column",
+        metavar="NAME",
+        help="columnar inputs: column with the store id (default: the image path, else <file>/<row>)",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        metavar="R",
+        help="this process's rank (default: from torchrun / SLURM / OpenMPI, else 0); give with --world-size",
+    )
     p.add_argument("--world-size", type=positive_int, metavar="W", help="number of extracting processes")
     p.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N", help="patch tokens per forward pass")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="image decoding workers (default 2)")
-    p.add_argument("--flush-every", type=positive_int, default=256, metavar="N",
-                   help="finalise a shard every N stored images: a kill redoes at most N images plus the "
-                        "pack being encoded (--batch-tokens)")
+    p.add_argument(
+        "--flush-every",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="finalise a shard every N stored images: a kill redoes at most N images plus the "
+        "pack being encoded (--batch-tokens)",
+    )
     p.add_argument("--entropy-coding", action="store_true", help="LZMA-compress the code shards (new stores only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_preprocess_options(p)
     add_model_options(p)  # --device auto: this rank's GPU (LOCAL_RANK) if any
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("store", parents=[common], help="check or summarise a code store",
-                       description="Code stores (directories of code shards written by extraction).",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "store",
+        parents=[common],
+        help="check or summarise a code store",
+        description="Code stores (directories of code shards written by extraction).",
+        formatter_class=HelpFormatter,
+    )
     store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    q = store_sub.add_parser("verify", help="checksums, index vs shards, code ranges, duplicates",
-                             description="Check every byte of a store. Exit 0: sound; 1: problems (listed); "
-                                         "2: the store cannot be opened.")
+    q = store_sub.add_parser(
+        "verify",
+        help="checksums, index vs shards, code ranges, duplicates",
+        description="Check every byte of a store. Exit 0: sound; 1: problems (listed); 2: the store cannot be opened.",
+    )
     q.add_argument("path", metavar="STORE")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    q.add_argument("--repair", action="store_true",
-                   help="exit 0 when the only findings were damaged index files, now rebuilt")
+    q.add_argument(
+        "--repair", action="store_true", help="exit 0 when the only findings were damaged index files, now rebuilt"
+    )
     q.set_defaults(func=cmd_store_verify)
     q = store_sub.add_parser("stats", help="images, bits per pixel, code usage, entropy, perplexity")
     q.add_argument("path", metavar="STORE")
     q.add_argument("--plot", metavar="PNG", help="write the code-usage histogram to this PNG")
-    q.add_argument("--page", metavar="HTML", help="write the codebook page (usage, entropy, dead codes per head, the "
-                                                  "most used codes) to this self-contained HTML file")
+    q.add_argument(
+        "--page",
+        metavar="HTML",
+        help="write the codebook page (usage, entropy, dead codes per head, the "
+        "most used codes) to this self-contained HTML file",
+    )
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_store_stats)

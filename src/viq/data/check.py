@@ -49,8 +49,10 @@ def check_images(dataset: Any, *, num_threads: int = 16, progress: bool = False)
         offenders = [i for i in range(len(dataset)) if any(r.path in bad for r in dataset.record(i).images)]
         first = dataset.record(offenders[0])
         path = next(r.path for r in first.images if r.path in bad)
-        problem = (f"{first.label}: image {path}: {bad[path]} ({len(bad)} unreadable image(s) in "
-                   f"{len(offenders)} sample(s) of {dataset.path})")
+        problem = (
+            f"{first.label}: image {path}: {bad[path]} ({len(bad)} unreadable image(s) in "
+            f"{len(offenders)} sample(s) of {dataset.path})"
+        )
         if dataset.on_error == "raise":
             raise DataError(problem + "; fix them, or set data.on_error=skip to train without those samples")
         dataset.drop(offenders, reason="unreadable image")
@@ -58,15 +60,15 @@ def check_images(dataset: Any, *, num_threads: int = 16, progress: bool = False)
         return len(offenders)
     if isinstance(dataset, ImageFolderDataset):
         sizes = _scan(list(dataset.files), num_threads, progress, f"checking {dataset.root}")
-        bad = [(i, why) for i, why in enumerate(sizes) if isinstance(why, str)]
-        if not bad:
+        unreadable: list[tuple[int, str]] = [(i, why) for i, why in enumerate(sizes) if isinstance(why, str)]
+        if not unreadable:
             return 0
-        i, why = bad[0]
-        problem = f"{dataset.files[i]}: {why} ({len(bad)} unreadable image(s) under {dataset.root})"
+        i, why = unreadable[0]
+        problem = f"{dataset.files[i]}: {why} ({len(unreadable)} unreadable image(s) under {dataset.root})"
         if dataset.on_error == "raise":
             raise DataError(problem + "; fix them, or set data.on_error=skip to train without them")
-        dropped = {j for j, _ in bad}
+        dropped = {j for j, _ in unreadable}
         dataset.files = [f for j, f in enumerate(dataset.files) if j not in dropped]
-        log.warning("skipping %d unreadable image(s); first: %s", len(bad), problem)
-        return len(bad)
+        log.warning("skipping %d unreadable image(s); first: %s", len(unreadable), problem)
+        return len(unreadable)
     return 0

@@ -91,8 +91,15 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
     the store is an error naming the sample and the image (``on_error="skip"``: skipped, counted).
     """
 
-    def __init__(self, path: str | os.PathLike, store: str | os.PathLike, *, image_root: str | None = None,
-                 on_error: str = "raise", columns: dict[str, str | None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        store: str | os.PathLike,
+        *,
+        image_root: str | None = None,
+        on_error: str = "raise",
+        columns: dict[str, str | None] | None = None,
+    ) -> None:
         from viq.data.llava import DataError, LlavaDataset
 
         # columns: Parquet / Arrow data only (viq.data.llava.LlavaDataset)

@@ -32,8 +32,18 @@ from typing import Any
 
 from viq._untrusted import read_json
 
-__all__ = ["COLUMNAR_SUFFIXES", "Cell", "Part", "image_value", "is_columnar_source", "iter_records", "iter_rows",
-           "list_parts", "read_cell", "row_id"]
+__all__ = [
+    "COLUMNAR_SUFFIXES",
+    "Cell",
+    "Part",
+    "image_value",
+    "is_columnar_source",
+    "iter_records",
+    "iter_rows",
+    "list_parts",
+    "read_cell",
+    "row_id",
+]
 
 #: File suffixes read as columnar data.
 COLUMNAR_SUFFIXES = (".parquet", ".arrow")
@@ -109,7 +119,8 @@ def _files(source: Path) -> list[tuple[Path, str]]:
     if _is_hf_saved(source):
         state = read_json(source / "state.json")
         names = [f["filename"] for f in state.get("_data_files", [])] or sorted(
-            p.name for p in source.glob("data-*.arrow"))
+            p.name for p in source.glob("data-*.arrow")
+        )
         if not names:
             raise ValueError(f"{source}: a saved dataset without data files (state.json lists none)")
         return [(source / n, n) for n in names]
@@ -224,8 +235,9 @@ def read_cell(cell: Cell) -> bytes:
     """The image bytes at ``cell`` (ValueError for a cell that holds no bytes)."""
     value = image_value(_part_column(cell.path, cell.kind, cell.index, cell.column)[cell.row])
     if not isinstance(value, bytes):
-        raise ValueError(f"{cell.path}: row {cell.row} of part {cell.index}: column {cell.column!r} holds a path, "
-                         "not image bytes")
+        raise ValueError(
+            f"{cell.path}: row {cell.row} of part {cell.index}: column {cell.column!r} holds a path, not image bytes"
+        )
     return value
 
 
@@ -277,8 +289,9 @@ def iter_records(
     for part in list_parts(source):
         names = _schema_names(part)
         if conversations_column not in names:
-            raise ValueError(f"{part.path}: no conversations column {conversations_column!r} "
-                             f"(columns: {', '.join(names)})")
+            raise ValueError(
+                f"{part.path}: no conversations column {conversations_column!r} (columns: {', '.join(names)})"
+            )
         columns = [conversations_column] + [c for c in (image_column, id_column) if c and c in names]
         for offset, (row, values) in enumerate(iter_rows(part, columns)):
             key, turns = _conversation(values[conversations_column])
@@ -295,10 +308,14 @@ def iter_records(
                 images = record["image"] if isinstance(record["image"], list) else [record["image"]]
                 if any(isinstance(v, bytes) for v in images):
                     if len(images) > 1:
-                        raise ValueError(f"{part.path}#row{row}: several images as bytes in one row; "
-                                         "store them as paths (one id per image)")
-                    record["image"] = {"img_path": str(rid) if rid is not None else row_id(part.file, row),
-                                       "cell": Cell(str(part.path), part.kind, part.index, offset, image_column)}
+                        raise ValueError(
+                            f"{part.path}#row{row}: several images as bytes in one row; "
+                            "store them as paths (one id per image)"
+                        )
+                    record["image"] = {
+                        "img_path": str(rid) if rid is not None else row_id(part.file, row),
+                        "cell": Cell(str(part.path), part.kind, part.index, offset, image_column),
+                    }
             yield f"{part.path}#row{row}", record
 
 

@@ -266,8 +266,10 @@ class LlavaDataset(Dataset):
             except (ValueError, OSError) as e:
                 raise DataError(f"{path}: {e}") from e
         elif ext not in (".json", ".jsonl"):
-            raise DataError(f"{path}: unsupported data file extension {ext!r}: expected .json, .jsonl, "
-                            ".parquet, .arrow or a folder of Parquet / saved datasets files")
+            raise DataError(
+                f"{path}: unsupported data file extension {ext!r}: expected .json, .jsonl, "
+                ".parquet, .arrow or a folder of Parquet / saved datasets files"
+            )
         elif not os.path.isfile(path):
             raise DataError(f"{path}: data file not found" if not os.path.exists(path) else f"{path}: not a file")
         else:
@@ -296,7 +298,11 @@ class LlavaDataset(Dataset):
             more = len(self.skipped) - _MAX_REASONS_LOGGED
             logger.warning(
                 "%s: skipped %d invalid record(s) of %d (see dataset.skipped): %s%s",
-                path, len(self.skipped), total, shown, f"; ... and {more} more" if more > 0 else "",
+                path,
+                len(self.skipped),
+                total,
+                shown,
+                f"; ... and {more} more" if more > 0 else "",
             )
         if not records:
             if self.skipped:
@@ -406,7 +412,9 @@ class LlavaDataset(Dataset):
         if failed:
             logger.warning(
                 "%s: approx_lengths: %d image header(s) unreadable, counted as 0 tokens; first: %s",
-                self.path, len(failed), failed[0],
+                self.path,
+                len(failed),
+                failed[0],
             )
         self._lengths = lengths
         return list(lengths)

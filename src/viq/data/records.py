@@ -119,7 +119,9 @@ def _parse_image_entry(entry: Any, k: int, root: str) -> ImageRef:
     # Same as os.path.join(root, path) (absolute paths kept as they are), without its overhead.
     cell = entry.get("cell") if isinstance(entry, dict) else None
     if cell is not None and type(cell).__name__ != "Cell":
-        raise _Invalid(f"{where}: 'cell' is viq's own reference to image bytes in a columnar file, got {_type_name(cell)}")
+        raise _Invalid(
+            f"{where}: 'cell' is viq's own reference to image bytes in a columnar file, got {_type_name(cell)}"
+        )
     return ImageRef(path if os.path.isabs(path) else root + path, resize, cell)
 
 
@@ -147,7 +149,9 @@ def _parse_turns(record: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     for k, turn in enumerate(turns):
         where = f"{key}[{k}]"
         if not isinstance(turn, dict):
-            raise _Invalid(f"{where}: a turn must be an object with '{role_key}' and '{text_key}', got {_type_name(turn)}")
+            raise _Invalid(
+                f"{where}: a turn must be an object with '{role_key}' and '{text_key}', got {_type_name(turn)}"
+            )
         if role_key not in turn or text_key not in turn:
             raise _Invalid(f"{where}: a turn needs '{role_key}' and '{text_key}', got keys {sorted(turn)}")
         raw_role, text = turn[role_key], turn[text_key]
@@ -220,8 +224,13 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
                 if len(line) > limit and not line.endswith("\n"):
                     while line and not line.endswith("\n"):  # skip the rest of the line, in pieces
                         line = f.readline(1 << 20)
-                    yield lineno, DataError(f"{path}:{lineno}: line longer than {limit} characters "
-                                            f"(VIQ_LIMITS=max_json_line_bytes=N raises the limit)")
+                    yield (
+                        lineno,
+                        DataError(
+                            f"{path}:{lineno}: line longer than {limit} characters "
+                            f"(VIQ_LIMITS=max_json_line_bytes=N raises the limit)"
+                        ),
+                    )
                     continue
                 if not line.strip():
                     continue
@@ -237,7 +246,10 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
                 else:
                     depth = json_depth(value)
                 if depth > LIMITS.max_json_depth:  # too deeply nested: also only this line
-                    yield lineno, DataError(f"{path}:{lineno}: record nested deeper than {LIMITS.max_json_depth} levels")
+                    yield (
+                        lineno,
+                        DataError(f"{path}:{lineno}: record nested deeper than {LIMITS.max_json_depth} levels"),
+                    )
                 else:
                     yield lineno, value
     except UnicodeDecodeError as e:
@@ -286,11 +298,14 @@ def iter_json_list(path: str) -> Iterator[tuple[int, Any]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
             except RecursionError:
-                raise DataError(f"{path}:{line_at(i)}: JSON nested too deeply to read (the rest of the list "
-                                f"cannot be trusted)") from None
+                raise DataError(
+                    f"{path}:{line_at(i)}: JSON nested too deeply to read (the rest of the list cannot be trusted)"
+                ) from None
             if json_depth(value) > LIMITS.max_json_depth:
-                yield line_at(i), DataError(f"{path}:{line_at(i)}: record nested deeper than "
-                                            f"{LIMITS.max_json_depth} levels")
+                yield (
+                    line_at(i),
+                    DataError(f"{path}:{line_at(i)}: record nested deeper than {LIMITS.max_json_depth} levels"),
+                )
             else:
                 yield line_at(i), value
             i = skip_ws(end)

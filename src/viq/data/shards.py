@@ -27,8 +27,15 @@ from pathlib import Path
 
 from viq._untrusted import LIMITS, printable
 
-__all__ = ["SHARD_SUFFIXES", "WdsSample", "expand_braces", "is_shard_source", "iter_samples", "list_shards",
-           "split_member"]
+__all__ = [
+    "SHARD_SUFFIXES",
+    "WdsSample",
+    "expand_braces",
+    "is_shard_source",
+    "iter_samples",
+    "list_shards",
+    "split_member",
+]
 
 #: File names taken as tar shards in folders (stream mode detects the compression itself).
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -60,7 +67,7 @@ def expand_braces(pattern: str) -> list[str]:
         choices = body.split(",")
     else:
         raise ValueError(f"cannot expand {{{body}}} in {pattern!r}: expected {{first..last}} or {{a,b,...}}")
-    head, tail = pattern[: m.start()], pattern[m.end():]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
     return [name for choice in choices for name in expand_braces(head + choice + tail)]
 
 
@@ -102,7 +109,7 @@ def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             continue
         path = Path(text)
         if path.is_dir():
-            found = []
+            found: list[tuple[tuple[str, ...], Path]] = []
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 rel = Path(dirpath).relative_to(path).parts
@@ -165,7 +172,8 @@ def iter_samples(shard: str | os.PathLike, wanted: set[str] | None = None) -> It
             if member.size > LIMITS.max_member_bytes:  # declared in the header: refused before reading
                 raise tarfile.TarError(
                     f"{shard}: member {printable(member.name)} declares {member.size} bytes, more than the "
-                    f"{LIMITS.max_member_bytes} a sample field may have (VIQ_LIMITS=max_member_bytes=N raises it)")
+                    f"{LIMITS.max_member_bytes} a sample field may have (VIQ_LIMITS=max_member_bytes=N raises it)"
+                )
             handle = tar.extractfile(member)
             if handle is None:
                 continue

@@ -24,9 +24,17 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate_qa_with_baselines", "evaluate_reconstruction", "code_summary"]
 
 
-def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_records: list[dict], image_root: Path,
-                               *, seed: int = 0, device: torch.device | None = None,
-                               modes: tuple[str, ...] | None = None, nll: bool = True) -> dict[str, Any]:
+def evaluate_qa_with_baselines(
+    run: Path,
+    train_records: list[dict],
+    test_records: list[dict],
+    image_root: Path,
+    *,
+    seed: int = 0,
+    device: torch.device | None = None,
+    modes: tuple[str, ...] | None = None,
+    nll: bool = True,
+) -> dict[str, Any]:
     """QA accuracy of the run's final model with real / blank / shuffled images (``modes``: a subset of
     :data:`viq.eval.qa.IMAGE_MODES` that includes "real"; default all), and the majority baseline:
     ``{"n", "real", "blank", "shuffled", "majority", "margin", "ci95": {mode: [lo, hi]}, "per_task": {task:
@@ -46,11 +54,22 @@ def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_record
     results: dict[str, dict] = {}
     examples: list[dict] = []
     for mode in modes:
-        results[mode] = evaluate_qa(model, tokenizer, test_records, image_root, images=mode, seed=seed, device=device,
-                                    examples=examples if mode == "real" else None)
+        results[mode] = evaluate_qa(
+            model,
+            tokenizer,
+            test_records,
+            image_root,
+            images=mode,
+            seed=seed,
+            device=device,
+            examples=examples if mode == "real" else None,
+        )
     results["majority"] = majority_baseline(train_records, test_records)
-    nlls = {mode: answer_nll(model, tokenizer, test_records, image_root, images=mode, seed=seed, device=device)
-            for mode in ("real", "blank") if nll and mode in modes}
+    nlls = {
+        mode: answer_nll(model, tokenizer, test_records, image_root, images=mode, seed=seed, device=device)
+        for mode in ("real", "blank")
+        if nll and mode in modes
+    }
     out: dict[str, Any] = {"n": results["real"]["n"]}
     out.update({mode: r["accuracy"] for mode, r in results.items()})
     out["ci95"] = {mode: r["ci95"] for mode, r in results.items()}
@@ -75,8 +94,9 @@ def evaluate_qa_with_baselines(run: Path, train_records: list[dict], test_record
     return out
 
 
-def evaluate_reconstruction(model, sources: list[tuple[str, Any]], out_dir: Path, *, max_pixels: int,
-                            kind: str) -> tuple[dict[str, Any], list[dict], np.ndarray]:
+def evaluate_reconstruction(
+    model, sources: list[tuple[str, Any]], out_dir: Path, *, max_pixels: int, kind: str
+) -> tuple[dict[str, Any], list[dict], np.ndarray]:
     """Encode and reconstruct ``sources`` ((file stem, image) pairs) with a full ViQ model.
 
     Returns the summary ``{"n", "psnr", "ssim", "psnr_mean_colour", "ssim_mean_colour",
@@ -106,10 +126,21 @@ def evaluate_reconstruction(model, sources: list[tuple[str, Any]], out_dir: Path
         padded = pad_to_patches(ref, model.config.vae.scale_factor)
         with torch.no_grad():
             ceiling = crop_to(decode_latents(model.vae, encode_latents(model.vae, padded)).float().clamp(-1, 1), (h, w))
-        methods = {"viq": recon, "mean_colour": mean_colour(ref), "bicubic_equal_bits": bicubic_at_bits(ref, bits),
-                   "codec": to_pixels(to_pil(ceiling))}
-        record = {"kind": kind, "name": stem, "size": [h, w], "grid": list(codes.grid), "codes": codes.num_codes,
-                  "bits": bits, "bpp": bits / (h * w)}
+        methods = {
+            "viq": recon,
+            "mean_colour": mean_colour(ref),
+            "bicubic_equal_bits": bicubic_at_bits(ref, bits),
+            "codec": to_pixels(to_pil(ceiling)),
+        }
+        record = {
+            "kind": kind,
+            "name": stem,
+            "size": [h, w],
+            "grid": list(codes.grid),
+            "codes": codes.num_codes,
+            "bits": bits,
+            "bpp": bits / (h * w),
+        }
         for method, pixels in methods.items():
             p, s = psnr_ssim(ref, pixels)
             stats.add(method, p, s)
@@ -121,9 +152,13 @@ def evaluate_reconstruction(model, sources: list[tuple[str, Any]], out_dir: Path
         items.append(record)
     summary = stats.summary()
     viq_s = summary["viq"]
-    result: dict[str, Any] = {"n": viq_s["n"], "psnr": viq_s["psnr"], "ssim": viq_s["ssim"],
-                              "bpp": float(np.mean([i["bpp"] for i in items])) if items else None,
-                              "ci95": {}}
+    result: dict[str, Any] = {
+        "n": viq_s["n"],
+        "psnr": viq_s["psnr"],
+        "ssim": viq_s["ssim"],
+        "bpp": float(np.mean([i["bpp"] for i in items])) if items else None,
+        "ci95": {},
+    }
     for method in ("mean_colour", "bicubic_equal_bits", "codec"):
         result[f"psnr_{method}"] = summary[method]["psnr"]
         result[f"ssim_{method}"] = summary[method]["ssim"]
@@ -137,6 +172,10 @@ def code_summary(hist: np.ndarray) -> dict[str, float]:
     from viq.formats.bits import usage_stats
 
     s = usage_stats(hist)
-    return {"entropy_bits": s["entropy_bits"], "log2_codebook": math.log2(hist.size), "usage": s["usage"],
-            "perplexity": s["perplexity"], "codes": int(hist.sum())}
-
+    return {
+        "entropy_bits": s["entropy_bits"],
+        "log2_codebook": math.log2(hist.size),
+        "usage": s["usage"],
+        "perplexity": s["perplexity"],
+        "codes": int(hist.sum()),
+    }

@@ -47,7 +47,9 @@ def _init_pca(codec: PixelCodec, images: Sequence[torch.Tensor], max_patches: in
 @torch.no_grad()
 def _calibrate(codec: PixelCodec, images: Sequence[torch.Tensor]) -> None:
     """Per-channel mean / std of the raw latents, so that ``encode`` returns unit-scale latents."""
-    flat = torch.cat([codec.encode_raw(pad_to_patches(x, codec.cfg.scale_factor)[None])[0].flatten(1) for x in images], dim=1)
+    flat = torch.cat(
+        [codec.encode_raw(pad_to_patches(x, codec.cfg.scale_factor)[None])[0].flatten(1) for x in images], dim=1
+    )
     codec.latent_mean.copy_(flat.mean(1))
     codec.latent_std.copy_(flat.std(1).clamp_min(1e-6))
 
@@ -101,7 +103,8 @@ def train_pixel_codec(
     opt = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = min(50, max(1, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
     from tqdm.auto import tqdm
 
     history: list[float] = []

@@ -89,9 +89,13 @@ def qa_tables(qa: dict[str, Any], direct: dict[str, Any] | None = None) -> str:
         header += ["reads the image?"]
         if direct_tasks:
             header.append(f"direct classifier, {direct['seconds']:.0f} s")
-        rows = [["all", r["n"]] + [f"{_pct(r[m])} {_ci(cis.get(m))}" for m in modes]
-                + ([f"{r['nll']['real']:.3f} / {r['nll'].get('blank', float('nan')):.3f}"] if has_nll else [])
-                + [f"margin {_pct(r.get('margin'))}"] + ([""] if direct_tasks else [])]
+        rows = [
+            ["all", r["n"]]
+            + [f"{_pct(r[m])} {_ci(cis.get(m))}" for m in modes]
+            + ([f"{r['nll']['real']:.3f} / {r['nll'].get('blank', float('nan')):.3f}"] if has_nll else [])
+            + [f"margin {_pct(r.get('margin'))}"]
+            + ([""] if direct_tasks else [])
+        ]
         for task, v in r["per_task"].items():
             task_ci = v.get("ci95", {})
             row = [task, v["n"]] + [f"{_pct(v.get(m))} {_ci(task_ci.get(m))}" for m in modes]
@@ -103,12 +107,15 @@ def qa_tables(qa: dict[str, Any], direct: dict[str, Any] | None = None) -> str:
                 d = direct_tasks.get(task)
                 row.append(f"{_pct(d['accuracy'])} {_ci(d['ci95'])}" if d else "")
             rows.append(row)
-        parts.append(f"<h3>{html.escape(name)} model: accuracy (%) on {r['n']} held-out questions</h3>"
-                     + _table(rows, header))
-    parts.append("<p>A task is read when the 95 % interval with real images lies wholly above the intervals with "
-                 "blank and shuffled images and of the majority answer. The direct classifier is the demo's SigLIP "
-                 "stand-in (the encoder stage 1 starts from) answering by the nearest answer text: a model trained "
-                 "straight on the same images with the answers as labels, in the time given.</p>")
+        parts.append(
+            f"<h3>{html.escape(name)} model: accuracy (%) on {r['n']} held-out questions</h3>" + _table(rows, header)
+        )
+    parts.append(
+        "<p>A task is read when the 95 % interval with real images lies wholly above the intervals with "
+        "blank and shuffled images and of the majority answer. The direct classifier is the demo's SigLIP "
+        "stand-in (the encoder stage 1 starts from) answering by the nearest answer text: a model trained "
+        "straight on the same images with the answers as labels, in the time given.</p>"
+    )
     return "".join(parts)
 
 
@@ -120,14 +127,42 @@ def recon_table(recon: dict[str, Any], codes: dict[str, Any]) -> str:
     rows = []
     for name, r in recon.items():
         ci = r.get("ci95", {})
-        rows.append([name, r["n"], r.get("bpp"), r["psnr"], _db_ci(ci.get("viq", {}).get("psnr")), r["ssim"],
-                     r["psnr_mean_colour"], r["psnr_bicubic_equal_bits"], r["psnr_codec"],
-                     r["ssim_bicubic_equal_bits"], r["ssim_codec"]])
-    table = _table(rows, ["images", "n", "bits/pixel", "ViQ PSNR (dB)", "95 % CI", "ViQ SSIM", "mean colour PSNR",
-                          "bicubic at equal bits PSNR", "codec alone PSNR (ceiling)", "bicubic SSIM", "codec SSIM"])
-    code = (f"<p>Codes: entropy {codes['entropy_bits']:.2f} bits per code of log2 K = {codes['log2_codebook']:.2f}; "
-            f"{100 * codes['usage']:.1f} % of the codebook used, perplexity {codes['perplexity']:.0f}, "
-            f"over {codes['codes']} codes.</p>")
+        rows.append(
+            [
+                name,
+                r["n"],
+                r.get("bpp"),
+                r["psnr"],
+                _db_ci(ci.get("viq", {}).get("psnr")),
+                r["ssim"],
+                r["psnr_mean_colour"],
+                r["psnr_bicubic_equal_bits"],
+                r["psnr_codec"],
+                r["ssim_bicubic_equal_bits"],
+                r["ssim_codec"],
+            ]
+        )
+    table = _table(
+        rows,
+        [
+            "images",
+            "n",
+            "bits/pixel",
+            "ViQ PSNR (dB)",
+            "95 % CI",
+            "ViQ SSIM",
+            "mean colour PSNR",
+            "bicubic at equal bits PSNR",
+            "codec alone PSNR (ceiling)",
+            "bicubic SSIM",
+            "codec SSIM",
+        ],
+    )
+    code = (
+        f"<p>Codes: entropy {codes['entropy_bits']:.2f} bits per code of log2 K = {codes['log2_codebook']:.2f}; "
+        f"{100 * codes['usage']:.1f} % of the codebook used, perplexity {codes['perplexity']:.0f}, "
+        f"over {codes['codes']} codes.</p>"
+    )
     return table + code
 
 
@@ -140,27 +175,55 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     stage_rows = []
     for name, s in results.get("stages", {}).items():
         first, last, val = s["history"][0], s["history"][-1], s.get("val", {})
-        stage_rows.append([
-            name, len(s["history"]), first["loss"], last["loss"], last.get("text", ""), last.get("distill", ""),
-            last.get("recon", ""), val.get("answer_accuracy", ""), val.get("psnr", ""),
-            val.get("code_usage", ""), val.get("code_perplexity", ""), results.get("timings_s", {}).get(name, ""),
-        ])
-    stage_table = _table(stage_rows, ["stage", "steps", "first loss", "last loss", "text CE", "distill", "latent MSE",
-                                      "val answer acc.", "val PSNR (dB)", "code usage", "code perplexity", "time (s)"])
+        stage_rows.append(
+            [
+                name,
+                len(s["history"]),
+                first["loss"],
+                last["loss"],
+                last.get("text", ""),
+                last.get("distill", ""),
+                last.get("recon", ""),
+                val.get("answer_accuracy", ""),
+                val.get("psnr", ""),
+                val.get("code_usage", ""),
+                val.get("code_perplexity", ""),
+                results.get("timings_s", {}).get(name, ""),
+            ]
+        )
+    stage_table = _table(
+        stage_rows,
+        [
+            "stage",
+            "steps",
+            "first loss",
+            "last loss",
+            "text CE",
+            "distill",
+            "latent MSE",
+            "val answer acc.",
+            "val PSNR (dB)",
+            "code usage",
+            "code perplexity",
+            "time (s)",
+        ],
+    )
     jump = results.get("handover_2_1_to_2_2", {})
     jump_rows = [[k, v.get("stage2_1_last"), v.get("stage2_2_first")] for k, v in jump.items()]
     cards = []
     for item in results.get("reconstructions", []):
         cards.append(
             f'<div class="card"><div>{html.escape(item["kind"])}: {html.escape(item["name"])}</div>'
-            f'{_img(out / "reconstructions" / item["input"], 160)} {_img(out / "reconstructions" / item["recon"], 160)}'
-            f'<div>grid {item["grid"][0]}x{item["grid"][1]}, {item["codes"]} codes, {item["bpp"]:.3f} bits/pixel; '
-            f'PSNR {item["psnr_viq"]:.2f} dB (bicubic at equal bits {item["psnr_bicubic_equal_bits"]:.2f}, '
-            f'codec alone {item["psnr_codec"]:.2f})</div></div>'
+            f"{_img(out / 'reconstructions' / item['input'], 160)} {_img(out / 'reconstructions' / item['recon'], 160)}"
+            f"<div>grid {item['grid'][0]}x{item['grid'][1]}, {item['codes']} codes, {item['bpp']:.3f} bits/pixel; "
+            f"PSNR {item['psnr_viq']:.2f} dB (bicubic at equal bits {item['psnr_bicubic_equal_bits']:.2f}, "
+            f"codec alone {item['psnr_codec']:.2f})</div></div>"
         )
     examples = results.get("qa", {}).get("final", {}).get("examples", [])
-    qa_rows = [[e.get("task", ""), e["question"], e["answer"], e["prediction"], "yes" if e["correct"] else "no"]
-               for e in examples]
+    qa_rows = [
+        [e.get("task", ""), e["question"], e["answer"], e["prediction"], "yes" if e["correct"] else "no"]
+        for e in examples
+    ]
     timings = results.get("timings_s", {})
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>viq demo report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1300px}} table{{border-collapse:collapse;margin:1em 0}}
@@ -179,7 +242,7 @@ Total time: {results.get("time_s", sum(timings.values())):.0f} s.</p>
 <h3>Stage 2-1 → 2-2 hand-over: last 2-1 step vs first 2-2 step</h3>
 {_table(jump_rows, ["loss", "last stage 2-1 step", "first stage 2-2 step"])}
 <h2>Loss curves</h2>{_img(curves)}
-<h2>Held-out images and real photographs: input | reconstruction from codes</h2>{''.join(cards)}
+<h2>Held-out images and real photographs: input | reconstruction from codes</h2>{"".join(cards)}
 <h2>Examples (final model)</h2>
 {_table(qa_rows, ["task", "question", "answer", "prediction", "correct"])}
 <h2>Time per step of the demo (s)</h2>{_table([[k, v] for k, v in timings.items()], ["step", "seconds"])}

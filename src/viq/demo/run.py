@@ -77,9 +77,20 @@ def generate_demo_set(out: Path, *, num_train: int, num_val: int, num_test: int,
     samples) into ``out``, replacing what is there; ``viq synth --demo`` makes fresh-seed sets with it."""
     from viq.demo.synthetic import generate
 
-    return generate(out, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, tasks=tuple(TASK_WEIGHTS),
-                    task_weights=TASK_WEIGHTS, min_side=48, max_side=64, text_only_fraction=0.0,
-                    multi_turn_fraction=0.0, overwrite=True)
+    return generate(
+        out,
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
+        seed=seed,
+        tasks=tuple(TASK_WEIGHTS),
+        task_weights=TASK_WEIGHTS,
+        min_side=48,
+        max_side=64,
+        text_only_fraction=0.0,
+        multi_turn_fraction=0.0,
+        overwrite=True,
+    )
 
 
 def prepare_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, float]:
@@ -98,22 +109,36 @@ def prepare_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, f
     data = out / "data"
     if not (data / "meta.json").is_file():
         log.info("demo 1/7: synthetic QA set -> %s", data)
-        generate_demo_set(data, num_train=max(16, round(NUM_TRAIN * scale)), num_val=48,
-                          num_test=max(24, round(NUM_TEST * min(1.0, scale))), seed=seed)
+        generate_demo_set(
+            data,
+            num_train=max(16, round(NUM_TRAIN * scale)),
+            num_val=48,
+            num_test=max(24, round(NUM_TEST * min(1.0, scale))),
+            seed=seed,
+        )
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if not (out / "llm" / "config.json").is_file():
         log.info("demo 2/7: tiny LLM + tokenizer trained on the set's text -> %s", out / "llm")
-        corpus = []
+        corpus: list[str] = []
         for split in ("train", "val"):
             for record in load_split(data, split):
                 corpus.extend(turn["value"].replace(IMAGE_TOKEN, "") for turn in record["conversations"])
         # The chat template's own words (role names, the system prompt) once per conversation, so that
         # they become whole tokens: otherwise they are a third of every training row, in pieces.
         corpus.extend(["system\n" + DEFAULT_SYSTEM_PROMPT, "user\n", "assistant\n"] * (len(corpus) // 2))
-        build_tiny_llm(out / "llm", corpus, vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, intermediate_size=256, seed=seed)
+        build_tiny_llm(
+            out / "llm",
+            corpus,
+            vocab_size=1024,
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=256,
+            seed=seed,
+        )
     timings["llm"] = time.perf_counter() - t
 
     if not (out / "init" / "model.safetensors").is_file():
@@ -148,22 +173,31 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
     t = time.perf_counter()
     log.info("demo 3/7: pixel codec fitted to the training images")
     # A quarter of the images is plenty for a codec of this size (and keeps its PCA's patch matrix small).
-    vae = train_pixel_codec([to_pixels(x) for x in images[:CODEC_IMAGES]], config.vae,
-                            steps=max(10, round(800 * scale)), seed=seed)
+    vae = train_pixel_codec(
+        [to_pixels(x) for x in images[:CODEC_IMAGES]], config.vae, steps=max(10, round(800 * scale)), seed=seed
+    )
     timings["pixel_codec"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log.info("demo 4/7: SigLIP stand-in (the encoder stage 1 starts from and distils towards)")
     tokenizer = AutoTokenizer.from_pretrained(out / "llm")
     tokenize = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    siglip = train_tiny_siglip(images, [contrastive_text(r["question"], r["answer"]) for r in train], tokenize,
-                               config.encoder, vocab_size=len(tokenizer), steps=max(10, round(SIGLIP_STEPS * scale)),
-                               batch_size=SIGLIP_BATCH, seed=seed)
+    siglip = train_tiny_siglip(
+        images,
+        [contrastive_text(r["question"], r["answer"]) for r in train],
+        tokenize,
+        config.encoder,
+        vocab_size=len(tokenizer),
+        steps=max(10, round(SIGLIP_STEPS * scale)),
+        batch_size=SIGLIP_BATCH,
+        seed=seed,
+    )
     test = [r for r in load_split(data, "test") if r.get("task") in SIMPLE_ANSWERS]
-    picks = siglip.zero_shot([preprocess(data / r["image"], pre).pixels for r in test],
-                             [[torch.tensor(tokenize(contrastive_text(r["question"], a))) for a in SIMPLE_ANSWERS[r["task"]]]
-                              for r in test])
-    zero_shot = {}
+    picks = siglip.zero_shot(
+        [preprocess(data / r["image"], pre).pixels for r in test],
+        [[torch.tensor(tokenize(contrastive_text(r["question"], a))) for a in SIMPLE_ANSWERS[r["task"]]] for r in test],
+    )
+    zero_shot: dict[str, list[bool]] = {}
     for r, pick in zip(test, picks):
         zero_shot.setdefault(r["task"], []).append(SIMPLE_ANSWERS[r["task"]][pick] == r["answer"])
     timings["siglip"] = time.perf_counter() - t
@@ -173,10 +207,18 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
     model.encoder.load_state_dict(siglip.model.image.state_dict())
     model.save_pretrained(out / "init")
     (out / "init" / "vae_history.json").write_text(json.dumps(vae.history))
-    (out / "init" / "siglip.json").write_text(json.dumps({
-        "history": siglip.history, "seconds": siglip.seconds, "steps": len(siglip.history),
-        "zero_shot": {task: {"n": len(hits), "correct": int(sum(hits))} for task, hits in sorted(zero_shot.items())},
-    }))
+    (out / "init" / "siglip.json").write_text(
+        json.dumps(
+            {
+                "history": siglip.history,
+                "seconds": siglip.seconds,
+                "steps": len(siglip.history),
+                "zero_shot": {
+                    task: {"n": len(hits), "correct": int(sum(hits))} for task, hits in sorted(zero_shot.items())
+                },
+            }
+        )
+    )
     return timings
 
 
@@ -230,9 +272,14 @@ def direct_classifier(path: Path) -> dict | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return {"seconds": record["seconds"], "steps": record["steps"],
-            "per_task": {task: {"n": v["n"], "accuracy": v["correct"] / v["n"], "ci95": wilson_interval(v["correct"], v["n"])}
-                         for task, v in record["zero_shot"].items()}}
+    return {
+        "seconds": record["seconds"],
+        "steps": record["steps"],
+        "per_task": {
+            task: {"n": v["n"], "accuracy": v["correct"] / v["n"], "ci95": wilson_interval(v["correct"], v["n"])}
+            for task, v in record["zero_shot"].items()
+        },
+    }
 
 
 def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos: int = 8) -> dict:
@@ -252,13 +299,17 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos
     synthetic = [(Path(r["image"]).stem, str(data / r["image"])) for r in test[:num_images]]
     photos = [(p.file_stem, load_photo(p)) for p in list_photos()[:num_photos]]
     recon_dir = out / "reconstructions"
-    recon_syn, items_syn, hist = evaluate_reconstruction(model, synthetic, recon_dir, max_pixels=DEMO_MAX_PIXELS,
-                                                         kind="test")
-    recon_photo, items_photo, hist_photo = evaluate_reconstruction(model, photos, recon_dir,
-                                                                   max_pixels=DEMO_MAX_PIXELS, kind="photo")
+    recon_syn, items_syn, hist = evaluate_reconstruction(
+        model, synthetic, recon_dir, max_pixels=DEMO_MAX_PIXELS, kind="test"
+    )
+    recon_photo, items_photo, hist_photo = evaluate_reconstruction(
+        model, photos, recon_dir, max_pixels=DEMO_MAX_PIXELS, kind="photo"
+    )
     train_records = load_split(data, "train")
-    qa = {name: evaluate_qa_with_baselines(runs / stage / "final", train_records, test, data, seed=seed)
-          for name, stage in (("stage1", "stage1"), ("final", "stage2_2"))}
+    qa = {
+        name: evaluate_qa_with_baselines(runs / stage / "final", train_records, test, data, seed=seed)
+        for name, stage in (("stage1", "stage1"), ("final", "stage2_2"))
+    }
     stages = {}
     for stage in DEMO_STAGES:
         if (runs / stage / METRICS_FILE).is_file():

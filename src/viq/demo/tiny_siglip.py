@@ -78,6 +78,7 @@ class TinySiglip(nn.Module):
         """list of (3, H, W) pixels -> (B, C) unit-norm embeddings (the MAP head's output, normalised)."""
         p = self.image.cfg.patch_size
         tokens, packed = self.image([pad_to_patches(x, p) for x in images])
+        assert self.image.pool is not None  # built with its MAP head
         return F.normalize(self.image.pool(packed.split(tokens)), dim=-1)
 
     def embed_texts(self, token_ids: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -106,8 +107,9 @@ class SiglipResult:
     seconds: float = 0.0
 
     @torch.no_grad()
-    def zero_shot(self, images: Sequence[torch.Tensor], candidates: Sequence[Sequence[torch.Tensor]],
-                  batch_size: int = 256) -> list[int]:
+    def zero_shot(
+        self, images: Sequence[torch.Tensor], candidates: Sequence[Sequence[torch.Tensor]], batch_size: int = 256
+    ) -> list[int]:
         """For each image, the index of its best candidate text (token ids), by embedding similarity:
         the stand-in used directly as a classifier."""
         out = []
@@ -122,11 +124,22 @@ def _as_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else np.asarray(to_pil(x))
 
 
-def train_tiny_siglip(images: Sequence[torch.Tensor | np.ndarray], texts: Sequence[str], tokenize,
-                      encoder: EncoderConfig, *,
-                      vocab_size: int, steps: int = 1000, batch_size: int = 128, lr: float = 1e-3,
-                      weight_decay: float = 1e-4, warmup_ratio: float = 0.05, min_lr_ratio: float = 0.1,
-                      seed: int = 0, progress: bool = True) -> SiglipResult:
+def train_tiny_siglip(
+    images: Sequence[torch.Tensor | np.ndarray],
+    texts: Sequence[str],
+    tokenize,
+    encoder: EncoderConfig,
+    *,
+    vocab_size: int,
+    steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    warmup_ratio: float = 0.05,
+    min_lr_ratio: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> SiglipResult:
     """Train the SigLIP stand-in on ``images`` ((3, H, W) pixels in [-1, 1], or the (H, W, 3) uint8 arrays
     they come from; native sizes) paired with ``texts`` (:func:`contrastive_text`),
     ``tokenize(text) -> list[int]``.
@@ -150,8 +163,9 @@ def train_tiny_siglip(images: Sequence[torch.Tensor | np.ndarray], texts: Sequen
         model = TinySiglip(encoder, vocab_size)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, fused=True)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr, fused=True
+    )
     warmup = max(1, math.ceil(warmup_ratio * steps))
 
     def multiplier(step: int) -> float:
@@ -170,8 +184,11 @@ def train_tiny_siglip(images: Sequence[torch.Tensor | np.ndarray], texts: Sequen
     with tqdm(total=steps, desc="SigLIP stand-in", unit="step", disable=not progress) as bar:
         for _ in range(steps):
             idx = torch.randint(len(stored), (batch_size,), generator=g).tolist()
-            loss = model.loss(model.embed_images([to_pixels(stored[i]) for i in idx]),
-                              model.embed_texts([token_ids[i] for i in idx]), text_id[idx])
+            loss = model.loss(
+                model.embed_images([to_pixels(stored[i]) for i in idx]),
+                model.embed_texts([token_ids[i] for i in idx]),
+                text_id[idx],
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -108,12 +108,19 @@ class Asker:
         codes = None
         if getattr(self.model, "encoder", None) is None:  # a stage that reads codes
             codes = self.encoder.encode_pixels([x.to(self.device) for x in pixels])
-        return generate_reply(self.model, self.tokenizer, messages, pixels, self.device, codes=codes,
-                              max_new_tokens=max_new_tokens)
+        return generate_reply(
+            self.model, self.tokenizer, messages, pixels, self.device, codes=codes, max_new_tokens=max_new_tokens
+        )
 
 
-def ask(run: str | os.PathLike[str], image: Any | Sequence[Any], question: str, *, max_new_tokens: int = 64,
-        device: torch.device | str | None = None) -> str:
+def ask(
+    run: str | os.PathLike[str],
+    image: Any | Sequence[Any],
+    question: str,
+    *,
+    max_new_tokens: int = 64,
+    device: torch.device | str | None = None,
+) -> str:
     """Load ``run`` and answer one question about ``image`` (:meth:`Asker.ask`). To ask several
     questions, load once with :meth:`Asker.from_run`."""
     return Asker.from_run(run, device).ask(image, question, max_new_tokens=max_new_tokens)

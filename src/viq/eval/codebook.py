@@ -42,8 +42,10 @@ def code_colours(indices: np.ndarray, levels: Sequence[int]) -> np.ndarray:
     """``(...)`` code indices -> ``(..., 3)`` uint8 RGB, a function of the FSQ values (module docstring)."""
     values = code_values(indices, levels)
     d = values.shape[-1]
-    channels = [values[..., [k for k in range(d) if k % 3 == c]].mean(-1) if c < d else np.zeros(values.shape[:-1])
-                for c in range(3)]
+    channels = [
+        values[..., [k for k in range(d) if k % 3 == c]].mean(-1) if c < d else np.zeros(values.shape[:-1])
+        for c in range(3)
+    ]
     rgb = (np.stack(channels, -1) * 0.5 + 0.5).clip(0, 1)
     return np.round(rgb * 255).astype(np.uint8)
 
@@ -71,8 +73,10 @@ class CodebookCounter:
 
     def add(self, codes: Codes) -> None:
         if tuple(codes.levels) != self.levels or codes.codes_per_patch != self.codes_per_patch:
-            raise ValueError(f"codes with levels {codes.levels} x {codes.codes_per_patch} per patch do not match the "
-                             f"counter's {self.levels} x {self.codes_per_patch}")
+            raise ValueError(
+                f"codes with levels {codes.levels} x {codes.codes_per_patch} per patch do not match the "
+                f"counter's {self.levels} x {self.codes_per_patch}"
+            )
         rows = codes.indices.reshape(-1, self.codes_per_patch).numpy().astype(np.int64)
         offsets = np.arange(self.codes_per_patch, dtype=np.int64) * self.codebook_size
         flat = np.bincount((rows + offsets).reshape(-1), minlength=self.counts.size)
@@ -109,7 +113,14 @@ class CodebookCounter:
             "levels": list(self.levels),
             "overall": health(total),
             "heads": [health(h) for h in self.counts] if self.codes_per_patch > 1 else [],
-            "top": [{"index": int(i), "count": int(total[i]), "share": float(total[i]) / n,
-                     "values": [round(float(v), 4) for v in values[r]], "colour": "#" + "".join(f"{int(c):02x}" for c in colours[r])}
-                    for r, i in enumerate(order)],
+            "top": [
+                {
+                    "index": int(i),
+                    "count": int(total[i]),
+                    "share": float(total[i]) / n,
+                    "values": [round(float(v), 4) for v in values[r]],
+                    "colour": "#" + "".join(f"{int(c):02x}" for c in colours[r]),
+                }
+                for r, i in enumerate(order)
+            ],
         }

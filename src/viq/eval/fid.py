@@ -78,8 +78,14 @@ class ResizedBackbone(nn.Module):
     ``[0, 1]``), normalised with ``mean`` / ``std`` -> ``forward_features`` -> ``(N, D)`` float32 (CPU).
     """
 
-    def __init__(self, backbone: nn.Module, forward_features: Any, size: tuple[int, int],
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        forward_features: Any,
+        size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
         self.backbone = backbone.eval()
         self.forward_features = forward_features
@@ -166,8 +172,9 @@ def _timm(ref: str, device: torch.device) -> ResizedBackbone:
 
     local = _arch_and_file(ref, "timm")
     if local is not None:
-        model = timm.create_model(local[0], pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay={"file": str(local[1])})
+        model = timm.create_model(
+            local[0], pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(local[1])}
+        )
     else:
         _cached_hub_dir(ref, "timm")  # present in the cache: timm's hub loader reads it from there
         model = timm.create_model(f"hf-hub:{ref}", pretrained=True, num_classes=0)
@@ -191,8 +198,9 @@ def _open_clip(ref: str, device: torch.device) -> ResizedBackbone:
     return ResizedBackbone(model.to(device), model.encode_image, size, mean, std)
 
 
-def load_feature_extractor(spec: str, model: nn.Module | None = None,
-                           device: torch.device | str | None = None) -> nn.Module:
+def load_feature_extractor(
+    spec: str, model: nn.Module | None = None, device: torch.device | str | None = None
+) -> nn.Module:
     """The feature extractor named by ``spec`` (module docstring), in eval mode.
 
     Args:
@@ -214,8 +222,10 @@ def load_feature_extractor(spec: str, model: nn.Module | None = None,
             raise ValueError("the 'viq' feature extractor needs the ViQ model")
         return ViQFeatures(model).eval()
     if kind not in FEATURE_KINDS or not ref:
-        raise ValueError(f"unknown feature extractor {spec!r}: use viq, hf:<dir or hub id>, timm:<hub id or arch=file> "
-                         f"or open_clip:<hub id or arch=file>")
+        raise ValueError(
+            f"unknown feature extractor {spec!r}: use viq, hf:<dir or hub id>, timm:<hub id or arch=file> "
+            f"or open_clip:<hub id or arch=file>"
+        )
     device = torch.device(device or "cpu")
     loader = {"hf": _hf, "timm": _timm, "open_clip": _open_clip}[kind]
     try:
@@ -262,7 +272,9 @@ class RFID:
         return max(0.0, value) if math.isfinite(value) else value
 
 
-def rfid(references: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor], extractor: nn.Module) -> float | None:
+def rfid(
+    references: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor], extractor: nn.Module
+) -> float | None:
     """rFID of two equally long lists of ``(3, H, W)`` images in ``[-1, 1]`` (see :class:`RFID`)."""
     if len(references) != len(reconstructions):
         raise ValueError(f"{len(references)} references but {len(reconstructions)} reconstructions")

@@ -54,8 +54,9 @@ def _summary(outcomes: Sequence[tuple[str, bool]]) -> dict[str, Any]:
         "n": n,
         "accuracy": correct / n if n else 0.0,
         "ci95": wilson_interval(correct, n),
-        "per_task": {t: {"n": c[1], "accuracy": c[0] / c[1], "ci95": wilson_interval(c[0], c[1])}
-                     for t, c in sorted(per.items())},
+        "per_task": {
+            t: {"n": c[1], "accuracy": c[0] / c[1], "ci95": wilson_interval(c[0], c[1])} for t, c in sorted(per.items())
+        },
     }
 
 
@@ -160,10 +161,21 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
 
 
 @torch.no_grad()
-def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.PathLike[str], *,
-                images: str = "real", seed: int = 0, preprocess=None, device: torch.device | None = None,
-                examples: list[dict] | None = None, encoder=None, source: str | None = None,
-                batch_size: int = 32) -> dict[str, Any]:
+def evaluate_qa(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    image_root: str | os.PathLike[str],
+    *,
+    images: str = "real",
+    seed: int = 0,
+    preprocess=None,
+    device: torch.device | None = None,
+    examples: list[dict] | None = None,
+    encoder=None,
+    source: str | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """QA accuracy of a stage model on the image records of ``records``.
 
     Args:
@@ -195,18 +207,28 @@ def evaluate_qa(model, tokenizer, records: Sequence[dict], image_root: str | os.
     """
 
     outcomes: list[tuple[str, bool]] = []
-    for chunk in _chunks(model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source,
-                         batch_size):
-        answers = answer_last_questions(model, tokenizer, chunk.conversations, chunk.pixels, chunk.device,
-                                        codes=chunk.codes)
+    for chunk in _chunks(
+        model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source, batch_size
+    ):
+        answers = answer_last_questions(
+            model, tokenizer, chunk.conversations, chunk.pixels, chunk.device, codes=chunk.codes
+        )
         for (record, parsed), shown, (prediction, answer) in zip(chunk.items, chunk.shown, answers):
             ok = bool(answer_matches(prediction, answer))
             task = _task(record)
             outcomes.append((task, ok))
             if examples is not None:
-                examples.append({"id": parsed.id, "task": task, "question": _question(record), "answer": answer,
-                                 "prediction": prediction, "correct": ok,
-                                 "image": None if images == "blank" else [ref.path for ref in shown.images]})
+                examples.append(
+                    {
+                        "id": parsed.id,
+                        "task": task,
+                        "question": _question(record),
+                        "answer": answer,
+                        "prediction": prediction,
+                        "correct": ok,
+                        "image": None if images == "blank" else [ref.path for ref in shown.images],
+                    }
+                )
     result = _summary(outcomes)
     result["images"] = images
     return result
@@ -225,8 +247,9 @@ class _Chunk:
     device: torch.device
 
 
-def _chunks(model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source,
-            batch_size) -> Iterator[_Chunk]:
+def _chunks(
+    model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source, batch_size
+) -> Iterator[_Chunk]:
     """The image records of ``records`` in chunks of ``batch_size``, each with what it is shown
     (``images``: real, blank or shuffled); the model is in eval mode while the chunks are used."""
     if images not in IMAGE_MODES:
@@ -252,8 +275,9 @@ def _chunks(model, tokenizer, records, image_root, images, seed, preprocess, dev
             raise ValueError(f"shuffled images need at least 2 image records, got {len(items)}")
         multi = next((p for _, p in items if len(p.images) != 1), None)
         if multi is not None:
-            raise ValueError(f"{multi.label}: shuffled images need single-image records, this one has "
-                             f"{len(multi.images)}")
+            raise ValueError(
+                f"{multi.label}: shuffled images need single-image records, this one has {len(multi.images)}"
+            )
         order = _derangement(len(items), seed)
 
     was_training = model.training
@@ -276,9 +300,20 @@ def _chunks(model, tokenizer, records, image_root, images, seed, preprocess, dev
 
 
 @torch.no_grad()
-def answer_nll(model, tokenizer, records: Sequence[dict], image_root: str | os.PathLike[str], *,
-               images: str = "real", seed: int = 0, preprocess=None, device: torch.device | None = None,
-               encoder=None, source: str | None = None, batch_size: int = 32) -> dict[str, Any]:
+def answer_nll(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    image_root: str | os.PathLike[str],
+    *,
+    images: str = "real",
+    seed: int = 0,
+    preprocess=None,
+    device: torch.device | None = None,
+    encoder=None,
+    source: str | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """How surprised the model is by the reference answers: their negative log-likelihood in nats per
     answer token (the answer and its end-of-turn marker, teacher-forced), with the image shown as in
     :func:`evaluate_qa` (same arguments). A model that reads the image gives the right answer a lower
@@ -291,8 +326,9 @@ def answer_nll(model, tokenizer, records: Sequence[dict], image_root: str | os.P
     from viq.mllm.packing import answer_log_likelihoods, splice_image_features
 
     per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-    for chunk in _chunks(model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source,
-                         batch_size):
+    for chunk in _chunks(
+        model, tokenizer, records, image_root, images, seed, preprocess, device, encoder, source, batch_size
+    ):
         flat_codes = [c for cs in chunk.codes for c in cs] if chunk.codes else []
         if flat_codes:
             features, grids = model.embed_codes(flat_codes)
@@ -304,8 +340,14 @@ def answer_nll(model, tokenizer, records: Sequence[dict], image_root: str | os.P
         items, start = [], 0
         for conversation, xs in zip(chunk.conversations, chunk.pixels):
             encoded_text = tokenizer.encode(conversation)
-            items.append(splice_image_features(embed_tokens, encoded_text.input_ids.to(chunk.device),
-                                               encoded_text.labels.to(chunk.device), embeds[start : start + len(xs)]))
+            items.append(
+                splice_image_features(
+                    embed_tokens,
+                    encoded_text.input_ids.to(chunk.device),
+                    encoded_text.labels.to(chunk.device),
+                    embeds[start : start + len(xs)],
+                )
+            )
             start += len(xs)
         nll, tokens = answer_log_likelihoods(model.llm, items)
         for (record, _), value, count in zip(chunk.items, nll.tolist(), tokens.tolist()):
@@ -314,9 +356,12 @@ def answer_nll(model, tokenizer, records: Sequence[dict], image_root: str | os.P
             entry[1] += count
             entry[2] += 1
     total_nll, total_tokens = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
-    return {"n": sum(v[2] for v in per.values()), "nll": total_nll / max(1, total_tokens),
-            "per_task": {t: {"n": v[2], "nll": v[0] / max(1, v[1])} for t, v in sorted(per.items())},
-            "images": images}
+    return {
+        "n": sum(v[2] for v in per.values()),
+        "nll": total_nll / max(1, total_tokens),
+        "per_task": {t: {"n": v[2], "nll": v[0] / max(1, v[1])} for t, v in sorted(per.items())},
+        "images": images,
+    }
 
 
 def majority_baseline(train_records: Sequence[dict], test_records: Sequence[dict]) -> dict[str, Any]:

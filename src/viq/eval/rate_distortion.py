@@ -35,8 +35,18 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-__all__ = ["CODECS", "CODEC_LABELS", "CURVE_QUALITIES", "BPP_TOLERANCE", "bpp_of", "compress", "match_bpp", "mean_curve",
-           "plot_rate_distortion", "comparison_grid"]
+__all__ = [
+    "CODECS",
+    "CODEC_LABELS",
+    "CURVE_QUALITIES",
+    "BPP_TOLERANCE",
+    "bpp_of",
+    "compress",
+    "match_bpp",
+    "mean_curve",
+    "plot_rate_distortion",
+    "comparison_grid",
+]
 
 #: Codec name -> Pillow format and save options.
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -80,8 +90,7 @@ def compress(image: Image.Image, codec: str, quality: int) -> tuple[bytes, Image
     return data, decoded
 
 
-def match_bpp(image: Image.Image, codec: str, target_bpp: float,
-              tolerance: float = BPP_TOLERANCE) -> dict[str, Any]:
+def match_bpp(image: Image.Image, codec: str, target_bpp: float, tolerance: float = BPP_TOLERANCE) -> dict[str, Any]:
     """``image`` through ``codec`` at the quality whose file is nearest ``target_bpp`` (module docstring).
 
     Returns:
@@ -140,8 +149,13 @@ def mean_curve(curves: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, 
         rows = [c[j] for c in curves]
         if any(r["quality"] != first["quality"] for r in rows):
             raise ValueError("mean_curve needs the same qualities, in the same order, for every image")
-        out.append({"quality": first["quality"], "n": len(rows),
-                    **{k: math.fsum(r[k] for r in rows) / len(rows) for k in ("bpp", "psnr", "ssim")}})
+        out.append(
+            {
+                "quality": first["quality"],
+                "n": len(rows),
+                **{k: math.fsum(r[k] for r in rows) / len(rows) for k in ("bpp", "psnr", "ssim")},
+            }
+        )
     return out
 
 
@@ -161,12 +175,23 @@ def plot_rate_distortion(result: Mapping[str, Any], path: str | Path) -> Path:
     for codec, curve in result.get("curves", {}).items():
         pts = [(r["bpp"], r["psnr"]) for r in curve if math.isfinite(r["psnr"])]
         if pts:
-            ax.plot(*zip(*pts), marker=".", color=colours.get(codec), label=f"{CODEC_LABELS[codec]} (quality "
-                    f"{curve[0]['quality']}-{curve[-1]['quality']})")
+            ax.plot(
+                *zip(*pts),
+                marker=".",
+                color=colours.get(codec),
+                label=f"{CODEC_LABELS[codec]} (quality {curve[0]['quality']}-{curve[-1]['quality']})",
+            )
         at = result.get(codec)
         if at and at.get("bpp") is not None and at.get("psnr") is not None and math.isfinite(at["psnr"]):
-            ax.plot([at["bpp"]], [at["psnr"]], marker="s", ls="", color=colours.get(codec), mfc="none",
-                    label=f"{CODEC_LABELS[codec]} at the codes' bpp")
+            ax.plot(
+                [at["bpp"]],
+                [at["psnr"]],
+                marker="s",
+                ls="",
+                color=colours.get(codec),
+                mfc="none",
+                label=f"{CODEC_LABELS[codec]} at the codes' bpp",
+            )
     if result.get("bpp") is not None and result.get("psnr") is not None and math.isfinite(result["psnr"]):
         ax.plot([result["bpp"]], [result["psnr"]], marker="*", ms=14, ls="", color="tab:blue", label="ViQ codes")
     ax.set_xscale("log")
@@ -201,8 +226,12 @@ def comparison_grid(rows: Sequence[Mapping[str, Any]], height: int = 192) -> Ima
     for row in rows:
         w, h = row["input"].size
         width = max(1, round(w * height / h))
-        panels.append([(row[k].resize((width, height), Image.Resampling.LANCZOS), text)
-                       for k, text in zip(("input", "recon", "jpeg"), row["labels"])])
+        panels.append(
+            [
+                (row[k].resize((width, height), Image.Resampling.LANCZOS), text)
+                for k, text in zip(("input", "recon", "jpeg"), row["labels"])
+            ]
+        )
     total_w = max(sum(p.width for p, _ in r) + gap * (len(r) - 1) for r in panels)
     grid = Image.new("RGB", (total_w, len(panels) * (height + caption + gap)), "white")
     draw = ImageDraw.Draw(grid)

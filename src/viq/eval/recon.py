@@ -240,9 +240,7 @@ def bicubic_size_at_bits(height: int, width: int, bits: float) -> tuple[int, int
     # = (n + W) // (2W), and likewise for W. Breakpoints (the smallest s at which H*s, resp.
     # W*s, reaches k + 1/2) are n = (2k+1)*W, resp. (2k+1)*H; n = 0 stands for "below every
     # breakpoint", where both sides clamp to 1. n = 2*H*W is s = 1.
-    points = sorted(
-        {0} | {(2 * k + 1) * width for k in range(height)} | {(2 * k + 1) * height for k in range(width)}
-    )
+    points = sorted({0} | {(2 * k + 1) * width for k in range(height)} | {(2 * k + 1) * height for k in range(width)})
 
     def size(n: int) -> tuple[int, int]:
         return max(1, (n + width) // (2 * width)), max(1, (n + height) // (2 * height))
@@ -368,8 +366,14 @@ def _codec_summary(records: list[dict[str, Any]], scores: dict[str, Any]) -> dic
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return {**_NO_SCORES, **scores, "bpp": _mean(records, "bpp"), "quality": _mean(records, "quality"),
-            "matched": statuses.get("matched", 0), "status": statuses}
+    return {
+        **_NO_SCORES,
+        **scores,
+        "bpp": _mean(records, "bpp"),
+        "quality": _mean(records, "quality"),
+        "matched": statuses.get("matched", 0),
+        "status": statuses,
+    }
 
 
 def _example(record: dict[str, Any], images: dict[str, Any], codec: str) -> dict[str, Any]:
@@ -377,10 +381,16 @@ def _example(record: dict[str, Any], images: dict[str, Any], codec: str) -> dict
     from viq.eval.rate_distortion import CODEC_LABELS
 
     name = os.path.basename(record["source"])[:28]
-    return {"input": images["input"], "recon": images["recon"], "jpeg": images[codec],
-            "labels": (f"{name} {record['size'][1]}x{record['size'][0]}",
-                       f"ViQ {record['bpp']:.3f} bpp, {record['psnr']:.1f} dB",
-                       f"{CODEC_LABELS[codec]} {record[codec]['bpp']:.3f} bpp, {record[codec]['psnr']:.1f} dB")}
+    return {
+        "input": images["input"],
+        "recon": images["recon"],
+        "jpeg": images[codec],
+        "labels": (
+            f"{name} {record['size'][1]}x{record['size'][0]}",
+            f"ViQ {record['bpp']:.3f} bpp, {record['psnr']:.1f} dB",
+            f"{CODEC_LABELS[codec]} {record[codec]['bpp']:.3f} bpp, {record[codec]['psnr']:.1f} dB",
+        ),
+    }
 
 
 def evaluate_reconstruction(
@@ -463,9 +473,16 @@ def evaluate_reconstruction(
         psnr, ssim = psnr_ssim(ref, recon)
         nbytes = len(codes.to_bytes())  # the .viq file: header, levels, payload, CRC
         bpp = bpp_of(nbytes, (h, w))
-        record: dict[str, Any] = {"source": prepared.source, "size": [h, w], "grid": list(codes.grid), "bytes": nbytes,
-                                  "bpp": bpp, "payload_bpp": codes.num_codes * codes.bits_per_code / (h * w),
-                                  "psnr": psnr, "ssim": ssim}
+        record: dict[str, Any] = {
+            "source": prepared.source,
+            "size": [h, w],
+            "grid": list(codes.grid),
+            "bytes": nbytes,
+            "bpp": bpp,
+            "payload_bpp": codes.num_codes * codes.bits_per_code / (h * w),
+            "psnr": psnr,
+            "ssim": ssim,
+        }
         ref_img = to_pil(ref)
         extra: dict[str, Any] = {"input": ref_img, "recon": recon_img}
         image_curves = {}
@@ -492,8 +509,13 @@ def evaluate_reconstruction(
             except Exception as e:  # noqa: BLE001 - one bad image must not stop the others
                 if on_error is None:
                     raise
-                source = (item.source if isinstance(item, PreparedImage) else os.fspath(item)
-                          if isinstance(item, (str, os.PathLike)) else f"image {i}")
+                source = (
+                    item.source
+                    if isinstance(item, PreparedImage)
+                    else os.fspath(item)
+                    if isinstance(item, (str, os.PathLike))
+                    else f"image {i}"
+                )
                 failed.append({"source": source, "error": str(e)})
                 on_error(source, e)
             else:
@@ -516,9 +538,13 @@ def evaluate_reconstruction(
     usage = usage_stats(hist)
     usage.update({"log2_codebook": math.log2(hist.size), "codes": int(hist.sum())})
     result: dict[str, Any] = {
-        **_NO_SCORES, **summary.get("viq", {}), "bpp": _mean(records, "bpp"),
-        "payload_bpp": _mean(records, "payload_bpp"), "rfid": fid.compute() if fid is not None else None,
-        "fid_features": fid_features if isinstance(fid_features, str) or fid_features is None
+        **_NO_SCORES,
+        **summary.get("viq", {}),
+        "bpp": _mean(records, "bpp"),
+        "payload_bpp": _mean(records, "payload_bpp"),
+        "rfid": fid.compute() if fid is not None else None,
+        "fid_features": fid_features
+        if isinstance(fid_features, str) or fid_features is None
         else type(fid_features).__name__,
         "usage": usage,
     }

@@ -44,8 +44,18 @@ from viq.formats.codes import Codes
 from viq.formats.image import PreparedImage, PreprocessConfig, to_pil, to_pixels
 from viq.formats.image import preprocess as prepare_image
 
-__all__ = ["ERROR_SCALE", "ImageView", "inspect_image", "inspect_codes", "code_map", "error_map", "render_page",
-           "render_codebook_page", "codebook_section", "show_images"]
+__all__ = [
+    "ERROR_SCALE",
+    "ImageView",
+    "inspect_image",
+    "inspect_codes",
+    "code_map",
+    "error_map",
+    "render_page",
+    "render_codebook_page",
+    "codebook_section",
+    "show_images",
+]
 
 #: Mean absolute error (8-bit levels) drawn at full brightness in the error map; larger errors clip.
 ERROR_SCALE = 64
@@ -82,8 +92,9 @@ class ImageView:
     item: Any = field(default=None, repr=False)
 
 
-def _encode(image: Image.Image, *, thumb: int, lossless: bool, resample=Image.Resampling.LANCZOS,
-            quality: int = 90) -> bytes:
+def _encode(
+    image: Image.Image, *, thumb: int, lossless: bool, resample=Image.Resampling.LANCZOS, quality: int = 90
+) -> bytes:
     """``image`` shrunk to at most ``thumb`` px on its longest side, as WebP (``quality``) or PNG bytes."""
     if max(image.size) > thumb:
         scale = thumb / max(image.size)
@@ -140,8 +151,9 @@ def _scores(model: Any, codes: Codes, reference: Any) -> tuple[Image.Image, floa
     return recon_img, psnr, ssim
 
 
-def inspect_image(model: Any, item: Any, preprocess: PreprocessConfig | None = None, *, thumb: int = THUMB,
-                  lossless: bool = False) -> ImageView:
+def inspect_image(
+    model: Any, item: Any, preprocess: PreprocessConfig | None = None, *, thumb: int = THUMB, lossless: bool = False
+) -> ImageView:
     """Encode, reconstruct and score one image exactly as ``viq eval-recon`` does (preprocess with the
     model's resolution policy, ``model.encode_pixels``, ``model.reconstruct``, PSNR / SSIM on the encoded
     area, bpp of the ``.viq`` bytes), and make its pictures."""
@@ -156,15 +168,21 @@ def inspect_image(model: Any, item: Any, preprocess: PreprocessConfig | None = N
     original = to_pil(reference)
     heat, mae = error_map(np.asarray(original), np.asarray(recon_img))
     return ImageView(
-        source=str(prepared.source), size=(h, w), codes=codes,
+        source=str(prepared.source),
+        size=(h, w),
+        codes=codes,
         original=_encode(original, thumb=thumb, lossless=lossless),
         recon=_encode(recon_img, thumb=thumb, lossless=lossless),
         # The heat map is a guide to where the error sits, not a picture to judge: half the resolution
         # (averaged, so no error is lost), lossy, about a quarter of the bytes of a full-size map.
         error=_encode(heat, thumb=max(16, thumb // 2), lossless=False, resample=Image.Resampling.BOX, quality=60),
-        psnr=psnr, ssim=ssim, mean_abs_error=mae,
-        bpp=bpp_of(len(codes.to_bytes()), (h, w)), payload_bpp=codes.num_codes * codes.bits_per_code / (h * w),
-        item=item)
+        psnr=psnr,
+        ssim=ssim,
+        mean_abs_error=mae,
+        bpp=bpp_of(len(codes.to_bytes()), (h, w)),
+        payload_bpp=codes.num_codes * codes.bits_per_code / (h * w),
+        item=item,
+    )
 
 
 def inspect_codes(model: Any, codes: Codes, source: str, *, thumb: int = THUMB, lossless: bool = False) -> ImageView:
@@ -173,14 +191,26 @@ def inspect_codes(model: Any, codes: Codes, source: str, *, thumb: int = THUMB, 
 
     recon_img = model.reconstruct([codes])[0]
     h, w = codes.image_size or (recon_img.height, recon_img.width)
-    return ImageView(source=source, size=(h, w), codes=codes, recon=_encode(recon_img, thumb=thumb, lossless=lossless),
-                     bpp=bpp_of(len(codes.to_bytes()), (h, w)),
-                     payload_bpp=codes.num_codes * codes.bits_per_code / (h * w))
+    return ImageView(
+        source=source,
+        size=(h, w),
+        codes=codes,
+        recon=_encode(recon_img, thumb=thumb, lossless=lossless),
+        bpp=bpp_of(len(codes.to_bytes()), (h, w)),
+        payload_bpp=codes.num_codes * codes.bits_per_code / (h * w),
+    )
 
 
-def show_images(model: Any, items: Iterable[Any], *, preprocess: PreprocessConfig | None = None, thumb: int = THUMB,
-                lossless: bool = False, on_error: Callable[[str, Exception], Any] | None = None,
-                progress: Callable[[int], Any] | None = None) -> list[ImageView]:
+def show_images(
+    model: Any,
+    items: Iterable[Any],
+    *,
+    preprocess: PreprocessConfig | None = None,
+    thumb: int = THUMB,
+    lossless: bool = False,
+    on_error: Callable[[str, Exception], Any] | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> list[ImageView]:
     """:func:`inspect_image` (image sources) or :func:`inspect_codes` (``(source, Codes)`` pairs) of every
     item; with ``on_error`` a failing item is reported and left out, else the first failure raises."""
     views = []
@@ -193,8 +223,13 @@ def show_images(model: Any, items: Iterable[Any], *, preprocess: PreprocessConfi
         except Exception as e:  # noqa: BLE001 - one bad image must not stop the others
             if on_error is None:
                 raise
-            source = (os.fspath(item) if isinstance(item, (str, os.PathLike)) else item[0]
-                      if isinstance(item, tuple) and item and isinstance(item[0], str) else f"image {i}")
+            source = (
+                os.fspath(item)
+                if isinstance(item, (str, os.PathLike))
+                else item[0]
+                if isinstance(item, tuple) and item and isinstance(item[0], str)
+                else f"image {i}"
+            )
             on_error(source, e)
         if progress is not None:
             progress(1)
@@ -206,8 +241,13 @@ def show_images(model: Any, items: Iterable[Any], *, preprocess: PreprocessConfi
 # ----------------------------------------------------------------------------------------------
 
 
-def _galleries(views: Sequence[ImageView], codes: Sequence[int], per_code: int, patch_size: int,
-               preprocess: PreprocessConfig | None) -> dict[int, list[dict[str, Any]]]:
+def _galleries(
+    views: Sequence[ImageView],
+    codes: Sequence[int],
+    per_code: int,
+    patch_size: int,
+    preprocess: PreprocessConfig | None,
+) -> dict[int, list[dict[str, Any]]]:
     """For each code, the first ``per_code`` patches (in image order, then raster order) that hold it in
     any slot: ``{"png", "source", "patch": (y, x), "slot"}``. Each input image is read again (once) to cut
     its patches, so no pixels are held between the two passes."""
@@ -331,62 +371,95 @@ def _card(i: int, view: ImageView, thumb: int) -> str:
     def fig(data: bytes | None, caption: str, extra: str = "") -> str:
         if data is None:
             return ""
-        return (f'<figure><img{px} src="{_data_uri(data)}" width="{dw}" height="{dh}" alt="{caption}"{extra}>'
-                f"<figcaption>{caption}</figcaption></figure>")
+        return (
+            f'<figure><img{px} src="{_data_uri(data)}" width="{dw}" height="{dh}" alt="{caption}"{extra}>'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
 
-    metrics = (f"{h}×{w} px, grid {gh}×{gw} patches, {codes.num_codes} codes · {_fmt(view.bpp, '.4f')} bpp"
-               + (f" · PSNR {_fmt(view.psnr, '.2f')} dB · SSIM {_fmt(view.ssim, '.3f')} · mean |error| "
-                  f"{_fmt(view.mean_abs_error, '.1f')} of 255" if view.psnr is not None else " · no original"))
-    heads = "".join(
-        f'<figure><img class="codemap px" data-slot="{j}" src="{_data_uri(_png(code_map(codes, j)))}" '
-        f'alt="head {j}"><figcaption>head {j}</figcaption></figure>' for j in range(c)) if c > 1 else ""
+    metrics = f"{h}×{w} px, grid {gh}×{gw} patches, {codes.num_codes} codes · {_fmt(view.bpp, '.4f')} bpp" + (
+        f" · PSNR {_fmt(view.psnr, '.2f')} dB · SSIM {_fmt(view.ssim, '.3f')} · mean |error| "
+        f"{_fmt(view.mean_abs_error, '.1f')} of 255"
+        if view.psnr is not None
+        else " · no original"
+    )
+    heads = (
+        "".join(
+            f'<figure><img class="codemap px" data-slot="{j}" src="{_data_uri(_png(code_map(codes, j)))}" '
+            f'alt="head {j}"><figcaption>head {j}</figcaption></figure>'
+            for j in range(c)
+        )
+        if c > 1
+        else ""
+    )
     hw, hh = max(48, mw // 2), max(48, mh // 2)
     return (
         f'<section class="card" id="img{i}" data-h="{gh}" data-w="{gw}" data-c="{c}" data-sr="{rows}" '
         f'data-sc="{cols}" data-bytes="{nbytes}" data-codes="{base64.b64encode(payload).decode()}" '
         f'data-psnr="{view.psnr!r}" data-ssim="{view.ssim!r}" data-bpp="{view.bpp!r}">'
-        f"<h3>{i + 1}. {html.escape(view.source)}</h3><div class=\"note\">{metrics}</div><div class=\"row\">"
+        f'<h3>{i + 1}. {html.escape(view.source)}</h3><div class="note">{metrics}</div><div class="row">'
         + fig(view.original, "input (as encoded)")
         + fig(view.recon, "reconstruction")
         + fig(view.error, f"|error|, 0 … {ERROR_SCALE}+ levels")
         + f'<figure><img class="codemap px" data-slot="-1" src="{_data_uri(_png(code_map(codes)))}" width="{mw}" '
-          f'height="{mh}" alt="codes"><figcaption>codes ({rows}×{cols} per patch; hover)</figcaption></figure>'
-        + f'</div><div class="heads" style="--hw:{hw}px;--hh:{hh}px">{heads}</div></section>')
+        f'height="{mh}" alt="codes"><figcaption>codes ({rows}×{cols} per patch; hover)</figcaption></figure>'
+        + f'</div><div class="heads" style="--hw:{hw}px;--hh:{hh}px">{heads}</div></section>'
+    )
 
 
 def _health_table(summary: dict[str, Any]) -> str:
     def row(name: str, s: dict[str, Any]) -> str:
-        return (f'<tr><td class="l">{name}</td><td>{s["codes"]}</td><td>{s["usage"]:.2%}</td><td>{s["used"]}</td>'
-                f'<td>{s["dead"]}</td><td>{s["entropy_bits"]:.2f}</td><td>{s["perplexity"]:.1f}</td></tr>')
+        return (
+            f'<tr><td class="l">{name}</td><td>{s["codes"]}</td><td>{s["usage"]:.2%}</td><td>{s["used"]}</td>'
+            f"<td>{s['dead']}</td><td>{s['entropy_bits']:.2f}</td><td>{s['perplexity']:.1f}</td></tr>"
+        )
 
     rows = [row("all heads", summary["overall"])] + [row(f"head {j}", s) for j, s in enumerate(summary["heads"])]
-    return ('<table><tr><th class="l"></th><th>codes</th><th>usage</th><th>used</th><th>dead</th>'
-            f'<th>entropy bits (of {summary["log2_codebook"]:.1f})</th><th>perplexity</th></tr>'
-            + "".join(rows) + "</table>")
+    return (
+        '<table><tr><th class="l"></th><th>codes</th><th>usage</th><th>used</th><th>dead</th>'
+        f"<th>entropy bits (of {summary['log2_codebook']:.1f})</th><th>perplexity</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
-def codebook_section(summary: dict[str, Any], galleries: dict[int, list[dict[str, Any]]] | None = None,
-                     note: str = "") -> str:
+def codebook_section(
+    summary: dict[str, Any], galleries: dict[int, list[dict[str, Any]]] | None = None, note: str = ""
+) -> str:
     """The codebook part of the page: health per head, and the most used codes with their galleries."""
     items = []
     for t in summary["top"]:
         gallery = "".join(
             f'<img src="{_data_uri(g["png"])}" title="{html.escape(g["source"])} patch {g["patch"]} head {g["slot"]}" '
-            f'alt="patch">' for g in (galleries or {}).get(t["index"], []))
-        items.append(f'<div class="code"><span class="swatch" style="background:{t["colour"]}"></span>'
-                     f'<b>{t["index"]}</b> {t["count"]} ({t["share"]:.2%}) FSQ ({", ".join(f"{v:.2f}" for v in t["values"])})'
-                     f'<span class="gallery">{gallery}</span></div>')
-    return (f'<h2>Codebook</h2><div class="note">{summary["images"]} image(s), {summary["codes"]} codes; K = '
-            f'{summary["codebook_size"]} (levels {tuple(summary["levels"])}). Usage: share of the K codes seen; dead: '
-            f"never seen; entropy of the empirical code distribution in bits per code; perplexity = 2^entropy. "
-            f"{note}</div>" + _health_table(summary)
-            + '<h2>Most used codes</h2><div class="note">Each with the patches that receive it (the whole patch: '
-              "the codes of a patch are its heads, not sub-patches).</div>" + "".join(items))
+            f'alt="patch">'
+            for g in (galleries or {}).get(t["index"], [])
+        )
+        items.append(
+            f'<div class="code"><span class="swatch" style="background:{t["colour"]}"></span>'
+            f"<b>{t['index']}</b> {t['count']} ({t['share']:.2%}) FSQ ({', '.join(f'{v:.2f}' for v in t['values'])})"
+            f'<span class="gallery">{gallery}</span></div>'
+        )
+    return (
+        f'<h2>Codebook</h2><div class="note">{summary["images"]} image(s), {summary["codes"]} codes; K = '
+        f"{summary['codebook_size']} (levels {tuple(summary['levels'])}). Usage: share of the K codes seen; dead: "
+        f"never seen; entropy of the empirical code distribution in bits per code; perplexity = 2^entropy. "
+        f"{note}</div>"
+        + _health_table(summary)
+        + '<h2>Most used codes</h2><div class="note">Each with the patches that receive it (the whole patch: '
+        "the codes of a patch are its heads, not sub-patches).</div>" + "".join(items)
+    )
 
 
-def render_page(views: Sequence[ImageView], *, title: str, model_name: str = "", thumb: int = THUMB,
-                top_codes: int = 16, gallery: int = 8, preprocess: PreprocessConfig | None = None,
-                counter: CodebookCounter | None = None) -> str:
+def render_page(
+    views: Sequence[ImageView],
+    *,
+    title: str,
+    model_name: str = "",
+    thumb: int = THUMB,
+    top_codes: int = 16,
+    gallery: int = 8,
+    preprocess: PreprocessConfig | None = None,
+    counter: CodebookCounter | None = None,
+) -> str:
     """The HTML page of ``views`` (see the module docstring); ``counter`` (default: the views' own codes)
     gives the codebook figures."""
     if not views and counter is None:
@@ -402,15 +475,19 @@ def render_page(views: Sequence[ImageView], *, title: str, model_name: str = "",
     scored = [v for v in views if v.psnr is not None]
     lines = []
     if scored:
-        for name, vals, spec in (("PSNR dB", [v.psnr for v in scored], ".2f"), ("SSIM", [v.ssim for v in scored], ".3f"),
-                                 ("bpp", [v.bpp for v in scored], ".4f")):
+        for name, vals, spec in (
+            ("PSNR dB", [v.psnr for v in scored], ".2f"),
+            ("SSIM", [v.ssim for v in scored], ".3f"),
+            ("bpp", [v.bpp for v in scored], ".4f"),
+        ):
             mean, ci = mean_ci95(vals)
             ci_text = f" (95 % CI {_fmt(ci[0], spec)} … {_fmt(ci[1], spec)})" if ci[0] is not None else ""
-            lines.append(f"<tr><td class=\"l\">{name}</td><td>{_fmt(mean, spec)}{ci_text}</td></tr>")
+            lines.append(f'<tr><td class="l">{name}</td><td>{_fmt(mean, spec)}{ci_text}</td></tr>')
     index_rows = "".join(
         f'<tr><td class="l"><a href="#img{i}">{html.escape(v.source)}</a></td><td>{v.size[0]}×{v.size[1]}</td>'
-        f'<td>{_fmt(v.psnr, ".2f")}</td><td>{_fmt(v.ssim, ".3f")}</td><td>{_fmt(v.bpp, ".4f")}</td></tr>'
-        for i, v in enumerate(views))
+        f"<td>{_fmt(v.psnr, '.2f')}</td><td>{_fmt(v.ssim, '.3f')}</td><td>{_fmt(v.bpp, '.4f')}</td></tr>"
+        for i, v in enumerate(views)
+    )
     cards = "".join(_card(i, v, thumb) for i, v in enumerate(views))
     levels = list(counter.levels)
     return (
@@ -418,18 +495,22 @@ def render_page(views: Sequence[ImageView], *, title: str, model_name: str = "",
         f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
         f"style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
         f"<style>{_CSS}</style></head><body data-levels='{levels}'><div id=\"tip\"></div>"
-        f"<h1>{html.escape(title)}</h1><div class=\"note\">model {html.escape(model_name)} · {len(views)} image(s) · "
+        f'<h1>{html.escape(title)}</h1><div class="note">model {html.escape(model_name)} · {len(views)} image(s) · '
         f"PSNR / SSIM on the encoded area, bpp of the .viq file (as viq eval-recon)</div>"
         + (f"<table>{''.join(lines)}</table>" if lines else "")
         + codebook_section(summary, galleries)
         + f'<h2>Images</h2><table><tr><th class="l">image</th><th>H×W</th><th>PSNR dB</th><th>SSIM</th><th>bpp</th></tr>'
-          f"{index_rows}</table>{cards}<script>{_JS}</script></body></html>")
+        f"{index_rows}</table>{cards}<script>{_JS}</script></body></html>"
+    )
 
 
 def render_codebook_page(counter: CodebookCounter, *, title: str, note: str = "", top_codes: int = 16) -> str:
     """A page with the codebook part only (``viq store stats --page``: codes without images or a model)."""
     summary = counter.summary(top=top_codes)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
-            f"style-src 'unsafe-inline'\"><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            + codebook_section(summary, None, html.escape(note)) + "</body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+        f"style-src 'unsafe-inline'\"><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        + codebook_section(summary, None, html.escape(note))
+        + "</body></html>"
+    )

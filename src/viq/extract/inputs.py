@@ -85,8 +85,13 @@ def _read_part(part, image_column: str, id_column: str | None, image_root: Path)
             yield Item(sid, str(part.path), label, part.name), value
 
 
-def list_units(source: str | os.PathLike, *, image_column: str = "image", id_column: str | None = None,
-               image_root: str | None = None) -> list[Unit] | None:
+def list_units(
+    source: str | os.PathLike,
+    *,
+    image_column: str = "image",
+    id_column: str | None = None,
+    image_root: str | None = None,
+) -> list[Unit] | None:
     """The units of work of a streamed source (tar shards, or columnar files' row groups / record
     batches), in order, without reading any images; ``None`` for the other inputs (folders, LLaVA files)."""
     from viq.data.columnar import is_columnar_source, list_parts
@@ -97,8 +102,10 @@ def list_units(source: str | os.PathLike, *, image_column: str = "image", id_col
     if is_columnar_source(source):
         src = Path(source)
         root = Path(image_root) if image_root else src.parent  # as for LLaVA files: the data's folder
-        return [Unit(part.name, functools.partial(_read_part, part, image_column, id_column, root))
-                for part in list_parts(source, [image_column] + ([id_column] if id_column else []))]
+        return [
+            Unit(part.name, functools.partial(_read_part, part, image_column, id_column, root))
+            for part in list_parts(source, [image_column] + ([id_column] if id_column else []))
+        ]
     return None
 
 
@@ -138,12 +145,15 @@ def list_items(source: str | os.PathLike, image_root: str | None = None, **colum
                     raise ValueError(
                         f"{record.label}: image {sid} with resize {ref.resize or 'none'}, but {first[sid]} gives it "
                         f"resize {known.resize or 'none'}: the two are different pixels and a code store keeps one "
-                        f"code set per image id; give the records the same resize")
+                        f"code set per image id; give the records the same resize"
+                    )
     elif not source.exists():
         raise FileNotFoundError(f"{source}: no such input")
     else:
-        raise ValueError(f"{source}: expected a folder of images, a LLaVA .json/.jsonl file, WebDataset .tar "
-                         "shards (file, folder or {a..b} pattern), or Parquet / Arrow data")
+        raise ValueError(
+            f"{source}: expected a folder of images, a LLaVA .json/.jsonl file, WebDataset .tar "
+            "shards (file, folder or {a..b} pattern), or Parquet / Arrow data"
+        )
     return [items[k] for k in sorted(items)]
 
 
@@ -202,8 +212,11 @@ class StreamDataset(torch.utils.data.IterableDataset):
                     n += 1
                     if item.sample_id in self.store:
                         # hashed (the bytes are at hand) to tell a repeated id with other bytes
-                        yield {"item": item, "existing": True,
-                               "hash": content_hash(data, item.resize) if data is not None else None}
+                        yield {
+                            "item": item,
+                            "existing": True,
+                            "hash": content_hash(data, item.resize) if data is not None else None,
+                        }
                     else:
                         yield prepare(item, data, self.preprocess)
             except Exception as e:  # noqa: BLE001 - a broken shard must not stop the others

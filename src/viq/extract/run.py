@@ -94,8 +94,15 @@ class Extraction:
         rank, world: this process's share.
     """
 
-    def __init__(self, model, source: str | os.PathLike, out: str | os.PathLike, options: ExtractOptions,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        model,
+        source: str | os.PathLike,
+        out: str | os.PathLike,
+        options: ExtractOptions,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         from viq.formats.image import PreprocessConfig
 
         self.model, self.source, self.out, self.options = model, source, Path(out), options
@@ -110,7 +117,10 @@ class Extraction:
         self.reading_s = 0.0
         #: whether the input comes in units (tar shards, columnar files; set by :meth:`plan`)
         self.streamed = False
-        self.store = self.writer = self.bar = None
+        # set by open_store / the run (typed Any: each is used only once it is set)
+        self.store: Any = None
+        self.writer: Any = None
+        self.bar: Any = None
 
     # ------------------------------------------------------------------ steps
     def open_store(self):
@@ -118,9 +128,15 @@ class Extraction:
         from viq.store.reader import CodeStore
 
         m = self.model
-        return CodeStore.create(self.out, levels=m.levels, codes_per_patch=m.config.head.codes_per_patch,
-                                patch_size=m.patch_size, model_fingerprint=self.fingerprint,
-                                entropy_coding=self.options.entropy_coding, exist_ok=True)
+        return CodeStore.create(
+            self.out,
+            levels=m.levels,
+            codes_per_patch=m.config.head.codes_per_patch,
+            patch_size=m.patch_size,
+            model_fingerprint=self.fingerprint,
+            entropy_coding=self.options.entropy_coding,
+            exist_ok=True,
+        )
 
     def plan(self) -> tuple[torch.utils.data.Dataset, int | None, int]:
         """This rank's work: (the workers' dataset, images to process if known, DataLoader workers).
@@ -139,8 +155,14 @@ class Extraction:
         todo_units = [u for u in mine if u.name not in done_any]
         before = sum(done_any[u.name] for u in mine if u.name in done_any)
         self.counts.update(images=before, existing=before)
-        log.info("rank %d of %d: %d of %d units (%d done before)", rank, world, len(todo_units), len(units),
-                 len(mine) - len(todo_units))
+        log.info(
+            "rank %d of %d: %d of %d units (%d done before)",
+            rank,
+            world,
+            len(todo_units),
+            len(units),
+            len(mine) - len(todo_units),
+        )
         return StreamDataset(todo_units, self.preprocess, self.store), None, min(o.num_workers, len(todo_units))
 
     def record_error(self, sample_id: str, source: str, error: str, *, level: int = logging.WARNING) -> None:
@@ -151,8 +173,13 @@ class Extraction:
 
     def add(self, item: Item, codes: Codes, content_hash: str) -> None:
         """Store ``codes`` under ``item``'s id (with this model's fingerprint and the item's source)."""
-        codes = Codes(codes.indices, codes.levels, image_size=codes.image_size, patch_size=codes.patch_size,
-                      metadata={"model": self.fingerprint, "source": item.path})
+        codes = Codes(
+            codes.indices,
+            codes.levels,
+            image_size=codes.image_size,
+            patch_size=codes.patch_size,
+            metadata={"model": self.fingerprint, "source": item.path},
+        )
         self.writer.add(item.sample_id, codes, source=item.path, content_hash=content_hash)
         self.state.recent[content_hash] = codes
         self.since_flush += 1
@@ -207,8 +234,12 @@ class Extraction:
             self.settle_unit(result["unit_done"])
             return None
         if "unit_error" in result:  # not marked done: a re-run retries it
-            self.record_error(result["unit_error"], result["unit_error"],
-                              f"{result['error']} (the unit is retried by a re-run)", level=logging.ERROR)
+            self.record_error(
+                result["unit_error"],
+                result["unit_error"],
+                f"{result['error']} (the unit is retried by a re-run)",
+                level=logging.ERROR,
+            )
             return None
         item = result["item"]
         if self.streamed:
@@ -280,8 +311,9 @@ class Extraction:
         started = time.perf_counter()
         self.store = self.open_store()
         dataset, total, workers = self.plan()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                             prefetch_factor=8 if workers else None)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None
+        )
         if self.options.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
@@ -301,14 +333,28 @@ class Extraction:
         if self.bar is not None:
             self.bar.close()
         result = ExtractResult(self.counts, wall_s=time.perf_counter() - started, encode_s=stream_s - self.reading_s)
-        log.info("rank %d: %s (%.1f s, %.0f%% of it encoding)", self.rank, dict(result), result.wall_s,
-                 100 * result.encode_s / max(result.wall_s, 1e-9))
+        log.info(
+            "rank %d: %s (%.1f s, %.0f%% of it encoding)",
+            self.rank,
+            dict(result),
+            result.wall_s,
+            100 * result.encode_s / max(result.wall_s, 1e-9),
+        )
         return result
 
 
-def extract(model_path: str | os.PathLike | None, source: str | os.PathLike, out: str | os.PathLike, *,
-            rank: int | None = None, world_size: int | None = None, device: str = "auto",
-            dtype: torch.dtype = torch.float32, model=None, **options: Any) -> ExtractResult:
+def extract(
+    model_path: str | os.PathLike | None,
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    device: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    model=None,
+    **options: Any,
+) -> ExtractResult:
     """Extract the codes of every image of ``source`` into the store ``out`` (:class:`Extraction`).
 
     ``model_path``: the model to load (its encoder), unless ``model`` is given. ``rank`` /
@@ -342,8 +388,10 @@ def _other_image(item: Item, digest: str | None, met: dict[str, tuple[str, str]]
         return None
     if not other_hash or other_hash == digest:
         return None
-    return (f"id {item.sample_id!r} is already the id of another image ({other}); this one ({item.name}) has "
-            f"other bytes and is not stored: give each image its own id")
+    return (
+        f"id {item.sample_id!r} is already the id of another image ({other}); this one ({item.name}) has "
+        f"other bytes and is not stored: give each image its own id"
+    )
 
 
 def read_done(out: Path, rank: int) -> tuple[dict[str, int], dict[str, int]]:

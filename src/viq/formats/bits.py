@@ -189,4 +189,8 @@ def usage_stats(counts: np.ndarray | torch.Tensor) -> dict[str, float]:
         return {"usage": 0.0, "entropy_bits": 0.0, "perplexity": 0.0}
     p = counts[counts > 0] / total
     entropy = float(max(0.0, -(p * np.log2(p)).sum()))
-    return {"usage": float((counts > 0).sum()) / counts.size, "entropy_bits": entropy, "perplexity": float(2.0**entropy)}
+    return {
+        "usage": float((counts > 0).sum()) / counts.size,
+        "entropy_bits": entropy,
+        "perplexity": float(2.0**entropy),
+    }

@@ -468,8 +468,9 @@ class Codes:
         metadata: dict[str, Any] = {}
         if meta_len:
             try:
-                metadata = loads_json(bytes(mv[meta_off:payload_off]).decode("utf-8"), "metadata",
-                                      parse_constant=_reject_constant)
+                metadata = loads_json(
+                    bytes(mv[meta_off:payload_off]).decode("utf-8"), "metadata", parse_constant=_reject_constant
+                )
             except (UnicodeDecodeError, ValueError) as exc:  # UntrustedFileError included: too deep
                 raise fail(f"bad metadata JSON: {exc}") from None
             if not isinstance(metadata, dict):

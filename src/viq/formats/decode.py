@@ -64,7 +64,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
-    "DEFAULT_MAX_IMAGE_PIXELS", "ImageError", "ImageSource", "as_int", "check_background", "load_image", "source_name",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ImageError",
+    "ImageSource",
+    "as_int",
+    "check_background",
+    "load_image",
+    "source_name",
 ]
 
 

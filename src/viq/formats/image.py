@@ -183,9 +183,7 @@ class PreprocessConfig:
                 raise ValueError(f"{owner}.{name} must be >= 1, got {value}")
             object.__setattr__(self, name, value)
         if self.max_pixels < self.min_pixels:
-            raise ValueError(
-                f"{owner}.max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})"
-            )
+            raise ValueError(f"{owner}.max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
         if self.multiple not in _MULTIPLE:
             raise ValueError(f"{owner}.multiple must be one of {_MULTIPLE}, got {self.multiple!r}")
         if self.multiple == "resize" and self.max_pixels < self.patch_size**2:

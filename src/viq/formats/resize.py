@@ -96,6 +96,4 @@ def parse_resize(value: Any) -> OfficialResize | None:
         if len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return OfficialResize("fixed", int(value[0]), int(value[1]))
         raise ValueError(f"invalid resize {value!r}: a list resize must be two ints [width, height]")
-    raise ValueError(
-        f'invalid resize {value!r}: expected "<base>x<patch>" (e.g. "384x16"), [width, height] or null'
-    )
+    raise ValueError(f'invalid resize {value!r}: expected "<base>x<patch>" (e.g. "384x16"), [width, height] or null')

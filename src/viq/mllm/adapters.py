@@ -47,7 +47,10 @@ def check_llm_config(path: Path) -> dict:
         raise UntrustedFileError(f"{path}: expected a JSON object")
     sizes = {}
     for key, default in (("hidden_size", 0), ("num_hidden_layers", 0), ("vocab_size", 0), ("intermediate_size", 0)):
-        value = config.get(key, config.get("text_config", {}).get(key, default) if isinstance(config.get("text_config"), dict) else default)
+        value = config.get(
+            key,
+            config.get("text_config", {}).get(key, default) if isinstance(config.get("text_config"), dict) else default,
+        )
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UntrustedFileError(f"{path}: {key} = {value!r} is not a size")
         sizes[key] = value
@@ -57,7 +60,8 @@ def check_llm_config(path: Path) -> dict:
     if estimate > LIMITS.max_model_parameters:
         raise UntrustedFileError(
             f"{path}: hidden_size {h}, {layers} layers, vocabulary {sizes['vocab_size']}: about {estimate:.3g} parameters, "
-            f"more than the limit of {LIMITS.max_model_parameters:.3g} (raise it with VIQ_LIMITS=max_model_parameters=N)")
+            f"more than the limit of {LIMITS.max_model_parameters:.3g} (raise it with VIQ_LIMITS=max_model_parameters=N)"
+        )
     return config
 
 
@@ -103,10 +107,14 @@ def load_causal_lm(
             path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
         )
     except pickle.UnpicklingError as e:
-        raise UntrustedFileError(f"{path}: refused: its weights pickle more than tensors and plain values, and "
-                                 f"loading them could run code ({str(e).strip().splitlines()[0][:160]})") from None
+        raise UntrustedFileError(
+            f"{path}: refused: its weights pickle more than tensors and plain values, and "
+            f"loading them could run code ({str(e).strip().splitlines()[0][:160]})"
+        ) from None
     except (OSError, RecursionError) as e:
-        raise UntrustedFileError(f"{path}: cannot load the LLM ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+        raise UntrustedFileError(
+            f"{path}: cannot load the LLM ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+        ) from None
     if tokenizer.pad_token is None:
         for name in ("eos_token", "bos_token", "unk_token"):
             token = getattr(tokenizer, name)
@@ -159,9 +167,7 @@ def linear_leaf_names(model: nn.Module) -> list[str]:
     """Sorted last-name components of every ``nn.Linear`` except the output head (LoRA targets)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {
-        name.rsplit(".", 1)[-1]
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and mod is not head
+        name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not head
     }
     names.discard("lm_head")
     return sorted(names)

@@ -220,13 +220,15 @@ class ChatTokenizer:
         if self.span_method == "generation":
             from transformers.utils.chat_template_utils import render_jinja_template
 
-            rendered, indices = render_jinja_template(
+            # Any: transformers types the result as one string, it is (texts, assistant index spans) here
+            out: Any = render_jinja_template(
                 conversations=[msgs],
                 chat_template=self.chat_template,
                 return_assistant_tokens_mask=True,
                 add_generation_prompt=add_generation_prompt,
                 **self.tokenizer.special_tokens_map,
             )
+            rendered, indices = out
             text = rendered[0]
             spans = [(s, s + len(text[s:e].rstrip())) for s, e in indices[0]]
             return text, [(s, e) for s, e in spans if e > s]
@@ -396,4 +398,3 @@ def truncate(
     if not bool((labels[1:] != IGNORE_INDEX).any()):
         return None
     return input_ids, labels
-

@@ -13,21 +13,37 @@ __all__ = ["answer_budget", "answer_last_question", "answer_last_questions", "ge
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, messages: list[dict], images: list[torch.Tensor],
-                   device: torch.device, *, codes: list | None = None, max_new_tokens: int = 64) -> str:
+def generate_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    images: list[torch.Tensor],
+    device: torch.device,
+    *,
+    codes: list | None = None,
+    max_new_tokens: int = 64,
+) -> str:
     """Greedy reply of a stage model to the last user turn of ``messages`` (chat messages, one
     ``<image>`` placeholder per image; earlier turns are context, trailing assistant turns are
     ignored), seeing ``images`` (``(3, H, W)`` pixels in [-1, 1]) or, for the stages that read stored
     codes, ``codes``. The one generation path of validation, ``viq eval-qa`` and ``viq ask``
     (:func:`generate_replies` with one conversation)."""
-    return generate_replies(model, tokenizer, [messages], [images], device, codes=[codes or []],
-                            max_new_tokens=[max_new_tokens])[0]
+    return generate_replies(
+        model, tokenizer, [messages], [images], device, codes=[codes or []], max_new_tokens=[max_new_tokens]
+    )[0]
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, conversations: list[list[dict]], images: list[list[torch.Tensor]],
-                     device: torch.device, *, codes: list[list] | None = None,
-                     max_new_tokens: list[int] | None = None) -> list[str]:
+def generate_replies(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    images: list[list[torch.Tensor]],
+    device: torch.device,
+    *,
+    codes: list[list] | None = None,
+    max_new_tokens: list[int] | None = None,
+) -> list[str]:
     """:func:`generate_reply` for several conversations at once: their images go through the vision
     side in one pass (per image, the same features as alone) and the answers are generated together
     (:func:`viq.mllm.adapters.generate_answers`). ``codes``: per conversation, its stored codes (stages
@@ -68,8 +84,15 @@ def _split_last_answer(messages: list[dict]) -> tuple[list[dict], str]:
 
 
 @torch.no_grad()
-def answer_last_question(model, tokenizer, messages: list[dict], images: list[torch.Tensor],
-                         device: torch.device, *, codes: list | None = None) -> tuple[str, str]:
+def answer_last_question(
+    model,
+    tokenizer,
+    messages: list[dict],
+    images: list[torch.Tensor],
+    device: torch.device,
+    *,
+    codes: list | None = None,
+) -> tuple[str, str]:
     """Greedy answer of a stage model to the last question of ``messages`` (chat messages ending
     with the reference answer; the turns before the last question are context), seeing ``images``
     (``(3, H, W)`` pixels in [-1, 1]) or, for the stages that read stored codes, ``codes``
@@ -82,12 +105,25 @@ def answer_last_question(model, tokenizer, messages: list[dict], images: list[to
 
 
 @torch.no_grad()
-def answer_last_questions(model, tokenizer, conversations: list[list[dict]],
-                          images: list[list[torch.Tensor]], device: torch.device, *,
-                          codes: list[list] | None = None) -> list[tuple[str, str]]:
+def answer_last_questions(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    images: list[list[torch.Tensor]],
+    device: torch.device,
+    *,
+    codes: list[list] | None = None,
+) -> list[tuple[str, str]]:
     """:func:`answer_last_question` for several conversations, answered together
     (:func:`generate_replies`); each keeps its own budget."""
     split = [_split_last_answer(messages) for messages in conversations]
-    predictions = generate_replies(model, tokenizer, [m for m, _ in split], images, device, codes=codes,
-                                   max_new_tokens=[answer_budget(tokenizer, a) for _, a in split])
+    predictions = generate_replies(
+        model,
+        tokenizer,
+        [m for m, _ in split],
+        images,
+        device,
+        codes=codes,
+        max_new_tokens=[answer_budget(tokenizer, a) for _, a in split],
+    )
     return [(p, a) for p, (_, a) in zip(predictions, split)]

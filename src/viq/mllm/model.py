@@ -40,8 +40,15 @@ from torch import nn
 from viq._untrusted import read_json
 from viq.formats.image import PreprocessConfig
 
-__all__ = ["ViQForConditionalGeneration", "STAGE_FILE", "PROJECTOR_WEIGHTS", "LLM_DIR", "find_final",
-           "recipe_preprocess", "question_messages"]
+__all__ = [
+    "ViQForConditionalGeneration",
+    "STAGE_FILE",
+    "PROJECTOR_WEIGHTS",
+    "LLM_DIR",
+    "find_final",
+    "recipe_preprocess",
+    "question_messages",
+]
 
 STAGE_FILE = "stage.json"
 PROJECTOR_WEIGHTS = "projector.safetensors"
@@ -104,9 +111,17 @@ class ViQForConditionalGeneration(nn.Module):
         record: what ``stage.json`` says (recipe, LLM), written back by :meth:`save_pretrained`.
     """
 
-    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer: Any, *,
-                 image_encoder: nn.Module | None = None, preprocess: PreprocessConfig | None = None,
-                 record: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        vision: nn.Module,
+        projector: nn.Module,
+        llm: nn.Module,
+        tokenizer: Any,
+        *,
+        image_encoder: nn.Module | None = None,
+        preprocess: PreprocessConfig | None = None,
+        record: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.vision, self.projector, self.llm = vision, projector, llm
         self.tokenizer = tokenizer
@@ -139,8 +154,14 @@ class ViQForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ answering
     @torch.no_grad()
-    def generate(self, conversations: list[list[dict]], *, images: list[list[torch.Tensor]] | None = None,
-                 codes: list[list[Any]] | None = None, max_new_tokens: int | list[int] = 64) -> list[str]:
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        *,
+        images: list[list[torch.Tensor]] | None = None,
+        codes: list[list[Any]] | None = None,
+        max_new_tokens: int | list[int] = 64,
+    ) -> list[str]:
         """Greedy replies to the last user turn of each conversation (chat messages with one ``<image>``
         placeholder per image), seeing per conversation its ``images`` (``(3, H, W)`` pixels in [-1, 1])
         or its ``codes`` (:class:`viq.formats.codes.Codes`, for a network that reads codes).
@@ -151,8 +172,15 @@ class ViQForConditionalGeneration(nn.Module):
         if codes is None and self.reads_codes and images is not None:
             codes = [self.to_codes(xs) for xs in images]
         budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [int(max_new_tokens)] * n
-        return generate_replies(self, self.tokenizer, conversations, images or [[] for _ in range(n)],
-                                self.device, codes=codes, max_new_tokens=budgets)
+        return generate_replies(
+            self,
+            self.tokenizer,
+            conversations,
+            images or [[] for _ in range(n)],
+            self.device,
+            codes=codes,
+            max_new_tokens=budgets,
+        )
 
     def to_codes(self, pixels: Sequence[torch.Tensor]) -> list[Any]:
         """Images -> codes with :attr:`image_encoder` (a network that reads codes)."""
@@ -181,8 +209,9 @@ class ViQForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
-                        ) -> ViQForConditionalGeneration:
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu"
+    ) -> ViQForConditionalGeneration:
         """Load a stage output with an LLM (``stage1``, ``stage2_1``, ``stage2_2``, ``mllm``; a run folder
         or its ``final/``), or a folder :meth:`save_pretrained` wrote. The base LLM is the recipe's
         ``llm.path`` (a local folder or a cached Hub id); the LLM's trained part is ``llm/``.
@@ -207,8 +236,10 @@ class ViQForConditionalGeneration(nn.Module):
         llm_recipe = recipe.get("llm") or {}
         llm_path = llm_recipe.get("path")
         if not llm_path or not (final / PROJECTOR_WEIGHTS).is_file():
-            raise ValueError(f"{final}: a {record.get('stage')} output has no LLM to answer questions "
-                             f"(no llm.path in its recipe, or no {PROJECTOR_WEIGHTS})")
+            raise ValueError(
+                f"{final}: a {record.get('stage')} output has no LLM to answer questions "
+                f"(no llm.path in its recipe, or no {PROJECTOR_WEIGHTS})"
+            )
         if not Path(llm_path).exists() and parse_hub_id(llm_path) is None:
             raise FileNotFoundError(f"{final}: the run's LLM {llm_path} (llm.path of its recipe) is not found")
         device = torch.device(device)
@@ -216,11 +247,13 @@ class ViQForConditionalGeneration(nn.Module):
         from viq.model.weights import safetensors_index
 
         keys, _ = safetensors_index(final / "model.safetensors")
-        vision = ViQModel.from_pretrained(final, device=device, parts=[p for p in parts_in(keys)
-                                                                       if p not in _UNUSED_PARTS])
+        vision = ViQModel.from_pretrained(
+            final, device=device, parts=[p for p in parts_in(keys) if p not in _UNUSED_PARTS]
+        )
         dtype = getattr(torch, llm_recipe.get("dtype", "float32"))
-        llm, hf_tokenizer = load_causal_lm(resolve(llm_path, what="LLM"), dtype=dtype,
-                                           attn_implementation=llm_recipe.get("attention", "sdpa"))
+        llm, hf_tokenizer = load_causal_lm(
+            resolve(llm_path, what="LLM"), dtype=dtype, attn_implementation=llm_recipe.get("attention", "sdpa")
+        )
         adapter = final / LLM_DIR
         if (adapter / "adapter_config.json").is_file():
             from peft import PeftModel
@@ -229,11 +262,16 @@ class ViQForConditionalGeneration(nn.Module):
         elif (adapter / "model.safetensors").is_file():
             state = load_file(str(adapter / "model.safetensors"))
             missing, unexpected = llm.load_state_dict(state, strict=False)
-            tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(
-                llm.config, "tie_word_embeddings", False) else set()
+            tied = (
+                {k for k in missing if k.endswith("lm_head.weight")}
+                if getattr(llm.config, "tie_word_embeddings", False)
+                else set()
+            )
             if unexpected or set(missing) - tied:
-                raise ValueError(f"{adapter / 'model.safetensors'}: does not fit the LLM {llm_path} "
-                                 f"(missing {sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]})")
+                raise ValueError(
+                    f"{adapter / 'model.safetensors'}: does not fit the LLM {llm_path} "
+                    f"(missing {sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]})"
+                )
         tokenizer = ChatTokenizer(hf_tokenizer, system_prompt=llm_recipe.get("system_prompt"))
         projector = MMProjector(vision.config.width, llm.config.hidden_size)
         projector.load_state_dict(load_file(str(final / PROJECTOR_WEIGHTS)), strict=True)
@@ -244,11 +282,20 @@ class ViQForConditionalGeneration(nn.Module):
 
             kind, _, value = (recipe.get("model") or {}).get("init", "").partition(":")
             if kind != "viq" or not (Path(value).is_dir() or parse_hub_id(value) is not None):
-                raise FileNotFoundError(f"{final}: a network that reads codes; its encoder (model.init "
-                                        f"{kind}:{value} of the recipe) is needed to encode images and is not found")
+                raise FileNotFoundError(
+                    f"{final}: a network that reads codes; its encoder (model.init "
+                    f"{kind}:{value} of the recipe) is needed to encode images and is not found"
+                )
             image_encoder = viq.load(value, device=device, components=("encoder",)).eval()
-        model = cls(vision, projector.to(device), llm.to(device), tokenizer, image_encoder=image_encoder,
-                    preprocess=recipe_preprocess(recipe), record=record)
+        model = cls(
+            vision,
+            projector.to(device),
+            llm.to(device),
+            tokenizer,
+            image_encoder=image_encoder,
+            preprocess=recipe_preprocess(recipe),
+            record=record,
+        )
         return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
@@ -265,18 +312,23 @@ class ViQForConditionalGeneration(nn.Module):
         tmp.mkdir(parents=True)
         try:
             self.vision.save_pretrained(tmp)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
-                      str(tmp / PROJECTOR_WEIGHTS))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
+                str(tmp / PROJECTOR_WEIGHTS),
+            )
             if hasattr(self.llm, "peft_config"):
                 self.llm.save_pretrained(str(tmp / LLM_DIR))
             elif (self.record.get("llm") or {}).get("mode", "full") != "frozen":
                 (tmp / LLM_DIR).mkdir()
                 # clone: tied embeddings share storage, which safetensors refuses to write twice
-                save_file({k: v.detach().cpu().clone() for k, v in self.llm.state_dict().items()},
-                          str(tmp / LLM_DIR / "model.safetensors"))
+                save_file(
+                    {k: v.detach().cpu().clone() for k, v in self.llm.state_dict().items()},
+                    str(tmp / LLM_DIR / "model.safetensors"),
+                )
             record = {k: v for k, v in self.record.items() if k != "files"}
-            record["files"] = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                               if p.is_file()}
+            record["files"] = {
+                p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+            }
             (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2))
             fsync_tree(tmp)
             replace_dir(tmp, directory)

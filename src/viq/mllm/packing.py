@@ -311,8 +311,9 @@ def supervised_lm_loss(model: nn.Module, inputs: dict[str, Any], labels: torch.T
 
 
 @torch.no_grad()
-def answer_log_likelihoods(model: nn.Module, items: Sequence[tuple[torch.Tensor, torch.Tensor]]
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_log_likelihoods(
+    model: nn.Module, items: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per item, the summed negative log-likelihood (nats) of its supervised tokens and their count.
 
     Args:

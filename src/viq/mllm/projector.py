@@ -154,6 +154,13 @@ class MMProjector(nn.Module):
             rows, cols = y.shape[:2]
             d = self.out_dim
             x = torch.cat([x.reshape(rows, cols, d), self.image_newline.to(x.dtype).expand(rows, 1, d)], dim=1)
-            out.append(torch.cat([self.image_begin.to(x.dtype)[None], x.reshape(rows * (cols + 1), d),
-                                  self.image_end.to(x.dtype)[None]]))
+            out.append(
+                torch.cat(
+                    [
+                        self.image_begin.to(x.dtype)[None],
+                        x.reshape(rows * (cols + 1), d),
+                        self.image_end.to(x.dtype)[None],
+                    ]
+                )
+            )
         return out

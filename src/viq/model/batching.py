@@ -16,8 +16,16 @@ from viq.formats.image import padded_grid
 from viq.model.attention import BACKENDS as ATTENTION_BACKENDS
 from viq.model.attention import default_backend
 
-__all__ = ["pack_by_budget", "EncodeError", "check_pixels", "num_tokens", "all_or_raise", "exact_float32",
-           "per_image_attention", "progress_bar"]
+__all__ = [
+    "pack_by_budget",
+    "EncodeError",
+    "check_pixels",
+    "num_tokens",
+    "all_or_raise",
+    "exact_float32",
+    "per_image_attention",
+    "progress_bar",
+]
 
 
 def pack_by_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -248,7 +248,12 @@ class ViQConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (("encoder", EncoderConfig), ("head", HeadConfig), ("decoder", DecoderConfig), ("vae", VAEConfig)):
+        for name, cls in (
+            ("encoder", EncoderConfig),
+            ("head", HeadConfig),
+            ("decoder", DecoderConfig),
+            ("vae", VAEConfig),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, f"config.{name}"))
@@ -257,7 +262,8 @@ class ViQConfig:
             raise ValueError(
                 f"config {self.name!r}: about {estimate:.3g} parameters, more than the limit of "
                 f"{LIMITS.max_model_parameters:.3g} (a config this size is refused before anything is built; "
-                f"raise it with VIQ_LIMITS=max_model_parameters=N if it is meant)")
+                f"raise it with VIQ_LIMITS=max_model_parameters=N if it is meant)"
+            )
         if self.encoder.patch_size != self.decoder.latent_upscale * self.vae.scale_factor:
             raise ValueError(
                 f"patch_size {self.encoder.patch_size} must equal latent_upscale {self.decoder.latent_upscale} "
@@ -274,10 +280,15 @@ class ViQConfig:
         config alone: what is refused before a model of an absurd config is built."""
         e, h, d, v = self.encoder, self.head, self.decoder, self.vae
         w = e.width
-        trunk = e.depth * (4 * w * w + 2 * w * e.mlp_hidden) + e.pos_grid ** 2 * w + 3 * e.patch_size ** 2 * w
-        head = h.num_blocks * int((4 + 2 * h.mlp_ratio) * w * w) + h.codes_per_patch * w * w \
-            + h.code_blocks * int((4 + 2 * h.mlp_ratio) * h.attn_dim ** 2) + h.res_blocks * int(2 * h.res_mlp_ratio * w * w) \
-            + (h.simvq_codebook_size * h.simvq_dim if h.quantizer == "simvq" else 0) + 2 * h.bottleneck_dim * w
+        trunk = e.depth * (4 * w * w + 2 * w * e.mlp_hidden) + e.pos_grid**2 * w + 3 * e.patch_size**2 * w
+        head = (
+            h.num_blocks * int((4 + 2 * h.mlp_ratio) * w * w)
+            + h.codes_per_patch * w * w
+            + h.code_blocks * int((4 + 2 * h.mlp_ratio) * h.attn_dim**2)
+            + h.res_blocks * int(2 * h.res_mlp_ratio * w * w)
+            + (h.simvq_codebook_size * h.simvq_dim if h.quantizer == "simvq" else 0)
+            + 2 * h.bottleneck_dim * w
+        )
         decoders = 2 * d.latent_blocks * int((4 + 2 * d.latent_mlp_ratio) * w * w)
         vae = 50 * (v.base_dim * max(v.dim_mult, default=1)) ** 2 * (v.num_res_blocks + v.decoder_res_blocks + 2)
         return int(trunk + head + decoders + vae)
@@ -323,12 +334,33 @@ class ViQConfig:
 #: giant trunk is 1536 wide and 40 deep), low enough that a crafted config.json is refused before it is
 #: built. The product of sizes is bounded too (:meth:`ViQConfig.approx_parameters`).
 SIZE_LIMITS: dict[str, int | float] = {
-    "patch_size": 256, "width": 32768, "depth": 1024, "num_heads": 1024, "mlp_hidden": 262144, "pos_grid": 4096,
-    "bottleneck_dim": 32768, "simvq_codebook_size": 1 << 24, "simvq_dim": 32768, "num_blocks": 1024,
-    "mlp_ratio": 64.0, "codes_per_patch": 256, "code_blocks": 1024, "attn_dim": 32768, "res_blocks": 1024,
-    "res_mlp_ratio": 64.0, "latent_blocks": 1024, "latent_heads": 1024, "latent_mlp_ratio": 64.0,
-    "latent_channels": 4096, "latent_upscale": 64, "groupnorm_groups": 4096, "base_dim": 8192, "z_dim": 4096,
-    "num_res_blocks": 64, "scale_factor": 64, "decoder_res_blocks": 64,
+    "patch_size": 256,
+    "width": 32768,
+    "depth": 1024,
+    "num_heads": 1024,
+    "mlp_hidden": 262144,
+    "pos_grid": 4096,
+    "bottleneck_dim": 32768,
+    "simvq_codebook_size": 1 << 24,
+    "simvq_dim": 32768,
+    "num_blocks": 1024,
+    "mlp_ratio": 64.0,
+    "codes_per_patch": 256,
+    "code_blocks": 1024,
+    "attn_dim": 32768,
+    "res_blocks": 1024,
+    "res_mlp_ratio": 64.0,
+    "latent_blocks": 1024,
+    "latent_heads": 1024,
+    "latent_mlp_ratio": 64.0,
+    "latent_channels": 4096,
+    "latent_upscale": 64,
+    "groupnorm_groups": 4096,
+    "base_dim": 8192,
+    "z_dim": 4096,
+    "num_res_blocks": 64,
+    "scale_factor": 64,
+    "decoder_res_blocks": 64,
 }
 
 
@@ -339,8 +371,10 @@ def _check_at_most(obj: Any) -> None:
             continue
         value = getattr(obj, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value <= SIZE_LIMITS[f.name]:
-            raise ValueError(f"{type(obj).__name__}.{f.name} = {value!r}: must be a number no larger than "
-                             f"{SIZE_LIMITS[f.name]} (refused before anything is built)")
+            raise ValueError(
+                f"{type(obj).__name__}.{f.name} = {value!r}: must be a number no larger than "
+                f"{SIZE_LIMITS[f.name]} (refused before anything is built)"
+            )
 
 
 def _check_positive(obj: Any, *names: str) -> None:

@@ -21,6 +21,7 @@ __all__ = ["Packed", "ViTEncoder", "AttentionPool", "pad_to_patches", "resize_po
 #: Longest attention segment a filler is cut into (see :attr:`Packed.segments`).
 FILLER_SEGMENT = 256
 
+
 @dataclass(frozen=True)
 class Packed:
     """Layout of a pack: the patch grid (h, w) of each image, in order. A trailing filler segment
@@ -97,7 +98,9 @@ class ViTEncoder(nn.Module):
             for _ in range(cfg.depth)
         )
         self.pool = (
-            AttentionPool(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, approximate) if cfg.pool_head else None
+            AttentionPool(cfg.width, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, approximate)
+            if cfg.pool_head
+            else None
         )
         self.gradient_checkpointing = False
         self._pos_cache: dict[tuple, torch.Tensor] = {}

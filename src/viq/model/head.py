@@ -140,7 +140,7 @@ class CodeHead(nn.Module):
         for block in self.code_blocks:
             x = self._run(block, x, segments, theta, angle_dtype)
         z = self.project_in(x)
-        if self.fsq_in is not None:
+        if self.fsq_in is not None and self.limit is not None:  # built together (the paper's layout)
             z = self.fsq_in(self.limit(z))
         return z
 

@@ -27,15 +27,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HubRef", "HubError", "HubNotCachedError", "parse_hub_id", "resolve", "resolve_model", "hub_cache_dir",
-           "hub_offline", "model_card", "push_to_hub", "MODEL_FILES", "CARD_NAME"]
+__all__ = [
+    "HubRef",
+    "HubError",
+    "HubNotCachedError",
+    "parse_hub_id",
+    "resolve",
+    "resolve_model",
+    "hub_cache_dir",
+    "hub_offline",
+    "model_card",
+    "push_to_hub",
+    "MODEL_FILES",
+    "CARD_NAME",
+]
 
 #: What a viq model repository needs: viq format, or the official release files.
-MODEL_FILES = ("config.json", "model.safetensors", "model_viq_fsq_*.pth", "embedder.pth", "index_drawer.pth",
-               "README.md")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model_viq_fsq_*.pth",
+    "embedder.pth",
+    "index_drawer.pth",
+    "README.md",
+)
 #: Files of other frameworks never needed to load an LLM or SigLIP checkpoint with transformers.
-FOREIGN_FILES = ("*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite", "tf_model*", "flax_model*", "rust_model*",
-                 "onnx/*", "openvino/*", "coreml/*")
+FOREIGN_FILES = (
+    "*.msgpack",
+    "*.h5",
+    "*.ot",
+    "*.onnx",
+    "*.tflite",
+    "tf_model*",
+    "flax_model*",
+    "rust_model*",
+    "onnx/*",
+    "openvino/*",
+    "coreml/*",
+)
 CARD_NAME = "README.md"
 #: The first line of the card body: a README without it was written by someone else and is kept.
 _CARD_MARK = "<!-- model card written by viq (ViQModel.save_pretrained) -->"
@@ -62,7 +91,11 @@ class HubRef:
     subfolder: str | None = None
 
     def __str__(self) -> str:
-        return self.repo_id + (f"@{self.revision}" if self.revision else "") + (f"/{self.subfolder}" if self.subfolder else "")
+        return (
+            self.repo_id
+            + (f"@{self.revision}" if self.revision else "")
+            + (f"/{self.subfolder}" if self.subfolder else "")
+        )
 
 
 def parse_hub_id(text: str | os.PathLike) -> HubRef | None:
@@ -96,7 +129,9 @@ def hub_offline() -> bool:
 
 def _download_command(ref: HubRef, cache: Path) -> str:
     """The shell command that puts ``ref`` into ``cache`` (huggingface_hub's own CLI)."""
-    return f"hf download {ref.repo_id}" + (f" --revision {ref.revision}" if ref.revision else "") + f" --cache-dir {cache}"
+    return (
+        f"hf download {ref.repo_id}" + (f" --revision {ref.revision}" if ref.revision else "") + f" --cache-dir {cache}"
+    )
 
 
 def resolve(
@@ -149,8 +184,12 @@ def resolve(
     where = f"{location}: no such local path; as a Hugging Face Hub {what} ({ref})"
     try:
         snapshot = huggingface_hub.snapshot_download(
-            ref.repo_id, revision=ref.revision, cache_dir=cache, local_files_only=offline,
-            allow_patterns=allow, ignore_patterns=ignore,
+            ref.repo_id,
+            revision=ref.revision,
+            cache_dir=cache,
+            local_files_only=offline,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
         )
     except errors.RevisionNotFoundError:
         raise HubError(f"{where}: the repository has no revision {ref.revision!r}") from None
@@ -162,8 +201,9 @@ def resolve(
             f"`huggingface-cli download ...` with older huggingface_hub), then run again"
         ) from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-        raise HubError(f"{where}: no such repository, or it is private or gated (log in with `hf auth login`): "
-                       f"{_first_line(e)}") from None
+        raise HubError(
+            f"{where}: no such repository, or it is private or gated (log in with `hf auth login`): {_first_line(e)}"
+        ) from None
     except (errors.HfHubHTTPError, errors.HFValidationError, OSError) as e:
         raise HubError(f"{where}: {type(e).__name__}: {_first_line(e)}") from None
     out = Path(snapshot) / ref.subfolder if ref.subfolder else Path(snapshot)
@@ -186,8 +226,9 @@ def resolve_model(
     """:func:`resolve` for viq model repositories: only the model files are fetched (viq format or the
     official release), and a cached snapshot without them is an error that says how to fetch them."""
     local = Path(location).exists()
-    directory = resolve(location, revision=revision, subfolder=subfolder, allow_patterns=MODEL_FILES,
-                        ignore_patterns=None, **kwargs)
+    directory = resolve(
+        location, revision=revision, subfolder=subfolder, allow_patterns=MODEL_FILES, ignore_patterns=None, **kwargs
+    )
     if not local and parse_hub_id(location) is not None and not _is_model_dir(directory):
         ref = parse_hub_id(location)
         cache = Path(kwargs.get("cache_dir") or hub_cache_dir())
@@ -217,54 +258,56 @@ def model_card(model: Any, repo_id: str | None = None) -> str:
     tag = f"{size // 1024}k" if size % 1024 == 0 else str(size)
     repo = repo_id or "<owner>/<name>"
     params = sum(p.numel() for p in model.parameters())
-    return "\n".join([
-        "---",
-        "library_name: viq",
-        "tags:",
-        "- viq",
-        "- image-tokenizer",
-        "- fsq",
-        "- discrete-visual-tokens",
-        f"- codebook-{tag}",
-        "pipeline_tag: image-feature-extraction",
-        "---",
-        _CARD_MARK,
-        "",
-        f"# {cfg.name}",
-        "",
-        "A ViQ image tokenizer (*ViQ: Text-Aligned Visual Quantized Representations at Any Resolution*): "
-        f"images at their native resolution -> {head.codes_per_patch} discrete codes per "
-        f"{enc.patch_size}x{enc.patch_size} patch -> LLM features, VAE latents or pixels.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| codebook size | {size} |",
-        f"| FSQ levels | {', '.join(map(str, head.levels))} |",
-        f"| bits per code | {bits_for_levels(head.levels)} |",
-        f"| codes per patch | {head.codes_per_patch} |",
-        f"| trunk | width {enc.width}, depth {enc.depth}, {enc.num_heads} heads |",
-        f"| components | {', '.join(model.components)} |",
-        f"| parameters | {params:,} |",
-        f"| code-space fingerprint | `{fingerprint}` |",
-        "",
-        "Two models with the same fingerprint produce the same codes; `viq encode` writes it into every "
-        "`.viq` file.",
-        "",
-        "## Use",
-        "",
-        "```bash",
-        "pip install viq",
-        f"viq info {repo}",
-        f"viq encode {repo} photos/ -r -o codes/",
-        "```",
-        "",
-        "```python",
-        "import torch, viq",
-        f'model = viq.load("{repo}", dtype=torch.bfloat16)   # revision=..., subfolder=... as needed',
-        'codes = model.encode(["photo.jpg"])',
-        "```",
-        "",
-    ])
+    return "\n".join(
+        [
+            "---",
+            "library_name: viq",
+            "tags:",
+            "- viq",
+            "- image-tokenizer",
+            "- fsq",
+            "- discrete-visual-tokens",
+            f"- codebook-{tag}",
+            "pipeline_tag: image-feature-extraction",
+            "---",
+            _CARD_MARK,
+            "",
+            f"# {cfg.name}",
+            "",
+            "A ViQ image tokenizer (*ViQ: Text-Aligned Visual Quantized Representations at Any Resolution*): "
+            f"images at their native resolution -> {head.codes_per_patch} discrete codes per "
+            f"{enc.patch_size}x{enc.patch_size} patch -> LLM features, VAE latents or pixels.",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| codebook size | {size} |",
+            f"| FSQ levels | {', '.join(map(str, head.levels))} |",
+            f"| bits per code | {bits_for_levels(head.levels)} |",
+            f"| codes per patch | {head.codes_per_patch} |",
+            f"| trunk | width {enc.width}, depth {enc.depth}, {enc.num_heads} heads |",
+            f"| components | {', '.join(model.components)} |",
+            f"| parameters | {params:,} |",
+            f"| code-space fingerprint | `{fingerprint}` |",
+            "",
+            "Two models with the same fingerprint produce the same codes; `viq encode` writes it into every "
+            "`.viq` file.",
+            "",
+            "## Use",
+            "",
+            "```bash",
+            "pip install viq",
+            f"viq info {repo}",
+            f"viq encode {repo} photos/ -r -o codes/",
+            "```",
+            "",
+            "```python",
+            "import torch, viq",
+            f'model = viq.load("{repo}", dtype=torch.bfloat16)   # revision=..., subfolder=... as needed',
+            'codes = model.encode(["photo.jpg"])',
+            "```",
+            "",
+        ]
+    )
 
 
 def write_model_card(model: Any, directory: str | os.PathLike, repo_id: str | None = None) -> bool:
@@ -300,6 +343,12 @@ def push_to_hub(
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="viq-upload-") as tmp:
         model.save_pretrained(tmp, repo_id=repo_id)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision,
-                                 commit_message=commit_message, create_pr=create_pr)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
     return str(getattr(info, "commit_url", info))

@@ -14,6 +14,7 @@ from typing import Any
 
 from viq.formats.bits import bits_for_levels
 from viq.model.config import ViQConfig
+from viq.model.fingerprint import code_fingerprint
 from viq.model.official import (
     detect_config,
     find_official_files,
@@ -21,7 +22,7 @@ from viq.model.official import (
     load_official_state_dicts,
     map_official_state_dicts,
 )
-from viq.model.viq import COMPONENTS, CONFIG_NAME, WEIGHTS_NAME, code_fingerprint
+from viq.model.viq import COMPONENTS, CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["describe_model"]
 
@@ -52,12 +53,13 @@ def describe_model(path: str | os.PathLike, **official_kwargs: Any) -> dict[str,
             fingerprint = (f.metadata() or {}).get("fingerprint")
             if "head.project_in.weight" in shapes:
                 fingerprint = code_fingerprint(
-                    config, f.get_tensor("head.project_in.weight"), f.get_tensor("head.project_in.bias"))
+                    config, f.get_tensor("head.project_in.weight"), f.get_tensor("head.project_in.bias")
+                )
     elif is_official_dir(path):
         fmt = "official"
         files = find_official_files(path)
         states = load_official_state_dicts(path)  # memory-mapped: cheap even for the giant models
-        tag = files["encoder"].name[len("model_viq_fsq_"):-len(".pth")]
+        tag = files["encoder"].name[len("model_viq_fsq_") : -len(".pth")]
         config = detect_config(states, size_tag=tag, source=str(path), **official_kwargs)
         state, _ = map_official_state_dicts(states, config, source=str(path))
         shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -65,8 +67,10 @@ def describe_model(path: str | os.PathLike, **official_kwargs: Any) -> dict[str,
     elif not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     else:
-        raise FileNotFoundError(f"{path}: neither a viq model directory ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an "
-                                f"official ViQ directory (model_viq_fsq_<size>.pth)")
+        raise FileNotFoundError(
+            f"{path}: neither a viq model directory ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an "
+            f"official ViQ directory (model_viq_fsq_<size>.pth)"
+        )
 
     params: dict[str, int] = {}
     for key, shape in shapes.items():

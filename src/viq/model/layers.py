@@ -71,7 +71,12 @@ class Block(nn.Module):
     """Pre-norm ViT block: x + attn(LN(x)), then x + mlp(LN(x)). No layer-scale, no dropout."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6, qkv_bias: bool = True,
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        eps: float = 1e-6,
+        qkv_bias: bool = True,
         approximate: str = "none",
     ) -> None:
         super().__init__()

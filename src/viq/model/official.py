@@ -39,8 +39,14 @@ from viq.model.config import (
 )
 from viq.model.quantizer import FSQ
 
-__all__ = ["is_official_dir", "find_official_files", "load_official", "load_official_state_dicts", "detect_config",
-           "map_official_state_dicts"]
+__all__ = [
+    "is_official_dir",
+    "find_official_files",
+    "load_official",
+    "load_official_state_dicts",
+    "detect_config",
+    "map_official_state_dicts",
+]
 
 #: Attention heads of the official trunks, by width (SigLIP2-g: 1536, SigLIP2-so400m: 1152).
 OFFICIAL_HEADS = {1536: 16, 1152: 16}
@@ -112,7 +118,11 @@ def _encoder_rules(vae_target: str | None) -> list[Rule]:
 
 
 def _drawer_rules() -> list[Rule]:
-    return [*_embedder_rules("drawer.features."), *_latent_rules("drawer.latent."), (r"vae_head\.vae\.(.+)", _sub(r"vae.\1"))]
+    return [
+        *_embedder_rules("drawer.features."),
+        *_latent_rules("drawer.latent."),
+        (r"vae_head\.vae\.(.+)", _sub(r"vae.\1")),
+    ]
 
 
 def _map_keys(state: dict[str, torch.Tensor], rules: list[Rule], source: str) -> dict[str, torch.Tensor]:
@@ -130,12 +140,16 @@ def _map_keys(state: dict[str, torch.Tensor], rules: list[Rule], source: str) ->
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: {len(unknown)} keys are not part of the official ViQ layout: "
-                         + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+        raise ValueError(
+            f"{source}: {len(unknown)} keys are not part of the official ViQ layout: "
+            + ", ".join(unknown[:10])
+            + (" ..." if len(unknown) > 10 else "")
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------------- files
+
 
 def find_official_files(directory: str | Path) -> dict[str, Path]:
     """The official files present in ``directory``: keys ``encoder`` (required), ``embedder``,
@@ -172,7 +186,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # torch raises many types for corrupt pickles/zips
         raise ValueError(f"{path}: cannot read official weights ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise ValueError(f"{path}: expected a flat state dict of tensors (official converted format)")
     return state
 
@@ -184,6 +200,7 @@ def load_official_state_dicts(directory: str | Path) -> dict[str, dict[str, torc
 
 # ------------------------------------------------------------------------------------------ detection
 
+
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in state for m in [rx.fullmatch(k)] if m})
@@ -194,11 +211,15 @@ def _levels_for(code_dim: int, codebook_size: int | None, size_tag: str | None, 
         for levels in FSQ_LEVELS.values():
             if len(levels) == code_dim and math.prod(levels) == codebook_size:
                 return levels
-        raise ValueError(f"{source}: no known FSQ level set has {code_dim} dims and {codebook_size} codes; pass levels=")
+        raise ValueError(
+            f"{source}: no known FSQ level set has {code_dim} dims and {codebook_size} codes; pass levels="
+        )
     if size_tag in FSQ_LEVELS and len(FSQ_LEVELS[size_tag]) == code_dim:
         return FSQ_LEVELS[size_tag]
-    raise ValueError(f"{source}: cannot tell the FSQ levels (code dim {code_dim}) without embedder.pth/index_drawer.pth "
-                     f"or a size in the file name; pass levels=")
+    raise ValueError(
+        f"{source}: cannot tell the FSQ levels (code dim {code_dim}) without embedder.pth/index_drawer.pth "
+        f"or a size in the file name; pass levels="
+    )
 
 
 def detect_config(
@@ -211,7 +232,12 @@ def detect_config(
 ) -> ViQConfig:
     """Infer a :class:`ViQConfig` from official state dicts (see the module docstring)."""
     enc = states["encoder"]
-    for key in ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "fusion_block.vq_low.project_in.weight"):
+    for key in (
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.0.mlp.fc1.weight",
+        "fusion_block.vq_low.project_in.weight",
+    ):
         if key not in enc:
             raise ValueError(f"{source}: encoder file lacks {key!r}; is this an official model_viq_fsq_<size>.pth?")
     n_pos, width = enc["pos_embed"].shape[1:]
@@ -221,20 +247,32 @@ def detect_config(
     if num_heads is None:
         num_heads = OFFICIAL_HEADS.get(width)
         if num_heads is None:
-            raise ValueError(f"{source}: width {width} is not an official SigLIP2 width; the number of attention "
-                             f"heads cannot be read from weights: pass num_heads=")
+            raise ValueError(
+                f"{source}: width {width} is not an official SigLIP2 width; the number of attention "
+                f"heads cannot be read from weights: pass num_heads="
+            )
     fb = "fusion_block."
     code_dim = enc[fb + "vq_low.project_in.weight"].shape[0]
     if levels is None:
-        table = next((states[n][k] for n, k in (("embedder", "ori_codebook.weight"), ("drawer", "ori_codebook.weight"))
-                      if n in states and k in states[n]), None)
+        table = next(
+            (
+                states[n][k]
+                for n, k in (("embedder", "ori_codebook.weight"), ("drawer", "ori_codebook.weight"))
+                if n in states and k in states[n]
+            ),
+            None,
+        )
         levels = _levels_for(code_dim, None if table is None else table.shape[0], size_tag, source)
     levels = tuple(levels)
     if len(levels) != code_dim:
         raise ValueError(f"{source}: levels {levels} have {len(levels)} dims, project_in outputs {code_dim}")
     expand_out = enc[fb + "vq_low_pre_token_shuffle_head.fc2.weight"].shape[0]
     decrease = enc.get(fb + "vq_low.fsq_pre_attn.0.attn.decrease_dim.weight")
-    head_mlp = enc[fb + "vq_low_preprocess_layers.0.mlp.fc1.weight"].shape[0] if fb + "vq_low_preprocess_layers.0.mlp.fc1.weight" in enc else 4 * width
+    head_mlp = (
+        enc[fb + "vq_low_preprocess_layers.0.mlp.fc1.weight"].shape[0]
+        if fb + "vq_low_preprocess_layers.0.mlp.fc1.weight" in enc
+        else 4 * width
+    )
     res_hidden = enc.get(fb + "vq_low_postprocess_layers.1.mlp.fc1.weight")
     vae_source = states.get("drawer", enc)
     vae_conv_out = vae_source.get("vae_head.vae.decoder.conv_out.weight")
@@ -271,12 +309,14 @@ def detect_config(
         vae=VAEConfig(
             base_dim=96 if vae_conv_out is None else vae_conv_out.shape[1],
             z_dim=vae_source["vae_head.vae.post_quant_conv.weight"].shape[0]
-            if "vae_head.vae.post_quant_conv.weight" in vae_source else 16,
+            if "vae_head.vae.post_quant_conv.weight" in vae_source
+            else 16,
         ),
     )
 
 
 # -------------------------------------------------------------------------------------------- mapping
+
 
 def map_official_state_dicts(
     states: dict[str, dict[str, torch.Tensor]], config: ViQConfig, source: str = "<official weights>"
@@ -355,9 +395,18 @@ def load_official(
     fingerprint = code_fingerprint(
         config, enc["fusion_block.vq_low.project_in.weight"], enc["fusion_block.vq_low.project_in.bias"]
     )
+
     def release(t: torch.Tensor) -> None:
         for mapping in mappings:
             mapping.release(t)
 
-    return ViQModel.from_state_dict(config, state, components=wanted, device=device, dtype=dtype,
-                                    source=str(directory), fingerprint=fingerprint, release=release)
+    return ViQModel.from_state_dict(
+        config,
+        state,
+        components=wanted,
+        device=device,
+        dtype=dtype,
+        source=str(directory),
+        fingerprint=fingerprint,
+        release=release,
+    )

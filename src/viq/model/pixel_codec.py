@@ -87,8 +87,9 @@ class PixelCodec(nn.Module):
         """Pixels (B, 3, H, W) in [-1, 1], H and W multiples of f -> latents (B, z_dim, H/f, W/f)."""
         f = self.cfg.scale_factor
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] % f or pixels.shape[3] % f:
-            raise ValueError(f"pixel codec: expected (B, 3, H, W) with H and W multiples of {f}, "
-                             f"got {tuple(pixels.shape)}")
+            raise ValueError(
+                f"pixel codec: expected (B, 3, H, W) with H and W multiples of {f}, got {tuple(pixels.shape)}"
+            )
         z = self.encode_raw(pixels)
         return (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
 

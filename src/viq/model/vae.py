@@ -29,8 +29,15 @@ from viq._untrusted import read_json
 from viq.model.config import VAEConfig, dataclass_from_dict
 from viq.model.pixel_codec import PixelCodec
 
-__all__ = ["build_vae", "load_vae", "save_vae", "encode_latents", "encode_latents_grouped", "decode_latents",
-           "latent_statistics"]
+__all__ = [
+    "build_vae",
+    "load_vae",
+    "save_vae",
+    "encode_latents",
+    "encode_latents_grouped",
+    "decode_latents",
+    "latent_statistics",
+]
 
 #: The diffusers class of the Qwen-Image VAE (``_class_name`` in its ``config.json``).
 QWEN_IMAGE_CLASS = "AutoencoderKLQwenImage"
@@ -68,13 +75,17 @@ def load_vae(directory: str | os.PathLike) -> tuple[VAEConfig, nn.Module]:
     config_file = path / "config.json"
     if not config_file.is_file():
         what = "no such folder" if not path.exists() else "no config.json in it"
-        raise FileNotFoundError(f"{path}: not a VAE folder ({what}); expected a diffusers {QWEN_IMAGE_CLASS} "
-                                f"folder (e.g. the vae/ subfolder of Qwen/Qwen-Image) or a pixel-codec folder")
+        raise FileNotFoundError(
+            f"{path}: not a VAE folder ({what}); expected a diffusers {QWEN_IMAGE_CLASS} "
+            f"folder (e.g. the vae/ subfolder of Qwen/Qwen-Image) or a pixel-codec folder"
+        )
     raw = read_json(config_file)
     if "_class_name" in raw:
         if raw["_class_name"] != QWEN_IMAGE_CLASS:
-            raise ValueError(f"{config_file}: a diffusers {raw['_class_name']}, but viq's latent codec is the "
-                             f"Qwen-Image VAE ({QWEN_IMAGE_CLASS})")
+            raise ValueError(
+                f"{config_file}: a diffusers {raw['_class_name']}, but viq's latent codec is the "
+                f"Qwen-Image VAE ({QWEN_IMAGE_CLASS})"
+            )
         try:
             from diffusers import AutoencoderKLQwenImage
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -83,13 +94,21 @@ def load_vae(directory: str | os.PathLike) -> tuple[VAEConfig, nn.Module]:
         c = vae.config
         if int(c.get("input_channels", 3)) != 3:
             raise ValueError(f"{config_file}: a VAE with {c['input_channels']} input channels; ViQ draws RGB images")
-        cfg = VAEConfig(kind="qwen-image", base_dim=c.base_dim, z_dim=c.z_dim, dim_mult=tuple(c.dim_mult),
-                        num_res_blocks=c.num_res_blocks, attn_scales=tuple(c.attn_scales),
-                        temperal_downsample=tuple(c.temperal_downsample))
+        cfg = VAEConfig(
+            kind="qwen-image",
+            base_dim=c.base_dim,
+            z_dim=c.z_dim,
+            dim_mult=tuple(c.dim_mult),
+            num_res_blocks=c.num_res_blocks,
+            attn_scales=tuple(c.attn_scales),
+            temperal_downsample=tuple(c.temperal_downsample),
+        )
         return cfg, vae.eval()
     if raw.get("kind") != "pixel-codec":
-        raise ValueError(f"{config_file}: neither a diffusers VAE (no _class_name) nor a pixel-codec folder "
-                         f"(kind is {raw.get('kind')!r})")
+        raise ValueError(
+            f"{config_file}: neither a diffusers VAE (no _class_name) nor a pixel-codec folder "
+            f"(kind is {raw.get('kind')!r})"
+        )
     from safetensors.torch import load_file
 
     cfg = dataclass_from_dict(VAEConfig, raw, str(config_file))

@@ -17,8 +17,6 @@ latent decoder, used in training). Training subclasses this model
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
@@ -46,16 +44,25 @@ from viq.model.batching import (
 )
 from viq.model.config import ViQConfig, get_preset
 from viq.model.encoder import Packed, pad_to_patches
+from viq.model.fingerprint import code_fingerprint
 from viq.model.head import CodeHead
 from viq.model.layers import set_attention_backend
 from viq.model.parts import COMPONENT_PARTS, COMPONENTS, PARTS, build_part, components_of, parts_in, parts_of
 from viq.model.quantizer import FSQ
 from viq.model.rope import GoldenGateRoPE2d
 from viq.model.vae import decode_latents
-from viq.model.weights import convert_state, read_safetensors, safetensors_index, write_safetensors
+from viq.model.weights import check_state, convert_state, read_safetensors, safetensors_index, write_safetensors
 
-__all__ = ["ViQModel", "Encoded", "COMPONENTS", "PARTS", "EncodeError", "check_weights", "pack_by_budget",
-           "code_fingerprint"]
+__all__ = [
+    "ViQModel",
+    "Encoded",
+    "COMPONENTS",
+    "PARTS",
+    "EncodeError",
+    "check_weights",
+    "pack_by_budget",
+    "code_fingerprint",
+]
 
 #: Default packing budget (patch tokens per forward pass) for :meth:`ViQModel.encode`.
 DEFAULT_BATCH_TOKENS = 8192
@@ -94,8 +101,9 @@ class ViQModel(nn.Module):
         parts: what to build, by part (:data:`viq.model.parts.PARTS`); overrides ``components``.
     """
 
-    def __init__(self, config: ViQConfig, components: Iterable[str] = COMPONENTS, *,
-                 parts: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, config: ViQConfig, components: Iterable[str] = COMPONENTS, *, parts: Iterable[str] | None = None
+    ) -> None:
         super().__init__()
         parts = parts_of(components) if parts is None else tuple(parts)
         unknown = set(parts) - set(PARTS)
@@ -148,7 +156,7 @@ class ViQModel(nn.Module):
         return self._fingerprint
 
     def set_attention_backend(self, backend: str) -> None:
-        """"auto" | "sdpa" | "flex" | "flash": the kernel used by every attention layer."""
+        """ "auto" | "sdpa" | "flex" | "flash": the kernel used by every attention layer."""
         self.attention_backend = backend
         set_attention_backend(self, backend)
 
@@ -160,8 +168,7 @@ class ViQModel(nn.Module):
                 )
 
     # ------------------------------------------------------------------ the network's paths
-    def encode_features(self, pixels: Sequence[torch.Tensor], *, min_rows: int = 0,
-                        dequantize: bool = True) -> Encoded:
+    def encode_features(self, pixels: Sequence[torch.Tensor], *, min_rows: int = 0, dequantize: bool = True) -> Encoded:
         """Pixels -> trunk -> code head -> dequantised features: the one encoder-side forward pass, with
         gradients where the caller allows them (training) or none (:meth:`indices_packed`).
 
@@ -191,8 +198,9 @@ class ViQModel(nn.Module):
         feats = self.embedder(flat)
         return list(feats.split([c.grid[0] * c.grid[1] for c in codes])), [c.grid for c in codes]
 
-    def draw_codes(self, indices: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def draw_codes(
+        self, indices: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Code indices (per image (e*h*w,), official order) -> (features, latents in the drawer's space)."""
         return self.drawer(list(indices), list(grids))
 
@@ -228,13 +236,17 @@ class ViQModel(nn.Module):
         """
         if not isinstance(images, (list, tuple)):
             images = [images]
-        stream = self.encode_stream(images, preprocess=preprocess, batch_tokens=batch_tokens, progress=progress,
-                                    batch_invariant=batch_invariant)
+        stream = self.encode_stream(
+            images, preprocess=preprocess, batch_tokens=batch_tokens, progress=progress, batch_invariant=batch_invariant
+        )
         return all_or_raise(stream)
 
     @torch.inference_mode()
     def encode_pixels(
-        self, pixels: Sequence[torch.Tensor], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        self,
+        pixels: Sequence[torch.Tensor],
+        *,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         batch_invariant: bool | None = None,
     ) -> list[Codes]:
         """Encode already-normalised pixels without resizing (like the official ``forward_indices``).
@@ -347,8 +359,12 @@ class ViQModel(nn.Module):
             return [error]
         p = self.patch_size
         return [
-            Codes(idx.view(*padded_grid(pixels.shape[1], pixels.shape[2], p), -1).cpu(), self.levels,
-                  image_size=tuple(pixels.shape[1:]), patch_size=p)
+            Codes(
+                idx.view(*padded_grid(pixels.shape[1], pixels.shape[2], p), -1).cpu(),
+                self.levels,
+                image_size=tuple(pixels.shape[1:]),
+                patch_size=p,
+            )
             for (_, _, pixels), idx in zip(pack, indices)
         ]
 
@@ -361,7 +377,9 @@ class ViQModel(nn.Module):
         least that many tokens and attention runs one image per call."""
         self._require("encoder")
         if not isinstance(self.head.quantizer, FSQ):
-            raise RuntimeError(f"this model's head quantizes with {type(self.head.quantizer).__name__}: it has no codes")
+            raise RuntimeError(
+                f"this model's head quantizes with {type(self.head.quantizer).__name__}: it has no codes"
+            )
         with exact_float32(self.device, self.dtype), per_image_attention(self, enabled=min_rows > 0):
             return self.encode_features(pixels, min_rows=min_rows, dequantize=False).indices
 
@@ -374,8 +392,10 @@ class ViQModel(nn.Module):
             if c.levels != self.levels:
                 raise ValueError(f"codes[{i}] use FSQ levels {c.levels}, this model uses {self.levels}")
             if c.codes_per_patch != self.config.head.codes_per_patch:
-                raise ValueError(f"codes[{i}] have {c.codes_per_patch} codes per patch, the model expects "
-                                 f"{self.config.head.codes_per_patch}")
+                raise ValueError(
+                    f"codes[{i}] have {c.codes_per_patch} codes per patch, the model expects "
+                    f"{self.config.head.codes_per_patch}"
+                )
         return codes
 
     @torch.inference_mode()
@@ -398,8 +418,13 @@ class ViQModel(nn.Module):
         if not codes:
             return []
         for i, c in enumerate(codes):
-            check_image_size(c.grid[0] * c.patch_size, c.grid[1] * c.patch_size, f"codes {i} (grid {c.grid})",
-                         limit=max_pixels, flag="max_pixels / --max-pixels")
+            check_image_size(
+                c.grid[0] * c.patch_size,
+                c.grid[1] * c.patch_size,
+                f"codes {i} (grid {c.grid})",
+                limit=max_pixels,
+                flag="max_pixels / --max-pixels",
+            )
         _, latents = self.draw_codes([c.flat().to(self.device) for c in codes], [c.grid for c in codes])
         return [self.drawer.latent.to_raw(z) for z in latents]
 
@@ -410,8 +435,9 @@ class ViQModel(nn.Module):
         return [decode_latents(self.vae, z) for z in latents]
 
     @torch.inference_mode()
-    def reconstruct(self, codes: Codes | Sequence[Codes], *, crop: bool = True,
-                    max_pixels: int | None = None) -> list[Any]:
+    def reconstruct(
+        self, codes: Codes | Sequence[Codes], *, crop: bool = True, max_pixels: int | None = None
+    ) -> list[Any]:
         """Codes -> PIL RGB images (refused above ``max_pixels`` a canvas, as in :meth:`draw`).
 
         Pixels are rounded to the nearest uint8 level (the official code truncates, which darkens by
@@ -475,15 +501,18 @@ class ViQModel(nn.Module):
         if parts is not None:
             parts = tuple(parts)
             if set(parts) - set(stored_parts):
-                raise ValueError(f"{weights_path}: has no weights for the parts {sorted(set(parts) - set(stored_parts))} "
-                                 f"(has {stored_parts})")
+                raise ValueError(
+                    f"{weights_path}: has no weights for the parts {sorted(set(parts) - set(stored_parts))} "
+                    f"(has {stored_parts})"
+                )
         elif components is None:
             parts = stored_parts
         else:
             stored = components_of(stored_parts)
             if set(components) - set(stored):
-                raise ValueError(f"{weights_path}: has no weights for {sorted(set(components) - set(stored))} "
-                                 f"(has {stored})")
+                raise ValueError(
+                    f"{weights_path}: has no weights for {sorted(set(components) - set(stored))} (has {stored})"
+                )
             parts = parts_of(components)
         fingerprint = meta.get("fingerprint")
         if "head.project_in.weight" in keys:
@@ -491,8 +520,9 @@ class ViQModel(nn.Module):
             fingerprint = code_fingerprint(config, proj["head.project_in.weight"], proj["head.project_in.bias"])
         prefixes = tuple(p + "." for p in parts)
         state = read_safetensors(weights_path, [k for k in keys if k.startswith(prefixes)], device=device, dtype=dtype)
-        return cls.from_state_dict(config, state, parts=parts, device=device, dtype=dtype,
-                                   source=str(weights_path), fingerprint=fingerprint)
+        return cls.from_state_dict(
+            config, state, parts=parts, device=device, dtype=dtype, source=str(weights_path), fingerprint=fingerprint
+        )
 
     @classmethod
     def from_state_dict(
@@ -519,7 +549,7 @@ class ViQModel(nn.Module):
         parts = tuple(parts) if parts is not None else parts_of(components if components is not None else COMPONENTS)
         with torch.device("meta"):
             model = cls(config, parts=parts)
-        _check_state(model.state_dict(), state, source)
+        check_state(model.state_dict(), state, source)
         model.load_state_dict(convert_state(state, device, dtype, release), strict=True, assign=True)
         model._rebuild_constants()
         model._fingerprint = fingerprint
@@ -536,11 +566,17 @@ class ViQModel(nn.Module):
             if isinstance(module, CodeHead) and module.rope is not None:
                 r = module.rope
                 module.rope = GoldenGateRoPE2d(
-                    r.head_dim, r.num_heads, module.cfg.rope_min_freq, module.cfg.rope_max_freq, module.cfg.rope_zero_fraction
+                    r.head_dim,
+                    r.num_heads,
+                    module.cfg.rope_min_freq,
+                    module.cfg.rope_max_freq,
+                    module.cfg.rope_zero_fraction,
                 )
 
     @classmethod
-    def from_config(cls, config: ViQConfig | str, *, seed: int | None = None, components: Iterable[str] = COMPONENTS) -> ViQModel:
+    def from_config(
+        cls, config: ViQConfig | str, *, seed: int | None = None, components: Iterable[str] = COMPONENTS
+    ) -> ViQModel:
         """A randomly initialised model (tests, benchmarks, training from scratch)."""
         if isinstance(config, str):
             config = get_preset(config)
@@ -549,43 +585,12 @@ class ViQModel(nn.Module):
         return cls(config, components).eval()
 
 
-def code_fingerprint(config: ViQConfig, project_in_weight: torch.Tensor, project_in_bias: torch.Tensor) -> str:
-    """A short id of a code space: the encoder and head architecture plus the final code projection.
-
-    Two models with the same id produce codes that mean the same thing. The weights are rounded to
-    bf16 first, so loading the same files in any dtype gives the same id. (Not a cryptographic
-    identity of all weights: it is cheap enough to compute when a model is loaded.)
-    """
-    arch = {"encoder": dataclasses.asdict(config.encoder), "head": dataclasses.asdict(config.head)}
-    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    for t in (project_in_weight, project_in_bias):
-        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def check_weights(config: ViQConfig, state: dict[str, torch.Tensor], components: Iterable[str],
-                  source: str = "<state dict>") -> None:
+def check_weights(
+    config: ViQConfig, state: dict[str, torch.Tensor], components: Iterable[str], source: str = "<state dict>"
+) -> None:
     """Raise ValueError (naming ``source`` and what differs) unless ``state`` has exactly the keys and
     shapes of a model of ``config`` with ``components``: the check :meth:`ViQModel.from_state_dict`
     makes, without loading anything (the modules are built on the meta device)."""
     with torch.device("meta"):
         expected = ViQModel(config, components).state_dict()
-    _check_state(expected, state, source)
-
-
-def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: weights do not match the config"
-            + (f"; missing {len(missing)} keys: {_preview(missing)}" if missing else "")
-            + (f"; unexpected {len(unexpected)} keys: {_preview(unexpected)}" if unexpected else "")
-        )
-    for k, v in expected.items():
-        if tuple(v.shape) != tuple(state[k].shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
-
-
-def _preview(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+    check_state(expected, state, source)

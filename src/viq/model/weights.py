@@ -27,8 +27,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MappedFile", "convert", "convert_state", "read_safetensors", "safetensors_index", "write_safetensors",
-           "CHUNK_BYTES", "TORCH_DTYPES"]
+__all__ = [
+    "MappedFile",
+    "check_state",
+    "convert",
+    "convert_state",
+    "read_safetensors",
+    "safetensors_index",
+    "write_safetensors",
+    "CHUNK_BYTES",
+    "TORCH_DTYPES",
+]
 
 #: The dtypes weights are loaded in, by the name recipes and the command line give them.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,3 +193,22 @@ def write_safetensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor]
         seen.add(t.untyped_storage().data_ptr())
         out[key] = t
     atomic_write(Path(path), lambda p: save_file(out, str(p), metadata=metadata))
+
+
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ValueError naming ``source`` unless ``state`` has exactly the keys and shapes of ``expected``."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not match the config"
+            + (f"; missing {len(missing)} keys: {_preview(missing)}" if missing else "")
+            + (f"; unexpected {len(unexpected)} keys: {_preview(unexpected)}" if unexpected else "")
+        )
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}")
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")

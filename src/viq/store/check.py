@@ -58,8 +58,10 @@ def plot_stats(store: CodeStore | PathLike | Mapping[str, Any], path_png: PathLi
     ent = stats.get("entropy_bits")
     title = f"{stats.get('images', '?')} images, {total} codes"
     if ent is not None:
-        title += (f"; entropy {ent:.2f} bits/code, perplexity {stats['perplexity']:.0f}, "
-                  f"used {stats['codebook_used_fraction']:.1%} of K")
+        title += (
+            f"; entropy {ent:.2f} bits/code, perplexity {stats['perplexity']:.0f}, "
+            f"used {stats['codebook_used_fraction']:.1%} of K"
+        )
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -50,8 +50,15 @@ log = logging.getLogger(__name__)
 Entry = tuple[str, tuple[int, int]]
 
 
-def shard_columns(store: Path, cfg: StoreConfig, index_name: str, stat_key: tuple[int, int], *, write: bool = True,
-                  trust_file: bool = True) -> dict[str, np.ndarray]:
+def shard_columns(
+    store: Path,
+    cfg: StoreConfig,
+    index_name: str,
+    stat_key: tuple[int, int],
+    *,
+    write: bool = True,
+    trust_file: bool = True,
+) -> dict[str, np.ndarray]:
     """One shard's columns: its ``.lookup`` file, else parsed from its ``.idx.json`` (and the
     ``.lookup`` file written for next time). Raises ValueError for an unusable shard index."""
     shard_dir = store / SHARD_DIR
@@ -64,8 +71,9 @@ def shard_columns(store: Path, cfg: StoreConfig, index_name: str, stat_key: tupl
             if lookup.exists():
                 log.info("%s: rebuilding %s (%s)", store, lookup.name, exc)
     shard = parse_shard_index(shard_dir / index_name, name.writer, name.seq, stat_key, cfg)
-    arrays = columns_to_arrays(shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes,
-                               shard.offsets, shard.lengths, shard.crcs)
+    arrays = columns_to_arrays(
+        shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes, shard.offsets, shard.lengths, shard.crcs
+    )
     if write:
         try:
             write_lookup(lookup, shard.name, stat_key, arrays)
@@ -74,8 +82,9 @@ def shard_columns(store: Path, cfg: StoreConfig, index_name: str, stat_key: tupl
     return arrays
 
 
-def open_merged_index(store: Path, cfg: StoreConfig, entries: Sequence[Entry], key: str, *,
-                      rebuild: bool = False) -> StoreIndex:
+def open_merged_index(
+    store: Path, cfg: StoreConfig, entries: Sequence[Entry], key: str, *, rebuild: bool = False
+) -> StoreIndex:
     """The merged index of ``entries``, built if missing, stale or corrupt.
 
     The build runs under a lock (``.build.lock`` in the first index directory that takes one), so that
@@ -112,8 +121,9 @@ def _open_existing(store: Path, dirs: list[Path], fname: str, key: str) -> Store
     return None
 
 
-def _build(store: Path, cfg: StoreConfig, entries: Sequence[Entry], key: str, dirs: list[Path],
-           fname: str) -> StoreIndex:
+def _build(
+    store: Path, cfg: StoreConfig, entries: Sequence[Entry], key: str, dirs: list[Path], fname: str
+) -> StoreIndex:
     """Build ``fname`` from the shards' lookup columns into the first writable of ``dirs``."""
     t0 = time.perf_counter()
     shards: list[str] = []
@@ -143,8 +153,14 @@ def _build(store: Path, cfg: StoreConfig, entries: Sequence[Entry], key: str, di
             if not old.name.startswith(fname):
                 with contextlib.suppress(OSError):
                     old.unlink()
-        log.info("%s: built index %s (%d ids, %d shards) in %.2f s", store, path, len(ix), len(shards),
-                 time.perf_counter() - t0)
+        log.info(
+            "%s: built index %s (%d ids, %d shards) in %.2f s",
+            store,
+            path,
+            len(ix),
+            len(shards),
+            time.perf_counter() - t0,
+        )
         return ix
     raise StoreError(store, "cannot write the store index anywhere: " + "; ".join(errors))
 
@@ -153,8 +169,9 @@ def repair_lookup(store: Path, shard: ShardIndex, stat_key: tuple[int, int]) -> 
     """Check a shard's ``.lookup`` file against its ``.idx.json``; rewrite it if it differs. Returns
     what was repaired."""
     lookup = store / SHARD_DIR / ShardName.parse(shard.name).lookup
-    want = columns_to_arrays(shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes,
-                             shard.offsets, shard.lengths, shard.crcs)
+    want = columns_to_arrays(
+        shard.ids, shard.sources, shard.hashes, shard.grids, shard.image_sizes, shard.offsets, shard.lengths, shard.crcs
+    )
     try:
         have = read_lookup(lookup, shard.name, stat_key)
         if all(np.array_equal(have[k], want[k]) for k in want):
@@ -204,15 +221,21 @@ def _entries_differ(ix: StoreIndex, by_name: dict[str, ShardIndex]) -> str | Non
         offsets = np.asarray(part.offsets, dtype=np.int64)
         at = np.searchsorted(offsets, have["offset"][lo:hi])
         at_ok = np.minimum(at, max(len(offsets) - 1, 0))
-        good = (at < len(offsets)) & (offsets[at_ok] == have["offset"][lo:hi]) if len(offsets) else \
-            np.zeros(hi - lo, dtype=bool)
+        good = (
+            (at < len(offsets)) & (offsets[at_ok] == have["offset"][lo:hi])
+            if len(offsets)
+            else np.zeros(hi - lo, dtype=bool)
+        )
         if good.all():
-            good &= (np.asarray(part.lengths, dtype=np.int64)[at_ok] == have["length"][lo:hi]) & \
-                (np.asarray(part.crcs, dtype=np.int64)[at_ok] == have["crc"][lo:hi])
+            good &= (np.asarray(part.lengths, dtype=np.int64)[at_ok] == have["length"][lo:hi]) & (
+                np.asarray(part.crcs, dtype=np.int64)[at_ok] == have["crc"][lo:hi]
+            )
         if hi > lo + 1 and good.all():
             good[1:] &= np.diff(at) > 0
         if not good.all():
             row = lo + int(np.flatnonzero(~good)[0])
-            return (f"entry {row} (shard {name}: offset {int(have['offset'][row])}, length {int(have['length'][row])}) "
-                    f"is not a record of its shard index")
+            return (
+                f"entry {row} (shard {name}: offset {int(have['offset'][row])}, length {int(have['length'][row])}) "
+                f"is not a record of its shard index"
+            )
     return None

@@ -207,6 +207,8 @@ class ShardName:
 def writer_lock_name(writer: str) -> str:
     """The lock file of writer ``writer`` in ``shards/`` (see :data:`WRITER_LOCK`)."""
     return f".{writer}.lock"
+
+
 #: Suffix of a shard or index file still being written (``<writer>-<seq>.bin.tmp``).
 TMP_SUFFIX = ".tmp"
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -325,8 +327,14 @@ class StoreConfig:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
         if not isinstance(config["model_fingerprint"], str) or not isinstance(config["entropy_coding"], bool):
             raise TypeError("model_fingerprint must be a string and entropy_coding a boolean")
-        return cls(levels, int(config["codes_per_patch"]), int(config["patch_size"]),
-                   str(config["model_fingerprint"]), bool(config["entropy_coding"]), int(config["shard_bytes"]))
+        return cls(
+            levels,
+            int(config["codes_per_patch"]),
+            int(config["patch_size"]),
+            str(config["model_fingerprint"]),
+            bool(config["entropy_coding"]),
+            int(config["shard_bytes"]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The ``store.json`` object, fields in file order."""
@@ -436,8 +444,9 @@ def read_store_config(path: Path) -> tuple[StoreConfig, dict[str, Any]]:
         raise StoreError(store_file, f"not a viq code store configuration (format {config.get('format')!r})")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise StoreError(store_file, f"unsupported store format version {version!r} (this reader supports "
-                                     f"{FORMAT_VERSION})")
+        raise StoreError(
+            store_file, f"unsupported store format version {version!r} (this reader supports {FORMAT_VERSION})"
+        )
     try:
         parsed = StoreConfig.from_dict(config)
     except (KeyError, TypeError, ValueError) as exc:
@@ -460,8 +469,9 @@ def create_store_dir(path: Path, config: StoreConfig) -> bool:
         raise StoreError(path, "exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
     # Refuse to scatter store files into e.g. an image folder given by mistake.
-    strangers = sorted(e.name for e in os.scandir(path)
-                       if e.name != SHARD_DIR and not e.name.startswith(f".{STORE_FILE}."))
+    strangers = sorted(
+        e.name for e in os.scandir(path) if e.name != SHARD_DIR and not e.name.startswith(f".{STORE_FILE}.")
+    )
     if strangers and not store_file.exists():
         raise StoreError(path, f"not empty and not a code store (contains {', '.join(strangers[:5])})")
     # shards/ first, so that any visible store.json comes with its shard directory.

@@ -54,8 +54,15 @@ from viq._io import atomic_write
 from viq._untrusted import loads_json
 from viq.store import ids as _ids
 
-__all__ = ["IndexCorrupt", "IndexFile", "StoreIndex", "build_store_index", "columns_to_arrays",
-           "read_lookup", "store_key"]
+__all__ = [
+    "IndexCorrupt",
+    "IndexFile",
+    "StoreIndex",
+    "build_store_index",
+    "columns_to_arrays",
+    "read_lookup",
+    "store_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +91,10 @@ class IndexCorrupt(ValueError):
 def _write_container(path: Path, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` (C-contiguous, little-endian) with ``header`` atomically to ``path``."""
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    table = {k: [v.dtype.str, list(v.shape), 0, zlib.crc32(memoryview(v).cast("B")) if v.size else 0]
-             for k, v in arrays.items()}
+    table = {
+        k: [v.dtype.str, list(v.shape), 0, zlib.crc32(memoryview(v).cast("B")) if v.size else 0]
+        for k, v in arrays.items()
+    }
     # The header holds the offsets, which depend on its length: reserve room for their digits.
     probe = json.dumps({**header, "arrays": table}).encode()
     start = -(-(_HEAD.size + len(probe) + 24 * len(arrays) + 64) // _ALIGN) * _ALIGN
@@ -157,14 +166,16 @@ class IndexFile:
         if magic != MAGIC or hlen > self.size - _HEAD.size:
             raise IndexCorrupt("not a viq store index file (bad magic or header)")
         try:
-            header = loads_json(self.mm[_HEAD.size:_HEAD.size + hlen].decode("utf-8"), "header")
+            header = loads_json(self.mm[_HEAD.size : _HEAD.size + hlen].decode("utf-8"), "header")
         except (UnicodeDecodeError, ValueError) as exc:
             raise IndexCorrupt(f"corrupt header: {exc}") from None
         if not isinstance(header, dict) or header.get("format") != INDEX_FORMAT:
             raise IndexCorrupt("not a viq store index file")
         if header.get("version") != INDEX_VERSION or header.get("kind") != kind:
-            raise IndexCorrupt(f"index version/kind {header.get('version')!r}/{header.get('kind')!r}, "
-                               f"expected {INDEX_VERSION}/{kind!r}")
+            raise IndexCorrupt(
+                f"index version/kind {header.get('version')!r}/{header.get('kind')!r}, "
+                f"expected {INDEX_VERSION}/{kind!r}"
+            )
         if header.get("id_hash") != _ids.ID_HASH:
             raise IndexCorrupt(f"built with id hash {header.get('id_hash')!r}, this reader uses {_ids.ID_HASH!r}")
         self.header = header
@@ -194,12 +205,15 @@ class IndexFile:
     def view(self, name: str, fmt: str) -> memoryview:
         """A flat memoryview of array ``name`` (Python ints on indexing: the fast path of lookups)."""
         off, nbytes = self.offsets[name], self.arrays[name].nbytes
-        return memoryview(self.mm)[off:off + nbytes].cast(fmt)
+        return memoryview(self.mm)[off : off + nbytes].cast(fmt)  # type: ignore[call-overload]  # fmt: a code
 
     def check_crcs(self) -> list[str]:
         """Names of the arrays whose bytes do not match their recorded CRC-32 (reads the whole file)."""
-        return [name for name, a in self.arrays.items()
-                if (zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) if a.size else 0) != self.crcs[name]]
+        return [
+            name
+            for name, a in self.arrays.items()
+            if (zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) if a.size else 0) != self.crcs[name]
+        ]
 
 
 # ------------------------------------------------------------------------------------ per-shard columns
@@ -213,8 +227,16 @@ def _blob(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     return np.frombuffer(b"".join(enc), dtype=np.uint8).copy(), off, enc
 
 
-def columns_to_arrays(ids: Sequence[str], sources: Sequence[str], content_hashes: Sequence[str],
-                      grids: Any, image_sizes: Any, offsets: Any, lengths: Any, crcs: Any) -> dict[str, np.ndarray]:
+def columns_to_arrays(
+    ids: Sequence[str],
+    sources: Sequence[str],
+    content_hashes: Sequence[str],
+    grids: Any,
+    image_sizes: Any,
+    offsets: Any,
+    lengths: Any,
+    crcs: Any,
+) -> dict[str, np.ndarray]:
     """One shard's records (the columns of its ``.idx.json``) as the arrays of a ``.lookup`` file.
 
     ``grids`` / ``image_sizes``: ``(n, 2)`` (image size ``(0, 0)`` or ``None`` = unknown).
@@ -222,29 +244,59 @@ def columns_to_arrays(ids: Sequence[str], sources: Sequence[str], content_hashes
     n = len(ids)
     id_blob, id_off, enc = _blob(ids)
     src_blob, src_off, _ = _blob(sources)
-    chash = np.frombuffer(b"".join(bytes.fromhex(h) if h else _ZERO32 for h in content_hashes),
-                          dtype=np.uint8).reshape(n, 32).copy()
+    chash = (
+        np.frombuffer(b"".join(bytes.fromhex(h) if h else _ZERO32 for h in content_hashes), dtype=np.uint8)
+        .reshape(n, 32)
+        .copy()
+    )
     sizes = np.array([(0, 0) if s is None else tuple(s) for s in image_sizes], dtype=np.uint32).reshape(n, 2)
-    flags = (np.fromiter((bool(h) for h in content_hashes), dtype=np.uint8, count=n) * FLAG_HASH
-             | (sizes[:, 0] > 0).astype(np.uint8) * FLAG_SIZE)
+    flags = (
+        np.fromiter((bool(h) for h in content_hashes), dtype=np.uint8, count=n) * FLAG_HASH
+        | (sizes[:, 0] > 0).astype(np.uint8) * FLAG_SIZE
+    )
     return {
         "id_hash": np.fromiter(map(_ids.id_hash_bytes, enc), dtype=np.uint64, count=n),
-        "id_off": id_off, "id_blob": id_blob, "src_off": src_off, "src_blob": src_blob,
-        "chash": chash, "flags": flags.astype(np.uint8),
-        "grid": np.asarray(grids, dtype=np.uint32).reshape(n, 2), "image_size": sizes,
-        "offset": np.asarray(offsets, dtype=np.uint64).reshape(n), "length": np.asarray(lengths, dtype=np.uint64).reshape(n),
+        "id_off": id_off,
+        "id_blob": id_blob,
+        "src_off": src_off,
+        "src_blob": src_blob,
+        "chash": chash,
+        "flags": flags.astype(np.uint8),
+        "grid": np.asarray(grids, dtype=np.uint32).reshape(n, 2),
+        "image_size": sizes,
+        "offset": np.asarray(offsets, dtype=np.uint64).reshape(n),
+        "length": np.asarray(lengths, dtype=np.uint64).reshape(n),
         "crc": np.asarray(crcs, dtype=np.uint32).reshape(n),
     }
 
 
-_COLUMNS = ("id_hash", "id_off", "id_blob", "src_off", "src_blob", "chash", "flags", "grid", "image_size",
-            "offset", "length", "crc")
+_COLUMNS = (
+    "id_hash",
+    "id_off",
+    "id_blob",
+    "src_off",
+    "src_blob",
+    "chash",
+    "flags",
+    "grid",
+    "image_size",
+    "offset",
+    "length",
+    "crc",
+)
 
 
 def write_lookup(path: Path, shard: str, index_key: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:
     """Write one shard's ``.lookup`` file (atomically)."""
-    header = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": "shard", "id_hash": _ids.ID_HASH,
-              "shard": shard, "index_key": list(index_key), "count": len(arrays["id_hash"])}
+    header = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "kind": "shard",
+        "id_hash": _ids.ID_HASH,
+        "shard": shard,
+        "index_key": list(index_key),
+        "count": len(arrays["id_hash"]),
+    }
     _write_container(path, header, {k: arrays[k] for k in _COLUMNS})
 
 
@@ -267,8 +319,18 @@ def read_lookup(path: Path, shard: str, index_key: tuple[int, int]) -> dict[str,
 
 
 def _check_columns(a: dict[str, np.ndarray], n: int) -> None:
-    shapes = {"id_hash": (n,), "id_off": (n + 1,), "src_off": (n + 1,), "chash": (n, 32), "flags": (n,),
-              "grid": (n, 2), "image_size": (n, 2), "offset": (n,), "length": (n,), "crc": (n,)}
+    shapes = {
+        "id_hash": (n,),
+        "id_off": (n + 1,),
+        "src_off": (n + 1,),
+        "chash": (n, 32),
+        "flags": (n,),
+        "grid": (n, 2),
+        "image_size": (n, 2),
+        "offset": (n,),
+        "length": (n,),
+        "crc": (n,),
+    }
     for k, shape in shapes.items():
         if a[k].shape != shape:
             raise IndexCorrupt(f"array {k} has shape {a[k].shape}, expected {shape}")
@@ -302,20 +364,35 @@ def _take_blob(blob: np.ndarray, off: np.ndarray, keep: np.ndarray) -> tuple[np.
     np.cumsum(lengths, out=new_off[1:])
     breaks = np.flatnonzero(np.diff(keep) != 1) + 1
     runs = np.split(keep, breaks) if keep.size else []
-    pieces = [blob[int(off[r[0]]):int(off[r[-1] + 1])] for r in runs]
+    pieces = [blob[int(off[r[0]]) : int(off[r[-1] + 1])] for r in runs]
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)), new_off
 
 
-def build_store_index(path: Path, key: str, shards: Sequence[str], entries: Sequence[tuple[str, tuple[int, int]]],
-                      segments: Sequence[dict[str, np.ndarray]], problems: Sequence[str]) -> None:
+def build_store_index(
+    path: Path,
+    key: str,
+    shards: Sequence[str],
+    entries: Sequence[tuple[str, tuple[int, int]]],
+    segments: Sequence[dict[str, np.ndarray]],
+    problems: Sequence[str],
+) -> None:
     """Merge per-shard columns (``segments``, in shard order; ``shards`` their ``.bin`` names) into
     the index file ``path``: first claim of an id wins, later duplicates are dropped."""
     counts = [len(s["id_hash"]) for s in segments]
     n_all = sum(counts)
-    cat = {k: (np.concatenate([s[k] for s in segments]) if segments else np.zeros((0, *shape), dt))
-           for k, shape, dt in (("id_hash", (), np.uint64), ("chash", (32,), np.uint8), ("flags", (), np.uint8),
-                                ("grid", (2,), np.uint32), ("image_size", (2,), np.uint32),
-                                ("offset", (), np.uint64), ("length", (), np.uint64), ("crc", (), np.uint32))}
+    cat = {
+        k: (np.concatenate([s[k] for s in segments]) if segments else np.zeros((0, *shape), dt))
+        for k, shape, dt in (
+            ("id_hash", (), np.uint64),
+            ("chash", (32,), np.uint8),
+            ("flags", (), np.uint8),
+            ("grid", (2,), np.uint32),
+            ("image_size", (2,), np.uint32),
+            ("offset", (), np.uint64),
+            ("length", (), np.uint64),
+            ("crc", (), np.uint32),
+        )
+    }
     cat["shard_no"] = np.repeat(np.arange(len(segments), dtype=np.uint32), counts)
     cat["id_blob"], cat["id_off"] = _concat_blobs([(s["id_blob"], s["id_off"]) for s in segments])
     cat["src_blob"], cat["src_off"] = _concat_blobs([(s["src_blob"], s["src_off"]) for s in segments])
@@ -333,7 +410,7 @@ def build_store_index(path: Path, key: str, shards: Sequence[str], entries: Sequ
             i = s0
             while i < n_all and hs[i] == hs[s0]:
                 p = int(order[i])
-                b = blob[int(off[p]):int(off[p + 1])].tobytes()
+                b = blob[int(off[p]) : int(off[p + 1])].tobytes()
                 if b in seen:
                     drop[p] = True
                 else:
@@ -351,8 +428,11 @@ def build_store_index(path: Path, key: str, shards: Sequence[str], entries: Sequ
     cat["h_sorted"] = cat["id_hash"][order]
     cat["h_order"] = order.astype(pos_dt)
     bits = max(0, int(n).bit_length() - 3)  # about 4-8 hashes a bucket
-    starts = np.searchsorted(cat["h_sorted"] >> np.uint64(64 - bits), np.arange(2**bits + 1, dtype=np.uint64)) \
-        if bits else np.array([0, n])
+    starts = (
+        np.searchsorted(cat["h_sorted"] >> np.uint64(64 - bits), np.arange(2**bits + 1, dtype=np.uint64))
+        if bits
+        else np.array([0, n])
+    )
     cat["buckets"] = starts.astype(pos_dt)
     has = np.flatnonzero(cat["flags"] & FLAG_HASH)
     ckey = cat["chash"][has, :8].copy().view(">u8").reshape(-1).astype(np.uint64)
@@ -360,9 +440,19 @@ def build_store_index(path: Path, key: str, shards: Sequence[str], entries: Sequ
     cat["c_sorted"] = ckey[corder]
     cat["c_order"] = has[corder].astype(pos_dt)
     del cat["id_hash"]  # h_sorted + h_order hold it
-    header = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": "store", "id_hash": _ids.ID_HASH,
-              "key": key, "count": n, "records": n_all, "bucket_bits": bits, "shards": list(shards),
-              "entries": [[name, list(k)] for name, k in entries], "problems": list(problems)}
+    header = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "kind": "store",
+        "id_hash": _ids.ID_HASH,
+        "key": key,
+        "count": n,
+        "records": n_all,
+        "bucket_bits": bits,
+        "shards": list(shards),
+        "entries": [[name, list(k)] for name, k in entries],
+        "problems": list(problems),
+    }
     _write_container(path, header, cat)
     _write_stamp(path)  # its CRCs were just computed from these arrays
 
@@ -393,8 +483,12 @@ class StoreIndex:
             raise IndexCorrupt("missing arrays")
         _check_columns({**a, "id_hash": a["h_sorted"]}, n)
         pos = "I" if a["h_order"].dtype == np.uint32 else "Q"
-        if a["h_order"].shape != (n,) or a["buckets"].shape != (2**self.bits + 1,) or \
-                a["c_sorted"].shape != a["c_order"].shape or a["shard_no"].shape != (n,):
+        if (
+            a["h_order"].shape != (n,)
+            or a["buckets"].shape != (2**self.bits + 1,)
+            or a["c_sorted"].shape != a["c_order"].shape
+            or a["shard_no"].shape != (n,)
+        ):
             raise IndexCorrupt("inconsistent array shapes")
         b = a["buckets"]
         if int(b[0]) != 0 or int(b[-1]) != n or (n and int(a["shard_no"][-1]) >= len(self.shards)):
@@ -441,7 +535,7 @@ class StoreIndex:
             order, off, mm, base = self.h_order, self.id_off, self.mm, self._id_base
             while i < hi and hs[i] == h:
                 p = order[i]
-                if mm[base + off[p]:base + off[p + 1]] == key:
+                if mm[base + off[p] : base + off[p + 1]] == key:
                     return p
                 i += 1
         return -1
@@ -459,14 +553,17 @@ class StoreIndex:
         return -1
 
     def id_at(self, p: int) -> str:
-        return self.mm[self._id_base + self.id_off[p]:self._id_base + self.id_off[p + 1]].decode("utf-8", "surrogatepass")
+        return self.mm[self._id_base + self.id_off[p] : self._id_base + self.id_off[p + 1]].decode(
+            "utf-8", "surrogatepass"
+        )
 
     def source_at(self, p: int) -> str:
-        return self.mm[self._src_base + self.src_off[p]:self._src_base + self.src_off[p + 1]].decode(
-            "utf-8", "surrogatepass")
+        return self.mm[self._src_base + self.src_off[p] : self._src_base + self.src_off[p + 1]].decode(
+            "utf-8", "surrogatepass"
+        )
 
     def chash(self, p: int) -> bytes:
-        return self.mm[self._chash_base + 32 * p:self._chash_base + 32 * p + 32]
+        return self.mm[self._chash_base + 32 * p : self._chash_base + 32 * p + 32]
 
     def content_hash_at(self, p: int) -> str:
         return self.chash(p).hex() if self.flags[p] & FLAG_HASH else ""
@@ -481,11 +578,11 @@ class StoreIndex:
         blob = self.file.arrays["id_blob"]
         for c0 in range(start, stop, 65536):
             c1 = min(stop, c0 + 65536)
-            o = off[c0:c1 + 1].astype(np.int64)
-            chunk = blob[o[0]:o[-1]].tobytes()
+            o = off[c0 : c1 + 1].astype(np.int64)
+            chunk = blob[o[0] : o[-1]].tobytes()
             rel = (o - o[0]).tolist()
             for j in range(c1 - c0):
-                yield chunk[rel[j]:rel[j + 1]].decode("utf-8", "surrogatepass")
+                yield chunk[rel[j] : rel[j + 1]].decode("utf-8", "surrogatepass")
 
 
 def index_dirs(store_path: Path) -> list[Path]:
@@ -497,6 +594,5 @@ def index_dirs(store_path: Path) -> list[Path]:
         dirs.append(Path(env) / digest)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     dirs.append(Path(cache) / "viq" / "store-index" / digest)
-    dirs.append(Path(tempfile.gettempdir()) / f"viq-store-index-{os.getuid() if hasattr(os, 'getuid') else 0}"
-                / digest)
+    dirs.append(Path(tempfile.gettempdir()) / f"viq-store-index-{os.getuid() if hasattr(os, 'getuid') else 0}" / digest)
     return dirs

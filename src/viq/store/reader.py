@@ -45,9 +45,10 @@ from viq.store.format import (
 from viq.store.index import FLAG_HASH, StoreIndex, store_key
 from viq.store.scan import VerifyReport, code_stats, verify_shards
 from viq.store.shard import ShardIndex, decode_record, parse_shard_index
+from viq.store.store_ids import StoreIds
 from viq.store.writer import ShardWriter
 
-__all__ = ["CodeStore", "StoreIds"]
+__all__ = ["CodeStore", "StoreIds"]  # StoreIds: viq.store.store_ids, named here too
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,14 @@ class CodeStore:
             ValueError: invalid arguments.
         """
         path = Path(path)
-        config = StoreConfig.build(levels=levels, codes_per_patch=codes_per_patch, patch_size=patch_size,
-                                   model_fingerprint=model_fingerprint, entropy_coding=entropy_coding,
-                                   shard_bytes=shard_bytes)
+        config = StoreConfig.build(
+            levels=levels,
+            codes_per_patch=codes_per_patch,
+            patch_size=patch_size,
+            model_fingerprint=model_fingerprint,
+            entropy_coding=entropy_coding,
+            shard_bytes=shard_bytes,
+        )
         wanted = config.to_dict()
         if create_store_dir(path, config):
             log.info("created code store %s (levels %s, %s)", path, config.levels, config.codec)
@@ -288,8 +294,9 @@ class CodeStore:
             ix = self._index = self._load_index()
         return ix
 
-    def _segment(self, index_name: str, stat_key: tuple[int, int], *, write: bool = True,
-                 trust_file: bool = True) -> dict[str, np.ndarray]:
+    def _segment(
+        self, index_name: str, stat_key: tuple[int, int], *, write: bool = True, trust_file: bool = True
+    ) -> dict[str, np.ndarray]:
         """One shard's columns (:func:`viq.store.derived.shard_columns`)."""
         return shard_columns(self._path, self._cfg, index_name, stat_key, write=write, trust_file=trust_file)
 
@@ -418,8 +425,9 @@ class CodeStore:
                 metadata=meta,
             )
         except ValueError as exc:
-            raise StoreError(self._path / SHARD_DIR / ix.shards[ix.shard_no[p]],
-                             f"record {ix.id_at(p)!r}: {exc}") from None
+            raise StoreError(
+                self._path / SHARD_DIR / ix.shards[ix.shard_no[p]], f"record {ix.id_at(p)!r}: {exc}"
+            ) from None
 
     def get(self, sample_id: str) -> Codes:
         """The codes of ``sample_id``, read from the memory-mapped shard.
@@ -454,8 +462,13 @@ class CodeStore:
         (checked like :meth:`get`)."""
         ix = self._idx
         for p, sid in enumerate(ix.iter_ids()):
-            yield (sid, ix.shards[ix.shard_no[p]], (ix.grid[2 * p], ix.grid[2 * p + 1]), ix.image_size_at(p),
-                   self._record(p))
+            yield (
+                sid,
+                ix.shards[ix.shard_no[p]],
+                (ix.grid[2 * p], ix.grid[2 * p + 1]),
+                ix.image_size_at(p),
+                self._record(p),
+            )
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -486,7 +499,7 @@ class CodeStore:
             flags = seg["flags"]
             chash = seg["chash"]
             for row in range(len(off) - 1):
-                sid = blob[off[row]:off[row + 1]].decode("utf-8", "surrogatepass")
+                sid = blob[off[row] : off[row + 1]].decode("utf-8", "surrogatepass")
                 yield sid, chash[row].tobytes().hex() if flags[row] & FLAG_HASH else ""
 
     # ---- pickling -------------------------------------------------------------------------
@@ -557,41 +570,7 @@ class CodeStore:
         try:
             return code_stats(self._path, self._cfg, files, self._records(), progress)
         except IndexError as exc:  # an index that names a shard or record that is not there
-            raise StoreError(self._path, f"its index does not match its shards ({exc}); `viq store verify` "
-                                         f"checks every entry and rebuilds it") from None
-
-
-class StoreIds(collections.abc.Sequence):
-    """The ids of a :class:`CodeStore` in index order, read lazily from its memory-mapped index."""
-
-    def __init__(self, store: CodeStore) -> None:
-        self._store = store
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
-            if step == 1:
-                return list(self._store._idx.iter_ids(start, stop)) if stop > start else []
-            return [self._store.id_at(j) for j in range(start, stop, step)]
-        return self._store.id_at(i)
-
-    def __iter__(self) -> Iterator[str]:
-        return self._store._idx.iter_ids()
-
-    def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self._store
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, StoreIds):
-            other = list(other)
-        if not isinstance(other, (list, tuple)):
-            return NotImplemented
-        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"StoreIds({len(self)} ids of {str(self._store.path)!r})"
+            raise StoreError(
+                self._path,
+                f"its index does not match its shards ({exc}); `viq store verify` checks every entry and rebuilds it",
+            ) from None

@@ -91,8 +91,13 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_shards(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
-                  index_problems: Sequence[str], progress: Callable[[int], object] | None = None) -> VerifyReport:
+def verify_shards(
+    path: Path,
+    config: StoreConfig,
+    shards: Sequence[ShardIndex],
+    index_problems: Sequence[str],
+    progress: Callable[[int], object] | None = None,
+) -> VerifyReport:
     """Check the store at ``path`` whose loaded index is ``shards``; never raises for store damage.
 
     Checks each shard's size, header and sha256; every record's bounds, contiguity, CRC-32 and
@@ -125,16 +130,23 @@ def verify_shards(path: Path, config: StoreConfig, shards: Sequence[ShardIndex],
     names = sorted(e.name for e in os.scandir(shard_dir))
     for name in names:
         if name.endswith(TMP_SUFFIX):
-            report.notes.append(f"{name}: temporary file of an unfinished shard (removed by the next writer "
-                                "with the same name)")
+            report.notes.append(
+                f"{name}: temporary file of an unfinished shard (removed by the next writer with the same name)"
+            )
         elif SHARD_FILE.fullmatch(name):
             if ShardName.parse(name).index not in names:
                 report.notes.append(f"{name}: shard without index (writer killed while finalising; ignored)")
         elif not INDEX_FILE.fullmatch(name) and not LOOKUP_FILE.fullmatch(name) and not WRITER_LOCK.fullmatch(name):
             report.notes.append(f"{name}: unexpected file in {SHARD_DIR}/")
     level = logging.INFO if report.ok else logging.WARNING
-    log.log(level, "verified %s: %d shards, %d records, %d problems", path, report.shards,
-            report.records, len(report.problems))
+    log.log(
+        level,
+        "verified %s: %d shards, %d records, %d problems",
+        path,
+        report.shards,
+        report.records,
+        len(report.problems),
+    )
     return report
 
 
@@ -153,25 +165,31 @@ def _verify_shard(path: Path, shard: ShardIndex, config: StoreConfig) -> list[st
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
         digest = hashlib.sha256(m).hexdigest()
         if digest != shard.sha256:
-            problems.append(f"{name}: sha256 checksum mismatch (file {digest[:16]}..., index "
-                            f"{shard.sha256[:16]}...): shard is corrupt")
+            problems.append(
+                f"{name}: sha256 checksum mismatch (file {digest[:16]}..., index "
+                f"{shard.sha256[:16]}...): shard is corrupt"
+            )
         magic, version, flags = SHARD_HEADER.unpack_from(m, 0)
         want_flags = FLAG_ENTROPY if config.entropy_coding else 0
         if magic != SHARD_MAGIC or version != FORMAT_VERSION or flags != want_flags:
-            problems.append(f"{name}: bad shard header (magic {magic!r}, version {version}, flags {flags}; "
-                            f"expected {SHARD_MAGIC!r}, {FORMAT_VERSION}, {want_flags})")
+            problems.append(
+                f"{name}: bad shard header (magic {magic!r}, version {version}, flags {flags}; "
+                f"expected {SHARD_MAGIC!r}, {FORMAT_VERSION}, {want_flags})"
+            )
         record_problems: list[str] = []
         expected_offset = SHARD_HEADER_SIZE
         for row, sid in enumerate(shard.ids):
             off, length = int(shard.offsets[row]), int(shard.lengths[row])
             where = f"{name}: record {row} ({sid!r})"
             if off != expected_offset:
-                record_problems.append(f"{where}: starts at byte {off}, expected {expected_offset} "
-                                       "(records must be contiguous)")
+                record_problems.append(
+                    f"{where}: starts at byte {off}, expected {expected_offset} (records must be contiguous)"
+                )
             expected_offset = off + length
             if off < SHARD_HEADER_SIZE or off + length > actual_size:
-                record_problems.append(f"{where}: bytes [{off}, {off + length}) point past the end of the "
-                                       f"{actual_size}-byte shard")
+                record_problems.append(
+                    f"{where}: bytes [{off}, {off + length}) point past the end of the {actual_size}-byte shard"
+                )
                 continue
             data = m[off : off + length]
             if zlib.crc32(data) != int(shard.crcs[row]):
@@ -181,8 +199,13 @@ def _verify_shard(path: Path, shard: ShardIndex, config: StoreConfig) -> list[st
             if ih and padded_grid(ih, iw, config.patch_size) != (h, w):
                 record_problems.append(f"{where}: image size {(ih, iw)} does not fit grid {(h, w)}")
             try:
-                decode_record(data, h * w * config.codes_per_patch, config.bits_per_code, config.codebook_size,
-                              config.entropy_coding)
+                decode_record(
+                    data,
+                    h * w * config.codes_per_patch,
+                    config.bits_per_code,
+                    config.codebook_size,
+                    config.entropy_coding,
+                )
             except ValueError as exc:
                 record_problems.append(f"{where}: {exc}")
         if shard.ids and expected_offset != actual_size:
@@ -193,9 +216,13 @@ def _verify_shard(path: Path, shard: ShardIndex, config: StoreConfig) -> list[st
     return problems + record_problems
 
 
-def code_stats(path: Path, config: StoreConfig, files: Sequence[tuple[str, str]],
-               records: Iterable[tuple[str, str, tuple[int, int], tuple[int, int] | None, bytes]],
-               progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+def code_stats(
+    path: Path,
+    config: StoreConfig,
+    files: Sequence[tuple[str, str]],
+    records: Iterable[tuple[str, str, tuple[int, int], tuple[int, int] | None, bytes]],
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, Any]:
     """Size and code-usage statistics of the store at ``path``: ``files`` are the ``(shard, index)``
     file names of its loaded shards and ``records`` yields ``(sample id, shard, grid, image size or
     None, record bytes)`` of every distinct sample id. The fields are listed in
@@ -208,9 +235,12 @@ def code_stats(path: Path, config: StoreConfig, files: Sequence[tuple[str, str]]
     """
     k = config.codebook_size
     if k > LIMITS.max_histogram_codes:  # checked before a K-entry histogram is allocated
-        raise StoreError(path / STORE_FILE, f"levels {list(config.levels)} make a codebook of {k} codes; counting their "
-                                            f"use needs a histogram larger than {LIMITS.max_histogram_codes} entries "
-                                            f"(VIQ_LIMITS=max_histogram_codes=N raises the limit)")
+        raise StoreError(
+            path / STORE_FILE,
+            f"levels {list(config.levels)} make a codebook of {k} codes; counting their "
+            f"use needs a histogram larger than {LIMITS.max_histogram_codes} entries "
+            f"(VIQ_LIMITS=max_histogram_codes=N raises the limit)",
+        )
     hist = np.zeros(k, dtype=np.int64)
     pending: list[np.ndarray] = []
     pending_n = 0

@@ -62,8 +62,10 @@ def decode_record(data: bytes, num_codes: int, bits: int, k: int, entropy_coding
         ValueError: describing what is wrong with the record.
     """
     if num_codes > LIMITS.max_record_codes:  # the grid comes from an index file: bounded before decoding
-        raise ValueError(f"the index declares {num_codes} codes for this record, more than {LIMITS.max_record_codes} "
-                         f"(VIQ_LIMITS=max_record_codes=N raises the limit)")
+        raise ValueError(
+            f"the index declares {num_codes} codes for this record, more than {LIMITS.max_record_codes} "
+            f"(VIQ_LIMITS=max_record_codes=N raises the limit)"
+        )
     packed_len = (num_codes * bits + 7) // 8
     tag = _TAG_PACKED
     body = data
@@ -155,8 +157,9 @@ def _str_list(values: Any, rows: int, what: str) -> list[str]:
     return values
 
 
-def parse_shard_index(index_path: Path, writer: str, seq: int, stat_key: tuple[int, int],
-                      config: StoreConfig) -> ShardIndex:
+def parse_shard_index(
+    index_path: Path, writer: str, seq: int, stat_key: tuple[int, int], config: StoreConfig
+) -> ShardIndex:
     """Parse and structurally validate one ``.idx.json`` of a store with ``config``.
 
     ``writer`` and ``seq`` are what its file name says; ``stat_key`` is ``(mtime_ns, size)`` of the file.

@@ -89,9 +89,12 @@ class ShardWriter:
         try:
             self._lock = OwnerLock(self._dir / writer_lock_name(name))
         except LockHeld as e:
-            raise StoreError(store.path, f"writer {name!r} is already writing to this store ({e.holder}); "
-                                         f"two writers of one name would corrupt it: wait for it to finish, or give "
-                                         f"this one another rank / name") from None
+            raise StoreError(
+                store.path,
+                f"writer {name!r} is already writing to this store ({e.holder}); "
+                f"two writers of one name would corrupt it: wait for it to finish, or give "
+                f"this one another rank / name",
+            ) from None
         self._seq = self._clean_up_and_number()
         store.refresh()
         # Ids (and hashes) this writer already finalised in earlier runs: re-adding one is a
@@ -126,8 +129,11 @@ class ShardWriter:
                 last = max(last, int(m["seq"]))
         for fname in entries:
             m = LOOKUP_TMP.fullmatch(fname) or LOOKUP_FILE.fullmatch(fname)
-            if m and m["writer"] == self._name and (
-                    fname.startswith(".") or ShardName.parse(fname).index not in indexes):
+            if (
+                m
+                and m["writer"] == self._name
+                and (fname.startswith(".") or ShardName.parse(fname).index not in indexes)
+            ):
                 log.info("%s: removing leftover %s", self._dir, fname)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._dir / fname)
@@ -204,8 +210,10 @@ class ShardWriter:
         if isinstance(model, str) and model != cfg.model_fingerprint:
             problems.append(f"model fingerprint {model} (store: {cfg.model_fingerprint})")
         if problems:
-            raise StoreError(self._store.path, f"refusing codes of sample {sample_id!r} from another code space: "
-                                      + ", ".join(problems))
+            raise StoreError(
+                self._store.path,
+                f"refusing codes of sample {sample_id!r} from another code space: " + ", ".join(problems),
+            )
 
         record = encode_record(codes.indices.numpy().reshape(-1), cfg.bits_per_code, cfg.entropy_coding)
         if self._fh is not None and self._size + len(record) > cfg.shard_bytes:
@@ -267,8 +275,12 @@ class ShardWriter:
         self._fh = None
         self._closed = True
         self._lock.release()
-        log.warning("%s: writer %r stopped after a failed write; its unfinished shard %s was removed",
-                  self._store.path, self._name, shard.base)
+        log.warning(
+            "%s: writer %r stopped after a failed write; its unfinished shard %s was removed",
+            self._store.path,
+            self._name,
+            shard.base,
+        )
 
     def flush(self) -> None:
         """Finalise the current shard (atomic, durable); no-op if nothing was added since."""
@@ -325,12 +337,24 @@ class ShardWriter:
         cols = self._cols
         try:
             st = os.stat(self._dir / shard.index)
-            arrays = columns_to_arrays(cols["id"], cols["source"], cols["content_hash"], cols["grid"],
-                                       cols["image_size"], cols["offset"], cols["length"], cols["crc32"])
+            arrays = columns_to_arrays(
+                cols["id"],
+                cols["source"],
+                cols["content_hash"],
+                cols["grid"],
+                cols["image_size"],
+                cols["offset"],
+                cols["length"],
+                cols["crc32"],
+            )
             write_lookup(self._dir / shard.lookup, shard.bin, (st.st_mtime_ns, st.st_size), arrays)
         except (OSError, ValueError) as exc:
-            log.warning("%s: could not write the lookup file of %s (readers will derive it): %s",
-                        self._store.path, shard.base, exc)
+            log.warning(
+                "%s: could not write the lookup file of %s (readers will derive it): %s",
+                self._store.path,
+                shard.base,
+                exc,
+            )
 
     def close(self) -> None:
         """Flush, mark the writer closed (further :meth:`add` calls raise) and refresh the store

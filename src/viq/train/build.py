@@ -61,8 +61,9 @@ def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
     return ViQConfig.load(path / VIQ_CONFIG), load_file(str(path / VIQ_WEIGHTS))
 
 
-def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor],
-              init_kind: str) -> tuple[ViQConfig, nn.Module | None]:
+def build_vae(
+    cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor], init_kind: str
+) -> tuple[ViQConfig, nn.Module | None]:
     """The frozen latent codec of the stage, and ``config`` with its ``vae`` section matching it.
 
     In order: ``vae.path`` (a diffusers / pixel-codec folder or a Hub id; it also replaces ``vae.*``
@@ -77,8 +78,12 @@ def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor
 
         directory = resolve(cfg.vae.path, what="VAE")
         vae_config, vae = load_vae(directory)
-        log.info("VAE (%s) from %s%s", vae_config.kind, directory,
-                 "; it replaces the vae.* weights of model.init" if any(k.startswith("vae.") for k in state) else "")
+        log.info(
+            "VAE (%s) from %s%s",
+            vae_config.kind,
+            directory,
+            "; it replaces the vae.* weights of model.init" if any(k.startswith("vae.") for k in state) else "",
+        )
         return dataclasses.replace(config, vae=vae_config), vae
     if not needs:
         return config, None
@@ -89,17 +94,22 @@ def build_vae(cfg: TrainConfig, config: ViQConfig, state: dict[str, torch.Tensor
         raise ValueError(
             f"stage {cfg.stage} needs a frozen VAE for its reconstruction loss, and model.init ({cfg.model.init}) "
             f"brings no vae.* weights: set vae.path to the Qwen-Image VAE (a diffusers folder, or the Hub id "
-            f"Qwen/Qwen-Image/vae) or to a pixel-codec folder")
+            f"Qwen/Qwen-Image/vae) or to a pixel-codec folder"
+        )
     vae = make_vae(config.vae)
     if vae_state:
         try:
             vae.load_state_dict(vae_state)
         except RuntimeError as e:
-            raise ValueError(f"{cfg.model.init}: its vae.* weights do not fit its config's vae section "
-                             f"({str(e).splitlines()[0]})") from None
+            raise ValueError(
+                f"{cfg.model.init}: its vae.* weights do not fit its config's vae section ({str(e).splitlines()[0]})"
+            ) from None
     else:
-        log.warning("model.init %s is a preset: the reconstruction target is a randomly initialised VAE "
-                    "(for tests only; set vae.path for real training)", cfg.model.init)
+        log.warning(
+            "model.init %s is a preset: the reconstruction target is a randomly initialised VAE "
+            "(for tests only; set vae.path for real training)",
+            cfg.model.init,
+        )
     return config, vae
 
 
@@ -133,7 +143,8 @@ def _check_carry(config: ViQConfig, carry: dict[str, torch.Tensor], source: str)
             raise ValueError(
                 f"{source}: its {component}.* weights, carried into this stage's output, do not fit the recipe's "
                 f"model config ({exc}); they share the config's `{section}` section, so leave "
-                f"model.config.{section} as the init has it") from None
+                f"model.config.{section} as the init has it"
+            ) from None
 
 
 def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
@@ -171,17 +182,27 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         carry = {k: v for k, v in state.items() if k.startswith(stage.handover.carry)}
         _check_carry(config, carry, cfg.model.init)
     model = TrainModel(
-        cfg.stage, config, llm=language.llm if language else None, projector=language.projector if language else None,
-        vae=vae, loss_weights=weights, teacher_resize=cfg.loss.teacher_resize, teacher_size=cfg.loss.teacher_size,
-        max_length=cfg.llm.max_length, carry=carry, llm_identity=language.identity if language else None,
+        cfg.stage,
+        config,
+        llm=language.llm if language else None,
+        projector=language.projector if language else None,
+        vae=vae,
+        loss_weights=weights,
+        teacher_resize=cfg.loss.teacher_resize,
+        teacher_size=cfg.loss.teacher_size,
+        max_length=cfg.llm.max_length,
+        carry=carry,
+        llm_identity=language.identity if language else None,
     )
     if state:
         load_matching(model, _handed_over(stage.handover, state), cfg.model.init)
 
     model.teacher_record = setup_teacher(model, cfg, init_dir, published)
     if "distill" in model.losses and model.teacher is None:
-        raise ValueError(f"loss.distill={cfg.loss.distill} needs the encoder's MAP head (the student's pooled "
-                         f"embedding), and the encoder of {cfg.model.init} has none: set loss.distill=0")
+        raise ValueError(
+            f"loss.distill={cfg.loss.distill} needs the encoder's MAP head (the student's pooled "
+            f"embedding), and the encoder of {cfg.model.init} has none: set loss.distill=0"
+        )
     model.to(device)
     return model, language.tokenizer if language else None
 
@@ -200,18 +221,24 @@ def _encoder_from(config_dict: dict[str, Any], state: dict[str, torch.Tensor], s
     from viq.model.encoder import ViTEncoder
 
     encoder = ViTEncoder(dataclass_from_dict(EncoderConfig, config_dict, "teacher encoder"))
-    weights = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    weights = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
     if missing or unexpected or not weights:
-        raise ValueError(f"teacher {source}: its weights do not fit the encoder ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[:3]})")
+        raise ValueError(
+            f"teacher {source}: its weights do not fit the encoder ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[:3]})"
+        )
     if encoder.pool is None:
         raise ValueError(f"teacher {source}: the encoder has no MAP head to pool its features")
     return encoder
 
 
-def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None,
-                  published: tuple[Any, dict[str, torch.Tensor]] | None = None) -> dict[str, Any] | None:
+def setup_teacher(
+    model: TrainModel,
+    cfg: TrainConfig,
+    init_dir: Path | None,
+    published: tuple[Any, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any] | None:
     """Give ``model`` its distillation teacher and return the record to write into the stage output.
 
     The paper distils every stage towards one fixed-resolution teacher: the pre-trained encoder that
@@ -239,8 +266,10 @@ def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None,
 
         weights = Path(record["weights"])
         if not weights.is_file():
-            raise FileNotFoundError(f"teacher weights {weights} (recorded in {init_dir / STAGE_FILE}) not found: "
-                                    f"restore them or name a teacher with loss.teacher=viq:<dir>")
+            raise FileNotFoundError(
+                f"teacher weights {weights} (recorded in {init_dir / STAGE_FILE}) not found: "
+                f"restore them or name a teacher with loss.teacher=viq:<dir>"
+            )
         state = {"encoder." + k: v for k, v in load_file(str(weights)).items()}
         model.set_teacher(_encoder_from(record["encoder"], state, str(weights)))
         return record
@@ -257,8 +286,9 @@ def setup_teacher(model: TrainModel, cfg: TrainConfig, init_dir: Path | None,
     return _teacher_from(model, encoder_config, state, spec)
 
 
-def _teacher_from(model: TrainModel, encoder_config: Any, state: dict[str, torch.Tensor],
-                  source: str) -> dict[str, Any]:
+def _teacher_from(
+    model: TrainModel, encoder_config: Any, state: dict[str, torch.Tensor], source: str
+) -> dict[str, Any]:
     """Give ``model`` the teacher of ``encoder_config`` holding the ``encoder.*`` tensors of ``state``;
     the record of a teacher chosen here (its weights are written with this stage's output)."""
     encoder = dataclasses.asdict(encoder_config)
@@ -275,5 +305,5 @@ def _handed_over(handover: Handover, state: dict[str, torch.Tensor]) -> dict[str
     targets = tuple({dst.split(".")[0] + "." for _, dst in handover.seed})
     if targets and not any(k.startswith(targets) for k in taken):
         for src, dst in handover.seed:
-            taken.update({dst + k[len(src):]: v for k, v in state.items() if k.startswith(src)})
+            taken.update({dst + k[len(src) :]: v for k, v in state.items() if k.startswith(src)})
     return taken

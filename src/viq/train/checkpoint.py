@@ -59,8 +59,17 @@ from viq.train.parallel import Dist, strip_wrapper_prefix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "resume_point", "run_started", "check_checkpoint", "load_checkpoint", "seed_step",
-           "full_state", "materialise"]
+__all__ = [
+    "save_checkpoint",
+    "latest_checkpoint",
+    "resume_point",
+    "run_started",
+    "check_checkpoint",
+    "load_checkpoint",
+    "seed_step",
+    "full_state",
+    "materialise",
+]
 
 #: progress.json "format": 2 = DCP directory + scheduler.pt; 1 (no field) = gathered state.pt (read only)
 FORMAT = 2
@@ -102,8 +111,18 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return _kept(model, model_state), optim_state
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, stream: BatchStream,
-                    dist_info: Dist, cfg: TrainConfig, history: list[dict], extra: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    stream: BatchStream,
+    dist_info: Dist,
+    cfg: TrainConfig,
+    history: list[dict],
+    extra: dict | None = None,
+) -> Path:
     """Write checkpoint ``step-<step>`` under ``directory/checkpoints`` and point ``latest`` at it.
     A collective: every rank calls it and writes its own shards; rank 0 writes the shared files.
     ``extra``: small state that is the same on every rank (e.g. the code-usage window), saved by
@@ -136,9 +155,19 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, str
                 if extra is not None:
                     torch.save(extra, tmp / "extra.pt")
                 fault_point("checkpoint.write")
-                (tmp / "progress.json").write_text(json.dumps(
-                    {"format": FORMAT, "step": step, "micro_batch": stream.index, "world": dist_info.world,
-                     "recipe": cfg.to_dict(), "history": history}, indent=1))
+                (tmp / "progress.json").write_text(
+                    json.dumps(
+                        {
+                            "format": FORMAT,
+                            "step": step,
+                            "micro_batch": stream.index,
+                            "world": dist_info.world,
+                            "recipe": cfg.to_dict(),
+                            "history": history,
+                        },
+                        indent=1,
+                    )
+                )
             dist_info.barrier()
             if dist_info.main:
                 # The directory is the unit made atomic by the rename: its files and entries reach the disk
@@ -190,8 +219,10 @@ def _planner():
             try:
                 loaded = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as e:
-                raise UntrustedFileError(f"checkpoint entry {read_item.dest_index.fqn}: refused: it pickles more than "
-                                         f"tensors and plain values ({str(e).splitlines()[0][:120]})") from None
+                raise UntrustedFileError(
+                    f"checkpoint entry {read_item.dest_index.fqn}: refused: it pickles more than "
+                    f"tensors and plain values ({str(e).splitlines()[0][:120]})"
+                ) from None
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
             else:
@@ -270,7 +301,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     if not ckpts.is_dir():
         return None
     for aside in ckpts.glob(".step-*.old"):
-        if recover_dir(ckpts / aside.name[1:-len(".old")]):
+        if recover_dir(ckpts / aside.name[1 : -len(".old")]):
             log.warning("%s: put back the checkpoint set aside by an interrupted save", aside)
     pointer = ckpts / "latest"
     named = None
@@ -283,8 +314,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     if named is not None and named in candidates:
         candidates = [named] + [p for p in candidates if p != named]
     elif pointer.exists():
-        log.warning("%s names %r, which is not a checkpoint; looking for the newest complete one",
-                    pointer, text if named is not None else "")
+        log.warning(
+            "%s names %r, which is not a checkpoint; looking for the newest complete one",
+            pointer,
+            text if named is not None else "",
+        )
     for path in candidates:
         problem = check_checkpoint(path)
         if problem is None:
@@ -309,10 +343,15 @@ def resume_point(output_dir: Path) -> Path | None:
         return found
     if run_started(output_dir):
         written = sorted(p.name for p in (output_dir / "checkpoints").glob("step-*"))
-        what = f"checkpoints {', '.join(written)} are unusable (see the warnings)" if written else \
-            "it has metrics.jsonl but no checkpoint"
-        raise ValueError(f"{output_dir}: nothing to resume from: {what}; refusing to start again from step 0 "
-                         f"over it (remove the folder, or set another train.output_dir)")
+        what = (
+            f"checkpoints {', '.join(written)} are unusable (see the warnings)"
+            if written
+            else "it has metrics.jsonl but no checkpoint"
+        )
+        raise ValueError(
+            f"{output_dir}: nothing to resume from: {what}; refusing to start again from step 0 "
+            f"over it (remove the folder, or set another train.output_dir)"
+        )
     return None
 
 
@@ -328,7 +367,8 @@ def _check_layout(path: Path, progress: dict, cfg: TrainConfig, dist_info: Dist)
             f"{path}: written with a global batch of {before} samples per step ({progress['world']} processes × "
             f"train.batch_size {b} × train.grad_accum {a}), this run has {now} ({dist_info.world} × "
             f"{cfg.train.batch_size} × {cfg.train.grad_accum}); set train.batch_size and train.grad_accum so that "
-            f"processes × batch_size × grad_accum = {before} to resume exactly")
+            f"processes × batch_size × grad_accum = {before} to resume exactly"
+        )
     if progress["world"] != dist_info.world:
         log.info("resharding %s: written by %d processes, resuming on %d", path, progress["world"], dist_info.world)
 
@@ -343,13 +383,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, dist_info: Dist, cf
     _check_layout(path, progress, cfg, dist_info)
     if (path / "state.pt").is_file():  # format 1: the gathered state, read by every rank
         state = torch_load(path / "state.pt")  # tensors and plain values only: a pickled object is refused
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, strict=False))
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
         scheduler.load_state_dict(state["scheduler"])
     else:
         model_state, optim_state = _load_sharded(path, model, optimizer)
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(strict=False))
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=StateDictOptions(strict=False),
+        )
         scheduler.load_state_dict(torch_load(path / "scheduler.pt"))
     # Each step reads grad_accum micro-batches on every rank: the position follows from the step.
     progress["micro_batch"] = progress["step"] * cfg.train.grad_accum
@@ -369,8 +419,10 @@ def _load_sharded(path: Path, model, optimizer) -> tuple[dict, dict]:
     saved = set(_reader(path).read_metadata().state_dict_metadata)
     missing = sorted(k for k in model_state if f"model.{k}" not in saved)
     if missing:
-        raise ValueError(f"{path}: has no {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
-                         f"({len(missing)} entries): the recipe trains other parts than the run that wrote it")
+        raise ValueError(
+            f"{path}: has no {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} entries): the recipe trains other parts than the run that wrote it"
+        )
     per_param = {}
     for fqn, values in optim_state["state"].items():
         values = {k: v for k, v in values.items() if f"optimizer.state.{fqn}.{k}" in saved}

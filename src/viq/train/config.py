@@ -185,8 +185,15 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
-        sections = {"model": ModelSection, "llm": LLMSection, "vae": VAESection, "data": DataSection, "loss": LossSection,
-                    "optim": OptimSection, "train": TrainSection}
+        sections = {
+            "model": ModelSection,
+            "llm": LLMSection,
+            "vae": VAESection,
+            "data": DataSection,
+            "loss": LossSection,
+            "optim": OptimSection,
+            "train": TrainSection,
+        }
         for name, cls in sections.items():
             value = getattr(self, name)
             if not isinstance(value, cls):
@@ -210,8 +217,10 @@ class TrainConfig:
         if self.loss.teacher_resize not in ("bilinear", "aspect"):
             raise ValueError(f"loss.teacher_resize must be bilinear or aspect, got {self.loss.teacher_resize!r}")
         if self.train.eval_every and not self.data.val:
-            raise ValueError(f"train.eval_every={self.train.eval_every} needs data.val, the held-out data to validate "
-                             f"on (or set train.eval_every=0)")
+            raise ValueError(
+                f"train.eval_every={self.train.eval_every} needs data.val, the held-out data to validate "
+                f"on (or set train.eval_every=0)"
+            )
         if not 0 <= self.train.collapse_usage <= 1:
             raise ValueError(f"train.collapse_usage must be in [0, 1], got {self.train.collapse_usage}")
         if self.train.log_every < 1:
@@ -339,30 +348,46 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 def _check_ranges(cfg: TrainConfig) -> None:
     """Values of the right type but outside what they can mean: one error naming the key."""
+
     def need(ok: bool, key: str, rule: str, value: Any) -> None:
         if not ok:
             raise ValueError(f"{key} must be {rule}, got {value!r}")
 
     t, o, d, m = cfg.train, cfg.optim, cfg.data, cfg.llm
-    for key, value, low in (("train.max_steps", t.max_steps, 1), ("train.batch_size", t.batch_size, 1),
-                            ("train.grad_accum", t.grad_accum, 1), ("train.save_every", t.save_every, 0),
-                            ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.eval_every", t.eval_every, 0),
-                            ("train.eval_samples", t.eval_samples, 0), ("train.log_images", t.log_images, 0),
-                            ("llm.lora_r", m.lora_r, 1), ("llm.max_length", m.max_length, 2),
-                            ("data.min_pixels", d.min_pixels, 1), ("data.num_workers", d.num_workers, 0),
-                            ("loss.teacher_size", cfg.loss.teacher_size, 1)):
+    for key, value, low in (
+        ("train.max_steps", t.max_steps, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum", t.grad_accum, 1),
+        ("train.save_every", t.save_every, 0),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1),
+        ("train.eval_every", t.eval_every, 0),
+        ("train.eval_samples", t.eval_samples, 0),
+        ("train.log_images", t.log_images, 0),
+        ("llm.lora_r", m.lora_r, 1),
+        ("llm.max_length", m.max_length, 2),
+        ("data.min_pixels", d.min_pixels, 1),
+        ("data.num_workers", d.num_workers, 0),
+        ("loss.teacher_size", cfg.loss.teacher_size, 1),
+    ):
         need(value >= low, key, f"an integer >= {low}", value)
     need(d.max_pixels >= d.min_pixels, "data.max_pixels", f">= data.min_pixels ({d.min_pixels})", d.max_pixels)
     for i, phase in enumerate(d.resolution_schedule):
-        need(len(phase) == 2 and phase[0] >= 0 and phase[1] >= 1, f"data.resolution_schedule[{i}]",
-             "[start_step >= 0, max_pixels >= 1]", phase)
+        need(
+            len(phase) == 2 and phase[0] >= 0 and phase[1] >= 1,
+            f"data.resolution_schedule[{i}]",
+            "[start_step >= 0, max_pixels >= 1]",
+            phase,
+        )
     need(o.lr > 0, "optim.lr", "> 0", o.lr)
     for group, lr in o.group_lr.items():
         need(lr > 0, f"optim.group_lr.{group}", "> 0", lr)
     need(all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))
     need(o.eps > 0, "optim.eps", "> 0", o.eps)
-    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
-                       ("llm.lora_alpha", m.lora_alpha)):
+    for key, value in (
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.grad_clip", o.grad_clip),
+        ("llm.lora_alpha", m.lora_alpha),
+    ):
         need(value >= 0, key, ">= 0", value)
     for key, value in (("optim.warmup_ratio", o.warmup_ratio), ("optim.min_lr_ratio", o.min_lr_ratio)):
         need(0 <= value <= 1, key, "in [0, 1]", value)

@@ -82,15 +82,17 @@ def plot_curves(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | N
         ax_codes.plot(*zip(*usage), color="tab:blue", label="usage (share of codebook)")
         ax_codes.set_ylabel("share of the codebook used")
         ax_codes.set_ylim(0, 1.02)
-        entropy = [(r["step"], r["code_entropy_bits"]) for r in train
-                   if isinstance(r.get("code_entropy_bits"), (int, float))]
+        entropy = [
+            (r["step"], r["code_entropy_bits"]) for r in train if isinstance(r.get("code_entropy_bits"), (int, float))
+        ]
         if entropy:
             twin = ax_codes.twinx()
             twin.plot(*zip(*entropy), color="tab:orange", label="entropy (bits)")
             twin.set_ylabel("entropy (bits per code)")
     else:
-        ax_codes.text(0.5, 0.5, "no codes: this stage does not quantize", ha="center", va="center",
-                      transform=ax_codes.transAxes)
+        ax_codes.text(
+            0.5, 0.5, "no codes: this stage does not quantize", ha="center", va="center", transform=ax_codes.transAxes
+        )
     fig.suptitle(f"{Path(run_dir).resolve().name}: steps {steps[0]}-{steps[-1]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

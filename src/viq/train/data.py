@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,8 +44,17 @@ class ShardedBatchOrder:
         shuffle: permute each epoch (False: dataset order).
     """
 
-    def __init__(self, size: int, batch_size: int, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 start: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        start: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         if size <= 0:
             raise ValueError("the training set is empty")
         self.size, self.batch_size, self.rank, self.world = size, batch_size, rank, world
@@ -117,7 +127,8 @@ class Collator:
                         raise ValueError(
                             f"{item.where} (id={item.id}): {chars} characters of text cannot fit llm.max_length="
                             f"{self.max_length} tokens (refused before tokenising: more than {MAX_CHARS_PER_TOKEN} "
-                            f"characters a token)")
+                            f"characters a token)"
+                        )
                     tok = self.tokenizer.encode(item.messages)
                     input_ids, labels = tok.input_ids, tok.labels
                     length = self._llm_length(len(input_ids), item.images, item_codes)
@@ -135,7 +146,9 @@ class Collator:
                 images.append(item.pixels)
                 per_sample.append(1)
                 ids.append(getattr(item, "path", str(len(ids))))
-        return TrainBatch(images=images, codes=codes, conversations=conversations, images_per_sample=per_sample, ids=ids)
+        return TrainBatch(
+            images=images, codes=codes, conversations=conversations, images_per_sample=per_sample, ids=ids
+        )
 
 
 def build_dataset(path: str, cfg: TrainConfig, max_pixels: int, *, progress: bool = False):
@@ -149,22 +162,27 @@ def build_dataset(path: str, cfg: TrainConfig, max_pixels: int, *, progress: boo
     from viq.data.llava import LlavaDataset
     from viq.formats.image import PreprocessConfig
 
-    columns = {"conversations_column": cfg.data.conversations_column, "image_column": cfg.data.image_column,
-               "id_column": cfg.data.id_column}  # used by columnar data only
+    columns = {
+        "conversations_column": cfg.data.conversations_column,
+        "image_column": cfg.data.image_column,
+        "id_column": cfg.data.id_column,
+    }  # used by columnar data only
     if get_stage(cfg.stage).data == "codes":
         from viq.data.codes import LlavaCodesDataset
 
         if not cfg.data.codes:
             raise ValueError(f"stage {cfg.stage} needs data.codes: the code store made by viq extract")
-        return LlavaCodesDataset(path, cfg.data.codes, image_root=cfg.data.image_root, on_error=cfg.data.on_error,
-                                 columns=columns)
+        return LlavaCodesDataset(
+            path, cfg.data.codes, image_root=cfg.data.image_root, on_error=cfg.data.on_error, columns=columns
+        )
 
     pre = PreprocessConfig(min_pixels=cfg.data.min_pixels, max_pixels=max_pixels)
     if Path(path).is_dir() and not is_columnar_source(path):
         dataset = ImageFolderDataset(path, preprocess=pre, on_error=cfg.data.on_error)
     else:
-        dataset = LlavaDataset(path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error,
-                               columns=columns)
+        dataset = LlavaDataset(
+            path, image_root=cfg.data.image_root, preprocess=pre, on_error=cfg.data.on_error, columns=columns
+        )
     if cfg.data.check_images:
         _checked(dataset, path, cfg, progress)
     return dataset
@@ -184,18 +202,26 @@ def _checked(dataset, path: str, cfg: TrainConfig, progress: bool) -> None:
     key = (str(path), cfg.data.image_root, cfg.data.on_error)
     bad = _CHECKED.get(key)
     if bad is None:
-        before = set(dataset.files) if isinstance(dataset, ImageFolderDataset) else \
-            {r.path for i in range(len(dataset)) for r in dataset.record(i).images}
+        before = (
+            set(dataset.files)
+            if isinstance(dataset, ImageFolderDataset)
+            else {r.path for i in range(len(dataset)) for r in dataset.record(i).images}
+        )
         check_images(dataset, progress=progress)
-        after = set(dataset.files) if isinstance(dataset, ImageFolderDataset) else \
-            {r.path for i in range(len(dataset)) for r in dataset.record(i).images}
+        after = (
+            set(dataset.files)
+            if isinstance(dataset, ImageFolderDataset)
+            else {r.path for i in range(len(dataset)) for r in dataset.record(i).images}
+        )
         _CHECKED[key] = frozenset(before - after)
     elif bad:
         if isinstance(dataset, ImageFolderDataset):
             dataset.files = [f for f in dataset.files if f not in bad]
         else:
-            dataset.drop([i for i in range(len(dataset)) if any(r.path in bad for r in dataset.record(i).images)],
-                         reason="unreadable image")
+            dataset.drop(
+                [i for i in range(len(dataset)) if any(r.path in bad for r in dataset.record(i).images)],
+                reason="unreadable image",
+            )
 
 
 def max_pixels_at(cfg: TrainConfig, step: int) -> int:
@@ -214,27 +240,46 @@ class BatchStream:
     built (and checked) at that resolution, used instead of building it again when the stream starts
     there."""
 
-    def __init__(self, cfg: TrainConfig, dist_info: Dist, collator: Collator, start: int,
-                 built: tuple[int, torch.utils.data.Dataset] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dist_info: Dist,
+        collator: Collator,
+        start: int,
+        built: tuple[int, torch.utils.data.Dataset] | None = None,
+    ) -> None:
         self.cfg, self.dist, self.collator = cfg, dist_info, collator
         self.index = start
-        self._iter = None
-        self._pixels = None
+        self._iter: Any = None  # an iterator over the DataLoader, made at the first next()
+        self._pixels: int | None = None
         self._built = built
 
     def next(self, step: int) -> TrainBatch:
         pixels = max_pixels_at(self.cfg, step)
         if self._iter is None or pixels != self._pixels:
             built, self._built = self._built, None
-            dataset = built[1] if built is not None and built[0] == pixels else \
-                build_dataset(self.cfg.data.train, self.cfg, pixels)
-            order = ShardedBatchOrder(len(dataset), self.cfg.train.batch_size, rank=self.dist.rank,
-                                      world=self.dist.world, seed=self.cfg.train.seed, start=self.index)
+            dataset = (
+                built[1]
+                if built is not None and built[0] == pixels
+                else build_dataset(self.cfg.data.train, self.cfg, pixels)
+            )
+            order = ShardedBatchOrder(
+                len(dataset),
+                self.cfg.train.batch_size,
+                rank=self.dist.rank,
+                world=self.dist.world,
+                seed=self.cfg.train.seed,
+                start=self.index,
+            )
             # Its own generator: creating a DataLoader iterator draws a seed, which must not consume the
             # global RNG (that would shift dropout noise after a resume).
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=self.collator,
-                                                 num_workers=self.cfg.data.num_workers,
-                                                 generator=torch.Generator().manual_seed(self.cfg.train.seed))
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=order,
+                collate_fn=self.collator,
+                num_workers=self.cfg.data.num_workers,
+                generator=torch.Generator().manual_seed(self.cfg.train.seed),
+            )
             self._iter, self._pixels = iter(loader), pixels
         self.index += 1
         return next(self._iter)

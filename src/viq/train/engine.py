@@ -64,8 +64,15 @@ log = logging.getLogger(__name__)
 #: held by rank 0 of the job that trains into an output folder
 RUN_LOCK = ".train.lock"
 
-__all__ = ["train", "train_step", "prepare_model", "combine_losses", "loss_weights", "autocast_context",
-           "enable_gradient_checkpointing"]
+__all__ = [
+    "train",
+    "train_step",
+    "prepare_model",
+    "combine_losses",
+    "loss_weights",
+    "autocast_context",
+    "enable_gradient_checkpointing",
+]
 
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
@@ -73,8 +80,9 @@ def loss_weights(cfg: TrainConfig) -> dict[str, float]:
     return cfg.loss_weights()
 
 
-def combine_losses(out: StepLosses, weights: dict[str, float], n_tokens: float,
-                   n_images: float) -> tuple[torch.Tensor, dict[str, Any]]:
+def combine_losses(
+    out: StepLosses, weights: dict[str, float], n_tokens: float, n_images: float
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """The step loss of one micro-batch: ``sum_k w_k * sum_k / count_k`` over the losses the model
     computed, where the count is the step's global number of the loss's unit (``stages.LOSS_UNITS``:
     supervised tokens for text, images for the rest). Returns the loss and every normalised part (0
@@ -96,9 +104,18 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train_step(model: nn.Module, batch: TrainBatch | Sequence[TrainBatch], optimizer: torch.optim.Optimizer,
-               scheduler, cfg: TrainConfig, *, dist_info: Dist | None = None, device: torch.device | None = None,
-               autocast=None, usage: CodeUsage | None = None) -> dict[str, float]:
+def train_step(
+    model: nn.Module,
+    batch: TrainBatch | Sequence[TrainBatch],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    *,
+    dist_info: Dist | None = None,
+    device: torch.device | None = None,
+    autocast=None,
+    usage: CodeUsage | None = None,
+) -> dict[str, float]:
     """One optimizer step over ``batch``: this rank's micro-batches of the step (a TrainBatch, or
     ``grad_accum`` of them), already on ``device``.
 
@@ -116,8 +133,11 @@ def train_step(model: nn.Module, batch: TrainBatch | Sequence[TrainBatch], optim
     device = device if device is not None else next(model.parameters()).device
     autocast = autocast if autocast is not None else autocast_context(cfg, device)
     weights = loss_weights(cfg)
-    counts = torch.tensor([sum(b.num_supervised_tokens for b in micro), sum(b.num_images for b in micro),
-                           sum(len(b.ids) for b in micro)], dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [sum(b.num_supervised_tokens for b in micro), sum(b.num_images for b in micro), sum(len(b.ids) for b in micro)],
+        dtype=torch.float64,
+        device=device,
+    )
     dist_info.all_reduce(counts)
     n_tokens, n_images, n_samples = (max(1.0, float(c)) for c in counts)
     # The step's loss parts stay on the device until the step is done: reading each one back (float())
@@ -134,7 +154,9 @@ def train_step(model: nn.Module, batch: TrainBatch | Sequence[TrainBatch], optim
         if usage is not None and out.indices is not None:
             usage.add(out.indices)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    )
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
@@ -187,20 +209,29 @@ def enable_gradient_checkpointing(model: TrainModel) -> list[str]:
         elif hasattr(llm, "gradient_checkpointing_enable"):
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            raise ValueError(f"train.gradient_checkpointing: the LLM ({type(llm).__name__}) has no activation "
-                             f"checkpointing; set train.gradient_checkpointing=false")
+            raise ValueError(
+                f"train.gradient_checkpointing: the LLM ({type(llm).__name__}) has no activation "
+                f"checkpointing; set train.gradient_checkpointing=false"
+            )
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-        flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+        flag = (
+            "is_activation_checkpointing"
+            if hasattr(base, "is_activation_checkpointing")
+            else "is_gradient_checkpointing"
+        )
         if not getattr(base, flag, True):
-            raise ValueError(f"train.gradient_checkpointing: the LLM ({type(base).__name__}) did not switch "
-                             f"checkpointing on; set train.gradient_checkpointing=false")
+            raise ValueError(
+                f"train.gradient_checkpointing: the LLM ({type(base).__name__}) did not switch "
+                f"checkpointing on; set train.gradient_checkpointing=false"
+            )
         switched.append("llm")
     log.info("gradient checkpointing: %s", ", ".join(switched) or "no part has blocks to checkpoint")
     return switched
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
-          launch: DistEnv | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, launch: DistEnv | None = None
+) -> dict[str, Any]:
     """Run a stage. Returns a summary (final losses, output paths).
 
     Args:
@@ -234,9 +265,11 @@ def _own_run_folder(out_dir: Path):
     try:
         return OwnerLock(out_dir / RUN_LOCK)
     except LockHeld as e:
-        raise ValueError(f"{out_dir}: another training job is using this output folder ({e.holder}); two jobs "
-                         f"would overwrite each other's checkpoints: wait for it, or set another "
-                         f"train.output_dir") from None
+        raise ValueError(
+            f"{out_dir}: another training job is using this output folder ({e.holder}); two jobs "
+            f"would overwrite each other's checkpoints: wait for it, or set another "
+            f"train.output_dir"
+        ) from None
 
 
 def _starting_point(out_dir: Path, resume: bool) -> Path | None:
@@ -245,13 +278,16 @@ def _starting_point(out_dir: Path, resume: bool) -> Path | None:
     if resume:
         return resume_point(out_dir)
     if run_started(out_dir):
-        raise ValueError(f"{out_dir}: holds a run already (checkpoints / metrics.jsonl): continue it with "
-                         f"--resume, or remove the folder / set another train.output_dir to start afresh")
+        raise ValueError(
+            f"{out_dir}: holds a run already (checkpoints / metrics.jsonl): continue it with "
+            f"--resume, or remove the folder / set another train.output_dir to start afresh"
+        )
     return None
 
 
-def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Path, *, resume: bool,
-           stop_after: int | None) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Path, *, resume: bool, stop_after: int | None
+) -> dict[str, Any]:
     checkpoint = _starting_point(out_dir, resume)
     # The data before the model: a missing file or a bad image stops the run now, not when drawn.
     first_pixels = max_pixels_at(cfg, 0)
@@ -273,14 +309,18 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
         log.info("resumed from %s at step %d", checkpoint, step)
 
     image_tokens = model.projector.num_tokens if model.projector is not None else None
-    collator = Collator(tokenizer, cfg.llm.max_length, image_tokens=image_tokens,
-                        patch_size=model.config.encoder.patch_size)
+    collator = Collator(
+        tokenizer, cfg.llm.max_length, image_tokens=image_tokens, patch_size=model.config.encoder.patch_size
+    )
     stream = BatchStream(cfg, dist_info, collator, start_micro, built=(first_pixels, train_data))
     autocast = autocast_context(cfg, device)
     run_log = RunLogger(out_dir, cfg, main=dist_info.main, start_step=step)  # drops records after `step`
     clock = time.perf_counter() - (history[-1].get("time", 0.0) if history else 0.0)  # run time, resumes included
-    usage = CodeUsage(model.config.head.codebook_size if model.head is not None else 0, device,
-                      collapse_usage=cfg.train.collapse_usage)
+    usage = CodeUsage(
+        model.config.head.codebook_size if model.head is not None else 0,
+        device,
+        collapse_usage=cfg.train.collapse_usage,
+    )
     saved_usage = load_extra(checkpoint).get("code_usage") if checkpoint is not None else None
     if saved_usage is not None:
         usage.load_state_dict(saved_usage)
@@ -302,11 +342,22 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
         seed_step(cfg.train.seed, step, dist_info.rank)
         micro = [stream.next(step).to(device) for _ in range(cfg.train.grad_accum)]
         if cfg.train.log_samples:
-            append_line(out_dir / f"samples-rank{dist_info.rank}.jsonl",
-                        json.dumps({"step": step + 1, "rank": dist_info.rank, "ids": [i for b in micro for i in b.ids]}))
+            append_line(
+                out_dir / f"samples-rank{dist_info.rank}.jsonl",
+                json.dumps({"step": step + 1, "rank": dist_info.rank, "ids": [i for b in micro for i in b.ids]}),
+            )
         lrs = learning_rates(optimizer)  # the rates this step uses
-        stats = train_step(wrapped, micro, optimizer, scheduler, cfg, dist_info=dist_info, device=device,
-                           autocast=autocast, usage=usage)
+        stats = train_step(
+            wrapped,
+            micro,
+            optimizer,
+            scheduler,
+            cfg,
+            dist_info=dist_info,
+            device=device,
+            autocast=autocast,
+            usage=usage,
+        )
         step += 1
 
         # Every step goes into the history (kept in checkpoints); the log writes every log_every steps.
@@ -327,15 +378,35 @@ def _train(cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Pat
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            save_checkpoint(out_dir, step, wrapped, optimizer, scheduler, stream, dist_info, cfg, history,
-                    extra={"code_usage": usage.state_dict()})
+            save_checkpoint(
+                out_dir,
+                step,
+                wrapped,
+                optimizer,
+                scheduler,
+                stream,
+                dist_info,
+                cfg,
+                history,
+                extra={"code_usage": usage.state_dict()},
+            )
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and cfg.data.val:
             validate()
     bar.close()
 
     summary: dict[str, Any] = {"steps": step, "history": history, "output_dir": str(out_dir)}
-    save_checkpoint(out_dir, step, wrapped, optimizer, scheduler, stream, dist_info, cfg, history,
-                    extra={"code_usage": usage.state_dict()})
+    save_checkpoint(
+        out_dir,
+        step,
+        wrapped,
+        optimizer,
+        scheduler,
+        stream,
+        dist_info,
+        cfg,
+        history,
+        extra={"code_usage": usage.state_dict()},
+    )
     if step < total:
         run_log.close()
         return summary

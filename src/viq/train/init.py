@@ -59,8 +59,14 @@ from viq._untrusted import read_json
 from viq.model.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
 from viq.model.hub import parse_hub_id, resolve
 
-__all__ = ["SiglipCheckpoint", "load_siglip", "hf_siglip_state", "timm_siglip_state", "resize_pos_table",
-           "AUTHORS_PREFIX"]
+__all__ = [
+    "SiglipCheckpoint",
+    "load_siglip",
+    "hf_siglip_state",
+    "timm_siglip_state",
+    "resize_pos_table",
+    "AUTHORS_PREFIX",
+]
 
 KNOWN_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
 #: Key prefix of the vision tower in the authors' (PEFT-wrapped LLaVA) training checkpoints.
@@ -110,7 +116,7 @@ def hf_siglip_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     for f in files:
         raw.update(_read_state(f))
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in raw) else ""
-    raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    raw = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
     out: dict[str, torch.Tensor] = {}
     patch = raw["embeddings.patch_embedding.weight"]
     width = patch.shape[0]
@@ -127,8 +133,13 @@ def hf_siglip_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
             depth = max(depth, int(m.group(1)) + 1)
     for i in range(depth):
         src, dst = f"encoder.layers.{i}.", f"encoder.blocks.{i}."
-        for a, b in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"),
-                     ("mlp.fc2", "mlp.fc2"), ("self_attn.out_proj", "attn.proj")):
+        for a, b in (
+            ("layer_norm1", "norm1"),
+            ("layer_norm2", "norm2"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+            ("self_attn.out_proj", "attn.proj"),
+        ):
             for t in ("weight", "bias"):
                 out[f"{dst}{b}.{t}"] = raw[f"{src}{a}.{t}"]
         for t in ("weight", "bias"):
@@ -142,8 +153,12 @@ def hf_siglip_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         w, b = raw["head.attention.in_proj_weight"], raw["head.attention.in_proj_bias"]
         out["encoder.pool.q.weight"], out["encoder.pool.q.bias"] = w[:width], b[:width]
         out["encoder.pool.kv.weight"], out["encoder.pool.kv.bias"] = w[width:], b[width:]
-        for a, b_ in (("head.attention.out_proj", "proj"), ("head.layernorm", "norm"), ("head.mlp.fc1", "mlp.fc1"),
-                      ("head.mlp.fc2", "mlp.fc2")):
+        for a, b_ in (
+            ("head.attention.out_proj", "proj"),
+            ("head.layernorm", "norm"),
+            ("head.mlp.fc1", "mlp.fc1"),
+            ("head.mlp.fc2", "mlp.fc2"),
+        ):
             for t in ("weight", "bias"):
                 out[f"encoder.pool.{b_}.{t}"] = raw[f"{a}.{t}"]
     fields = {
@@ -167,8 +182,11 @@ def timm_siglip_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     for prefix in (AUTHORS_PREFIX, *_TIMM_PREFIXES):
         if any(k.startswith(prefix) for k in raw):
             # the authors' file also holds the teacher (another prefix) and LPIPS weights: neither is the trunk
-            raw = {k[len(prefix):]: v for k, v in raw.items()
-                   if k.startswith(prefix) and not k[len(prefix):].startswith("perceptual_loss")}
+            raw = {
+                k[len(prefix) :]: v
+                for k, v in raw.items()
+                if k.startswith(prefix) and not k[len(prefix) :].startswith("perceptual_loss")
+            }
             break
     if "pos_embed" not in raw or "patch_embed.proj.weight" not in raw:
         raise ValueError(f"{path}: not a timm/open_clip ViT state dict (no pos_embed / patch_embed.proj.weight)")
@@ -224,8 +242,10 @@ def timm_siglip_file(location: str) -> Path:
     path = Path(location)
     if path.exists() or path.suffix not in TIMM_SIGLIP_SUFFIXES or parse_hub_id(str(path.parent)) is None:
         return path
-    return resolve(str(path.parent), allow_patterns=(path.name,), ignore_patterns=None,
-                   what="SigLIP checkpoint") / path.name
+    return (
+        resolve(str(path.parent), allow_patterns=(path.name,), ignore_patterns=None, what="SigLIP checkpoint")
+        / path.name
+    )
 
 
 def load_siglip(kind: str, location: str, overrides: dict[str, Any]) -> SiglipCheckpoint:

@@ -57,8 +57,10 @@ def _recorded(directory: Path) -> tuple[bool, dict[str, Any] | None]:
 
 
 def _describe(identity: dict[str, Any], path: str | None) -> str:
-    return (f"{path or 'an LLM'} ({identity.get('architecture')}, hidden {identity.get('hidden_size')}, "
-            f"{identity.get('num_layers')} layers, vocabulary {identity.get('vocab_size')})")
+    return (
+        f"{path or 'an LLM'} ({identity.get('architecture')}, hidden {identity.get('hidden_size')}, "
+        f"{identity.get('num_layers')} layers, vocabulary {identity.get('vocab_size')})"
+    )
 
 
 def _misfit(module: nn.Module, path: Path, what: str, *, every_key: bool) -> str | None:
@@ -83,14 +85,17 @@ def _adapter_settings(adapter: Path) -> dict[str, Any]:
     return {"r": raw.get("r"), "alpha": raw.get("lora_alpha"), "dora": bool(raw.get("use_dora"))}
 
 
-def _why_not(cfg: TrainConfig, directory: Path, identity: dict[str, Any], projector: nn.Module,
-             llm: nn.Module) -> str | None:
+def _why_not(
+    cfg: TrainConfig, directory: Path, identity: dict[str, Any], projector: nn.Module, llm: nn.Module
+) -> str | None:
     """Why the language side of ``directory`` cannot be taken over (None: it can)."""
     has_stage, record = _recorded(directory)
     if record is not None:
         if record.get("identity") != identity:
-            return (f"it was made for {_describe(record.get('identity') or {}, record.get('path'))}, and this recipe's "
-                    f"LLM is {_describe(identity, cfg.llm.path)}")
+            return (
+                f"it was made for {_describe(record.get('identity') or {}, record.get('path'))}, and this recipe's "
+                f"LLM is {_describe(identity, cfg.llm.path)}"
+            )
     elif has_stage:
         log.info("%s records no LLM (an output of an earlier viq): checking that its tensors fit", directory)
     weights = directory / PROJECTOR_WEIGHTS
@@ -128,8 +133,9 @@ def build_language_side(cfg: TrainConfig, width: int, init_dir: Path | None) -> 
     from viq.mllm.projector import MMProjector
     from viq.train.matching import load_matching
 
-    llm, hf_tokenizer = load_causal_lm(resolve(cfg.llm.path, what="LLM"), dtype=TORCH_DTYPES[cfg.llm.dtype],
-                                       attn_implementation=cfg.llm.attention)
+    llm, hf_tokenizer = load_causal_lm(
+        resolve(cfg.llm.path, what="LLM"), dtype=TORCH_DTYPES[cfg.llm.dtype], attn_implementation=cfg.llm.attention
+    )
     tokenizer = ChatTokenizer(hf_tokenizer, system_prompt=cfg.llm.system_prompt)
     projector = MMProjector(width, llm.config.hidden_size)
     identity = llm_identity(llm)
@@ -143,15 +149,19 @@ def build_language_side(cfg: TrainConfig, width: int, init_dir: Path | None) -> 
         has_language = (source / PROJECTOR_WEIGHTS).is_file() or (source / LLM_DIR).is_dir()
         reason = _why_not(cfg, source, identity, projector, llm) if has_language else None
         if reason is not None and mode == "true":
-            raise ValueError(f"llm.inherit=true: the projector and LLM weights of {source} do not fit: {reason}; "
-                             f"set llm.inherit=auto or false to start them fresh")
+            raise ValueError(
+                f"llm.inherit=true: the projector and LLM weights of {source} do not fit: {reason}; "
+                f"set llm.inherit=auto or false to start them fresh"
+            )
         if reason is not None:
             log.info("projector and LLM adapter start fresh: those of %s do not fit (%s)", source, reason)
         elif has_language:
             taken = source
     elif mode == "true":
-        raise ValueError(f"llm.inherit=true but there is no earlier output to take the projector and LLM weights "
-                         f"from (model.previous / model.init: {source})")
+        raise ValueError(
+            f"llm.inherit=true but there is no earlier output to take the projector and LLM weights "
+            f"from (model.previous / model.init: {source})"
+        )
 
     if taken is not None:
         from safetensors.torch import load_file
@@ -185,5 +195,7 @@ def _load_adapter(llm: nn.Module, adapter_dir: Path) -> None:
     result = set_peft_model_state_dict(llm, load_file(str(weights)))
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
-        raise ValueError(f"{weights}: {len(unexpected)} adapter tensors have no place in this LLM, e.g. {unexpected[:2]}")
+        raise ValueError(
+            f"{weights}: {len(unexpected)} adapter tensors have no place in this LLM, e.g. {unexpected[:2]}"
+        )
     log.info("%s: loaded LoRA adapter", adapter_dir)

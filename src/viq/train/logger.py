@@ -165,8 +165,9 @@ class RunLogger:
         self._write(record)
         return record
 
-    def log_eval(self, result: dict[str, Any], step: int,
-                 reconstructions: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> dict[str, Any]:
+    def log_eval(
+        self, result: dict[str, Any], step: int, reconstructions: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+    ) -> dict[str, Any]:
         """A validation's results at ``step``, and (image, reconstruction) pixel pairs to show."""
         record = {"kind": "eval", "step": step, **{k: v for k, v in result.items() if k != "step"}}
         self._write(record)
@@ -219,8 +220,14 @@ class RunLogger:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({"eval/reconstructions": [wandb.Image(p.numpy(), caption=f"{i}: image | reconstruction")
-                                                     for i, p in enumerate(pictures)]}, step=step)
+            self.wandb.log(
+                {
+                    "eval/reconstructions": [
+                        wandb.Image(p.numpy(), caption=f"{i}: image | reconstruction") for i, p in enumerate(pictures)
+                    ]
+                },
+                step=step,
+            )
 
     def _truncate(self, start_step: int) -> None:
         """Keep the records and image folders of steps up to ``start_step`` only."""
@@ -248,8 +255,10 @@ def _tensorboard(out_dir: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.warning("train.trackers names tensorboard but it is not installed (pip install tensorboard): "
-                    "only %s is written", METRICS_FILE)
+        log.warning(
+            "train.trackers names tensorboard but it is not installed (pip install tensorboard): only %s is written",
+            METRICS_FILE,
+        )
         return None
     return SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
 
@@ -261,13 +270,21 @@ def _wandb(out_dir: Path, cfg: TrainConfig, *, resumed: bool):
     try:
         import wandb
     except ImportError:
-        log.warning("train.trackers names wandb but it is not installed (pip install wandb): only %s is written",
-                    METRICS_FILE)
+        log.warning(
+            "train.trackers names wandb but it is not installed (pip install wandb): only %s is written", METRICS_FILE
+        )
         return None
     id_file = out_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
     if run_id is None:
         run_id = secrets.token_hex(4)  # W&B ids: letters and digits, unique per project
         atomic_write(id_file, (run_id + "\n").encode())
-    return wandb.init(project=cfg.train.wandb_project, name=out_dir.resolve().name, dir=str(out_dir),
-                      mode=cfg.train.wandb_mode, config=cfg.to_dict(), id=run_id, resume="allow")
+    return wandb.init(
+        project=cfg.train.wandb_project,
+        name=out_dir.resolve().name,
+        dir=str(out_dir),
+        mode=cfg.train.wandb_mode,
+        config=cfg.to_dict(),
+        id=run_id,
+        resume="allow",
+    )

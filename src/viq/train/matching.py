@@ -32,8 +32,14 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str
             own[k].copy_(state[k].to(own[k].dtype))
     fresh = sorted(set(own) - set(loaded))
     report = {"loaded": loaded, "fresh": fresh, "mismatched": mismatched, "unexpected": unexpected}
-    log.info("%s: loaded %d tensors; %d start fresh; %d dropped (shape changed); %d not used",
-             source, len(loaded), len(fresh), len(mismatched), len(unexpected))
+    log.info(
+        "%s: loaded %d tensors; %d start fresh; %d dropped (shape changed); %d not used",
+        source,
+        len(loaded),
+        len(fresh),
+        len(mismatched),
+        len(unexpected),
+    )
     for name, keys in (("fresh", _group(fresh)), ("shape changed", mismatched), ("not used", _group(unexpected))):
         if keys:
             log.info("  %s: %s", name, ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))

@@ -17,12 +17,16 @@ __all__ = ["CodeUsage", "code_usage_metrics", "normalize_answer", "answer_matche
 
 # ---------------------------------------------------------------------------------- code usage
 
+
 def code_usage_metrics(hist: torch.Tensor) -> dict[str, float]:
     """``code_usage`` (share of the codebook seen), ``code_perplexity`` and ``code_entropy_bits`` of
     a code histogram (length K), as the run logs them; all 0 for an empty histogram."""
     stats = usage_stats(hist)
-    return {"code_usage": stats["usage"], "code_perplexity": stats["perplexity"],
-            "code_entropy_bits": stats["entropy_bits"]}
+    return {
+        "code_usage": stats["usage"],
+        "code_perplexity": stats["perplexity"],
+        "code_entropy_bits": stats["entropy_bits"],
+    }
 
 
 class CodeUsage:
@@ -62,7 +66,7 @@ class CodeUsage:
         if self.current is None:
             return {}
         dist_info.all_reduce(self.current)
-        self.counts = (self.counts + [self.current.clone()])[-self.window:]
+        self.counts = (self.counts + [self.current.clone()])[-self.window :]
         self.current.zero_()
         per_slot = torch.stack(self.counts).sum(0)
         out = code_usage_metrics(per_slot.sum(0))
@@ -77,16 +81,22 @@ class CodeUsage:
     def collapse(self, step: int, metrics: dict[str, float]) -> str | None:
         """A plain-words warning, the first time the window is full and the codebook share used falls
         below ``collapse_usage`` (None otherwise, and every time after)."""
-        if (self.collapsed_at is not None or not self.collapse_usage or len(self.counts) < self.window
-                or metrics.get("code_usage", 1.0) >= self.collapse_usage):
+        if (
+            self.collapsed_at is not None
+            or not self.collapse_usage
+            or len(self.counts) < self.window
+            or metrics.get("code_usage", 1.0) >= self.collapse_usage
+        ):
             return None
         self.collapsed_at = step
         used = round(metrics["code_usage"] * self.size)
-        return (f"step {step}: the codebook is collapsing: {used} of {self.size} codes "
-                f"({100 * metrics['code_usage']:.2f} %, below train.collapse_usage {100 * self.collapse_usage:g} %) were "
-                f"used over the last {self.window} steps, {metrics['code_entropy_bits']:.2f} of "
-                f"{math.log2(self.size):.2f} bits of entropy; a lower learning rate for the head, or a smaller "
-                f"codebook, usually helps")
+        return (
+            f"step {step}: the codebook is collapsing: {used} of {self.size} codes "
+            f"({100 * metrics['code_usage']:.2f} %, below train.collapse_usage {100 * self.collapse_usage:g} %) were "
+            f"used over the last {self.window} steps, {metrics['code_entropy_bits']:.2f} of "
+            f"{math.log2(self.size):.2f} bits of entropy; a lower learning rate for the head, or a smaller "
+            f"codebook, usually helps"
+        )
 
     def state_dict(self) -> dict:
         """The window's per-step histograms (summed over ranks, so the same on every rank): kept in
@@ -103,9 +113,15 @@ class CodeUsage:
 
 # ------------------------------------------------------------------------------- progress
 
+
 def progress_bar(cfg: TrainConfig, dist_info: Dist, total: int, initial: int):
     """A tqdm bar over optimizer steps, shown on rank 0 when ``train.progress`` is set."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"train {cfg.stage}", unit="step",
-                disable=not (cfg.train.progress and dist_info.main))
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"train {cfg.stage}",
+        unit="step",
+        disable=not (cfg.train.progress and dist_info.main),
+    )

@@ -232,11 +232,14 @@ class TrainModel(ViQModel):
         state = dict(own)
         present = parts_in(own)
         if "dequant" in present and "embedder" not in present and self.config.head.quantizer == "fsq":
-            state.update({"embedder." + k[len("dequant."):]: v for k, v in own.items() if k.startswith("dequant.")})
+            state.update({"embedder." + k[len("dequant.") :]: v for k, v in own.items() if k.startswith("dequant.")})
             if "drawer" not in present and "recon" in present:
-                state.update({"drawer.features." + k[len("dequant."):]: v for k, v in own.items()
-                              if k.startswith("dequant.")})
-                state.update({"drawer.latent." + k[len("recon."):]: v for k, v in own.items() if k.startswith("recon.")})
+                state.update(
+                    {"drawer.features." + k[len("dequant.") :]: v for k, v in own.items() if k.startswith("dequant.")}
+                )
+                state.update(
+                    {"drawer.latent." + k[len("recon.") :]: v for k, v in own.items() if k.startswith("recon.")}
+                )
         if self.vae is not None:
             state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()})
         return ViQModel.from_state_dict(self.config, state, parts=parts_in(state), source=f"stage {self.stage}")
@@ -249,7 +252,9 @@ class TrainModel(ViQModel):
     def forward(self, batch: TrainBatch) -> StepLosses:
         """The loss sums of one micro-batch (see the module docstring)."""
         inputs = self._inputs(batch)
-        sums = {loss: getattr(self, f"_{loss}_sum")(batch, inputs) for loss in self.COMPUTE_ORDER if loss in self.losses}
+        sums = {
+            loss: getattr(self, f"_{loss}_sum")(batch, inputs) for loss in self.COMPUTE_ORDER if loss in self.losses
+        }
         # (patches, slots): official order puts a patch's codes_per_patch codes side by side.
         slots = self.config.head.codes_per_patch if self.head is not None else 1
         indices = torch.cat([i.reshape(-1, slots) for i in inputs.indices]).detach() if inputs.indices else None
@@ -262,13 +267,20 @@ class TrainModel(ViQModel):
             if batch.codes:
                 features, grids = self.embed_codes(batch.codes)
                 return _Inputs(features, grids, anchor=features[0].new_zeros(()))
-            return _Inputs([], [], anchor=sum(p.sum() for p in self.projector.parameters()) * 0)
+            anchor = sum(p.sum() for p in self.projector.parameters()) * 0  # type: ignore[misc]  # sum of tensors
+            return _Inputs([], [], anchor=anchor)
         if path == "drawer":
             with torch.no_grad():  # the encoder and its head are frozen: only the drawer trains
                 encoded = self.encode_features(batch.images, dequantize=False)
             features, latents = self.draw_codes(encoded.indices, encoded.grids)
-            return _Inputs(features, encoded.grids, encoded.padded, latents, indices=encoded.indices,
-                           anchor=latents[0].new_zeros(()))
+            return _Inputs(
+                features,
+                encoded.grids,
+                encoded.padded,
+                latents,
+                indices=encoded.indices,
+                anchor=latents[0].new_zeros(()),
+            )
         if batch.images:
             encoded = self.encode_features(batch.images)
             anchor = encoded.features[0].new_zeros(())
@@ -277,7 +289,7 @@ class TrainModel(ViQModel):
             # with zero weight: every process must run the same modules (DDP/FSDP collectives).
             p = self.config.encoder.patch_size
             dummy = self.encode_features([self.encoder.pos_embed.new_zeros(3, p, p)])
-            anchor = sum(f.sum() for f in dummy.features) * 0
+            anchor = sum(f.sum() for f in dummy.features) * 0  # type: ignore[misc]  # sum of tensors
             return _Inputs([], [], aux=anchor, anchor=anchor)
         return _Inputs(encoded.features, encoded.grids, encoded.padded, None, encoded.aux, encoded.indices, anchor)
 
@@ -286,6 +298,7 @@ class TrainModel(ViQModel):
         """Self-distillation: student MAP(LN(features)) vs the frozen teacher on a fixed-resolution view."""
         if not x.features:
             return x.anchor
+        assert self.encoder.pool is not None and self.teacher is not None  # distillation builds both
         student = self.encoder.pool(x.features)
         with torch.no_grad():
             views = self._teacher_views(x.padded)
@@ -316,8 +329,10 @@ class TrainModel(ViQModel):
         decoder = self.drawer.latent if self.drawer is not None else self.recon
         if x.latents is None:
             x.latents = self.recon(x.features, x.grids)
-        errors = [F.mse_loss(decode_latents(self.vae, decoder.to_raw(z)).float(), img.float())
-                  for z, img in zip(x.latents, x.padded)]
+        errors = [
+            F.mse_loss(decode_latents(self.vae, decoder.to_raw(z)).float(), img.float())
+            for z, img in zip(x.latents, x.padded)
+        ]
         return torch.stack(errors).sum()
 
     def _text_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
@@ -369,6 +384,7 @@ class TrainModel(ViQModel):
     def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
         from viq.mllm.packing import pack_sequences, splice_image_features, supervised_lm_loss
 
+        assert self.projector is not None and self.llm is not None  # the text loss is computed with an LLM only
         image_embeds = self.projector(features, grids) if features else []
         embed = self.llm.get_input_embeddings()
         items = []

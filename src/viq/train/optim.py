@@ -46,12 +46,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if not buckets:
         raise ValueError("nothing to train: every parameter is frozen (check optim.trainable and llm.mode)")
     param_groups = [
-        {"params": params, "lr": cfg.optim.group_lr.get(group, cfg.optim.lr),
-         "weight_decay": cfg.optim.weight_decay if decay else 0.0, "name": f"{group}{'' if decay else '.no_decay'}"}
+        {
+            "params": params,
+            "lr": cfg.optim.group_lr.get(group, cfg.optim.lr),
+            "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+            "name": f"{group}{'' if decay else '.no_decay'}",
+        }
         for (group, decay), params in sorted(buckets.items())
     ]
-    return torch.optim.AdamW(param_groups, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                             **_fastest_implementation([p for ps in buckets.values() for p in ps]))
+    return torch.optim.AdamW(
+        param_groups,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        **_fastest_implementation([p for ps in buckets.values() for p in ps]),
+    )
 
 
 def _fastest_implementation(params: list[nn.Parameter]) -> dict[str, bool]:

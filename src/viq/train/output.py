@@ -27,8 +27,17 @@ from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS
 from viq.train.config import TrainConfig
 from viq.train.model import TrainModel
 
-__all__ = ["save_stage_output", "check_stage_output", "language_record", "VIQ_CONFIG", "VIQ_WEIGHTS",
-           "TEACHER_WEIGHTS", "STAGE_FILE", "PROJECTOR_WEIGHTS", "LLM_DIR"]
+__all__ = [
+    "save_stage_output",
+    "check_stage_output",
+    "language_record",
+    "VIQ_CONFIG",
+    "VIQ_WEIGHTS",
+    "TEACHER_WEIGHTS",
+    "STAGE_FILE",
+    "PROJECTOR_WEIGHTS",
+    "LLM_DIR",
+]
 
 #: the distillation teacher's encoder, written by the stage that chose it (see viq.train.build.setup_teacher)
 TEACHER_WEIGHTS = "teacher.safetensors"
@@ -38,8 +47,12 @@ def language_record(cfg: TrainConfig, identity: dict[str, Any] | None) -> dict[s
     """What a stage output's ``stage.json`` says of its language side (None: it has none)."""
     if identity is None:
         return None
-    return {"path": cfg.llm.path, "mode": cfg.llm.mode, "identity": identity,
-            "lora": {"r": cfg.llm.lora_r, "alpha": cfg.llm.lora_alpha, "dora": cfg.llm.mode == "dora"}}
+    return {
+        "path": cfg.llm.path,
+        "mode": cfg.llm.mode,
+        "identity": identity,
+        "lora": {"r": cfg.llm.lora_r, "alpha": cfg.llm.lora_alpha, "dora": cfg.llm.mode == "dora"},
+    }
 
 
 def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> None:
@@ -61,8 +74,9 @@ def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> N
             tmp.mkdir(parents=True)
             stage = _write_stage_files(model, tmp, directory, cfg)
             fault_point("final.write")
-            stage["files"] = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                              if p.is_file()}
+            stage["files"] = {
+                p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+            }
             (tmp / STAGE_FILE).write_text(json.dumps(stage, indent=2))
             fsync_tree(tmp)
             fault_point("final.written")
@@ -85,11 +99,15 @@ def check_stage_output(directory: Path) -> None:
     for name, size in (files or {}).items():
         path = directory / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing from the stage output {directory} (its stage.json lists it): "
-                                    f"the output is incomplete; re-run the stage that wrote it")
+            raise FileNotFoundError(
+                f"{path}: missing from the stage output {directory} (its stage.json lists it): "
+                f"the output is incomplete; re-run the stage that wrote it"
+            )
         if path.stat().st_size != size:
-            raise ValueError(f"{path}: {path.stat().st_size} bytes, its stage.json says {size}: the output "
-                             f"{directory} is damaged; re-run the stage that wrote it")
+            raise ValueError(
+                f"{path}: {path.stat().st_size} bytes, its stage.json says {size}: the output "
+                f"{directory} is damaged; re-run the stage that wrote it"
+            )
 
 
 def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: TrainConfig) -> dict[str, Any]:
@@ -100,8 +118,10 @@ def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: Tra
     # The network as viq.load reads it: exactly what the inference model saves (one class, one writer).
     model.inference_model().save_pretrained(directory)
     if model.projector is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
-                  str(directory / PROJECTOR_WEIGHTS))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
+            str(directory / PROJECTOR_WEIGHTS),
+        )
     if model.llm is not None and cfg.llm.mode != "frozen":
         llm_dir = directory / LLM_DIR
         if cfg.llm.mode in ("lora", "dora"):
@@ -109,13 +129,19 @@ def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: Tra
         else:
             llm_dir.mkdir(parents=True, exist_ok=True)
             # clone: tied embeddings share storage, which safetensors refuses to write twice
-            save_file({k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
-                      str(llm_dir / "model.safetensors"))
+            save_file(
+                {k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
+                str(llm_dir / "model.safetensors"),
+            )
     record = model.teacher_record
     if record is not None and record["weights"] is None and model.teacher is not None:
         # This stage chose the teacher: its encoder travels with the output, for every later stage.
         teacher_state = {k: v.detach().cpu().contiguous() for k, v in model.teacher.state_dict().items()}
         save_file(teacher_state, str(directory / TEACHER_WEIGHTS), metadata={"source": record["source"]})
         record = {**record, "weights": str((final / TEACHER_WEIGHTS).resolve())}
-    return {"stage": cfg.stage, "recipe": cfg.to_dict(), "teacher": record,
-            "llm": language_record(cfg, model.llm_identity)}
+    return {
+        "stage": cfg.stage,
+        "recipe": cfg.to_dict(),
+        "teacher": record,
+        "llm": language_record(cfg, model.llm_identity),
+    }

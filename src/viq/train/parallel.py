@@ -110,5 +110,5 @@ def strip_wrapper_prefix(name: str) -> str:
     ``_orig_mod.``): the name in the plain :class:`TrainModel`."""
     for prefix in ("module.", "_orig_mod."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name

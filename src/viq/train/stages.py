@@ -101,58 +101,79 @@ class Stage:
         return self.vae or any(weights.get(loss, 0) > 0 for loss, _ in self.optional)
 
 
-TABLE: dict[str, Stage] = {s.name: s for s in (
-    Stage(
-        "stage1",
-        parts=("encoder",),
-        # The trunk, the MAP head, the projector and the LLM adapter (official defaults).
-        trainable=("encoder", "pool", "projector", "llm", "recon"),
-        losses=("text", "distill", "recon"),
-        data="conversations", llm=True, vae=False, follows=None, path="trunk",
-        # Not in the paper's stage 1 (its trunk starts from SigLIP2, whose features already carry
-        # detail): a latent decoder on the trunk features, for encoders trained from scratch.
-        optional=(("recon", "recon"),),
-        # No use for the VAE (unless loss.recon is on), but the output must hand it on to stage 2.
-        handover=Handover(carry=("vae.",)),
-    ),
-    Stage(
-        "stage2_1",
-        parts=("encoder", "head", "dequant", "recon"),
-        # Everything but the frozen teacher/VAE (the released example also trains the trunk).
-        trainable=("encoder", "pool", "head", "dequant", "recon", "projector", "llm"),
-        losses=("text", "distill", "recon", "commit", "pixel"),
-        data="conversations", llm=True, vae=True, follows="stage1",
-    ),
-    Stage(
-        "stage2_2",
-        parts=("encoder", "head", "dequant", "recon"),
-        trainable=("encoder", "pool", "head", "dequant", "recon", "projector", "llm"),
-        losses=("text", "distill", "recon", "commit", "pixel"),
-        data="conversations", llm=True, vae=True, follows="stage2_1",
-    ),
-    Stage(
-        "drawer",
-        parts=("encoder", "head", "drawer"),
-        trainable=("drawer",),
-        losses=("recon", "pixel"),
-        data="images", llm=False, vae=True, follows="stage2_2", path="drawer",
-        handover=Handover(
-            # A drawer starts from the encoder-side decoder when none was trained yet.
-            seed=(("dequant.", "drawer.features."), ("recon.", "drawer.latent.")),
-            # Only the drawer trains; the rest of the ViQ model is carried over into the output.
-            carry=("dequant.", "recon.", "embedder."),
+TABLE: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "stage1",
+            parts=("encoder",),
+            # The trunk, the MAP head, the projector and the LLM adapter (official defaults).
+            trainable=("encoder", "pool", "projector", "llm", "recon"),
+            losses=("text", "distill", "recon"),
+            data="conversations",
+            llm=True,
+            vae=False,
+            follows=None,
+            path="trunk",
+            # Not in the paper's stage 1 (its trunk starts from SigLIP2, whose features already carry
+            # detail): a latent decoder on the trunk features, for encoders trained from scratch.
+            optional=(("recon", "recon"),),
+            # No use for the VAE (unless loss.recon is on), but the output must hand it on to stage 2.
+            handover=Handover(carry=("vae.",)),
         ),
-    ),
-    Stage(
-        "mllm",
-        parts=("embedder",),
-        # The embedder stays frozen unless optim.trainable lists it.
-        trainable=("projector", "llm"),
-        losses=("text",),
-        data="codes", llm=True, vae=False, follows="stage2_2", path="codes",
-        handover=Handover(skip=("vae.",), only=("embedder.",)),
-    ),
-)}
+        Stage(
+            "stage2_1",
+            parts=("encoder", "head", "dequant", "recon"),
+            # Everything but the frozen teacher/VAE (the released example also trains the trunk).
+            trainable=("encoder", "pool", "head", "dequant", "recon", "projector", "llm"),
+            losses=("text", "distill", "recon", "commit", "pixel"),
+            data="conversations",
+            llm=True,
+            vae=True,
+            follows="stage1",
+        ),
+        Stage(
+            "stage2_2",
+            parts=("encoder", "head", "dequant", "recon"),
+            trainable=("encoder", "pool", "head", "dequant", "recon", "projector", "llm"),
+            losses=("text", "distill", "recon", "commit", "pixel"),
+            data="conversations",
+            llm=True,
+            vae=True,
+            follows="stage2_1",
+        ),
+        Stage(
+            "drawer",
+            parts=("encoder", "head", "drawer"),
+            trainable=("drawer",),
+            losses=("recon", "pixel"),
+            data="images",
+            llm=False,
+            vae=True,
+            follows="stage2_2",
+            path="drawer",
+            handover=Handover(
+                # A drawer starts from the encoder-side decoder when none was trained yet.
+                seed=(("dequant.", "drawer.features."), ("recon.", "drawer.latent.")),
+                # Only the drawer trains; the rest of the ViQ model is carried over into the output.
+                carry=("dequant.", "recon.", "embedder."),
+            ),
+        ),
+        Stage(
+            "mllm",
+            parts=("embedder",),
+            # The embedder stays frozen unless optim.trainable lists it.
+            trainable=("projector", "llm"),
+            losses=("text",),
+            data="codes",
+            llm=True,
+            vae=False,
+            follows="stage2_2",
+            path="codes",
+            handover=Handover(skip=("vae.",), only=("embedder.",)),
+        ),
+    )
+}
 
 #: Stage names, in training order.
 STAGES: tuple[str, ...] = tuple(TABLE)

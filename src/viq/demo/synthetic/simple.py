@@ -64,8 +64,15 @@ def _neutral_background(rng: random.Random, size: tuple[int, int]) -> tuple[Imag
     return background(rng, size, bg, gradient=rng.choice((0, 15))), bg
 
 
-def _one_big_shape(rng: random.Random, size: tuple[int, int], kind: str, rgb: tuple[int, int, int],
-                   img: Image.Image, lo: float, hi: float) -> Image.Image:
+def _one_big_shape(
+    rng: random.Random,
+    size: tuple[int, int],
+    kind: str,
+    rgb: tuple[int, int, int],
+    img: Image.Image,
+    lo: float,
+    hi: float,
+) -> Image.Image:
     w, h = size
     r = rng.uniform(lo, hi) * min(w, h)
     cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
@@ -73,7 +80,9 @@ def _one_big_shape(rng: random.Random, size: tuple[int, int], kind: str, rgb: tu
     return add_noise(img, rng, rng.uniform(1.0, 4.0))
 
 
-def task_shape_color(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_shape_color(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """One big shape in one of :data:`SIMPLE_COLORS`, anywhere it fits."""
     img, _ = _neutral_background(rng, size)
     kind, color = rng.choice(SHAPES), rng.choice(SIMPLE_COLORS)
@@ -81,7 +90,9 @@ def task_shape_color(rng: random.Random, size: tuple[int, int], fonts: Sequence[
     return img, [(SIMPLE_QUESTIONS["shape_color"], color)]
 
 
-def task_shape(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_shape(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """One big circle, square or triangle in a palette colour far from the background."""
     img, bg = _neutral_background(rng, size)
     kind, color = rng.choice(SHAPES), rng.choice(colors_far_from(bg, 120.0))
@@ -89,7 +100,9 @@ def task_shape(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
     return img, [(SIMPLE_QUESTIONS["shape"], kind)]
 
 
-def task_where(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_where(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """One shape centred in the outer band (28 %) of one edge, along the middle of that edge."""
     w, h = size
     img, bg = _neutral_background(rng, size)
@@ -98,14 +111,20 @@ def task_where(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
     r = rng.uniform(0.12, 0.18) * min(w, h)
     along = rng.uniform(0.3, 0.7)
     depth = rng.uniform(r + 1, max(r + 1, 0.28 * (w if where in ("left", "right") else h)))
-    cx, cy = {"left": (depth, along * h), "right": (w - depth, along * h),
-              "top": (along * w, depth), "bottom": (along * w, h - depth)}[where]
+    cx, cy = {
+        "left": (depth, along * h),
+        "right": (w - depth, along * h),
+        "top": (along * w, depth),
+        "bottom": (along * w, h - depth),
+    }[where]
     draw_shape(ImageDraw.Draw(img), kind, cx, cy, r, jitter(rng, PALETTE[color], 10), shape_rotation(rng, kind))
     img = add_noise(img, rng, rng.uniform(1.0, 4.0))
     return img, [(SIMPLE_QUESTIONS["where"], where)]
 
 
-def task_count_big(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_count_big(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """1-4 large non-overlapping shapes (any kinds and colours far from the background) to count."""
     w, h = size
     img, bg = _neutral_background(rng, size)
@@ -119,7 +138,9 @@ def task_count_big(rng: random.Random, size: tuple[int, int], fonts: Sequence[st
     return img, [(SIMPLE_QUESTIONS["count_big"], str(n))]
 
 
-def task_digit(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_digit(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """One big digit, 55-80 % of the short side (shrunk until it fits), in a contrasting colour."""
     w, h = size
     font_path = rng.choice(list(fonts_or_default(fonts)))
@@ -133,8 +154,8 @@ def task_digit(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
         px = max(8, int(px * 0.9))
     img, bg = _neutral_background(rng, size)
     fg = contrasting_rgb(rng, bg, 100.0)
-    draw_text(ImageDraw.Draw(img), (rng.randint(2, max(2, w - 2 - tw)), rng.randint(2, max(2, h - 2 - th))),
-               char, font, fg)
+    draw_text(
+        ImageDraw.Draw(img), (rng.randint(2, max(2, w - 2 - tw)), rng.randint(2, max(2, h - 2 - th))), char, font, fg
+    )
     img = add_noise(img, rng, rng.uniform(1.0, 4.0))
     return img, [(SIMPLE_QUESTIONS["digit"], char)]
-

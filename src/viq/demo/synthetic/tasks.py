@@ -45,6 +45,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from viq.demo.synthetic.document import task_document
 from viq.demo.synthetic.draw import (
     CELL_NAMES,
     NEUTRALS,
@@ -52,7 +53,6 @@ from viq.demo.synthetic.draw import (
     SHAPES,
     add_noise,
     background,
-    bbox,
     colors_far_from,
     contrasting_rgb,
     draw_shape,
@@ -89,20 +89,22 @@ QA = tuple[str, str]
 
 #: Random strings avoid glyphs that are ambiguous in small sans fonts (I/l/1, O/0/o).
 OCR_ALPHABET = "".join(c for c in string.ascii_letters + string.digits if c not in "Il1O0o")
-_WORDS = (
-    "apple", "river", "garden", "window", "silver", "planet", "rocket", "marble", "forest",
-    "pencil", "harbor", "candle", "violet", "jacket", "bridge", "copper", "meadow", "castle",
-    "puzzle", "lantern", "thunder", "compass", "blanket", "falcon", "harvest", "quartz", "zebra",
-    "yogurt", "kettle", "waffle", "basket", "tunnel", "museum", "nectar", "orbit", "pixel",
-    "vector", "token", "matrix", "sketch", "glacier", "volcano", "saffron", "cobalt", "emerald",
-    "ginger", "hammock", "igloo", "jigsaw", "kayak", "lemon", "mosaic", "noodle", "oyster",
-    "parrot", "quiver", "radish", "sphinx", "tundra", "umbrella", "walnut", "xylophone", "yonder",
-    "zipper", "ember", "fjord", "gravel", "horizon", "inkwell", "juniper", "keystone", "lighthouse",
-    "mango", "nebula", "outpost", "pepper", "riddle", "sunset", "trumpet", "velvet", "whisper",
+_WORDS = tuple(
+    """
+    apple river garden window silver planet rocket marble forest pencil harbor candle violet jacket
+    bridge copper meadow castle puzzle lantern thunder compass blanket falcon harvest quartz zebra
+    yogurt kettle waffle basket tunnel museum nectar orbit pixel vector token matrix sketch glacier
+    volcano saffron cobalt emerald ginger hammock igloo jigsaw kayak lemon mosaic noodle oyster
+    parrot quiver radish sphinx tundra umbrella walnut xylophone yonder zipper ember fjord gravel
+    horizon inkwell juniper keystone lighthouse mango nebula outpost pepper riddle sunset trumpet
+    velvet whisper
+    """.split()
 )
 
 
-def task_ocr(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_ocr(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """Short word or random alphanumeric string (3-12 chars), often in a small 10-14 px font.
 
     The font shrinks (down to 8 px) and then the string is shortened (down to 3 chars) until the
@@ -149,7 +151,9 @@ def task_ocr(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | N
 # --------------------------------------------------------------------------------------------
 
 
-def task_count(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_count(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """1-9 shapes of one kind plus (60 % of the time) 1-4 distractors of another kind."""
     w, h = size
     kind, other = rng.sample(SHAPES, 2)
@@ -182,7 +186,9 @@ def cell_name(x: float, y: float, w: int, h: int) -> str:
     return CELL_NAMES[row][col]
 
 
-def task_locate(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_locate(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """A target ``<color> <shape>`` plus 0-3 distractors, each well inside its own grid cell.
 
     Centres lie in the middle half of their cell and shapes are smaller than 0.22 of a cell, so
@@ -223,7 +229,9 @@ def task_locate(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] 
 # --------------------------------------------------------------------------------------------
 
 
-def task_color(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_color(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """1-3 shapes of distinct kinds and distinct palette colours on a neutral background."""
     w, h = size
     bg = jitter(rng, rng.choice(NEUTRALS), 10)
@@ -284,7 +292,9 @@ def _chart_values(rng: random.Random, n: int, mode: str) -> tuple[list[int], int
             return values, top, step
 
 
-def task_chart(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
+def task_chart(
+    rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None
+) -> tuple[Image.Image, list[QA]]:
     """Bar chart (vertical or horizontal) with 3-6 labelled bars and value labels or axis ticks."""
     w, h = size
     fonts = fonts_or_default(fonts)
@@ -395,8 +405,16 @@ def task_chart(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] |
 
 
 def _chart_layout(
-    w: int, h: int, font: Any, labels: list[str], vals: list[int], top: int, step: int,
-    mode: str, vertical: bool, title: str | None,
+    w: int,
+    h: int,
+    font: Any,
+    labels: list[str],
+    vals: list[int],
+    top: int,
+    step: int,
+    mode: str,
+    vertical: bool,
+    title: str | None,
 ) -> dict[str, Any] | None:
     """Plot rectangle ``(left, top, right, bottom)`` in px if everything fits, else ``None``."""
     fh = text_wh(font, "0Ag")[1]
@@ -426,123 +444,6 @@ def _chart_layout(
     if right - left < 30 or bottom - top_y < 30:
         return None
     return {"font": font, "labels": labels, "values": vals, "plot": (left, top_y, right, bottom)}
-
-
-# --------------------------------------------------------------------------------------------
-# Task: document
-# --------------------------------------------------------------------------------------------
-
-_FIRST = ("Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tomas", "Fatima", "Ivan",
-          "Grace", "Noah", "Chen", "Sofia", "Kwame", "Elena", "Yusuf", "Hana", "Lucas", "Nadia")
-_LAST = ("Garcia", "Smith", "Tanaka", "Haddad", "Novak", "Silva", "Patel", "Berg", "Okafor", "Ivanova",
-         "Kim", "Muller", "Rossi", "Dubois", "Mensah", "Larsen", "Cohen", "Sato", "Lopez", "Khan")
-_CITIES = ("Lisbon", "Nairobi", "Osaka", "Denver", "Krakow", "Lyon", "Austin", "Porto", "Seoul", "Bergen",
-           "Quebec", "Cusco", "Tunis", "Perth", "Hanoi", "Leeds")
-_COUNTRIES = ("Portugal", "Kenya", "Japan", "Canada", "Poland", "France", "Peru", "Norway", "Chile", "Ghana",
-              "Spain", "India", "Brazil", "Egypt")
-_STATUSES = ("Paid", "Pending", "Shipped", "Cancelled", "Approved", "On hold", "Delivered")
-_DEPARTMENTS = ("Sales", "Finance", "Research", "Support", "Logistics", "Legal", "Marketing")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_UPPER_DIGITS = "".join(c for c in string.ascii_uppercase + string.digits if c not in "IO01")
-
-
-def _date(r: random.Random) -> str:
-    y, m, d = r.randint(1998, 2029), r.randint(1, 12), r.randint(1, 28)
-    return f"{y}-{m:02d}-{d:02d}" if r.random() < 0.5 else f"{d} {_MONTHS[m - 1]} {y}"
-
-
-def _code(r: random.Random, lo: int = 5, hi: int = 8) -> str:
-    return "".join(r.choice(_UPPER_DIGITS) for _ in range(r.randint(lo, hi)))
-
-
-#: (key, value generator). Questions are "What is the <key lower-cased>?".
-_DOC_FIELDS: tuple[tuple[str, Callable[[random.Random], str]], ...] = (
-    ("Name", lambda r: f"{r.choice(_FIRST)} {r.choice(_LAST)}"),
-    ("Date", _date),
-    ("Due date", _date),
-    ("Invoice number", lambda r: f"INV-{r.randint(10000, 99999)}"),
-    ("Order ID", _code),
-    ("Total", lambda r: f"${r.randint(1, 9999)}.{r.randint(0, 99):02d}"),
-    ("City", lambda r: r.choice(_CITIES)),
-    ("Country", lambda r: r.choice(_COUNTRIES)),
-    ("Phone", lambda r: f"{r.randint(200, 999)}-{r.randint(200, 999)}-{r.randint(1000, 9999)}"),
-    ("Account", lambda r: str(r.randint(10_000_000, 99_999_999))),
-    ("Reference", lambda r: f"REF{r.randint(100, 999)}{r.choice(string.ascii_uppercase)}"),
-    ("Quantity", lambda r: str(r.randint(1, 500))),
-    ("Status", lambda r: r.choice(_STATUSES)),
-    ("Department", lambda r: r.choice(_DEPARTMENTS)),
-    ("Code", lambda r: _code(r, 4, 6)),
-    ("Weight", lambda r: f"{r.randint(1, 99)} kg"),
-    ("Email", lambda r: f"{r.choice(_FIRST).lower()}.{r.choice(_LAST).lower()}@example.com"),
-)
-_DOC_TITLES = ("INVOICE", "RECEIPT", "PACKING SLIP", "ORDER FORM", "STATEMENT", "SHIPPING LABEL",
-               "REGISTRATION", "DELIVERY NOTE")
-
-
-def task_document(rng: random.Random, size: tuple[int, int], fonts: Sequence[str] | None = None) -> tuple[Image.Image, list[QA]]:
-    """Off-white page with an optional title and up to 10 lines of ``Key: Value`` in 9-13 px text.
-
-    Only fields that fit on the page are drawn (and asked about); keys are unique per page.
-    """
-    w, h = size
-    fonts = fonts_or_default(fonts)
-    font_path = rng.choice(list(fonts))
-    px = rng.randint(9, 13)
-    font = load_font(font_path, px)
-    ink = jitter(rng, (25, 25, 35), 15)
-    img = Image.new("RGB", size, jitter(rng, (250, 249, 244), 5))
-    draw = ImageDraw.Draw(img)
-    x0 = rng.randint(4, max(4, w // 12))
-    y = rng.randint(3, max(3, h // 20))
-    title = None
-    if rng.random() < 0.7:
-        tfont = load_font(rng.choice(list(fonts)), px + rng.randint(3, 8))
-        cand = rng.choice(_DOC_TITLES)
-        tw, th = text_wh(tfont, cand)
-        if tw <= w - x0 - 3 and y + th + 6 < h:
-            title = cand
-            tx = x0 if rng.random() < 0.5 else (w - tw) // 2
-            draw_text(draw, (tx, y), title, tfont, ink)
-            y += th + 4
-            draw.line((x0, y, w - x0, y), fill=(150, 150, 150))
-            y += 5
-    fh = text_wh(font, "0Ag")[1]
-    line_h = fh + rng.randint(3, 7)
-    aligned = rng.random() < 0.4  # values in a column instead of right after "Key: "
-    fields = list(_DOC_FIELDS)
-    rng.shuffle(fields)
-    want = rng.randint(3, 10)
-    chosen: list[tuple[str, str]] = []
-    for key, make in fields:
-        if len(chosen) >= want or y + len(chosen) * line_h + fh > h - 3:
-            break
-        value = make(rng)
-        chosen_line = f"{key}: {value}"
-        if text_wh(font, chosen_line)[0] > w - x0 - 3:
-            continue
-        chosen.append((key, value))
-    key_w = max((text_wh(font, f"{k}:")[0] for k, _ in chosen), default=0)
-    for key, value in chosen:
-        value_x = x0 + key_w + 8
-        if aligned and value_x + text_wh(font, value)[0] <= w - 3:
-            draw_text(draw, (x0, y), f"{key}:", font, ink)
-            # Align on the ink box top of the key line so both parts share a baseline band.
-            draw.text((value_x - bbox(font, value)[0], y - bbox(font, f"{key}:")[1]), value, font=font, fill=ink)
-        else:
-            draw_text(draw, (x0, y), f"{key}: {value}", font, ink)
-        y += line_h
-    if y + fh + 4 < h and rng.random() < 0.5:
-        footer = f"Page 1 of {rng.randint(1, 3)}"
-        if text_wh(font, footer)[0] <= w - x0 - 3:
-            draw_text(draw, (x0, h - fh - 4), footer, font, (120, 120, 120))
-    img = add_noise(img, rng, rng.uniform(0.0, 4.0))
-    qa = [(f"What is the {key.lower()}?", value) for key, value in chosen]
-    rng.shuffle(qa)
-    if title is not None:
-        qa.append(("What is the title of the document?", title))
-    if not qa:
-        raise ValueError(f"image {w}x{h} too small for a document")
-    return img, qa
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,5 +484,16 @@ TASKS: dict[str, TaskFn] = {
     "digit": task_digit,
 }
 #: Smallest side (px) a task is given (capped at ``max_side``); charts/documents need room.
-TASK_MIN_SIDE = {"ocr": 32, "count": 64, "locate": 64, "color": 32, "chart": 112, "document": 112,
-                 "shape_color": 32, "shape": 32, "where": 32, "count_big": 32, "digit": 32}
+TASK_MIN_SIDE = {
+    "ocr": 32,
+    "count": 64,
+    "locate": 64,
+    "color": 32,
+    "chart": 112,
+    "document": 112,
+    "shape_color": 32,
+    "shape": 32,
+    "where": 32,
+    "count_big": 32,
+    "digit": 32,
+}

@@ -101,8 +101,9 @@ def _sample_size(rng: random.Random, min_side: int, max_side: int, floor: int = 
     return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
 
 
-def _schedule(n: int, seed: int, split: str, tasks: Sequence[str], text_fraction: float,
-              weights: Sequence[float] | None = None) -> list[str]:
+def _schedule(
+    n: int, seed: int, split: str, tasks: Sequence[str], text_fraction: float, weights: Sequence[float] | None = None
+) -> list[str]:
     """Task of every index of a split: ``round(n * text_fraction)`` text-only samples at random
     positions, image tasks balanced (counts differ by at most one) in shuffled order, or, with
     ``weights`` (one per task), in proportion to them (largest remainders, ties to the earlier task)."""
@@ -129,7 +130,6 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-
 def _conversation(turns: Sequence[QA], with_image: bool) -> list[dict[str, str]]:
     conv: list[dict[str, str]] = []
     for t, (q, a) in enumerate(turns):
@@ -139,15 +139,29 @@ def _conversation(turns: Sequence[QA], with_image: bool) -> list[dict[str, str]]
 
 
 def _make_sample(
-    split: str, index: int, task: str, seed: int, attempt: int, *, min_side: int, max_side: int,
-    fonts: Sequence[str], multi_turn_fraction: float,
+    split: str,
+    index: int,
+    task: str,
+    seed: int,
+    attempt: int,
+    *,
+    min_side: int,
+    max_side: int,
+    fonts: Sequence[str],
+    multi_turn_fraction: float,
 ) -> tuple[dict[str, Any], Image.Image | None, str]:
     """One record (+ image) and its uniqueness key, from the RNG of ``(seed, split, index, attempt)``."""
     rng = random.Random(_derive_seed(seed, split, index, attempt))
     sample_id = f"{split}-{index:06d}"
     if task == TEXT_TASK:
         q, a = task_arithmetic(rng)
-        record = {"id": sample_id, "conversations": _conversation([(q, a)], False), "task": task, "question": q, "answer": a}
+        record = {
+            "id": sample_id,
+            "conversations": _conversation([(q, a)], False),
+            "task": task,
+            "question": q,
+            "answer": a,
+        }
         return record, None, "text:" + q
     size = _sample_size(rng, min_side, max_side, TASK_MIN_SIDE.get(task, 0))
     img, qa = TASKS[task](rng, size, fonts=fonts)
@@ -224,19 +238,26 @@ def generate(
     task_list = tuple(t for t in KNOWN_TASKS if t in set(tasks))
     weights = None
     if task_weights is not None:
-        bad = {t: w for t, w in task_weights.items()
-               if t not in task_list or isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0}
+        bad = {
+            t: w
+            for t, w in task_weights.items()
+            if t not in task_list or isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0
+        }
         if bad:
             raise ValueError(f"task_weights must map tasks of {list(task_list)} to weights >= 0, got {bad}")
         weights = [float(task_weights.get(t, 0.0)) for t in task_list]
         if not math.isfinite(sum(weights)) or sum(weights) <= 0:
             raise ValueError(f"task_weights: the weights must have a finite positive sum, got {task_weights}")
     if task_max_side is not None:
-        bad_sides = {t: v for t, v in task_max_side.items()
-                     if t not in task_list or isinstance(v, bool) or not isinstance(v, int) or v < min_side}
+        bad_sides = {
+            t: v
+            for t, v in task_max_side.items()
+            if t not in task_list or isinstance(v, bool) or not isinstance(v, int) or v < min_side
+        }
         if bad_sides:
-            raise ValueError(f"task_max_side must map tasks of {list(task_list)} to ints >= min_side={min_side}, "
-                             f"got {bad_sides}")
+            raise ValueError(
+                f"task_max_side must map tasks of {list(task_list)} to ints >= min_side={min_side}, got {bad_sides}"
+            )
     side_of = {t: (task_max_side or {}).get(t, max_side) for t in task_list}
     if not (32 <= min_side <= max_side):
         raise ValueError(f"need 32 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
@@ -272,8 +293,15 @@ def generate(
         for index, task in enumerate(_schedule(n, seed, split, task_list, text_only_fraction, weights)):
             for attempt in range(1000):
                 record, img, key = _make_sample(
-                    split, index, task, seed, attempt, min_side=min_side, max_side=side_of.get(task, max_side),
-                    fonts=font_paths, multi_turn_fraction=multi_turn_fraction,
+                    split,
+                    index,
+                    task,
+                    seed,
+                    attempt,
+                    min_side=min_side,
+                    max_side=side_of.get(task, max_side),
+                    fonts=font_paths,
+                    multi_turn_fraction=multi_turn_fraction,
                 )
                 if key not in seen:
                     break
