@@ -195,6 +195,7 @@ def _occurrences(pattern: str) -> list[str]:
     [
         ("image extensions", r"^\s*IMAGE_EXTENSIONS\s*[:=]", "viq/formats/image.py"),
         ("temporary files of atomic writes", r"mkstemp\(", "viq/_io.py"),
+        ("the progress bar", r"\btqdm\(", "viq/_progress.py"),
         (
             "the image-id rule (relative path, or the full path outside the root)",
             r"""startswith\(\s*["']\.\.""",

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from viq._progress import progress_bar as _bar
+
 log = logging.getLogger("viq.cli")
 
 EXIT_OK = 0
@@ -103,19 +105,8 @@ class FileRun:
 
 
 def progress_bar(total: int, desc: str, quiet: bool):
-    """A per-file progress bar on stderr (hidden with ``--quiet`` or when stderr is not a terminal)."""
-    from tqdm import tqdm
-
-    # disable=None: tqdm shows the bar only when stderr is a terminal.
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="file",
-        file=sys.stderr,
-        disable=True if quiet else None,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    """The commands' bar over files: hidden with ``--quiet``, else shown only when stderr is a terminal."""
+    return _bar(total, desc, unit="file", show=False if quiet else None, leave=False)
 
 
 # ============================================================================================ arguments

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from viq.cli.common import (
@@ -88,18 +87,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _records_bar(store, desc: str, quiet: bool):
-    from tqdm import tqdm
+    from viq._progress import progress_bar
 
     # A bar over records (every byte is read); shown only when stderr is a terminal.
-    return tqdm(
-        total=len(store),
-        desc=desc,
-        unit="img",
-        file=sys.stderr,
-        disable=True if quiet else None,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    return progress_bar(len(store), desc, show=False if quiet else None, leave=False)
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:

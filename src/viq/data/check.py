@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def _scan(refs: list[Any], num_threads: int, progress: bool, desc: str) -> list[str | tuple[int, int]]:
-    from tqdm.auto import tqdm
+    from viq._progress import progress_bar
 
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(refs)))) as pool:
         results = pool.map(header_size, refs)
-        return list(tqdm(results, total=len(refs), desc=desc, unit="img", disable=not progress))
+        return list(progress_bar(len(refs), desc, show=progress, iterable=results))
 
 
 def check_images(dataset: Any, *, num_threads: int = 16, progress: bool = False) -> int:

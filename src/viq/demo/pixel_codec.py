@@ -105,11 +105,11 @@ def train_pixel_codec(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
     )
-    from tqdm.auto import tqdm
+    from viq._progress import progress_bar
 
     history: list[float] = []
     codec.train()
-    with tqdm(total=steps, desc="pixel codec", unit="step", disable=not progress) as bar:
+    with progress_bar(steps, "pixel codec", unit="step", show=progress) as bar:
         for _ in range(steps):
             x = _crops(images, batch_size, crop, g)
             loss = F.mse_loss(codec.decode_raw(codec.encode_raw(x)), x)

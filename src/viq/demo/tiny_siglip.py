@@ -176,12 +176,12 @@ def train_tiny_siglip(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
     g = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
+    from viq._progress import progress_bar
 
     history: list[float] = []
     model.train()
     started = time.perf_counter()
-    with tqdm(total=steps, desc="SigLIP stand-in", unit="step", disable=not progress) as bar:
+    with progress_bar(steps, "SigLIP stand-in", unit="step", show=progress) as bar:
         for _ in range(steps):
             idx = torch.randint(len(stored), (batch_size,), generator=g).tolist()
             loss = model.loss(

@@ -456,9 +456,9 @@ def evaluate_reconstruction(
     kept: list[dict[str, Any]] = []
     curves: dict[str, list[list[dict[str, Any]]]] = {c: [] for c in codecs}
     if progress is True:
-        from tqdm.auto import tqdm
+        from viq._progress import progress_bar
 
-        bar = tqdm(total=len(images), desc="eval-recon", unit="img")
+        bar = progress_bar(len(images), "eval-recon")
         step = bar.update
     else:
         bar, step = None, progress or None

@@ -315,9 +315,9 @@ class Extraction:
             dataset, batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None
         )
         if self.options.progress and self.rank == 0:
-            from tqdm.auto import tqdm
+            from viq._progress import progress_bar
 
-            self.bar = tqdm(total=total, desc="extract", unit="img")
+            self.bar = progress_bar(total, "extract")
         stream_s = 0.0
         with self.store.writer(name=f"rank{self.rank}") as self.writer:
             stream = self.model.encode_stream(self.to_encode(loader), batch_tokens=self.options.batch_tokens)

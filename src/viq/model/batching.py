@@ -24,7 +24,6 @@ __all__ = [
     "all_or_raise",
     "exact_float32",
     "per_image_attention",
-    "progress_bar",
 ]
 
 
@@ -125,9 +124,3 @@ def per_image_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
     finally:
         for m, backend in saved.items():
             m.backend = backend
-
-
-def progress_bar(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from viq._io import atomic_write
+from viq._progress import progress_bar
 from viq._untrusted import check_image_size
 from viq.formats.codes import Codes
 from viq.formats.image import PreparedImage, PreprocessConfig, padded_grid
@@ -40,7 +41,6 @@ from viq.model.batching import (
     num_tokens,
     pack_by_budget,
     per_image_attention,
-    progress_bar,
 )
 from viq.model.config import ViQConfig, get_preset
 from viq.model.encoder import Packed, pad_to_patches
@@ -311,7 +311,7 @@ class ViQModel(nn.Module):
         min_rows = batch_tokens if batch_invariant else 0
         slots: list[Any] = []  # per buffered item, in order: (index, name, pixels) or an exception
         tokens = 0
-        bar = progress_bar(len(items) if isinstance(items, Sized) else None, progress, "encode")
+        bar = progress_bar(len(items) if isinstance(items, Sized) else None, "encode", show=bool(progress))
         try:
             for i, item in enumerate(items):
                 try:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from viq._io import append_line, writing
+from viq._progress import progress_bar
 from viq.launch import DistEnv
 from viq.model.layers import set_attention_backend
 from viq.train.build import build_model
@@ -52,7 +53,7 @@ from viq.train.config import TrainConfig
 from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
 from viq.train.evaluate import evaluate
 from viq.train.logger import RunLogger, learning_rates
-from viq.train.metrics import CodeUsage, progress_bar
+from viq.train.metrics import CodeUsage
 from viq.train.model import StepLosses, TrainBatch, TrainModel
 from viq.train.optim import build_optimizer, build_scheduler, set_trainable
 from viq.train.output import save_stage_output
@@ -324,7 +325,9 @@ def _train(
     saved_usage = load_extra(checkpoint).get("code_usage") if checkpoint is not None else None
     if saved_usage is not None:
         usage.load_state_dict(saved_usage)
-    bar = progress_bar(cfg, dist_info, total, step)
+    bar = progress_bar(
+        total, f"train {cfg.stage}", unit="step", initial=step, show=cfg.train.progress and dist_info.main
+    )
     last_end = stop_after if stop_after is not None else total
 
     def validate() -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""What a run measures: code usage of the quantizer, answer scoring, and the progress bar (records
-go to :mod:`viq.train.logger`)."""
+"""What a run measures: code usage of the quantizer, and answer scoring (:mod:`viq.eval.answers`, named
+here too); records go to :mod:`viq.train.logger`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import torch
 
 from viq.eval.answers import answer_matches, normalize_answer  # scoring lives with evaluation; named here too
 from viq.formats.bits import usage_stats
-from viq.train.config import TrainConfig
 from viq.train.parallel import Dist
 
-__all__ = ["CodeUsage", "code_usage_metrics", "normalize_answer", "answer_matches", "progress_bar"]
+__all__ = ["CodeUsage", "code_usage_metrics", "normalize_answer", "answer_matches"]
 
 
 # ---------------------------------------------------------------------------------- code usage
@@ -109,19 +108,3 @@ class CodeUsage:
         if self.counts:
             self.current = torch.zeros_like(self.counts[0])
         self.collapsed_at = state.get("collapsed_at")
-
-
-# ------------------------------------------------------------------------------- progress
-
-
-def progress_bar(cfg: TrainConfig, dist_info: Dist, total: int, initial: int):
-    """A tqdm bar over optimizer steps, shown on rank 0 when ``train.progress`` is set."""
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=f"train {cfg.stage}",
-        unit="step",
-        disable=not (cfg.train.progress and dist_info.main),
-    )
