@@ -74,15 +74,6 @@ class CodeStore:
         self._cfg = config
         self._config = config.to_dict() if raw is None else raw
         self._mode = mode
-        # Unpacked once: read for every record.
-        self._levels: tuple[int, ...] = config.levels
-        self._k = config.codebook_size
-        self._bits = config.bits_per_code
-        self._cpp = config.codes_per_patch
-        self._patch = config.patch_size
-        self._fingerprint = config.model_fingerprint
-        self._entropy = config.entropy_coding
-        self._shard_bytes = config.shard_bytes
         # The listed shard indexes ((idx.json name, (mtime_ns, size)), shard order), their digest, and
         # the compact memory-mapped index of them (viq.store.index), opened on first use.
         self._entries: list[tuple[str, tuple[int, int]]] = []
@@ -155,8 +146,8 @@ class CodeStore:
         ]
         if diffs:
             raise StoreError(path, "existing code store is incompatible: it has " + ", ".join(diffs))
-        if store._shard_bytes != shard_bytes:
-            log.warning("%s: keeping the store's shard_bytes %d (requested %d)", path, store._shard_bytes, shard_bytes)
+        if store.shard_bytes != shard_bytes:
+            log.warning("%s: keeping the store's shard_bytes %d (requested %d)", path, store.shard_bytes, shard_bytes)
         return store
 
     @classmethod
@@ -191,38 +182,38 @@ class CodeStore:
 
     @property
     def levels(self) -> tuple[int, ...]:
-        return self._levels
+        return self._cfg.levels
 
     @property
     def codebook_size(self) -> int:
         """``K = prod(levels)``."""
-        return self._k
+        return self._cfg.codebook_size
 
     @property
     def bits_per_code(self) -> int:
         """Bits per code of packed records, ``max(1, ceil(log2 K))``."""
-        return self._bits
+        return self._cfg.bits_per_code
 
     @property
     def codes_per_patch(self) -> int:
-        return self._cpp
+        return self._cfg.codes_per_patch
 
     @property
     def patch_size(self) -> int:
-        return self._patch
+        return self._cfg.patch_size
 
     @property
     def model_fingerprint(self) -> str:
-        return self._fingerprint
+        return self._cfg.model_fingerprint
 
     @property
     def entropy_coding(self) -> bool:
-        return self._entropy
+        return self._cfg.entropy_coding
 
     @property
     def shard_bytes(self) -> int:
         """Shard roll-over size in bytes."""
-        return self._shard_bytes
+        return self._cfg.shard_bytes
 
     @property
     def config(self) -> dict[str, Any]:
@@ -231,13 +222,14 @@ class CodeStore:
 
     @property
     def store_config(self) -> StoreConfig:
-        """``store.json`` parsed (immutable)."""
+        """``store.json`` parsed (immutable): the one copy of the store's configuration; the properties
+        above read it."""
         return self._cfg
 
     def __repr__(self) -> str:
         return (
             f"CodeStore({str(self._path)!r}, mode={self._mode!r}, images={len(self)}, shards={len(self._idx.shards)}, "
-            f"levels={self._levels}, codec={self._config['codec']!r})"
+            f"levels={self._cfg.levels}, codec={self._config['codec']!r})"
         )
 
     # ---- index ----------------------------------------------------------------------------
@@ -363,10 +355,10 @@ class CodeStore:
             offset=ix.offset[p],
             length=ix.length[p],
             crc32=ix.crc[p],
-            model_fingerprint=self._fingerprint,
-            levels=self._levels,
-            codes_per_patch=self._cpp,
-            patch_size=self._patch,
+            model_fingerprint=self._cfg.model_fingerprint,
+            levels=self._cfg.levels,
+            codes_per_patch=self._cfg.codes_per_patch,
+            patch_size=self._cfg.patch_size,
         )
 
     # ---- reading --------------------------------------------------------------------------
@@ -409,19 +401,21 @@ class CodeStore:
         return data
 
     def _codes(self, p: int, data: bytes) -> Codes:
-        ix = self._idx
+        ix, cfg = self._idx, self._cfg
         h, w = ix.grid[2 * p], ix.grid[2 * p + 1]
         try:
-            values = decode_record(data, h * w * self._cpp, self._bits, self._k, self._entropy)
-            meta = {"model": self._fingerprint}
+            values = decode_record(
+                data, h * w * cfg.codes_per_patch, cfg.bits_per_code, cfg.codebook_size, cfg.entropy_coding
+            )
+            meta = {"model": cfg.model_fingerprint}
             source = ix.source_at(p)
             if source:
                 meta["source"] = source
             return Codes(
-                torch.from_numpy(values.view(np.int32).reshape(h, w, self._cpp)),
-                self._levels,
+                torch.from_numpy(values.view(np.int32).reshape(h, w, cfg.codes_per_patch)),
+                cfg.levels,
                 image_size=ix.image_size_at(p),
-                patch_size=self._patch,
+                patch_size=cfg.patch_size,
                 metadata=meta,
             )
         except ValueError as exc:
