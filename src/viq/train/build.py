@@ -32,7 +32,7 @@ from viq.train.config import TrainConfig, parse_init
 from viq.train.matching import load_matching
 from viq.train.model import TrainModel
 from viq.train.output import STAGE_FILE, VIQ_CONFIG, VIQ_WEIGHTS, check_stage_output
-from viq.train.stages import Handover, get_stage
+from viq.train.stages import Handover
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def build_vae(
     A stage whose losses need a VAE and finds none stops here, before anything trains. Stages that do
     not need one build it only when ``vae.path`` names it, so that their output hands it on.
     """
-    needs = get_stage(cfg.stage).needs_vae(cfg.loss_weights())
+    needs = cfg.spec.needs_vae(cfg.loss_weights())
     if cfg.vae.path:
         from viq.model.vae import load_vae
 
@@ -149,7 +149,7 @@ def _check_carry(config: ViQConfig, carry: dict[str, torch.Tensor], source: str)
 
 def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, Any]:
     """The stage's TrainModel (on ``device``, float32 master weights) and its ChatTokenizer (or None)."""
-    stage = get_stage(cfg.stage)
+    stage = cfg.spec
     kind, value = parse_init(cfg.model.init)
     state: dict[str, torch.Tensor] = {}
     init_dir: Path | None = None
@@ -251,7 +251,7 @@ def setup_teacher(
     takes that checkpoint unmodified -- its own position table (24x24 for SigLIP2-384), not the
     128x128 resize the student starts from -- as the official teacher is.
     """
-    stage = get_stage(cfg.stage)
+    stage = cfg.spec
     if "distill" not in stage.losses or cfg.loss.distill <= 0 or model.encoder is None or model.encoder.pool is None:
         return None
     spec = cfg.loss.teacher

@@ -19,7 +19,7 @@ from typing import Any
 
 from viq.model.config import dataclass_from_dict
 from viq.model.weights import TORCH_DTYPES
-from viq.train.stages import LOSSES, STAGES, get_stage
+from viq.train.stages import LOSSES, STAGES, Stage, get_stage
 
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "parse_init", "STAGES", "TRACKERS"]
 
@@ -240,12 +240,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def spec(self) -> Stage:
+        """The stage's record in the stage table (:mod:`viq.train.stages`): parts, trainable groups,
+        losses, data kind, hand-over."""
+        return get_stage(self.stage)
+
     def loss_weights(self) -> dict[str, float]:
         """The weight of each loss (0: off), keyed like :data:`viq.train.stages.LOSSES`, with an unset
         ``loss.recon`` resolved for this stage."""
         weights = {k: getattr(self.loss, k) for k in LOSSES}
         if weights["recon"] is None:
-            optional = any(loss == "recon" for loss, _ in get_stage(self.stage).optional)
+            optional = any(loss == "recon" for loss, _ in self.spec.optional)
             weights["recon"] = 0.0 if optional else 1.0
         return weights
 

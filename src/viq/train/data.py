@@ -21,7 +21,6 @@ from viq.formats.image import padded_grid
 from viq.train.config import TrainConfig
 from viq.train.model import TrainBatch
 from viq.train.parallel import Dist
-from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def build_dataset(path: str, cfg: TrainConfig, max_pixels: int, *, progress: boo
         "image_column": cfg.data.image_column,
         "id_column": cfg.data.id_column,
     }  # used by columnar data only
-    if get_stage(cfg.stage).data == "codes":
+    if cfg.spec.data == "codes":
         from viq.data.codes import LlavaCodesDataset
 
         if not cfg.data.codes:

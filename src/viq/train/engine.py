@@ -58,7 +58,7 @@ from viq.train.model import StepLosses, TrainBatch, TrainModel
 from viq.train.optim import build_optimizer, build_scheduler, set_trainable
 from viq.train.output import save_stage_output
 from viq.train.parallel import Dist, setup_distributed, wrap_parallel
-from viq.train.stages import LOSS_UNITS, LOSSES, get_stage
+from viq.train.stages import LOSS_UNITS, LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def seed_everything(seed: int) -> None:
 
 def prepare_model(model: TrainModel, cfg: TrainConfig) -> None:
     """Trainable groups, activation checkpointing, attention backend, train/eval modes."""
-    set_trainable(model, cfg.optim.trainable or list(get_stage(cfg.stage).trainable))
+    set_trainable(model, cfg.optim.trainable or list(cfg.spec.trainable))
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     set_attention_backend(model, cfg.train.attention)
