@@ -320,3 +320,27 @@ def test_page_in_a_real_browser(page, test_model, images, tmp_path):
             browser.close()
     assert all(u == page.as_uri() or u.startswith("data:") for u in requests), requests
     assert not errors, errors
+
+
+def test_show_a_release_in_the_official_format(tmp_path):
+    """A released model as the authors publish it (the official .pth layout; the golden fixture at tiny
+    width): the page of its own test images, every image with its code maps and finite figures, the codes
+    the model's own."""
+    import viq
+    from conftest import require_official_fixture
+
+    official = require_official_fixture()
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(official.glob("img*.png")):
+        shutil.copy(path, images / path.name)
+    out = tmp_path / "page.html"
+    assert main(["show", str(official), str(images), "-o", str(out), "--num-heads", "4", "-q", "--device", "cpu"]) == 0
+    text = out.read_text()
+    sections = _sections(text)
+    assert len(sections) == len(list(images.iterdir())) == 5
+    assert all(float(s["psnr"]) > 0 and 0 < float(s["ssim"]) <= 1 and float(s["bpp"]) > 0 for s in sections)
+    model = viq.load(official, num_heads=4, components=["encoder"])
+    first = sorted(images.iterdir())[0]
+    expected = model.encode([viq.formats.image.load_image(first)])[0].indices.numpy()
+    np.testing.assert_array_equal(_codes_of(sections[0]), expected)
