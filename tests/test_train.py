@@ -243,3 +243,22 @@ def test_two_process_run_matches_one_process(parallel, tmp_path, assets):
         r0 = next(s["ids"] for s in seen if s["rank"] == 0 and s["step"] == step)
         r1 = next(s["ids"] for s in seen if s["rank"] == 1 and s["step"] == step)
         assert set(r0).isdisjoint(r1)
+
+
+def test_train_model_builds_by_stage_through_the_inherited_constructors():
+    """TrainModel.from_config / from_state_dict take the stage (a training model is built by stage, not by
+    components): a random stage-2-2 model, the same weights again, and a state that does not fit refused."""
+    import torch
+
+    from viq.train.model import TrainModel
+
+    model = TrainModel.from_config("viq-test", stage="stage2_2", seed=0)
+    assert model.stage == "stage2_2" and model.parts == ("encoder", "head", "dequant", "recon")
+    again = TrainModel.from_state_dict(model.config, model.state_dict(), stage="stage2_2")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert TrainModel.from_config("viq-test", stage="stage2_2", seed=0).state_dict().keys() == model.state_dict().keys()
+    partial = dict(list(model.state_dict().items())[1:])
+    with pytest.raises(ValueError, match="missing 1 keys"):
+        TrainModel.from_state_dict(model.config, partial, stage="stage2_2")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        TrainModel.from_config("viq-test", stage="stage9", seed=0)

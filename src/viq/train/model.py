@@ -179,6 +179,44 @@ class TrainModel(ViQModel):
         self.teacher_record: dict | None = None
         self.set_vae(vae)
 
+    # ------------------------------------------------------------------ construction
+    # ViQModel's constructors build by components; a training model is built by stage (the parts, losses
+    # and frozen helpers follow from it), so both take the stage first.
+    @classmethod
+    def from_config(  # type: ignore[override]
+        cls, config: ViQConfig | str, *, stage: str, seed: int | None = None, **kwargs: Any
+    ) -> TrainModel:
+        """A randomly initialised training model of ``stage`` (``config``: a ViQConfig or a preset name);
+        ``kwargs`` go to the constructor (``llm``, ``projector``, ``vae``, ``loss_weights``, ...)."""
+        from viq.model.config import get_preset
+
+        if isinstance(config, str):
+            config = get_preset(config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls(stage, config, **kwargs)
+
+    @classmethod
+    def from_state_dict(  # type: ignore[override]
+        cls,
+        config: ViQConfig,
+        state: dict[str, torch.Tensor],
+        *,
+        stage: str,
+        source: str = "<state dict>",
+        **kwargs: Any,
+    ) -> TrainModel:
+        """A training model of ``stage`` whose weights are exactly ``state`` (every key checked, as
+        :meth:`ViQModel.from_state_dict` does); ``kwargs`` go to the constructor."""
+        from viq.model.weights import check_state
+
+        with torch.device("meta"):
+            expected = cls(stage, config, **kwargs).state_dict()
+        check_state(expected, state, source)
+        model = cls(stage, config, **kwargs)
+        model.load_state_dict(state, strict=True)
+        return model
+
     # ------------------------------------------------------------------ frozen helpers
     @property
     def _frozen(self) -> dict[str, nn.Module]:
