@@ -38,6 +38,7 @@ is first computed, so the baselines work without it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -58,6 +59,9 @@ __all__ = [
     "psnr_ssim",
     "encoded_area_scores",
     "evaluate_reconstruction",
+    "encode_and_score",
+    "codes_bits",
+    "ScoredImage",
     "ssim_kernel",
     "crop_to",
     "mean_colour",
@@ -393,6 +397,43 @@ def _example(record: dict[str, Any], images: dict[str, Any], codec: str) -> dict
     }
 
 
+def codes_bits(codes: Any, size: tuple[int, int]) -> tuple[int, float, float]:
+    """``(bytes, bpp, payload_bpp)`` of ``codes`` for an image of ``size = (H, W)`` encoded pixels: the
+    ``.viq`` file (header, levels, payload, CRC; no metadata) and the codes alone, in bits per pixel."""
+    from viq.eval.rate_distortion import bpp_of
+
+    h, w = size
+    nbytes = len(codes.to_bytes())
+    return nbytes, bpp_of(nbytes, (h, w)), codes.num_codes * codes.bits_per_code / (h * w)
+
+
+@dataclasses.dataclass
+class ScoredImage:
+    """One image through the model as ``viq eval-recon`` (and ``viq show``) scores it: the prepared input,
+    its codes, the 8-bit reconstruction (PIL, cropped to the encoded size), PSNR (dB) / SSIM on the encoded
+    area, and the codes' cost (:func:`codes_bits`)."""
+
+    prepared: PreparedImage
+    codes: Any
+    recon: Image.Image
+    psnr: float
+    ssim: float
+    nbytes: int
+    bpp: float
+    payload_bpp: float
+
+
+def encode_and_score(model: Any, item: Any, preprocess: PreprocessConfig) -> ScoredImage:
+    """Preprocess ``item`` (or take a :class:`PreparedImage` as it is), encode, reconstruct and score it:
+    the one per-image path of :func:`evaluate_reconstruction` and :mod:`viq.eval.show`."""
+    prepared = item if isinstance(item, PreparedImage) else prepare_image(item, preprocess)
+    codes = model.encode_pixels([prepared.pixels])[0]
+    recon = model.reconstruct([codes])[0]
+    psnr, ssim = psnr_ssim(prepared.pixels, to_pixels(recon))
+    nbytes, bpp, payload_bpp = codes_bits(codes, prepared.content_size)
+    return ScoredImage(prepared, codes, recon, psnr, ssim, nbytes, bpp, payload_bpp)
+
+
 def evaluate_reconstruction(
     model: Any,
     images: Sequence[Any],
@@ -464,24 +505,19 @@ def evaluate_reconstruction(
         bar, step = None, progress or None
 
     def one(item: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, Any, dict]:
-        prepared = item if isinstance(item, PreparedImage) else prepare_image(item, cfg)
-        ref = prepared.pixels
+        scored = encode_and_score(model, item, cfg)
+        prepared, codes, recon_img, bpp = scored.prepared, scored.codes, scored.recon, scored.bpp
+        ref, recon = prepared.pixels, to_pixels(recon_img)
         h, w = prepared.content_size
-        codes = model.encode_pixels([ref])[0]
-        recon_img = model.reconstruct([codes])[0]
-        recon = to_pixels(recon_img)
-        psnr, ssim = psnr_ssim(ref, recon)
-        nbytes = len(codes.to_bytes())  # the .viq file: header, levels, payload, CRC
-        bpp = bpp_of(nbytes, (h, w))
         record: dict[str, Any] = {
             "source": prepared.source,
             "size": [h, w],
             "grid": list(codes.grid),
-            "bytes": nbytes,
+            "bytes": scored.nbytes,
             "bpp": bpp,
-            "payload_bpp": codes.num_codes * codes.bits_per_code / (h * w),
-            "psnr": psnr,
-            "ssim": ssim,
+            "payload_bpp": scored.payload_bpp,
+            "psnr": scored.psnr,
+            "ssim": scored.ssim,
         }
         ref_img = to_pil(ref)
         extra: dict[str, Any] = {"input": ref_img, "recon": recon_img}

@@ -41,7 +41,7 @@ from PIL import Image
 from viq.eval.codebook import CodebookCounter, code_colours, slot_grid
 from viq.eval.intervals import mean_ci95
 from viq.formats.codes import Codes
-from viq.formats.image import PreparedImage, PreprocessConfig, to_pil, to_pixels
+from viq.formats.image import PreparedImage, PreprocessConfig, to_pil
 from viq.formats.image import preprocess as prepare_image
 
 __all__ = [
@@ -141,63 +141,50 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _scores(model: Any, codes: Codes, reference: Any) -> tuple[Image.Image, float | None, float | None]:
-    from viq.eval.recon import psnr_ssim
-
-    recon_img = model.reconstruct([codes])[0]
-    if reference is None:
-        return recon_img, None, None
-    psnr, ssim = psnr_ssim(reference, to_pixels(recon_img))
-    return recon_img, psnr, ssim
-
-
 def inspect_image(
     model: Any, item: Any, preprocess: PreprocessConfig | None = None, *, thumb: int = THUMB, lossless: bool = False
 ) -> ImageView:
     """Encode, reconstruct and score one image exactly as ``viq eval-recon`` does (preprocess with the
     model's resolution policy, ``model.encode_pixels``, ``model.reconstruct``, PSNR / SSIM on the encoded
     area, bpp of the ``.viq`` bytes), and make its pictures."""
-    from viq.eval.rate_distortion import bpp_of
+    from viq.eval.recon import encode_and_score
 
     cfg = preprocess or PreprocessConfig(patch_size=model.patch_size)
-    prepared = item if isinstance(item, PreparedImage) else prepare_image(item, cfg)
-    reference = prepared.pixels
-    h, w = prepared.content_size
-    codes = model.encode_pixels([reference])[0]
-    recon_img, psnr, ssim = _scores(model, codes, reference)
-    original = to_pil(reference)
-    heat, mae = error_map(np.asarray(original), np.asarray(recon_img))
+    scored = encode_and_score(model, item, cfg)
+    original = to_pil(scored.prepared.pixels)
+    heat, mae = error_map(np.asarray(original), np.asarray(scored.recon))
     return ImageView(
-        source=str(prepared.source),
-        size=(h, w),
-        codes=codes,
+        source=str(scored.prepared.source),
+        size=scored.prepared.content_size,
+        codes=scored.codes,
         original=_encode(original, thumb=thumb, lossless=lossless),
-        recon=_encode(recon_img, thumb=thumb, lossless=lossless),
+        recon=_encode(scored.recon, thumb=thumb, lossless=lossless),
         # The heat map is a guide to where the error sits, not a picture to judge: half the resolution
         # (averaged, so no error is lost), lossy, about a quarter of the bytes of a full-size map.
         error=_encode(heat, thumb=max(16, thumb // 2), lossless=False, resample=Image.Resampling.BOX, quality=60),
-        psnr=psnr,
-        ssim=ssim,
+        psnr=scored.psnr,
+        ssim=scored.ssim,
         mean_abs_error=mae,
-        bpp=bpp_of(len(codes.to_bytes()), (h, w)),
-        payload_bpp=codes.num_codes * codes.bits_per_code / (h * w),
+        bpp=scored.bpp,
+        payload_bpp=scored.payload_bpp,
         item=item,
     )
 
 
 def inspect_codes(model: Any, codes: Codes, source: str, *, thumb: int = THUMB, lossless: bool = False) -> ImageView:
     """A view of stored codes: the reconstruction and the code maps (no original, so no scores)."""
-    from viq.eval.rate_distortion import bpp_of
+    from viq.eval.recon import codes_bits
 
     recon_img = model.reconstruct([codes])[0]
     h, w = codes.image_size or (recon_img.height, recon_img.width)
+    _, bpp, payload_bpp = codes_bits(codes, (h, w))
     return ImageView(
         source=source,
         size=(h, w),
         codes=codes,
         recon=_encode(recon_img, thumb=thumb, lossless=lossless),
-        bpp=bpp_of(len(codes.to_bytes()), (h, w)),
-        payload_bpp=codes.num_codes * codes.bits_per_code / (h * w),
+        bpp=bpp,
+        payload_bpp=payload_bpp,
     )
 
 
