@@ -22,20 +22,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from viq.formats.bits import usage_stats
 from viq.formats.codes import Codes
 
-__all__ = ["code_values", "code_colours", "CodebookCounter", "slot_grid"]
+__all__ = ["code_values", "code_colours", "CodebookCounter", "slot_counts", "slot_grid"]
 
 
 def code_values(indices: np.ndarray, levels: Sequence[int]) -> np.ndarray:
-    """``(...)`` integer code indices -> ``(..., d)`` float32 FSQ values in ``[-1, 1]``."""
-    levels_a = np.asarray(levels, dtype=np.int64)
-    basis = np.cumprod(np.concatenate([[1], levels_a[:-1]]))
-    digits = (np.asarray(indices, dtype=np.int64)[..., None] // basis) % levels_a
-    half = levels_a // 2
-    return ((digits - half) / half).astype(np.float32)
+    """``(...)`` integer code indices -> ``(..., d)`` float32 FSQ values in ``[-1, 1]``
+    (:meth:`viq.model.quantizer.FSQ.indices_to_codes`, the model's own mapping)."""
+    from viq.model.quantizer import FSQ
+
+    return FSQ(levels).indices_to_codes(torch.as_tensor(np.asarray(indices, dtype=np.int64))).numpy()
+
+
+def slot_counts(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, slots)`` code indices in ``[0, size)`` -> ``(slots, size)`` int64 counts: one histogram per
+    slot (head), in one ``bincount``. Shared by this counter and training's code usage."""
+    slots = rows.shape[1]
+    offsets = torch.arange(slots, device=rows.device) * size
+    return torch.bincount((rows.long() + offsets).flatten(), minlength=slots * size).view(slots, size)
 
 
 def code_colours(indices: np.ndarray, levels: Sequence[int]) -> np.ndarray:
@@ -77,10 +85,7 @@ class CodebookCounter:
                 f"codes with levels {codes.levels} x {codes.codes_per_patch} per patch do not match the "
                 f"counter's {self.levels} x {self.codes_per_patch}"
             )
-        rows = codes.indices.reshape(-1, self.codes_per_patch).numpy().astype(np.int64)
-        offsets = np.arange(self.codes_per_patch, dtype=np.int64) * self.codebook_size
-        flat = np.bincount((rows + offsets).reshape(-1), minlength=self.counts.size)
-        self.counts += flat.reshape(self.counts.shape)
+        self.counts += slot_counts(codes.indices.reshape(-1, self.codes_per_patch), self.codebook_size).numpy()
         self.images += 1
 
     def add_histogram(self, histogram: np.ndarray, slot: int | None = None) -> None:

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from viq.eval.answers import answer_matches, normalize_answer  # scoring lives with evaluation; named here too
+from viq.eval.answers import answer_matches, normalize_answer
+from viq.eval.codebook import slot_counts  # scoring lives with evaluation; named here too
 from viq.formats.bits import usage_stats
 from viq.train.parallel import Dist
 
@@ -53,9 +54,7 @@ class CodeUsage:
         if self.current is None or self.current.shape[0] != slots:
             self.current = torch.zeros(slots, self.size, dtype=torch.float64, device=self.device)
             self.counts = [c for c in self.counts if c.shape == self.current.shape]
-        offsets = torch.arange(slots, device=rows.device) * self.size
-        flat = (rows + offsets).flatten()
-        self.current += torch.bincount(flat, minlength=slots * self.size).view(slots, self.size).to(self.current)
+        self.current += slot_counts(rows, self.size).to(self.current)
 
     def summary(self, dist_info: Dist) -> dict[str, float]:
         """Close the current step (summed over ranks: a collective) and report the last ``window``
