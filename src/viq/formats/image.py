@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,7 @@ __all__ = [
     "to_pil",
     "resize_and_center_crop",
     "preprocess",
+    "scheduled_max_pixels",
 ]
 
 #: File name extensions (lower case) that viq treats as images when it lists folders and shards.
@@ -388,6 +390,17 @@ def resize_and_center_crop(
     image = image.resize((new_w, new_h), resample=resample)
     w, h = image.size
     return image.crop(((w - size) / 2, (h - size) / 2, (w + size) / 2, (h + size) / 2))
+
+
+def scheduled_max_pixels(max_pixels: int, schedule: Sequence[tuple[int, int] | list[int]], step: int) -> int:
+    """A progressive-resolution schedule (``[[start_step, max_pixels], ...]``, as recipes write
+    ``data.resolution_schedule``): the ``max_pixels`` of the last phase started by ``step``, else
+    ``max_pixels``."""
+    value = max_pixels
+    for start, pixels in sorted(schedule):
+        if step >= start:
+            value = pixels
+    return value
 
 
 @dataclass(frozen=True, eq=False)

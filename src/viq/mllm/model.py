@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from viq._untrusted import read_json
-from viq.formats.image import PreprocessConfig
+from viq.formats.image import PreprocessConfig, scheduled_max_pixels
 
 __all__ = [
     "ViQForConditionalGeneration",
@@ -74,11 +74,11 @@ def recipe_preprocess(recipe: dict[str, Any]) -> PreprocessConfig:
     the progressive-resolution schedule included: what the run's model last saw."""
     data = recipe.get("data") or {}
     defaults = PreprocessConfig()
-    max_pixels = data.get("max_pixels", defaults.max_pixels)
-    last_step = (recipe.get("train") or {}).get("max_steps", 0)
-    for start, pixels in sorted(data.get("resolution_schedule") or []):
-        if last_step >= start:
-            max_pixels = pixels
+    max_pixels = scheduled_max_pixels(
+        data.get("max_pixels", defaults.max_pixels),
+        data.get("resolution_schedule") or [],
+        (recipe.get("train") or {}).get("max_steps", 0),
+    )
     return PreprocessConfig(min_pixels=data.get("min_pixels", defaults.min_pixels), max_pixels=max_pixels)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from viq.formats.image import padded_grid
+from viq.formats.image import padded_grid, scheduled_max_pixels
 from viq.train.config import TrainConfig
 from viq.train.model import TrainBatch
 from viq.train.parallel import Dist
@@ -225,11 +225,7 @@ def _checked(dataset, path: str, cfg: TrainConfig, progress: bool) -> None:
 
 def max_pixels_at(cfg: TrainConfig, step: int) -> int:
     """The progressive-resolution schedule: the max_pixels of the last phase started by ``step``."""
-    value = cfg.data.max_pixels
-    for start, pixels in sorted(cfg.data.resolution_schedule):
-        if step >= start:
-            value = pixels
-    return value
+    return scheduled_max_pixels(cfg.data.max_pixels, cfg.data.resolution_schedule, step)
 
 
 class BatchStream:
