@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -300,38 +300,63 @@ class ViQForConditionalGeneration(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the folder :meth:`from_pretrained` reads (the stage output layout), complete or absent."""
-        import json
 
-        from safetensors.torch import save_file
-
-        from viq._io import fsync_tree, remove_tree, replace_dir
-
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        remove_tree(tmp)
-        tmp.mkdir(parents=True)
-        try:
+        def write_files(tmp: Path) -> dict[str, Any]:
             self.vision.save_pretrained(tmp)
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
-                str(tmp / PROJECTOR_WEIGHTS),
-            )
-            if hasattr(self.llm, "peft_config"):
-                self.llm.save_pretrained(str(tmp / LLM_DIR))
-            elif (self.record.get("llm") or {}).get("mode", "full") != "frozen":
-                (tmp / LLM_DIR).mkdir()
-                # clone: tied embeddings share storage, which safetensors refuses to write twice
-                save_file(
-                    {k: v.detach().cpu().clone() for k, v in self.llm.state_dict().items()},
-                    str(tmp / LLM_DIR / "model.safetensors"),
-                )
-            record = {k: v for k, v in self.record.items() if k != "files"}
+            frozen = (self.record.get("llm") or {}).get("mode", "full") == "frozen"
+            write_language_side(tmp, self.projector, self.llm, frozen=frozen)
+            return {k: v for k, v in self.record.items() if k != "files"}
+
+        write_output_folder(Path(directory), write_files)
+
+
+def write_language_side(directory: Path, projector: nn.Module | None, llm: nn.Module | None, *, frozen: bool) -> None:
+    """The language side of a stage output into ``directory``: ``projector.safetensors``, and ``llm/``: the
+    adapter as peft saves it, or (unless ``frozen``) the whole LLM as one safetensors file."""
+    from safetensors.torch import save_file
+
+    if projector is not None:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()},
+            str(directory / PROJECTOR_WEIGHTS),
+        )
+    if llm is None or frozen:
+        return
+    if hasattr(llm, "peft_config"):
+        llm.save_pretrained(str(directory / LLM_DIR))
+    else:
+        (directory / LLM_DIR).mkdir(parents=True, exist_ok=True)
+        # clone: tied embeddings share storage, which safetensors refuses to write twice
+        save_file(
+            {k: v.detach().cpu().clone() for k, v in llm.state_dict().items()},
+            str(directory / LLM_DIR / "model.safetensors"),
+        )
+
+
+def write_output_folder(directory: Path, write_files: Callable[[Path], dict[str, Any]]) -> None:
+    """Write a stage output folder complete or absent: ``write_files(tmp)`` fills a hidden temporary folder
+    beside ``directory`` and returns the ``stage.json`` record; the size of every file is added to it
+    (``files``, what a later stage checks), then the folder is fsynced and takes ``directory``'s place
+    (:func:`viq._io.replace_dir`). Any failure removes the temporary folder; a full disk is one OSError."""
+    import json
+
+    from viq._faults import fault_point
+    from viq._io import fsync_tree, remove_tree, replace_dir, writing
+
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    try:
+        with writing(tmp):
+            remove_tree(tmp)
+            tmp.mkdir(parents=True)
+            record = write_files(tmp)
+            fault_point("final.write")
             record["files"] = {
                 p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
             }
             (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2))
             fsync_tree(tmp)
+            fault_point("final.written")
             replace_dir(tmp, directory)
-        except BaseException:
-            remove_tree(tmp)
-            raise
+    except BaseException:
+        remove_tree(tmp)
+        raise

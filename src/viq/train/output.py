@@ -14,14 +14,13 @@ The next stage names it as ``model.init: viq:OUTPUT_DIR/final``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from viq._untrusted import read_json
 
 # the chat model's folder layout: a stage output with an LLM is what ViQForConditionalGeneration loads
-from viq.mllm.model import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE
+from viq.mllm.model import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE, write_language_side, write_output_folder
 from viq.model.viq import CONFIG_NAME as VIQ_CONFIG  # the one spelling of a model folder's files
 from viq.model.viq import WEIGHTS_NAME as VIQ_WEIGHTS
 from viq.train.config import TrainConfig
@@ -64,26 +63,7 @@ def save_stage_output(model: TrainModel, directory: Path, cfg: TrainConfig) -> N
     fsynced, and then takes its place (:func:`viq._io.replace_dir`); a failed write removes the
     temporary folder. A stage that starts from an output checks its files against ``stage.json``
     (:func:`check_stage_output`)."""
-    from viq._faults import fault_point
-    from viq._io import fsync_tree, remove_tree, replace_dir, writing
-
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    try:
-        with writing(tmp):
-            remove_tree(tmp)
-            tmp.mkdir(parents=True)
-            stage = _write_stage_files(model, tmp, directory, cfg)
-            fault_point("final.write")
-            stage["files"] = {
-                p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
-            }
-            (tmp / STAGE_FILE).write_text(json.dumps(stage, indent=2))
-            fsync_tree(tmp)
-            fault_point("final.written")
-            replace_dir(tmp, directory)
-    except BaseException:
-        remove_tree(tmp)
-        raise
+    write_output_folder(directory, lambda tmp: _write_stage_files(model, tmp, directory, cfg))
 
 
 def check_stage_output(directory: Path) -> None:
@@ -117,22 +97,7 @@ def _write_stage_files(model: TrainModel, directory: Path, final: Path, cfg: Tra
 
     # The network as viq.load reads it: exactly what the inference model saves (one class, one writer).
     model.inference_model().save_pretrained(directory)
-    if model.projector is not None:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
-            str(directory / PROJECTOR_WEIGHTS),
-        )
-    if model.llm is not None and cfg.llm.mode != "frozen":
-        llm_dir = directory / LLM_DIR
-        if cfg.llm.mode in ("lora", "dora"):
-            model.llm.save_pretrained(str(llm_dir))
-        else:
-            llm_dir.mkdir(parents=True, exist_ok=True)
-            # clone: tied embeddings share storage, which safetensors refuses to write twice
-            save_file(
-                {k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()},
-                str(llm_dir / "model.safetensors"),
-            )
+    write_language_side(directory, model.projector, model.llm, frozen=cfg.llm.mode == "frozen")
     record = model.teacher_record
     if record is not None and record["weights"] is None and model.teacher is not None:
         # This stage chose the teacher: its encoder travels with the output, for every later stage.
