@@ -27,15 +27,6 @@ import torch
 __all__ = ["Asker", "ask"]
 
 
-def _sources(image: Any) -> list[Any]:
-    """One image source, or a list / tuple of them -> a list of sources."""
-    if isinstance(image, (list, tuple)):
-        if not image:
-            raise ValueError("no image to ask about")
-        return list(image)
-    return [image]
-
-
 class Asker:
     """A chat model (:class:`viq.mllm.model.ViQForConditionalGeneration`, or a training stage's model with
     its projector and LLM) ready to answer questions about images.
@@ -79,7 +70,7 @@ class Asker:
         """The chat of one question: a user turn with ``num_images`` ``<image>`` placeholders in front
         of the question (the LLaVA convention: ``"<image>\\nquestion"``), unless the question places
         them itself."""
-        from viq.mllm.model import question_messages
+        from viq.mllm.generation import question_messages
 
         return question_messages(question, num_images)
 
@@ -97,19 +88,17 @@ class Asker:
             viq.formats.image.ImageError: an unreadable image.
             ValueError: an empty question, placeholders that do not match the images, a budget < 1.
         """
-        from viq.formats.image import preprocess
-        from viq.mllm.generation import generate_reply
+        from viq.mllm.generation import answer_question
 
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sources = _sources(image)
-        messages = self.messages(question, len(sources))
-        pixels = [preprocess(src, self.preprocess).pixels for src in sources]
-        codes = None
-        if getattr(self.model, "encoder", None) is None:  # a stage that reads codes
-            codes = self.encoder.encode_pixels([x.to(self.device) for x in pixels])
-        return generate_reply(
-            self.model, self.tokenizer, messages, pixels, self.device, codes=codes, max_new_tokens=max_new_tokens
+        return answer_question(
+            self.model,
+            self.tokenizer,
+            image,
+            question,
+            preprocess=self.preprocess,
+            device=self.device,
+            encoder=self.encoder,
+            max_new_tokens=max_new_tokens,
         )
 
 

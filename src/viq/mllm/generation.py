@@ -7,9 +7,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["answer_budget", "answer_last_question", "answer_last_questions", "generate_reply", "generate_replies"]
+__all__ = [
+    "answer_budget",
+    "answer_last_question",
+    "answer_last_questions",
+    "answer_question",
+    "generate_reply",
+    "generate_replies",
+    "question_messages",
+]
 
 
 @torch.no_grad()
@@ -127,3 +137,51 @@ def answer_last_questions(
         max_new_tokens=[answer_budget(tokenizer, a) for _, a in split],
     )
     return [(p, a) for p, (_, a) in zip(predictions, split)]
+
+
+def question_messages(question: str, num_images: int = 1) -> list[dict[str, str]]:
+    """The chat of one question: a user turn with ``num_images`` ``<image>`` placeholders in front of the
+    question (the LLaVA convention: ``"<image>\\nquestion"``), unless the question places them itself.
+    ValueError for an empty question or placeholders that do not match the images."""
+    from viq.mllm.chat import IMAGE_TOKEN
+
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty")
+    placed = question.count(IMAGE_TOKEN)
+    if placed and placed != num_images:
+        raise ValueError(f"the question has {placed} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)")
+    content = question if placed else "\n".join([IMAGE_TOKEN] * num_images + [question.strip()])
+    return [{"role": "user", "content": content}]
+
+
+@torch.no_grad()
+def answer_question(
+    model,
+    tokenizer,
+    image: Any,
+    question: str,
+    *,
+    preprocess: Any,
+    device: torch.device,
+    encoder: Any = None,
+    max_new_tokens: int = 64,
+) -> str:
+    """The greedy answer to ``question`` about ``image`` (a source :func:`viq.formats.image.preprocess`
+    reads, or a list of them), sized by ``preprocess``: :func:`question_messages`, then
+    :func:`generate_reply`; a model that reads codes (no ``encoder`` of its own) sees the codes ``encoder``
+    gives. ValueError for an empty question, placeholders that do not match, no image or a budget < 1."""
+    from viq.formats.image import preprocess as prepare
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sources = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not sources:
+        raise ValueError("no image to ask about")
+    messages = question_messages(question, len(sources))
+    pixels = [prepare(src, preprocess).pixels for src in sources]
+    codes = None
+    if getattr(model, "encoder", None) is None:  # a model that reads codes
+        if encoder is None:
+            raise ValueError("this model reads codes: it needs an encoder (a ViQ model) to encode images")
+        codes = encoder.encode_pixels([x.to(device) for x in pixels])
+    return generate_reply(model, tokenizer, messages, pixels, device, codes=codes, max_new_tokens=max_new_tokens)

@@ -47,7 +47,6 @@ __all__ = [
     "LLM_DIR",
     "find_final",
     "recipe_preprocess",
-    "question_messages",
 ]
 
 STAGE_FILE = "stage.json"
@@ -80,21 +79,6 @@ def recipe_preprocess(recipe: dict[str, Any]) -> PreprocessConfig:
         (recipe.get("train") or {}).get("max_steps", 0),
     )
     return PreprocessConfig(min_pixels=data.get("min_pixels", defaults.min_pixels), max_pixels=max_pixels)
-
-
-def question_messages(question: str, num_images: int = 1) -> list[dict[str, str]]:
-    """The chat of one question: a user turn with ``num_images`` ``<image>`` placeholders in front of the
-    question (the LLaVA convention: ``"<image>\\nquestion"``), unless the question places them itself.
-    ValueError for an empty question or placeholders that do not match the images."""
-    from viq.mllm.chat import IMAGE_TOKEN
-
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty")
-    placed = question.count(IMAGE_TOKEN)
-    if placed and placed != num_images:
-        raise ValueError(f"the question has {placed} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)")
-    content = question if placed else "\n".join([IMAGE_TOKEN] * num_images + [question.strip()])
-    return [{"role": "user", "content": content}]
 
 
 class ViQForConditionalGeneration(nn.Module):
@@ -191,17 +175,19 @@ class ViQForConditionalGeneration(nn.Module):
     def answer(self, image: Any, question: str, *, max_new_tokens: int = 64) -> str:
         """The greedy answer to ``question`` about ``image`` (a source :func:`viq.formats.image.preprocess`
         reads, or a list of them), sized by :attr:`preprocess`; ``<image>`` placeholders in the question
-        are optional (default: the images first, :func:`question_messages`)."""
-        from viq.formats.image import preprocess as prepare
+        are optional (default: the images first, :func:`viq.mllm.generation.question_messages`)."""
+        from viq.mllm.generation import answer_question
 
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sources = list(image) if isinstance(image, (list, tuple)) else [image]
-        if not sources:
-            raise ValueError("no image to ask about")
-        messages = question_messages(question, len(sources))
-        pixels = [prepare(s, self.preprocess).pixels for s in sources]
-        return self.generate([messages], images=[pixels], max_new_tokens=max_new_tokens)[0]
+        return answer_question(
+            self,
+            self.tokenizer,
+            image,
+            question,
+            preprocess=self.preprocess,
+            device=self.device,
+            encoder=self.image_encoder,
+            max_new_tokens=max_new_tokens,
+        )
 
     @property
     def device(self) -> torch.device:
