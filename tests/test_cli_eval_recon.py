@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from train_helpers import texture
 from viq.cli.main import main
 
 pytest.importorskip("torchmetrics")
@@ -18,21 +19,12 @@ pytest.importorskip("matplotlib")
 GOOD = {"a.png": (40, 72), "sub/b.jpg": (52, 60)}
 
 
-def _texture(h: int, w: int, seed: int) -> Image.Image:
-    """Smooth colour gradients plus fine noise: compressible like a photograph, not like white noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    base = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in rng.uniform(0, 3, 3)], -1) * 0.4 + 0.5
-    arr = np.clip(base + rng.normal(0, 0.03, base.shape), 0, 1)
-    return Image.fromarray((arr * 255).round().astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("images")
     for i, (name, (h, w)) in enumerate(GOOD.items()):
         (d / name).parent.mkdir(parents=True, exist_ok=True)
-        _texture(h, w, i).save(d / name)
+        texture(h, w, i).save(d / name)
     (d / "sub" / "broken.png").write_text("this is not a PNG file\n")
     (d / ".hidden.png").write_text("ignored: hidden")
     (d / "notes.txt").write_text("ignored: not an image")

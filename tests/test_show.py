@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from train_helpers import texture
 from viq.cli.main import main
 from viq.eval.codebook import CodebookCounter, code_colours, code_values, slot_grid
 
@@ -24,20 +25,12 @@ pytest.importorskip("torchmetrics")
 SIZES = {"a.png": (40, 72), "sub/b.png": (52, 60), "tall.png": (100, 30)}  # none a multiple of 16
 
 
-def _texture(h: int, w: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    base = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in rng.uniform(0, 3, 3)], -1) * 0.4 + 0.5
-    arr = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)
-    return Image.fromarray((arr * 255).round().astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("show-images")
     for i, (name, (h, w)) in enumerate(SIZES.items()):
         (d / name).parent.mkdir(parents=True, exist_ok=True)
-        _texture(h, w, i).save(d / name)
+        texture(h, w, i, noise=0.05).save(d / name)
     return d
 
 

@@ -177,3 +177,13 @@ def run_recipe(
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [0] * len(procs), "\n".join(log.read_text()[-3000:] for log in logs)
     return json.loads((latest_checkpoint(out) / "progress.json").read_text())["history"]
+
+
+def texture(h: int, w: int, seed: int, noise: float = 0.03) -> Image.Image:
+    """Smooth colour gradients plus fine noise (standard deviation ``noise`` of the 0-1 range): compressible
+    like a photograph, not like white noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in rng.uniform(0, 3, 3)], -1) * 0.4 + 0.5
+    arr = np.clip(base + rng.normal(0, noise, base.shape), 0, 1)
+    return Image.fromarray((arr * 255).round().astype(np.uint8))
