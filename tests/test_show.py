@@ -164,6 +164,26 @@ def test_code_maps_equal_model_encode(page, test_model, images):
             np.testing.assert_array_equal(drawn[j // cols :: rows, j % cols :: cols], colours[:, :, j])
 
 
+def test_page_shows_the_baselines_beside_the_figures(page, test_model, images):
+    """Each image's PSNR stands beside bicubic at equal bits (a thumbnail worth the codes' payload bits) and
+    the mean colour, scored by the same function; the page's summary has their means."""
+    import viq
+    from viq.eval.recon import bicubic_at_bits, psnr_ssim
+    from viq.formats.image import PreprocessConfig, preprocess
+
+    text = page.read_text()
+    by_name = {str(p): p for p in images.rglob("*.png")}
+    for section in _sections(text):
+        card = _card_html(text, int(section["i"]))
+        source = re.search(r"<h3>\d+\. ([^<]*)</h3>", card).group(1)
+        reference = preprocess(by_name[source], PreprocessConfig(patch_size=test_model.patch_size)).pixels
+        codes = test_model.encode([viq.formats.image.load_image(by_name[source])])[0]
+        bits = codes.num_codes * codes.bits_per_code
+        assert float(section["bicubic"]) == psnr_ssim(reference, bicubic_at_bits(reference, bits))[0]
+        assert "bicubic at equal bits:" in card and "mean colour:" in card
+    assert "PSNR dB, bicubic at equal bits" in text and "PSNR dB, mean colour" in text
+
+
 def test_python_example_of_the_docs(model_dir, images, tmp_path, monkeypatch):
     """docs/show.md's "From Python" block, as written (file names substituted)."""
     import viq

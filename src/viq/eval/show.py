@@ -89,6 +89,9 @@ class ImageView:
     psnr: float | None = None
     ssim: float | None = None
     mean_abs_error: float | None = None
+    #: the baselines that would expose the figures, scored the same way: ``{name: (PSNR dB, SSIM)}`` for
+    #: "bicubic at equal bits" (a thumbnail worth the codes' payload bits, scaled back) and "mean colour"
+    baselines: dict[str, tuple[float, float]] = field(default_factory=dict)
     item: Any = field(default=None, repr=False)
 
 
@@ -147,10 +150,16 @@ def inspect_image(
     """Encode, reconstruct and score one image exactly as ``viq eval-recon`` does (preprocess with the
     model's resolution policy, ``model.encode_pixels``, ``model.reconstruct``, PSNR / SSIM on the encoded
     area, bpp of the ``.viq`` bytes), and make its pictures."""
-    from viq.eval.recon import encode_and_score
+    from viq.eval.recon import bicubic_at_bits, encode_and_score, mean_colour, psnr_ssim
 
     cfg = preprocess or PreprocessConfig(patch_size=model.patch_size)
     scored = encode_and_score(model, item, cfg)
+    reference = scored.prepared.pixels
+    payload_bits = scored.codes.num_codes * scored.codes.bits_per_code
+    baselines = {
+        "bicubic at equal bits": psnr_ssim(reference, bicubic_at_bits(reference, payload_bits)),
+        "mean colour": psnr_ssim(reference, mean_colour(reference)),
+    }
     original = to_pil(scored.prepared.pixels)
     heat, mae = error_map(np.asarray(original), np.asarray(scored.recon))
     return ImageView(
@@ -165,6 +174,7 @@ def inspect_image(
         psnr=scored.psnr,
         ssim=scored.ssim,
         mean_abs_error=mae,
+        baselines=baselines,
         bpp=scored.bpp,
         payload_bpp=scored.payload_bpp,
         item=item,
@@ -366,6 +376,7 @@ def _card(i: int, view: ImageView, thumb: int) -> str:
     metrics = f"{h}×{w} px, grid {gh}×{gw} patches, {codes.num_codes} codes · {_fmt(view.bpp, '.4f')} bpp" + (
         f" · PSNR {_fmt(view.psnr, '.2f')} dB · SSIM {_fmt(view.ssim, '.3f')} · mean |error| "
         f"{_fmt(view.mean_abs_error, '.1f')} of 255"
+        + "".join(f" · {name}: {_fmt(p, '.2f')} dB, SSIM {_fmt(s, '.3f')}" for name, (p, s) in view.baselines.items())
         if view.psnr is not None
         else " · no original"
     )
@@ -382,7 +393,8 @@ def _card(i: int, view: ImageView, thumb: int) -> str:
     return (
         f'<section class="card" id="img{i}" data-h="{gh}" data-w="{gw}" data-c="{c}" data-sr="{rows}" '
         f'data-sc="{cols}" data-bytes="{nbytes}" data-codes="{base64.b64encode(payload).decode()}" '
-        f'data-psnr="{view.psnr!r}" data-ssim="{view.ssim!r}" data-bpp="{view.bpp!r}">'
+        f'data-psnr="{view.psnr!r}" data-ssim="{view.ssim!r}" data-bpp="{view.bpp!r}" '
+        f'data-bicubic="{view.baselines.get("bicubic at equal bits", (None,))[0]!r}">'
         f'<h3>{i + 1}. {html.escape(view.source)}</h3><div class="note">{metrics}</div><div class="row">'
         + fig(view.original, "input (as encoded)")
         + fig(view.recon, "reconstruction")
@@ -466,6 +478,10 @@ def render_page(
             ("PSNR dB", [v.psnr for v in scored], ".2f"),
             ("SSIM", [v.ssim for v in scored], ".3f"),
             ("bpp", [v.bpp for v in scored], ".4f"),
+            *(
+                (f"PSNR dB, {name}", [v.baselines[name][0] for v in scored if name in v.baselines], ".2f")
+                for name in scored[0].baselines
+            ),
         ):
             mean, ci = mean_ci95(vals)
             ci_text = f" (95 % CI {_fmt(ci[0], spec)} … {_fmt(ci[1], spec)})" if ci[0] is not None else ""
