@@ -237,7 +237,7 @@ def test_gradients_flow_through_straight_through_fsq(test_model):
     model = viq.ViQModel.from_config("viq-test", seed=1).train()
     pixels = [pad_to_patches(random_pixels(32, 48, 0), 16)]
     tokens, packed = model.encoder(pixels)
-    values, _ = model.head(tokens, packed)
+    values = model.head(tokens, packed).values
     model.dequant.from_code_values(values).pow(2).mean().backward()
     assert model.encoder.patch_embed.proj.weight.grad is not None
     assert model.head.project_in.weight.grad.abs().sum() > 0

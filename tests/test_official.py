@@ -107,7 +107,7 @@ def test_encoder_continuous_path_and_pool(official_model, fixture):
     m = official_model
     with torch.no_grad():
         tokens, packed = m.encoder([pad_to_patches(p[0], 16) for p in pixels(fixture)])
-        values, _ = m.head(tokens, packed)
+        values = m.head(tokens, packed).values
         feats = packed.split(m.dequant.from_code_values(values))
         pooled = m.encoder.pool(feats)
     for i in range(N_IMAGES):

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from viq._untrusted import LIMITS, loads_json
+from viq.model.quantizer import QuantizerKind, get_quantizer_kind
 
 __all__ = [
     "EncoderConfig",
@@ -93,15 +93,17 @@ class HeadConfig:
     """
 
     levels: tuple[int, ...] = FSQ_LEVELS["16k"]
-    #: "fsq" (the released tokenizer); training variants: "bottleneck" (stage 2-1 proximal
-    #: representation: Linear C->bottleneck_dim, a norm limit, no rounding) and "simvq" (ablation).
+    #: a registered quantizer kind (:data:`viq.model.quantizer.QUANTIZERS`): "fsq" (the released
+    #: tokenizer); training variants: "bottleneck" (stage 2-1 proximal representation: Linear
+    #: C->bottleneck_dim, a norm limit, no rounding) and "simvq" (ablation); or one you register.
     quantizer: str = "fsq"
     bottleneck_dim: int = 32
     #: limit applied in the bottleneck: "none", "l2", "linf" (onto the hypercube surface), "tanh".
     bottleneck_limit: str = "linf"
-    #: FSQ sits on the limited bottleneck, as in the paper (C -> D -> limit -> d -> FSQ, and back
-    #: d -> D -> C), so stage 2-2 keeps the stage 2-1 bottleneck. False: the released layout, in
-    #: which FSQ projects the features directly (C -> d -> FSQ -> d -> C).
+    #: the (discrete) quantizer sits on the limited bottleneck, as FSQ does in the paper (C -> D ->
+    #: limit -> d -> FSQ, and back d -> D -> C), so stage 2-2 keeps the stage 2-1 bottleneck. False:
+    #: the released layout, in which FSQ projects the features directly (C -> d -> FSQ -> d -> C).
+    #: (The name is the released one; it applies to every discrete quantizer kind.)
     fsq_on_bottleneck: bool = False
     simvq_codebook_size: int = 32768
     simvq_dim: int = 32
@@ -138,27 +140,45 @@ class HeadConfig:
             raise ValueError(f"FSQ levels: at most 32 dimensions, got {len(self.levels)}")
         if self.attn_dim % 2:
             raise ValueError(f"attn_dim must be even for RoPE, got {self.attn_dim}")
-        if self.quantizer not in ("fsq", "bottleneck", "simvq"):
-            raise ValueError(f"quantizer must be 'fsq', 'bottleneck' or 'simvq', got {self.quantizer!r}")
+        kind = get_quantizer_kind(self.quantizer)  # ValueError naming the registered kinds
+        if self.codebook_size:
+            kind.alphabet(self)  # a codebook that codes files cannot describe fails here, not when encoding
         if self.bottleneck_limit not in ("none", "l2", "linf", "tanh"):
             raise ValueError(f"bottleneck_limit must be none, l2, linf or tanh, got {self.bottleneck_limit!r}")
         if self.rope_angle_dtype not in ("compute", "float32"):
             raise ValueError(f"rope_angle_dtype must be 'compute' or 'float32', got {self.rope_angle_dtype!r}")
 
     @property
+    def quantizer_kind(self) -> QuantizerKind:
+        """The registered kind of ``quantizer``."""
+        return get_quantizer_kind(self.quantizer)
+
+    @property
     def codebook_size(self) -> int:
-        """Number of distinct codes (0 for the continuous bottleneck)."""
-        if self.quantizer == "bottleneck":
-            return 0
-        return self.simvq_codebook_size if self.quantizer == "simvq" else math.prod(self.levels)
+        """Number of distinct codes (0 for a continuous quantizer such as the bottleneck)."""
+        return self.quantizer_kind.codebook_size(self)
+
+    @property
+    def quantizer_dim(self) -> int:
+        """Width of the quantizer's values (FSQ: the number of levels)."""
+        return self.quantizer_kind.dim(self)
+
+    @property
+    def code_levels(self) -> tuple[int, ...]:
+        """The codes' alphabet as ``.viq`` files and stores record it (FSQ: ``levels``; see
+        :func:`viq.model.quantizer.radix_levels`); ``()`` for a continuous quantizer."""
+        return self.quantizer_kind.alphabet(self)
+
+    @property
+    def quantizes_on_bottleneck(self) -> bool:
+        """A discrete quantizer on the limited bottleneck (``fsq_on_bottleneck``)."""
+        return self.fsq_on_bottleneck and self.codebook_size > 0
 
     @property
     def code_dim(self) -> int:
-        """Width of the values between project_in and project_out (the bottleneck width D when FSQ
-        sits on the bottleneck)."""
-        if self.quantizer == "fsq" and self.fsq_on_bottleneck:
-            return self.bottleneck_dim
-        return {"fsq": len(self.levels), "bottleneck": self.bottleneck_dim, "simvq": self.simvq_dim}[self.quantizer]
+        """Width of the values between project_in and project_out (the bottleneck width D when the
+        quantizer sits on the bottleneck)."""
+        return self.bottleneck_dim if self.quantizes_on_bottleneck else self.quantizer_dim
 
 
 @dataclass
@@ -286,7 +306,7 @@ class ViQConfig:
             + h.codes_per_patch * w * w
             + h.code_blocks * int((4 + 2 * h.mlp_ratio) * h.attn_dim**2)
             + h.res_blocks * int(2 * h.res_mlp_ratio * w * w)
-            + (h.simvq_codebook_size * h.simvq_dim if h.quantizer == "simvq" else 0)
+            + h.quantizer_kind.parameters(h)
             + 2 * h.bottleneck_dim * w
         )
         decoders = 2 * d.latent_blocks * int((4 + 2 * d.latent_mlp_ratio) * w * w)

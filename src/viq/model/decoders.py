@@ -18,7 +18,6 @@ from torch import nn
 from viq.model.attention import Segments
 from viq.model.config import DecoderConfig, HeadConfig
 from viq.model.layers import MIN_ROWS, Block, Mlp, ResidualMlp, pad_rows
-from viq.model.quantizer import FSQ
 
 __all__ = ["CodeEmbedder", "LatentDecoder", "CodeDrawer"]
 
@@ -31,19 +30,24 @@ class CodeEmbedder(nn.Module):
 
     ``codebook`` (K, d) is a stored buffer rather than recomputed: the released embedder carries a
     bf16-rounded copy of the implicit codebook (the 16k level-6 thirds are rounded), and using the
-    stored table is what reproduces the official features.
+    stored table is what reproduces the official features. The copy is what lets the embedder read the
+    indices of any discrete quantizer: a fixed codebook (FSQ) is computed here, a learned one (SimVQ)
+    starts at zeros and is copied from the head (:meth:`viq.model.viq.ViQModel.sync_codebooks`); a
+    continuous quantizer has none (only :meth:`from_code_values` then).
     """
 
     def __init__(self, width: int, cfg: HeadConfig) -> None:
         super().__init__()
         e = cfg.codes_per_patch
         self.codes_per_patch = e
-        # Only FSQ codes can be looked up from indices; other quantizers feed values directly.
-        codebook = FSQ(cfg.levels).implicit_codebook() if cfg.quantizer == "fsq" else None
+        kind = cfg.quantizer_kind
+        codebook = None
+        if cfg.codebook_size and kind.learned_codebook:
+            codebook = torch.zeros(cfg.codebook_size, cfg.quantizer_dim)
+        elif cfg.codebook_size:  # a fixed codebook: computed from the config (building draws no random numbers)
+            codebook = kind.build(cfg).codebook()
         self.register_buffer("codebook", codebook)
-        self.fsq_out = (
-            nn.Linear(len(cfg.levels), cfg.bottleneck_dim) if cfg.quantizer == "fsq" and cfg.fsq_on_bottleneck else None
-        )
+        self.fsq_out = nn.Linear(cfg.quantizer_dim, cfg.bottleneck_dim) if cfg.quantizes_on_bottleneck else None
         self.project_out = nn.Linear(cfg.code_dim, width)
         self.merge = Mlp(e * width, e * width, width)
         self.post_mlp = Mlp(width, width, width)
@@ -70,7 +74,7 @@ class CodeEmbedder(nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """(e*N,) int indices in official order -> (N, C) features."""
         if self.codebook is None:
-            raise RuntimeError("this embedder has no codebook (its head does not use FSQ)")
+            raise RuntimeError("this embedder has no codebook (its head's quantizer is continuous)")
         k = self.codebook.shape[0]
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
             raise ValueError(f"code indices out of range [0, {k})")

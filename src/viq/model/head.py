@@ -10,9 +10,11 @@ Quantize path, for packed tokens x (T, C) of patch grids (h_i, w_i):
 4. ``code_blocks`` RoPE blocks: LN -> Linear C->a -> qkv, sub-token j is head j, 2D RoPE on q and k,
    attention over the patches of the same image (sub-token j only sees sub-token j), proj, Linear a->C,
    residual; then LN -> Mlp(C -> 4C -> C), residual. The 4 streams never mix.
-5. Linear C -> d (d = number of FSQ levels), FSQ in float32 -> indices (4T,), order 4*(y*w+x)+j.
-   With ``fsq_on_bottleneck`` (the paper's layout): Linear C -> D, the bottleneck's limit (L-inf),
-   Linear D -> d, FSQ; the stage 2-1 bottleneck (``project_in``) is kept and only ``fsq_in`` is new.
+5. Linear C -> d (d = the quantizer's dimension: the number of FSQ levels), the quantizer (FSQ in
+   float32) -> indices (4T,), order 4*(y*w+x)+j. With ``fsq_on_bottleneck`` (the paper's layout):
+   Linear C -> D, the bottleneck's limit (L-inf), Linear D -> d, the quantizer; the stage 2-1
+   bottleneck (``project_in``) is kept and only ``fsq_in`` is new. The quantizer is any registered
+   kind (:mod:`viq.model.quantizer`); the head only calls its ``quantize``.
 
 The dequantize path (codes -> continuous features) is :class:`viq.model.decoders.CodeEmbedder`.
 """
@@ -27,7 +29,7 @@ from viq.model.attention import Segments, attention
 from viq.model.config import HeadConfig
 from viq.model.encoder import Packed
 from viq.model.layers import Block, Mlp
-from viq.model.quantizer import FSQ, Bottleneck, SimVQ
+from viq.model.quantizer import FSQ, Bottleneck, Quantized, Quantizer
 from viq.model.rope import GoldenGateRoPE2d, apply_rotary
 
 __all__ = ["CodeHead", "RoPEAttention", "RoPEBlock"]
@@ -98,15 +100,12 @@ class CodeHead(nn.Module):
         self.project_in = nn.Linear(width, cfg.code_dim)
         self.limit: nn.Module | None = None
         self.fsq_in: nn.Module | None = None
-        if cfg.quantizer == "fsq" and cfg.fsq_on_bottleneck:
+        if cfg.quantizes_on_bottleneck:
             self.limit = Bottleneck(cfg.bottleneck_limit)
-            self.fsq_in = nn.Linear(cfg.bottleneck_dim, len(cfg.levels))
-        if cfg.quantizer == "fsq":
-            self.quantizer: nn.Module = FSQ(cfg.levels, cfg.fsq_eps)
-        elif cfg.quantizer == "bottleneck":
-            self.quantizer = Bottleneck(cfg.bottleneck_limit)
-        else:
-            self.quantizer = SimVQ(cfg.simvq_codebook_size, cfg.simvq_dim)
+            self.fsq_in = nn.Linear(cfg.bottleneck_dim, cfg.quantizer_dim)
+        self.quantizer = cfg.quantizer_kind.build(cfg)
+        if not isinstance(self.quantizer, Quantizer):
+            raise TypeError(f"quantizer {cfg.quantizer!r} built a {type(self.quantizer).__name__}, not a Quantizer")
         attn_dim = min(width, cfg.attn_dim)
         self.rope = (
             GoldenGateRoPE2d(attn_dim, e, cfg.rope_min_freq, cfg.rope_max_freq, cfg.rope_zero_fraction)
@@ -150,18 +149,12 @@ class CodeHead(nn.Module):
             raise AttributeError(f"this head quantizes with {type(self.quantizer).__name__}, not FSQ")
         return self.quantizer
 
-    def forward(self, x: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed trunk tokens (T, C) -> (codes (e*T, d) float32 with straight-through gradient,
-        indices (e*T,) int32). Both include the filler rows; split with ``packed.split(..., e)``."""
-        return self.fsq.quantize(self.pre_quantize(x, packed))
+    def forward(self, x: torch.Tensor, packed: Packed) -> Quantized:
+        """Packed trunk tokens (T, C) -> :class:`~viq.model.quantizer.Quantized`: values (e*T, d) float32
+        with the quantizer's gradient, indices (e*T,) int32 (None for a continuous quantizer), auxiliary
+        loss (scalar). Values and indices include the filler rows; split with ``packed.split(..., e)``."""
+        return self.quantizer.quantize(self.pre_quantize(x, packed))
 
-    def quantize(self, x: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Any quantizer kind: (values (e*T, d), indices (e*T,) int32 or None for the continuous
-        bottleneck, auxiliary loss (scalar; 0 except for SimVQ))."""
-        z = self.pre_quantize(x, packed)
-        if isinstance(self.quantizer, FSQ):
-            values, indices = self.quantizer.quantize(z)
-            return values, indices, z.new_zeros(())
-        if isinstance(self.quantizer, Bottleneck):
-            return self.quantizer(z), None, z.new_zeros(())
-        return self.quantizer(z)
+    def quantize(self, x: torch.Tensor, packed: Packed) -> Quantized:
+        """The same as calling the head (kept as the name the model's paths use)."""
+        return self(x, packed)

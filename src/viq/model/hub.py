@@ -281,8 +281,9 @@ def model_card(model: Any, repo_id: str | None = None) -> str:
             "| | |",
             "|---|---|",
             f"| codebook size | {size} |",
-            f"| FSQ levels | {', '.join(map(str, head.levels))} |",
-            f"| bits per code | {bits_for_levels(head.levels)} |",
+            f"| {'FSQ levels' if head.quantizer == 'fsq' else 'code levels (' + head.quantizer + ')'} | "
+            f"{', '.join(map(str, head.code_levels))} |",
+            f"| bits per code | {bits_for_levels(head.code_levels) if head.codebook_size else 0} |",
             f"| codes per patch | {head.codes_per_patch} |",
             f"| trunk | width {enc.width}, depth {enc.depth}, {enc.num_heads} heads |",
             f"| components | {', '.join(model.components)} |",

@@ -1,6 +1,28 @@
-"""Finite Scalar Quantization (Mentzer et al. 2023) with the official ViQ arithmetic.
+"""Quantizers: the protocol every quantizer follows, its registry, and the three viq ships.
 
-Each of the d = ``len(levels)`` channels is bounded with a shifted tanh and rounded to one of
+The code head, the embedder, the drawer and training ask a quantizer for the same few things
+(:class:`Quantizer`): its code dimension, its codebook size, ``quantize`` (values, indices, auxiliary
+loss), ``dequantize`` (indices -> values) and ``codebook`` (the values of every index). A quantizer
+*kind* (:class:`QuantizerKind`) tells a :class:`~viq.model.config.HeadConfig` how to build one and what
+it will be before it is built; ``head.quantizer: <name>`` picks a registered kind
+(:func:`register_quantizer`). Three are registered here:
+
+=============  ===============================================================  ==============
+kind           what it is                                                        codebook
+=============  ===============================================================  ==============
+``fsq``        :class:`FSQ`, the paper's (implicit codebook, ``prod(levels)``)   fixed
+``simvq``      :class:`SimVQ`, the learned-codebook ablation                     learned
+``bottleneck`` :class:`Bottleneck`, stage 2-1's continuous proximal space       none (0)
+=============  ===============================================================  ==============
+
+How codes are stored does not depend on the kind: ``.viq`` files and code stores describe a codebook
+by its *alphabet* ``levels``, a mixed radix whose product is the codebook size (FSQ: its levels; any
+other kind: :func:`radix_levels` of its size, e.g. 4096 -> (128, 32)). The embedder and the drawer
+carry a copy of the codebook (K, d) in their weights, so they read the indices of any discrete kind;
+a learned codebook is copied from the head when a stage output is written
+(:meth:`viq.model.viq.ViQModel.sync_codebooks`).
+
+Finite Scalar Quantization (Mentzer et al. 2023) with the official ViQ arithmetic: each of the d = ``len(levels)`` channels is bounded with a shifted tanh and rounded to one of
 ``levels[k]`` integer values; the tuple of rounded values is the code and its mixed-radix number
 (dim 0 least significant) the index. The codebook is implicit: ``indices_to_codes`` computes it.
 
@@ -12,13 +34,146 @@ be rounded reliably and whole codebooks collapse (the failure reported in vector
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FSQ", "Bottleneck", "SimVQ"]
+if TYPE_CHECKING:
+    from viq.model.config import HeadConfig
+
+__all__ = [
+    "FSQ",
+    "Bottleneck",
+    "SimVQ",
+    "Quantized",
+    "Quantizer",
+    "QuantizerKind",
+    "QUANTIZERS",
+    "register_quantizer",
+    "get_quantizer_kind",
+    "radix_levels",
+]
+
+
+class Quantized(NamedTuple):
+    """What :meth:`Quantizer.quantize` returns."""
+
+    #: (..., dim) float32 values, with a gradient to the input (straight-through, rotation trick, ...)
+    values: torch.Tensor
+    #: (...) int32 indices in [0, codebook_size), or None for a continuous quantizer
+    indices: torch.Tensor | None
+    #: scalar auxiliary loss (a commitment loss; zero when the quantizer has none)
+    loss: torch.Tensor
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """What the code head, the decoders and training ask of a quantizer (an ``nn.Module``)."""
+
+    @property
+    def dim(self) -> int:
+        """Width of the values (and of the input ``z``)."""
+        ...
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of codes K; 0 for a continuous quantizer (no indices)."""
+        ...
+
+    def quantize(self, z: torch.Tensor) -> Quantized:
+        """(..., dim) any float dtype -> :class:`Quantized`."""
+        ...
+
+    def dequantize(self, indices: torch.Tensor) -> torch.Tensor:
+        """(...) int indices in [0, K) -> (..., dim) float32 values (those ``quantize`` gives)."""
+        ...
+
+    def codebook(self) -> torch.Tensor | None:
+        """(K, dim) float32: the values of every index; None for a continuous quantizer."""
+        ...
+
+
+@dataclass(frozen=True)
+class QuantizerKind:
+    """A registered quantizer: how a :class:`~viq.model.config.HeadConfig` builds one, and what it is
+    before it is built (configs check shapes and sizes without building, and without drawing random
+    numbers)."""
+
+    name: str
+    #: HeadConfig -> a module following :class:`Quantizer`
+    build: Callable[[HeadConfig], nn.Module]
+    #: HeadConfig -> the code dimension (``Quantizer.dim``)
+    dim: Callable[[HeadConfig], int]
+    #: HeadConfig -> the codebook size (0: continuous)
+    codebook_size: Callable[[HeadConfig], int]
+    #: the codebook is trained (it lives in the head's weights; the decoders' copies are refreshed from it)
+    learned_codebook: bool = False
+    #: HeadConfig -> the codes' alphabet (mixed radix, product = codebook size); default :func:`radix_levels`
+    levels: Callable[[HeadConfig], tuple[int, ...]] | None = None
+    #: HeadConfig -> parameters of the quantizer itself (for the size estimate refused before building)
+    parameters: Callable[[HeadConfig], int] = lambda cfg: 0
+
+    def alphabet(self, cfg: HeadConfig) -> tuple[int, ...]:
+        """The codes' alphabet for ``cfg`` (``()`` for a continuous quantizer)."""
+        if self.levels is not None:
+            return tuple(self.levels(cfg))
+        size = self.codebook_size(cfg)
+        return radix_levels(size) if size else ()
+
+
+#: Every quantizer kind by name (``head.quantizer``); :func:`register_quantizer` adds one.
+QUANTIZERS: dict[str, QuantizerKind] = {}
+
+
+def register_quantizer(kind: QuantizerKind, *, replace: bool = False) -> QuantizerKind:
+    """Make ``kind`` available as ``head.quantizer: <kind.name>`` (ValueError if the name is taken,
+    unless ``replace``). Returns ``kind``."""
+    if kind.name in QUANTIZERS and not replace:
+        raise ValueError(f"a quantizer named {kind.name!r} is already registered")
+    QUANTIZERS[kind.name] = kind
+    return kind
+
+
+def get_quantizer_kind(name: str) -> QuantizerKind:
+    """The registered kind ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return QUANTIZERS[name]
+    except KeyError:
+        raise ValueError(f"quantizer must be one of {sorted(QUANTIZERS)}, got {name!r}") from None
+
+
+def radix_levels(size: int) -> tuple[int, ...]:
+    """A codebook of ``size`` codes as a mixed radix of factors in [2, 255] (what ``.viq`` files and
+    stores record): its prime factors, largest first, merged greedily while a factor stays <= 255.
+    ValueError if ``size`` has a prime factor above 255 (such a codebook cannot be described)."""
+    if size < 2:
+        raise ValueError(f"a codebook needs at least 2 codes, got {size}")
+    primes, rest, p = [], size, 2
+    while p * p <= rest:
+        while rest % p == 0:
+            primes.append(p)
+            rest //= p
+        p += 1
+    if rest > 1:
+        primes.append(rest)
+    if max(primes) > 255:
+        raise ValueError(
+            f"codebook size {size} has the prime factor {max(primes)} > 255: codes are stored as digits "
+            "of at most 255 values each, choose a size whose prime factors are all <= 255 (e.g. a power of 2)"
+        )
+    factors: list[int] = []
+    for prime in sorted(primes, reverse=True):
+        for i, f in enumerate(factors):
+            if f * prime <= 255:
+                factors[i] = f * prime
+                break
+        else:
+            factors.append(prime)
+    return tuple(sorted(factors, reverse=True))
 
 
 class FSQ(nn.Module):
@@ -61,16 +216,17 @@ class FSQ(nn.Module):
         half_l, offset, shift, _ = self._constants()
         return (z.float() + shift).tanh() * half_l - offset
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(self, z: torch.Tensor) -> Quantized:
         """Quantize continuous values.
 
         Args:
             z: (..., d) pre-quantization values (output of the projection), any float dtype.
 
         Returns:
-            codes: (..., d) float32 code values in [-1, 1] (q / (L // 2)), with a straight-through
+            values: (..., d) float32 code values in [-1, 1] (q / (L // 2)), with a straight-through
                 gradient to ``z``.
             indices: (...) int32 codebook indices in [0, K).
+            loss: 0 (FSQ has no auxiliary loss).
         """
         bounded = self.bound(z)
         rounded = bounded.round()
@@ -79,10 +235,18 @@ class FSQ(nn.Module):
         half_width = self._levels // 2
         codes = quantized / half_width
         indices = self._level_indices_to_indices(rounded.to(torch.int64) + half_width)
-        return codes, indices
+        return Quantized(codes, indices, codes.new_zeros(()))
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor) -> Quantized:
         return self.quantize(z)
+
+    def dequantize(self, indices: torch.Tensor) -> torch.Tensor:
+        """(...) int indices -> (..., d) float32 code values (:meth:`indices_to_codes`)."""
+        return self.indices_to_codes(indices)
+
+    def codebook(self) -> torch.Tensor:
+        """(K, d) float32: the implicit codebook (:meth:`implicit_codebook`)."""
+        return self.implicit_codebook()
 
     def _level_indices_to_indices(self, level_indices: torch.Tensor) -> torch.Tensor:
         return (level_indices.to(torch.int64) * self._basis).sum(-1).to(torch.int32)
@@ -128,12 +292,27 @@ class Bottleneck(nn.Module):
     * ``"none"``: the plain linear bottleneck.
     """
 
-    def __init__(self, limit: str = "linf", eps: float = 1e-6) -> None:
+    #: the continuous quantizer has no codes
+    codebook_size = 0
+
+    def __init__(self, limit: str = "linf", eps: float = 1e-6, dim: int = 0) -> None:
         super().__init__()
         if limit not in ("none", "l2", "linf", "tanh"):
             raise ValueError(f"unknown bottleneck limit {limit!r}")
         self.limit = limit
         self.eps = eps
+        #: width of the values (0: not known, when the module only limits inside a head's layout)
+        self.dim = dim
+
+    def quantize(self, z: torch.Tensor) -> Quantized:
+        """(..., D) -> limited values (same dtype: stage 2-1 keeps the compute dtype), no indices, no loss."""
+        return Quantized(self(z), None, z.new_zeros(()))
+
+    def dequantize(self, indices: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the continuous bottleneck has no codes to dequantize (it is stage 2-1's quantizer)")
+
+    def codebook(self) -> None:
+        return None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D) limited values, same dtype."""
@@ -168,19 +347,30 @@ class SimVQ(nn.Module):
     def codebook_size(self) -> int:
         return self.frozen_codebook.shape[0]
 
+    @property
+    def dim(self) -> int:
+        return self.frozen_codebook.shape[1]
+
     def codebook(self) -> torch.Tensor:
         """(K, d) float32 effective codebook."""
         return self.proj(self.frozen_codebook.to(self.proj.weight.dtype)).float()
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, d) -> (quantized (N, d) float32 with rotation-trick gradient, indices (N,) int32, loss)."""
+    def quantize(self, z: torch.Tensor) -> Quantized:
+        """(N, d) -> values (N, d) float32 with the rotation-trick gradient, indices (N,) int32, loss."""
         x = z.float()
         codebook = self.codebook()
         with torch.no_grad():
             indices = torch.cdist(x, codebook).argmin(-1)
         q = codebook[indices]
         loss = F.mse_loss(x.detach(), q) + self.beta * F.mse_loss(x, q.detach())
-        return _rotation_trick(x, q), indices.to(torch.int32), loss
+        return Quantized(_rotation_trick(x, q), indices.to(torch.int32), loss)
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        return self.quantize(z)
+
+    def dequantize(self, indices: torch.Tensor) -> torch.Tensor:
+        """(...) int indices -> (..., d) float32 codebook rows."""
+        return self.codebook()[indices.long()]
 
     def extra_repr(self) -> str:
         return f"codebook_size={self.codebook_size}, dim={self.frozen_codebook.shape[1]}"
@@ -199,3 +389,33 @@ def _rotation_trick(x: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torc
     r = (r / r.norm(dim=-1, keepdim=True).clamp_min(eps)).detach()
     rotated = x - 2 * (x * r).sum(-1, keepdim=True) * r + 2 * (x * x_hat).sum(-1, keepdim=True) * q_hat
     return rotated * (q_norm / x_norm).detach()
+
+
+# ---------------------------------------------------------------------------------------------- registry
+register_quantizer(
+    QuantizerKind(
+        "fsq",
+        build=lambda cfg: FSQ(cfg.levels, cfg.fsq_eps),
+        dim=lambda cfg: len(cfg.levels),
+        codebook_size=lambda cfg: math.prod(cfg.levels),
+        levels=lambda cfg: tuple(cfg.levels),
+    )
+)
+register_quantizer(
+    QuantizerKind(
+        "simvq",
+        build=lambda cfg: SimVQ(cfg.simvq_codebook_size, cfg.simvq_dim),
+        dim=lambda cfg: cfg.simvq_dim,
+        codebook_size=lambda cfg: cfg.simvq_codebook_size,
+        learned_codebook=True,
+        parameters=lambda cfg: cfg.simvq_codebook_size * cfg.simvq_dim,
+    )
+)
+register_quantizer(
+    QuantizerKind(
+        "bottleneck",
+        build=lambda cfg: Bottleneck(cfg.bottleneck_limit, dim=cfg.bottleneck_dim),
+        dim=lambda cfg: cfg.bottleneck_dim,
+        codebook_size=lambda cfg: 0,
+    )
+)

@@ -128,7 +128,9 @@ class ViQModel(nn.Module):
 
     @property
     def levels(self) -> tuple[int, ...]:
-        return self.config.head.levels
+        """The codes' alphabet (FSQ: its levels; :attr:`viq.model.config.HeadConfig.code_levels`)."""
+        return self.config.head.code_levels
+
 
     @property
     def patch_size(self) -> int:
@@ -376,9 +378,10 @@ class ViQModel(nn.Module):
         ``min_rows`` > 0 is the batch-invariant mode of :meth:`encode_stream`: the pack is filled to at
         least that many tokens and attention runs one image per call."""
         self._require("encoder")
-        if not isinstance(self.head.quantizer, FSQ):
+        if not self.config.head.codebook_size:
             raise RuntimeError(
-                f"this model's head quantizes with {type(self.head.quantizer).__name__}: it has no codes"
+                f"this model's head quantizes with {type(self.head.quantizer).__name__}, a continuous "
+                "quantizer: it has no codes (train stage 2-2 to get some)"
             )
         with exact_float32(self.device, self.dtype), per_image_attention(self, enabled=min_rows > 0):
             return self.encode_features(pixels, min_rows=min_rows, dequantize=False).indices
@@ -390,7 +393,7 @@ class ViQModel(nn.Module):
             if not isinstance(c, Codes):
                 raise TypeError(f"codes[{i}]: expected viq.Codes, got {type(c).__name__}")
             if c.levels != self.levels:
-                raise ValueError(f"codes[{i}] use FSQ levels {c.levels}, this model uses {self.levels}")
+                raise ValueError(f"codes[{i}] use the levels {c.levels}, this model's codes use {self.levels}")
             if c.codes_per_patch != self.config.head.codes_per_patch:
                 raise ValueError(
                     f"codes[{i}] have {c.codes_per_patch} codes per patch, the model expects "
@@ -556,6 +559,18 @@ class ViQModel(nn.Module):
         model.to(device=device, dtype=dtype)  # the rebuilt constants; the weights are there already
         model.eval()
         return model
+
+    @torch.no_grad()
+    def sync_codebooks(self) -> None:
+        """Copy a learned codebook (SimVQ) from the head into the embedder and the drawer, which read
+        indices through their own copy (:class:`~viq.model.decoders.CodeEmbedder`). Fixed codebooks
+        (FSQ) are left as they are: the released embedders carry their own bf16-rounded copy."""
+        if self.head is None or not self.config.head.quantizer_kind.learned_codebook:
+            return
+        codebook = self.head.quantizer.codebook()
+        for module in (self.dequant, self.embedder, self.drawer.features if self.drawer is not None else None):
+            if module is not None and module.codebook is not None:
+                module.codebook.copy_(codebook.to(module.codebook.dtype))
 
     def _rebuild_constants(self) -> None:
         """Recreate the non-persistent tensors (FSQ tables, RoPE frequencies) on the CPU."""

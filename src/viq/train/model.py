@@ -269,7 +269,7 @@ class TrainModel(ViQModel):
         own.update({k: v for k, v in self.carry.items() if not (self.vae is not None and k.startswith("vae."))})
         state = dict(own)
         present = parts_in(own)
-        if "dequant" in present and "embedder" not in present and self.config.head.quantizer == "fsq":
+        if "dequant" in present and "embedder" not in present and self.config.head.codebook_size:
             state.update({"embedder." + k[len("dequant.") :]: v for k, v in own.items() if k.startswith("dequant.")})
             if "drawer" not in present and "recon" in present:
                 state.update(
@@ -280,7 +280,9 @@ class TrainModel(ViQModel):
                 )
         if self.vae is not None:
             state.update({"vae." + k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()})
-        return ViQModel.from_state_dict(self.config, state, parts=parts_in(state), source=f"stage {self.stage}")
+        model = ViQModel.from_state_dict(self.config, state, parts=parts_in(state), source=f"stage {self.stage}")
+        model.sync_codebooks()  # a learned codebook: the embedder and drawer read the head's
+        return model
 
     # ------------------------------------------------------------------ forward
     #: The order the losses are computed in (the order of the graph's nodes, hence of the float sums of
@@ -309,6 +311,7 @@ class TrainModel(ViQModel):
             return _Inputs([], [], anchor=anchor)
         if path == "drawer":
             with torch.no_grad():  # the encoder and its head are frozen: only the drawer trains
+                self.sync_codebooks()  # a learned codebook: the drawer reads indices through the head's
                 encoded = self.encode_features(batch.images, dequantize=False)
             features, latents = self.draw_codes(encoded.indices, encoded.grids)
             return _Inputs(
