@@ -53,8 +53,8 @@ def test_zero_text_weight_does_not_run_the_llm(tmp_path, assets, monkeypatch):
     from viq.train.model import TrainModel
 
     calls = []
-    text_loss = TrainModel._text_loss
-    monkeypatch.setattr(TrainModel, "_text_loss", lambda self, *a: calls.append(1) or text_loss(self, *a))
+    text_loss = TrainModel.text_loss
+    monkeypatch.setattr(TrainModel, "text_loss", lambda self, *a: calls.append(1) or text_loss(self, *a))
     summary = run(
         "stage2_1", tmp_path / "off", assets, loss={"text": 0.0}, optim={"trainable": ["head", "dequant", "recon"]}
     )

@@ -19,7 +19,8 @@ from typing import Any
 
 from viq.model.config import dataclass_from_dict
 from viq.model.weights import TORCH_DTYPES
-from viq.train.stages import LOSSES, STAGES, Stage, get_stage
+from viq.train.losses import LOSS_TABLE
+from viq.train.stages import STAGES, Stage, get_stage
 
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "parse_init", "STAGES", "TRACKERS"]
 
@@ -123,6 +124,9 @@ class LossSection:
     #: stages 2-1, 2-2 and drawer: weight of a pixel-space MSE of the decoded latents through the frozen VAE
     #: decoder (0 = off; with loss.recon=0 in stage 2, the reconstruction loss "MSE" of the paper's Table 4)
     pixel: float = 0.0
+    #: weights of the losses registered by extensions (:func:`viq.train.losses.register_loss`), by
+    #: name; one not named here has its record's ``default_weight``
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -247,9 +251,13 @@ class TrainConfig:
         return get_stage(self.stage)
 
     def loss_weights(self) -> dict[str, float]:
-        """The weight of each loss (0: off), keyed like :data:`viq.train.stages.LOSSES`, with an unset
+        """The weight of each loss of the loss table (0: off; :mod:`viq.train.losses`), with an unset
         ``loss.recon`` resolved for this stage."""
-        weights = {k: getattr(self.loss, k) for k in LOSSES}
+        own = {f.name for f in dataclasses.fields(LossSection)}
+        weights = {
+            name: getattr(self.loss, name) if name in own else self.loss.extra.get(name, loss.default_weight)
+            for name, loss in LOSS_TABLE.items()
+        }
         if weights["recon"] is None:
             optional = any(loss == "recon" for loss, _ in self.spec.optional)
             weights["recon"] = 0.0 if optional else 1.0
@@ -398,6 +406,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key, value in (("optim.warmup_ratio", o.warmup_ratio), ("optim.min_lr_ratio", o.min_lr_ratio)):
         need(0 <= value <= 1, key, "in [0, 1]", value)
     need(0 <= m.lora_dropout < 1, "llm.lora_dropout", "in [0, 1)", m.lora_dropout)
+    builtin = {f.name for f in dataclasses.fields(LossSection)}
+    unknown = sorted(set(cfg.loss.extra) - (set(LOSS_TABLE) - builtin))
+    need(not unknown, "loss.extra", f"keyed by registered losses ({sorted(set(LOSS_TABLE) - builtin)})", unknown)
     for name, weight in cfg.loss_weights().items():
         need(weight >= 0, f"loss.{name}", ">= 0", weight)
     need(cfg.loss.latent_norm in ("none", "mean_std"), "loss.latent_norm", "none or mean_std", cfg.loss.latent_norm)

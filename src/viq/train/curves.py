@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from viq.train.logger import METRICS_FILE, read_metrics
-from viq.train.stages import LOSSES
+from viq.train.losses import loss_names
 
 __all__ = ["plot_curves"]
 
@@ -55,7 +55,7 @@ def plot_curves(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | N
     ax_loss, ax_lr, ax_codes = fig.subplots(1, 3)
 
     values: list[float] = []
-    for key in ("loss", *LOSSES):
+    for key in ("loss", *loss_names()):
         points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
         if points:
             ax_loss.plot(*zip(*points), label=key, linewidth=2.2 if key == "loss" else 1.2)

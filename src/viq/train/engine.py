@@ -53,12 +53,12 @@ from viq.train.config import TrainConfig
 from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
 from viq.train.evaluate import evaluate
 from viq.train.logger import RunLogger, learning_rates
+from viq.train.losses import LOSS_TABLE, loss_names
 from viq.train.metrics import CodeUsage
 from viq.train.model import StepLosses, TrainBatch, TrainModel
 from viq.train.optim import build_optimizer, build_scheduler, set_trainable
 from viq.train.output import save_stage_output
 from viq.train.parallel import Dist, setup_distributed, wrap_parallel
-from viq.train.stages import LOSS_UNITS, LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ __all__ = [
 
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
-    """The recipe's weight of each loss (0: off), keyed like :data:`viq.train.stages.LOSSES`."""
+    """The recipe's weight of each loss (0: off), keyed by the loss table's names (:mod:`viq.train.losses`)."""
     return cfg.loss_weights()
 
 
@@ -85,12 +85,12 @@ def combine_losses(
     out: StepLosses, weights: dict[str, float], n_tokens: float, n_images: float
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The step loss of one micro-batch: ``sum_k w_k * sum_k / count_k`` over the losses the model
-    computed, where the count is the step's global number of the loss's unit (``stages.LOSS_UNITS``:
-    supervised tokens for text, images for the rest). Returns the loss and every normalised part (0
-    where the model computed none)."""
+    computed, where the count is the step's global number of the loss's unit (``Loss.unit`` in
+    :mod:`viq.train.losses`: supervised tokens for text, images for the rest). Returns the loss and every
+    normalised part (0 where the model computed none)."""
     counts = {"tokens": n_tokens, "images": n_images}
-    parts = {k: out.sums[k] / counts[LOSS_UNITS[k]] if k in out.sums else 0 for k in LOSSES}
-    loss = sum(weights[k] * parts[k] for k in LOSSES if weights[k] and k in out.sums)
+    parts = {k: out.sums[k] / counts[loss.unit] if k in out.sums else 0 for k, loss in LOSS_TABLE.items()}
+    loss = sum(weights[k] * parts[k] for k in LOSS_TABLE if weights[k] and k in out.sums)
     return loss, parts
 
 
@@ -143,7 +143,8 @@ def train_step(
     n_tokens, n_images, n_samples = (max(1.0, float(c)) for c in counts)
     # The step's loss parts stay on the device until the step is done: reading each one back (float())
     # would make the host wait for the device once per loss and micro-batch.
-    sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=device)
+    names = loss_names()
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     for i, b in enumerate(micro):
         # Gradients are all-reduced once per step, on the last micro-batch.
         sync = contextlib.nullcontext() if i == len(micro) - 1 or not hasattr(model, "no_sync") else model.no_sync()
@@ -151,7 +152,7 @@ def train_step(
             out = model(b)
             loss, parts = combine_losses(out, weights, n_tokens, n_images)
             (loss * dist_info.world).backward()
-        sums += torch.stack([torch.as_tensor(parts[k], device=device).detach().to(torch.float64) for k in LOSSES])
+        sums += torch.stack([torch.as_tensor(parts[k], device=device).detach().to(torch.float64) for k in names])
         if usage is not None and out.indices is not None:
             usage.add(out.indices)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -166,8 +167,8 @@ def train_step(
 
     dist_info.all_reduce(sums)
     values = torch.cat([sums, grad_norm.detach().to(torch.float64).reshape(1)]).tolist()  # one read-back a step
-    result = {k: v for k, v in zip(LOSSES, values) if weights[k]}
-    result["loss"] = sum(weights[k] * result[k] for k in LOSSES if weights[k])
+    result = {k: v for k, v in zip(names, values) if weights[k]}
+    result["loss"] = sum(weights[k] * result[k] for k in names if weights[k])
     result["grad_norm"] = values[-1]
     result.update(tokens=n_tokens, images=n_images, samples=n_samples)
     return result

@@ -40,7 +40,7 @@ import torch
 
 from viq._io import append_line, atomic_write
 from viq.train.config import TrainConfig
-from viq.train.stages import LOSSES
+from viq.train.losses import loss_names
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
 #: the run's W&B id, kept so that a resumed run continues the same W&B run
 WANDB_ID_FILE = "wandb-run-id"
-#: per-step values averaged over the steps a record covers
-AVERAGED = (*LOSSES, "loss", "grad_norm")
+#: per-step values averaged over the steps a record covers (besides every loss of the loss table)
+AVERAGED = ("loss", "grad_norm")
 #: per-step values taken from the record's own step
 AT_STEP = ("lr", "time", "code_usage", "code_perplexity", "code_entropy_bits")
 
@@ -94,7 +94,7 @@ def _window_record(window: Sequence[dict[str, Any]]) -> dict[str, Any]:
     record's step)."""
     last = window[-1]
     record: dict[str, Any] = {"kind": "train", "step": last["step"], "steps": len(window)}
-    for key in AVERAGED:
+    for key in (*loss_names(), *AVERAGED):
         if key in last:
             record[key] = sum(h[key] for h in window) / len(window)
     seconds = sum(h.get("step_time", 0.0) for h in window)

@@ -12,7 +12,8 @@ which losses it computes are its record's ``losses`` with a positive weight. Exp
 ``viq.load`` reads back as it was.
 
 Losses are returned as *sums* (:class:`StepLosses`), so the engine can normalise by the global counts
-of a whole optimizer step (supervised tokens for text, images for the rest: ``stages.LOSS_UNITS``):
+of a whole optimizer step (supervised tokens for text, images for the rest: each loss's ``unit`` in
+:mod:`viq.train.losses`):
 the gradient is then the same whatever the split over processes and micro-batches.
 """
 
@@ -33,6 +34,7 @@ from torch import nn
 from viq.model.config import ViQConfig
 from viq.model.parts import parts_in
 from viq.model.viq import ViQModel
+from viq.train.losses import LOSS_TABLE, LossInputs
 from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ class TrainBatch:
 
 @dataclass
 class StepLosses:
-    """One micro-batch's losses, as sums over their units (:data:`viq.train.stages.LOSS_UNITS`).
+    """One micro-batch's losses, as sums over their units (each loss's ``unit``, :mod:`viq.train.losses`).
 
     sums: loss name -> sum (a scalar tensor with its graph), for the losses the model computes.
     images: images in the micro-batch.
@@ -102,21 +104,6 @@ class StepLosses:
     sums: dict[str, torch.Tensor]
     images: int
     indices: torch.Tensor | None = None
-
-
-@dataclass
-class _Inputs:
-    """What a micro-batch gives the losses: per image features and grids, the padded pixels, the
-    latents of the stage's decoder (when it reconstructs), the quantizer's auxiliary loss."""
-
-    features: list[torch.Tensor]
-    grids: list[tuple[int, int]]
-    padded: list[torch.Tensor] = field(default_factory=list)
-    latents: list[torch.Tensor] | None = None
-    aux: torch.Tensor | None = None
-    indices: list[torch.Tensor] | None = None
-    #: 0 * (something of the graph): added to every loss so that each process runs the same modules
-    anchor: torch.Tensor | None = None
 
 
 class TrainModel(ViQModel):
@@ -285,36 +272,30 @@ class TrainModel(ViQModel):
         return model
 
     # ------------------------------------------------------------------ forward
-    #: The order the losses are computed in (the order of the graph's nodes, hence of the float sums of
-    #: the backward pass: kept, so that a run reproduces the runs before it bit for bit).
-    COMPUTE_ORDER = ("distill", "recon", "commit", "text", "pixel")
-
     def forward(self, batch: TrainBatch) -> StepLosses:
-        """The loss sums of one micro-batch (see the module docstring)."""
-        inputs = self._inputs(batch)
-        sums = {
-            loss: getattr(self, f"_{loss}_sum")(batch, inputs) for loss in self.COMPUTE_ORDER if loss in self.losses
-        }
+        """The loss sums of one micro-batch (see the module docstring), in loss-table order."""
+        inputs = self.loss_inputs(batch)
+        sums = {name: loss.compute(self, batch, inputs) for name, loss in LOSS_TABLE.items() if name in self.losses}
         # (patches, slots): official order puts a patch's codes_per_patch codes side by side.
         slots = self.config.head.codes_per_patch if self.head is not None else 1
         indices = torch.cat([i.reshape(-1, slots) for i in inputs.indices]).detach() if inputs.indices else None
         return StepLosses(sums, batch.num_images, indices)
 
-    def _inputs(self, batch: TrainBatch) -> _Inputs:
+    def loss_inputs(self, batch: TrainBatch) -> LossInputs:
         """The micro-batch through the stage's path (``Stage.path``)."""
         path = self.spec.path
         if path == "codes":
             if batch.codes:
                 features, grids = self.embed_codes(batch.codes)
-                return _Inputs(features, grids, anchor=features[0].new_zeros(()))
+                return LossInputs(features, grids, anchor=features[0].new_zeros(()))
             anchor = sum(p.sum() for p in self.projector.parameters()) * 0  # type: ignore[misc]  # sum of tensors
-            return _Inputs([], [], anchor=anchor)
+            return LossInputs([], [], anchor=anchor)
         if path == "drawer":
             with torch.no_grad():  # the encoder and its head are frozen: only the drawer trains
                 self.sync_codebooks()  # a learned codebook: the drawer reads indices through the head's
                 encoded = self.encode_features(batch.images, dequantize=False)
             features, latents = self.draw_codes(encoded.indices, encoded.grids)
-            return _Inputs(
+            return LossInputs(
                 features,
                 encoded.grids,
                 encoded.padded,
@@ -331,58 +312,11 @@ class TrainModel(ViQModel):
             p = self.config.encoder.patch_size
             dummy = self.encode_features([self.encoder.pos_embed.new_zeros(3, p, p)])
             anchor = sum(f.sum() for f in dummy.features) * 0  # type: ignore[misc]  # sum of tensors
-            return _Inputs([], [], aux=anchor, anchor=anchor)
-        return _Inputs(encoded.features, encoded.grids, encoded.padded, None, encoded.aux, encoded.indices, anchor)
+            return LossInputs([], [], aux=anchor, anchor=anchor)
+        return LossInputs(encoded.features, encoded.grids, encoded.padded, None, encoded.aux, encoded.indices, anchor)
 
-    # ------------------------------------------------------------------ losses (sums)
-    def _distill_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
-        """Self-distillation: student MAP(LN(features)) vs the frozen teacher on a fixed-resolution view."""
-        if not x.features:
-            return x.anchor
-        assert self.encoder.pool is not None and self.teacher is not None  # distillation builds both
-        student = self.encoder.pool(x.features)
-        with torch.no_grad():
-            views = self._teacher_views(x.padded)
-            t_tokens, t_packed = self.teacher(views)
-            target = self.teacher.pool(t_packed.split(t_tokens))
-        return (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
-
-    def _recon_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
-        """VAE-latent reconstruction: predicted latent vs the frozen VAE's posterior mean."""
-        if not x.features:
-            return x.anchor
-        if x.latents is None:  # the encoder-side latent decoder (the drawer's path brings its own)
-            x.latents = self.recon(x.features, x.grids)
-        targets = self.vae_targets(x.padded)
-        return torch.stack([F.mse_loss(z.float(), t.float()) for z, t in zip(x.latents, targets)]).sum()
-
-    def _commit_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
-        """The quantizer's auxiliary loss (SimVQ commitment; 0 for FSQ and the bottleneck), per image."""
-        return x.aux * len(batch.images) if x.aux is not None else x.anchor
-
-    def _pixel_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
-        """Pixel MSE of the decoded latents through the frozen VAE decoder: the drawer's, or in stage 2 the
-        encoder-side latent decoder's (the paper's "MSE" reconstruction loss of its Table 4)."""
-        from viq.model.vae import decode_latents
-
-        if not x.features:
-            return x.anchor
-        decoder = self.drawer.latent if self.drawer is not None else self.recon
-        if x.latents is None:
-            x.latents = self.recon(x.features, x.grids)
-        errors = [
-            F.mse_loss(decode_latents(self.vae, decoder.to_raw(z)).float(), img.float())
-            for z, img in zip(x.latents, x.padded)
-        ]
-        return torch.stack(errors).sum()
-
-    def _text_sum(self, batch: TrainBatch, x: _Inputs) -> torch.Tensor:
-        """Projector tokens spliced into each conversation, packed rows, cross-entropy on answer tokens."""
-        if not batch.conversations:
-            return x.anchor
-        return self._text_loss(batch, x.features, x.grids)[0] + x.anchor
-
-    def _teacher_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    # ------------------------------------------------------------------ what the losses use
+    def teacher_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """The teacher's fixed-resolution view of each (3, H, W) image; images of one size are resized
         together (one call instead of one per image; each result is the same)."""
         views: list[torch.Tensor | None] = [None] * len(images)
@@ -422,7 +356,9 @@ class TrainModel(ViQModel):
         raws = encode_latents_grouped(self.vae, images)
         return [decoder.from_raw(raw) for raw in raws] if decoder is not None else raws
 
-    def _text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy sum over the supervised tokens, their count) of the micro-batch's conversations,
+        with the projector's tokens of ``features`` (per image (h*w, C), ``grids``) spliced in."""
         from viq.mllm.packing import pack_sequences, splice_image_features, supervised_lm_loss
 
         assert self.projector is not None and self.llm is not None  # the text loss is computed with an LLM only

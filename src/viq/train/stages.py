@@ -25,15 +25,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Stage", "Handover", "TABLE", "STAGES", "get_stage", "DATA_KINDS", "LOSSES", "LOSS_UNITS", "PATHS"]
+__all__ = ["Stage", "Handover", "TABLE", "STAGES", "get_stage", "DATA_KINDS", "PATHS"]
 
 #: What a stage reads: LLaVA conversations with images, bare images (a folder), or conversations
 #: whose images are stored codes (a code store made by ``viq extract``).
 DATA_KINDS = ("conversations", "images", "codes")
-#: Every loss a stage can compute (weights in the recipe's ``loss`` section).
-LOSSES = ("text", "distill", "recon", "commit", "pixel")
-#: What each loss is summed over (a step divides each sum by the step's global count of its unit).
-LOSS_UNITS = {"text": "tokens", "distill": "images", "recon": "images", "commit": "images", "pixel": "images"}
 #: Where a stage's features come from: ``trunk`` (pixels -> encoder), ``dequant`` (pixels -> encoder ->
 #: code head -> dequantiser: ``x_low``), ``drawer`` (pixels -> frozen encoder and head -> codes ->
 #: drawer), ``codes`` (stored codes -> embedder).
@@ -70,7 +66,8 @@ class Stage:
     parts: tuple[str, ...]
     #: module groups trained when the recipe's ``optim.trainable`` is not set
     trainable: tuple[str, ...]
-    #: losses the stage computes (the recipe's weights select among them)
+    #: losses the stage computes, by name in the loss table (:mod:`viq.train.losses`; the recipe's
+    #: weights select among them)
     losses: tuple[str, ...]
     #: one of :data:`DATA_KINDS`
     data: str
