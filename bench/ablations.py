@@ -143,8 +143,8 @@ def default_variants() -> dict[str, Variant]:
         ("limit_l2", "proximal", [f"{both}:model.config.head.bottleneck_limit=l2"], "bottleneck limited by L2 norm"),
         ("limit_tanh", "proximal", [f"{both}:model.config.head.bottleneck_limit=tanh"], "bottleneck limited by tanh"),
         ("limit_none", "proximal", [f"{both}:model.config.head.bottleneck_limit=none"], "bottleneck without a limit"),
-        # 2. quantizer. SimVQ stops after stage 2-2: the drawer stage and the full model's encode path
-        # quantize with FSQ only (CodeHead.fsq), so SimVQ has QA but no reconstruction / code entropy here.
+        # 2. quantizer. Every discrete kind encodes and trains the drawer (viq.model.quantizer's protocol),
+        # so SimVQ runs the whole chain; on the demo's fsq_on_bottleneck it sits on the bottleneck like FSQ.
         ("fsq_16k", "quantizer", ["stage2_2:model.config.head.levels=[8,8,8,6,5]"], "FSQ, 15360 codes"),
         (
             "simvq_4k",
@@ -152,9 +152,8 @@ def default_variants() -> dict[str, Variant]:
             [
                 "stage2_2:model.config.head.quantizer=simvq",
                 "stage2_2:model.config.head.simvq_codebook_size=4096",
-                "until=stage2_2",
             ],
-            "SimVQ, 4096 codes (QA only)",
+            "SimVQ, 4096 codes",
         ),
         (
             "simvq_16k",
@@ -162,9 +161,8 @@ def default_variants() -> dict[str, Variant]:
             [
                 "stage2_2:model.config.head.quantizer=simvq",
                 "stage2_2:model.config.head.simvq_codebook_size=16384",
-                "until=stage2_2",
             ],
-            "SimVQ, 16384 codes (QA only)",
+            "SimVQ, 16384 codes",
         ),
         # 3. position
         ("no_rope", "position", ["stage2_2:model.config.head.rope=false"], "no 2D RoPE in the code blocks"),
