@@ -36,14 +36,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from viq.model.config import HeadConfig
+#: a :class:`viq.model.config.HeadConfig` (not imported: the config module imports this one)
+HeadConfig = Any
 
 __all__ = [
     "FSQ",
