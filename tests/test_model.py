@@ -207,6 +207,14 @@ def test_encode_stream_yields_codes_or_error_per_item_in_order(test_model, tmp_p
         assert isinstance(out[1], ImageError) and "bad.png" in str(out[1])
         assert isinstance(out[3], ValueError) and "item 3" in str(out[3])  # not (3, H, W)
         assert isinstance(out[5], TypeError) and "item 5" in str(out[5])  # integer tensor: not pixels
+        # Keyed: the same results, each with the key it was given (any object), in input order.
+        pulled.clear()
+        keys = [object() for _ in range(6)]
+        keyed = list(test_model.encode_keyed(zip(keys, items()), batch_tokens=budget))
+        assert [k for k, _ in keyed] == keys
+        for (_, got), want in zip(keyed, out):
+            assert type(got) is type(want)
+            assert got.same_codes(want) if isinstance(want, viq.Codes) else str(got) == str(want)
 
 
 def test_pack_by_budget():

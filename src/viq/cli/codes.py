@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -165,11 +164,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     )
 
     bar = progress_bar(len(todo), "encode", args.quiet)
-    # Images handed to the model, in order: encode_stream answers them in the same order.
-    queued: collections.deque[tuple[_Job, PreparedImage]] = collections.deque()
 
-    def prepared() -> Iterator[PreparedImage]:
-        # Prepared here rather than by the model because the .viq metadata records the source size.
+    def prepared() -> Iterator[tuple[tuple[_Job, PreparedImage], PreparedImage]]:
+        # Prepared here rather than by the model because the .viq metadata records the source size;
+        # each image goes with its key (job, image), which the model hands back with its codes.
         for job in todo:
             try:
                 image = preprocess(job.source, cfg)
@@ -177,8 +175,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
                 run.fail(job.source, reason(e, job.source))
                 bar.update(1)
                 continue
-            queued.append((job, image))
-            yield image
+            yield (job, image), image
 
     def write(job: _Job, image: PreparedImage, codes: Any) -> None:
         meta = {"model": fingerprint, "source": str(job.source), "source_size": list(image.source_size)}
@@ -192,8 +189,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         run.done += 1
 
     try:
-        for result in model.encode_stream(prepared(), batch_tokens=batch_tokens):
-            job, image = queued.popleft()
+        for (job, image), result in model.encode_keyed(prepared(), batch_tokens=batch_tokens):
             if isinstance(result, Exception):  # EncodeError: "<source>: encoding failed: ..."
                 run.fail(job.source, reason(result, job.source))
             else:

@@ -1,5 +1,7 @@
 """What extraction reads: units of work, the images in them (:class:`Item`), and the worker side that
-reads, hashes and prepares each image (never raising: errors travel as results)."""
+reads, hashes and prepares each image (never raising: errors travel as results). Workers hand the main
+process small dataclasses: :class:`ReadImage` per image, :class:`UnitDone` / :class:`UnitFailed` per
+unit of work."""
 
 from __future__ import annotations
 
@@ -13,10 +15,23 @@ from typing import Any
 
 import torch
 
-from viq.formats.image import IMAGE_EXTENSIONS
+from viq.formats.image import IMAGE_EXTENSIONS, PreparedImage
 from viq.store.ids import content_hash, image_id, tar_member_id
 
-__all__ = ["DONE_FILE", "Item", "Unit", "list_items", "list_units", "prepare", "ReadDataset", "StreamDataset"]
+__all__ = [
+    "DONE_FILE",
+    "Item",
+    "Unit",
+    "ReadImage",
+    "UnitDone",
+    "UnitFailed",
+    "WorkerResult",
+    "list_items",
+    "list_units",
+    "prepare",
+    "ReadDataset",
+    "StreamDataset",
+]
 
 #: Completion records of units of work, one file per rank, in the store directory.
 DONE_FILE = "done-units-rank{rank}.jsonl"
@@ -48,6 +63,39 @@ class Unit:
 
     name: str
     read: Callable[[], Iterator[tuple[Item, bytes | None]]]
+
+
+@dataclass
+class ReadImage:
+    """A worker's result for one image: its content hash and prepared pixels, or the error that stopped
+    it (``"<Type>: <message>"``). ``existing``: its id is stored already, so it was hashed (to tell a
+    repeated id with other bytes; None when the bytes were not at hand) and not decoded."""
+
+    item: Item
+    hash: str | None = None
+    prepared: PreparedImage | None = None
+    error: str | None = None
+    existing: bool = False
+
+
+@dataclass(frozen=True)
+class UnitDone:
+    """A unit of work was read to its end; it held ``images`` images."""
+
+    unit: str
+    images: int
+
+
+@dataclass(frozen=True)
+class UnitFailed:
+    """A unit of work could not be read to its end (a re-run retries it)."""
+
+    unit: str
+    error: str
+
+
+#: What the workers hand the main process.
+WorkerResult = ReadImage | UnitDone | UnitFailed
 
 
 def _is_image_name(name: str) -> bool:
@@ -157,26 +205,26 @@ def list_items(source: str | os.PathLike, image_root: str | None = None, **colum
     return [items[k] for k in sorted(items)]
 
 
-def prepare(item: Item, data: bytes | None, cfg) -> dict[str, Any]:
+def prepare(item: Item, data: bytes | None, cfg) -> ReadImage:
     """Read (``data`` None: the file ``item.path``), hash and preprocess one image. Never raises:
     errors travel as results."""
     from viq.formats.image import preprocess
 
-    out: dict[str, Any] = {"item": item}
+    out = ReadImage(item)
     try:
         if data is None:
             data = Path(item.path).read_bytes()
-        out["hash"] = content_hash(data, item.resize)
+        out.hash = content_hash(data, item.resize)
         if item.resize is not None:  # the record sizes its image itself, as training does
             cfg = dataclasses.replace(cfg, resize=item.resize)
         try:
             prepared = preprocess(data, cfg)
         except ValueError as e:  # re-label the "<bytes>" source with the real name
             raise type(e)(str(e).replace("<bytes>", item.name)) from e
-        # named after the file, so that an encoding error from ViQModel.encode_stream names it too
-        out["prepared"] = dataclasses.replace(prepared, source=item.name)
+        # named after the file, so that an encoding error from ViQModel.encode_keyed names it too
+        out.prepared = dataclasses.replace(prepared, source=item.name)
     except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
-        out["error"] = f"{type(e).__name__}: {e}"
+        out.error = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -189,20 +237,20 @@ class ReadDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int) -> ReadImage:
         return prepare(self.items[i], None, self.preprocess)
 
 
 class StreamDataset(torch.utils.data.IterableDataset):
     """Worker side of streamed inputs: worker k of K reads units k, k+K, ... of this rank's units,
-    each once, front to back. Yields one result per image (``existing`` for ids already stored: not
-    decoded), then ``{"unit_done": name, "images": n}``, or ``{"unit_error": ...}`` if the unit
-    could not be read to its end."""
+    each once, front to back. Yields one :class:`ReadImage` per image (``existing`` for ids already
+    stored: not decoded), then :class:`UnitDone`, or :class:`UnitFailed` if the unit could not be read
+    to its end."""
 
     def __init__(self, units: Sequence[Unit], preprocess, store) -> None:
         self.units, self.preprocess, self.store = list(units), preprocess, store
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[WorkerResult]:
         info = torch.utils.data.get_worker_info()
         mine = self.units if info is None else self.units[info.id :: info.num_workers]
         for unit in mine:
@@ -212,14 +260,11 @@ class StreamDataset(torch.utils.data.IterableDataset):
                     n += 1
                     if item.sample_id in self.store:
                         # hashed (the bytes are at hand) to tell a repeated id with other bytes
-                        yield {
-                            "item": item,
-                            "existing": True,
-                            "hash": content_hash(data, item.resize) if data is not None else None,
-                        }
+                        digest = content_hash(data, item.resize) if data is not None else None
+                        yield ReadImage(item, hash=digest, existing=True)
                     else:
                         yield prepare(item, data, self.preprocess)
             except Exception as e:  # noqa: BLE001 - a broken shard must not stop the others
-                yield {"unit_error": unit.name, "error": f"{type(e).__name__}: {e}"}
+                yield UnitFailed(unit.name, f"{type(e).__name__}: {e}")
                 continue
-            yield {"unit_done": unit.name, "images": n}
+            yield UnitDone(unit.name, n)

@@ -8,7 +8,7 @@
         for each image the DataLoader's workers read, hashed and prepared:
             route it: stored or repeated id (existing, or an error when the bytes differ) / unreadable
                       (an error) / same bytes as stored or queued (deduplicated) / to encode
-        encode the routed images in packs (ViQModel.encode_stream), add their codes
+        encode the routed images in packs (ViQModel.encode_keyed), add their codes
         flush every ``flush_every`` added images; record units whose images are all durable
 
 Every error -- an image that cannot be read or encoded, a unit that cannot be read to its end, an id
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,20 @@ import torch
 
 from viq._io import append_line
 from viq._untrusted import loads_json, printable
-from viq.extract.inputs import DONE_FILE, Item, ReadDataset, StreamDataset, list_items, list_units
+from viq.extract.inputs import (
+    DONE_FILE,
+    Item,
+    ReadDataset,
+    ReadImage,
+    StreamDataset,
+    UnitDone,
+    UnitFailed,
+    WorkerResult,
+    list_items,
+    list_units,
+)
 from viq.formats.codes import Codes
+from viq.formats.image import PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +88,6 @@ class _Waiting:
 
     recent: dict[str, Codes] = field(default_factory=dict)  # content hash -> codes added since the last flush
     twins: dict[str, list[Item]] = field(default_factory=dict)  # content hash -> duplicates of an image being encoded
-    queued: collections.deque = field(default_factory=collections.deque)  # sent to encode_stream, in order
     in_flight: set[str] = field(default_factory=set)  # ids queued or waiting (not yet added)
     met: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (content hash, source) taken this run
     outstanding: collections.Counter = field(default_factory=collections.Counter)  # unit -> images not settled
@@ -224,28 +236,25 @@ class Extraction:
             self.since_flush = 0
             self.record_done()
 
-    def route(self, result: dict[str, Any]) -> dict[str, Any] | None:
-        """Decide what becomes of one result of the workers; the result to encode, or None when it is
+    def route(self, result: WorkerResult) -> ReadImage | None:
+        """Decide what becomes of one result of the workers; the image to encode, or None when it is
         settled here (a unit read to its end or broken, a stored or repeated id, an unreadable image, a
         duplicate of stored or queued bytes)."""
         s, counts = self.state, self.counts
-        if "unit_done" in result:
-            s.read_through[result["unit_done"]] = result["images"]
-            self.settle_unit(result["unit_done"])
+        if isinstance(result, UnitDone):
+            s.read_through[result.unit] = result.images
+            self.settle_unit(result.unit)
             return None
-        if "unit_error" in result:  # not marked done: a re-run retries it
+        if isinstance(result, UnitFailed):  # not marked done: a re-run retries it
             self.record_error(
-                result["unit_error"],
-                result["unit_error"],
-                f"{result['error']} (the unit is retried by a re-run)",
-                level=logging.ERROR,
+                result.unit, result.unit, f"{result.error} (the unit is retried by a re-run)", level=logging.ERROR
             )
             return None
-        item = result["item"]
+        item = result.item
         if self.streamed:
             counts["images"] += 1
-        if result.get("existing") or item.sample_id in self.writer or item.sample_id in s.in_flight:
-            clash = _other_image(item, result.get("hash"), s.met, self.store)
+        if result.existing or item.sample_id in self.writer or item.sample_id in s.in_flight:
+            clash = _other_image(item, result.hash, s.met, self.store)
             if clash is not None:  # the same id for other pixels: never give it the first one's codes
                 self.record_error(item.sample_id, item.name, clash, level=logging.ERROR)
             else:
@@ -256,12 +265,12 @@ class Extraction:
         if item.unit is not None:
             s.outstanding[item.unit] += 1
         s.in_flight.add(item.sample_id)
-        if "hash" in result:
-            s.met[item.sample_id] = (result["hash"], item.name)
-        if "error" in result:
-            self.fail(item, result["error"])
+        if result.hash is not None:
+            s.met[item.sample_id] = (result.hash, item.name)
+        if result.error is not None or result.hash is None:
+            self.fail(item, result.error or "not read")
             return None
-        h = result["hash"]
+        h = result.hash
         # Same bytes as an image already stored, added, or being encoded: no second encode.
         known = s.recent.get(h)
         if known is None:
@@ -275,25 +284,26 @@ class Extraction:
             s.twins[h].append(item)
             return None
         s.twins[h] = []
-        s.queued.append(result)
         return result
 
-    def to_encode(self, loader):
-        """The prepared images the model must encode, in order (everything else is routed on the way)."""
+    def to_encode(self, loader) -> Iterator[tuple[ReadImage, PreparedImage]]:
+        """The images the model must encode, in order, each keyed by its worker result (everything else
+        is routed on the way)."""
         t0 = time.perf_counter()
         for result in loader:
             routed = self.route(result)
-            if routed is not None:
+            if routed is not None and routed.prepared is not None:
                 self.reading_s += time.perf_counter() - t0
-                yield routed["prepared"]
+                yield routed, routed.prepared
                 t0 = time.perf_counter()
             self.maybe_flush()
         self.reading_s += time.perf_counter() - t0
 
-    def store_codes(self, codes: Codes | Exception) -> None:
-        """The next pack result of the model: stored under the image's id and its twins', or their error."""
-        result = self.state.queued.popleft()
-        item, h = result["item"], result["hash"]
+    def store_codes(self, result: ReadImage, codes: Codes | Exception) -> None:
+        """The model's answer for ``result``'s image: stored under the image's id and its twins', or
+        their error."""
+        item, h = result.item, result.hash
+        assert h is not None  # only read images are encoded
         twins = self.state.twins.pop(h, [])
         if isinstance(codes, Exception):
             for it in (item, *twins):
@@ -320,14 +330,14 @@ class Extraction:
             self.bar = progress_bar(total, "extract")
         stream_s = 0.0
         with self.store.writer(name=f"rank{self.rank}") as self.writer:
-            stream = self.model.encode_stream(self.to_encode(loader), batch_tokens=self.options.batch_tokens)
+            stream = self.model.encode_keyed(self.to_encode(loader), batch_tokens=self.options.batch_tokens)
             while True:
                 t0 = time.perf_counter()
-                codes = next(stream, None)  # Codes are on the CPU: the device work is done
+                answer = next(stream, None)  # Codes are on the CPU: the device work is done
                 stream_s += time.perf_counter() - t0
-                if codes is None:
+                if answer is None:
                     break
-                self.store_codes(codes)
+                self.store_codes(*answer)
         # the writer's close() flushed the last shard: every unit finished in this run is now durable
         self.record_done()
         if self.bar is not None:

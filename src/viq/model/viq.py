@@ -27,18 +27,16 @@ import torch
 from torch import nn
 
 from viq._io import atomic_write
-from viq._progress import progress_bar
 from viq._untrusted import check_image_size
 from viq.formats.codes import Codes
-from viq.formats.image import PreparedImage, PreprocessConfig, padded_grid
-from viq.formats.image import preprocess as prepare
+from viq.formats.image import PreprocessConfig
 from viq.model import hub
 from viq.model.batching import (
     EncodeError,
     all_or_raise,
     check_pixels,
+    encode_keyed,
     exact_float32,
-    num_tokens,
     pack_by_budget,
     per_image_attention,
 )
@@ -130,7 +128,6 @@ class ViQModel(nn.Module):
     def levels(self) -> tuple[int, ...]:
         """The codes' alphabet (FSQ: its levels; :attr:`viq.model.config.HeadConfig.code_levels`)."""
         return self.config.head.code_levels
-
 
     @property
     def patch_size(self) -> int:
@@ -276,10 +273,8 @@ class ViQModel(nn.Module):
         progress: bool = False,
         batch_invariant: bool | None = None,
     ) -> Iterator[Codes | Exception]:
-        """Encode a stream of images, packing them into forward passes of about ``batch_tokens`` patches.
-
-        The one encoding loop: :meth:`encode`, :meth:`encode_pixels`, ``viq encode`` and
-        :func:`viq.extract.extract` all go through it.
+        """Encode a stream of images, packing them into forward passes of about ``batch_tokens`` patches:
+        :meth:`encode_keyed` with each item's position as its key, yielding the results alone.
 
         Args:
             items: any iterable (read lazily, so it may be a generator) of
@@ -287,88 +282,49 @@ class ViQModel(nn.Module):
                   with ``preprocess``;
                 - :class:`viq.formats.image.PreparedImage` (already prepared; its ``source`` names it);
                 - float tensors (3, H, W) or (1, 3, H, W) in [-1, 1], encoded as they are.
-            preprocess: resolution policy for image sources (default as in :meth:`encode`).
-            batch_tokens: packing budget. Items are collected until they hold at least this many
-                patch tokens, then encoded in packs of at most this many (:func:`pack_by_budget`).
-            progress: show a progress bar (one step per item).
-            batch_invariant: make every image's codes independent of its batch companions on any
-                device. Every pack is filled to exactly ``batch_tokens`` rows (a filler segment), so
-                each matrix multiply has the same shape whoever shares the pack, and attention runs
-                one image per call (``sdpa-per-image``; ``flash`` varlen is kept, it is per image by
-                construction). ``None`` (default): on for accelerators, whose libraries choose
-                kernels by shape; off on CPU, where today's packing is already bitwise invariant
-                (tested), so the filler would only cost time.
+            preprocess, batch_tokens, progress, batch_invariant: as for :meth:`encode_keyed`.
 
         Yields:
-            for each item, in input order, its :class:`Codes` or the exception that stopped it: the
-            error raised while reading or checking it (``ImageError`` names the source), or an
-            :class:`EncodeError` naming it if the forward pass failed. A failing pack is retried one
-            item at a time, so one bad image never takes others down with it. Codes do not depend on
-            how items are packed (each image attends only to itself).
+            for each item, in input order, its :class:`Codes` or the exception that stopped it.
         """
+        total = len(items) if isinstance(items, Sized) else None
+        keyed = self.encode_keyed(
+            enumerate(items),
+            preprocess=preprocess,
+            batch_tokens=batch_tokens,
+            progress=progress,
+            batch_invariant=batch_invariant,
+            total=total,
+        )
+        for _, result in keyed:
+            yield result
+
+    @torch.inference_mode()
+    def encode_keyed(
+        self,
+        pairs: Iterable[tuple[Any, Any]],
+        *,
+        preprocess: PreprocessConfig | None = None,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        progress: bool = False,
+        batch_invariant: bool | None = None,
+        total: int | None = None,
+    ) -> Iterator[tuple[Any, Codes | Exception]]:
+        """Encode ``(key, item)`` pairs; yield ``(key, codes or error)`` in input order. The one encoding
+        loop: :meth:`encode`, :meth:`encode_pixels`, :meth:`encode_stream`, ``viq encode`` and
+        :func:`viq.extract.extract` all go through it. The key is anything the caller wants back with the
+        item's result (an output path, a store item): no caller keeps a queue of what it sent. The
+        arguments and results are described at :func:`viq.model.batching.encode_keyed`."""
         self._require("encoder")
-        cfg = preprocess or PreprocessConfig(patch_size=self.patch_size)
-        if batch_invariant is None:
-            batch_invariant = self.device.type != "cpu"
-        min_rows = batch_tokens if batch_invariant else 0
-        slots: list[Any] = []  # per buffered item, in order: (index, name, pixels) or an exception
-        tokens = 0
-        bar = progress_bar(len(items) if isinstance(items, Sized) else None, "encode", show=bool(progress))
-        try:
-            for i, item in enumerate(items):
-                try:
-                    pixels = check_pixels(item, f"item {i}") if isinstance(item, torch.Tensor) else None
-                    if pixels is None:
-                        prepared = item if isinstance(item, PreparedImage) else prepare(item, cfg)
-                        pixels, name = prepared.pixels, prepared.source
-                    else:
-                        name = f"item {i}"
-                except Exception as e:  # noqa: BLE001 - one bad image must not stop the stream
-                    slots.append(e)
-                else:
-                    slots.append((i, name, pixels))
-                    tokens += num_tokens(pixels, self.patch_size)
-                if tokens >= batch_tokens or tokens == 0:  # nothing waiting: errors go out at once
-                    yield from self._encode_slots(slots, batch_tokens, min_rows)
-                    bar.update(len(slots))
-                    slots, tokens = [], 0
-            yield from self._encode_slots(slots, batch_tokens, min_rows)
-            bar.update(len(slots))
-        finally:
-            bar.close()
-
-    def _encode_slots(self, slots: list[Any], batch_tokens: int, min_rows: int = 0) -> list[Codes | Exception]:
-        """Encode the buffered items of :meth:`encode_stream` (exceptions pass through), in order."""
-        results = list(slots)
-        waiting = [k for k, s in enumerate(slots) if not isinstance(s, BaseException)]
-        lengths = [num_tokens(slots[k][2], self.patch_size) for k in waiting]
-        for pack in pack_by_budget(lengths, batch_tokens):
-            ks = [waiting[j] for j in pack]
-            for k, result in zip(ks, self._encode_pack([slots[k] for k in ks], min_rows)):
-                results[k] = result
-        return results
-
-    def _encode_pack(self, pack: list[tuple[int, str, torch.Tensor]], min_rows: int = 0) -> list[Codes | Exception]:
-        """One forward pass over ``pack`` ((index, name, pixels) items); on failure, one item at a time."""
-        try:
-            indices = self.indices_packed([pixels for _, _, pixels in pack], min_rows=min_rows)
-        except (RuntimeError, ValueError) as e:  # includes CUDA out-of-memory
-            if len(pack) > 1:
-                return [r for item in pack for r in self._encode_pack([item], min_rows)]
-            index, name, _ = pack[0]
-            error = EncodeError(f"{name}: encoding failed: {e}", index=index, source=name)
-            error.__cause__ = e
-            return [error]
-        p = self.patch_size
-        return [
-            Codes(
-                idx.view(*padded_grid(pixels.shape[1], pixels.shape[2], p), -1).cpu(),
-                self.levels,
-                image_size=tuple(pixels.shape[1:]),
-                patch_size=p,
-            )
-            for (_, _, pixels), idx in zip(pack, indices)
-        ]
+        yield from encode_keyed(
+            self,
+            pairs,
+            preprocess=preprocess or PreprocessConfig(patch_size=self.patch_size),
+            batch_tokens=batch_tokens,
+            progress=progress,
+            batch_invariant=self.device.type != "cpu" if batch_invariant is None else batch_invariant,
+            total=total,
+        )
 
     @torch.inference_mode()
     def indices_packed(self, pixels: list[torch.Tensor], *, min_rows: int = 0) -> list[torch.Tensor]:
