@@ -242,3 +242,56 @@ def test_evaluation_never_imports_training():
         if _within(t, ("viq.eval", "viq.train"))
     ]
     assert not bad, "\n".join(bad)
+
+
+#: Modules that import viq modules inside functions on purpose: the command line (``viq --help`` and
+#: every command start without importing what they do not run).
+LAZY_IMPORTERS = ("viq.cli", "viq.__main__")
+
+
+def _module_level_imports(module: str) -> set[str]:
+    """The viq modules ``module`` imports when it is itself imported (statements outside functions)."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    imports = (ast.Import, ast.ImportFrom)
+    inside = {
+        node.lineno
+        for func in ast.walk(tree)
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(func)
+        if isinstance(node, imports)
+    }
+    return {target for target, line in GRAPH[module] if line not in inside}
+
+
+def _runtime_closure(module: str) -> set[str]:
+    """Every viq module that runs when ``module`` is imported: its module-level imports and the
+    ``__init__`` of each package on the way, transitively."""
+    seen: set[str] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        parts = m.split(".")
+        stack += [".".join(parts[:i]) for i in range(1, len(parts))]
+        stack += _module_level_imports(m)
+    return seen
+
+
+def test_viq_imports_are_at_module_level():
+    """The dependency graph is read at the top of each module: an import of a viq module inside a
+    function is allowed only in the command line (start-up time) or where importing it at module level
+    would re-enter the module while Python initialises it (a package ``__init__`` that imports it)."""
+    bad = []
+    for module, path in MODULES.items():
+        if _within(module, LAZY_IMPORTERS):
+            continue
+        top = _module_level_imports(module)
+        for target, line in GRAPH[module]:
+            if target in top or target == module:
+                continue
+            if module not in _runtime_closure(target):
+                bad.append(f"{path.relative_to(SRC)}:{line} imports {target} inside a function")
+    assert not bad, "\n".join(bad)

@@ -14,6 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from viq._progress import progress_bar
 from viq.data.folder import ImageFolderDataset
 from viq.data.llava import DataError, LlavaDataset, header_size
 
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 
 def _scan(refs: list[Any], num_threads: int, progress: bool, desc: str) -> list[str | tuple[int, int]]:
-    from viq._progress import progress_bar
 
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(refs)))) as pool:
         results = pool.map(header_size, refs)

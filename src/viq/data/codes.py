@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.utils.data
 
+from viq.data.llava import DataError, LlavaDataset
 from viq.formats.codes import Codes
 from viq.store.ids import image_id
 from viq.store.reader import CodeStore
@@ -100,7 +101,6 @@ class LlavaCodesDataset(torch.utils.data.Dataset):
         on_error: str = "raise",
         columns: dict[str, str | None] | None = None,
     ) -> None:
-        from viq.data.llava import DataError, LlavaDataset
 
         # columns: Parquet / Arrow data only (viq.data.llava.LlavaDataset)
         self.records = LlavaDataset(path, image_root=image_root, on_error=on_error, columns=columns)

@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from viq.data.columnar import is_columnar_source, iter_records, read_cell
 from viq.data.records import (
     DataError,
     ImageRef,
@@ -154,8 +155,6 @@ def header_size(ref: ImageRef | str) -> tuple[int, int] | str:
         if ref.cell is not None:
             import io
 
-            from viq.data.columnar import read_cell
-
             source: Any = io.BytesIO(read_cell(ref.cell))
         else:
             source = ref.path
@@ -182,7 +181,6 @@ def load_record_image(ref: ImageRef, preprocess: PreprocessConfig) -> torch.Tens
     preprocess = record_image_config(ref, preprocess)
     if ref.cell is None:
         return preprocess_image(ref.path, preprocess).pixels
-    from viq.data.columnar import read_cell
 
     try:
         data = read_cell(ref.cell)
@@ -255,7 +253,6 @@ class LlavaDataset(Dataset):
     # -- reading -------------------------------------------------------------------------------
 
     def _read(self) -> list[Record]:
-        from viq.data.columnar import is_columnar_source, iter_records
 
         path = self.path
         ext = os.path.splitext(path)[1].lower()

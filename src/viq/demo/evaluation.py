@@ -19,6 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from viq.eval.qa import IMAGE_MODES, answer_nll, evaluate_qa, load_run, majority_baseline
+from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim
+from viq.formats.bits import bits_for_levels, usage_stats
+from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
+from viq.model.encoder import pad_to_patches
+from viq.model.vae import decode_latents, encode_latents
+
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_qa_with_baselines", "evaluate_reconstruction", "code_summary"]
@@ -44,7 +51,6 @@ def evaluate_qa_with_baselines(
     token, :func:`viq.eval.qa.answer_nll`) with real and blank images (``nll=True`` and "blank" in
     ``modes``), and ``reads`` says whether the model reads the image for that task: the 95 % interval of
     its accuracy with real images lies wholly above the interval of every baseline evaluated."""
-    from viq.eval.qa import IMAGE_MODES, answer_nll, evaluate_qa, load_run, majority_baseline
 
     modes = IMAGE_MODES if modes is None else tuple(modes)
     if "real" not in modes or set(modes) - set(IMAGE_MODES):
@@ -103,11 +109,6 @@ def evaluate_reconstruction(
     "psnr_bicubic_equal_bits", "ssim_bicubic_equal_bits", "psnr_codec", "ssim_codec", "ci95": {...},
     "bpp"}``, one record per image (files written under ``out_dir``), and the code histogram.
     """
-    from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim
-    from viq.formats.bits import bits_for_levels
-    from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
-    from viq.model.encoder import pad_to_patches
-    from viq.model.vae import decode_latents, encode_latents
 
     pre = PreprocessConfig(max_pixels=max_pixels)
     bits_per_code = bits_for_levels(model.levels)
@@ -162,14 +163,13 @@ def evaluate_reconstruction(
     for method in ("mean_colour", "bicubic_equal_bits", "codec"):
         result[f"psnr_{method}"] = summary[method]["psnr"]
         result[f"ssim_{method}"] = summary[method]["ssim"]
-    for method, s in summary.items():
-        result["ci95"][method] = {"psnr": s["psnr_ci95"], "ssim": s["ssim_ci95"]}
+    for method, scores in summary.items():
+        result["ci95"][method] = {"psnr": scores["psnr_ci95"], "ssim": scores["ssim_ci95"]}
     return result, items, hist
 
 
 def code_summary(hist: np.ndarray) -> dict[str, float]:
     """``{"entropy_bits", "log2_codebook", "usage", "perplexity"}`` of a code histogram."""
-    from viq.formats.bits import usage_stats
 
     s = usage_stats(hist)
     return {

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from viq._progress import progress_bar
 from viq.model.config import VAEConfig, get_preset
 from viq.model.encoder import pad_to_patches
 from viq.model.pixel_codec import PixelCodec
@@ -105,7 +106,6 @@ def train_pixel_codec(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
     )
-    from viq._progress import progress_bar
 
     history: list[float] = []
     codec.train()

@@ -43,6 +43,9 @@ from typing import Any
 
 import torch
 
+from viq.demo.tiny_llm import build_tiny_llm
+from viq.mllm.chat import IMAGE_TOKEN
+
 __all__ = [
     "VisionWidths",
     "GIANT_OPT",
@@ -305,8 +308,6 @@ def qwen2_llm(
     matrix's rows (Qwen2.5: 151,936 for 0.5B-3B, 152,064 for 7B), default the tokenizer's size."""
     from transformers import GenerationConfig
 
-    from viq.demo.tiny_llm import build_tiny_llm
-
     path = build_tiny_llm(
         out,
         corpus,
@@ -405,8 +406,6 @@ def colour_square_qa(
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
-
-    from viq.mllm.chat import IMAGE_TOKEN
 
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)

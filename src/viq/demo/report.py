@@ -87,7 +87,7 @@ def qa_tables(qa: dict[str, Any], direct: dict[str, Any] | None = None) -> str:
         header = ["task", "n"] + [f"{m} image" if m != "majority" else "majority answer" for m in modes]
         header += ["answer NLL real / blank (nats)"] if has_nll else []
         header += ["reads the image?"]
-        if direct_tasks:
+        if direct is not None and direct_tasks:
             header.append(f"direct classifier, {direct['seconds']:.0f} s")
         rows = [
             ["all", r["n"]]

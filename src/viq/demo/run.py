@@ -21,7 +21,25 @@ import math
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import viq
+from viq.demo.evaluation import code_summary, evaluate_qa_with_baselines, evaluate_reconstruction
+from viq.demo.photos import list_photos, load_photo
+from viq.demo.pixel_codec import train_pixel_codec
+from viq.demo.report import write_report
+from viq.demo.synthetic import generate, load_split
+from viq.demo.synthetic.simple import SIMPLE_ANSWERS
+from viq.demo.tiny_llm import build_tiny_llm
+from viq.demo.tiny_siglip import contrastive_text, train_tiny_siglip
+from viq.eval.intervals import wilson_interval
+from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
+from viq.mllm.chat import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
+from viq.model.config import get_preset
+from viq.model.viq import ViQModel
+from viq.train.config import load_recipe
+from viq.train.engine import train
+from viq.train.logger import METRICS_FILE, read_metrics
 from viq.train.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -75,7 +93,6 @@ def stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: i
 def generate_demo_set(out: Path, *, num_train: int, num_val: int, num_test: int, seed: int) -> dict:
     """The demo's synthetic set (:data:`TASK_WEIGHTS`, 48-64 px images, one question each, no text-only
     samples) into ``out``, replacing what is there; ``viq synth --demo`` makes fresh-seed sets with it."""
-    from viq.demo.synthetic import generate
 
     return generate(
         out,
@@ -97,9 +114,6 @@ def prepare_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, f
     """Steps 1-3 of the demo into ``out`` (``data/``, ``llm/``, ``init/``), each skipped when its output
     exists; returns their times. Everything the stages start from, shared by runs that differ only in
     their stage recipes (``bench/ablations.py``)."""
-    from viq.demo.synthetic import load_split
-    from viq.demo.tiny_llm import build_tiny_llm
-    from viq.mllm.chat import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,14 +168,6 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
     import numpy as np
     import torch
     from transformers import AutoTokenizer
-
-    from viq.demo.pixel_codec import train_pixel_codec
-    from viq.demo.synthetic import load_split
-    from viq.demo.synthetic.simple import SIMPLE_ANSWERS
-    from viq.demo.tiny_siglip import contrastive_text, train_tiny_siglip
-    from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
-    from viq.model.config import get_preset
-    from viq.model.viq import ViQModel
 
     timings = {}
     config = get_preset("viq-demo")
@@ -225,8 +231,6 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
 def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
     """Run the demo into ``out`` and return the path of the HTML report. Steps already done (their
     outputs exist) are skipped, so an interrupted demo can be re-run."""
-    from viq.train.config import load_recipe
-    from viq.train.engine import train
 
     started = time.perf_counter()
     out = Path(out).resolve()
@@ -250,8 +254,6 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
     results["time_s"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
 
-    from viq.demo.report import write_report
-
     report = write_report(out, results)
     log.info("demo 7/7: report -> %s", report)
     return report
@@ -267,7 +269,6 @@ def direct_classifier(path: Path) -> dict | None:
     """The SigLIP stand-in used directly as a classifier (``siglip.json`` of the demo's init): per task its
     zero-shot accuracy on the test split with a Wilson interval, and its training seconds and steps; what
     a model trained straight on the images, with the answers as labels, reads in that time."""
-    from viq.eval.intervals import wilson_interval
 
     if not path.is_file():
         return None
@@ -287,11 +288,6 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos
     shuffled images and the majority answer), ``recon.synthetic`` / ``recon.photos`` (beside mean
     colour, bicubic at equal bits and the codec alone), ``codes`` (entropy beside log2 K), plus the
     stage histories and the loss jump at the first stage 2-2 step."""
-    import viq
-    from viq.demo.evaluation import code_summary, evaluate_qa_with_baselines, evaluate_reconstruction
-    from viq.demo.photos import list_photos, load_photo
-    from viq.demo.synthetic import load_split
-    from viq.train.logger import METRICS_FILE, read_metrics
 
     runs, data = out / "runs", out / "data"
     model = viq.load(runs / "drawer" / "final")
@@ -310,7 +306,7 @@ def evaluate_final(out: Path, *, seed: int = 0, num_images: int = 32, num_photos
         name: evaluate_qa_with_baselines(runs / stage / "final", train_records, test, data, seed=seed)
         for name, stage in (("stage1", "stage1"), ("final", "stage2_2"))
     }
-    stages = {}
+    stages: dict[str, dict[str, Any]] = {}
     for stage in DEMO_STAGES:
         if (runs / stage / METRICS_FILE).is_file():
             history = read_metrics(runs / stage, "train")

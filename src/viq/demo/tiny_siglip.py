@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from viq._progress import progress_bar
 from viq.formats.image import to_pil, to_pixels
 from viq.model.config import EncoderConfig
 from viq.model.encoder import ViTEncoder, pad_to_patches
@@ -176,7 +177,6 @@ def train_tiny_siglip(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
     g = torch.Generator().manual_seed(seed)
-    from viq._progress import progress_bar
 
     history: list[float] = []
     model.train()

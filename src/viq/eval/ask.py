@@ -24,6 +24,10 @@ from typing import Any
 
 import torch
 
+from viq.eval.qa import load_run
+from viq.formats.image import PreprocessConfig
+from viq.mllm.generation import answer_question, question_messages
+
 __all__ = ["Asker", "ask"]
 
 
@@ -41,7 +45,6 @@ class Asker:
     """
 
     def __init__(self, model, tokenizer, *, preprocess=None, encoder=None) -> None:
-        from viq.formats.image import PreprocessConfig
 
         if getattr(model, "llm", None) is None or getattr(model, "projector", None) is None or tokenizer is None:
             raise ValueError("asking needs a stage model with its projector, LLM and tokenizer")
@@ -57,7 +60,6 @@ class Asker:
     def from_run(cls, run: str | os.PathLike[str], device: torch.device | str | None = None) -> Asker:
         """Load a training run (its output folder or ``final/``) once, as
         :class:`viq.mllm.model.ViQForConditionalGeneration` (see there for what it raises)."""
-        from viq.eval.qa import load_run
 
         model, tokenizer = load_run(run, device)
         return cls(model, tokenizer)
@@ -70,7 +72,6 @@ class Asker:
         """The chat of one question: a user turn with ``num_images`` ``<image>`` placeholders in front
         of the question (the LLaVA convention: ``"<image>\\nquestion"``), unless the question places
         them itself."""
-        from viq.mllm.generation import question_messages
 
         return question_messages(question, num_images)
 
@@ -88,7 +89,6 @@ class Asker:
             viq.formats.image.ImageError: an unreadable image.
             ValueError: an empty question, placeholders that do not match the images, a budget < 1.
         """
-        from viq.mllm.generation import answer_question
 
         return answer_question(
             self.model,

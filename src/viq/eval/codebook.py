@@ -26,6 +26,7 @@ import torch
 
 from viq.formats.bits import usage_stats
 from viq.formats.codes import Codes
+from viq.model.quantizer import FSQ
 
 __all__ = ["code_values", "code_colours", "CodebookCounter", "slot_counts", "slot_grid"]
 
@@ -33,7 +34,6 @@ __all__ = ["code_values", "code_colours", "CodebookCounter", "slot_counts", "slo
 def code_values(indices: np.ndarray, levels: Sequence[int]) -> np.ndarray:
     """``(...)`` integer code indices -> ``(..., d)`` float32 FSQ values in ``[-1, 1]``
     (:meth:`viq.model.quantizer.FSQ.indices_to_codes`, the model's own mapping)."""
-    from viq.model.quantizer import FSQ
 
     return FSQ(levels).indices_to_codes(torch.as_tensor(np.asarray(indices, dtype=np.int64))).numpy()
 

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from viq.model.encoder import pad_to_patches
+
 __all__ = ["FEATURE_KINDS", "ViQFeatures", "ResizedBackbone", "load_feature_extractor", "RFID", "rfid"]
 
 #: The ``spec`` prefixes :func:`load_feature_extractor` understands.
@@ -62,7 +64,6 @@ class ViQFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from viq.model.encoder import pad_to_patches
 
         weight = next(self.model.encoder.parameters())
         p = self.model.patch_size

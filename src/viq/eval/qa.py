@@ -32,10 +32,14 @@ from typing import Any
 
 import torch
 
+from viq.data.llava import DataError, load_record_image, parse_record
 from viq.eval.answers import answer_matches, normalize_answer
 from viq.eval.intervals import wilson_interval
+from viq.formats.image import ImageError, PreprocessConfig
+from viq.mllm.chat import IMAGE_TOKEN, LLAVA_ROLES
 from viq.mllm.generation import answer_last_questions
-from viq.mllm.model import find_final
+from viq.mllm.model import ViQForConditionalGeneration, find_final
+from viq.mllm.packing import answer_log_likelihoods, splice_image_features
 
 __all__ = ["IMAGE_MODES", "answer_nll", "evaluate_qa", "find_final", "load_run", "majority_baseline", "wilson_interval"]
 
@@ -70,7 +74,6 @@ def _task(record: dict) -> str:
 
 def _turns(record: dict) -> list[tuple[str, str]]:
     """(role, text) of a LLaVA record, roles normalised to user/assistant/system."""
-    from viq.mllm.chat import LLAVA_ROLES
 
     if "conversations" in record:
         return [(LLAVA_ROLES.get(t.get("from"), ""), t.get("value", "")) for t in record["conversations"]]
@@ -79,7 +82,6 @@ def _turns(record: dict) -> list[tuple[str, str]]:
 
 def _question(record: dict) -> str:
     """The last question (without ``<image>``): the record's ``question`` field or its last user turn."""
-    from viq.mllm.chat import IMAGE_TOKEN
 
     q = record.get("question")
     if q is None:
@@ -112,7 +114,6 @@ def _derangement(n: int, seed: int) -> list[int]:
 def _parse(records: Sequence[dict], image_root: str | os.PathLike[str], source: str | None) -> list[tuple[dict, Any]]:
     """(record, parsed record of :mod:`viq.data.llava`) of every image record; validates them like
     the training data (roles, order, ``<image>`` count) and checks that every image file exists."""
-    from viq.data.llava import DataError, parse_record
 
     root = os.path.join(os.fspath(image_root), "")
     out = []
@@ -132,8 +133,6 @@ def _load_pixels(parsed: Any, k: int, pre) -> torch.Tensor:
     """Image ``k`` of a parsed record as the training data loader decodes it (official ``resize``
     specs honoured, otherwise ``pre``) -> float32 ``(3, H, W)`` in [-1, 1]. DataError naming the
     sample and the file if it cannot be read."""
-    from viq.data.llava import DataError, load_record_image
-    from viq.formats.image import ImageError
 
     ref = parsed.images[k]
     try:
@@ -151,7 +150,6 @@ def load_run(run: str | os.PathLike[str], device: torch.device | str | None = No
     ``(ViQForConditionalGeneration.from_pretrained(run), model.tokenizer)``
     (:class:`viq.mllm.model.ViQForConditionalGeneration`: stages ``stage1``, ``stage2_1``, ``stage2_2``,
     ``mllm``; a run's output folder or its ``final/``). Raises FileNotFoundError / ValueError as that does."""
-    from viq.mllm.model import ViQForConditionalGeneration
 
     model = ViQForConditionalGeneration.from_pretrained(run, device=device if device is not None else "cpu")
     return model, model.tokenizer
@@ -259,8 +257,6 @@ def _chunks(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if preprocess is None:
-        from viq.formats.image import PreprocessConfig
-
         preprocess = getattr(model, "preprocess", None) or PreprocessConfig()
     device = device if device is not None else next(model.parameters()).device
     reads_codes = getattr(model, "encoder", None) is None
@@ -323,7 +319,6 @@ def answer_nll(
     Returns:
         ``{"n", "nll", "per_task": {task: {"n", "nll"}}, "images"}``.
     """
-    from viq.mllm.packing import answer_log_likelihoods, splice_image_features
 
     per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for chunk in _chunks(

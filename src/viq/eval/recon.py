@@ -48,7 +48,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from viq._progress import progress_bar
+from viq.eval.fid import RFID, load_feature_extractor
 from viq.eval.intervals import mean_ci95, t_quantile_975
+from viq.eval.rate_distortion import (
+    BPP_TOLERANCE,
+    CODEC_LABELS,
+    CURVE_QUALITIES,
+    bpp_of,
+    compress,
+    match_bpp,
+    mean_curve,
+)
+from viq.formats.bits import usage_stats
 from viq.formats.image import PreparedImage, PreprocessConfig, to_pil, to_pixels
 from viq.formats.image import preprocess as prepare_image
 
@@ -382,7 +394,6 @@ def _codec_summary(records: list[dict[str, Any]], scores: dict[str, Any]) -> dic
 
 def _example(record: dict[str, Any], images: dict[str, Any], codec: str) -> dict[str, Any]:
     """A row of :func:`viq.eval.rate_distortion.comparison_grid`: input | reconstruction | ``codec``."""
-    from viq.eval.rate_distortion import CODEC_LABELS
 
     name = os.path.basename(record["source"])[:28]
     return {
@@ -400,7 +411,6 @@ def _example(record: dict[str, Any], images: dict[str, Any], codec: str) -> dict
 def codes_bits(codes: Any, size: tuple[int, int]) -> tuple[int, float, float]:
     """``(bytes, bpp, payload_bpp)`` of ``codes`` for an image of ``size = (H, W)`` encoded pixels: the
     ``.viq`` file (header, levels, payload, CRC; no metadata) and the codes alone, in bits per pixel."""
-    from viq.eval.rate_distortion import bpp_of
 
     h, w = size
     nbytes = len(codes.to_bytes())
@@ -481,9 +491,6 @@ def evaluate_reconstruction(
         "error"}]}``: means over the images that succeeded (bpp: bits per encoded pixel; PSNR: dB),
         ``None`` where undefined.
     """
-    from viq.eval.fid import RFID, load_feature_extractor
-    from viq.eval.rate_distortion import BPP_TOLERANCE, CURVE_QUALITIES, bpp_of, compress, match_bpp, mean_curve
-    from viq.formats.bits import usage_stats
 
     cfg = preprocess or PreprocessConfig(patch_size=model.patch_size)
     qualities = tuple(CURVE_QUALITIES if curve_qualities is None else curve_qualities)
@@ -497,8 +504,6 @@ def evaluate_reconstruction(
     kept: list[dict[str, Any]] = []
     curves: dict[str, list[list[dict[str, Any]]]] = {c: [] for c in codecs}
     if progress is True:
-        from viq._progress import progress_bar
-
         bar = progress_bar(len(images), "eval-recon")
         step = bar.update
     else:

@@ -40,6 +40,7 @@ from PIL import Image
 
 from viq.eval.codebook import CodebookCounter, code_colours, slot_grid
 from viq.eval.intervals import mean_ci95
+from viq.eval.recon import bicubic_at_bits, codes_bits, encode_and_score, mean_colour, psnr_ssim
 from viq.formats.codes import Codes
 from viq.formats.image import PreparedImage, PreprocessConfig, to_pil
 from viq.formats.image import preprocess as prepare_image
@@ -150,7 +151,6 @@ def inspect_image(
     """Encode, reconstruct and score one image exactly as ``viq eval-recon`` does (preprocess with the
     model's resolution policy, ``model.encode_pixels``, ``model.reconstruct``, PSNR / SSIM on the encoded
     area, bpp of the ``.viq`` bytes), and make its pictures."""
-    from viq.eval.recon import bicubic_at_bits, encode_and_score, mean_colour, psnr_ssim
 
     cfg = preprocess or PreprocessConfig(patch_size=model.patch_size)
     scored = encode_and_score(model, item, cfg)
@@ -183,7 +183,6 @@ def inspect_image(
 
 def inspect_codes(model: Any, codes: Codes, source: str, *, thumb: int = THUMB, lossless: bool = False) -> ImageView:
     """A view of stored codes: the reconstruction and the code maps (no original, so no scores)."""
-    from viq.eval.recon import codes_bits
 
     recon_img = model.reconstruct([codes])[0]
     h, w = codes.image_size or (recon_img.height, recon_img.width)

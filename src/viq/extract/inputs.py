@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 
-from viq.formats.image import IMAGE_EXTENSIONS, PreparedImage
+from viq.data.columnar import image_value, is_columnar_source, iter_rows, list_parts, row_id
+from viq.data.llava import LlavaDataset
+from viq.data.shards import is_shard_source, iter_samples, list_shards
+from viq.formats.image import IMAGE_EXTENSIONS, PreparedImage, preprocess
 from viq.store.ids import content_hash, image_id, tar_member_id
 
 __all__ = [
@@ -103,7 +106,6 @@ def _is_image_name(name: str) -> bool:
 
 
 def _read_shard(shard: Path, unit: str) -> Iterator[tuple[Item, bytes]]:
-    from viq.data.shards import iter_samples
 
     for sample in iter_samples(shard):
         for fld, data in sample.fields.items():
@@ -113,7 +115,6 @@ def _read_shard(shard: Path, unit: str) -> Iterator[tuple[Item, bytes]]:
 
 
 def _read_part(part, image_column: str, id_column: str | None, image_root: Path) -> Iterator[tuple[Item, bytes | None]]:
-    from viq.data.columnar import image_value, iter_rows, row_id
 
     columns = [image_column] + ([id_column] if id_column and id_column != image_column else [])
     for row, values in iter_rows(part, columns):
@@ -142,8 +143,6 @@ def list_units(
 ) -> list[Unit] | None:
     """The units of work of a streamed source (tar shards, or columnar files' row groups / record
     batches), in order, without reading any images; ``None`` for the other inputs (folders, LLaVA files)."""
-    from viq.data.columnar import is_columnar_source, list_parts
-    from viq.data.shards import is_shard_source, list_shards
 
     if is_shard_source(source):
         return [Unit(p.name, functools.partial(_read_shard, p, p.name)) for p in list_shards(source)]
@@ -174,8 +173,6 @@ def list_items(source: str | os.PathLike, image_root: str | None = None, **colum
                 sid = image_id(p, source)
                 items[sid] = Item(sid, str(p))
     elif source.suffix in (".json", ".jsonl"):
-        from viq.data.llava import LlavaDataset
-
         dataset = LlavaDataset(source, image_root=image_root)
         root = Path(image_root) if image_root else source.parent
         first: dict[str, str] = {}  # id -> the record that named it first
@@ -208,7 +205,6 @@ def list_items(source: str | os.PathLike, image_root: str | None = None, **colum
 def prepare(item: Item, data: bytes | None, cfg) -> ReadImage:
     """Read (``data`` None: the file ``item.path``), hash and preprocess one image. Never raises:
     errors travel as results."""
-    from viq.formats.image import preprocess
 
     out = ReadImage(item)
     try:

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-from viq._io import append_line
+import viq
+from viq._io import append_line, atomic_write
+from viq._progress import progress_bar
 from viq._untrusted import loads_json, printable
 from viq.extract.inputs import (
     DONE_FILE,
@@ -45,7 +47,9 @@ from viq.extract.inputs import (
     list_units,
 )
 from viq.formats.codes import Codes
-from viq.formats.image import PreparedImage
+from viq.formats.image import PreparedImage, PreprocessConfig
+from viq.launch import resolve_distributed
+from viq.store.reader import CodeStore
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,6 @@ class Extraction:
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        from viq.formats.image import PreprocessConfig
 
         self.model, self.source, self.out, self.options = model, source, Path(out), options
         self.rank, self.world = rank, world
@@ -137,7 +140,6 @@ class Extraction:
     # ------------------------------------------------------------------ steps
     def open_store(self):
         """The store, created when missing, in the model's code space."""
-        from viq.store.reader import CodeStore
 
         m = self.model
         return CodeStore.create(
@@ -325,8 +327,6 @@ class Extraction:
             dataset, batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None
         )
         if self.options.progress and self.rank == 0:
-            from viq._progress import progress_bar
-
             self.bar = progress_bar(total, "extract")
         stream_s = 0.0
         with self.store.writer(name=f"rank{self.rank}") as self.writer:
@@ -372,8 +372,6 @@ def extract(
     ``options``: :class:`ExtractOptions` fields (``image_root``, ``image_column``, ``id_column``,
     ``batch_tokens``, ``num_workers``, ``preprocess``, ``flush_every``, ``entropy_coding``, ``progress``).
     """
-    import viq
-    from viq.launch import resolve_distributed
 
     dist = resolve_distributed(rank, world_size)
     if model is None:
@@ -419,7 +417,6 @@ def read_done(out: Path, rank: int) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def write_done(out: Path, rank: int, done: dict[str, int]) -> None:
-    from viq._io import atomic_write
 
     text = "".join(json.dumps({"unit": name, "images": n}) + "\n" for name, n in done.items())
     atomic_write(out / DONE_FILE.format(rank=rank), text.encode())

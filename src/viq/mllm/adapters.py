@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from viq._untrusted import LIMITS, UntrustedFileError, read_json
 from viq.mllm.chat import ChatTokenizer
 from viq.mllm.packing import splice_image_features
 
@@ -40,7 +41,6 @@ def check_llm_config(path: Path) -> dict:
     """Read a Hugging Face ``config.json`` (bounded JSON) and refuse one whose sizes put the model (an
     estimate: embeddings + layers x 12 hidden^2, or the MLP's width where given) above
     ``LIMITS.max_model_parameters``, before transformers builds anything of that size."""
-    from viq._untrusted import LIMITS, UntrustedFileError, read_json
 
     config = read_json(path, max_bytes=16 << 20)
     if not isinstance(config, dict):
@@ -95,8 +95,6 @@ def load_causal_lm(
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory: it has no config.json")
     import pickle
-
-    from viq._untrusted import UntrustedFileError
 
     check_llm_config(path / "config.json")
     try:

@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+from viq.formats.image import preprocess as prepare
+from viq.mllm.adapters import generate_answers
+from viq.mllm.chat import IMAGE_TOKEN
+
 __all__ = [
     "answer_budget",
     "answer_last_question",
@@ -58,7 +62,6 @@ def generate_replies(
     side in one pass (per image, the same features as alone) and the answers are generated together
     (:func:`viq.mllm.adapters.generate_answers`). ``codes``: per conversation, its stored codes (stages
     that read codes); ``max_new_tokens``: per conversation (default 64 each)."""
-    from viq.mllm.adapters import generate_answers
 
     n = len(conversations)
     codes = codes if codes is not None else [[] for _ in range(n)]
@@ -143,7 +146,6 @@ def question_messages(question: str, num_images: int = 1) -> list[dict[str, str]
     """The chat of one question: a user turn with ``num_images`` ``<image>`` placeholders in front of the
     question (the LLaVA convention: ``"<image>\\nquestion"``), unless the question places them itself.
     ValueError for an empty question or placeholders that do not match the images."""
-    from viq.mllm.chat import IMAGE_TOKEN
 
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")
@@ -170,7 +172,6 @@ def answer_question(
     reads, or a list of them), sized by ``preprocess``: :func:`question_messages`, then
     :func:`generate_reply`; a model that reads codes (no ``encoder`` of its own) sees the codes ``encoder``
     gives. ValueError for an empty question, placeholders that do not match, no image or a budget < 1."""
-    from viq.formats.image import preprocess as prepare
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -32,13 +32,24 @@ import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+import viq
+from viq._faults import fault_point
+from viq._io import fsync_tree, remove_tree, replace_dir, writing
 from viq._untrusted import read_json
 from viq.formats.image import PreprocessConfig, scheduled_max_pixels
+from viq.mllm.adapters import load_causal_lm
+from viq.mllm.chat import ChatTokenizer
+from viq.mllm.generation import answer_question, generate_replies
+from viq.mllm.projector import MMProjector
+from viq.model.hub import parse_hub_id, resolve
+from viq.model.parts import parts_in
+from viq.model.viq import ViQModel
+from viq.model.weights import safetensors_index
 
 __all__ = [
     "ViQForConditionalGeneration",
@@ -126,7 +137,7 @@ class ViQForConditionalGeneration(nn.Module):
 
     @property
     def encoder(self) -> nn.Module | None:  # the pixel path, as the generation code asks for it
-        return self.vision.encoder
+        return cast("nn.Module | None", self.vision.encoder)
 
     def encode_features(self, pixels: Sequence[torch.Tensor], **kwargs: Any):
         """Pixels -> the network's image features (:meth:`viq.model.viq.ViQModel.encode_features`)."""
@@ -150,7 +161,6 @@ class ViQForConditionalGeneration(nn.Module):
         placeholder per image), seeing per conversation its ``images`` (``(3, H, W)`` pixels in [-1, 1])
         or its ``codes`` (:class:`viq.formats.codes.Codes`, for a network that reads codes).
         ``max_new_tokens``: one budget, or one per conversation."""
-        from viq.mllm.generation import generate_replies
 
         n = len(conversations)
         if codes is None and self.reads_codes and images is not None:
@@ -176,7 +186,6 @@ class ViQForConditionalGeneration(nn.Module):
         """The greedy answer to ``question`` about ``image`` (a source :func:`viq.formats.image.preprocess`
         reads, or a list of them), sized by :attr:`preprocess`; ``<image>`` placeholders in the question
         are optional (default: the images first, :func:`viq.mllm.generation.question_messages`)."""
-        from viq.mllm.generation import answer_question
 
         return answer_question(
             self,
@@ -206,13 +215,6 @@ class ViQForConditionalGeneration(nn.Module):
         encoder is gone) or ValueError (no LLM in the run; an unreadable ``stage.json``)."""
         from safetensors.torch import load_file
 
-        from viq.mllm.adapters import load_causal_lm
-        from viq.mllm.chat import ChatTokenizer
-        from viq.mllm.projector import MMProjector
-        from viq.model.hub import parse_hub_id, resolve
-        from viq.model.parts import parts_in
-        from viq.model.viq import ViQModel
-
         final = find_final(path)
         try:
             record = read_json(final / STAGE_FILE)
@@ -229,8 +231,6 @@ class ViQForConditionalGeneration(nn.Module):
         if not Path(llm_path).exists() and parse_hub_id(llm_path) is None:
             raise FileNotFoundError(f"{final}: the run's LLM {llm_path} (llm.path of its recipe) is not found")
         device = torch.device(device)
-
-        from viq.model.weights import safetensors_index
 
         keys, _ = safetensors_index(final / "model.safetensors")
         vision = ViQModel.from_pretrained(
@@ -264,8 +264,6 @@ class ViQForConditionalGeneration(nn.Module):
 
         image_encoder = None
         if vision.encoder is None:
-            import viq
-
             kind, _, value = (recipe.get("model") or {}).get("init", "").partition(":")
             if kind != "viq" or not (Path(value).is_dir() or parse_hub_id(value) is not None):
                 raise FileNotFoundError(
@@ -325,9 +323,6 @@ def write_output_folder(directory: Path, write_files: Callable[[Path], dict[str,
     (``files``, what a later stage checks), then the folder is fsynced and takes ``directory``'s place
     (:func:`viq._io.replace_dir`). Any failure removes the temporary folder; a full disk is one OSError."""
     import json
-
-    from viq._faults import fault_point
-    from viq._io import fsync_tree, remove_tree, replace_dir, writing
 
     tmp = directory.with_name(f".{directory.name}.tmp")
     try:

@@ -36,6 +36,8 @@ class CodeEmbedder(nn.Module):
     continuous quantizer has none (only :meth:`from_code_values` then).
     """
 
+    codebook: torch.Tensor | None
+
     def __init__(self, width: int, cfg: HeadConfig) -> None:
         super().__init__()
         e = cfg.codes_per_patch
@@ -146,13 +148,12 @@ class LatentDecoder(nn.Module):
         by_grid: dict[tuple[int, int], list[int]] = {}
         for i, grid in enumerate(grids):
             by_grid.setdefault(tuple(grid), []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(grids)
+        out: dict[int, torch.Tensor] = {}
         for (h, w), members in by_grid.items():
             batch = torch.stack([per_image[i].T.reshape(-1, h, w) for i in members])
             y = F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(batch))), self.cfg.latent_upscale)
-            for i, latent in zip(members, y.unbind(0)):
-                out[i] = latent
-        return out
+            out.update(zip(members, y.unbind(0)))
+        return [out[i] for i in range(len(grids))]
 
 
 class CodeDrawer(nn.Module):

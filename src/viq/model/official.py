@@ -37,7 +37,11 @@ from viq.model.config import (
     VAEConfig,
     ViQConfig,
 )
+from viq.model.hub import resolve_model
+from viq.model.parts import parts_of
 from viq.model.quantizer import FSQ
+from viq.model.viq import ViQModel, code_fingerprint
+from viq.model.weights import MappedFile
 
 __all__ = [
     "is_official_dir",
@@ -369,9 +373,6 @@ def load_official(
         levels: FSQ levels, needed only when neither the codebook nor the file name tells them.
         components: load only these (default: everything the files contain).
     """
-    from viq.model.hub import resolve_model
-    from viq.model.viq import ViQModel
-    from viq.model.weights import MappedFile
 
     directory = resolve_model(directory)
     files = find_official_files(directory)
@@ -385,11 +386,9 @@ def load_official(
     missing = set(wanted) - set(available)
     if missing:
         raise ValueError(f"{directory}: the official files hold no weights for {sorted(missing)} (have {available})")
-    from viq.model.parts import parts_of
 
     prefixes = tuple(p + "." for p in parts_of(wanted))
     state = {k: v for k, v in state.items() if k.startswith(prefixes)}
-    from viq.model.viq import code_fingerprint
 
     enc = states["encoder"]
     fingerprint = code_fingerprint(

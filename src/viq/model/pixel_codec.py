@@ -44,6 +44,9 @@ class _ResBlock(nn.Module):
 class PixelCodec(nn.Module):
     """Pixels (B, 3, H, W) in [-1, 1] <-> latents (B, z_dim, H/f, W/f), f = ``cfg.scale_factor`` (8)."""
 
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         self.cfg = cfg

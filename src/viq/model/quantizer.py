@@ -184,6 +184,9 @@ class FSQ(nn.Module):
         eps: the official bound margin (values are bounded to +-(L-1)(1+eps)/2 before rounding).
     """
 
+    _levels: torch.Tensor
+    _basis: torch.Tensor
+
     def __init__(self, levels: Sequence[int], eps: float = 1e-3) -> None:
         super().__init__()
         self.levels = tuple(int(v) for v in levels)
@@ -336,6 +339,8 @@ class SimVQ(nn.Module):
     the rotation trick (Fifty et al. 2024), and the loss is MSE(sg x, q) + beta MSE(x, sg q).
     Distances and the search run in float32.
     """
+
+    frozen_codebook: torch.Tensor
 
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ def build_vae(cfg: VAEConfig) -> nn.Module:
         raise ImportError(
             "decoding codes to pixels needs diffusers with AutoencoderKLQwenImage: pip install 'viq[vae]'"
         ) from e
-    return AutoencoderKLQwenImage(**cfg.diffusers_kwargs())
+    return cast(nn.Module, AutoencoderKLQwenImage(**cfg.diffusers_kwargs()))  # a diffusers ModelMixin
 
 
 def load_vae(directory: str | os.PathLike) -> tuple[VAEConfig, nn.Module]:

@@ -340,7 +340,9 @@ class ViQModel(nn.Module):
                 "quantizer: it has no codes (train stage 2-2 to get some)"
             )
         with exact_float32(self.device, self.dtype), per_image_attention(self, enabled=min_rows > 0):
-            return self.encode_features(pixels, min_rows=min_rows, dequantize=False).indices
+            indices = self.encode_features(pixels, min_rows=min_rows, dequantize=False).indices
+        assert indices is not None  # a discrete head gives indices (checked above)
+        return indices
 
     # ------------------------------------------------------------------ decoding
     def _codes_list(self, codes: Codes | Sequence[Codes]) -> list[Codes]:

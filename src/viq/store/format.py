@@ -143,6 +143,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from viq._io import create_exclusive
 from viq._untrusted import loads_json
 from viq.formats.bits import bits_for_levels
 
@@ -460,7 +461,6 @@ def read_store_config(path: Path) -> tuple[StoreConfig, dict[str, Any]]:
 def create_store_dir(path: Path, config: StoreConfig) -> bool:
     """Make ``path`` a store of ``config`` unless it is one already: True when this call created it (of
     processes creating it at once, exactly one wins; the others then open it)."""
-    from viq._io import create_exclusive
 
     store_file = path / STORE_FILE
     if store_file.exists():

@@ -482,7 +482,7 @@ class CodeStore:
         in shard order, duplicates included (what a writer of that name already stored)."""
         for index_name, stat_key in self._entries:
             m = INDEX_FILE.fullmatch(index_name)
-            if m["writer"] != name:
+            if m is None or m["writer"] != name:  # _entries holds index names only
                 continue
             try:
                 seg = self._segment(index_name, stat_key)

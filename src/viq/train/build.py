@@ -24,11 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
+import viq
 from viq._untrusted import read_json
-from viq.model.config import ViQConfig, get_preset
+from viq.model.config import EncoderConfig, ViQConfig, dataclass_from_dict, get_preset
+from viq.model.encoder import ViTEncoder
 from viq.model.hub import resolve, resolve_model
+from viq.model.official import is_official_dir
+from viq.model.vae import build_vae as make_vae
+from viq.model.vae import latent_statistics, load_vae
 from viq.model.viq import check_weights
 from viq.train.config import TrainConfig, parse_init
+from viq.train.init import load_siglip
+from viq.train.language import build_language_side
 from viq.train.matching import load_matching
 from viq.train.model import TrainModel
 from viq.train.output import STAGE_FILE, VIQ_CONFIG, VIQ_WEIGHTS, check_stage_output
@@ -50,11 +57,7 @@ def _read_viq_dir(path: Path) -> tuple[ViQConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     if not (path / VIQ_CONFIG).is_file() or not (path / VIQ_WEIGHTS).is_file():
-        from viq.model.official import is_official_dir
-
         if is_official_dir(path):
-            import viq
-
             model = viq.load(path)
             return model.config, model.state_dict()
         raise FileNotFoundError(f"{path}: not a viq model directory ({VIQ_CONFIG} + {VIQ_WEIGHTS})")
@@ -74,8 +77,6 @@ def build_vae(
     """
     needs = cfg.spec.needs_vae(cfg.loss_weights())
     if cfg.vae.path:
-        from viq.model.vae import load_vae
-
         directory = resolve(cfg.vae.path, what="VAE")
         vae_config, vae = load_vae(directory)
         log.info(
@@ -87,7 +88,6 @@ def build_vae(
         return dataclasses.replace(config, vae=vae_config), vae
     if not needs:
         return config, None
-    from viq.model.vae import build_vae as make_vae
 
     vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
     if not vae_state and init_kind != "preset":
@@ -118,8 +118,6 @@ def with_latent_norm(config: ViQConfig, latent_norm: str, vae: nn.Module | None)
     "mean_std" = normalised by the VAE's per-channel statistics, recorded in ``config.decoder`` so that
     every later consumer (draw, reconstruct, validation, the pixel loss) inverts it."""
     if latent_norm == "mean_std" and vae is not None:
-        from viq.model.vae import latent_statistics
-
         mean, std = latent_statistics(vae)
     else:
         mean = std = None
@@ -161,8 +159,6 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
         check_stage_output(init_dir)
         base, state = _read_viq_dir(init_dir)
     else:
-        from viq.train.init import load_siglip
-
         checkpoint = load_siglip(kind, value, cfg.model.config)
         base, state, published = checkpoint.config, checkpoint.state, checkpoint.native_encoder()
     config = ViQConfig.from_dict(merge_config(base.to_dict(), cfg.model.config)) if cfg.model.config else base
@@ -171,8 +167,6 @@ def build_model(cfg: TrainConfig, *, device: torch.device) -> tuple[TrainModel, 
 
     language = None
     if cfg.llm.path and stage.llm:
-        from viq.train.language import build_language_side
-
         language = build_language_side(cfg, config.width, init_dir)
 
     weights = cfg.loss_weights()
@@ -217,8 +211,6 @@ def _teacher_record(directory: Path | None) -> dict[str, Any] | None:
 
 def _encoder_from(config_dict: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """A ViTEncoder (+ MAP head) of ``config_dict`` holding the ``encoder.*`` tensors of ``state``."""
-    from viq.model.config import EncoderConfig, dataclass_from_dict
-    from viq.model.encoder import ViTEncoder
 
     encoder = ViTEncoder(dataclass_from_dict(EncoderConfig, config_dict, "teacher encoder"))
     weights = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
@@ -280,8 +272,6 @@ def setup_teacher(
         config, state = _read_viq_dir(resolve_model(value))
         encoder_config = config.encoder
     else:
-        from viq.train.init import load_siglip
-
         encoder_config, state = load_siglip(kind, value, {}).native_encoder()
     return _teacher_from(model, encoder_config, state, spec)
 

@@ -43,6 +43,7 @@ import random
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -432,7 +433,7 @@ def _load_sharded(path: Path, model, optimizer) -> tuple[dict, dict]:
     state = {"model": model_state, "optimizer": optim_state}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path, storage_reader=_reader(path), planner=_planner())
-    return state["model"], state["optimizer"]
+    return cast(dict, state["model"]), cast(dict, state["optimizer"])
 
 
 def materialise(model: TrainModel, state: dict, cfg: TrainConfig) -> TrainModel:

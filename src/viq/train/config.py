@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from viq.model.config import dataclass_from_dict
+from viq.model.config import PRESETS, dataclass_from_dict
 from viq.model.weights import TORCH_DTYPES
 from viq.train.losses import LOSS_TABLE
+from viq.train.model import GROUPS
 from viq.train.stages import STAGES, Stage, get_stage
 
 __all__ = ["TrainConfig", "load_recipe", "apply_overrides", "parse_init", "STAGES", "TRACKERS"]
@@ -413,8 +414,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
         need(weight >= 0, f"loss.{name}", ">= 0", weight)
     need(cfg.loss.latent_norm in ("none", "mean_std"), "loss.latent_norm", "none or mean_std", cfg.loss.latent_norm)
     if cfg.optim.trainable is not None:
-        from viq.train.model import GROUPS
-
         unknown = sorted(set(cfg.optim.trainable) - set(GROUPS))
         need(not unknown, "optim.trainable", f"groups among {', '.join(GROUPS)}", unknown)
     parse_init(cfg.model.init, "model.init")
@@ -429,8 +428,6 @@ def parse_init(spec: str, key: str = "model.init") -> tuple[str, str]:
     if kind not in ("preset", "viq", "hf-siglip", "timm-siglip") or not value:
         raise ValueError(f"{key} {spec!r}: expected preset:<name>, viq:<dir>, hf-siglip:<dir> or timm-siglip:<file>")
     if kind == "preset":
-        from viq.model.config import PRESETS
-
         if value not in PRESETS:
             raise ValueError(f"{key} {spec!r}: unknown preset; known: {', '.join(sorted(PRESETS))}")
     return kind, value

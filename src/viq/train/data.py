@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-from viq.formats.image import padded_grid, scheduled_max_pixels
+from viq.data.check import check_images
+from viq.data.codes import LlavaCodesDataset
+from viq.data.columnar import is_columnar_source
+from viq.data.folder import ImageFolderDataset
+from viq.data.llava import LlavaDataset
+from viq.formats.image import PreprocessConfig, padded_grid, scheduled_max_pixels
 from viq.train.config import TrainConfig
 from viq.train.model import TrainBatch
 from viq.train.parallel import Dist
@@ -156,10 +161,6 @@ def build_dataset(path: str, cfg: TrainConfig, max_pixels: int, *, progress: boo
     and ``data.id_column``), an image folder (a directory), or conversations with stored codes (stages
     that read codes). With ``data.check_images`` every image is checked when the data is first built
     (:func:`viq.data.check.check_images`; ``progress``: show a bar)."""
-    from viq.data.columnar import is_columnar_source
-    from viq.data.folder import ImageFolderDataset
-    from viq.data.llava import LlavaDataset
-    from viq.formats.image import PreprocessConfig
 
     columns = {
         "conversations_column": cfg.data.conversations_column,
@@ -167,8 +168,6 @@ def build_dataset(path: str, cfg: TrainConfig, max_pixels: int, *, progress: boo
         "id_column": cfg.data.id_column,
     }  # used by columnar data only
     if cfg.spec.data == "codes":
-        from viq.data.codes import LlavaCodesDataset
-
         if not cfg.data.codes:
             raise ValueError(f"stage {cfg.stage} needs data.codes: the code store made by viq extract")
         return LlavaCodesDataset(
@@ -195,8 +194,6 @@ _CHECKED: dict[tuple, frozenset[str]] = {}
 def _checked(dataset, path: str, cfg: TrainConfig, progress: bool) -> None:
     """:func:`viq.data.check.check_images` once per data file and process; later builds of the same
     data drop the same samples without reading the images again."""
-    from viq.data.check import check_images
-    from viq.data.folder import ImageFolderDataset
 
     key = (str(path), cfg.data.image_root, cfg.data.on_error)
     bad = _CHECKED.get(key)

@@ -28,13 +28,13 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from viq._io import append_line, writing
+from viq._io import LockHeld, OwnerLock, append_line, writing
 from viq._progress import progress_bar
 from viq.launch import DistEnv
 from viq.model.layers import set_attention_backend
@@ -91,7 +91,7 @@ def combine_losses(
     counts = {"tokens": n_tokens, "images": n_images}
     parts = {k: out.sums[k] / counts[loss.unit] if k in out.sums else 0 for k, loss in LOSS_TABLE.items()}
     loss = sum(weights[k] * parts[k] for k in LOSS_TABLE if weights[k] and k in out.sums)
-    return loss, parts
+    return cast(torch.Tensor, loss), parts  # a tensor: every stage computes at least one weighted loss
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
@@ -262,7 +262,6 @@ def train(
 
 def _own_run_folder(out_dir: Path):
     """One training job per output folder (rank 0 holds ``.train.lock`` for the whole run)."""
-    from viq._io import LockHeld, OwnerLock
 
     try:
         return OwnerLock(out_dir / RUN_LOCK)

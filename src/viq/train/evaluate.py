@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from viq.eval.recon import encoded_area_scores
+from viq.mllm.chat import IMAGE_TOKEN
 from viq.mllm.generation import (  # the generation path lives with the chat model; named here too for callers
     answer_budget,
     answer_last_question,
@@ -13,6 +15,7 @@ from viq.mllm.generation import (  # the generation path lives with the chat mod
     generate_replies,
     generate_reply,
 )
+from viq.model.vae import decode_latents
 from viq.train.config import TrainConfig
 from viq.train.data import Collator, build_dataset, max_pixels_at
 from viq.train.metrics import CodeUsage, answer_matches, code_usage_metrics
@@ -54,9 +57,6 @@ def evaluate(
     ``reconstructions``: if given, ``(image, reconstruction)`` pixel pairs (``(3, h, w)``, [-1, 1], on
     the CPU) of the first ``train.log_images`` reconstructed samples are appended.
     """
-    from viq.eval.recon import encoded_area_scores
-    from viq.mllm.chat import IMAGE_TOKEN
-    from viq.model.vae import decode_latents
 
     was_training = model.training
     model.eval()

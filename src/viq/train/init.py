@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from viq._untrusted import read_json
+from viq._untrusted import read_json, torch_load
 from viq.model.config import DecoderConfig, EncoderConfig, HeadConfig, ViQConfig
 from viq.model.hub import parse_hub_id, resolve
 
@@ -93,7 +93,6 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    from viq._untrusted import torch_load
 
     state = torch_load(path)  # weights_only: a file that pickles an object is refused, never run
     for key in ("state_dict", "model"):

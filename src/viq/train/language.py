@@ -26,9 +26,13 @@ from typing import Any
 from torch import nn
 
 from viq._untrusted import read_json
+from viq.mllm.adapters import llm_identity, load_causal_lm, prepare_llm
+from viq.mllm.chat import ChatTokenizer
+from viq.mllm.projector import MMProjector
 from viq.model.hub import resolve
 from viq.model.weights import TORCH_DTYPES
 from viq.train.config import TrainConfig
+from viq.train.matching import load_matching
 from viq.train.output import LLM_DIR, PROJECTOR_WEIGHTS, STAGE_FILE, check_stage_output
 
 log = logging.getLogger(__name__)
@@ -128,10 +132,6 @@ def build_language_side(cfg: TrainConfig, width: int, init_dir: Path | None) -> 
     """Load ``llm.path`` (a local folder or a Hub id) in ``llm.dtype`` with ``llm.attention``, a
     projector from ``width`` to its hidden size, take over what ``model.previous`` / ``model.init``
     hands on (module docstring), and prepare the LLM for ``llm.mode``."""
-    from viq.mllm.adapters import llm_identity, load_causal_lm, prepare_llm
-    from viq.mllm.chat import ChatTokenizer
-    from viq.mllm.projector import MMProjector
-    from viq.train.matching import load_matching
 
     llm, hf_tokenizer = load_causal_lm(
         resolve(cfg.llm.path, what="LLM"), dtype=TORCH_DTYPES[cfg.llm.dtype], attn_implementation=cfg.llm.attention

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from viq.model.vae import decode_latents
 from viq.train.stages import TABLE as STAGE_TABLE
 from viq.train.stages import get_stage
 
@@ -59,7 +60,8 @@ class LossInputs:
     aux: torch.Tensor | None = None
     indices: list[torch.Tensor] | None = None
     #: 0 * (something of the graph): added to every loss so that each process runs the same modules
-    anchor: torch.Tensor | None = None
+    #: (every path sets it; the default is a plain zero)
+    anchor: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,6 @@ def _text(model: TrainModel, batch: TrainBatch, x: LossInputs) -> torch.Tensor:
 def _pixel(model: TrainModel, batch: TrainBatch, x: LossInputs) -> torch.Tensor:
     """Pixel MSE of the decoded latents through the frozen VAE decoder: the drawer's, or in stage 2 the
     encoder-side latent decoder's (the paper's "MSE" reconstruction loss of its Table 4)."""
-    from viq.model.vae import decode_latents
 
     if not x.features:
         return x.anchor

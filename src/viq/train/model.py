@@ -31,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viq.model.config import ViQConfig
+from viq.mllm.chat import IGNORE_INDEX
+from viq.mllm.packing import pack_sequences, splice_image_features, supervised_lm_loss
+from viq.model.config import ViQConfig, get_preset
 from viq.model.parts import parts_in
+from viq.model.vae import encode_latents_grouped
 from viq.model.viq import ViQModel
+from viq.model.weights import check_state
 from viq.train.losses import LOSS_TABLE, LossInputs
 from viq.train.stages import get_stage
 
@@ -175,7 +179,6 @@ class TrainModel(ViQModel):
     ) -> TrainModel:
         """A randomly initialised training model of ``stage`` (``config``: a ViQConfig or a preset name);
         ``kwargs`` go to the constructor (``llm``, ``projector``, ``vae``, ``loss_weights``, ...)."""
-        from viq.model.config import get_preset
 
         if isinstance(config, str):
             config = get_preset(config)
@@ -195,7 +198,6 @@ class TrainModel(ViQModel):
     ) -> TrainModel:
         """A training model of ``stage`` whose weights are exactly ``state`` (every key checked, as
         :meth:`ViQModel.from_state_dict` does); ``kwargs`` go to the constructor."""
-        from viq.model.weights import check_state
 
         with torch.device("meta"):
             expected = cls(stage, config, **kwargs).state_dict()
@@ -305,6 +307,7 @@ class TrainModel(ViQModel):
             )
         if batch.images:
             encoded = self.encode_features(batch.images)
+            assert encoded.features is not None  # the trunk's, or the dequantiser's: every such stage has one
             anchor = encoded.features[0].new_zeros(())
         else:
             # A batch of text-only samples still runs the vision side once, on a grey dummy patch,
@@ -319,15 +322,14 @@ class TrainModel(ViQModel):
     def teacher_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """The teacher's fixed-resolution view of each (3, H, W) image; images of one size are resized
         together (one call instead of one per image; each result is the same)."""
-        views: list[torch.Tensor | None] = [None] * len(images)
+        views: dict[int, torch.Tensor] = {}
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
         for members in by_size.values():
             batch = torch.stack([images[i] for i in members])
-            for i, view in zip(members, self._teacher_view(batch).unbind(0)):
-                views[i] = view
-        return views
+            views.update(zip(members, self._teacher_view(batch).unbind(0)))
+        return [views[i] for i in range(len(images))]
 
     def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images of one size -> (B, 3, h, w) teacher views."""
@@ -350,7 +352,6 @@ class TrainModel(ViQModel):
     @torch.no_grad()
     def vae_targets(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """:meth:`vae_target` of each image, encoding same-sized images in one VAE call."""
-        from viq.model.vae import encode_latents_grouped
 
         decoder = self.drawer.latent if self.drawer is not None else self.recon
         raws = encode_latents_grouped(self.vae, images)
@@ -359,7 +360,6 @@ class TrainModel(ViQModel):
     def text_loss(self, batch: TrainBatch, features, grids) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy sum over the supervised tokens, their count) of the micro-batch's conversations,
         with the projector's tokens of ``features`` (per image (h*w, C), ``grids``) spliced in."""
-        from viq.mllm.packing import pack_sequences, splice_image_features, supervised_lm_loss
 
         assert self.projector is not None and self.llm is not None  # the text loss is computed with an LLM only
         image_embeds = self.projector(features, grids) if features else []
@@ -389,7 +389,6 @@ class TrainModel(ViQModel):
         """LLaVA-style layout: one conversation per row, right-padded to the longest with zero
         embeddings and IGNORE_INDEX labels, and a 2-D padding attention mask. Returns the LLM's
         inputs and the labels (N, T)."""
-        from viq.mllm.chat import IGNORE_INDEX
 
         device = items[0][0].device
         T = max(emb.shape[0] for emb, _ in items)

@@ -10,6 +10,7 @@ Who this process is comes from :mod:`viq.launch`: flags (``viq train --rank R --
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ def transformer_blocks(model: TrainModel) -> list[nn.Module]:
 
 def unwrap(model: nn.Module) -> TrainModel:
     """The :class:`TrainModel` inside a DDP wrapper (FSDP2 shards in place: the model itself)."""
-    return model.module if hasattr(model, "module") else model
+    return cast(TrainModel, model.module if hasattr(model, "module") else model)
 
 
 def strip_wrapper_prefix(name: str) -> str:
