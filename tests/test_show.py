@@ -266,6 +266,17 @@ def test_show_failures_and_store(model_dir, images, tmp_path, capsys):
     assert f"page:        {cb}" in capsys.readouterr().out
     text = cb.read_text()
     assert "head 3" in text and "dead" in text and "<img" not in text
+    # the page's histograms are counted in the statistics' one pass: the same as decoding every record again
+    from viq.eval.codebook import CodebookCounter
+    from viq.store import CodeStore
+
+    st = CodeStore.open(store)
+    one_pass, by_record = (CodebookCounter(st.levels, st.codes_per_patch) for _ in range(2))
+    st.stats(each=one_pass.add_indices)
+    for i in range(len(st)):
+        by_record.add(st.get_at(i))
+    assert one_pass.images == by_record.images == len(st) > 0
+    assert np.array_equal(one_pass.counts, by_record.counts) and one_pass.counts.sum() > 0
 
 
 def _chromium() -> str | None:

@@ -115,21 +115,11 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _write_codebook_page(store, args: argparse.Namespace) -> None:
-    """The codebook part of ``viq show``'s page for every record of the store (a second pass: the per-head
-    histograms), written atomically to ``--page``."""
-    from viq.eval.codebook import CodebookCounter
+def _write_codebook_page(store, counter, args: argparse.Namespace) -> None:
+    """The codebook part of ``viq show``'s page for every record of the store (``counter``: the per-head
+    histograms, counted in the statistics' pass), written atomically to ``--page``."""
     from viq.eval.show import render_codebook_page
-    from viq.store.format import StoreError
 
-    counter = CodebookCounter(store.levels, store.codes_per_patch)
-    try:
-        with _records_bar(store, "page", args.quiet) as bar:
-            for i in range(len(store)):
-                counter.add(store.get_at(i))
-                bar.update(1)
-    except StoreError as e:
-        raise CLIError(f"{e} (viq store verify {args.path} lists every problem)", EXIT_FAILED) from None
     page = render_codebook_page(
         counter,
         title=f"codebook of {store.path}",
@@ -139,13 +129,16 @@ def _write_codebook_page(store, args: argparse.Namespace) -> None:
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
+    from viq.eval.codebook import CodebookCounter
     from viq.store.check import plot_stats
     from viq.store.format import StoreError
 
     store = open_store(args.path)
+    # --page: the per-head histograms are counted in the same pass over the records
+    counter = CodebookCounter(store.levels, store.codes_per_patch) if args.page else None
     try:
         with _records_bar(store, "stats", args.quiet) as bar:
-            stats = store.stats(progress=bar.update)
+            stats = store.stats(progress=bar.update, each=counter.add_indices if counter is not None else None)
     except StoreError as e:  # a record that does not decode
         raise CLIError(f"{e} (viq store verify {args.path} lists every problem)", EXIT_FAILED) from None
     if args.plot:
@@ -153,8 +146,8 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
             plot_stats(stats, args.plot)
         except ImportError as e:
             raise CLIError(f"--plot needs matplotlib (pip install matplotlib): {e}", EXIT_FAILED) from None
-    if args.page:
-        _write_codebook_page(store, args)
+    if counter is not None:
+        _write_codebook_page(store, counter, args)
     if args.json:
         print(json.dumps({k: v for k, v in stats.items() if k != "histogram"}, indent=2))
         return EXIT_OK

@@ -85,7 +85,14 @@ class CodebookCounter:
                 f"codes with levels {codes.levels} x {codes.codes_per_patch} per patch do not match the "
                 f"counter's {self.levels} x {self.codes_per_patch}"
             )
-        self.counts += slot_counts(codes.indices.reshape(-1, self.codes_per_patch), self.codebook_size).numpy()
+        self.add_indices(codes.indices)
+
+    def add_indices(self, indices: torch.Tensor | np.ndarray) -> None:
+        """Count one image's code indices, any shape whose last ``codes_per_patch`` values in official
+        order belong to one patch (``(h, w, c)`` or flat ``(h*w*c,)``)."""
+        if isinstance(indices, np.ndarray):
+            indices = torch.from_numpy(indices.astype(np.int64, copy=False))
+        self.counts += slot_counts(indices.reshape(-1, self.codes_per_patch), self.codebook_size).numpy()
         self.images += 1
 
     def add_histogram(self, histogram: np.ndarray, slot: int | None = None) -> None:

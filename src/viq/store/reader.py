@@ -555,14 +555,16 @@ class CodeStore:
         report.repaired.extend(repaired + found)
         return report
 
-    def stats(self, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+    def stats(
+        self, progress: Callable[[int], object] | None = None, each: Callable[[np.ndarray], object] | None = None
+    ) -> dict[str, Any]:
         """Size and code-usage statistics (reads and decodes every record; ``progress(n)`` is called as
-        records are read, n at a time): the dict of :func:`viq.store.scan.code_stats` (images, bits per
-        pixel, the code histogram, entropy, perplexity, codebook use, ...). Raises StoreError for a
-        corrupt record."""
+        records are read, n at a time; ``each(codes)`` with every record's decoded codes, flat, in official
+        order): the dict of :func:`viq.store.scan.code_stats` (images, bits per pixel, the code histogram,
+        entropy, perplexity, codebook use, ...). Raises StoreError for a corrupt record."""
         files = [(name, ShardName.parse(name).index) for name in self._idx.shards]
         try:
-            return code_stats(self._path, self._cfg, files, self._records(), progress)
+            return code_stats(self._path, self._cfg, files, self._records(), progress, each)
         except IndexError as exc:  # an index that names a shard or record that is not there
             raise StoreError(
                 self._path,

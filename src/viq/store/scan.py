@@ -222,13 +222,16 @@ def code_stats(
     files: Sequence[tuple[str, str]],
     records: Iterable[tuple[str, str, tuple[int, int], tuple[int, int] | None, bytes]],
     progress: Callable[[int], object] | None = None,
+    each: Callable[[np.ndarray], object] | None = None,
 ) -> dict[str, Any]:
     """Size and code-usage statistics of the store at ``path``: ``files`` are the ``(shard, index)``
     file names of its loaded shards and ``records`` yields ``(sample id, shard, grid, image size or
     None, record bytes)`` of every distinct sample id. The fields are listed in
     :meth:`CodeStore.stats <viq.store.reader.CodeStore.stats>`; ratios are None for an empty store.
     Derived index files (``*.lookup``, ``index/``) are caches and not counted in ``store_bytes``.
-    ``progress`` is called with the number of records read since its last call (every 4096).
+    ``progress`` is called with the number of records read since its last call (every 4096); ``each``,
+    if given, with every record's decoded codes ((h*w*codes_per_patch,) int array, official order), so a
+    caller can count more in the same pass.
 
     Raises:
         StoreError: a record that does not decode.
@@ -253,6 +256,8 @@ def code_stats(
             values = decode_record(data, n, config.bits_per_code, k, config.entropy_coding)
         except ValueError as exc:
             raise StoreError(path / SHARD_DIR / shard, f"record {sid!r}: {exc}") from None
+        if each is not None:
+            each(values)
         pending.append(values)
         pending_n += n
         if pending_n >= _HIST_BATCH:
