@@ -362,9 +362,9 @@ def evaluate_run(
     qa.pop("examples", None)
     qa["stage"] = llm_stage
     out: dict[str, Any] = {"qa": qa, "recon": None, "codes": None, "recon_from": None}
-    # Reconstruction from the trained drawer, else from the last FSQ stage's own latent decoder (its
+    # Reconstruction from the trained drawer, else from the last discrete stage's own latent decoder (its
     # output's drawer is the dequantize path + that decoder, as the official converter makes it).
-    drawn = next((s for s in ("drawer", "stage2_2") if s in dirs and _head_quantizer(dirs[s] / "final") == "fsq"), None)
+    drawn = next((s for s in ("drawer", "stage2_2") if s in dirs and _has_codes(dirs[s] / "final")), None)
     if drawn is not None:
         out["recon_from"] = drawn
         model = viq.load(dirs[drawn] / "final")
@@ -388,9 +388,13 @@ def _seconds_per_step(chain: list[dict], stages: tuple[str, ...]) -> float | Non
     return sum(e["train_s"] for e in picked) / sum(e["steps"] for e in picked) if picked else None
 
 
-def _head_quantizer(final: Path) -> str | None:
+def _has_codes(final: Path) -> bool:
+    """Whether the stage output ``final`` quantizes with a discrete quantizer (any registered kind with a
+    codebook: FSQ, SimVQ, ...), so that it encodes and its drawer reconstructs."""
+    from viq.model.config import ViQConfig
+
     config = final / "config.json"
-    return json.loads(config.read_text()).get("head", {}).get("quantizer") if config.is_file() else None
+    return config.is_file() and ViQConfig.load(config).head.codebook_size > 0
 
 
 # ---------------------------------------------------------------------------------------------- main
