@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -191,3 +195,24 @@ def test_toy_quantizer_is_what_it_claims():
     out.values.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))
     assert torch.equal(q.codebook()[out.indices.long()], out.values.detach())
+
+
+def test_the_documented_example_runs_as_written(tmp_path):
+    """docs/architecture.md's block (a quantizer and a loss from the user's own module), run as written:
+    the kind then builds a model that encodes and reconstructs, and the loss is in stage 2-2's record."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"\n  ```python\n(.*?)\n  ```", text, re.S)]
+    example = next(b for b in blocks if "register_quantizer(" in b and "register_loss(" in b)
+    saved = dict(QUANTIZERS), dict(LOSS_TABLE), dict(STAGE_TABLE)
+    try:
+        exec(compile(example, "docs/architecture.md", "exec"), {"__name__": "user_module"})
+        assert "feature_energy" in STAGE_TABLE["stage2_2"].losses and LOSS_TABLE["feature_energy"].unit == "images"
+        config = get_preset("viq-test")
+        model = viq.ViQModel(dataclasses.replace(config, head=dataclasses.replace(config.head, quantizer="sign")))
+        codes = model.encode([np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)])
+        assert codes[0].levels == (64,) and int(codes[0].indices.max()) < 64
+        assert model.reconstruct(codes)[0].size == (56, 40)
+    finally:
+        for table, before in zip((QUANTIZERS, LOSS_TABLE, STAGE_TABLE), saved):
+            table.clear()
+            table.update(before)
