@@ -338,6 +338,21 @@ def _train(
         run_log.log_eval(result, step, shown)
         return result
 
+    def save() -> None:
+        """The run's state at ``step`` (model, optimizer, schedule, data position, history, code usage)."""
+        save_checkpoint(
+            out_dir,
+            step,
+            wrapped,
+            optimizer,
+            scheduler,
+            stream,
+            dist_info,
+            cfg,
+            history,
+            extra={"code_usage": usage.state_dict()},
+        )
+
     while step < min(total, last_end):
         t0 = time.perf_counter()
         # Random noise (dropout) per rank and step, a function of (seed, step, rank) only: a resumed run
@@ -381,35 +396,13 @@ def _train(
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            save_checkpoint(
-                out_dir,
-                step,
-                wrapped,
-                optimizer,
-                scheduler,
-                stream,
-                dist_info,
-                cfg,
-                history,
-                extra={"code_usage": usage.state_dict()},
-            )
+            save()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and cfg.data.val:
             validate()
     bar.close()
 
     summary: dict[str, Any] = {"steps": step, "history": history, "output_dir": str(out_dir)}
-    save_checkpoint(
-        out_dir,
-        step,
-        wrapped,
-        optimizer,
-        scheduler,
-        stream,
-        dist_info,
-        cfg,
-        history,
-        extra={"code_usage": usage.state_dict()},
-    )
+    save()
     if step < total:
         run_log.close()
         return summary
