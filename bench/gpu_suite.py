@@ -196,18 +196,24 @@ def timm_dense(config, device: torch.device, dtype: torch.dtype, n: int, side: i
     return {"seconds": seconds, "images_per_s": n / seconds, "tokens_per_s": tokens / seconds}
 
 
-def part_encode(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
-    argv = [
+def _bench_argv(s: dict, part: str, device: torch.device, tmp: Path) -> list[str]:
+    """The command line of the throughput benchmark behind ``part`` (``encode`` / ``extract``) for setting
+    ``s``: its preset, device and dtype, the setting's own flags, and a JSON output under ``tmp``."""
+    return [
         "--preset",
         s["preset"],
         "--device",
         str(device),
         "--dtype",
         s["dtype"],
-        *s["encode"],
+        *s[part],
         "--out",
-        str(tmp / "encode.json"),
+        str(tmp / f"{part}.json"),
     ]
+
+
+def part_encode(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
+    argv = _bench_argv(s, "encode", device, tmp)
     r = encode_throughput.main(argv)
     figures, ratios = r["figures"], dict(r["ratios"])
     skipped = {}
@@ -425,17 +431,7 @@ class UtilSampler:
 
 
 def part_extract(args, s: dict, device: torch.device, budget: Budget, tmp: Path) -> dict:
-    argv = [
-        "--preset",
-        s["preset"],
-        "--device",
-        str(device),
-        "--dtype",
-        s["dtype"],
-        *s["extract"],
-        "--out",
-        str(tmp / "extract.json"),
-    ]
+    argv = _bench_argv(s, "extract", device, tmp)
     with UtilSampler(device) as sampler:
         r = extract_throughput.main(argv)
     figures = r["figures"]
