@@ -4,6 +4,7 @@ this file alone (no viq module edited) train, and every discrete quantizer -- FS
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -59,6 +60,18 @@ def feature_energy(model, batch, inputs) -> torch.Tensor:
     if not inputs.features:
         return inputs.anchor
     return torch.stack([f.float().pow(2).mean() for f in inputs.features]).sum()
+
+
+@contextlib.contextmanager
+def _restored(*tables: dict):
+    """The registries ``tables`` as they were before the block, whatever it registered."""
+    saved = [dict(t) for t in tables]
+    try:
+        yield
+    finally:
+        for table, before in zip(tables, saved):
+            table.clear()
+            table.update(before)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +153,7 @@ def test_every_quantizer_encodes_decodes_and_trains_every_stage(kind, toy_quanti
 
 
 def test_a_loss_added_from_this_file_trains(assets, tmp_path):
-    saved_losses, saved_stages = dict(LOSS_TABLE), dict(STAGE_TABLE)
-    try:
+    with _restored(LOSS_TABLE, STAGE_TABLE):
         register_loss(Loss("feature_energy", "images", feature_energy, default_weight=0.0), stages=["stage2_1"])
         with pytest.raises(ValueError, match="already registered"):
             register_loss(Loss("feature_energy", "images", feature_energy), stages=["stage2_1"])
@@ -160,11 +172,6 @@ def test_a_loss_added_from_this_file_trains(assets, tmp_path):
         assert all("feature_energy" not in h for h in off["history"])
         with pytest.raises(ValueError, match=r"loss\.extra.*'nonsense'"):
             _stage("stage2_1", tmp_path / "bad", assets, init="preset:viq-test", loss={"extra": {"nonsense": 1.0}})
-    finally:
-        LOSS_TABLE.clear()
-        LOSS_TABLE.update(saved_losses)
-        STAGE_TABLE.clear()
-        STAGE_TABLE.update(saved_stages)
 
 
 def test_registry_errors_and_the_codes_alphabet():
@@ -203,8 +210,7 @@ def test_the_documented_example_runs_as_written(tmp_path):
     text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
     blocks = [textwrap.dedent(b) for b in re.findall(r"\n  ```python\n(.*?)\n  ```", text, re.S)]
     example = next(b for b in blocks if "register_quantizer(" in b and "register_loss(" in b)
-    saved = dict(QUANTIZERS), dict(LOSS_TABLE), dict(STAGE_TABLE)
-    try:
+    with _restored(QUANTIZERS, LOSS_TABLE, STAGE_TABLE):
         exec(compile(example, "docs/architecture.md", "exec"), {"__name__": "user_module"})
         assert "feature_energy" in STAGE_TABLE["stage2_2"].losses and LOSS_TABLE["feature_energy"].unit == "images"
         config = get_preset("viq-test")
@@ -212,7 +218,3 @@ def test_the_documented_example_runs_as_written(tmp_path):
         codes = model.encode([np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)])
         assert codes[0].levels == (64,) and int(codes[0].indices.max()) < 64
         assert model.reconstruct(codes)[0].size == (56, 40)
-    finally:
-        for table, before in zip((QUANTIZERS, LOSS_TABLE, STAGE_TABLE), saved):
-            table.clear()
-            table.update(before)
