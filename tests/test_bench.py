@@ -244,6 +244,42 @@ def test_plain_classifier(tiny_demo, tmp_path):
             assert v["n"] > 0 and 0 <= v["accuracy"] <= 1 and v["ci95"][0] <= v["accuracy"] <= v["ci95"][1], task
 
 
+def test_drawer_schedule(tiny_demo, tmp_path):
+    """bench/drawer_schedule.py retrains the demo's drawer from a run's stage 2-2 output per schedule and
+    scores it as the report does: a schedule run twice gives the same figures (the seed fixes them)."""
+    import argparse
+    import shutil
+
+    import viq
+    from bench import drawer_schedule
+    from viq.model.viq import ViQModel
+
+    run = tmp_path / "run"
+    for folder in ("data", "init"):
+        shutil.copytree(tiny_demo / folder, run / folder)
+    init = viq.load(run / "init")
+    stage2_2 = ViQModel(init.config, parts=("encoder", "head", "dequant", "recon", "vae"))
+    stage2_2.load_state_dict(init.state_dict(), strict=False)
+    stage2_2.save_pretrained(run / "runs" / "stage2_2" / "final")
+
+    argv = [str(run), "--schedule", "2:1e-3", "2:1e-3", "3:2e-3:1", "--images", "2", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit):  # two schedules of one name would overwrite each other's row
+        drawer_schedule.main(argv)
+    argv[2:5] = ["2:1e-3", "3:2e-3:1"]
+    record = drawer_schedule.main(argv)
+    rows = record["schedules"]
+    assert list(rows) == ["2:1e-3", "3:2e-3:1"] and rows["3:2e-3:1"]["pixel"] == 1.0
+    for row in rows.values():
+        assert row["n"] == 2 and row["train_wall_s"] > 0
+        assert 0 < row["psnr"] < 100 and row["psnr_bicubic_equal_bits"] > 0 and row["psnr_codec"] > 0
+    again = drawer_schedule.main([str(run), "--schedule", "2:1e-3", "--images", "2", "--out", str(tmp_path / "s.json")])
+    assert again["schedules"]["2:1e-3"]["psnr"] == rows["2:1e-3"]["psnr"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        drawer_schedule.parse_schedule("1000")
+    with pytest.raises(argparse.ArgumentTypeError):
+        drawer_schedule.parse_schedule("0:1e-3")
+
+
 def test_show_page_benchmark(tmp_path):
     """bench/show_page.py as docs/benchmarks.md runs it (sizes substituted): viq show vs eval-recon per
     image in one run, and the size of a many-image page."""
