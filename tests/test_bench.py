@@ -171,6 +171,18 @@ def test_recon_chain(tmp_path):
     assert summary["codec"]["psnr"] == pytest.approx(demo["psnr_codec"], abs=1e-9)
     assert (tmp_path / "r.json").is_file()
 
+    # --refit: each stage's decoder trained a few steps more on its frozen representation of training images.
+    train_images = run / "data" / "images" / "train"
+    train_images.mkdir(parents=True)
+    for i in range(4):
+        to_pil(torch.rand(3, 48, 48, generator=g) * 2 - 1).save(train_images / f"train-{i}.png")
+    argv = [str(run), "--refit", "3", "--refit-images", "4", "--out", str(tmp_path / "refit.json")]
+    refit = recon_chain.main(argv)["summary"]
+    assert list(refit) == ["stage1", "stage1+refit", "stage2_2", "stage2_2+refit", "drawer", "codec"]
+    for stage in ("stage1", "stage2_2"):
+        assert refit[stage] == summary[stage]  # the stage's own decoder is scored as before
+        assert refit[f"{stage}+refit"]["latent_error"] != summary[stage]["latent_error"]
+
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
