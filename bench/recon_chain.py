@@ -76,13 +76,14 @@ def refit_decoder(
     model, vae, train_refs: list[torch.Tensor], steps: int, lr: float, batch_size: int = 32, seed: int = 0
 ):
     """A copy of ``model.recon`` (the stage's latent decoder) trained ``steps`` more on the stage's frozen
-    representation of ``train_refs`` (each (3, H, W) in [-1, 1]): AdamW at ``lr`` with 5 % warm-up and a
-    cosine to a tenth, batches of ``batch_size`` images drawn with ``seed``, the latent MSE per image
-    averaged over the batch (the recipes' latent loss). Returns the decoder in eval mode."""
+    representation of ``train_refs`` (each (3, H, W) in [-1, 1]): AdamW at ``lr`` on the recipes' schedule
+    (:func:`viq.train.optim.lr_multiplier`, 5 % warm-up, cosine to a tenth), batches of ``batch_size``
+    images drawn with ``seed``, the latent MSE per image averaged over the batch (the recipes' latent loss).
+    Returns the decoder in eval mode."""
     import copy
-    import math
 
     from viq.model.vae import encode_latents
+    from viq.train.optim import lr_multiplier
 
     features, grids, targets = [], [], []
     with torch.no_grad():
@@ -93,12 +94,7 @@ def refit_decoder(
             targets.append(model.recon.from_raw(encode_latents(vae, out.padded[0])).float())
     decoder = copy.deepcopy(model.recon).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, steps, 0.05, 0.1))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         batch = torch.randint(len(features), (batch_size,), generator=generator).tolist()
@@ -162,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import viq
     from bench.common import write_record
+    from viq.data.folder import find_images
     from viq.demo.synthetic import load_split
     from viq.formats.image import PreprocessConfig, preprocess
 
@@ -172,11 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
     pre = PreprocessConfig(max_pixels=args.max_pixels)
     refs = [preprocess(data / r["image"], pre).pixels for r in records]
 
-    def train_refs() -> list[torch.Tensor]:
-        files = sorted((data / "images" / "train").glob("*.png"))[: args.refit_images]
+    train_refs: list[torch.Tensor] = []
+    if args.refit:  # read once, refitted on by every stage
+        train_dir = data / "images" / "train"
+        files = find_images(str(train_dir), "raise")[: args.refit_images] if train_dir.is_dir() else []
         if not files:
-            parser.error(f"--refit: no training images in {data / 'images' / 'train'}")
-        return [preprocess(f, pre).pixels for f in files]
+            parser.error(f"--refit: no training images in {train_dir}")
+        train_refs = [preprocess(f, pre).pixels for f in files]
 
     runs = args.run / "runs"
     drawer = runs / "drawer" / "final"
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
             scores, errors = stage_row(model, vae, refs)
             rows[stage] = {"scores": scores, "latent_error": errors}
             if args.refit:
-                decoder = refit_decoder(model, vae, train_refs(), args.refit, args.refit_lr)
+                decoder = refit_decoder(model, vae, train_refs, args.refit, args.refit_lr)
                 scores, errors = stage_row(model, vae, refs, decoder)
                 rows[f"{stage}+refit"] = {"scores": scores, "latent_error": errors}
     if full is not None:
