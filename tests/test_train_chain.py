@@ -103,3 +103,38 @@ def test_paper_head_hand_over_keeps_the_bottleneck(chain):
     first = chain["runs"]["stage2_2"]["summary"]["history"][0]
     last = chain["runs"]["stage2_1"]["summary"]["history"][-1]
     assert {"distill", "recon"} <= set(first) and {"distill", "recon"} <= set(last)
+
+
+def test_pca_fsq_init_through_the_engine(chain, tmp_path):
+    """A stage 2-2 run with model.fsq_init: pca starts its D -> d map from the measured principal
+    directions (the head's step size made negligible, so one step leaves them in place); the drawer,
+    which reads a frozen head, refuses the option."""
+    from viq.train.data import build_dataset, max_pixels_at
+    from viq.train.engine import seed_everything
+    from viq.train.fsq_init import dataset_images, pca_init
+
+    base = chain["runs"]["stage2_2"]["cfg"].to_dict()
+    r = {
+        **base,
+        "model": {**base["model"], "fsq_init": "pca", "fsq_init_images": 3},
+        "optim": {**base["optim"], "group_lr": {"head": 1e-12}},
+        "train": {**base["train"], "output_dir": str(tmp_path / "pca"), "max_steps": 1},
+    }
+    cfg = TrainConfig.from_dict(r)
+    final = Path(train(cfg)["final"])
+    trained = load_file(str(final / "model.safetensors"))["head.fsq_in.weight"]
+
+    seed_everything(cfg.train.seed)  # the engine's seed before building: the same fresh 2-2 blocks
+    expected, _ = build_model(cfg, device=CPU)
+    images = dataset_images(build_dataset(cfg.data.train, cfg, max_pixels_at(cfg, 0)), 3)
+    measured = pca_init(expected, images)
+    assert measured.images == 3
+    assert torch.allclose(trained, expected.head.fsq_in.weight, rtol=1e-4, atol=1e-5)
+    seed_everything(cfg.train.seed)
+    random_start, _ = build_model(cfg, device=CPU)  # the same build without the init
+    assert not torch.allclose(trained, random_start.head.fsq_in.weight, atol=1e-2)
+
+    with pytest.raises(ValueError, match="model.fsq_init must be random or pca"):
+        TrainConfig.from_dict({**r, "model": {**r["model"], "fsq_init": "kmeans"}})
+    with pytest.raises(ValueError, match="does not train the code head"):
+        TrainConfig.from_dict({**r, "optim": {**r["optim"], "trainable": ["recon", "dequant"]}})

@@ -99,7 +99,7 @@ class CodeHead(nn.Module):
         )
         self.project_in = nn.Linear(width, cfg.code_dim)
         self.limit: nn.Module | None = None
-        self.fsq_in: nn.Module | None = None
+        self.fsq_in: nn.Linear | None = None
         if cfg.quantizes_on_bottleneck:
             self.limit = Bottleneck(cfg.bottleneck_limit)
             self.fsq_in = nn.Linear(cfg.bottleneck_dim, cfg.quantizer_dim)
@@ -119,9 +119,15 @@ class CodeHead(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def pre_quantize(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """Packed trunk tokens (T, C) -> pre-quantization values (e*T, d) in the compute dtype
-        (d = FSQ levels, or the bottleneck / SimVQ width for those quantizers)."""
+    @property
+    def quantizer_projection(self) -> nn.Linear:
+        """The last linear map before the quantizer: ``fsq_in`` (D -> d) in the paper's layout, else
+        ``project_in`` (C -> d). Data-dependent initialisation (:mod:`viq.train.fsq_init`) sets it."""
+        return self.fsq_in if self.fsq_in is not None else self.project_in
+
+    def projection_input(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Packed trunk tokens (T, C) -> what :attr:`quantizer_projection` maps, (e*T, k) in the compute
+        dtype: the limited bottleneck (k = D) in the paper's layout, else the code blocks' output (k = C)."""
         segments = packed.segments
         x = F.layer_norm(x, x.shape[-1:], eps=self.pre_norm_eps)
         for block in self.blocks:
@@ -138,10 +144,14 @@ class CodeHead(nn.Module):
         angle_dtype = x.dtype if self.cfg.rope_angle_dtype == "compute" else None
         for block in self.code_blocks:
             x = self._run(block, x, segments, theta, angle_dtype)
-        z = self.project_in(x)
         if self.fsq_in is not None and self.limit is not None:  # built together (the paper's layout)
-            z = self.fsq_in(self.limit(z))
-        return z
+            return self.limit(self.project_in(x))
+        return x
+
+    def pre_quantize(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Packed trunk tokens (T, C) -> pre-quantization values (e*T, d) in the compute dtype
+        (d = FSQ levels, or the bottleneck / SimVQ width for those quantizers)."""
+        return self.quantizer_projection(self.projection_input(x, packed))
 
     @property
     def fsq(self) -> FSQ:

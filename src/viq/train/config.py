@@ -43,6 +43,12 @@ class ModelSection:
     config: dict[str, Any] = field(default_factory=dict)
     #: a projector/LLM adapter from a previous stage: its output directory (default: the init dir).
     previous: str | None = None
+    #: the projection into FSQ at the start of a fresh run (viq.train.fsq_init): "random" (the layer's
+    #: own initialisation, or what model.init holds) or "pca" (top principal directions of its input on
+    #: training images, centred and whitened: FSQ's inputs start uncorrelated with unit variance)
+    fsq_init: str = "random"
+    #: training images "pca" measures (spread evenly over data.train)
+    fsq_init_images: int = 256
 
 
 @dataclass
@@ -417,6 +423,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
         unknown = sorted(set(cfg.optim.trainable) - set(GROUPS))
         need(not unknown, "optim.trainable", f"groups among {', '.join(GROUPS)}", unknown)
     parse_init(cfg.model.init, "model.init")
+    need(cfg.model.fsq_init in ("random", "pca"), "model.fsq_init", "random or pca", cfg.model.fsq_init)
+    need(cfg.model.fsq_init_images >= 1, "model.fsq_init_images", "an integer >= 1", cfg.model.fsq_init_images)
+    if cfg.model.fsq_init == "pca":
+        trains = cfg.optim.trainable if cfg.optim.trainable is not None else list(cfg.spec.trainable)
+        # The drawer and mllm stages read a frozen head: re-initialising it would change its codes.
+        need("head" in trains, "model.fsq_init", "random in a stage that does not train the code head", "pca")
     if cfg.loss.teacher != "auto":
         parse_init(cfg.loss.teacher, "loss.teacher")
 

@@ -52,6 +52,7 @@ from viq.train.checkpoint import (
 from viq.train.config import TrainConfig
 from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
 from viq.train.evaluate import evaluate
+from viq.train.fsq_init import dataset_images, pca_init
 from viq.train.logger import RunLogger, learning_rates
 from viq.train.losses import LOSS_TABLE, loss_names
 from viq.train.metrics import CodeUsage
@@ -297,6 +298,17 @@ def _train(
         build_dataset(cfg.data.val, cfg, first_pixels, progress=cfg.train.progress and dist_info.main)
     seed_everything(cfg.train.seed)  # identical initialisation on every rank
     model, tokenizer = build_model(cfg, device=device)
+    if checkpoint is None and cfg.model.fsq_init == "pca":  # a resumed run has its trained projection
+        measured = pca_init(model, dataset_images(train_data, cfg.model.fsq_init_images))
+        log.info(
+            "model.fsq_init: pca on %d images (%d code positions): the %d FSQ inputs keep %.1f %% of the "
+            "variance of their %d-wide input",
+            measured.images,
+            measured.vectors,
+            len(measured.variances),
+            100 * measured.explained,
+            measured.input_dim,
+        )
     prepare_model(model, cfg)
 
     wrapped = wrap_parallel(model, cfg, dist_info, device)
