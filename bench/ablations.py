@@ -273,7 +273,7 @@ def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, de
             log.info("%s seed %d: training %s -> %s", variant.name, seed, stage, run_dir)
             base = load_recipe(recipe_path(stage), [])
             overrides = [
-                *stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps),
+                *stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps, base.model.head_warmup_steps),
                 f"model.init=viq:{parent_final}",
                 f"train.output_dir={run_dir}",
                 "train.progress=false",

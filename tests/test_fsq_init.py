@@ -12,7 +12,8 @@ from conftest import random_pixels
 from viq.model.config import get_preset
 from viq.model.encoder import pad_to_patches
 from viq.model.viq import ViQModel
-from viq.train.fsq_init import dataset_images, pca_init
+from viq.train.data import dataset_images
+from viq.train.fsq_init import pca_init
 
 
 def _model(on_bottleneck: bool, quantizer: str = "fsq") -> ViQModel:

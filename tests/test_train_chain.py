@@ -109,9 +109,9 @@ def test_pca_fsq_init_through_the_engine(chain, tmp_path):
     """A stage 2-2 run with model.fsq_init: pca starts its D -> d map from the measured principal
     directions (the head's step size made negligible, so one step leaves them in place); the drawer,
     which reads a frozen head, refuses the option."""
-    from viq.train.data import build_dataset, max_pixels_at
+    from viq.train.data import build_dataset, dataset_images, max_pixels_at
     from viq.train.engine import seed_everything
-    from viq.train.fsq_init import dataset_images, pca_init
+    from viq.train.fsq_init import pca_init
 
     base = chain["runs"]["stage2_2"]["cfg"].to_dict()
     r = {
@@ -138,3 +138,37 @@ def test_pca_fsq_init_through_the_engine(chain, tmp_path):
         TrainConfig.from_dict({**r, "model": {**r["model"], "fsq_init": "kmeans"}})
     with pytest.raises(ValueError, match="does not train the code head"):
         TrainConfig.from_dict({**r, "optim": {**r["optim"], "trainable": ["recon", "dequant"]}})
+
+
+def test_head_warmup_through_the_engine(chain, tmp_path):
+    """A stage 2-1 run with model.head_warmup_steps starts from the warmed head and dequantiser (their
+    step size made negligible, so one step leaves them in place); a stage that does not train them refuses."""
+    from viq.train.data import build_dataset, dataset_images, max_pixels_at
+    from viq.train.engine import seed_everything
+    from viq.train.head_warmup import warm_up_head
+
+    base = chain["runs"]["stage2_1"]["cfg"].to_dict()
+    r = {
+        **base,
+        "model": {**base["model"], "head_warmup_steps": 4, "head_warmup_lr": 3e-3},
+        "optim": {**base["optim"], "group_lr": {"head": 1e-12, "dequant": 1e-12}},
+        "train": {**base["train"], "output_dir": str(tmp_path / "warm"), "max_steps": 1},
+    }
+    cfg = TrainConfig.from_dict(r)
+    trained = load_file(str(Path(train(cfg)["final"]) / "model.safetensors"))
+
+    seed_everything(cfg.train.seed)
+    expected, _ = build_model(cfg, device=CPU)
+    cold = {k: v.clone() for k, v in expected.state_dict().items()}
+    pool = dataset_images(build_dataset(cfg.data.train, cfg, max_pixels_at(cfg, 0)), cfg.model.head_warmup_images)
+    warm_up_head(expected, pool, steps=4, lr=3e-3, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    state = expected.state_dict()
+    names = [k for k in state if k.startswith(("head.", "dequant.")) and k in trained]
+    assert names and any(not torch.equal(state[k], cold[k]) for k in names)
+    for k in names:
+        assert torch.allclose(trained[k], state[k], rtol=1e-4, atol=1e-6), k
+
+    with pytest.raises(ValueError, match="model.head_warmup_steps must be an integer >= 0"):
+        TrainConfig.from_dict({**r, "model": {**r["model"], "head_warmup_steps": -1}})
+    with pytest.raises(ValueError, match="does not train the code head and dequantiser"):
+        TrainConfig.from_dict({**r, "optim": {**r["optim"], "trainable": ["head", "recon"]}})

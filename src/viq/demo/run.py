@@ -71,9 +71,9 @@ def recipe_path(stage: str) -> Path:
     return Path(str(resources.files("viq") / "recipes" / "demo" / f"{stage}.yaml"))
 
 
-def stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: int) -> list[str]:
+def stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: int, warmup_steps: int = 0) -> list[str]:
     """The overrides that point a demo recipe at the demo folder ``out`` (data, init, LLM, output) and
-    scale its steps."""
+    scale its steps (``max_steps``, and the recipe's ``warmup_steps`` of the code head when it has some)."""
     data, runs = out / "data", out / "runs"
     spec = get_stage(stage)
     init = out / "init" if spec.follows is None else runs / spec.follows / "final"
@@ -85,6 +85,8 @@ def stage_overrides(stage: str, out: Path, scale: float, seed: int, max_steps: i
         f"train.max_steps={max(2, round(max_steps * scale))}",
         f"train.seed={seed}",
     ]
+    if warmup_steps:
+        overrides.append(f"model.head_warmup_steps={max(1, round(warmup_steps * scale))}")
     if spec.llm:
         overrides.append(f"llm.path={out / 'llm'}")
     return overrides
@@ -242,7 +244,8 @@ def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
         if not (final / "stage.json").is_file():
             log.info("demo 5/7: %s", stage)
             cfg = load_recipe(recipe_path(stage), [])
-            cfg = load_recipe(recipe_path(stage), stage_overrides(stage, out, scale, seed, cfg.train.max_steps))
+            steps, warmup = cfg.train.max_steps, cfg.model.head_warmup_steps
+            cfg = load_recipe(recipe_path(stage), stage_overrides(stage, out, scale, seed, steps, warmup))
             train(cfg, resume=True)  # a demo killed in this stage continues from its checkpoint
         timings[stage] = time.perf_counter() - t
 

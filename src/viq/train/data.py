@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: is tokenised (BPE tokens of real text average 3-5 characters; 32 leaves room for long runs).
 MAX_CHARS_PER_TOKEN = 32
 
-__all__ = ["ShardedBatchOrder", "Collator", "BatchStream", "build_dataset", "max_pixels_at"]
+__all__ = ["ShardedBatchOrder", "Collator", "BatchStream", "build_dataset", "dataset_images", "max_pixels_at"]
 
 
 class ShardedBatchOrder:
@@ -218,6 +218,26 @@ def _checked(dataset, path: str, cfg: TrainConfig, progress: bool) -> None:
                 [i for i in range(len(dataset)) if any(r.path in bad for r in dataset.record(i).images)],
                 reason="unreadable image",
             )
+
+
+def dataset_images(dataset: Any, count: int) -> list[torch.Tensor]:
+    """Up to ``count`` preprocessed images (3, H, W) of a training dataset, from samples spread evenly
+    over it (a dataset sorted by source or task is not read only from its head). Items are
+    :class:`viq.data.llava.Sample` (``images``) or :class:`viq.data.folder.ImageItem` (``pixels``);
+    ``None`` items (skipped samples) are passed over."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    n = len(dataset)
+    indices = range(n) if n <= count else sorted({i * n // count for i in range(count)})
+    images: list[torch.Tensor] = []
+    for i in indices:
+        item = dataset[i]
+        if item is None:
+            continue
+        images.extend(item.images if hasattr(item, "images") else [item.pixels])
+        if len(images) >= count:
+            break
+    return images[:count]
 
 
 def max_pixels_at(cfg: TrainConfig, step: int) -> int:

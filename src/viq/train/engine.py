@@ -50,9 +50,10 @@ from viq.train.checkpoint import (
     seed_step,
 )
 from viq.train.config import TrainConfig
-from viq.train.data import BatchStream, Collator, build_dataset, max_pixels_at
+from viq.train.data import BatchStream, Collator, build_dataset, dataset_images, max_pixels_at
 from viq.train.evaluate import evaluate
-from viq.train.fsq_init import dataset_images, pca_init
+from viq.train.fsq_init import pca_init
+from viq.train.head_warmup import warm_up_head
 from viq.train.logger import RunLogger, learning_rates
 from viq.train.losses import LOSS_TABLE, loss_names
 from viq.train.metrics import CodeUsage
@@ -309,6 +310,29 @@ def _train(
             100 * measured.explained,
             measured.input_dim,
         )
+    if checkpoint is None and cfg.model.head_warmup_steps:  # a resumed run has its trained head
+        warmed = warm_up_head(
+            model,
+            dataset_images(train_data, cfg.model.head_warmup_images),
+            steps=cfg.model.head_warmup_steps,
+            lr=cfg.model.head_warmup_lr,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            autocast=autocast_context(cfg, device),
+        )
+        log.info(
+            "model.head_warmup_steps: %d steps on the code head and dequantiser alone, feature error "
+            "(MSE over the trunk features' variance) %.3f -> %.3f, %.1f s",
+            warmed.steps,
+            warmed.first_error,
+            warmed.last_error,
+            warmed.seconds,
+        )
+    if dist_info.enabled and (cfg.model.head_warmup_steps or cfg.model.fsq_init != "random"):
+        # Every rank computed the same from the same images; rank 0's copy makes it exact.
+        for module in (model.head, model.dequant):
+            for tensor in module.parameters() if module is not None else ():
+                torch.distributed.broadcast(tensor.data, src=0)
     prepare_model(model, cfg)
 
     wrapped = wrap_parallel(model, cfg, dist_info, device)

@@ -28,7 +28,7 @@ import torch
 from viq.model.encoder import pad_to_patches
 from viq.model.quantizer import FSQ
 
-__all__ = ["FSQInit", "dataset_images", "pca_init"]
+__all__ = ["FSQInit", "pca_init"]
 
 
 @dataclass(frozen=True)
@@ -45,26 +45,6 @@ class FSQInit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def dataset_images(dataset: Any, count: int) -> list[torch.Tensor]:
-    """Up to ``count`` preprocessed images (3, H, W) of a training dataset, from samples spread evenly
-    over it (a dataset sorted by source or task is not read only from its head). Items are
-    :class:`viq.data.llava.Sample` (``images``) or :class:`viq.data.folder.ImageItem` (``pixels``);
-    ``None`` items (skipped samples) are passed over."""
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    n = len(dataset)
-    indices = range(n) if n <= count else sorted({i * n // count for i in range(count)})
-    images: list[torch.Tensor] = []
-    for i in indices:
-        item = dataset[i]
-        if item is None:
-            continue
-        images.extend(item.images if hasattr(item, "images") else [item.pixels])
-        if len(images) >= count:
-            break
-    return images[:count]
 
 
 @torch.no_grad()
