@@ -265,6 +265,11 @@ class TrainConfig:
         losses, data kind, hand-over."""
         return get_stage(self.stage)
 
+    @property
+    def trainable_groups(self) -> list[str]:
+        """The module groups this stage trains: ``optim.trainable``, or the stage's default when unset."""
+        return list(self.optim.trainable or self.spec.trainable)
+
     def loss_weights(self) -> dict[str, float]:
         """The weight of each loss of the loss table (0: off; :mod:`viq.train.losses`), with an unset
         ``loss.recon`` resolved for this stage."""
@@ -434,16 +439,19 @@ def _check_ranges(cfg: TrainConfig) -> None:
     need(cfg.model.fsq_init in ("random", "pca"), "model.fsq_init", "random or pca", cfg.model.fsq_init)
     need(cfg.model.fsq_init_images >= 1, "model.fsq_init_images", "an integer >= 1", cfg.model.fsq_init_images)
     if cfg.model.fsq_init == "pca":
-        trains = cfg.optim.trainable if cfg.optim.trainable is not None else list(cfg.spec.trainable)
         # The drawer and mllm stages read a frozen head: re-initialising it would change its codes.
-        need("head" in trains, "model.fsq_init", "random in a stage that does not train the code head", "pca")
+        need(
+            "head" in cfg.trainable_groups,
+            "model.fsq_init",
+            "random in a stage that does not train the code head",
+            "pca",
+        )
     need(cfg.model.head_warmup_steps >= 0, "model.head_warmup_steps", "an integer >= 0", cfg.model.head_warmup_steps)
     need(cfg.model.head_warmup_lr > 0, "model.head_warmup_lr", "> 0", cfg.model.head_warmup_lr)
     need(cfg.model.head_warmup_images >= 1, "model.head_warmup_images", "an integer >= 1", cfg.model.head_warmup_images)
     if cfg.model.head_warmup_steps:
-        trains = cfg.optim.trainable if cfg.optim.trainable is not None else list(cfg.spec.trainable)
         need(
-            {"head", "dequant"} <= set(trains),
+            {"head", "dequant"} <= set(cfg.trainable_groups),
             "model.head_warmup_steps",
             "0 in a stage that does not train the code head and dequantiser",
             cfg.model.head_warmup_steps,

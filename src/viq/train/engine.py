@@ -184,7 +184,7 @@ def seed_everything(seed: int) -> None:
 
 def prepare_model(model: TrainModel, cfg: TrainConfig) -> None:
     """Trainable groups, activation checkpointing, attention backend, train/eval modes."""
-    set_trainable(model, cfg.optim.trainable or list(cfg.spec.trainable))
+    set_trainable(model, cfg.trainable_groups)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     set_attention_backend(model, cfg.train.attention)
