@@ -122,6 +122,11 @@ def _check_stages(name: str, stages: tuple[str, ...], token: str) -> None:
         )
 
 
+#: head warm-up steps and images of ``direct_fsq``'s stage 2-2: the demo's stage 2-1 warms its fresh head
+#: so (src/viq/recipes/demo/stage2_1.yaml), and without 2-1 the fresh head is 2-2's
+DIRECT_FSQ_WARMUP, DIRECT_FSQ_WARMUP_IMAGES = 1000, 2048
+
+
 def default_variants() -> dict[str, Variant]:
     """The axes of the paper's Table 4 (issue 11) and its bottleneck-width and reconstruction-loss
     comparisons (issue 24), each compared to the control."""
@@ -137,8 +142,14 @@ def default_variants() -> dict[str, Variant]:
         (
             "direct_fsq",
             "proximal",
-            ["skip=stage2_1", "stage2_2:model.config.head.fsq_on_bottleneck=false"],
-            "no proximal stage: FSQ (released layout C -> d -> FSQ) trained straight on the stage-1 features",
+            [
+                "skip=stage2_1",
+                "stage2_2:model.config.head.fsq_on_bottleneck=false",
+                f"stage2_2:model.head_warmup_steps={DIRECT_FSQ_WARMUP}",
+                f"stage2_2:model.head_warmup_images={DIRECT_FSQ_WARMUP_IMAGES}",
+            ],
+            "no proximal stage: FSQ (released layout C -> d -> FSQ) trained straight on the stage-1 features; "
+            "its fresh head gets the warm-up the control's gets in stage 2-1",
         ),
         ("limit_l2", "proximal", [f"{both}:model.config.head.bottleneck_limit=l2"], "bottleneck limited by L2 norm"),
         ("limit_tanh", "proximal", [f"{both}:model.config.head.bottleneck_limit=tanh"], "bottleneck limited by tanh"),
@@ -152,6 +163,7 @@ def default_variants() -> dict[str, Variant]:
             [
                 "stage2_2:model.config.head.quantizer=simvq",
                 "stage2_2:model.config.head.simvq_codebook_size=4096",
+                "stage2_2:model.fsq_init=random",  # the PCA start is FSQ's (its projection); SimVQ's is its own
             ],
             "SimVQ, 4096 codes",
         ),
@@ -161,6 +173,7 @@ def default_variants() -> dict[str, Variant]:
             [
                 "stage2_2:model.config.head.quantizer=simvq",
                 "stage2_2:model.config.head.simvq_codebook_size=16384",
+                "stage2_2:model.fsq_init=random",  # the PCA start is FSQ's (its projection); SimVQ's is its own
             ],
             "SimVQ, 16384 codes",
         ),
@@ -217,7 +230,13 @@ def check_variant(variant: Variant) -> None:
                 from viq.model.config import get_preset
 
                 base = get_preset("viq-demo").to_dict()
-                ViQConfig(**merge_config(base, cfg.model.config))
+                config = ViQConfig(**merge_config(base, cfg.model.config))
+                # viq.train.fsq_init fits FSQ's input map: other quantizers fail there, after stage 1 trained
+                if cfg.model.fsq_init == "pca" and config.head.quantizer != "fsq":
+                    raise ValueError(
+                        f"model.fsq_init: pca fits the projection into FSQ; this stage's quantizer is "
+                        f"{config.head.quantizer!r} (add {stage}:model.fsq_init=random)"
+                    )
         except (TypeError, ValueError) as e:
             raise ValueError(f"variant {variant.name}, {stage}: {e}") from None
 
@@ -254,9 +273,25 @@ def _stage_key(stage: str, parent: str | None, overrides: list[str], scale: floa
     return f"{stage}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
+#: the step counts stage_overrides scales by --scale (a variant's value for them is scaled too)
+SCALED_KEYS = ("train.max_steps", "model.head_warmup_steps")
+
+
+def run_overrides(stage: str, extra: list[str], seed_dir: Path, *, scale: float, seed: int) -> list[str]:
+    """The demo's overrides of ``stage`` for the seed folder, then the variant's ``extra``; step counts
+    (the variant's own where it sets them: :data:`SCALED_KEYS`) scaled by ``scale`` as the demo scales."""
+    from viq.demo.run import recipe_path, stage_overrides
+    from viq.train.config import load_recipe
+
+    base = load_recipe(recipe_path(stage), extra)
+    demo = stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps, base.model.head_warmup_steps)
+    scaled = {kv.split("=", 1)[0] for kv in demo} & set(SCALED_KEYS)
+    return [*demo, *(kv for kv in extra if kv.split("=", 1)[0].strip() not in scaled)]
+
+
 def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, device: str) -> list[dict]:
     """Train (or reuse) the variant's stages; returns one entry per stage: key, dir, time, reused."""
-    from viq.demo.run import recipe_path, stage_overrides
+    from viq.demo.run import recipe_path
     from viq.train.config import load_recipe
     from viq.train.engine import train
 
@@ -271,13 +306,11 @@ def train_chain(variant: Variant, seed_dir: Path, *, scale: float, seed: int, de
         reused = (final / "stage.json").is_file()
         if not reused:
             log.info("%s seed %d: training %s -> %s", variant.name, seed, stage, run_dir)
-            base = load_recipe(recipe_path(stage), [])
             overrides = [
-                *stage_overrides(stage, seed_dir, scale, seed, base.train.max_steps, base.model.head_warmup_steps),
+                *run_overrides(stage, extra, seed_dir, scale=scale, seed=seed),
                 f"model.init=viq:{parent_final}",
                 f"train.output_dir={run_dir}",
                 "train.progress=false",
-                *extra,
             ]
             t = time.perf_counter()
             train(load_recipe(recipe_path(stage), overrides))

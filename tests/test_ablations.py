@@ -35,6 +35,8 @@ def test_variant_tokens():
         (["stage2_2:model.config.head.bottleneck_limit=foo"], "bottleneck_limit must be"),
         (["until=stage1", "stage2_2:loss.recon=0"], "none of which it trains"),
         (["skip=stage1"], "cannot be skipped"),
+        # the demo's 2-2 fits FSQ's input map from data; another quantizer must say how it starts
+        (["stage2_2:model.config.head.quantizer=simvq"], "fsq_init: pca fits the projection into FSQ"),
     ],
 )
 def test_bad_variants_fail_early(tokens, message):
@@ -149,3 +151,15 @@ def test_report_rebuilds_the_summary_and_prints_the_table(tmp_path, capsys):
     assert "| position | no_rope | 3 |" in table and "reproduced; inconclusive" in table and "65.3" in table
     with pytest.raises(SystemExit):
         ablations.main(["--report", "--results", str(tmp_path / "empty")])
+
+
+def test_variant_step_counts_scale_like_the_demos(tmp_path):
+    """A variant's own step counts are scaled by --scale (direct_fsq's 2-2 warm-up at a quarter of the
+    demo's steps is a quarter as long); a variant that turns the warm-up off keeps it off."""
+    direct = ablations.default_variants()["direct_fsq"].stage_overrides("stage2_2")
+    quarter = ablations.run_overrides("stage2_2", direct, tmp_path, scale=0.25, seed=0)
+    steps = [kv for kv in quarter if kv.startswith("model.head_warmup_steps=")]
+    assert steps == [f"model.head_warmup_steps={round(ablations.DIRECT_FSQ_WARMUP * 0.25)}"]
+    off = ablations.run_overrides("stage2_1", ["model.head_warmup_steps=0"], tmp_path, scale=0.25, seed=0)
+    assert [kv for kv in off if kv.startswith("model.head_warmup_steps=")] == ["model.head_warmup_steps=0"]
+    assert sum(kv.startswith("train.max_steps=") for kv in off) == 1
