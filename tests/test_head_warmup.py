@@ -51,3 +51,35 @@ def test_warm_up_refusals():
     model.head = None
     with pytest.raises(ValueError, match="no code head"):
         warm_up_head(model, _images(2), steps=1, lr=1e-3, batch_size=2, seed=0)
+
+
+def test_a_stage_with_both_starts_decodes_its_images_once():
+    """fsq_init: pca and the warm-up read one pool, decoded once, each taking images spread over it."""
+    from types import SimpleNamespace
+
+    from viq.train.engine import _spread, _start_images
+
+    class Counting:
+        def __init__(self, n: int):
+            self.n, self.reads = n, []
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __getitem__(self, i: int):
+            self.reads.append(i)
+            return SimpleNamespace(pixels=torch.full((3, 1, 1), float(i)))
+
+    data = Counting(40)
+    model = SimpleNamespace(fsq_init_images=4, head_warmup_images=10)
+    pool = _start_images(data, SimpleNamespace(model=model), True, True)
+    assert len(pool) == 10 and len(data.reads) == len(set(data.reads)) == 10
+    picked = [int(x[0, 0, 0]) for x in _spread(pool, 4)]
+    assert picked == [0, 8, 20, 28] and _spread(pool, 10) is pool  # the whole dataset's spread, not its head
+    assert _start_images(data, SimpleNamespace(model=model), False, False) == []
+    assert [int(x[0, 0, 0]) for x in _start_images(Counting(40), SimpleNamespace(model=model), True, False)] == [
+        0,
+        10,
+        20,
+        30,
+    ]

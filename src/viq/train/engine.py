@@ -288,6 +288,20 @@ def _starting_point(out_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def _start_images(train_data: Any, cfg: TrainConfig, pca: bool, warmup: bool) -> list[torch.Tensor]:
+    """The training images the fresh code head starts from (``model.fsq_init: pca`` and the head
+    warm-up), decoded once for both: as many as the larger of the two asks for."""
+    wanted = [n for used, n in ((pca, cfg.model.fsq_init_images), (warmup, cfg.model.head_warmup_images)) if used]
+    return dataset_images(train_data, max(wanted)) if wanted else []
+
+
+def _spread(pool: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """``count`` items spread evenly over ``pool`` (all of it when it holds no more): the pool is in
+    dataset order, so its head alone would be the dataset's head."""
+    n = len(pool)
+    return pool if n <= count else [pool[i * n // count] for i in range(count)]
+
+
 def _train(
     cfg: TrainConfig, dist_info: Dist, device: torch.device, out_dir: Path, *, resume: bool, stop_after: int | None
 ) -> dict[str, Any]:
@@ -299,8 +313,12 @@ def _train(
         build_dataset(cfg.data.val, cfg, first_pixels, progress=cfg.train.progress and dist_info.main)
     seed_everything(cfg.train.seed)  # identical initialisation on every rank
     model, tokenizer = build_model(cfg, device=device)
-    if checkpoint is None and cfg.model.fsq_init == "pca":  # a resumed run has its trained projection
-        measured = pca_init(model, dataset_images(train_data, cfg.model.fsq_init_images))
+    # A resumed run has its trained projection and head: neither start runs again.
+    fresh_pca = checkpoint is None and cfg.model.fsq_init == "pca"
+    fresh_warmup = checkpoint is None and cfg.model.head_warmup_steps > 0
+    pool = _start_images(train_data, cfg, fresh_pca, fresh_warmup)
+    if fresh_pca:
+        measured = pca_init(model, _spread(pool, cfg.model.fsq_init_images))
         log.info(
             "model.fsq_init: pca on %d images (%d code positions): the %d FSQ inputs keep %.1f %% of the "
             "variance of their %d-wide input",
@@ -310,10 +328,10 @@ def _train(
             100 * measured.explained,
             measured.input_dim,
         )
-    if checkpoint is None and cfg.model.head_warmup_steps:  # a resumed run has its trained head
+    if fresh_warmup:
         warmed = warm_up_head(
             model,
-            dataset_images(train_data, cfg.model.head_warmup_images),
+            _spread(pool, cfg.model.head_warmup_images),
             steps=cfg.model.head_warmup_steps,
             lr=cfg.model.head_warmup_lr,
             batch_size=cfg.train.batch_size,
