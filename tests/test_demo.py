@@ -33,6 +33,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         assert recon["n"] > 0
         for key in ("psnr", "ssim", "psnr_mean_colour", "psnr_bicubic_equal_bits", "psnr_codec"):
             assert recon[key] is not None and recon[key] > 0, key
+        # seams beside bicubic's and the codec's (the tiny demo's images all hold a grid line)
+        assert recon["seam_period"] == 8
+        assert all(recon[k] > 0 for k in ("seams", "seams_bicubic_equal_bits", "seams_codec"))
     codes = results["codes"]
     assert 0 <= codes["entropy_bits"] <= codes["log2_codebook"] == 12 and 0 < codes["usage"] <= 1
     assert results["time_s"] > 0

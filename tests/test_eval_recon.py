@@ -24,6 +24,7 @@ from viq.eval.recon import (  # noqa: E402
     crop_to,
     mean_colour,
     psnr_ssim,
+    seam_ratio,
     ssim_kernel,
     t_quantile_975,
 )
@@ -609,3 +610,23 @@ def test_encoded_area_scores_crop_the_padded_canvas_before_scoring():
     assert abs(got[0] - float(peak_signal_noise_ratio(unit(canvas[:, :21, :37]), unit(ref), data_range=1.0))) <= 1e-5
     with pytest.raises(ValueError, match="cannot crop"):
         encoded_area_scores(ref, canvas[:, :16, :])
+
+
+def test_seam_ratio_finds_a_blockwise_error_and_not_a_smooth_one():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(3, 40, 56, generator=g) * 2 - 1
+    # each 8x8 block off by its own amount, plus faint noise: the error jumps only at block edges
+    offsets = torch.randn(3, 5, 7, generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    blocky = ref + 0.2 * offsets + 0.001 * torch.randn(3, 40, 56, generator=g)
+    assert seam_ratio(ref, blocky, 8) > 20
+    # a 7-pixel grid never meets the 8-pixel blocks: its lines cross only the faint noise
+    assert seam_ratio(ref, blocky, 7) < 2
+    # an error that changes the same everywhere (a ramp) has no grid; nor has a constant one
+    ramp = ref + 0.01 * torch.arange(56).float().expand(3, 40, 56)
+    assert seam_ratio(ref, ramp, 8) == pytest.approx(1.0)
+    assert seam_ratio(torch.zeros(3, 40, 56), torch.full((3, 40, 56), 0.3), 8) == 1.0
+    assert math.isnan(seam_ratio(ref[:, :8, :8], ref[:, :8, :8] + 0.1, 8))  # no grid line inside 8 px
+    with pytest.raises(ValueError, match="shapes differ"):
+        seam_ratio(ref, ref[:, :, :8], 8)
+    with pytest.raises(ValueError, match="period"):
+        seam_ratio(ref, ref, 1)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from viq.eval.qa import IMAGE_MODES, answer_nll, evaluate_qa, load_run, majority_baseline
-from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim
+from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim, seam_ratio
 from viq.formats.bits import bits_for_levels, usage_stats
 from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
 from viq.model.encoder import pad_to_patches
@@ -107,12 +107,16 @@ def evaluate_reconstruction(
 
     Returns the summary ``{"n", "psnr", "ssim", "psnr_mean_colour", "ssim_mean_colour",
     "psnr_bicubic_equal_bits", "ssim_bicubic_equal_bits", "psnr_codec", "ssim_codec", "ci95": {...},
-    "bpp"}``, one record per image (files written under ``out_dir``), and the code histogram.
+    "bpp", "seams", "seams_<method>", "seam_period"}`` (seams: :func:`viq.eval.recon.seam_ratio` on the
+    codec's block grid, mean over images; 1 = none), one record per image (files written under
+    ``out_dir``), and the code histogram.
     """
 
     pre = PreprocessConfig(max_pixels=max_pixels)
     bits_per_code = bits_for_levels(model.levels)
     stats = ReconStats()
+    seams: dict[str, list[float]] = {}
+    seam_period = model.config.vae.scale_factor
     items: list[dict] = []
     hist = np.zeros(math.prod(model.levels), dtype=np.int64)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +150,9 @@ def evaluate_reconstruction(
             p, s = psnr_ssim(ref, pixels)
             stats.add(method, p, s)
             record[f"psnr_{method}"], record[f"ssim_{method}"] = p, s
+            # the codec's blocks and the codes' cells share this grid (2x2 codes per 16-pixel patch)
+            record[f"seams_{method}"] = seam_ratio(ref, pixels, seam_period)
+            seams.setdefault(method, []).append(record[f"seams_{method}"])
         in_path, out_path = out_dir / f"{kind}-{stem}-input.png", out_dir / f"{kind}-{stem}-recon.png"
         to_pil(ref).save(in_path)
         recon_img.save(out_path)
@@ -163,6 +170,12 @@ def evaluate_reconstruction(
     for method in ("mean_colour", "bicubic_equal_bits", "codec"):
         result[f"psnr_{method}"] = summary[method]["psnr"]
         result[f"ssim_{method}"] = summary[method]["ssim"]
+    # seam_ratio: 1 = no grid in the error; mean over the images that have a grid line (nan: none)
+    result["seam_period"] = seam_period
+    for method, values in seams.items():
+        finite = [v for v in values if math.isfinite(v)]
+        key = "seams" if method == "viq" else f"seams_{method}"
+        result[key] = float(np.mean(finite)) if finite else None
     for method, scores in summary.items():
         result["ci95"][method] = {"psnr": scores["psnr_ci95"], "ssim": scores["ssim_ci95"]}
     return result, items, hist

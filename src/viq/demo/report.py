@@ -140,6 +140,7 @@ def recon_table(recon: dict[str, Any], codes: dict[str, Any]) -> str:
                 r["psnr_codec"],
                 r["ssim_bicubic_equal_bits"],
                 r["ssim_codec"],
+                *("" if r.get(k) is None else r[k] for k in ("seams", "seams_bicubic_equal_bits", "seams_codec")),
             ]
         )
     table = _table(
@@ -156,8 +157,18 @@ def recon_table(recon: dict[str, Any], codes: dict[str, Any]) -> str:
             "codec alone PSNR (ceiling)",
             "bicubic SSIM",
             "codec SSIM",
+            "ViQ seams",
+            "bicubic seams",
+            "codec seams",
         ],
     )
+    period = next((r["seam_period"] for r in recon.values() if r.get("seam_period")), None)
+    if period:
+        table += (
+            f"<p>Seams: how much more the error jumps across the {period}-pixel grid of the codec's blocks "
+            "and the codes' cells than between other neighbouring pixels (1 = no grid; "
+            "<code>viq.eval.recon.seam_ratio</code>).</p>"
+        )
     code = (
         f"<p>Codes: entropy {codes['entropy_bits']:.2f} bits per code of log2 K = {codes['log2_codebook']:.2f}; "
         f"{100 * codes['usage']:.1f} % of the codebook used, perplexity {codes['perplexity']:.0f}, "

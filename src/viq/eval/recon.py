@@ -32,6 +32,9 @@ per image, encode -> ``.viq`` size (bits per pixel) -> reconstruct -> PSNR / SSI
 JPEG and WebP at that bitrate (:mod:`viq.eval.rate_distortion`), code usage and, optionally, rFID
 (:mod:`viq.eval.fid`); means over images beside per-image records.
 
+:func:`seam_ratio` puts a number on visible block seams: how much more a reconstruction's error jumps
+across the lines of a pixel grid than elsewhere (1: no grid in the error).
+
 ``torchmetrics`` is the ``eval`` extra (``pip install viq[eval]``); it is imported when a metric
 is first computed, so the baselines work without it.
 """
@@ -69,6 +72,7 @@ __all__ = [
     "SSIM_SIGMA",
     "BITS_PER_PIXEL_RGB8",
     "psnr_ssim",
+    "seam_ratio",
     "encoded_area_scores",
     "evaluate_reconstruction",
     "encode_and_score",
@@ -201,6 +205,47 @@ def encoded_area_scores(reference: torch.Tensor, decoded: torch.Tensor) -> tuple
     """
     reference = _check_image("reference", reference)
     return psnr_ssim(reference, crop_to(decoded, (reference.shape[1], reference.shape[2])))
+
+
+def seam_ratio(reference: torch.Tensor, reconstruction: torch.Tensor, period: int) -> float:
+    """How much the reconstruction's error jumps across the lines of a ``period``-pixel grid (the
+    blocks of a pixel codec, the patches of the encoder) compared with everywhere else: visible seams
+    as a number.
+
+    With ``e = reconstruction - reference`` (both ``(3, H, W)``, any range, same scale), the absolute
+    differences of ``e`` between horizontally and vertically neighbouring pixels are split into those
+    that straddle a grid line (between pixel ``k * period - 1`` and ``k * period``) and the rest; the
+    result is the mean of the first over the mean of the second (means per direction, then summed, so
+    that an error changing along one direction only weighs the same on and off the lines). An error without a grid (a blur,
+    bicubic upsampling, noise) gives about 1; a blockwise error -- each block off by its own amount,
+    smooth inside -- gives well above 1. Taking differences of the error, not of the image, keeps the
+    image's own edges out of it. ``nan`` when the image has no grid line (or nothing but);
+    1.0 for an error that never changes; ``inf`` for one that changes only on grid lines.
+    """
+    reference = _check_image("reference", reference)
+    reconstruction = _check_image("reconstruction", reconstruction)
+    if reference.shape != reconstruction.shape:
+        raise ValueError(
+            f"shapes differ: reference {tuple(reference.shape)}, reconstruction {tuple(reconstruction.shape)}"
+        )
+    if period < 2:
+        raise ValueError(f"period must be >= 2 pixels, got {period}")
+    e = reconstruction.double() - reference.double()
+    dx = (e[:, :, 1:] - e[:, :, :-1]).abs()  # (3, H, W-1): pair (j, j+1)
+    dy = (e[:, 1:, :] - e[:, :-1, :]).abs()  # (3, H-1, W)
+    line_x = torch.arange(1, e.shape[2]) % period == 0  # the pair's right pixel starts a block
+    line_y = torch.arange(1, e.shape[1]) % period == 0
+    # per direction (rows and columns hold different numbers of lines), each direction that has pairs
+    # both on and off the lines, then summed
+    pairs = ((dx[:, :, line_x], dx[:, :, ~line_x]), (dy[:, line_y, :], dy[:, ~line_y, :]))
+    used = [(on, off) for on, off in pairs if on.numel() and off.numel()]
+    if not used:
+        return math.nan
+    on_mean = sum(float(on.mean()) for on, _ in used)
+    off_mean = sum(float(off.mean()) for _, off in used)
+    if off_mean == 0.0:
+        return 1.0 if on_mean == 0.0 else math.inf
+    return on_mean / off_mean
 
 
 def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
