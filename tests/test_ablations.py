@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ablation_summary, ablations
+from bench import ablation_summary, ablation_variants, ablations
 
 
 def test_variant_tokens():
@@ -159,7 +159,7 @@ def test_variant_step_counts_scale_like_the_demos(tmp_path):
     direct = ablations.default_variants()["direct_fsq"].stage_overrides("stage2_2")
     quarter = ablations.run_overrides("stage2_2", direct, tmp_path, scale=0.25, seed=0)
     steps = [kv for kv in quarter if kv.startswith("model.head_warmup_steps=")]
-    assert steps == [f"model.head_warmup_steps={round(ablations.DIRECT_FSQ_WARMUP * 0.25)}"]
+    assert steps == [f"model.head_warmup_steps={round(ablation_variants.DIRECT_FSQ_WARMUP * 0.25)}"]
     off = ablations.run_overrides("stage2_1", ["model.head_warmup_steps=0"], tmp_path, scale=0.25, seed=0)
     assert [kv for kv in off if kv.startswith("model.head_warmup_steps=")] == ["model.head_warmup_steps=0"]
     assert sum(kv.startswith("train.max_steps=") for kv in off) == 1

@@ -17,6 +17,7 @@ from torchmetrics.functional.image import (  # noqa: E402
     structural_similarity_index_measure,
 )
 
+from viq.eval.intervals import t_quantile_975  # noqa: E402
 from viq.eval.recon import (  # noqa: E402
     ReconStats,
     bicubic_at_bits,
@@ -24,10 +25,9 @@ from viq.eval.recon import (  # noqa: E402
     crop_to,
     mean_colour,
     psnr_ssim,
-    seam_ratio,
     ssim_kernel,
-    t_quantile_975,
 )
+from viq.eval.seams import seam_ratio  # noqa: E402
 from viq.formats.image import to_pil, to_pixels  # noqa: E402
 
 

@@ -92,12 +92,14 @@ def test_mean_std_latents_are_inverted_end_to_end(tmp_path):
     codes = loaded.encode_pixels([x])
     drawn = loaded.draw(codes)[0]
     torch.testing.assert_close(drawn, raw)
-    pixels = np.asarray(loaded.reconstruct(codes)[0])
-    truth = np.asarray(to_pil(decode_latents(loaded.vae, raw).float()))[:32, :48]
-    assert np.array_equal(pixels, truth)
+    pixels = np.asarray(loaded.reconstruct(codes)[0]).astype(int)
+    truth = np.asarray(to_pil(decode_latents(loaded.vae, raw).float()))[:32, :48].astype(int)
+    # drawn equals raw up to float rounding (to_raw is z * std + mean), so the decodes round to the same
+    # 8-bit value or, where a value sits on a rounding boundary, to its neighbour (CPU kernels differ)
+    assert np.abs(pixels - truth).max() <= 1
     # Decoding the normalised output as if raw (the old bug) would be far off.
     wrong = np.asarray(to_pil(decode_latents(loaded.vae, target).float()))[:32, :48]
-    assert np.abs(wrong.astype(int) - truth.astype(int)).mean() > 1
+    assert np.abs(wrong.astype(int) - truth).mean() > 1
 
 
 def test_raw_latent_models_are_unchanged():

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from viq.eval.qa import IMAGE_MODES, answer_nll, evaluate_qa, load_run, majority_baseline
-from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim, seam_ratio
+from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim
+from viq.eval.seams import seam_ratio
 from viq.formats.bits import bits_for_levels, usage_stats
 from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels
 from viq.model.encoder import pad_to_patches
@@ -107,7 +108,7 @@ def evaluate_reconstruction(
 
     Returns the summary ``{"n", "psnr", "ssim", "psnr_mean_colour", "ssim_mean_colour",
     "psnr_bicubic_equal_bits", "ssim_bicubic_equal_bits", "psnr_codec", "ssim_codec", "ci95": {...},
-    "bpp", "seams", "seams_<method>", "seam_period"}`` (seams: :func:`viq.eval.recon.seam_ratio` on the
+    "bpp", "seams", "seams_<method>", "seam_period"}`` (seams: :func:`viq.eval.seams.seam_ratio` on the
     codec's block grid, mean over images; 1 = none), one record per image (files written under
     ``out_dir``), and the code histogram.
     """

@@ -167,7 +167,7 @@ def recon_table(recon: dict[str, Any], codes: dict[str, Any]) -> str:
         table += (
             f"<p>Seams: how much more the error jumps across the {period}-pixel grid of the codec's blocks "
             "and the codes' cells than between other neighbouring pixels (1 = no grid; "
-            "<code>viq.eval.recon.seam_ratio</code>).</p>"
+            "<code>viq.eval.seams.seam_ratio</code>).</p>"
         )
     code = (
         f"<p>Codes: entropy {codes['entropy_bits']:.2f} bits per code of log2 K = {codes['log2_codebook']:.2f}; "

@@ -32,9 +32,6 @@ per image, encode -> ``.viq`` size (bits per pixel) -> reconstruct -> PSNR / SSI
 JPEG and WebP at that bitrate (:mod:`viq.eval.rate_distortion`), code usage and, optionally, rFID
 (:mod:`viq.eval.fid`); means over images beside per-image records.
 
-:func:`seam_ratio` puts a number on visible block seams: how much more a reconstruction's error jumps
-across the lines of a pixel grid than elsewhere (1: no grid in the error).
-
 ``torchmetrics`` is the ``eval`` extra (``pip install viq[eval]``); it is imported when a metric
 is first computed, so the baselines work without it.
 """
@@ -53,7 +50,7 @@ from PIL import Image
 
 from viq._progress import progress_bar
 from viq.eval.fid import RFID, load_feature_extractor
-from viq.eval.intervals import mean_ci95, t_quantile_975
+from viq.eval.intervals import mean_ci95
 from viq.eval.rate_distortion import (
     BPP_TOLERANCE,
     CODEC_LABELS,
@@ -72,7 +69,7 @@ __all__ = [
     "SSIM_SIGMA",
     "BITS_PER_PIXEL_RGB8",
     "psnr_ssim",
-    "seam_ratio",
+    "check_image",
     "encoded_area_scores",
     "evaluate_reconstruction",
     "encode_and_score",
@@ -83,7 +80,6 @@ __all__ = [
     "mean_colour",
     "bicubic_size_at_bits",
     "bicubic_at_bits",
-    "t_quantile_975",
     "ReconStats",
 ]
 
@@ -99,7 +95,8 @@ BITS_PER_PIXEL_RGB8 = 24
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_image(name: str, x: Any) -> torch.Tensor:
+def check_image(name: str, x: Any) -> torch.Tensor:
+    """``x`` if it is a non-empty float ``(3, H, W)`` tensor, else TypeError / ValueError naming ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (3, H, W), got {type(x).__name__}")
     if x.ndim != 3 or x.shape[0] != 3:
@@ -160,8 +157,8 @@ def psnr_ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> tuple[fl
     Returns:
         ``(psnr_db, ssim)`` as Python floats.
     """
-    reference = _check_image("reference", reference)
-    reconstruction = _check_image("reconstruction", reconstruction)
+    reference = check_image("reference", reference)
+    reconstruction = check_image("reconstruction", reconstruction)
     if reference.shape != reconstruction.shape:
         raise ValueError(
             f"reference and reconstruction must have the same shape (crop both to the encoded area "
@@ -203,49 +200,8 @@ def encoded_area_scores(reference: torch.Tensor, decoded: torch.Tensor) -> tuple
     Returns:
         :func:`psnr_ssim` of the top-left ``(H, W)`` crop of ``decoded`` against ``reference``.
     """
-    reference = _check_image("reference", reference)
+    reference = check_image("reference", reference)
     return psnr_ssim(reference, crop_to(decoded, (reference.shape[1], reference.shape[2])))
-
-
-def seam_ratio(reference: torch.Tensor, reconstruction: torch.Tensor, period: int) -> float:
-    """How much the reconstruction's error jumps across the lines of a ``period``-pixel grid (the
-    blocks of a pixel codec, the patches of the encoder) compared with everywhere else: visible seams
-    as a number.
-
-    With ``e = reconstruction - reference`` (both ``(3, H, W)``, any range, same scale), the absolute
-    differences of ``e`` between horizontally and vertically neighbouring pixels are split into those
-    that straddle a grid line (between pixel ``k * period - 1`` and ``k * period``) and the rest; the
-    result is the mean of the first over the mean of the second (means per direction, then summed, so
-    that an error changing along one direction only weighs the same on and off the lines). An error without a grid (a blur,
-    bicubic upsampling, noise) gives about 1; a blockwise error -- each block off by its own amount,
-    smooth inside -- gives well above 1. Taking differences of the error, not of the image, keeps the
-    image's own edges out of it. ``nan`` when the image has no grid line (or nothing but);
-    1.0 for an error that never changes; ``inf`` for one that changes only on grid lines.
-    """
-    reference = _check_image("reference", reference)
-    reconstruction = _check_image("reconstruction", reconstruction)
-    if reference.shape != reconstruction.shape:
-        raise ValueError(
-            f"shapes differ: reference {tuple(reference.shape)}, reconstruction {tuple(reconstruction.shape)}"
-        )
-    if period < 2:
-        raise ValueError(f"period must be >= 2 pixels, got {period}")
-    e = reconstruction.double() - reference.double()
-    dx = (e[:, :, 1:] - e[:, :, :-1]).abs()  # (3, H, W-1): pair (j, j+1)
-    dy = (e[:, 1:, :] - e[:, :-1, :]).abs()  # (3, H-1, W)
-    line_x = torch.arange(1, e.shape[2]) % period == 0  # the pair's right pixel starts a block
-    line_y = torch.arange(1, e.shape[1]) % period == 0
-    # per direction (rows and columns hold different numbers of lines), each direction that has pairs
-    # both on and off the lines, then summed
-    pairs = ((dx[:, :, line_x], dx[:, :, ~line_x]), (dy[:, line_y, :], dy[:, ~line_y, :]))
-    used = [(on, off) for on, off in pairs if on.numel() and off.numel()]
-    if not used:
-        return math.nan
-    on_mean = sum(float(on.mean()) for on, _ in used)
-    off_mean = sum(float(off.mean()) for _, off in used)
-    if off_mean == 0.0:
-        return 1.0 if on_mean == 0.0 else math.inf
-    return on_mean / off_mean
 
 
 def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -274,7 +230,7 @@ def mean_colour(reference: torch.Tensor) -> torch.Tensor:
     cast back to the reference's dtype, so a constant image is returned exactly (float32 and
     float64 alike). Values stay in ``[-1, 1]``; not quantised to 8 bits.
     """
-    reference = _check_image("reference", reference)
+    reference = check_image("reference", reference)
     x = reference.to(torch.float64)
     x0 = x[:, :1, :1]
     mean = (x0 + (x - x0).mean(dim=(1, 2), keepdim=True)).to(reference.dtype)
@@ -336,7 +292,7 @@ def bicubic_at_bits(reference: torch.Tensor, bits: float) -> torch.Tensor:
     ``[-1, 1]`` (:func:`viq.formats.image.to_pixels`). When the whole image fits the budget the
     result is the 8-bit quantised reference; when not even 1x1 fits, 1x1 is used.
     """
-    reference = _check_image("reference", reference)
+    reference = check_image("reference", reference)
     _, height, width = reference.shape
     h, w = bicubic_size_at_bits(height, width, bits)
     image = to_pil(reference)
