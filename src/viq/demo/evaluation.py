@@ -116,7 +116,6 @@ def evaluate_reconstruction(
     pre = PreprocessConfig(max_pixels=max_pixels)
     bits_per_code = bits_for_levels(model.levels)
     stats = ReconStats()
-    seams: dict[str, list[float]] = {}
     seam_period = model.config.vae.scale_factor
     items: list[dict] = []
     hist = np.zeros(math.prod(model.levels), dtype=np.int64)
@@ -153,7 +152,6 @@ def evaluate_reconstruction(
             record[f"psnr_{method}"], record[f"ssim_{method}"] = p, s
             # the codec's blocks and the codes' cells share this grid (2x2 codes per 16-pixel patch)
             record[f"seams_{method}"] = seam_ratio(ref, pixels, seam_period)
-            seams.setdefault(method, []).append(record[f"seams_{method}"])
         in_path, out_path = out_dir / f"{kind}-{stem}-input.png", out_dir / f"{kind}-{stem}-recon.png"
         to_pil(ref).save(in_path)
         recon_img.save(out_path)
@@ -173,8 +171,8 @@ def evaluate_reconstruction(
         result[f"ssim_{method}"] = summary[method]["ssim"]
     # seam_ratio: 1 = no grid in the error; mean over the images that have a grid line (nan: none)
     result["seam_period"] = seam_period
-    for method, values in seams.items():
-        finite = [v for v in values if math.isfinite(v)]
+    for method in summary:
+        finite = [i[f"seams_{method}"] for i in items if math.isfinite(i[f"seams_{method}"])]
         key = "seams" if method == "viq" else f"seams_{method}"
         result[key] = float(np.mean(finite)) if finite else None
     for method, scores in summary.items():

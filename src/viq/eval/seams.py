@@ -26,9 +26,9 @@ def seam_ratio(reference: torch.Tensor, reconstruction: torch.Tensor, period: in
     differences of ``e`` between horizontally and vertically neighbouring pixels are split into those
     that straddle a grid line (between pixel ``k * period - 1`` and ``k * period``) and the rest; the
     result is the mean of the first over the mean of the second (means per direction, then summed, so
-    that an error changing along one direction only weighs the same on and off the lines). An error without a grid (a blur,
-    bicubic upsampling, noise) gives about 1; a blockwise error -- each block off by its own amount,
-    smooth inside -- gives well above 1. Taking differences of the error, not of the image, keeps the
+    that an error changing along one direction only weighs the same on and off the lines). An error
+    without a grid (a blur, bicubic upsampling, noise) gives about 1; a blockwise error -- each block off
+    by its own amount, smooth inside -- gives well above 1. Taking differences of the error, not of the image, keeps the
     image's own edges out of it. ``nan`` when the image has no grid line (or nothing but);
     1.0 for an error that never changes; ``inf`` for one that changes only on grid lines.
     """

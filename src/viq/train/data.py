@@ -33,7 +33,15 @@ log = logging.getLogger(__name__)
 #: is tokenised (BPE tokens of real text average 3-5 characters; 32 leaves room for long runs).
 MAX_CHARS_PER_TOKEN = 32
 
-__all__ = ["ShardedBatchOrder", "Collator", "BatchStream", "build_dataset", "dataset_images", "max_pixels_at"]
+__all__ = [
+    "ShardedBatchOrder",
+    "Collator",
+    "BatchStream",
+    "build_dataset",
+    "dataset_images",
+    "max_pixels_at",
+    "spread_indices",
+]
 
 
 class ShardedBatchOrder:
@@ -220,6 +228,12 @@ def _checked(dataset, path: str, cfg: TrainConfig, progress: bool) -> None:
             )
 
 
+def spread_indices(n: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(n)`` (all of them when ``n <= count``), increasing:
+    a collection sorted by source or task is not read only from its head."""
+    return list(range(n)) if n <= count else [i * n // count for i in range(count)]
+
+
 def dataset_images(dataset: Any, count: int) -> list[torch.Tensor]:
     """Up to ``count`` preprocessed images (3, H, W) of a training dataset, from samples spread evenly
     over it (a dataset sorted by source or task is not read only from its head). Items are
@@ -227,10 +241,8 @@ def dataset_images(dataset: Any, count: int) -> list[torch.Tensor]:
     ``None`` items (skipped samples) are passed over."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    n = len(dataset)
-    indices = range(n) if n <= count else sorted({i * n // count for i in range(count)})
     images: list[torch.Tensor] = []
-    for i in indices:
+    for i in spread_indices(len(dataset), count):
         item = dataset[i]
         if item is None:
             continue

@@ -50,7 +50,7 @@ from viq.train.checkpoint import (
     seed_step,
 )
 from viq.train.config import TrainConfig
-from viq.train.data import BatchStream, Collator, build_dataset, dataset_images, max_pixels_at
+from viq.train.data import BatchStream, Collator, build_dataset, dataset_images, max_pixels_at, spread_indices
 from viq.train.evaluate import evaluate
 from viq.train.fsq_init import pca_init
 from viq.train.head_warmup import warm_up_head
@@ -298,8 +298,7 @@ def _start_images(train_data: Any, cfg: TrainConfig, pca: bool, warmup: bool) ->
 def _spread(pool: list[torch.Tensor], count: int) -> list[torch.Tensor]:
     """``count`` items spread evenly over ``pool`` (all of it when it holds no more): the pool is in
     dataset order, so its head alone would be the dataset's head."""
-    n = len(pool)
-    return pool if n <= count else [pool[i * n // count] for i in range(count)]
+    return pool if len(pool) <= count else [pool[i] for i in spread_indices(len(pool), count)]
 
 
 def _train(
