@@ -318,3 +318,32 @@ def test_show_page_benchmark(tmp_path):
     assert record["show_vs_eval_recon"] == pytest.approx(record["show_s_per_image"] / record["eval_recon_s_per_image"])
     assert record["big_page"]["images"] == 7 and record["big_page"]["bytes"] > record["page_bytes"]
     assert json.loads((tmp_path / "r.json").read_text())["benchmark"] == "show_page"
+
+
+def test_demo_codec(tmp_path):
+    """bench/demo_codec.py runs the demo once per variant of the pixel codec: the variants of a seed share
+    its synthetic set and LLM, each trains its own codec (the refinement only where asked), and the record
+    pairs each variant with ``none`` on the same seed."""
+    import json
+
+    import viq
+    from bench import demo_codec
+
+    work = tmp_path / "work"
+    argv = ["--seeds", "0", "--variants", "none", "refine", "--work", str(work), "--scale", "0.02"]
+    record = demo_codec.main([*argv, "--out", str(tmp_path / "r.json")])
+    none, refine = work / "seed0" / "none", work / "seed0" / "refine"
+    assert (none / "data" / "train.jsonl").read_bytes() == (refine / "data" / "train.jsonl").read_bytes()
+    assert (none / "llm" / "config.json").read_bytes() == (refine / "llm" / "config.json").read_bytes()
+    assert viq.load(none / "init", components=("vae",)).vae.pixel_in is None
+    assert viq.load(refine / "init", components=("vae",)).vae.pixel_in is not None
+    runs = record["runs"]["0"]
+    for variant in ("none", "refine"):
+        assert runs[variant]["psnr"] == json.loads((work / "seed0" / variant / "results.json").read_text())[
+            "recon"
+        ]["synthetic"]["psnr"]
+    paired = record["paired_vs_none"]["refine"]
+    assert paired["seeds"] == [0]
+    assert paired["psnr"]["mean"] == pytest.approx(runs["refine"]["psnr"] - runs["none"]["psnr"])
+    assert paired["psnr"]["ci95_half"] is None  # one seed: no interval
+    assert json.loads((tmp_path / "r.json").read_text())["benchmark"] == "demo_codec"

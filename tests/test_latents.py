@@ -42,12 +42,63 @@ def test_pixel_codec_contract_and_fit():
     assert len(codec.history) == 12
 
 
+def test_pixel_codec_latent_noise_is_relative_to_the_latents_spread():
+    """The noise scales with the latents (the encoder cannot outgrow it) and is bounded by its strength."""
+    from viq.demo.pixel_codec import _latent_noise
+
+    z = torch.randn(8, 16, 3, 4, generator=torch.Generator().manual_seed(0))
+    z[:, 3] *= 50  # one channel far larger than the others
+    small = _latent_noise(z, 0.3, torch.Generator().manual_seed(1))
+    large = _latent_noise(1000 * z, 0.3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(large, 1000 * small, rtol=1e-4, atol=0.0)
+    ratio = small.std(dim=(0, 2, 3)) / z.std(dim=(0, 2, 3))  # per channel: at most 0.3, about 0.3 / sqrt(3)
+    assert ratio[3] < 0.3 and ratio[0] < 0.3 and abs(float(ratio[3] / ratio[0]) - 1) < 0.5
+    assert not _latent_noise(z, 0.0, torch.Generator()).any()
+    images = [random_pixels(40, 56, seed=i) for i in range(4)]
+    with pytest.raises(ValueError, match="latent_noise"):
+        train_pixel_codec(images, DEMO_CODEC, steps=2, crop=24, latent_noise=-1, progress=False)
+    noisy = train_pixel_codec(images, DEMO_CODEC, steps=6, batch_size=4, crop=24, latent_noise=0.3, progress=False)
+    again = train_pixel_codec(images, DEMO_CODEC, steps=6, batch_size=4, crop=24, latent_noise=0.3, progress=False)
+    clean = train_pixel_codec(images, DEMO_CODEC, steps=6, batch_size=4, crop=24, progress=False)
+    assert noisy.history == again.history and noisy.history != clean.history
+
+
+def test_pixel_refinement_starts_as_a_no_op_and_older_configs_load_without_it():
+    with_refine = dataclasses.replace(DEMO_CODEC, pixel_refine_channels=4)
+    without = dataclasses.replace(DEMO_CODEC, pixel_refine_channels=0)
+    torch.manual_seed(0)
+    refined = PixelCodec(with_refine)
+    plain = PixelCodec(without)
+    missing, unexpected = plain.load_state_dict(refined.state_dict(), strict=False)
+    assert not missing and sorted(unexpected) == [
+        "pixel_in.bias",
+        "pixel_in.weight",
+        "pixel_out.bias",
+        "pixel_out.weight",
+    ]
+    z = torch.randn(2, 16, 3, 5)
+    torch.testing.assert_close(refined.decode(z), plain.decode(z), rtol=0, atol=0)
+    with torch.no_grad():
+        refined.pixel_out.weight.normal_()
+    assert not torch.equal(refined.decode(z), plain.decode(z))
+    config = ViQModel.from_config("viq-demo", seed=0).config.to_dict()
+    del config["vae"]["pixel_refine_channels"]  # a demo model saved before the refinement existed
+    from viq.model.config import ViQConfig
+
+    assert ViQConfig.from_dict(config).vae.pixel_refine_channels == 0
+    with pytest.raises(ValueError, match="pixel_refine_channels"):
+        dataclasses.replace(DEMO_CODEC, pixel_refine_channels=-1)
+
+
 def test_demo_model_carries_its_pixel_codec(tmp_path):
     model = ViQModel.from_config("viq-demo", seed=0)
-    assert isinstance(model.vae, PixelCodec)
+    assert isinstance(model.vae, PixelCodec) and model.vae.pixel_in is not None
+    with torch.no_grad():
+        model.vae.pixel_out.weight.normal_()  # trained refinement weights are stored and loaded back
     model.save_pretrained(tmp_path / "demo")
     loaded = viq.load(tmp_path / "demo")
     assert isinstance(loaded.vae, PixelCodec)
+    torch.testing.assert_close(loaded.vae.pixel_out.weight, model.vae.pixel_out.weight, rtol=0, atol=0)
     codes = loaded.encode_pixels([random_pixels(32, 48, seed=0)])
     assert loaded.reconstruct(codes)[0].size == (48, 32)
 

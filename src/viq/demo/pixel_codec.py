@@ -72,6 +72,15 @@ def _crops(images: Sequence[torch.Tensor], n: int, size: int, g: torch.Generator
     return torch.stack(out)
 
 
+def _latent_noise(z: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """Gaussian noise for latents ``z`` (B, C, h, w): per sample a level drawn uniformly from
+    [0, ``strength``], times each channel's standard deviation in the batch (detached, so that the encoder
+    cannot outgrow the noise by scaling its latents up)."""
+    scale = z.detach().std(dim=(0, 2, 3), keepdim=True)
+    level = torch.rand(z.shape[0], 1, 1, 1, generator=g) * strength
+    return level * scale * torch.randn(z.shape, generator=g)
+
+
 def train_pixel_codec(
     images: Sequence[torch.Tensor],
     config: VAEConfig = DEMO_CODEC,
@@ -80,14 +89,18 @@ def train_pixel_codec(
     batch_size: int = 16,
     crop: int = 48,
     lr: float = 2e-3,
+    latent_noise: float = 0.0,
     seed: int = 0,
     progress: bool = True,
 ) -> PixelCodec:
     """Fit a :class:`PixelCodec` to ``images`` ((3, H, W) float pixels in [-1, 1], any sizes).
 
     AdamW (betas 0.9/0.99), 50 warm-up steps then cosine decay, pixel MSE on random ``crop`` x ``crop``
-    crops. Returns the codec in eval mode, its latent statistics calibrated on up to 256 of the images,
-    with a ``history`` attribute (loss per step).
+    crops. With ``latent_noise`` > 0 the decoder decodes noisy latents (:func:`_latent_noise`), as a KL
+    VAE's decoder (the Qwen-Image VAE's) decodes sampled ones: it then decodes latents that are close
+    to, not equal to, the encoder's (the drawer's) into an image close to the original, at some cost
+    to exact latents. Returns the codec in eval mode, its latent statistics calibrated on up to 256 of
+    the images, with a ``history`` attribute (loss per step, noisy when ``latent_noise`` > 0).
     """
     if not images:
         raise ValueError("no images to train the pixel codec on")
@@ -95,6 +108,8 @@ def train_pixel_codec(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if crop % config.scale_factor:
         raise ValueError(f"crop {crop} must be a multiple of {config.scale_factor}")
+    if not 0 <= latent_noise <= 10:
+        raise ValueError(f"latent_noise must be in [0, 10], got {latent_noise}")
     images = [x.float() for x in images]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -112,7 +127,10 @@ def train_pixel_codec(
     with progress_bar(steps, "pixel codec", unit="step", show=progress) as bar:
         for _ in range(steps):
             x = _crops(images, batch_size, crop, g)
-            loss = F.mse_loss(codec.decode_raw(codec.encode_raw(x)), x)
+            z = codec.encode_raw(x)
+            if latent_noise > 0:
+                z = z + _latent_noise(z, latent_noise, g)
+            loss = F.mse_loss(codec.decode_raw(z), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -15,6 +15,7 @@ The models are tiny and briefly trained; the report says what they do and do not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -64,6 +65,10 @@ DEMO_MAX_PIXELS = 96 * 96
 SIGLIP_STEPS, SIGLIP_BATCH = 1000, 128
 #: Training images the pixel codec is fitted to.
 CODEC_IMAGES = 2000
+#: Latent noise the pixel codec is trained under (:func:`viq.demo.pixel_codec.train_pixel_codec`): up to
+#: 0.3 of each channel's spread. The drawer's latents miss the codec's by about a third of their variance;
+#: a decoder that only ever saw exact latents turned each block's error into a visible grid.
+CODEC_LATENT_NOISE = 0.3
 
 
 def recipe_path(stage: str) -> Path:
@@ -112,10 +117,13 @@ def generate_demo_set(out: Path, *, num_train: int, num_val: int, num_test: int,
     )
 
 
-def prepare_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, float]:
+def prepare_demo(
+    out: Path, *, scale: float = 1.0, seed: int = 0, codec_noise: float = CODEC_LATENT_NOISE, codec_refine: int = -1
+) -> dict[str, float]:
     """Steps 1-3 of the demo into ``out`` (``data/``, ``llm/``, ``init/``), each skipped when its output
     exists; returns their times. Everything the stages start from, shared by runs that differ only in
-    their stage recipes (``bench/ablations.py``)."""
+    their stage recipes (``bench/ablations.py``). ``codec_noise`` / ``codec_refine``: the pixel codec's
+    training noise and pixel refinement width (-1: the ``viq-demo`` preset's), for ``bench/demo_codec.py``."""
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -158,11 +166,13 @@ def prepare_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, f
     timings["llm"] = time.perf_counter() - t
 
     if not (out / "init" / "model.safetensors").is_file():
-        timings.update(_make_init(out, data, scale, seed))
+        timings.update(_make_init(out, data, scale, seed, codec_noise, codec_refine))
     return timings
 
 
-def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, float]:
+def _make_init(
+    out: Path, data: Path, scale: float, seed: int, codec_noise: float, codec_refine: int
+) -> dict[str, float]:
     """Step 3: the models stage 1 starts from, written to ``out/init``: a fresh ``viq-demo`` model whose
     encoder is the SigLIP stand-in and whose VAE is the demo's pixel codec, with ``vae_history.json`` (the
     codec's loss per step) and ``siglip.json`` (the stand-in's loss per step, its training time and its
@@ -173,6 +183,8 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
 
     timings = {}
     config = get_preset("viq-demo")
+    if codec_refine >= 0:
+        config.vae = dataclasses.replace(config.vae, pixel_refine_channels=codec_refine)
     pre = PreprocessConfig(max_pixels=DEMO_MAX_PIXELS)
     train = [r for r in load_split(data, "train") if "image" in r]
     # 8-bit, as decoded (3 bytes a pixel instead of 12): the exact values the pixels are normalised from.
@@ -182,7 +194,11 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
     log.info("demo 3/7: pixel codec fitted to the training images")
     # A quarter of the images is plenty for a codec of this size (and keeps its PCA's patch matrix small).
     vae = train_pixel_codec(
-        [to_pixels(x) for x in images[:CODEC_IMAGES]], config.vae, steps=max(10, round(800 * scale)), seed=seed
+        [to_pixels(x) for x in images[:CODEC_IMAGES]],
+        config.vae,
+        steps=max(10, round(800 * scale)),
+        latent_noise=codec_noise,
+        seed=seed,
     )
     timings["pixel_codec"] = time.perf_counter() - t
 
@@ -230,13 +246,15 @@ def _make_init(out: Path, data: Path, scale: float, seed: int) -> dict[str, floa
     return timings
 
 
-def run_demo(out: Path, *, scale: float = 1.0, seed: int = 0) -> Path:
+def run_demo(
+    out: Path, *, scale: float = 1.0, seed: int = 0, codec_noise: float = CODEC_LATENT_NOISE, codec_refine: int = -1
+) -> Path:
     """Run the demo into ``out`` and return the path of the HTML report. Steps already done (their
-    outputs exist) are skipped, so an interrupted demo can be re-run."""
+    outputs exist) are skipped, so an interrupted demo can be re-run. ``codec_*``: as in :func:`prepare_demo`."""
 
     started = time.perf_counter()
     out = Path(out).resolve()
-    timings = prepare_demo(out, scale=scale, seed=seed)
+    timings = prepare_demo(out, scale=scale, seed=seed, codec_noise=codec_noise, codec_refine=codec_refine)
 
     for stage in DEMO_STAGES:
         final = out / "runs" / stage / "final"

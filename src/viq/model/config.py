@@ -221,7 +221,8 @@ class VAEConfig:
     ``kind="qwen-image"``: diffusers ``AutoencoderKLQwenImage`` with these constructor arguments (the
     released models). ``kind="pixel-codec"``: :class:`viq.model.pixel_codec.PixelCodec`, a small
     autoencoder with the same latent contract for places without the Qwen-Image weights (the demo):
-    ``base_dim`` is its width, ``num_res_blocks`` / ``decoder_res_blocks`` its encoder / decoder depth.
+    ``base_dim`` is its width, ``num_res_blocks`` / ``decoder_res_blocks`` its encoder / decoder depth,
+    ``pixel_refine_channels`` the width of a refinement on its decoded pixels (0: none).
     """
 
     kind: str = "qwen-image"
@@ -235,12 +236,17 @@ class VAEConfig:
     scale_factor: int = 8
     #: pixel codec only: residual blocks of its decoder.
     decoder_res_blocks: int = 2
+    #: pixel codec only: width of a residual 3x3 conv pair on the decoded pixels (0 = none). The latent
+    #: decoder draws each 8x8 block from its own position; this lets an error fade across block edges.
+    pixel_refine_channels: int = 0
 
     def __post_init__(self) -> None:
         self.dim_mult = tuple(int(v) for v in self.dim_mult)
         self.attn_scales = tuple(float(v) for v in self.attn_scales)
         self.temperal_downsample = tuple(bool(v) for v in self.temperal_downsample)
         _check_at_most(self)
+        if not isinstance(self.pixel_refine_channels, int) or self.pixel_refine_channels < 0:
+            raise ValueError(f"vae.pixel_refine_channels must be 0 or more, got {self.pixel_refine_channels!r}")
         if len(self.dim_mult) > 16 or any(not 1 <= v <= 64 for v in self.dim_mult):
             raise ValueError(f"vae.dim_mult: at most 16 values in [1, 64], got {self.dim_mult}")
         if self.kind not in ("qwen-image", "pixel-codec"):
@@ -311,6 +317,7 @@ class ViQConfig:
         )
         decoders = 2 * d.latent_blocks * int((4 + 2 * d.latent_mlp_ratio) * w * w)
         vae = 50 * (v.base_dim * max(v.dim_mult, default=1)) ** 2 * (v.num_res_blocks + v.decoder_res_blocks + 2)
+        vae += 2 * 9 * 3 * v.pixel_refine_channels
         return int(trunk + head + decoders + vae)
 
     def to_dict(self) -> dict[str, Any]:
@@ -381,6 +388,7 @@ SIZE_LIMITS: dict[str, int | float] = {
     "num_res_blocks": 64,
     "scale_factor": 64,
     "decoder_res_blocks": 64,
+    "pixel_refine_channels": 8192,
 }
 
 
@@ -450,7 +458,9 @@ def _demo() -> ViQConfig:
         head=HeadConfig(levels=FSQ_LEVELS["4k"], num_heads=4, attn_dim=32, code_blocks=2, num_blocks=2, res_blocks=1),
         decoder=DecoderConfig(latent_blocks=1, latent_heads=4, groupnorm_groups=8),
         # A small pixel codec with the Qwen-Image latent contract, fitted by the demo itself.
-        vae=VAEConfig(kind="pixel-codec", base_dim=64, num_res_blocks=1, decoder_res_blocks=2),
+        vae=VAEConfig(
+            kind="pixel-codec", base_dim=64, num_res_blocks=1, decoder_res_blocks=2, pixel_refine_channels=32
+        ),
     )
 
 

@@ -12,6 +12,9 @@ Architecture (per 8x8 patch; fully convolutional, any H and W that are multiples
   initialises with the principal components of the training patches (a PCA codec is the start);
 * a non-linear encoder branch (Conv 8x8/8 -> GELU residual -> 3x3 residual blocks -> 1x1, zero-init)
   and decoder branch (3x3 -> residual blocks -> 1x1 to 3*64, zero-init) added to the linear path;
+* with ``cfg.pixel_refine_channels`` > 0, a residual refinement of the decoded pixels (Conv 3x3 3 -> r,
+  GELU, Conv 3x3 r -> 3, zero-init): each 8x8 block above is drawn from its own latent position, so
+  an error in one latent ends at the block's edge; this lets it fade across (a grid of seams otherwise);
 * per-channel ``latent_mean`` / ``latent_std`` buffers (set after training) so that :meth:`encode`
   returns latents of about unit scale, the range the drawer regresses.
 """
@@ -61,7 +64,12 @@ class PixelCodec(nn.Module):
         self.dec_mid = nn.Conv2d(h, h, 1)
         self.dec_blocks = nn.ModuleList(_ResBlock(h) for _ in range(cfg.decoder_res_blocks))
         self.dec_out = nn.Conv2d(h, 3 * f * f, 1)
-        for conv in (self.enc_out, self.dec_out):  # the non-linear branches start as no-ops
+        r = cfg.pixel_refine_channels
+        self.pixel_in = nn.Conv2d(3, r, 3, padding=1) if r else None
+        self.pixel_out = nn.Conv2d(r, 3, 3, padding=1) if r else None
+        for conv in (self.enc_out, self.dec_out, self.pixel_out):  # the non-linear branches start as no-ops
+            if conv is None:
+                continue
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
         self.register_buffer("latent_mean", torch.zeros(c))
@@ -83,7 +91,10 @@ class PixelCodec(nn.Module):
         for block in self.dec_blocks:
             y = block(y)
         y = self.dec_linear(latents) + self.dec_out(F.gelu(y))
-        return F.pixel_shuffle(y, self.cfg.scale_factor)
+        pixels = F.pixel_shuffle(y, self.cfg.scale_factor)
+        if self.pixel_in is not None and self.pixel_out is not None:
+            pixels = pixels + self.pixel_out(F.gelu(self.pixel_in(pixels)))
+        return pixels
 
     # ---- the latent contract
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
