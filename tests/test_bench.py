@@ -339,9 +339,10 @@ def test_demo_codec(tmp_path):
     assert viq.load(refine / "init", components=("vae",)).vae.pixel_in is not None
     runs = record["runs"]["0"]
     for variant in ("none", "refine"):
-        assert runs[variant]["psnr"] == json.loads((work / "seed0" / variant / "results.json").read_text())[
-            "recon"
-        ]["synthetic"]["psnr"]
+        assert (
+            runs[variant]["psnr"]
+            == json.loads((work / "seed0" / variant / "results.json").read_text())["recon"]["synthetic"]["psnr"]
+        )
     paired = record["paired_vs_none"]["refine"]
     assert paired["seeds"] == [0]
     assert paired["psnr"]["mean"] == pytest.approx(runs["refine"]["psnr"] - runs["none"]["psnr"])
