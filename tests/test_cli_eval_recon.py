@@ -58,7 +58,7 @@ def test_eval_recon_folder_outputs_and_failures(capsys, model_dir, images, tmp_p
     assert "broken.png" in captured.err and "not a recognised image format" in captured.err
     assert ".hidden" not in captured.err and "notes.txt" not in captured.err
     table = captured.out
-    assert table.splitlines()[0].split()[:4] == ["method", "bpp", "PSNR", "dB"]
+    assert table.splitlines()[0].split()[:6] == ["method", "bpp", "PSNR", "dB", "SSIM", "seams"]
     assert [line.split()[0] for line in table.splitlines()[1:4]] == ["ViQ", "JPEG", "WebP"]
     assert "rFID (viq features):" in table
 
@@ -66,7 +66,7 @@ def test_eval_recon_folder_outputs_and_failures(capsys, model_dir, images, tmp_p
     for key in ("n", "bpp", "psnr", "ssim", "rfid", "jpeg", "webp", "usage", "curves", "images", "failed"):
         assert key in result, key
     for codec in ("jpeg", "webp"):
-        assert {"bpp", "psnr", "ssim", "quality", "matched", "status"} <= set(result[codec])
+        assert {"bpp", "psnr", "ssim", "seams", "quality", "matched", "status"} <= set(result[codec])
         assert [p["quality"] for p in result["curves"][codec]] == [5, 40]
     assert result["n"] == 2 and len(result["images"]) == 2
     assert sorted(Path(r["source"]).name for r in result["images"]) == ["a.png", "b.jpg"]

@@ -17,16 +17,9 @@ from torchmetrics.functional.image import (  # noqa: E402
     structural_similarity_index_measure,
 )
 
+from viq.eval.baselines import bicubic_at_bits, bicubic_size_at_bits, mean_colour  # noqa: E402
 from viq.eval.intervals import t_quantile_975  # noqa: E402
-from viq.eval.recon import (  # noqa: E402
-    ReconStats,
-    bicubic_at_bits,
-    bicubic_size_at_bits,
-    crop_to,
-    mean_colour,
-    psnr_ssim,
-    ssim_kernel,
-)
+from viq.eval.recon import ReconStats, crop_to, psnr_ssim, ssim_kernel  # noqa: E402
 from viq.eval.seams import seam_ratio  # noqa: E402
 from viq.formats.image import to_pil, to_pixels  # noqa: E402
 
@@ -438,12 +431,16 @@ def test_evaluate_reconstruction_scores_equal_torchmetrics_on_the_encoded_crop(t
         want_ssim = float(structural_similarity_index_measure(crop[None], unit(ref), data_range=1.0))
         assert abs(record["psnr"] - want_psnr) <= 1e-4
         assert abs(record["ssim"] - want_ssim) <= 1e-4
+        # seams: seam_ratio of the same 8-bit crop on the VAE's block grid
+        assert record["seams"] == pytest.approx(seam_ratio(ref, crop * 2 - 1, 8), rel=1e-4)
         # bits per pixel: the serialised .viq file over the encoded pixels (not the padded canvas)
         assert record["bytes"] == len(codes.to_bytes())
         assert record["bpp"] == pytest.approx(8 * len(codes.to_bytes()) / (h * w), rel=1e-12)
         assert record["payload_bpp"] == pytest.approx(codes.num_codes * codes.bits_per_code / (h * w), rel=1e-12)
     assert result["psnr"] == pytest.approx(np.mean([r["psnr"] for r in result["images"]]), abs=1e-9)
     assert result["bpp"] == pytest.approx(np.mean([r["bpp"] for r in result["images"]]), abs=1e-12)
+    assert result["seam_period"] == 8
+    assert result["seams"] == pytest.approx(np.mean([r["seams"] for r in result["images"]]), abs=1e-9)
 
 
 def test_jpeg_and_webp_are_matched_to_the_codes_bpp_and_scored_on_the_same_crop(recon_run):
@@ -470,9 +467,11 @@ def test_jpeg_and_webp_are_matched_to_the_codes_bpp_and_scored_on_the_same_crop(
                 abs(r["ssim"] - float(structural_similarity_index_measure(unit(decoded), unit(ref), data_range=1.0)))
                 <= 1e-4
             )
+            assert r["seams"] == pytest.approx(seam_ratio(ref, decoded, 8), rel=1e-9)
     for codec in ("jpeg", "webp"):
         assert result[codec]["n"] == 2 and result[codec]["matched"] == 2
         assert result[codec]["bpp"] == pytest.approx(np.mean([r[codec]["bpp"] for r in result["images"]]))
+        assert result[codec]["seams"] == pytest.approx(np.mean([r[codec]["seams"] for r in result["images"]]))
         curve = result["curves"][codec]
         assert [p["quality"] for p in curve] == [5, 50]
         assert curve[1]["bpp"] > curve[0]["bpp"] and curve[1]["psnr"] > curve[0]["psnr"]

@@ -168,7 +168,8 @@ def test_page_shows_the_baselines_beside_the_figures(page, test_model, images):
     """Each image's PSNR stands beside bicubic at equal bits (a thumbnail worth the codes' payload bits) and
     the mean colour, scored by the same function; the page's summary has their means."""
     import viq
-    from viq.eval.recon import bicubic_at_bits, psnr_ssim
+    from viq.eval.baselines import bicubic_at_bits
+    from viq.eval.recon import psnr_ssim
     from viq.formats.image import PreprocessConfig, preprocess
 
     text = page.read_text()

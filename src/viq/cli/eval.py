@@ -193,10 +193,11 @@ def _recon_table(result: dict) -> str:
             others = ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()) if k != "matched")
             note = f"mean quality {num(r['quality'], '.1f')}, {r['matched']}/{r['n']} within {BPP_TOLERANCE:.0%} of the codes' bpp"
             rows.append((CODEC_LABELS[codec], r, note + (f" ({others})" if others else "")))
-    lines = [f"{'method':<10} {'bpp':>7} {'PSNR dB':>8} {'SSIM':>6}  notes"]
+    lines = [f"{'method':<10} {'bpp':>7} {'PSNR dB':>8} {'SSIM':>6} {'seams':>6}  notes"]
     for name, r, note in rows:
         lines.append(
-            f"{name:<10} {num(r['bpp'], '.4f'):>7} {num(r['psnr'], '.2f'):>8} {num(r['ssim'], '.3f'):>6}  {note}"
+            f"{name:<10} {num(r['bpp'], '.4f'):>7} {num(r['psnr'], '.2f'):>8} {num(r['ssim'], '.3f'):>6} "
+            f"{num(r.get('seams'), '.2f'):>6}  {note}"
         )
     if result["fid_features"] is not None:
         lines.append(

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from viq.eval.baselines import bicubic_at_bits, mean_colour
 from viq.eval.qa import IMAGE_MODES, answer_nll, evaluate_qa, load_run, majority_baseline
-from viq.eval.recon import ReconStats, bicubic_at_bits, crop_to, mean_colour, psnr_ssim
+from viq.eval.recon import ReconStats, crop_to, psnr_ssim
 from viq.eval.seams import seam_ratio
 from viq.formats.bits import bits_for_levels, usage_stats
 from viq.formats.image import PreprocessConfig, preprocess, to_pil, to_pixels

@@ -1,4 +1,4 @@
-"""Reconstruction metrics (PSNR, SSIM) and the reference baselines they are reported against.
+"""Reconstruction metrics (PSNR, SSIM), per image and as the whole ``viq eval-recon`` evaluation.
 
 Images are what viq uses everywhere: float tensors of shape ``(3, H, W)`` with values in
 ``[-1, 1]`` (:func:`viq.formats.image.to_pixels`). The model pads its input bottom/right to a
@@ -12,13 +12,9 @@ Metrics (:func:`psnr_ssim`) are computed by ``torchmetrics.functional.image`` in
 reflect-pads the borders and keeps them; scikit-image crops a 5 px border instead, so its
 numbers differ slightly).
 
-Baselines, each a ``(3, H, W)`` image in ``[-1, 1]`` to score like a reconstruction:
-
-* :func:`mean_colour`: every pixel is the image's per-channel mean -- what a model that only
-  knows the average colour gets.
-* :func:`bicubic_at_bits`: "bicubic at equal bits" -- the largest aspect-preserving thumbnail
-  whose raw 8-bit RGB pixels (24 bits each) fit the tokenizer's bit budget, upsampled back with
-  Pillow's bicubic filter.
+The reference images a reconstruction is scored beside (mean colour, bicubic at equal bits) are in
+:mod:`viq.eval.baselines`; JPEG / WebP at equal bitrate in :mod:`viq.eval.rate_distortion`; the seam
+ratio (block grids in the error) in :mod:`viq.eval.seams`.
 
 :class:`ReconStats` collects per-image scores per method and reports means with a 95 % Student-t
 interval of the mean.
@@ -50,6 +46,7 @@ from PIL import Image
 
 from viq._progress import progress_bar
 from viq.eval.fid import RFID, load_feature_extractor
+from viq.eval.image_check import check_image
 from viq.eval.intervals import mean_ci95
 from viq.eval.rate_distortion import (
     BPP_TOLERANCE,
@@ -60,6 +57,7 @@ from viq.eval.rate_distortion import (
     match_bpp,
     mean_curve,
 )
+from viq.eval.seams import seam_ratio
 from viq.formats.bits import usage_stats
 from viq.formats.image import PreparedImage, PreprocessConfig, to_pil, to_pixels
 from viq.formats.image import preprocess as prepare_image
@@ -67,7 +65,6 @@ from viq.formats.image import preprocess as prepare_image
 __all__ = [
     "SSIM_KERNEL",
     "SSIM_SIGMA",
-    "BITS_PER_PIXEL_RGB8",
     "psnr_ssim",
     "check_image",
     "encoded_area_scores",
@@ -77,35 +74,12 @@ __all__ = [
     "ScoredImage",
     "ssim_kernel",
     "crop_to",
-    "mean_colour",
-    "bicubic_size_at_bits",
-    "bicubic_at_bits",
     "ReconStats",
 ]
 
 #: SSIM's standard gaussian window: 11x11, sigma 1.5 (Wang et al. 2004; torchmetrics' default).
 SSIM_KERNEL = 11
 SSIM_SIGMA = 1.5
-#: Raw cost of one 8-bit RGB pixel, the currency of :func:`bicubic_at_bits`.
-BITS_PER_PIXEL_RGB8 = 24
-
-
-# ----------------------------------------------------------------------------------------------
-# validation helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def check_image(name: str, x: Any) -> torch.Tensor:
-    """``x`` if it is a non-empty float ``(3, H, W)`` tensor, else TypeError / ValueError naming ``name``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (3, H, W), got {type(x).__name__}")
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"{name} must have shape (3, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor with values in [-1, 1], got dtype {x.dtype}")
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,89 +192,6 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[:, :h, :w]
 
 
-# ----------------------------------------------------------------------------------------------
-# baselines
-# ----------------------------------------------------------------------------------------------
-
-
-def mean_colour(reference: torch.Tensor) -> torch.Tensor:
-    """Baseline: a ``(3, H, W)`` image whose every pixel is the reference's per-channel mean.
-
-    The mean is taken in float64 as ``x0 + mean(x - x0)`` with ``x0`` the top-left pixel, then
-    cast back to the reference's dtype, so a constant image is returned exactly (float32 and
-    float64 alike). Values stay in ``[-1, 1]``; not quantised to 8 bits.
-    """
-    reference = check_image("reference", reference)
-    x = reference.to(torch.float64)
-    x0 = x[:, :1, :1]
-    mean = (x0 + (x - x0).mean(dim=(1, 2), keepdim=True)).to(reference.dtype)
-    return mean.expand_as(reference).clone()
-
-
-def bicubic_size_at_bits(height: int, width: int, bits: float) -> tuple[int, int]:
-    """The thumbnail size ``(h', w')`` :func:`bicubic_at_bits` uses for an ``height x width`` image.
-
-    Sizes are ``h' = max(1, round(H * s))``, ``w' = max(1, round(W * s))`` for one scale factor
-    ``0 < s <= 1`` (so the aspect ratio is kept; rounding is half-up, evaluated exactly with
-    fractions). The result is the largest such size with ``h' * w' * 24 <= bits``: the pixel
-    count grows monotonically with ``s`` and changes only where ``H*s`` or ``W*s`` crosses a
-    half-integer, so those breakpoints are binary-searched exactly (integer arithmetic). If the budget holds the
-    whole image, ``(H, W)`` is returned. If even 1x1 (24 bits) does not fit, ``(1, 1)`` is
-    returned anyway (the budget is then exceeded; a one-pixel image is the floor).
-    """
-    height, width = int(height), int(width)
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or math.isnan(bits) or bits < 0:
-        raise ValueError(f"bits must be a non-negative number, got {bits!r}")
-    # Work in integers: s = n / (2*H*W). Then round_half_up(H*s) = floor(n/(2W) + 1/2)
-    # = (n + W) // (2W), and likewise for W. Breakpoints (the smallest s at which H*s, resp.
-    # W*s, reaches k + 1/2) are n = (2k+1)*W, resp. (2k+1)*H; n = 0 stands for "below every
-    # breakpoint", where both sides clamp to 1. n = 2*H*W is s = 1.
-    points = sorted({0} | {(2 * k + 1) * width for k in range(height)} | {(2 * k + 1) * height for k in range(width)})
-
-    def size(n: int) -> tuple[int, int]:
-        return max(1, (n + width) // (2 * width)), max(1, (n + height) // (2 * height))
-
-    def fits(n: int) -> bool:
-        h, w = size(n)
-        return h * w * BITS_PER_PIXEL_RGB8 <= bits
-
-    if not fits(points[0]):
-        return 1, 1
-    lo, hi = 0, len(points) - 1  # invariant: points[lo] fits; every index above hi does not
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(points[mid]):
-            lo = mid
-        else:
-            hi = mid - 1
-    return size(points[lo])
-
-
-def bicubic_at_bits(reference: torch.Tensor, bits: float) -> torch.Tensor:
-    """Baseline "bicubic at equal bits": a thumbnail worth ``bits`` of raw 8-bit RGB, scaled back.
-
-    Args:
-        reference: ``(3, H, W)`` float tensor in ``[-1, 1]``.
-        bits: the budget in bits (e.g. the tokenizer's ``tokens * bits_per_token``).
-
-    The reference is converted to 8-bit RGB (:func:`viq.formats.image.to_pil`), downsampled to
-    :func:`bicubic_size_at_bits` with Pillow ``BICUBIC`` (``reducing_gap=None``: Pillow's
-    antialiased resize, the filter support scaled by the reduction factor), then upsampled back
-    to ``(H, W)`` with Pillow ``BICUBIC``, and returned as a ``(3, H, W)`` float32 tensor in
-    ``[-1, 1]`` (:func:`viq.formats.image.to_pixels`). When the whole image fits the budget the
-    result is the 8-bit quantised reference; when not even 1x1 fits, 1x1 is used.
-    """
-    reference = check_image("reference", reference)
-    _, height, width = reference.shape
-    h, w = bicubic_size_at_bits(height, width, bits)
-    image = to_pil(reference)
-    small = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=None)
-    back = small.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
-    return to_pixels(back)
-
-
 class ReconStats:
     """Per-image PSNR/SSIM per named method, summarised as means with 95 % intervals.
 
@@ -379,6 +270,11 @@ def _mean(records: list[dict[str, Any]], key: str) -> float | None:
     return math.fsum(r[key] for r in records) / len(records) if records else None
 
 
+def _finite_mean(records: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the records where it is finite (a seam ratio is nan without a grid line)."""
+    return _mean([r for r in records if math.isfinite(r[key])], key)
+
+
 def _codec_summary(records: list[dict[str, Any]], scores: dict[str, Any]) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     for r in records:
@@ -387,6 +283,7 @@ def _codec_summary(records: list[dict[str, Any]], scores: dict[str, Any]) -> dic
         **_NO_SCORES,
         **scores,
         "bpp": _mean(records, "bpp"),
+        "seams": _finite_mean(records, "seams"),
         "quality": _mean(records, "quality"),
         "matched": statuses.get("matched", 0),
         "status": statuses,
@@ -485,11 +382,12 @@ def evaluate_reconstruction(
 
     Returns:
         ``{"n", "bpp", "payload_bpp", "psnr", "psnr_ci95", "psnr_n_inf", "ssim", "ssim_ci95",
-        "rfid" (None without features or with < 2 images), "fid_features", "usage" (code
-        usage, entropy in bits per code, perplexity, log2 K, codes), <codec>: {"n", "bpp", "psnr",
-        "ssim", ..., "quality", "matched", "status": {status: count}}, "curves": {codec: [{"quality",
-        "n", "bpp", "psnr", "ssim"}]}, "images": [per-image records], "failed": [{"source",
-        "error"}]}``: means over the images that succeeded (bpp: bits per encoded pixel; PSNR: dB),
+        "seams" (:func:`viq.eval.seams.seam_ratio` on the VAE's ``seam_period``-pixel block grid, 1 = no
+        grid in the error), "seam_period", "rfid" (None without features or with < 2 images),
+        "fid_features", "usage" (code usage, entropy in bits per code, perplexity, log2 K, codes),
+        <codec>: {"n", "bpp", "psnr", "ssim", "seams", ..., "quality", "matched", "status": {status:
+        count}}, "curves": {codec: [{"quality", "n", "bpp", "psnr", "ssim"}]}, "images": [per-image
+        records], "failed": [{"source", "error"}]}``: means over the images that succeeded (bpp: bits per encoded pixel; PSNR: dB),
         ``None`` where undefined.
     """
 
@@ -499,6 +397,7 @@ def evaluate_reconstruction(
     extractor = load_feature_extractor(fid_features, model) if isinstance(fid_features, str) else fid_features
     fid = RFID(extractor) if extractor is not None else None
     stats = ReconStats()
+    seam_period = model.config.vae.scale_factor  # the drawn latents' blocks; 2x2 codes a 16-px patch
     hist = np.zeros(math.prod(model.levels), dtype=np.int64)
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
@@ -524,6 +423,7 @@ def evaluate_reconstruction(
             "payload_bpp": scored.payload_bpp,
             "psnr": scored.psnr,
             "ssim": scored.ssim,
+            "seams": seam_ratio(ref, recon, seam_period),
         }
         ref_img = to_pil(ref)
         extra: dict[str, Any] = {"input": ref_img, "recon": recon_img}
@@ -532,6 +432,7 @@ def evaluate_reconstruction(
             m = match_bpp(ref_img, codec, bpp, tolerance)
             decoded = m.pop("decoded")
             m["psnr"], m["ssim"] = psnr_ssim(ref, to_pixels(decoded))
+            m["seams"] = seam_ratio(ref, to_pixels(decoded), seam_period)
             record[codec] = m
             extra[codec] = decoded
             curve = []
@@ -584,6 +485,8 @@ def evaluate_reconstruction(
         **summary.get("viq", {}),
         "bpp": _mean(records, "bpp"),
         "payload_bpp": _mean(records, "payload_bpp"),
+        "seams": _finite_mean(records, "seams"),
+        "seam_period": seam_period,
         "rfid": fid.compute() if fid is not None else None,
         "fid_features": fid_features
         if isinstance(fid_features, str) or fid_features is None

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from viq.eval.recon import check_image
+from viq.eval.image_check import check_image
 
 __all__ = ["seam_ratio"]
 

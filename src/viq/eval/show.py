@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from viq.eval.baselines import bicubic_at_bits, mean_colour
 from viq.eval.codebook import CodebookCounter, code_colours, slot_grid
 from viq.eval.intervals import mean_ci95
-from viq.eval.recon import bicubic_at_bits, codes_bits, encode_and_score, mean_colour, psnr_ssim
+from viq.eval.recon import codes_bits, encode_and_score, psnr_ssim
 from viq.formats.codes import Codes
 from viq.formats.image import PreparedImage, PreprocessConfig, to_pil
 from viq.formats.image import preprocess as prepare_image
