@@ -118,12 +118,17 @@ def generate_demo_set(out: Path, *, num_train: int, num_val: int, num_test: int,
 
 
 def prepare_demo(
-    out: Path, *, scale: float = 1.0, seed: int = 0, codec_noise: float = CODEC_LATENT_NOISE, codec_refine: int = -1
+    out: Path,
+    *,
+    scale: float = 1.0,
+    seed: int = 0,
+    codec_noise: float = CODEC_LATENT_NOISE,
+    codec_refine: int | None = None,
 ) -> dict[str, float]:
     """Steps 1-3 of the demo into ``out`` (``data/``, ``llm/``, ``init/``), each skipped when its output
     exists; returns their times. Everything the stages start from, shared by runs that differ only in
     their stage recipes (``bench/ablations.py``). ``codec_noise`` / ``codec_refine``: the pixel codec's
-    training noise and pixel refinement width (-1: the ``viq-demo`` preset's), for ``bench/demo_codec.py``."""
+    training noise and pixel refinement width (None: the ``viq-demo`` preset's), for ``bench/demo_codec.py``."""
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +176,7 @@ def prepare_demo(
 
 
 def _make_init(
-    out: Path, data: Path, scale: float, seed: int, codec_noise: float, codec_refine: int
+    out: Path, data: Path, scale: float, seed: int, codec_noise: float, codec_refine: int | None
 ) -> dict[str, float]:
     """Step 3: the models stage 1 starts from, written to ``out/init``: a fresh ``viq-demo`` model whose
     encoder is the SigLIP stand-in and whose VAE is the demo's pixel codec, with ``vae_history.json`` (the
@@ -183,7 +188,7 @@ def _make_init(
 
     timings = {}
     config = get_preset("viq-demo")
-    if codec_refine >= 0:
+    if codec_refine is not None:
         config.vae = dataclasses.replace(config.vae, pixel_refine_channels=codec_refine)
     pre = PreprocessConfig(max_pixels=DEMO_MAX_PIXELS)
     train = [r for r in load_split(data, "train") if "image" in r]
@@ -247,7 +252,12 @@ def _make_init(
 
 
 def run_demo(
-    out: Path, *, scale: float = 1.0, seed: int = 0, codec_noise: float = CODEC_LATENT_NOISE, codec_refine: int = -1
+    out: Path,
+    *,
+    scale: float = 1.0,
+    seed: int = 0,
+    codec_noise: float = CODEC_LATENT_NOISE,
+    codec_refine: int | None = None,
 ) -> Path:
     """Run the demo into ``out`` and return the path of the HTML report. Steps already done (their
     outputs exist) are skipped, so an interrupted demo can be re-run. ``codec_*``: as in :func:`prepare_demo`."""
