@@ -72,21 +72,18 @@ def figures(results: dict) -> dict:
 
 def paired(runs: dict, variant: str) -> dict:
     """Per figure, ``variant`` minus ``none`` over the seeds both ran: mean and 95 % t-interval."""
-    from viq.eval.intervals import t_quantile_975
+    from viq.eval.intervals import mean_ci95
 
     seeds = sorted(s for s in runs if variant in runs[s] and "none" in runs[s])
     out: dict = {"seeds": seeds}
     for name, _ in FIGURES:
-        diffs = [runs[s][variant][name] - runs[s]["none"][name] for s in seeds]
-        diffs = [d for d in diffs if d is not None and math.isfinite(d)]
+        pairs = [(runs[s][variant][name], runs[s]["none"][name]) for s in seeds]
+        diffs = [a - b for a, b in pairs if a is not None and b is not None]  # None: a figure the run lacks
+        diffs = [d for d in diffs if math.isfinite(d)]
         if not diffs:
             continue
-        mean = sum(diffs) / len(diffs)
-        half = None
-        if len(diffs) > 1:
-            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-            half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-        out[name] = {"mean": mean, "ci95_half": half, "values": diffs}
+        mean, (low, _) = mean_ci95(diffs)
+        out[name] = {"mean": mean, "ci95_half": None if low is None else mean - low, "values": diffs}
     return out
 
 
